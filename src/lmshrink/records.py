@@ -1,0 +1,106 @@
+"""Atomic file writes and the `lmshrink.json` provenance record every output carries."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lmshrink import __version__
+
+RECORD = "lmshrink.json"
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically: a crash leaves the old file or none, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`, renamed to `path` only when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} already exists")
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_atomically(path: str | Path, save: Callable[[Path], None]) -> Path:
+    """Run `save(tmp_folder)` and publish the folder at `path` only if it completed."""
+    with atomic_dir(path) as tmp:
+        save(tmp)
+    return Path(path)
+
+
+def git_hash() -> str | None:
+    """The commit of the lmshrink checkout in use, if it is one."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(command: str, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The record written as `lmshrink.json`: what made this output, with which settings."""
+    return {
+        "command": command,
+        "lmshrink_version": __version__,
+        "git": git_hash(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": settings,
+        **extra,
+    }
+
+
+def read_record(folder: str | Path) -> dict[str, Any] | None:
+    """The `lmshrink.json` of a folder, or None if it has none."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Save a matplotlib figure atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)

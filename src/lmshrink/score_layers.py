@@ -1,0 +1,186 @@
+"""`lmshrink score-layers`: how much each block matters, measured on calibration text.
+
+Three scores per model, all on the same packed calibration blocks:
+  - Block Influence (ShortGPT, Men et al. 2024): BI_i = 1 - E_tokens[cos(x_i, x_{i+1})], where x_i
+    is the input of block i and x_{i+1} its output. Low BI: the block barely changes the stream.
+  - Angular distance (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper
+    Layers"): d_n(l) = E_tokens[arccos(cos(x_l, x_{l+n})) / pi] for a run of n blocks starting at
+    l. The run with the smallest d_n is the best n blocks to drop together.
+  - Perplexity increase: the exact perplexity with block i removed, minus the full model's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmshrink.architectures import blocks_of, check_length, only_blocks
+from lmshrink.config import check, setting, to_dict
+from lmshrink.evaluate import perplexity, pick_device
+from lmshrink.records import provenance, save_figure, write_json
+
+METRICS = ("block_influence", "angular_distance", "ppl_increase")
+
+
+@torch.no_grad()
+def residual_stream(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states entering each block, plus the last block's output: N+1 tensors (B, T, H)."""
+    blocks = blocks_of(model)
+    states: list[torch.Tensor] = []
+
+    def grab_input(_module, args, kwargs):
+        states.append(args[0] if args else kwargs["hidden_states"])
+
+    def grab_output(_module, _args, output):
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
+    hooks.append(blocks[-1].register_forward_hook(grab_output))
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return states
+
+
+@torch.no_grad()
+def similarity_scores(model, rows: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """Block Influence per block and angular distance for every run length n, averaged over tokens."""
+    device = next(model.parameters()).device
+    n = len(blocks_of(model))
+    # angle_sum[n][l]: summed angular distance between x_l and x_{l+n}, n = 1..N.
+    angle_sum = [torch.zeros(n - k + 1, dtype=torch.float64) for k in range(1, n + 1)]
+    cos_sum = torch.zeros(n, dtype=torch.float64)
+    tokens = 0
+    for i in range(0, rows.shape[0], batch_size):
+        states = [s.float().flatten(0, 1) for s in residual_stream(model, rows[i : i + batch_size].to(device))]
+        tokens += states[0].shape[0]
+        for k in range(1, n + 1):
+            for start in range(n - k + 1):
+                cos = F.cosine_similarity(states[start], states[start + k], dim=-1).clamp(-1, 1)
+                if k == 1:
+                    cos_sum[start] += cos.sum().double().cpu()
+                angle_sum[k - 1][start] += (torch.arccos(cos) / math.pi).sum().double().cpu()
+    return {
+        "block_influence": (1 - cos_sum / tokens).tolist(),
+        "angular_distance": {str(k + 1): (a / tokens).tolist() for k, a in enumerate(angle_sum)},
+    }
+
+
+@torch.no_grad()
+def removal_perplexities(model, rows: torch.Tensor, batch_size: int) -> tuple[float, list[float]]:
+    """Perplexity of the full model and of the model with each single block removed."""
+    n = len(blocks_of(model))
+    stream = rows.flatten()
+    length = rows.shape[1]
+
+    def ppl() -> float:
+        return perplexity(model, stream, length, length, batch_size)
+
+    base = ppl()
+    without = []
+    for i in range(n):
+        with only_blocks(model, [j for j in range(n) if j != i]):
+            without.append(ppl())
+        print(f"  without block {i:>2}: perplexity {without[-1]:,.2f} (full model {base:,.2f})", flush=True)
+    return base, without
+
+
+def score(model, rows: torch.Tensor, batch_size: int = 4, ppl: bool = True) -> dict[str, Any]:
+    """All importance scores of a model's blocks on packed calibration rows (N, T)."""
+    scores = similarity_scores(model, rows, batch_size)
+    if ppl:
+        base, without = removal_perplexities(model, rows, batch_size)
+        scores.update(perplexity=base, ppl_without_block=without, ppl_increase=[w - base for w in without])
+    scores["num_layers"] = len(blocks_of(model))
+    scores["tokens"] = rows.numel()
+    return scores
+
+
+def plot(scores: dict[str, Any], path: str | Path, title: str) -> None:
+    """Bar charts of Block Influence and perplexity increase, and a heat map of angular distances."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = scores["num_layers"]
+    has_ppl = "ppl_increase" in scores
+    fig, axes = plt.subplots(1, 3 if has_ppl else 2, figsize=(16 if has_ppl else 11, 4))
+    ax = axes[0]
+    ax.bar(range(n), scores["block_influence"], color="tab:blue")
+    ax.set(title="Block Influence = 1 - cos(in, out)", xlabel="block", ylabel="BI (higher = more important)")
+    if has_ppl:
+        ax = axes[1]
+        inc = [max(v, 1e-3) for v in scores["ppl_increase"]]
+        ax.bar(range(n), inc, color="tab:red")
+        ax.set_yscale("log")
+        ax.set(title=f"perplexity increase when removed (full: {scores['perplexity']:.2f})",
+               xlabel="block", ylabel="delta perplexity (log)")
+    ax = axes[-1]
+    grid = torch.full((n, n), float("nan"))
+    for k, values in scores["angular_distance"].items():
+        grid[int(k) - 1, : len(values)] = torch.tensor(values)
+    image = ax.imshow(grid.numpy(), aspect="auto", origin="lower", cmap="viridis")
+    ax.set(title="angular distance of a run of n blocks", xlabel="first block l", ylabel="run length n")
+    ax.set_yticks(range(0, n, max(1, n // 6)), [str(k + 1) for k in range(0, n, max(1, n // 6))])
+    fig.colorbar(image, ax=ax)
+    fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+@dataclass
+class ScoreSettings:
+    """Score every block of a model on calibration text; writes scores.json and scores.png."""
+
+    model: str = setting("smollm2-135m", "model to score: folder, Hub id, .gguf file or smollm2-135m")
+    data: str = setting("python-docs/library", "calibration text: file, folder, .jsonl, hf:NAME[:CONFIG][:SPLIT] or corpus name")
+    output: str = setting("runs/scores", "folder for scores.json and scores.png")
+    tokens: int = setting(4096, "calibration tokens")
+    seq_len: int = setting(512, "tokens per calibration row")
+    batch_size: int = setting(4, "rows per forward pass")
+    ppl: bool = setting(True, "also measure the exact perplexity increase of removing each block (one pass per block)")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.seq_len < 2:
+            problems.append("seq_len: must be at least 2")
+        if self.tokens < self.seq_len:
+            problems.append(f"tokens: must be at least seq_len ({self.seq_len})")
+        if self.batch_size < 1:
+            problems.append("batch_size: must be positive")
+        check(problems)
+
+
+def calibration_rows(source: str, tokenizer, tokens: int, seq_len: int) -> torch.Tensor:
+    from lmshrink.data import blocks, token_stream
+
+    return blocks(token_stream(source, tokenizer, tokens), seq_len)
+
+
+def run(settings: ScoreSettings) -> dict[str, Any]:
+    from lmshrink.models import load
+
+    loaded = load(settings.model, settings.dtype, settings.trust_remote_code)
+    model = loaded.model.to(pick_device(settings.device))
+    check_length(model.config, settings.seq_len, "seq_len")
+    rows = calibration_rows(settings.data, loaded.tokenizer, settings.tokens, settings.seq_len)
+    print(f"scoring {len(blocks_of(model))} blocks of {settings.model} on {rows.numel():,} tokens of {settings.data}")
+    scores = score(model, rows, settings.batch_size, settings.ppl)
+    out = Path(settings.output)
+    write_json(out / "scores.json", provenance("score-layers", to_dict(settings), **scores))
+    plot(scores, out / "scores.png", f"{settings.model}: block importance on {settings.data}")
+    order = sorted(range(scores["num_layers"]), key=lambda i: scores["block_influence"][i])
+    print(f"least influential blocks (BI): {order[: max(1, len(order) // 4)]}")
+    print(f"wrote {out / 'scores.json'} and {out / 'scores.png'}")
+    return scores

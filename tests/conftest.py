@@ -1,0 +1,82 @@
+"""Tiny random models of every supported architecture, built here (no Hub), and real text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from lmshrink.assets import corpus_path, gpt2_tokenizer_path
+
+VOCAB = 128
+
+TINY_CONFIGS = {
+    "gpt2": lambda n: T.GPT2Config(n_layer=n, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=128,
+                                   bos_token_id=0, eos_token_id=0),
+    "gpt_neo": lambda n: T.GPTNeoConfig(num_layers=n, hidden_size=32, num_heads=2, vocab_size=VOCAB,
+                                        max_position_embeddings=128, window_size=8,
+                                        attention_types=[[["global", "local"], n // 2]],
+                                        bos_token_id=0, eos_token_id=0),
+    "gpt_neox": lambda n: T.GPTNeoXConfig(num_hidden_layers=n, hidden_size=32, num_attention_heads=2,
+                                          intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128),
+    "opt": lambda n: T.OPTConfig(num_hidden_layers=n, hidden_size=32, num_attention_heads=2, ffn_dim=64,
+                                 vocab_size=VOCAB, word_embed_proj_dim=32, max_position_embeddings=128,
+                                 pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    "llama": lambda n: T.LlamaConfig(num_hidden_layers=n, hidden_size=32, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=64, vocab_size=VOCAB,
+                                     tie_word_embeddings=True),
+    "mistral": lambda n: T.MistralConfig(num_hidden_layers=n, hidden_size=32, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=64, vocab_size=VOCAB,
+                                         sliding_window=8),
+    "qwen2": lambda n: T.Qwen2Config(num_hidden_layers=n, hidden_size=32, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=64, vocab_size=VOCAB,
+                                     use_sliding_window=True, sliding_window=8, max_window_layers=n // 2),
+    "gemma3_text": lambda n: T.Gemma3TextConfig(num_hidden_layers=n, hidden_size=32, num_attention_heads=2,
+                                                num_key_value_heads=1, intermediate_size=64, vocab_size=VOCAB,
+                                                head_dim=16, sliding_window=8,
+                                                layer_types=["sliding_attention", "full_attention"] * (n // 2)),
+}
+
+ARCHS = list(TINY_CONFIGS)
+
+
+def tiny_model(kind: str, n_layers: int = 6, seed: int = 0):
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS[kind](n_layers))
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    return T.AutoTokenizer.from_pretrained(gpt2_tokenizer_path())
+
+
+@pytest.fixture(scope="session")
+def real_text(tmp_path_factory):
+    """A few KB of real English (the Python tutorial) as a text file."""
+    text = (corpus_path("python-docs/tutorial") / "introduction.rst.txt").read_text()[:6000]
+    path = tmp_path_factory.mktemp("text") / "intro.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer):
+    """A 4-block GPT-2 with GPT-2's real vocabulary and tokenizer, saved as a folder."""
+    torch.manual_seed(0)
+    config = T.GPT2Config(n_layer=4, n_embd=32, n_head=2, n_positions=256)
+    model = T.GPT2LMHeadModel(config).eval()
+    folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    model.save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    return folder

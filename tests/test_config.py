@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import pytest
+
+from lmshrink.cli import main
+from lmshrink.config import SettingsError, build, from_args
+from lmshrink.truncate import TruncateSettings
+
+
+def test_yaml_and_flags_use_the_same_names(tmp_path):
+    config = tmp_path / "t.yaml"
+    config.write_text("output: out\nnum_layers: 4\nkeep: null\nstrategy: distil\n")
+    settings = from_args(TruncateSettings, ["--config", str(config), "--strategy", "bottom"], "t", "")
+    assert settings.num_layers == 4 and settings.strategy == "bottom" and settings.output == "out"
+    config.write_text("output: out\nkeep: [0, 2, 5]\n")
+    assert from_args(TruncateSettings, ["--config", str(config)], "t", "").keep == [0, 2, 5]
+    assert from_args(TruncateSettings, ["--output", "o", "--keep", "1,3"], "t", "").keep == [1, 3]
+
+
+def test_unknown_keys_are_an_error(tmp_path):
+    config = tmp_path / "t.yaml"
+    config.write_text("output: out\nnum_layer: 4\n")
+    with pytest.raises(SettingsError, match="unknown setting.*num_layer.*known settings are"):
+        from_args(TruncateSettings, ["--config", str(config)], "t", "")
+
+
+def test_types_and_required_fields():
+    with pytest.raises(SettingsError, match="num_layers: 'six' is not a valid int"):
+        build(TruncateSettings, {"output": "o", "num_layers": "six"})
+    with pytest.raises(SettingsError, match="missing required setting.*--output"):
+        build(TruncateSettings, {})
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(SettingsError) as err:
+        build(TruncateSettings, {"output": "o", "strategy": "nope", "num_layers": 2, "ratio": 0.5, "metric": "x"})
+    message = str(err.value)
+    assert "strategy" in message and "give one of them" in message and "metric" in message
+
+
+def test_cli_errors_are_messages_not_tracebacks(capsys):
+    assert main(["truncate", "--output", "o", "--num-layers", "0"]) == 2
+    assert "num_layers: must be at least 1" in capsys.readouterr().err
+    assert main(["shrink"]) == 2
+    assert "unknown command 'shrink'" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "truncate" in capsys.readouterr().out

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from lmshrink.data import DataError, blocks, documents, token_stream
+
+
+def test_text_folder_and_jsonl_sources(tmp_path, gpt2_tokenizer):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "b.txt").write_text("second document")
+    (tmp_path / "docs" / "a.md").write_text("first document")
+    (tmp_path / "docs" / "image.png").write_bytes(b"\x89PNG\x00\x00")  # not a text suffix: ignored
+    assert list(documents(str(tmp_path / "docs"))) == ["first document", "second document"]
+    lines = tmp_path / "d.jsonl.gz"
+    with gzip.open(lines, "wt") as f:
+        f.write(json.dumps({"text": "Hello world"}) + "\n\n" + json.dumps({"text": "again"}) + "\n")
+    tokens = token_stream(str(lines), gpt2_tokenizer)
+    again = gpt2_tokenizer("again")["input_ids"]
+    assert tokens.tolist() == [15496, 995, 50256, *again, 50256]  # EOS between documents
+
+
+def test_max_tokens_and_blocks(real_text, gpt2_tokenizer):
+    tokens = token_stream(str(real_text), gpt2_tokenizer, max_tokens=300)
+    assert tokens.numel() == 300
+    assert blocks(tokens, 128).shape == (2, 128)
+    with pytest.raises(DataError, match="fewer than one block"):
+        blocks(torch.arange(5), 8)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "no text"),
+    (b"\x00\x01\x02binary", "looks binary"),
+    (b"caf\xe9 latin-1", "not UTF-8"),
+])
+def test_bad_files_are_named(tmp_path, gpt2_tokenizer, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        token_stream(str(path), gpt2_tokenizer)
+
+
+def test_bad_jsonl_and_missing_paths(tmp_path, gpt2_tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(DataError, match="bad.jsonl:2 is not valid JSON"):
+        token_stream(str(path), gpt2_tokenizer)
+    path.write_text('{"body": "ok"}\n')
+    with pytest.raises(DataError, match="no 'text' field"):
+        token_stream(str(path), gpt2_tokenizer)
+    with pytest.raises(DataError, match="hf:NAME"):
+        token_stream(str(tmp_path / "nowhere.txt"), gpt2_tokenizer)

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from lmshrink.cli import main
+from lmshrink.evaluate import count_parameters, perplexity, sliding_nll, speed, windows
+
+
+def brute_force_nll(model, tokens, window, stride):
+    """Score every token alone, with exactly the context its sliding window gives it."""
+    total, count = 0.0, 0
+    for begin, end, first in windows(tokens.numel(), window, stride):
+        for pos in range(first, end):
+            context = tokens[begin:pos].unsqueeze(0)
+            with torch.no_grad():
+                logit = model(input_ids=context, use_cache=False).logits[0, -1]
+            total += F.cross_entropy(logit.unsqueeze(0), tokens[pos : pos + 1]).item()
+            count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("window,stride", [(8, 8), (8, 3), (16, 5), (64, 64)])
+def test_sliding_window_nll_equals_brute_force(window, stride):
+    model = tiny_model("gpt2", 2)
+    tokens = torch.randint(0, 128, (37,), generator=torch.Generator().manual_seed(0))
+    total, count = sliding_nll(model, tokens, window, stride, batch_size=3)
+    expected_total, expected_count = brute_force_nll(model, tokens, window, stride)
+    assert count == expected_count
+    assert total == pytest.approx(expected_total, rel=1e-5)
+
+
+def test_windows_score_each_token_once():
+    for n, window, stride in [(37, 8, 3), (100, 10, 7), (5, 64, 16)]:
+        scored = [p for _, end, first in windows(n, window, stride) for p in range(first, end)]
+        assert scored == list(range(1, n))
+    # stride == window: plain chunks, the first token of each chunk unscored
+    assert windows(20, 8, 8) == [(0, 8, 1), (8, 16, 9), (16, 20, 17)]
+
+
+def test_perplexity_limits():
+    model = tiny_model("gpt2", 2)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform predictions over 128 tokens (tied: embeddings zero too)
+    tokens = torch.randint(0, 128, (50,), generator=torch.Generator().manual_seed(0))
+    assert perplexity(model, tokens, 16, 8) == pytest.approx(128, rel=1e-4)
+
+
+def test_parameters_count_tied_weights_once():
+    model = tiny_model("gpt2", 2)
+    untied = sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
+    assert count_parameters(model) < untied
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_speed_report_measures():
+    result = speed(tiny_model("llama", 2), batch=2, length=16, gen_tokens=4, repeats=2)
+    assert result["latency_ms"] > 0 and result["tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
+    assert math.isclose(result["tokens_per_s"], 2 * 16 / (result["latency_ms"] / 1000))
+
+
+def test_eval_command_side_by_side(tiny_gpt2_dir, real_text, tmp_path):
+    student = tmp_path / "student"
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(student), "--keep", "0,3"]) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", "--models", f"{tiny_gpt2_dir},{student}", "--data", str(real_text),
+                 "--output", str(out), "--window", "64", "--stride", "32", "--max-tokens", "600",
+                 "--speed-length", "16", "--gen-tokens", "4", "--repeats", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    teacher_row, student_row = report["rows"]
+    assert student_row["layers"] == 2 and student_row["kept_layers"] == [0, 3]
+    assert student_row["parameters"] < teacher_row["parameters"]
+    assert student_row["disk_mb"] < teacher_row["disk_mb"]
+    for row in report["rows"]:
+        assert row["tokens"][str(real_text)] == 600
+        assert 1 < row["perplexity"][str(real_text)] < 1e6
+    markdown = (out / "report.md").read_text()
+    assert "| student | 2 |" in markdown and "speed-up" in markdown
+
+
+def test_eval_rejects_bad_settings(tmp_path, capsys):
+    assert main(["eval", "--models", "x", "--stride", "0", "--window", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "stride" in err and "window" in err  # all problems at once

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from lmshrink.cli import main
+from lmshrink.evaluate import perplexity
+from lmshrink.score_layers import residual_stream, score
+from lmshrink.truncate import truncate_model
+
+
+@pytest.fixture
+def rows():
+    return torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+
+
+def test_residual_stream_matches_hidden_states(rows):
+    model = tiny_model("llama", 4)
+    states = residual_stream(model, rows)
+    hidden = model(input_ids=rows, output_hidden_states=True).hidden_states
+    assert len(states) == 5
+    for i in range(4):  # hidden_states[i] is block i's input; the last one is after the final norm
+        torch.testing.assert_close(states[i], hidden[i])
+
+
+def test_block_influence_and_angular_distance_definitions(rows):
+    model = tiny_model("gpt2", 4)
+    scores = score(model, rows, batch_size=2, ppl=False)
+    states = [s.flatten(0, 1) for s in residual_stream(model, rows)]
+    for i in range(4):
+        cos = F.cosine_similarity(states[i], states[i + 1], dim=-1)
+        assert scores["block_influence"][i] == pytest.approx(1 - cos.mean().item(), abs=1e-5)
+    cos = F.cosine_similarity(states[1], states[3], dim=-1).clamp(-1, 1)
+    assert scores["angular_distance"]["2"][1] == pytest.approx((torch.arccos(cos) / torch.pi).mean().item(), abs=1e-5)
+    assert len(scores["angular_distance"]["4"]) == 1 and scores["num_layers"] == 4
+
+
+def test_perplexity_increase_is_the_truncated_models_perplexity(rows):
+    model = tiny_model("qwen2", 4)
+    scores = score(model, rows, batch_size=2)
+    stream = rows.flatten()
+    assert scores["perplexity"] == pytest.approx(perplexity(model, stream, 16, 16))
+    for i in range(4):
+        student = truncate_model(model, [j for j in range(4) if j != i])
+        assert scores["ppl_without_block"][i] == pytest.approx(perplexity(student, stream, 16, 16), rel=1e-5)
+        assert scores["ppl_increase"][i] == pytest.approx(scores["ppl_without_block"][i] - scores["perplexity"])
+
+
+def test_score_layers_command_writes_json_and_chart(tiny_gpt2_dir, real_text, tmp_path):
+    out = tmp_path / "scores"
+    assert main(["score-layers", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(out),
+                 "--tokens", "512", "--seq-len", "128"]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["num_layers"] == 4 and scores["tokens"] == 512
+    assert len(scores["block_influence"]) == 4 and len(scores["ppl_increase"]) == 4
+    assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    # the scores drive truncation by importance
+    student = tmp_path / "student"
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(student), "--strategy", "importance",
+                 "--num-layers", "3", "--scores", str(out / "scores.json"), "--metric", "ppl_increase"]) == 0
+    kept = json.loads((student / "lmshrink.json").read_text())["kept_layers"]
+    dropped = min(range(4), key=lambda i: scores["ppl_increase"][i])
+    assert kept == [i for i in range(4) if i != dropped]

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+from conftest import TINY_CONFIGS, tiny_model
+
+from lmshrink.architectures import UnsupportedArchitecture, blocks_of, only_blocks
+from lmshrink.cli import main
+from lmshrink.models import load
+from lmshrink.truncate import LayerSelectionError, importance_keep, select_layers, truncate_model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_keeping_every_block_reproduces_the_teacher(arch, ids):
+    teacher = tiny_model(arch)
+    student = truncate_model(teacher, list(range(6)))
+    assert torch.equal(logits(student, ids), logits(teacher, ids))
+
+
+@pytest.mark.parametrize("keep", [[0, 2, 4], [1, 2, 5], [3]])
+def test_subset_equals_teacher_with_other_blocks_skipped(arch, ids, keep):
+    teacher = tiny_model(arch)
+    student = truncate_model(teacher, keep)
+    assert len(blocks_of(student)) == len(keep)
+    with only_blocks(teacher, keep):
+        expected = logits(teacher, ids)
+    torch.testing.assert_close(logits(student, ids), expected, rtol=0, atol=1e-6)
+    # and the student is really smaller: the dropped blocks' parameters are gone
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+
+
+def test_save_load_round_trip_is_exact(arch, ids, tmp_path):
+    teacher = tiny_model(arch)
+    student = truncate_model(teacher, [0, 3, 5])
+    student.save_pretrained(tmp_path)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(reloaded, ids), logits(student, ids))
+    assert reloaded.config.num_hidden_layers == 3
+
+
+def test_per_layer_config_lists_follow_the_kept_blocks():
+    teacher = tiny_model("gemma3_text")  # sliding, full, sliding, full, ...
+    student = truncate_model(teacher, [0, 2, 3])
+    assert student.config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+    assert [b.self_attn.layer_idx for b in blocks_of(student)] == [0, 1, 2]
+    neo = truncate_model(tiny_model("gpt_neo"), [1, 3, 4])
+    assert neo.config.attention_layers == ["local", "local", "global"]
+    # GPT-Neo re-derives attention_layers from attention_types on load: they must agree.
+    again = T.GPTNeoConfig.from_dict(neo.config.to_dict())
+    assert again.attention_layers == ["local", "local", "global"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma3_text", "llama"])
+def test_tied_weights_stay_tied(kind):
+    student = truncate_model(tiny_model(kind), [0, 5])
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    teacher = tiny_model(kind)
+    assert torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+
+
+def test_student_does_not_share_memory_with_teacher():
+    teacher = tiny_model("llama")
+    student = truncate_model(teacher, [0, 1])
+    with torch.no_grad():
+        blocks_of(student)[0].mlp.up_proj.weight.zero_()
+    assert blocks_of(teacher)[0].mlp.up_proj.weight.abs().sum() > 0
+
+
+def test_paper_strategies_on_gpt2_depth():
+    assert select_layers(12, "alt", 6) == [0, 2, 4, 6, 8, 10]
+    assert select_layers(12, "distil", 6) == [0, 2, 4, 7, 9, 11]
+    assert select_layers(12, "bottom", 6) == [0, 1, 2, 3, 4, 5]
+    assert select_layers(12, "top", 6) == [6, 7, 8, 9, 10, 11]
+    assert select_layers(12, "distil", 3) == [0, 6, 11]  # the paper's "3l" student
+    assert select_layers(12, "alt") == [0, 2, 4, 6, 8, 10]  # default depth: half
+
+
+@pytest.mark.parametrize("strategy", ["alt", "distil", "bottom", "top"])
+@pytest.mark.parametrize("n,k", [(30, 24), (7, 3), (5, 5), (9, 1)])
+def test_strategies_generalise_to_any_depth(strategy, n, k):
+    keep = select_layers(n, strategy, k)
+    assert len(keep) == k and keep == sorted(set(keep)) and 0 <= keep[0] and keep[-1] < n
+
+
+def test_importance_keeps_the_highest_scoring_blocks():
+    scores = {"num_layers": 5, "block_influence": [0.9, 0.1, 0.5, 0.05, 0.7],
+              "ppl_increase": [100.0, 1.0, 0.5, 2.0, 3.0],
+              "angular_distance": {"2": [0.9, 0.8, 0.1, 0.7]}}
+    assert select_layers(5, "importance", 3, scores=scores) == [0, 2, 4]
+    assert importance_keep(scores, 3, "ppl_increase") == [0, 3, 4]
+    assert importance_keep(scores, 3, "angular_distance") == [0, 1, 4]  # drops the run 2,3
+
+
+@pytest.mark.parametrize("keep,message", [
+    ([0, 6], "out of range"), ([1, 1], "listed twice"), ([], "at least one"), ([3, 1], "increasing order"),
+])
+def test_bad_layer_lists_name_the_fix(keep, message):
+    with pytest.raises(LayerSelectionError, match=message):
+        truncate_model(tiny_model("gpt2"), keep)
+
+
+def test_bad_depth_and_strategy():
+    with pytest.raises(LayerSelectionError, match="choose 1..12"):
+        select_layers(12, "alt", 13)
+    with pytest.raises(LayerSelectionError, match="known: alt"):
+        select_layers(12, "middle", 6)
+    with pytest.raises(LayerSelectionError, match="needs scores"):
+        select_layers(12, "importance", 6)
+
+
+def test_unknown_architecture_is_refused():
+    model = T.BloomForCausalLM(T.BloomConfig(n_layer=2, hidden_size=32, n_head=2, vocab_size=VOCAB_BLOOM))
+    with pytest.raises(UnsupportedArchitecture, match="ARCHITECTURES"):
+        truncate_model(model, [0])
+
+
+VOCAB_BLOOM = 64
+
+
+def test_every_tested_architecture_is_in_the_table():
+    from lmshrink.architectures import ARCHITECTURES
+
+    assert set(TINY_CONFIGS) <= set(ARCHITECTURES)
+
+
+def test_truncate_command_end_to_end(tiny_gpt2_dir, real_text, tmp_path, capsys):
+    out = tmp_path / "student"
+    code = main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--strategy", "importance",
+                 "--num-layers", "2", "--calib-data", str(real_text), "--calib-tokens", "1024"])
+    assert code == 0
+    record = json.loads((out / "lmshrink.json").read_text())
+    assert record["teacher_layers"] == 4 and len(record["kept_layers"]) == 2
+    assert record["strategy"] == "importance" and len(record["scores"]["block_influence"]) == 4
+    assert record["lmshrink_version"]
+    student = load(str(out))
+    assert student.model.config.n_layer == 2
+    assert student.tokenizer("Hello world")["input_ids"] == [15496, 995]
+    teacher = load(str(tiny_gpt2_dir)).model
+    kept = truncate_model(teacher, record["kept_layers"])
+    ids = torch.tensor([[15496, 995, 11, 612]])
+    assert torch.equal(logits(student.model, ids), logits(kept, ids))
+
+
+def test_truncate_command_reports_bad_requests(tiny_gpt2_dir, tmp_path, capsys):
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / "s"), "--keep", "0,9"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # nothing half-written
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / "s"),
+                 "--keep", "0,1", "--num-layers", "2"]) == 2
+    assert "already fixes the depth" in capsys.readouterr().err
