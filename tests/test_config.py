@@ -45,3 +45,15 @@ def test_cli_errors_are_messages_not_tracebacks(capsys):
     assert "unknown command 'shrink'" in capsys.readouterr().err
     assert main(["--help"]) == 0
     assert "truncate" in capsys.readouterr().out
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    from lmshrink.config import load_yaml
+
+    files = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+    assert files
+    for file in files:
+        assert "lmshrink truncate --config" in file.read_text()  # each header says how to run it
+        assert build(TruncateSettings, load_yaml(file)).output.startswith("runs/")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from lmshrink.cli import main
-from lmshrink.evaluate import count_parameters, perplexity, sliding_nll, speed, windows
+from lmshrink.evaluate import count_parameters, perplexity, sliding_nll, speed, weight_bytes, windows
 
 
 def brute_force_nll(model, tokens, window, stride):
@@ -59,7 +60,10 @@ def test_parameters_count_tied_weights_once():
 
 
 def test_speed_report_measures():
-    result = speed(tiny_model("llama", 2), batch=2, length=16, gen_tokens=4, repeats=2)
+    model = tiny_model("llama", 2)
+    result = speed(model, batch=2, length=16, gen_tokens=4, repeats=2)
+    if sys.platform == "linux":  # peak = weights + activation high-water mark
+        assert result["peak_memory_mb"] >= weight_bytes(model) / 2**20
     assert result["latency_ms"] > 0 and result["tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
     assert math.isclose(result["tokens_per_s"], 2 * 16 / (result["latency_ms"] / 1000))
 

@@ -35,7 +35,7 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return spans
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
                 progress: str | None = None) -> tuple[float, int]:
     """Summed NLL (nats) and number of scored tokens of a 1-D token stream."""
@@ -52,7 +52,9 @@ def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_siz
             chunk = group[i : i + batch_size]
             ids = torch.stack([tokens[b:e] for b, e, _ in chunk]).to(device)  # (B, T)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
-            nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+            # flattened (B*(T-1), V) rows: cross_entropy is ~5x faster than on a (B, V, T-1) view
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+            nll = nll.view(len(chunk), -1)  # (B, T-1)
             for row, (b, _, first) in enumerate(chunk):
                 scored = nll[row, first - b - 1 :]  # targets at positions first..end-1
                 total += scored.sum().item()
@@ -85,28 +87,47 @@ def disk_bytes(folder: str) -> int | None:
 
 
 class PeakMemory:
-    """Peak memory of a block of code: CUDA allocator peak, or the process RSS high-water mark on Linux."""
+    """Extra memory a block of code needs at its peak, beyond what was allocated when it started.
+
+    CUDA: the allocator's peak. CPU: the process's resident-set high-water mark (Linux, where
+    /proc/self/clear_refs can reset it); None elsewhere.
+    """
 
     def __init__(self, device: torch.device):
-        self.device, self.peak_bytes = device, None
+        self.device, self.extra_bytes, self._start = device, None, None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif Path("/proc/self/clear_refs").exists():
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
             try:
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+                self._start = _proc_status("VmRSS")
             except OSError:
-                pass
+                self._start = None
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._start is None:
+            return
         if self.device.type == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        elif Path("/proc/self/status").exists():
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak_bytes = int(line.split()[1]) * 1024
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _proc_status("VmHWM")
+        self.extra_bytes = max(0, peak - self._start)
+
+
+def _proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+def weight_bytes(model) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _sync(device: torch.device) -> None:
@@ -143,7 +164,8 @@ def speed(model, batch: int, length: int, gen_tokens: int, repeats: int) -> dict
         "latency_ms": latency * 1000,
         "tokens_per_s": batch * length / latency,
         "generate_tokens_per_s": gen_tokens / statistics.median(gen_times),
-        "peak_memory_mb": mem.peak_bytes / 2**20 if mem.peak_bytes is not None else None,
+        # weights + the activation peak of the timed forward passes
+        "peak_memory_mb": (weight_bytes(model) + mem.extra_bytes) / 2**20 if mem.extra_bytes is not None else None,
     }
 
 

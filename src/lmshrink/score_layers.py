@@ -131,7 +131,7 @@ def plot(scores: dict[str, Any], path: str | Path, title: str) -> None:
     ax.set(title="angular distance of a run of n blocks", xlabel="first block l", ylabel="run length n")
     ax.set_yticks(range(0, n, max(1, n // 6)), [str(k + 1) for k in range(0, n, max(1, n // 6))])
     fig.colorbar(image, ax=ax)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     save_figure(fig, path)
     plt.close(fig)
 
