@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
-# Where there is no GPU, take the CPU build of torch: a local wheel if pip can see one
-# (no download), else PyTorch's CPU index. A plain PyPI torch on Linux is a multi-GB CUDA build.
+# Where there is no GPU, take the CPU build of torch: a local wheel if pip's find-links hold
+# one (no download), else PyTorch's CPU index; then torch's own dependencies from the usual
+# index. A plain PyPI torch on Linux would be a multi-GB CUDA build.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup fetch demo test lint clean
@@ -16,8 +17,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/pip install $(TORCH); \
 	else \
-		$(BIN)/pip install --no-index $(TORCH) 2>/dev/null || \
+		$(BIN)/pip install --no-index --no-deps $(TORCH) 2>/dev/null || \
 		$(BIN)/pip install $(TORCH) --index-url $(TORCH_CPU_INDEX); \
+		$(BIN)/pip install $(TORCH); \
 	fi
 	$(BIN)/pip install -e '.[dev]'
 	# The embedded teacher's package: --no-deps, its own deps would build llama-cpp.

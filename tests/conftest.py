@@ -35,6 +35,18 @@ TINY_CONFIGS = {
                                                 num_key_value_heads=1, intermediate_size=64, vocab_size=VOCAB,
                                                 head_dim=16, sliding_window=8,
                                                 layer_types=["sliding_attention", "full_attention"] * (n // 2)),
+    "qwen3": lambda n: T.Qwen3Config(num_hidden_layers=n, hidden_size=32, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=64, vocab_size=VOCAB, head_dim=16),
+    "phi3": lambda n: T.Phi3Config(num_hidden_layers=n, hidden_size=32, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=64, vocab_size=VOCAB,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gemma2": lambda n: T.Gemma2Config(num_hidden_layers=n, hidden_size=32, num_attention_heads=2,
+                                       num_key_value_heads=1, intermediate_size=64, vocab_size=VOCAB,
+                                       head_dim=16, sliding_window=8),
+    "smollm3": lambda n: T.SmolLM3Config(num_hidden_layers=n, hidden_size=32, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=64, vocab_size=VOCAB,
+                                         no_rope_layers=[1, 0] * (n // 2), pad_token_id=0,
+                                         bos_token_id=1, eos_token_id=2),
 }
 
 ARCHS = list(TINY_CONFIGS)

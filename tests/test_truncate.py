@@ -155,3 +155,8 @@ def test_truncate_command_reports_bad_requests(tiny_gpt2_dir, tmp_path, capsys):
     assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / "s"),
                  "--keep", "0,1", "--num-layers", "2"]) == 2
     assert "already fixes the depth" in capsys.readouterr().err
+
+
+def test_smollm3_no_rope_layers_follow_the_kept_blocks():
+    student = truncate_model(tiny_model("smollm3"), [1, 2, 5])
+    assert student.config.no_rope_layers == [0, 1, 0]
