@@ -53,3 +53,13 @@ def test_bad_jsonl_and_missing_paths(tmp_path, gpt2_tokenizer):
         token_stream(str(path), gpt2_tokenizer)
     with pytest.raises(DataError, match="hf:NAME"):
         token_stream(str(tmp_path / "nowhere.txt"), gpt2_tokenizer)
+
+
+def test_hub_dataset_path_streams_a_local_dataset(tmp_path, gpt2_tokenizer):
+    """The hf: code path, offline: `datasets` loads a local dataset folder the same way as a Hub id."""
+    folder = tmp_path / "tiny_dataset"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text(json.dumps({"text": "Hello world"}) + "\n")
+    (folder / "train.jsonl").write_text(json.dumps({"text": "unused"}) + "\n")
+    assert list(documents(f"hf:{folder}::test")) == ["Hello world"]
+    assert token_stream(f"hf:{folder}", gpt2_tokenizer).tolist()[:1] == gpt2_tokenizer("unused")["input_ids"][:1]

@@ -155,6 +155,13 @@ def test_truncate_command_reports_bad_requests(tiny_gpt2_dir, tmp_path, capsys):
     assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / "s"),
                  "--keep", "0,1", "--num-layers", "2"]) == 2
     assert "already fixes the depth" in capsys.readouterr().err
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "precious.txt").write_text("keep me")
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / "s"), "--keep", "0"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "s" / "precious.txt").exists()
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / "s"), "--keep", "0",
+                 "--overwrite"]) == 0
+    assert not (tmp_path / "s" / "precious.txt").exists() and (tmp_path / "s" / "lmshrink.json").exists()
 
 
 def test_smollm3_no_rope_layers_follow_the_kept_blocks():

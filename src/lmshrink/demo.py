@@ -86,7 +86,7 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     for strategy in settings.strategies:
         students[strategy] = truncate(TruncateSettings(
             output=str(out / f"student-{strategy}"), teacher=settings.teacher, strategy=strategy,
-            num_layers=settings.num_layers, scores=str(out / "scores.json")), teacher=teacher)
+            num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True), teacher=teacher)
 
     print(f"[3/3] evaluating on {', '.join(settings.heldout)}")
     ev = EvalSettings(models=[settings.teacher, *map(str, students.values())], data=settings.heldout,

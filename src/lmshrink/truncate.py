@@ -164,9 +164,12 @@ class TruncateSettings:
     calib_tokens: int = setting(4096, "calibration tokens for computing scores")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    overwrite: bool = setting(False, "replace the output folder if it exists")
 
     def __post_init__(self) -> None:
         problems = []
+        if Path(self.output).exists() and not self.overwrite:
+            problems.append(f"output: {self.output} already exists; pass --overwrite or choose another folder")
         if self.keep is None and self.strategy not in STRATEGIES:
             problems.append(f"strategy: {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
         if self.num_layers is not None and self.ratio is not None:
