@@ -12,17 +12,26 @@ from lmshrink.config import SettingsError, from_args
 from lmshrink.data import DataError
 from lmshrink.demo import DemoSettings
 from lmshrink.demo import run as demo
+from lmshrink.distill import DistillSettings
+from lmshrink.distill import run as distill
 from lmshrink.evaluate import EvalSettings
 from lmshrink.evaluate import run as evaluate
 from lmshrink.models import ModelLoadError
+from lmshrink.pretrain import PretrainSettings
+from lmshrink.pretrain import run as pretrain
 from lmshrink.score_layers import ScoreSettings
 from lmshrink.score_layers import run as score_layers
+from lmshrink.teacher_cache import CacheSettings
+from lmshrink.teacher_cache import run as cache_teacher
 from lmshrink.truncate import LayerSelectionError, TruncateSettings
 from lmshrink.truncate import run as truncate
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "truncate": (TruncateSettings, truncate),
     "score-layers": (ScoreSettings, score_layers),
+    "pretrain": (PretrainSettings, pretrain),
+    "distill": (DistillSettings, distill),
+    "cache-teacher": (CacheSettings, cache_teacher),
     "eval": (EvalSettings, evaluate),
     "demo": (DemoSettings, demo),
     "fetch": (FetchSettings, fetch),

@@ -110,3 +110,80 @@ def blocks(tokens: torch.Tensor, length: int) -> torch.Tensor:
     if n == 0:
         raise DataError(f"only {tokens.numel()} tokens, fewer than one block of {length}")
     return tokens[: n * length].view(n, length)
+
+
+# --- training data: `datasets` tables, tokenised and packed into fixed-length blocks --------
+
+def text_dataset(sources: list[str], field: str = "text", streaming: bool = False):
+    """One `datasets` table (or a streamed one) with a `text` column, from any mix of sources.
+
+    Text files become one row per file; .jsonl(.gz) and .parquet files one row per record;
+    `hf:NAME[:CONFIG][:SPLIT]` is loaded (streamed with `streaming`) from the Hub.
+    """
+    from datasets import concatenate_datasets, interleave_datasets, load_dataset
+
+    from lmshrink.assets import CORPORA, corpus_path
+
+    parts = []
+    for source in sources:
+        if source.startswith("hf:"):
+            name, config, split = (source.split(":", 3)[1:] + [None, None])[:3]
+            ds = load_dataset(name, config or None, split=split or "train", streaming=streaming)
+        else:
+            path = corpus_path(source) if source.split("/")[0] in CORPORA and not Path(source).exists() else Path(source)
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            if not path.exists():
+                raise DataError(f"{source!r} is not a file or folder (or hf:NAME[:CONFIG][:SPLIT], or a corpus name)")
+            kinds = {
+                "json": [f for f in files if f.name.endswith((".jsonl", ".jsonl.gz", ".json"))],
+                "parquet": [f for f in files if f.suffix == ".parquet"],
+                "text": [f for f in files if f.suffix in TEXT_SUFFIXES - {".jsonl"}],
+            }
+            if not any(kinds.values()):
+                raise DataError(f"{source!r} holds no .txt/.md/.rst/.tex, .jsonl(.gz) or .parquet files")
+            for kind, group in kinds.items():
+                if not group:
+                    continue
+                if kind == "text":
+                    for file in group:  # refuse binary / non-UTF-8 files with their name
+                        _read_text(file)
+                extra = {"sample_by": "document"} if kind == "text" else {}
+                ds = load_dataset(kind, data_files=[str(f) for f in group], split="train",
+                                  streaming=streaming, **extra)
+                parts.append(ds.select_columns([field if kind != "text" else "text"]))
+            continue
+        if field not in (ds.column_names or [field]):
+            raise DataError(f"{source!r} has no {field!r} column (columns: {', '.join(ds.column_names)})")
+        parts.append(ds.select_columns([field]))
+    parts = [p.rename_column(field, "text") if field != "text" and field in (p.column_names or []) else p
+             for p in parts]
+    if len(parts) == 1:
+        return parts[0]
+    return interleave_datasets(parts) if streaming else concatenate_datasets(parts)
+
+
+def pack(dataset, tokenizer, block_size: int, num_proc: int | None = None):
+    """Tokenise documents (EOS after each) and cut the stream into `block_size` blocks.
+
+    Blocks are formed within batches of 1000 documents (the transformers `run_clm` recipe),
+    so at most one partial block per batch is dropped. Returns a table with `input_ids`.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [doc + [eos] for doc, text in zip(ids, batch["text"], strict=True) if text.strip()]}
+
+    def group(batch):
+        stream = [t for doc in batch["ids"] for t in doc]
+        n = len(stream) // block_size * block_size
+        return {"input_ids": [stream[i : i + block_size] for i in range(0, n, block_size)]}
+
+    kwargs = {"num_proc": num_proc} if num_proc and num_proc > 1 and hasattr(dataset, "num_rows") else {}
+    extra = {"desc": f"tokenising ({block_size}-token blocks)"} if kwargs or hasattr(dataset, "num_rows") else {}
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=["text"], **kwargs, **extra)
+    if hasattr(dataset, "num_rows"):
+        extra["desc"] = "packing"
+    return tokenized.map(group, batched=True, batch_size=1000, remove_columns=["ids"], **kwargs, **extra)

@@ -44,18 +44,23 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{path} already exists")
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists")
+        publish(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Move a finished folder `tmp` to `path`, replacing any folder there."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
 
 
 def save_atomically(path: str | Path, save: Callable[[Path], None]) -> Path:

@@ -1,0 +1,196 @@
+"""`lmshrink distill`: heal a student with a frozen teacher (the DistilGPT-2 recipe and modern KD losses).
+
+loss = alpha_ce * T^2 * KD(p_t^T, p_s^T) + alpha_clm * CE(s, next token)
+       + alpha_cos * (1 - cos(h_s, h_t)) on the last hidden states
+       + alpha_inter * hidden-state loss over a student->teacher layer map
+
+KD is any divergence of `lmshrink.losses.DIVERGENCES`, computed in chunks along the sequence.
+Defaults are the DistilGPT-2 recipe (PAPER.md): T 2, alpha_ce 5, alpha_clm 2, alpha_cos 1,
+lr 2.5e-4, warm-up 5%, Adam eps 1e-6, gradient norm 5. With `--teacher-cache DIR` (from
+`lmshrink cache-teacher`) the teacher is not loaded at all: KD uses its stored top-k.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmshrink.config import SettingsError, check, setting
+from lmshrink.losses import DIVERGENCES, HIDDEN_LOSSES, divergence, kd_loss, sparse_kd_loss
+from lmshrink.training import LMTrainer, TrainSettings, causal_lm_loss, prepare_data, train
+
+LAYER_MAPS = ("none", "uniform", "kept", "rail")
+
+
+@dataclass(kw_only=True)
+class DistillSettings(TrainSettings):
+    """Train a student against a frozen teacher (online, or from a teacher cache)."""
+
+    teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
+    teacher_cache: str | None = setting(None, "folder from `lmshrink cache-teacher`: train on it without the teacher")
+    loss: str = setting("forward_kl", f"KD divergence: {', '.join(DIVERGENCES)}")
+    temperature: float = setting(2.0, "softmax temperature T of the KD term")
+    beta: float = setting(0.5, "beta of the generalised JSD (gjsd)")
+    skew: float = setting(0.1, "lambda of the skew KL (skew_kl)")
+    alpha_ce: float = setting(5.0, "weight of the KD term (scaled by T^2)")
+    alpha_clm: float = setting(2.0, "weight of the next-token cross-entropy")
+    alpha_cos: float = setting(1.0, "weight of the last-hidden-state cosine loss")
+    layer_map: str = setting("none", "intermediate-layer map: none, uniform, kept (the truncated blocks' "
+                                     "teacher layers), rail (RAIL-KD: a random sorted teacher subset each step), "
+                                     "or explicit student:teacher pairs, e.g. 1:2,2:4")
+    alpha_inter: float = setting(0.0, "weight of the intermediate hidden-state loss")
+    inter_loss: str = setting("mse", f"intermediate loss: {', '.join(HIDDEN_LOSSES)}")
+    kd_chunk: int = setting(128, "sequence positions per KD chunk (bounds fp32 B x chunk x V memory)")
+    # The DistilGPT-2 optimiser recipe replaces the plain-LM defaults:
+    lr: float = setting(2.5e-4, "peak learning rate (DistilGPT-2: 2.5e-4)")
+    warmup: float = setting(0.05, "warm-up fraction (DistilGPT-2: 5%)")
+    adam_eps: float = setting(1e-6, "AdamW epsilon (DistilGPT-2: 1e-6)")
+    max_grad_norm: float = setting(5.0, "gradient clipping norm (DistilGPT-2: 5.0)")
+
+    def problems(self) -> list[str]:
+        problems = super().problems() if not self.teacher_cache else [
+            p for p in super().problems() if not p.startswith("data:")]
+        if self.loss not in DIVERGENCES:
+            problems.append(f"loss: {self.loss!r} is unknown; choose one of {', '.join(DIVERGENCES)}")
+        if self.temperature <= 0:
+            problems.append("temperature: must be positive")
+        if not 0 <= self.beta <= 1 or not 0 <= self.skew <= 1:
+            problems.append("beta and skew: must be in [0, 1]")
+        if self.inter_loss not in HIDDEN_LOSSES:
+            problems.append(f"inter_loss: {self.inter_loss!r} is unknown; choose one of {', '.join(HIDDEN_LOSSES)}")
+        if self.layer_map not in LAYER_MAPS and not _is_pairs(self.layer_map):
+            problems.append(f"layer_map: {self.layer_map!r} is not {', '.join(LAYER_MAPS)} or pairs like 1:2,2:4")
+        if self.alpha_inter > 0 and self.layer_map == "none":
+            problems.append("alpha_inter: an intermediate loss needs --layer-map")
+        if self.teacher_cache and (self.alpha_cos > 0 or self.alpha_inter > 0):
+            problems.append("teacher_cache: a cache holds logits only; set --alpha-cos 0 and --alpha-inter 0")
+        if self.kd_chunk < 1:
+            problems.append("kd_chunk: must be positive")
+        return problems
+
+
+def _is_pairs(text: str) -> bool:
+    try:
+        return all(len(p.split(":")) == 2 and all(x.strip().isdigit() for x in p.split(":")) for p in text.split(","))
+    except ValueError:
+        return False
+
+
+def layer_pairs(kind: str, n_student: int, n_teacher: int, kept: list[int] | None,
+                rng: random.Random) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state indices to align; index i is the output of block i-1.
+
+    Only intermediate states (1..n-1) are mapped: the last one is after the final norm in most
+    models and is aligned by the cosine term instead.
+    """
+    students = list(range(1, n_student))
+    if kind == "uniform":
+        return [(i, round(i * n_teacher / n_student)) for i in students]
+    if kind == "kept":
+        if kept is None:
+            raise SettingsError("layer_map: 'kept' needs a student made by lmshrink truncate (kept_layers in lmshrink.json)")
+        return [(i, kept[i - 1] + 1) for i in students]
+    if kind == "rail":  # RAIL-KD: a fresh random sorted subset of teacher layers every step
+        return list(zip(students, sorted(rng.sample(range(1, n_teacher), len(students))), strict=True))
+    pairs = [tuple(int(x) for x in p.split(":")) for p in kind.split(",")]
+    bad = [p for p in pairs if not (1 <= p[0] <= n_student and 1 <= p[1] <= n_teacher)]
+    if bad:
+        raise SettingsError(f"layer_map: pair {bad[0]} is out of range (student 1..{n_student}, teacher 1..{n_teacher})")
+    return pairs  # type: ignore[return-value]
+
+
+def check_vocabularies(student_tokenizer, teacher_tokenizer, student_config, teacher_config) -> int:
+    """The number of real tokens both share; refuses different tokenizers.
+
+    Vocabularies that differ only by padding rows (e.g. 50257 vs 50304) are fine: KD runs over
+    the tokenizer's tokens only.
+    """
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise SettingsError(
+            "teacher and student tokenizers differ, so their next-token distributions are over different "
+            "tokens; distil from a teacher with the same tokenizer (e.g. the model the student was truncated from)")
+    n = len(student_tokenizer)
+    for name, config in (("student", student_config), ("teacher", teacher_config)):
+        if config.vocab_size < n:
+            raise SettingsError(f"the {name}'s vocab_size {config.vocab_size} is smaller than its tokenizer ({n})")
+    return n
+
+
+class DistillTrainer(LMTrainer):
+    def __init__(self, *args: Any, teacher=None, recipe: DistillSettings, vocab: int,
+                 kept: list[int] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.recipe, self.vocab, self.kept = teacher, recipe, vocab, kept
+        self.div = divergence(recipe.loss, recipe.beta, recipe.skew)
+        self.rng = random.Random(recipe.seed)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        s = self.recipe
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        want_hidden = s.alpha_cos > 0 or s.alpha_inter > 0
+        outputs = model(input_ids=ids, output_hidden_states=want_hidden and model.training, use_cache=False)
+        ce = causal_lm_loss(outputs.logits, labels)
+        if not model.training:  # held-out evaluation reports the plain LM loss (-> perplexity)
+            return (ce, outputs) if return_outputs else ce
+        logits = outputs.logits[..., : self.vocab]  # (B, T, V): padding rows dropped
+        mask = torch.ones(ids.shape, device=ids.device)
+        if "teacher_idx" in inputs:  # cached teacher: top-k log-probs at the cache's temperature
+            kd = sparse_kd_loss(self.div, logits, inputs["teacher_idx"], inputs["teacher_logp"], mask,
+                                s.temperature, s.kd_chunk)
+            parts = {"kd": kd}
+        else:
+            self.teacher.to(ids.device)
+            with torch.no_grad():
+                t_out = self.teacher(input_ids=ids, output_hidden_states=want_hidden, use_cache=False)
+            kd = kd_loss(self.div, logits, t_out.logits[..., : self.vocab], mask, s.temperature, s.kd_chunk)
+            parts = {"kd": kd}
+            if s.alpha_cos > 0:
+                from lmshrink.losses import cosine_loss
+
+                parts["cos"] = cosine_loss(outputs.hidden_states[-1], t_out.hidden_states[-1], mask)
+            if s.alpha_inter > 0:
+                pairs = layer_pairs(s.layer_map, len(outputs.hidden_states) - 1, len(t_out.hidden_states) - 1,
+                                    self.kept, self.rng)
+                hidden = HIDDEN_LOSSES[s.inter_loss]
+                parts["inter"] = sum(hidden(outputs.hidden_states[i], t_out.hidden_states[j], mask)
+                                     for i, j in pairs) / len(pairs)
+        loss = s.alpha_ce * s.temperature**2 * parts["kd"] + s.alpha_clm * ce
+        loss = loss + s.alpha_cos * parts.get("cos", 0.0) + s.alpha_inter * parts.get("inter", 0.0)
+        self.record(ce=ce, **parts)
+        return (loss, outputs) if return_outputs else loss
+
+
+def run(settings: DistillSettings) -> dict[str, Any]:
+    from lmshrink.models import load
+    from lmshrink.records import read_record
+
+    student = load(settings.model, settings.dtype, settings.trust_remote_code)
+    kept = (read_record(student.source) or {}).get("kept_layers")
+    if settings.teacher_cache:
+        from lmshrink.teacher_cache import open_cache
+
+        cache = open_cache(settings.teacher_cache, settings.temperature)
+        teacher, vocab = None, check_vocabularies(student.tokenizer, cache.tokenizer, student.model.config,
+                                                  student.model.config)
+        if cache.block_size != settings.block_size:
+            check([f"block_size: the cache holds {cache.block_size}-token blocks; use --block-size {cache.block_size}"])
+        train_data = cache.dataset
+        heldout = cache.heldout
+        teacher_name = cache.record.get("teacher")
+    else:
+        loaded = load(settings.teacher, settings.dtype, settings.trust_remote_code)
+        teacher, teacher_name = loaded.model, settings.teacher
+        vocab = check_vocabularies(student.tokenizer, loaded.tokenizer, student.model.config, teacher.config)
+        if settings.alpha_cos > 0 or settings.alpha_inter > 0:
+            if student.model.config.hidden_size != teacher.config.hidden_size:
+                check([f"alpha_cos/alpha_inter: hidden sizes differ (student {student.model.config.hidden_size}, "
+                       f"teacher {teacher.config.hidden_size}); set both to 0"])
+        train_data, heldout = prepare_data(settings, student.tokenizer)
+    return train(settings, "distill", DistillTrainer, student.model, student.tokenizer, train_data, heldout,
+                 extra_record={"distill_teacher": teacher_name}, teacher=teacher, recipe=settings,
+                 vocab=vocab, kept=kept)

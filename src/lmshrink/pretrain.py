@@ -1,0 +1,33 @@
+"""`lmshrink pretrain`: heal a truncated student with the plain causal-LM loss (the paper's method).
+
+The authors continued pre-training their 6-block GPT-2 on cleaned OpenWebText with the
+ordinary next-token loss and no teacher: block 1024, 4 epochs, lr 5e-5 (the HF default),
+DeepSpeed ZeRO-2. `configs/paper-gpt2-alt6-pretrain.yaml` is that recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmshrink.training import LMTrainer, TrainSettings, causal_lm_loss, prepare_data, train
+
+
+@dataclass(kw_only=True)
+class PretrainSettings(TrainSettings):
+    """Continue pre-training a (truncated) student with the causal-LM loss."""
+
+
+class CausalLMTrainer(LMTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        loss = causal_lm_loss(outputs.logits, inputs["labels"])
+        return (loss, outputs) if return_outputs else loss
+
+
+def run(settings: PretrainSettings) -> dict[str, Any]:
+    from lmshrink.models import load
+
+    student = load(settings.model, settings.dtype, settings.trust_remote_code)
+    train_data, heldout = prepare_data(settings, student.tokenizer)
+    return train(settings, "pretrain", CausalLMTrainer, student.model, student.tokenizer, train_data, heldout)

@@ -1,0 +1,293 @@
+"""Trainer plumbing shared by `pretrain` and `distill`: settings, data, logging, resumption.
+
+Training runs on the transformers `Trainer`, so `accelerate launch` / `torchrun` give DDP,
+FSDP (`--fsdp`) and DeepSpeed (`--deepspeed ds.json`) with no code of ours, and checkpoints,
+resumption and mixed precision come with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+from lmshrink.architectures import check_length
+from lmshrink.config import check, setting, to_dict
+from lmshrink.records import RECORD, provenance, publish, read_record, write_json
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(kw_only=True)
+class DataSettings:
+    """Where training text comes from and how it is packed (shared by pretrain, distill, cache-teacher)."""
+
+    data: list[str] = setting(
+        [], "training text: files, folders, .jsonl(.gz), .parquet, hf:NAME[:CONFIG][:SPLIT], corpus names")
+    eval_data: list[str] = setting([], "held-out text; if empty, --heldout of the training documents is held out")
+    heldout: float = setting(0.02, "fraction of training documents held out for evaluation when --eval-data is empty")
+    block_size: int = setting(1024, "tokens per training sequence (the paper: 1024)")
+    eval_tokens: int | None = setting(None, "cap on held-out tokens evaluated")
+    streaming: bool = setting(False, "stream the training data (large Hub datasets); needs max_steps or max_tokens")
+    num_proc: int = setting(1, "processes for tokenisation")
+    seed: int = setting(42, "random seed (held-out split, data order, initialisation)")
+
+    def __post_init__(self) -> None:
+        check(self.problems())
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not self.data:
+            problems.append("data: give at least one training source")
+        if not 0 <= self.heldout < 1:
+            problems.append("heldout: must be in [0, 1)")
+        for name in ("block_size", "num_proc"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be positive")
+        if self.streaming and not self.eval_data:
+            problems.append("streaming: give --eval-data (a streamed dataset cannot be split)")
+        return problems
+
+
+@dataclass(kw_only=True)
+class TrainSettings(DataSettings):
+    """Settings shared by every training command."""
+
+    model: str = setting(help="student to train: folder (e.g. from lmshrink truncate), Hub id or .gguf file")
+    output: str = setting(help="run folder: checkpoints/, metrics.jsonl, tensorboard/, and the trained model in model/")
+    epochs: float = setting(1.0, "passes over the training data (ignored when max_steps or max_tokens is set)")
+    max_steps: int = setting(-1, "optimizer steps to run (-1: from epochs or max_tokens)")
+    max_tokens: int | None = setting(None, "token budget: sets max_steps = tokens / (batch x accumulation x block x processes)")
+    batch_size: int = setting(8, "sequences per device per step")
+    grad_accum: int = setting(1, "gradient accumulation steps")
+    lr: float = setting(5e-5, "peak learning rate (the paper's truncated runs used the HF default 5e-5)")
+    warmup: float = setting(0.0, "warm-up, as a fraction of the steps")
+    scheduler: str = setting("linear", "learning-rate schedule (any transformers SchedulerType: linear, cosine, ...)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm")
+    precision: str = setting("auto", "auto (bf16 or fp16 on GPUs that have it, fp32 on CPU), fp32, bf16 or fp16")
+    logging_steps: int = setting(10, "steps between progress lines and metrics.jsonl records")
+    save_steps: int = setting(500, "steps between checkpoints")
+    eval_steps: int | None = setting(None, "steps between held-out evaluations (default: before and after only)")
+    save_total_limit: int = setting(2, "checkpoints kept")
+    resume: bool = setting(False, "continue from the last checkpoint in output/checkpoints")
+    deepspeed: str | None = setting(None, "DeepSpeed JSON config (e.g. configs/deepspeed-zero2.json)")
+    fsdp: str = setting("", "FSDP options passed to TrainingArguments, e.g. 'full_shard auto_wrap'")
+    report_to: list[str] = setting(["tensorboard"], "loggers (tensorboard, wandb, none)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
+    dtype: str = setting("float32", "dtype the student is loaded in (weights); mixed precision is --precision")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.warmup < 1:
+            problems.append("warmup: a fraction of the steps, in [0, 1)")
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be positive")
+        if self.streaming and self.max_steps < 0 and self.max_tokens is None:
+            problems.append("streaming: a streamed dataset has no length; set --max-steps or --max-tokens")
+        return problems
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+        return {}
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def training_arguments(settings: TrainSettings, **overrides: Any) -> TrainingArguments:
+    max_steps = settings.max_steps
+    if settings.max_tokens is not None:
+        per_step = settings.batch_size * settings.grad_accum * settings.block_size * world_size()
+        max_steps = max(1, math.ceil(settings.max_tokens / per_step))
+    report_to = [r for r in settings.report_to if r != "none"]
+    if "tensorboard" in report_to:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            report_to.remove("tensorboard")
+            print("[lmshrink] tensorboard is not installed; logging to metrics.jsonl only")
+    out = Path(settings.output)
+    # transformers 5 takes the TensorBoard folder from the environment
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=settings.epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr,
+        warmup_steps=float(settings.warmup),  # a float < 1 is a fraction of the steps
+        lr_scheduler_type=settings.scheduler,
+        weight_decay=settings.weight_decay,
+        adam_epsilon=settings.adam_eps,
+        max_grad_norm=settings.max_grad_norm,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        logging_steps=settings.logging_steps,
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        eval_strategy="steps" if settings.eval_steps else "no",
+        eval_steps=settings.eval_steps,
+        report_to=report_to or "none",
+        include_num_input_tokens_seen=True,
+        remove_unused_columns=False,
+        activation_checkpointing=settings.gradient_checkpointing,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # so torchrun on CPUs gives multi-process (gloo) DDP
+        deepspeed=settings.deepspeed,
+        fsdp=settings.fsdp,
+        dataloader_drop_last=True,
+        disable_tqdm=False,
+        **precision_flags(settings.precision),
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def prepare_data(settings: DataSettings, tokenizer) -> tuple[Any, Any]:
+    """Packed training and held-out blocks (split by document, so nothing leaks)."""
+    from lmshrink.data import DataError, pack, text_dataset
+
+    docs = text_dataset(settings.data, streaming=settings.streaming)
+    if settings.eval_data:
+        heldout_docs = text_dataset(settings.eval_data)
+    elif settings.heldout > 0:
+        split = docs.train_test_split(test_size=settings.heldout, seed=settings.seed)
+        docs, heldout_docs = split["train"], split["test"]
+    else:
+        heldout_docs = None
+    train = pack(docs, tokenizer, settings.block_size, settings.num_proc)
+    heldout = pack(heldout_docs, tokenizer, settings.block_size, settings.num_proc) if heldout_docs else None
+    if hasattr(train, "num_rows") and train.num_rows == 0:
+        raise DataError(f"the training data holds less than one block of {settings.block_size} tokens")
+    if heldout is not None and heldout.num_rows == 0:
+        raise DataError(f"the held-out data holds less than one block of {settings.block_size} tokens; "
+                        "give more text, a larger --heldout, or a smaller --block-size")
+    if heldout is not None and settings.eval_tokens:
+        heldout = heldout.select(range(min(heldout.num_rows, max(1, settings.eval_tokens // settings.block_size))))
+    return train, heldout
+
+
+def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack blocks; labels are the inputs (the model shifts them)."""
+    batch = default_data_collator(features)
+    batch["labels"] = batch["input_ids"].clone()
+    return batch
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, logits (B, T, V) and labels (B, T), -100 ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class MetricsFile(TrainerCallback):
+    """Appends every log record to metrics.jsonl (main process only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class LMTrainer(Trainer):
+    """A Trainer whose progress lines carry the loss parts and tokens/s."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Our losses are means over the batch's tokens (blocks are full, no padding), so let the
+        # Trainer divide by the accumulation steps rather than expect a sum over num_items.
+        self.model_accepts_loss_kwargs = False
+        self._parts: dict[str, list[float]] = {}
+        self._clock: tuple[float, int] | None = None
+
+    def record(self, **parts: torch.Tensor) -> None:
+        for name, value in parts.items():
+            self._parts.setdefault(name, []).append(float(value.detach()))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            for name, values in self._parts.items():
+                logs[name] = round(sum(values) / len(values), 4)
+            self._parts = {}
+            now, seen = time.perf_counter(), self.state.num_input_tokens_seen
+            if self._clock is not None and now > self._clock[0]:
+                logs["tokens_per_s"] = round((seen - self._clock[1]) / (now - self._clock[0]), 1)
+            self._clock = (now, seen)
+        super().log(logs, *args, **kwargs)
+
+
+def last_checkpoint(settings: TrainSettings) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(settings.output) / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
+          train_data, heldout, extra_record: dict[str, Any] | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
+    """Run the Trainer (resuming if asked), evaluate before and after, save model/ atomically."""
+    check_length(model.config, settings.block_size, "block_size")
+    checkpoint = last_checkpoint(settings)
+    if checkpoint and not settings.resume:
+        check([f"output: {settings.output} already holds checkpoints ({Path(checkpoint).name}); "
+               "pass --resume to continue that run, or choose another folder"])
+    out = Path(settings.output)
+    args = training_arguments(settings)
+    if settings.gradient_checkpointing:
+        model.config.use_cache = False
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=heldout,
+                          data_collator=collate, processing_class=tokenizer,
+                          callbacks=[MetricsFile(out / "metrics.jsonl")], **trainer_kwargs)
+    before = trainer.evaluate()["eval_loss"] if heldout is not None and not checkpoint else None
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint if settings.resume and checkpoint else None)
+    wall = time.perf_counter() - started
+    after = trainer.evaluate()["eval_loss"] if heldout is not None else None
+    metrics = {
+        "train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "train_seconds": wall,
+        "heldout_ppl_before": math.exp(before) if before is not None else None,
+        "heldout_ppl_after": math.exp(after) if after is not None else None,
+        "heldout_tokens": heldout.num_rows * settings.block_size if heldout is not None else 0,
+    }
+    partial = out / ".model.partial"
+    trainer.save_model(str(partial))  # on every process: DeepSpeed / FSDP gather the weights here
+    if trainer.is_world_process_zero():
+        source_record = read_record(settings.model) or {}
+        record = provenance(command, to_dict(settings), student=settings.model,
+                            kept_layers=source_record.get("kept_layers"), teacher=source_record.get("teacher"),
+                            origin=source_record or None, metrics=metrics, **(extra_record or {}))
+        (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; lmshrink.json has the settings
+        write_json(partial / RECORD, record)
+        publish(partial, out / "model")
+        write_json(out / RECORD, record)
+        print(f"{command}: {metrics['steps']} steps, {metrics['tokens_seen']:,} tokens in {wall:.0f}s; "
+              f"held-out perplexity {metrics['heldout_ppl_before'] or float('nan'):.2f} -> "
+              f"{metrics['heldout_ppl_after'] or float('nan'):.2f}; model in {out / 'model'}")
+    return metrics
