@@ -231,7 +231,7 @@ class LMTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
             for name, values in self._parts.items():
-                logs[name] = round(sum(values) / len(values), 4)
+                logs[name] = sum(values) / len(values)
             self._parts = {}
             now, seen = time.perf_counter(), self.state.num_input_tokens_seen
             if self._clock is not None and now > self._clock[0]:

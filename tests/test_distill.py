@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file
+
+from lmshrink.cli import main
+from lmshrink.config import SettingsError, build
+from lmshrink.distill import DistillSettings, check_vocabularies, layer_pairs
+
+TINY = ["--block-size", "64", "--batch-size", "2", "--logging-steps", "2", "--report-to", "none"]
+DATA = ["--data", "python-docs/tutorial", "--heldout", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def student(tiny_gpt2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("students") / "keep-0-2"
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--keep", "0,2"]) == 0
+    return out
+
+
+def metrics_lines(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_distill_recipe_end_to_end(student, tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out),
+                 *DATA, *TINY, "--max-steps", "4", "--layer-map", "kept", "--alpha-inter", "1"]) == 0
+    record = json.loads((out / "model" / "lmshrink.json").read_text())
+    assert record["kept_layers"] == [0, 2] and record["distill_teacher"] == str(tiny_gpt2_dir)
+    assert record["settings"]["lr"] == 2.5e-4 and record["settings"]["temperature"] == 2.0  # DistilGPT-2 defaults
+    logged = [line for line in metrics_lines(out) if "loss" in line][-1]
+    assert {"ce", "kd", "cos", "inter", "tokens_per_s"} <= set(logged)
+    # the teacher is frozen: its weights are untouched
+    teacher = T.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    original = load_file(tiny_gpt2_dir / "model.safetensors")
+    assert torch.equal(teacher.state_dict()["transformer.h.3.mlp.c_fc.weight"], original["transformer.h.3.mlp.c_fc.weight"])
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "gjsd", "skew_kl", "tv"])
+def test_every_kd_loss_trains(student, tiny_gpt2_dir, tmp_path, loss):
+    out = tmp_path / loss
+    assert main(["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out),
+                 *DATA, *TINY, "--max-steps", "2", "--loss", loss, "--layer-map", "rail", "--alpha-inter", "0.5",
+                 "--inter-loss", "cosine"]) == 0
+    logged = [line for line in metrics_lines(out) if "loss" in line][-1]
+    assert logged["kd"] > 0 and logged["inter"] > 0
+
+
+def test_cached_teacher_trains_without_the_teacher(student, tiny_gpt2_dir, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["cache-teacher", "--teacher", str(tiny_gpt2_dir), "--output", str(cache), *DATA, "--block-size", "64",
+            "--max-tokens", "2048", "--shard-blocks", "8", "--top-k", "8"]
+    assert main(args) == 0
+    meta = json.loads((cache / "cache.json").read_text())
+    assert meta["complete"] and meta["layout"]["blocks"] == 32
+    assert meta["bytes_per_token"] < 4 + 6 * 8 + 8  # input id + k x (int32 id + fp16 log-prob) + header
+    # resumable: a lost shard is recomputed, finished ones are kept as they are
+    kept_shard = cache / "shard-00000.safetensors"
+    before = kept_shard.stat().st_mtime_ns
+    lost = load_file(cache / "shard-00002.safetensors")
+    (cache / "shard-00002.safetensors").unlink()
+    assert main(args) == 0
+    assert kept_shard.stat().st_mtime_ns == before
+    again = load_file(cache / "shard-00002.safetensors")
+    assert torch.equal(again["top_idx"], lost["top_idx"]) and torch.equal(again["input_ids"], lost["input_ids"])
+
+    out = tmp_path / "run"
+    assert main(["distill", "--model", str(student), "--teacher-cache", str(cache), "--output", str(out), *TINY,
+                 "--max-steps", "3", "--alpha-cos", "0"]) == 0
+    record = json.loads((out / "lmshrink.json").read_text())
+    assert record["distill_teacher"] == str(tiny_gpt2_dir) and record["metrics"]["heldout_ppl_after"] > 1
+    assert [line for line in metrics_lines(out) if "loss" in line][-1]["kd"] > 0
+
+
+def test_cache_misuse_is_explained(student, tiny_gpt2_dir, tmp_path, capsys):
+    assert main(["distill", "--model", str(student), "--teacher-cache", str(tmp_path), "--output",
+                 str(tmp_path / "r"), *TINY, "--alpha-cos", "0"]) == 2
+    assert "not a teacher cache" in capsys.readouterr().err
+    with pytest.raises(SettingsError, match="alpha-cos 0"):
+        build(DistillSettings, {"model": "m", "output": "o", "teacher_cache": "c"})
+
+
+def test_tokenizer_mismatch_is_refused_and_padding_is_fine(gpt2_tokenizer):
+    other = T.AutoTokenizer.from_pretrained(gpt2_tokenizer.name_or_path)
+    other.add_tokens(["<new>"])
+    small, padded = T.GPT2Config(vocab_size=50257), T.GPT2Config(vocab_size=50304)
+    with pytest.raises(SettingsError, match="tokenizers differ"):
+        check_vocabularies(gpt2_tokenizer, other, small, small)
+    assert check_vocabularies(gpt2_tokenizer, gpt2_tokenizer, padded, small) == 50257
+
+
+def test_padded_student_vocabulary_distils(tiny_gpt2_dir, gpt2_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    padded = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=256, vocab_size=50304))
+    padded.save_pretrained(tmp_path / "padded")
+    gpt2_tokenizer.save_pretrained(tmp_path / "padded")
+    assert main(["distill", "--model", str(tmp_path / "padded"), "--teacher", str(tiny_gpt2_dir), "--output",
+                 str(tmp_path / "run"), *DATA, *TINY, "--max-steps", "2"]) == 0
+
+
+def test_layer_maps():
+    rng = random.Random(0)
+    assert layer_pairs("uniform", 4, 12, None, rng) == [(1, 3), (2, 6), (3, 9)]
+    assert layer_pairs("kept", 3, 12, [0, 5, 11], rng) == [(1, 1), (2, 6)]
+    assert layer_pairs("1:2,2:4", 3, 6, None, rng) == [(1, 2), (2, 4)]
+    draws = {tuple(layer_pairs("rail", 4, 12, None, rng)) for _ in range(50)}
+    assert len(draws) > 10  # a different mapping most steps
+    for pairs in draws:
+        teacher_layers = [t for _, t in pairs]
+        assert teacher_layers == sorted(set(teacher_layers)) and 1 <= teacher_layers[0] and teacher_layers[-1] < 12
+    with pytest.raises(SettingsError, match="out of range"):
+        layer_pairs("1:20", 3, 12, None, rng)
+
+
+def test_distill_settings_are_checked():
+    with pytest.raises(SettingsError) as err:
+        build(DistillSettings, {"model": "m", "output": "o", "data": ["x"], "loss": "kl", "layer_map": "zigzag",
+                                "alpha_inter": 1.0, "temperature": 0})
+    message = str(err.value)
+    assert "loss" in message and "layer_map" in message and "temperature" in message

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmshrink.cli import main
+from lmshrink.config import SettingsError, build
+from lmshrink.pretrain import PretrainSettings
+from lmshrink.pretrain import run as pretrain
+from lmshrink.training import LMTrainer
+
+TINY_RUN = ["--data", "python-docs/tutorial", "--heldout", "0.2", "--block-size", "64", "--batch-size", "2",
+            "--logging-steps", "2", "--lr", "1e-3"]
+
+
+def run_args(model, out, *extra):
+    return ["pretrain", "--model", str(model), "--output", str(out), *TINY_RUN, *extra]
+
+
+def test_pretrain_end_to_end(tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(run_args(tiny_gpt2_dir, out, "--max-steps", "6", "--save-steps", "3")) == 0
+    record = json.loads((out / "model" / "lmshrink.json").read_text())
+    metrics = record["metrics"]
+    assert metrics["steps"] == 6 and metrics["tokens_seen"] == 6 * 2 * 64
+    assert metrics["heldout_ppl_after"] < metrics["heldout_ppl_before"]  # lr 1e-3 on a random model: it learns
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in train_lines] == [2, 4, 6] and "tokens_per_s" in train_lines[-1]
+    assert any(f.name.startswith("events.out.tfevents") for f in (out / "tensorboard").rglob("*"))
+    assert (out / "checkpoints" / "checkpoint-6").is_dir()
+    assert not (out / "model" / "training_args.bin").exists()  # no pickles in the model folder
+    # the trained weights differ from the start and reload
+    start = load_file(tiny_gpt2_dir / "model.safetensors")
+    end = load_file(out / "model" / "model.safetensors")
+    assert not torch.equal(start["transformer.h.0.attn.c_attn.weight"], end["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_token_budget_sets_the_steps(tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(run_args(tiny_gpt2_dir, out, "--max-tokens", "600", "--report-to", "none")) == 0
+    assert json.loads((out / "lmshrink.json").read_text())["metrics"]["steps"] == 5  # ceil(600 / 128)
+
+
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_gpt2_dir, tmp_path, monkeypatch):
+    common = dict(model=str(tiny_gpt2_dir), data=["python-docs/tutorial"], heldout=0.2, block_size=64,
+                  batch_size=2, max_steps=8, save_steps=4, lr=1e-3, report_to=["none"], seed=3)
+    pretrain(build(PretrainSettings, {**common, "output": str(tmp_path / "straight")}))
+
+    original = LMTrainer.training_step
+
+    def dies_at_step_6(self, *args, **kwargs):
+        if self.state.global_step == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LMTrainer, "training_step", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(build(PretrainSettings, {**common, "output": str(tmp_path / "resumed")}))
+    monkeypatch.setattr(LMTrainer, "training_step", original)
+    assert not (tmp_path / "resumed" / "model").exists()
+    with pytest.raises(SettingsError, match="--resume"):  # refuses to silently start over
+        pretrain(build(PretrainSettings, {**common, "output": str(tmp_path / "resumed")}))
+    pretrain(build(PretrainSettings, {**common, "output": str(tmp_path / "resumed"), "resume": True}))
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_two_process_cpu_run(tiny_gpt2_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo DDP) completes and writes one model."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "lmshrink", *run_args(tiny_gpt2_dir, out, "--max-steps", "3", "--report-to", "none")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "lmshrink.json").read_text())["metrics"]
+    assert metrics["tokens_seen"] == 2 * 3 * 2 * 64  # both processes' batches counted
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_bad_training_settings(tmp_path):
+    with pytest.raises(SettingsError) as err:
+        build(PretrainSettings, {"model": "m", "output": "o", "precision": "fp8", "warmup": 2, "batch_size": 0})
+    assert "precision" in str(err.value) and "warmup" in str(err.value) and "batch_size" in str(err.value)
+    with pytest.raises(SettingsError, match="data: give at least one"):
+        build(PretrainSettings, {"model": "m", "output": "o"})
+
+
+def test_block_longer_than_the_context_is_refused(tiny_gpt2_dir, tmp_path, capsys):
+    assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--output", str(tmp_path / "r"), "--data",
+                 "python-docs/tutorial", "--block-size", "512", "--max-steps", "1"]) == 2
+    assert "context of 256" in capsys.readouterr().err
