@@ -63,3 +63,15 @@ def test_hub_dataset_path_streams_a_local_dataset(tmp_path, gpt2_tokenizer):
     (folder / "train.jsonl").write_text(json.dumps({"text": "unused"}) + "\n")
     assert list(documents(f"hf:{folder}::test")) == ["Hello world"]
     assert token_stream(f"hf:{folder}", gpt2_tokenizer).tolist()[:1] == gpt2_tokenizer("unused")["input_ids"][:1]
+
+
+def test_training_sources_refuse_bad_files_by_name(tmp_path):
+    from lmshrink.data import text_dataset
+
+    (tmp_path / "good.txt").write_text("fine text")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(DataError, match="bad.txt is not UTF-8"):
+        text_dataset([str(tmp_path)])
+    (tmp_path / "bad.txt").unlink()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "a record"}) + "\n")
+    assert sorted(text_dataset([str(tmp_path)])["text"]) == ["a record", "fine text"]

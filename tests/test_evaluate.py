@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from lmshrink.cli import main
-from lmshrink.evaluate import count_parameters, perplexity, sliding_nll, speed, weight_bytes, windows
+from lmshrink.evaluate import (
+    count_parameters,
+    fresh_peak_memory,
+    perplexity,
+    sliding_nll,
+    speed,
+    weight_bytes,
+    windows,
+)
+from lmshrink.models import load
 
 
 def brute_force_nll(model, tokens, window, stride):
@@ -62,10 +71,17 @@ def test_parameters_count_tied_weights_once():
 def test_speed_report_measures():
     model = tiny_model("llama", 2)
     result = speed(model, batch=2, length=16, gen_tokens=4, repeats=2)
-    if sys.platform == "linux":  # peak = weights + activation high-water mark
-        assert result["peak_memory_mb"] >= weight_bytes(model) / 2**20
     assert result["latency_ms"] > 0 and result["tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
     assert math.isclose(result["tokens_per_s"], 2 * 16 / (result["latency_ms"] / 1000))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="CPU peak memory is read from /proc")
+def test_peak_memory_is_weights_plus_a_growing_activation_peak(tiny_gpt2_dir):
+    weights = weight_bytes(load(str(tiny_gpt2_dir)).model) / 2**20
+    small = fresh_peak_memory(str(tiny_gpt2_dir), 1, 16)
+    large = fresh_peak_memory(str(tiny_gpt2_dir), 16, 256)  # (16, 256, 50257) fp32 logits alone are 785 MB
+    assert weights <= small < large
+    assert large - weights > 700
 
 
 def test_eval_command_side_by_side(tiny_gpt2_dir, real_text, tmp_path):

@@ -10,6 +10,7 @@ Documents are joined with the tokenizer's EOS token, the usual packing for LM ev
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 from collections.abc import Iterator
@@ -30,6 +31,18 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path} looks binary (NUL bytes); give a UTF-8 text file")
     try:
         return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err}); convert it (e.g. `iconv -t utf-8`)") from None
+
+
+def _check_text_file(path: Path, probe: int = 1 << 16) -> None:
+    """Refuse a binary or non-UTF-8 file by its first 64 KiB, without reading all of a large corpus."""
+    with path.open("rb") as f:
+        head = f.read(probe)
+    if b"\x00" in head:
+        raise DataError(f"{path} looks binary (NUL bytes); give a UTF-8 text file")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < probe)
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err}); convert it (e.g. `iconv -t utf-8`)") from None
 
@@ -146,7 +159,7 @@ def text_dataset(sources: list[str], field: str = "text", streaming: bool = Fals
                     continue
                 if kind == "text":
                     for file in group:  # refuse binary / non-UTF-8 files with their name
-                        _read_text(file)
+                        _check_text_file(file)
                 extra = {"sample_by": "document"} if kind == "text" else {}
                 ds = load_dataset(kind, data_files=[str(f) for f in group], split="train",
                                   streaming=streaming, **extra)

@@ -8,11 +8,13 @@ source (the Linux kernel's process documentation); speed and size side by side.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmshrink.architectures import context_limit
 from lmshrink.config import check, setting, to_dict
 from lmshrink.evaluate import EvalSettings, evaluate_model, markdown_table, pick_device
 from lmshrink.records import provenance, save_figure, write_json, write_text
@@ -30,9 +32,15 @@ class DemoSettings:
     num_layers: int = setting(24, "depth of every student")
     strategies: list[str] = setting(["importance", "alt", "bottom"], f"students to build, from {', '.join(STRATEGIES)}")
     calib_data: str = setting("python-docs/library", "calibration text for the layer scores")
-    calib_tokens: int = setting(4096, "calibration tokens")
+    calib_tokens: int = setting(2048, "calibration tokens")
     heldout: list[str] = setting(["python-docs/tutorial", "kernel-docs/process"], "held-out text sources")
-    eval_tokens: int = setting(8192, "tokens of each held-out source")
+    eval_tokens: int = setting(4096, "tokens of each held-out source")
+    heal: bool = setting(True, "heal the importance-chosen student with KD and with the plain LM loss")
+    heal_data: str = setting("python-docs/library", "training text for healing")
+    heal_tokens: int = setting(16384, "token budget of each healing run (the same for KD and LM)")
+    heal_lr: float = setting(3e-4, "peak learning rate of the healing runs")
+    heal_block: int = setting(256, "tokens per healing sequence")
+    heal_batch: int = setting(4, "sequences per healing step")
     window: int = setting(512, "perplexity window")
     stride: int = setting(256, "perplexity stride")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
@@ -42,6 +50,8 @@ class DemoSettings:
                     for s in self.strategies if s not in STRATEGIES]
         if self.num_layers < 1:
             problems.append("num_layers: must be at least 1")
+        if self.heal and "importance" not in self.strategies:
+            problems.append("heal: healing starts from the importance student; add importance to --strategies or --no-heal")
         check(problems)
 
 
@@ -60,7 +70,7 @@ def _ppl_chart(rows: list[dict[str, Any]], path: Path) -> None:
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks([i + width * (len(sources) - 1) / 2 for i in range(len(rows))], [r["model"] for r in rows])
     ax.set_yscale("log")
-    ax.set(ylabel="held-out perplexity (log)", title="teacher vs truncated students, before any training")
+    ax.set(ylabel="held-out perplexity (log)", title="teacher, truncated students, and the importance student healed")
     ax.legend()
     save_figure(fig, path)
     plt.close(fig)
@@ -74,27 +84,35 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     teacher = load(settings.teacher)
     teacher.model.to(pick_device(settings.device))
     n = teacher.model.config.num_hidden_layers
-    print(f"[1/3] scoring the {n} blocks of {settings.teacher} on {settings.calib_data}")
-    rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, 512)
+    print(f"[1/{4 if settings.heal else 3}] scoring the {n} blocks of {settings.teacher} on {settings.calib_data}")
+    length = min(512, context_limit(teacher.model.config) or 512, settings.calib_tokens)
+    rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, length)
     scores = score(teacher.model, rows)
     write_json(out / "scores.json", provenance("score-layers", to_dict(settings), **scores))
     plot(scores, out / "scores.png", f"{settings.teacher}: block importance on {settings.calib_data}")
     teacher.model.cpu()
 
-    print(f"[2/3] building {n} -> {settings.num_layers} block students: {', '.join(settings.strategies)}")
+    steps = 4 if settings.heal else 3
+    print(f"[2/{steps}] building {n} -> {settings.num_layers} block students: {', '.join(settings.strategies)}")
     students = {}
     for strategy in settings.strategies:
         students[strategy] = truncate(TruncateSettings(
             output=str(out / f"student-{strategy}"), teacher=settings.teacher, strategy=strategy,
             num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True), teacher=teacher)
 
-    print(f"[3/3] evaluating on {', '.join(settings.heldout)}")
-    ev = EvalSettings(models=[settings.teacher, *map(str, students.values())], data=settings.heldout,
-                      output=str(out), max_tokens=settings.eval_tokens, window=settings.window,
-                      stride=settings.stride, device=settings.device)
+    healed = heal(settings, students["importance"]) if settings.heal else {}
+
+    print(f"[{4 if settings.heal else 3}/{4 if settings.heal else 3}] evaluating on {', '.join(settings.heldout)}")
+    ev = EvalSettings(models=[settings.teacher], data=settings.heldout, output=str(out),
+                      max_tokens=settings.eval_tokens, window=settings.window, stride=settings.stride,
+                      device=settings.device)
     streams: dict = {}
     table = [evaluate_model(settings.teacher, ev, label="teacher", streams=streams)]
     table += [evaluate_model(str(path), ev, label=name, streams=streams) for name, path in students.items()]
+    for name, run in healed.items():
+        row = evaluate_model(str(run["model"]), ev, label=name, streams=streams)
+        row["heal"] = {k: v for k, v in run.items() if k != "model"}
+        table.append(row)
     _ppl_chart(table, out / "perplexity.png")
     elapsed = time.perf_counter() - started
     report = _report(settings, scores, table, elapsed)
@@ -106,15 +124,45 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     return {"rows": table, "scores": scores}
 
 
+def heal(settings: DemoSettings, student: Path) -> dict[str, dict[str, Any]]:
+    """Heal the student with KD and with the plain LM loss at the same token budget; time each."""
+    from lmshrink.distill import DistillSettings
+    from lmshrink.distill import run as distill
+    from lmshrink.pretrain import PretrainSettings
+    from lmshrink.pretrain import run as pretrain
+
+    out = Path(settings.output)
+    common = dict(model=str(student), data=[settings.heal_data], heldout=0.0, block_size=settings.heal_block,
+                  batch_size=settings.heal_batch, max_tokens=settings.heal_tokens, lr=settings.heal_lr,
+                  warmup=0.1, logging_steps=4, save_steps=10**6, report_to=["none"])
+    runs = {
+        "importance + KD": (DistillSettings, distill, {"teacher": settings.teacher}),
+        "importance + LM": (PretrainSettings, pretrain, {}),
+    }
+    healed = {}
+    for i, (name, (cls, function, extra)) in enumerate(runs.items()):
+        folder = out / ("healed-kd" if "KD" in name else "healed-lm")
+        print(f"[3/4] healing ({i + 1}/2) {name}: {settings.heal_tokens:,} tokens of {settings.heal_data}")
+        if folder.exists():
+            shutil.rmtree(folder)  # the demo starts its runs afresh
+        metrics = function(cls(output=str(folder), **common, **extra))
+        healed[name] = {"model": folder / "model", "train_seconds": metrics["train_seconds"],
+                        "tokens": metrics["tokens_seen"], "steps": metrics["steps"]}
+    return healed
+
+
 def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: float) -> str:
     n = scores["num_layers"]
     by_name = {row["model"]: row for row in table}
     lines = [
         f"# lmshrink demo: {settings.teacher}, {n} -> {settings.num_layers} blocks",
         "",
+        "Rows without '+' are the students as cut, before any training; '+ KD' and '+ LM' are the "
+        "importance student after healing (below).",
+        "",
         f"Layer scores on {scores['tokens']:,} tokens of `{settings.calib_data}`; perplexity on "
         f"{settings.eval_tokens:,} held-out tokens of each of {', '.join(f'`{h}`' for h in settings.heldout)} "
-        f"(window {settings.window}, stride {settings.stride}). No training: these are the students as cut.",
+        f"(window {settings.window}, stride {settings.stride}).",
         "",
         markdown_table(table, "(1x256)"),
         "",
@@ -122,19 +170,33 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         "|---|---|---|",
     ]
     for row in table[1:]:
+        if "heal" in row:
+            continue
         kept = row["kept_layers"] or []
         lines.append(f"| {row['model']} | {kept} | {[i for i in range(n) if i not in kept]} |")
     if "importance" in by_name and len(by_name) > 2:
         imp = by_name["importance"]["perplexity"]
         lines += ["", "## Does the choice of blocks matter?", ""]
         for source in settings.heldout:
-            others = ", ".join(f"{name} {row['perplexity'][source]:,.1f}" for name, row in by_name.items()
-                               if name not in ("importance", "teacher"))
-            ratio = min(row["perplexity"][source] for name, row in by_name.items()
-                        if name not in ("importance", "teacher")) / imp[source]
+            cut = {name: row for name, row in by_name.items()
+                   if name not in ("importance", "teacher") and "heal" not in row}
+            others = ", ".join(f"{name} {row['perplexity'][source]:,.1f}" for name, row in cut.items())
+            ratio = min(row["perplexity"][source] for row in cut.values()) / imp[source]
             lines.append(f"- `{source}`: importance-chosen student {imp[source]:,.1f} vs {others} "
                          f"(teacher {by_name['teacher']['perplexity'][source]:,.1f}); the best other "
                          f"strategy is {ratio:,.1f}x worse.")
+    healed = [row for row in table if "heal" in row]
+    if healed and "importance" in by_name:
+        before = by_name["importance"]["perplexity"]
+        lines += ["", "## Healing the importance-chosen student", "",
+                  f"Same student, same {healed[0]['heal']['tokens']:,} training tokens of `{settings.heal_data}` "
+                  f"(block {settings.heal_block}, batch {settings.heal_batch}, lr {settings.heal_lr:g}):", "",
+                  "| method | train wall time | " + " | ".join(f"ppl {h} before -> after" for h in settings.heldout) + " |",
+                  "|---|---|" + "---|" * len(settings.heldout)]
+        for row in healed:
+            cells = [f"{before[h]:,.1f} -> **{row['perplexity'][h]:,.1f}** ({row['perplexity'][h] / before[h] - 1:+.0%})"
+                     for h in settings.heldout]
+            lines.append(f"| {row['model']} | {row['heal']['train_seconds']:.0f} s | " + " | ".join(cells) + " |")
     order = sorted(range(n), key=lambda i: scores["block_influence"][i])
     lines += [
         "",

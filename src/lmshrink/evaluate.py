@@ -8,8 +8,10 @@ NLL (the first token of each chunk has no context and is not scored).
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -90,7 +92,8 @@ class PeakMemory:
     """Extra memory a block of code needs at its peak, beyond what was allocated when it started.
 
     CUDA: the allocator's peak. CPU: the process's resident-set high-water mark (Linux, where
-    /proc/self/clear_refs can reset it); None elsewhere.
+    /proc/self/clear_refs can reset it); None elsewhere. On CPU this is only meaningful in a
+    fresh process: memory freed earlier is re-used without raising the RSS (see `fresh_peak_memory`).
     """
 
     def __init__(self, device: torch.device):
@@ -164,9 +167,36 @@ def speed(model, batch: int, length: int, gen_tokens: int, repeats: int) -> dict
         "latency_ms": latency * 1000,
         "tokens_per_s": batch * length / latency,
         "generate_tokens_per_s": gen_tokens / statistics.median(gen_times),
-        # weights + the activation peak of the timed forward passes
-        "peak_memory_mb": (weight_bytes(model) + mem.extra_bytes) / 2**20 if mem.extra_bytes is not None else None,
+        # weights + the activation peak of the timed forward passes (CUDA; CPU: see fresh_peak_memory)
+        "peak_memory_mb": (weight_bytes(model) + mem.extra_bytes) / 2**20
+        if mem.extra_bytes is not None and device.type == "cuda" else None,
     }
+
+
+def peak_forward_memory(source: str, batch: int, length: int, dtype: str, trust_remote_code: bool) -> float | None:
+    """MB for weights + the activation peak of one forward pass, in this (fresh) process, on CPU."""
+    from lmshrink.models import load
+
+    model = load(source, dtype, trust_remote_code).model
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), PeakMemory(torch.device("cpu")) as mem:
+        model(input_ids=ids, use_cache=False)
+    return (weight_bytes(model) + mem.extra_bytes) / 2**20 if mem.extra_bytes is not None else None
+
+
+def fresh_peak_memory(source: str, batch: int, length: int, dtype: str = "float32",
+                      trust_remote_code: bool = False) -> float | None:
+    """`peak_forward_memory` measured in a new process, so earlier work in this one does not hide it."""
+    code = ("import json, sys; from lmshrink.evaluate import peak_forward_memory as f; "
+            "print('PEAK_MB', json.dumps(f(*json.loads(sys.argv[1]))))")
+    args = json.dumps([source, batch, length, dtype, trust_remote_code])
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=900)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("PEAK_MB ")]
+    if proc.returncode != 0 or not line:
+        print(f"[lmshrink] peak memory of {source} not measured: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(line[0].split(" ", 1)[1])
 
 
 def pick_device(name: str) -> torch.device:
@@ -246,6 +276,9 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
         row.setdefault("tokens", {})[source] = tokens.numel()
     if settings.speed:
         row.update(speed(model, settings.speed_batch, settings.speed_length, settings.gen_tokens, settings.repeats))
+        if device.type == "cpu":
+            row["peak_memory_mb"] = fresh_peak_memory(loaded.source, settings.speed_batch, settings.speed_length,
+                                                      settings.dtype, settings.trust_remote_code)
     return row
 
 

@@ -111,13 +111,14 @@ def kd_loss(div: Divergence, student_logits: torch.Tensor, teacher_logits: torch
 
 def _sparse_chunk(div: Divergence, temperature: float, s: torch.Tensor, top_idx: torch.Tensor,
                   top_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    log_ps_full = F.log_softmax(s.float() / temperature, dim=-1)
-    return (div(*_buckets(log_ps_full, top_idx, top_logp)) * mask).sum()
+    z = s.float() / temperature
+    # log p_s at the teacher's top-k: z[idx] - logsumexp(z); cheaper than a full log_softmax + gather
+    log_ps = z.gather(-1, top_idx.long()) - torch.logsumexp(z, dim=-1, keepdim=True)
+    return (div(*_buckets(log_ps, top_logp)) * mask).sum()
 
 
-def _buckets(log_ps_full: torch.Tensor, top_idx: torch.Tensor, top_logp: torch.Tensor):
+def _buckets(log_ps: torch.Tensor, top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher log-probs over k+1 buckets: the teacher's top-k tokens and the rest."""
-    log_ps = log_ps_full.gather(-1, top_idx.long())
     rest_s = torch.log1p(-log_ps.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
     top_logp = top_logp.float()
     rest_t = torch.log1p(-top_logp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))

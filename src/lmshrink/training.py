@@ -126,8 +126,8 @@ def training_arguments(settings: TrainSettings, **overrides: Any) -> TrainingArg
             report_to.remove("tensorboard")
             print("[lmshrink] tensorboard is not installed; logging to metrics.jsonl only")
     out = Path(settings.output)
-    # transformers 5 takes the TensorBoard folder from the environment
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    # transformers 5 takes the TensorBoard folder from the environment; each run logs in its own folder
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     kwargs: dict[str, Any] = dict(
         output_dir=str(out / "checkpoints"),
         num_train_epochs=settings.epochs,
