@@ -100,3 +100,31 @@ def test_block_longer_than_the_context_is_refused(tiny_gpt2_dir, tmp_path, capsy
     assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--output", str(tmp_path / "r"), "--data",
                  "python-docs/tutorial", "--block-size", "512", "--max-steps", "1"]) == 2
     assert "context of 256" in capsys.readouterr().err
+
+
+def test_parquet_and_streamed_sources(tiny_gpt2_dir, tmp_path):
+    """Parquet files train like text; a streamed dataset (hf: code path, local folder) needs a step budget."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmshrink.assets import corpus_path
+
+    texts = [p.read_text() for p in sorted(corpus_path("python-docs/tutorial").glob("*.txt"))]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet")
+    out = tmp_path / "parquet"
+    assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--output", str(out), "--data",
+                 str(tmp_path / "docs.parquet"), "--heldout", "0.2", "--block-size", "64", "--batch-size", "2",
+                 "--max-steps", "2", "--report-to", "none"]) == 0
+    assert json.loads((out / "lmshrink.json").read_text())["metrics"]["steps"] == 2
+
+    hub_like = tmp_path / "hub_like"
+    hub_like.mkdir()
+    pq.write_table(pa.table({"text": texts}), hub_like / "train.parquet")
+    with pytest.raises(SettingsError, match="max-steps or --max-tokens"):
+        build(PretrainSettings, {"model": "m", "output": "o", "data": [f"hf:{hub_like}"], "streaming": True,
+                                 "eval_data": ["x"]})
+    out = tmp_path / "streamed"
+    assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--output", str(out), "--data", f"hf:{hub_like}",
+                 "--streaming", "--eval-data", "kernel-docs/process/howto.rst.txt", "--block-size", "64",
+                 "--batch-size", "2", "--max-steps", "3", "--report-to", "none"]) == 0
+    assert json.loads((out / "lmshrink.json").read_text())["metrics"]["tokens_seen"] == 3 * 2 * 64

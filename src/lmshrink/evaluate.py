@@ -180,8 +180,10 @@ def peak_forward_memory(source: str, batch: int, length: int, dtype: str, trust_
     model = load(source, dtype, trust_remote_code).model
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(), PeakMemory(torch.device("cpu")) as mem:
-        model(input_ids=ids, use_cache=False)
+    with torch.inference_mode():
+        model(input_ids=ids[:1, :1], use_cache=False)  # pages in memory-mapped weights before measuring
+        with PeakMemory(torch.device("cpu")) as mem:
+            model(input_ids=ids, use_cache=False)
     return (weight_bytes(model) + mem.extra_bytes) / 2**20 if mem.extra_bytes is not None else None
 
 
