@@ -52,8 +52,12 @@ def gguf_to_folder(gguf: Path) -> Path:
 
     from lmshrink.records import save_atomically
 
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # keyed by content, so every install of the same file (each venv, each clone) shares one copy
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    key = digest.hexdigest()[:12]
     folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
