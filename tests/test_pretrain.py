@@ -34,7 +34,8 @@ def test_pretrain_end_to_end(tiny_gpt2_dir, tmp_path):
     train_lines = [line for line in lines if "loss" in line]
     assert [line["step"] for line in train_lines] == [2, 4, 6] and "tokens_per_s" in train_lines[-1]
     assert any(f.name.startswith("events.out.tfevents") for f in (out / "tensorboard").rglob("*"))
-    assert (out / "checkpoints" / "checkpoint-6").is_dir()
+    checkpoint = json.loads((out / "checkpoints" / "checkpoint-6" / "lmshrink.json").read_text())
+    assert checkpoint["step"] == 6 and checkpoint["settings"]["max_steps"] == 6  # each checkpoint describes itself
     assert not (out / "model" / "training_args.bin").exists()  # no pickles in the model folder
     # the trained weights differ from the start and reload
     start = load_file(tiny_gpt2_dir / "model.safetensors")

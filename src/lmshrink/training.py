@@ -213,6 +213,19 @@ class MetricsFile(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
+class RecordCheckpoints(TrainerCallback):
+    """Writes the run's settings as lmshrink.json into every checkpoint, so each folder describes itself."""
+
+    def __init__(self, record: dict[str, Any]):
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json(folder / RECORD, {**self.record, "step": state.global_step})
+
+
 class LMTrainer(Trainer):
     """A Trainer whose progress lines carry the loss parts and tokens/s."""
 
@@ -259,9 +272,12 @@ def train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], m
     args = training_arguments(settings)
     if settings.gradient_checkpointing:
         model.config.use_cache = False
+    source_record = read_record(settings.model) or {}
+    base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
+                       teacher=source_record.get("teacher"), origin=source_record or None, **(extra_record or {}))
+    callbacks = [MetricsFile(out / "metrics.jsonl"), RecordCheckpoints(provenance(command, to_dict(settings), **base_record))]
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=heldout,
-                          data_collator=collate, processing_class=tokenizer,
-                          callbacks=[MetricsFile(out / "metrics.jsonl")], **trainer_kwargs)
+                          data_collator=collate, processing_class=tokenizer, callbacks=callbacks, **trainer_kwargs)
     before = trainer.evaluate()["eval_loss"] if heldout is not None and not checkpoint else None
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint if settings.resume and checkpoint else None)
@@ -279,10 +295,7 @@ def train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], m
     partial = out / ".model.partial"
     trainer.save_model(str(partial))  # on every process: DeepSpeed / FSDP gather the weights here
     if trainer.is_world_process_zero():
-        source_record = read_record(settings.model) or {}
-        record = provenance(command, to_dict(settings), student=settings.model,
-                            kept_layers=source_record.get("kept_layers"), teacher=source_record.get("teacher"),
-                            origin=source_record or None, metrics=metrics, **(extra_record or {}))
+        record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
         (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; lmshrink.json has the settings
         write_json(partial / RECORD, record)
         publish(partial, out / "model")
