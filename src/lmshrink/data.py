@@ -25,26 +25,25 @@ class DataError(ValueError):
     pass
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+def _decode(path: Path, raw: bytes, final: bool = True) -> str:
+    """UTF-8 text of a file's bytes, or a DataError naming the file and the fix."""
     if b"\x00" in raw[:8192]:
         raise DataError(f"{path} looks binary (NUL bytes); give a UTF-8 text file")
     try:
-        return raw.decode("utf-8")
+        return codecs.getincrementaldecoder("utf-8")().decode(raw, final=final)
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err}); convert it (e.g. `iconv -t utf-8`)") from None
+
+
+def _read_text(path: Path) -> str:
+    return _decode(path, path.read_bytes())
 
 
 def _check_text_file(path: Path, probe: int = 1 << 16) -> None:
     """Refuse a binary or non-UTF-8 file by its first 64 KiB, without reading all of a large corpus."""
     with path.open("rb") as f:
         head = f.read(probe)
-    if b"\x00" in head:
-        raise DataError(f"{path} looks binary (NUL bytes); give a UTF-8 text file")
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < probe)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err}); convert it (e.g. `iconv -t utf-8`)") from None
+    _decode(path, head, final=len(head) < probe)
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
@@ -62,23 +61,38 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
             yield str(record[field])
 
 
+def parse_hub(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG][:SPLIT]` -> (name, config or None, split, default train)."""
+    name, config, split = (spec.split(":", 3)[1:] + [None, None])[:3]
+    return name, config or None, split or "train"
+
+
+def resolve_path(source: str) -> Path:
+    """A local source: a path, or a fetched corpus name (e.g. `python-docs/tutorial`) when no such path exists."""
+    from lmshrink.assets import CORPORA, corpus_path
+
+    if source.split("/")[0] in CORPORA and not Path(source).exists():
+        return corpus_path(source)
+    return Path(source)
+
+
 def _hub(spec: str, field: str) -> Iterator[str]:
     from datasets import load_dataset
 
-    name, config, split = (spec.split(":", 3)[1:] + [None, None])[:3]
-    dataset = load_dataset(name, config or None, split=split or "train", streaming=True)
+    name, config, split = parse_hub(spec)
+    dataset = load_dataset(name, config, split=split, streaming=True)
     for record in dataset:
         yield str(record[field])
 
 
 def documents(source: str, field: str = "text") -> Iterator[str]:
     """Yield the documents of a source (see the module docstring for the forms)."""
-    from lmshrink.assets import CORPORA, corpus_path
+    from lmshrink.assets import CORPORA
 
     if source.startswith("hf:"):
         yield from _hub(source, field)
         return
-    path = corpus_path(source) if source.split("/")[0] in CORPORA and not Path(source).exists() else Path(source)
+    path = resolve_path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.name.endswith(".jsonl.gz")))
         if not files:
@@ -135,15 +149,13 @@ def text_dataset(sources: list[str], field: str = "text", streaming: bool = Fals
     """
     from datasets import concatenate_datasets, interleave_datasets, load_dataset
 
-    from lmshrink.assets import CORPORA, corpus_path
-
     parts = []
     for source in sources:
         if source.startswith("hf:"):
-            name, config, split = (source.split(":", 3)[1:] + [None, None])[:3]
-            ds = load_dataset(name, config or None, split=split or "train", streaming=streaming)
+            name, config, split = parse_hub(source)
+            ds = load_dataset(name, config, split=split, streaming=streaming)
         else:
-            path = corpus_path(source) if source.split("/")[0] in CORPORA and not Path(source).exists() else Path(source)
+            path = resolve_path(source)
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             if not path.exists():
                 raise DataError(f"{source!r} is not a file or folder (or hf:NAME[:CONFIG][:SPLIT], or a corpus name)")

@@ -138,12 +138,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def random_ids(model, batch: int, length: int) -> torch.Tensor:
+    """A fixed (batch, length) batch of random token ids on the model's device."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    return ids.to(next(model.parameters()).device)
+
+
 @torch.no_grad()
 def speed(model, batch: int, length: int, gen_tokens: int, repeats: int) -> dict[str, float | None]:
     """Forward latency and throughput at batch x length, greedy generation speed, peak memory."""
     device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = random_ids(model, batch, length)
     model(input_ids=ids[:, :8], use_cache=False)  # warm-up
     times = []
     with PeakMemory(device) as mem:
@@ -178,8 +184,7 @@ def peak_forward_memory(source: str, batch: int, length: int, dtype: str, trust_
     from lmshrink.models import load
 
     model = load(source, dtype, trust_remote_code).model
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    ids = random_ids(model, batch, length)
     with torch.inference_mode():
         model(input_ids=ids[:1, :1], use_cache=False)  # pages in memory-mapped weights before measuring
         with PeakMemory(torch.device("cpu")) as mem:

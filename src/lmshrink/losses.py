@@ -90,23 +90,27 @@ def _dense_chunk(div: Divergence, temperature: float, s: torch.Tensor, t: torch.
     return (div(log_ps, log_pt) * mask).sum()
 
 
+def _chunked_mean(chunk_sum: Callable[..., torch.Tensor], along_sequence: tuple[torch.Tensor, ...],
+                  mask: torch.Tensor, chunk: int) -> torch.Tensor:
+    """sum over chunks of `chunk_sum(*tensors[:, chunk], mask[:, chunk])` / masked positions.
+
+    Each chunk runs under activation checkpointing when gradients flow, so its fp32 softmax
+    intermediates are recomputed in backward instead of kept for the whole sequence.
+    """
+    total = along_sequence[0].new_zeros((), dtype=torch.float32)
+    mask = mask.float()
+    grad = along_sequence[0].requires_grad
+    for start in range(0, along_sequence[0].shape[1], chunk):
+        args = [x[:, start : start + chunk] for x in (*along_sequence, mask)]
+        total = total + (checkpoint(chunk_sum, *args, use_reentrant=False) if grad else chunk_sum(*args))
+    return total / mask.sum().clamp(min=1)
+
+
 def kd_loss(div: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
             temperature: float = 1.0, chunk: int = 128) -> torch.Tensor:
-    """Mean divergence over masked positions, logits (B, T, V), mask (B, T).
-
-    Computed `chunk` positions at a time under activation checkpointing, so the fp32 softmax
-    intermediates never exist for the whole (B, T, V) at once, in forward or backward.
-    """
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    mask = mask.float()
-    for start in range(0, student_logits.shape[1], chunk):
-        part = slice(start, start + chunk)
-        args = (student_logits[:, part], teacher_logits[:, part].detach(), mask[:, part])
-        if student_logits.requires_grad:
-            total = total + checkpoint(_dense_chunk, div, temperature, *args, use_reentrant=False)
-        else:
-            total = total + _dense_chunk(div, temperature, *args)
-    return total / mask.sum().clamp(min=1)
+    """Mean divergence over masked positions, logits (B, T, V), mask (B, T), `chunk` positions at a time."""
+    return _chunked_mean(partial(_dense_chunk, div, temperature), (student_logits, teacher_logits.detach()),
+                         mask, chunk)
 
 
 def _sparse_chunk(div: Divergence, temperature: float, s: torch.Tensor, top_idx: torch.Tensor,
@@ -128,16 +132,7 @@ def _buckets(log_ps: torch.Tensor, top_logp: torch.Tensor) -> tuple[torch.Tensor
 def sparse_kd_loss(div: Divergence, student_logits: torch.Tensor, top_idx: torch.Tensor, top_logp: torch.Tensor,
                    mask: torch.Tensor, temperature: float = 1.0, chunk: int = 128) -> torch.Tensor:
     """`kd_loss` against a cached teacher: its top-k log-probs (at `temperature`) and their indices (B, T, k)."""
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    mask = mask.float()
-    for start in range(0, student_logits.shape[1], chunk):
-        part = slice(start, start + chunk)
-        args = (student_logits[:, part], top_idx[:, part], top_logp[:, part], mask[:, part])
-        if student_logits.requires_grad:
-            total = total + checkpoint(_sparse_chunk, div, temperature, *args, use_reentrant=False)
-        else:
-            total = total + _sparse_chunk(div, temperature, *args)
-    return total / mask.sum().clamp(min=1)
+    return _chunked_mean(partial(_sparse_chunk, div, temperature), (student_logits, top_idx, top_logp), mask, chunk)
 
 
 def cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
