@@ -62,13 +62,14 @@ def _ppl_chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sources = list(rows[0]["perplexity"])
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(max(8, 1.5 * len(rows)), 4))
     width = 0.8 / len(sources)
     for j, source in enumerate(sources):
         values = [row["perplexity"][source] for row in rows]
         bars = ax.bar([i + j * width for i in range(len(rows))], values, width, label=source)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks([i + width * (len(sources) - 1) / 2 for i in range(len(rows))], [r["model"] for r in rows])
+    labels = [r["model"].replace(" + ", "\n+ ") for r in rows]
+    ax.set_xticks([i + width * (len(sources) - 1) / 2 for i in range(len(rows))], labels)
     ax.set_yscale("log")
     ax.set(ylabel="held-out perplexity (log)", title="teacher, truncated students, and the importance student healed")
     ax.legend()
