@@ -1,8 +1,10 @@
 """Cost per training step of the three ways to heal a student, measured in one run.
 
 CLM-only (`lmshrink pretrain`), online KD (`lmshrink distill`, teacher in memory) and cached
-KD (`lmshrink distill --teacher-cache`, teacher top-k read from disk), on the same student,
-data, block size and batch. Each mode runs in its own process, so its peak memory is its own.
+KD (`lmshrink distill --teacher-cache`, teacher top-k read from disk) at the DistilGPT-2
+temperature T = 2 and at T = 1 (where the KD term re-uses the CE loss's softmax), on the same
+student, data, block size and batch. Each mode runs in its own process, so its peak memory is
+its own.
 
     python bench/heal_speed.py --steps 10 --block-size 256 --batch-size 4 --output runs/bench-heal
 """
@@ -59,14 +61,19 @@ def main() -> None:
     shape = ["--block-size", str(args.block_size), "--batch-size", str(args.batch_size), "--max-steps",
              str(args.steps), "--logging-steps", "1", "--report-to", "none", "--heldout", "0", "--seed", "0"]
     tokens = args.steps * args.block_size * args.batch_size
-    cache = out / "cache"
-    cache_run = lmshrink("cache-teacher", "--teacher", args.teacher, "--data", args.data, "--output", str(cache),
-                         "--block-size", str(args.block_size), "--max-tokens", str(tokens), "--top-k",
-                         str(args.top_k), "--heldout", "0")
+    caches, cache_runs = {}, {}
+    for temperature in ("2", "1"):
+        caches[temperature] = out / f"cache-t{temperature}"
+        cache_runs[temperature] = lmshrink(
+            "cache-teacher", "--teacher", args.teacher, "--data", args.data, "--output", str(caches[temperature]),
+            "--block-size", str(args.block_size), "--max-tokens", str(tokens), "--top-k", str(args.top_k),
+            "--heldout", "0", "--temperature", temperature)
     runs = {
         "clm": ["pretrain", "--model", str(student), "--data", args.data],
         "online_kd": ["distill", "--model", str(student), "--teacher", args.teacher, "--data", args.data],
-        "cached_kd": ["distill", "--model", str(student), "--teacher-cache", str(cache), "--alpha-cos", "0"],
+        "cached_kd": ["distill", "--model", str(student), "--teacher-cache", str(caches["2"]), "--alpha-cos", "0"],
+        "cached_kd_t1": ["distill", "--model", str(student), "--teacher-cache", str(caches["1"]), "--alpha-cos", "0",
+                         "--temperature", "1"],
     }
     results = {}
     for name, command in runs.items():
@@ -82,8 +89,8 @@ def main() -> None:
     for r in results.values():
         r["step_time_vs_clm"] = r["step_s"] / base["step_s"]
         r["memory_vs_clm"] = r["peak_rss_mb"] / base["peak_rss_mb"]
-    cache_meta = json.loads((cache / "cache.json").read_text())
-    report = {"settings": vars(args), "results": results, "cache_seconds": cache_run["wall_s"],
+    cache_meta = json.loads((caches["2"] / "cache.json").read_text())
+    report = {"settings": vars(args), "results": results, "cache_seconds": cache_runs["2"]["wall_s"],
               "cache_bytes_per_token": cache_meta["bytes_per_token"]}
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     print("\n| mode | tokens/s | s/step | step time vs CLM | peak RSS MB | memory vs CLM |")
@@ -91,7 +98,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['step_time_vs_clm']:.2f}x | "
               f"{r['peak_rss_mb']:.0f} | {r['memory_vs_clm']:.2f}x |")
-    print(f"\nteacher cache: {cache_meta['bytes_per_token']:.0f} bytes/token, built in {cache_run['wall_s']:.0f}s")
+    print(f"\nteacher cache: {cache_meta['bytes_per_token']:.0f} bytes/token, built in {cache_runs['2']['wall_s']:.0f}s")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,20 @@ def test_cached_teacher_trains_without_the_teacher(student, tiny_gpt2_dir, tmp_p
     assert [line for line in metrics_lines(out) if "loss" in line][-1]["kd"] > 0
 
 
+def test_cached_teacher_at_temperature_one_shares_the_softmax(student, tiny_gpt2_dir, tmp_path, capsys):
+    cache = tmp_path / "cache-t1"
+    assert main(["cache-teacher", "--teacher", str(tiny_gpt2_dir), "--output", str(cache), *DATA, "--block-size", "64",
+                 "--max-tokens", "1024", "--top-k", "8", "--temperature", "1"]) == 0
+    out = tmp_path / "run"
+    assert main(["distill", "--model", str(student), "--teacher-cache", str(cache), "--output", str(out), *TINY,
+                 "--max-steps", "2", "--alpha-cos", "0"]) == 2  # the default T = 2 does not match the cache
+    assert "--temperature 1.0" in capsys.readouterr().err
+    assert main(["distill", "--model", str(student), "--teacher-cache", str(cache), "--output", str(out), *TINY,
+                 "--max-steps", "2", "--alpha-cos", "0", "--temperature", "1"]) == 0
+    logged = [line for line in metrics_lines(out) if "loss" in line][-1]
+    assert logged["kd"] > 0 and logged["ce"] > 0
+
+
 def test_cache_misuse_is_explained(student, tiny_gpt2_dir, tmp_path, capsys):
     assert main(["distill", "--model", str(student), "--teacher-cache", str(tmp_path), "--output",
                  str(tmp_path / "r"), *TINY, "--alpha-cos", "0"]) == 2

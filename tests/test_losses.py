@@ -122,3 +122,16 @@ def test_hidden_losses():
 def test_unknown_loss_lists_the_known_ones():
     with pytest.raises(ValueError, match="known: forward_kl, reverse_kl, gjsd, skew_kl, tv"):
         divergence("wasserstein")
+
+
+def test_sparse_kd_from_shared_log_probs_equals_the_separate_computation(logits):
+    from lmshrink.losses import sparse_kd_from_log_probs
+
+    s, t = logits
+    mask = torch.ones(2, 5)
+    mask[0, :2] = 0
+    top_logp, top_idx = logp(t).topk(4, -1)
+    for name in ("forward_kl", "gjsd", "tv"):
+        div = divergence(name)
+        torch.testing.assert_close(sparse_kd_from_log_probs(div, logp(s), top_idx, top_logp, mask),
+                                   sparse_kd_loss(div, s, top_idx, top_logp, mask, 1.0))

@@ -17,9 +17,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lmshrink.config import SettingsError, check, setting
-from lmshrink.losses import DIVERGENCES, HIDDEN_LOSSES, divergence, kd_loss, sparse_kd_loss
+from lmshrink.losses import (
+    DIVERGENCES,
+    HIDDEN_LOSSES,
+    cosine_loss,
+    divergence,
+    kd_loss,
+    sparse_kd_from_log_probs,
+    sparse_kd_loss,
+)
 from lmshrink.training import LMTrainer, TrainSettings, causal_lm_loss, prepare_data, train
 
 LAYER_MAPS = ("none", "uniform", "kept", "rail")
@@ -134,24 +143,29 @@ class DistillTrainer(LMTrainer):
         ids, labels = inputs["input_ids"], inputs["labels"]
         want_hidden = s.alpha_cos > 0 or s.alpha_inter > 0
         outputs = model(input_ids=ids, output_hidden_states=want_hidden and model.training, use_cache=False)
-        ce = causal_lm_loss(outputs.logits, labels)
         if not model.training:  # held-out evaluation reports the plain LM loss (-> perplexity)
+            ce = causal_lm_loss(outputs.logits, labels)
             return (ce, outputs) if return_outputs else ce
-        logits = outputs.logits[..., : self.vocab]  # (B, T, V): padding rows dropped
         mask = torch.ones(ids.shape, device=ids.device)
-        if "teacher_idx" in inputs:  # cached teacher: top-k log-probs at the cache's temperature
-            kd = sparse_kd_loss(self.div, logits, inputs["teacher_idx"], inputs["teacher_logp"], mask,
-                                s.temperature, s.kd_chunk)
-            parts = {"kd": kd}
+        if "teacher_idx" in inputs and s.temperature == 1.0:
+            # T = 1: the KD term re-uses the CE's log-softmax: one full-vocabulary softmax, not two
+            log_p = F.log_softmax(outputs.logits.float(), dim=-1)  # (B, T, V)
+            ce = F.nll_loss(log_p[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            parts = {"kd": sparse_kd_from_log_probs(self.div, log_p, inputs["teacher_idx"], inputs["teacher_logp"],
+                                                    mask)}
+        elif "teacher_idx" in inputs:  # cached teacher: top-k log-probs at the cache's temperature
+            ce = causal_lm_loss(outputs.logits, labels)
+            parts = {"kd": sparse_kd_loss(self.div, outputs.logits[..., : self.vocab], inputs["teacher_idx"],
+                                          inputs["teacher_logp"], mask, s.temperature, s.kd_chunk)}
         else:
+            ce = causal_lm_loss(outputs.logits, labels)
+            logits = outputs.logits[..., : self.vocab]  # (B, T, V): padding rows dropped
             self.teacher.to(ids.device)
             with torch.no_grad():
                 t_out = self.teacher(input_ids=ids, output_hidden_states=want_hidden, use_cache=False)
             kd = kd_loss(self.div, logits, t_out.logits[..., : self.vocab], mask, s.temperature, s.kd_chunk)
             parts = {"kd": kd}
             if s.alpha_cos > 0:
-                from lmshrink.losses import cosine_loss
-
                 parts["cos"] = cosine_loss(outputs.hidden_states[-1], t_out.hidden_states[-1], mask)
             if s.alpha_inter > 0:
                 pairs = layer_pairs(s.layer_map, len(outputs.hidden_states) - 1, len(t_out.hidden_states) - 1,

@@ -135,6 +135,13 @@ def sparse_kd_loss(div: Divergence, student_logits: torch.Tensor, top_idx: torch
     return _chunked_mean(partial(_sparse_chunk, div, temperature), (student_logits, top_idx, top_logp), mask, chunk)
 
 
+def sparse_kd_from_log_probs(div: Divergence, log_ps: torch.Tensor, top_idx: torch.Tensor, top_logp: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+    """`sparse_kd_loss` at T = 1 from the student's full log-softmax (B, T, V), e.g. the one the CE loss computes."""
+    per_position = div(*_buckets(log_ps.gather(-1, top_idx.long()), top_logp))
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
 def cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of 1 - cos(h_s, h_t) over masked positions (DistilBERT / DistilGPT-2 alignment loss)."""
     cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float().detach(), dim=-1)
