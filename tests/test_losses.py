@@ -124,14 +124,18 @@ def test_unknown_loss_lists_the_known_ones():
         divergence("wasserstein")
 
 
-def test_sparse_kd_from_shared_log_probs_equals_the_separate_computation(logits):
-    from lmshrink.losses import sparse_kd_from_log_probs
+def test_shared_ce_and_sparse_kd_equal_the_separate_computations(logits):
+    from lmshrink.losses import ce_and_sparse_kd
 
     s, t = logits
+    labels = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(3))
+    labels[1, 2] = -100
     mask = torch.ones(2, 5)
     mask[0, :2] = 0
     top_logp, top_idx = logp(t).topk(4, -1)
+    expected_ce = F.cross_entropy(s[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     for name in ("forward_kl", "gjsd", "tv"):
         div = divergence(name)
-        torch.testing.assert_close(sparse_kd_from_log_probs(div, logp(s), top_idx, top_logp, mask),
-                                   sparse_kd_loss(div, s, top_idx, top_logp, mask, 1.0))
+        ce, kd = ce_and_sparse_kd(div, s, labels, top_idx, top_logp, mask)
+        torch.testing.assert_close(ce, expected_ce)
+        torch.testing.assert_close(kd, sparse_kd_loss(div, s, top_idx, top_logp, mask, 1.0))

@@ -17,16 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lmshrink.config import SettingsError, check, setting
 from lmshrink.losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,
+    ce_and_sparse_kd,
     cosine_loss,
     divergence,
     kd_loss,
-    sparse_kd_from_log_probs,
     sparse_kd_loss,
 )
 from lmshrink.training import LMTrainer, TrainSettings, causal_lm_loss, prepare_data, train
@@ -148,11 +147,10 @@ class DistillTrainer(LMTrainer):
             return (ce, outputs) if return_outputs else ce
         mask = torch.ones(ids.shape, device=ids.device)
         if "teacher_idx" in inputs and s.temperature == 1.0:
-            # T = 1: the KD term re-uses the CE's log-softmax: one full-vocabulary softmax, not two
-            log_p = F.log_softmax(outputs.logits.float(), dim=-1)  # (B, T, V)
-            ce = F.nll_loss(log_p[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-            parts = {"kd": sparse_kd_from_log_probs(self.div, log_p, inputs["teacher_idx"], inputs["teacher_logp"],
-                                                    mask)}
+            # T = 1: the KD term shares the CE's log-softmax: one full-vocabulary softmax, not two
+            ce, kd = ce_and_sparse_kd(self.div, outputs.logits, labels, inputs["teacher_idx"],
+                                      inputs["teacher_logp"], mask)
+            parts = {"kd": kd}
         elif "teacher_idx" in inputs:  # cached teacher: top-k log-probs at the cache's temperature
             ce = causal_lm_loss(outputs.logits, labels)
             parts = {"kd": sparse_kd_loss(self.div, outputs.logits[..., : self.vocab], inputs["teacher_idx"],

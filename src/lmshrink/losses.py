@@ -135,11 +135,21 @@ def sparse_kd_loss(div: Divergence, student_logits: torch.Tensor, top_idx: torch
     return _chunked_mean(partial(_sparse_chunk, div, temperature), (student_logits, top_idx, top_logp), mask, chunk)
 
 
-def sparse_kd_from_log_probs(div: Divergence, log_ps: torch.Tensor, top_idx: torch.Tensor, top_logp: torch.Tensor,
-                             mask: torch.Tensor) -> torch.Tensor:
-    """`sparse_kd_loss` at T = 1 from the student's full log-softmax (B, T, V), e.g. the one the CE loss computes."""
-    per_position = div(*_buckets(log_ps.gather(-1, top_idx.long()), top_logp))
-    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+def ce_and_sparse_kd(div: Divergence, logits: torch.Tensor, labels: torch.Tensor, top_idx: torch.Tensor,
+                     top_logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token CE and `sparse_kd_loss` at T = 1 from one log-softmax and one gather.
+
+    logits (B, T, V), labels (B, T) with -100 ignored, teacher top-k (B, T, k). The label of
+    position t is labels[t + 1]; the CE's and the KD's log-probs are picked together, so the
+    full-vocabulary work is that of a plain CE loss.
+    """
+    log_ps = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)  # (B, T)
+    valid = target != -100
+    picked = log_ps.gather(-1, torch.cat([target.clamp(min=0).unsqueeze(-1), top_idx.long()], dim=-1))
+    ce = -(picked[..., 0] * valid).sum() / valid.sum().clamp(min=1)
+    kd = (div(*_buckets(picked[..., 1:], top_logp)) * mask).sum() / mask.sum().clamp(min=1)
+    return ce, kd
 
 
 def cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
