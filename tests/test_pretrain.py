@@ -129,3 +129,9 @@ def test_parquet_and_streamed_sources(tiny_gpt2_dir, tmp_path):
                  "--streaming", "--eval-data", "kernel-docs/process/howto.rst.txt", "--block-size", "64",
                  "--batch-size", "2", "--max-steps", "3", "--report-to", "none"]) == 0
     assert json.loads((out / "lmshrink.json").read_text())["metrics"]["tokens_seen"] == 3 * 2 * 64
+
+
+def test_a_single_document_cannot_be_split(tiny_gpt2_dir, real_text, tmp_path, capsys):
+    assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--output", str(tmp_path / "r"), "--data",
+                 str(real_text), "--block-size", "64", "--max-steps", "1"]) == 2
+    assert "--eval-data" in capsys.readouterr().err

@@ -172,7 +172,11 @@ def prepare_data(settings: DataSettings, tokenizer) -> tuple[Any, Any]:
     if settings.eval_data:
         heldout_docs = text_dataset(settings.eval_data)
     elif settings.heldout > 0:
-        split = docs.train_test_split(test_size=settings.heldout, seed=settings.seed)
+        try:
+            split = docs.train_test_split(test_size=settings.heldout, seed=settings.seed)
+        except ValueError as err:  # e.g. one document cannot be split
+            raise DataError(f"cannot hold out {settings.heldout:.0%} of {docs.num_rows} document(s) ({err}); "
+                            "give --eval-data, more documents, or --heldout 0") from None
         docs, heldout_docs = split["train"], split["test"]
     else:
         heldout_docs = None
