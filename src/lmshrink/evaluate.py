@@ -272,9 +272,11 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
         "vocab": loaded.tokenizer.name_or_path,
         "perplexity": {},
     }
+    cache = streams if streams is not None else {}
+    # models with the same vocabulary (teacher and its students) share one tokenised stream
+    vocab_key = hash(frozenset(loaded.tokenizer.get_vocab().items()))
     for source in settings.data:
-        cache = streams if streams is not None else {}
-        key = (source, type(loaded.tokenizer).__name__, len(loaded.tokenizer))
+        key = (source, vocab_key)
         if key not in cache:
             cache[key] = token_stream(source, loaded.tokenizer, settings.max_tokens)
         tokens = cache[key]

@@ -276,7 +276,7 @@ def train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], m
     args = training_arguments(settings)
     if settings.gradient_checkpointing:
         model.config.use_cache = False
-    source_record = read_record(settings.model) or {}
+    source_record = read_record(model.name_or_path) or {}  # the loaded folder (GGUF / embedded names resolved)
     base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
                        teacher=source_record.get("teacher"), origin=source_record or None, **(extra_record or {}))
     callbacks = [MetricsFile(out / "metrics.jsonl"), RecordCheckpoints(provenance(command, to_dict(settings), **base_record))]
