@@ -8,6 +8,8 @@ from typing import Any
 
 from lmshrink import __version__
 from lmshrink.assets import AssetError, FetchSettings, fetch
+from lmshrink.clean import CleanSettings
+from lmshrink.clean import run as clean
 from lmshrink.config import SettingsError, from_args
 from lmshrink.data import DataError
 from lmshrink.demo import DemoSettings
@@ -27,6 +29,7 @@ from lmshrink.truncate import LayerSelectionError, TruncateSettings
 from lmshrink.truncate import run as truncate
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "clean": (CleanSettings, clean),
     "truncate": (TruncateSettings, truncate),
     "score-layers": (ScoreSettings, score_layers),
     "pretrain": (PretrainSettings, pretrain),

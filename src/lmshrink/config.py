@@ -23,8 +23,8 @@ class SettingsError(ValueError):
 
 def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
     """A documented dataclass field (`help` is shown by `lmshrink CMD --help`)."""
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
 
@@ -66,6 +66,12 @@ def _convert(name: str, tp: Any, value: Any) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if base is dict or origin is dict:  # YAML mapping, or `key=value,key=value` on the command line
+            if isinstance(value, str):
+                value = dict(item.split("=", 1) for item in value.split(",") if item.strip())
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return {str(k): _scalar(v) for k, v in value.items()}
         if base in (int, float, str):
             if base is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
@@ -75,9 +81,26 @@ def _convert(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
+def _scalar(value: Any) -> Any:
+    """A `key=value` flag's value: an int, float or boolean where it reads as one, else the string
+    (not YAML's reading, which turns a Slurm time like 01:00:00 into 3600)."""
+    if not isinstance(value, str):
+        return value
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _type_name(tp: Any) -> str:
     base, optional = _base_type(tp)
     origin = typing.get_origin(base)
+    if base is dict or origin is dict:
+        return "mapping (YAML) or key=value,key=value" + (" or none" if optional else "")
     name = f"comma-separated list of {typing.get_args(base)[0].__name__}" if origin is list else base.__name__
     return name + (" or none" if optional else "")
 

@@ -1,0 +1,465 @@
+"""The datatrove steps `lmshrink clean` adds to datatrove's own (filters, dedup, writers).
+
+A document is datatrove's `(text, id, metadata)`. A filter returns keep or `(False, reason)`;
+every drop is counted and written, with its reason, by the filter's exclusion writer. Nothing
+here raises on bad input: a file or record that cannot be read becomes a document marked
+`metadata["bad_input"] = reason`, which `BadInputFilter` (the first filter) writes out.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import regex
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.formatters.base import BaseFormatter
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+
+
+def input_files(sources: list[str]) -> list[tuple[str, str]]:
+    """(path, name) for every file under `sources`, sorted; `name` is the document id prefix.
+
+    A folder's files are named relative to the folder, prefixed with the folder's own name,
+    so that ids stay readable and distinct when several folders are cleaned together."""
+    files: list[tuple[str, str]] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file():
+            files.append((str(path), path.name))
+        elif path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in sorted(names):
+                    full = Path(root) / name
+                    if full.is_file() and not full.is_symlink():
+                        files.append((str(full), f"{path.name}/{full.relative_to(path)}"))
+    return files
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in JSONL_SUFFIXES + PARQUET_SUFFIXES:
+        if lower.endswith(suffix):
+            return suffix
+    return Path(lower).suffix
+
+
+class CorpusReader(PipelineStep):
+    """Reads text files (one document each; `.gz` unpacked), jsonl(.gz) and parquet records,
+    or a Hub dataset, spreading files over tasks; never raises on a bad file or record."""
+
+    name = "📂 corpus reader"
+    type = "📖 - READER"
+
+    def __init__(self, files: list[tuple[str, str]], hub: str | None = None, text_key: str = "text",
+                 max_doc_bytes: int = 64 << 20, max_line_chars: int = 1 << 16, max_invalid_utf8: float = 0.001):
+        super().__init__()
+        self.files, self.hub, self.text_key = files, hub, text_key
+        self.max_doc_bytes, self.max_line_chars, self.max_invalid_utf8 = max_doc_bytes, max_line_chars, max_invalid_utf8
+
+    # One function per kind of input; each yields Documents, bad ones marked.
+    def _document(self, text: str, doc_id: str, source: str, n_bytes: int, reason: str | None = None) -> Document:
+        metadata: dict = {"source": source, "input_bytes": n_bytes}
+        if reason is None and "\x00" in text:
+            reason = "nul_bytes"
+        if reason is None and not text.strip():
+            reason = "empty"
+        if reason is None and self.max_line_chars and max(map(len, text.split("\n"))) > self.max_line_chars:
+            reason = "giant_line"
+        if reason is not None:
+            metadata["bad_input"] = reason
+            self.stat_update(f"bad_{reason}")
+            text = text.replace("\x00", "")[:4096]  # a readable preview, not the bulk
+        self.stat_update("input_bytes", value=n_bytes, unit="doc")
+        return Document(text=text, id=doc_id, metadata=metadata)
+
+    def _decode(self, raw: bytes) -> tuple[str, str | None]:
+        """UTF-8 text, or the reason it is not text; a few invalid bytes are replaced and counted."""
+        if b"\x00" in raw[:8192]:
+            return "", "binary"
+        try:
+            return raw.decode("utf-8-sig"), None
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8-sig", errors="replace")
+            invalid = text.count("\ufffd") - raw.count("\ufffd".encode())
+            self.stat_update("invalid_utf8_bytes", value=invalid)
+            if invalid > self.max_invalid_utf8 * len(raw):
+                return text, "invalid_utf8"
+            return text, None
+
+    def _read_bytes(self, path: str, gz: bool) -> tuple[bytes, str | None]:
+        try:
+            opener = gzip.open if gz else open
+            with opener(path, "rb") as f:
+                raw = f.read(self.max_doc_bytes + 1)
+        except (OSError, EOFError, zlib.error):
+            return b"", "corrupt_gzip" if gz else "unreadable"
+        if len(raw) > self.max_doc_bytes:
+            return raw[:8192], "too_large"
+        return raw, None
+
+    def _text_file(self, path: str, name: str) -> Iterator[Document]:
+        gz = name.lower().endswith(".gz")
+        raw, reason = self._read_bytes(path, gz)
+        n_bytes = os.path.getsize(path)
+        text, decode_reason = self._decode(raw) if reason is None else ("", None)
+        yield self._document(text, name, name, n_bytes, reason or decode_reason)
+
+    def _jsonl_file(self, path: str, name: str) -> Iterator[Document]:
+        opener = gzip.open if name.lower().endswith(".gz") else open
+        try:
+            with opener(path, "rb") as f:
+                for lineno, line in enumerate(self._lines(f), 1):
+                    yield from self._record(line, f"{name}:{lineno}", name)
+        except (OSError, EOFError, zlib.error):
+            yield self._document("", f"{name}:unreadable", name, 0, "corrupt_gzip")
+
+    def _lines(self, f) -> Iterator[bytes | None]:
+        """Lines of a binary file; a line longer than `max_doc_bytes` is skipped over and yields None."""
+        while True:
+            line = f.readline(self.max_doc_bytes + 1)
+            if not line:
+                return
+            if len(line) > self.max_doc_bytes and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                yield None
+            else:
+                yield line
+
+    def _record(self, line: bytes | None, doc_id: str, name: str) -> Iterator[Document]:
+        if line is None:
+            yield self._document("", doc_id, name, self.max_doc_bytes, "too_large")
+            return
+        if not line.strip():
+            self.stat_update("blank_jsonl_lines")
+            return
+        text, reason = self._decode(line)
+        if reason is None:
+            try:
+                record = json.loads(text)
+                value = record.get(self.text_key) if isinstance(record, dict) else None
+                text, reason = (value, None) if isinstance(value, str) else (text, "missing_text")
+            except json.JSONDecodeError:
+                reason = "malformed_json"
+        yield self._document(text, doc_id, name, len(line), reason)
+
+    def _parquet_file(self, path: str, name: str) -> Iterator[Document]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+            if self.text_key not in table.schema_arrow.names:
+                yield self._document("", f"{name}#all", name, os.path.getsize(path), "missing_text")
+                return
+            row = 0
+            for batch in table.iter_batches(batch_size=1024, columns=[self.text_key]):
+                for value in batch.column(0).to_pylist():
+                    text, reason = (value, None) if isinstance(value, str) else ("", "missing_text")
+                    yield self._document(text, f"{name}#{row}", name, len((text or "").encode()), reason)
+                    row += 1
+        except (OSError, pa.ArrowException):
+            yield self._document("", f"{name}#unreadable", name, os.path.getsize(path), "corrupt_parquet")
+
+    def _hub(self, rank: int, world_size: int) -> Iterator[Document]:
+        from datasets import load_dataset
+        from datasets.distributed import split_dataset_by_node
+
+        from lmshrink.data import parse_hub
+
+        name, config, split = parse_hub(self.hub)
+        dataset = split_dataset_by_node(load_dataset(name, config, split=split, streaming=True), rank, world_size)
+        for i, record in enumerate(dataset):
+            value = record.get(self.text_key)
+            text, reason = (value, None) if isinstance(value, str) else ("", "missing_text")
+            yield self._document(text, f"{self.hub}#{rank}-{i}", self.hub, len((text or "").encode()), reason)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if self.hub:
+            yield from self._hub(rank, world_size)
+            return
+        for path, name in self.files[rank::world_size]:
+            kind = _suffix(name)
+            read = self._jsonl_file if kind in JSONL_SUFFIXES else (
+                self._parquet_file if kind in PARQUET_SUFFIXES else self._text_file)
+            for doc in read(path, name):
+                self.stat_update("documents")
+                yield doc
+
+
+class BadInputFilter(BaseFilter):
+    """Drops what the reader could not read, with the reader's reason (binary, invalid_utf8, ...)."""
+
+    name = "🚫 bad input"
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        reason = doc.metadata.get("bad_input")
+        return (False, reason) if reason else True
+
+
+# ----------------------------------------------------------------------------- formatting
+
+_HTML_START = re.compile(r"\s*(<!doctype html|<html|<\?xml[^>]*>\s*<!doctype html)", re.IGNORECASE)
+
+
+class HtmlToText(BaseFormatter):
+    """HTML documents (by suffix or a leading doctype/<html>) to plain text with resiliparse;
+    script, style and other non-content elements are dropped."""
+
+    name = "🌐 html to text"
+
+    def format(self, text: str) -> str:  # BaseFormatter's hook; run() below decides which docs are HTML
+        from resiliparse.extract.html2text import extract_plain_text
+
+        return extract_plain_text(text, main_content=False, alt_texts=False, links=False, list_bullets=True)
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            source = str(doc.metadata.get("source", "")).lower()
+            if source.endswith(HTML_SUFFIXES) or _HTML_START.match(doc.text[:512]):
+                with self.track_time():
+                    doc.text = self.format(doc.text)
+                self.stat_update("html_documents")
+            yield doc
+
+
+_SPACES = re.compile(r"[^\S\n]+")
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+class NormalizeWhitespace(BaseFormatter):
+    """Unicode spaces and tabs to one space, no trailing spaces, at most one blank line in a row."""
+
+    name = "␣ whitespace"
+
+    def format(self, text: str) -> str:
+        lines = (_SPACES.sub(" ", line).strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+        return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip()
+
+
+# ----------------------------------------------------------------------------- the paper's line filters
+
+_HTML_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9-]*(\s[^<>]*)?/?>|<!--|-->")
+
+
+def line_key(line: str) -> tuple[int, int]:
+    """The authors' line identity: stripped length + hash of the first and last four words."""
+    words = line.split()
+    return len(line), hash((tuple(words[:4]), tuple(words[-4:])))
+
+
+def non_alpha_fraction(line: str) -> float:
+    """Share of a line's non-space characters that are not letters (digits, punctuation, symbols)."""
+    chars = [c for c in line if not c.isspace()]
+    return sum(not c.isalpha() for c in chars) / len(chars) if chars else 1.0
+
+
+class PaperLineFilter(BaseFilter):
+    """The authors' line filters: drop repeated lines (within a document), lines holding HTML
+    tags, lines shorter than `min_chars` and lines with more than `max_non_alpha` non-letters.
+    Blank lines (paragraph breaks) are kept; a document left without text is dropped."""
+
+    name = "✂️ paper line filters"
+
+    def __init__(self, dedup: bool = True, html_tags: bool = True, min_chars: int | None = 5,
+                 max_non_alpha: float | None = 0.10, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.dedup, self.html_tags, self.min_chars, self.max_non_alpha = dedup, html_tags, min_chars, max_non_alpha
+
+    def line_verdict(self, line: str, seen: set) -> str | None:
+        """Why a (stripped, non-blank) line goes, or None to keep it."""
+        if self.dedup:
+            key = line_key(line)
+            if key in seen:
+                return "duplicate_line"
+            seen.add(key)
+        if self.html_tags and _HTML_TAG.search(line):
+            return "html_tag_line"
+        if self.min_chars and len(line) < self.min_chars:
+            return "short_line"
+        if self.max_non_alpha is not None and non_alpha_fraction(line) > self.max_non_alpha:
+            return "non_alpha_line"
+        return None
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        kept, seen = [], set()
+        for line in doc.text.split("\n"):
+            stripped = line.strip()
+            if not stripped:
+                if kept and kept[-1]:
+                    kept.append("")
+                continue
+            reason = self.line_verdict(stripped, seen)
+            if reason is None:
+                kept.append(line)
+            else:
+                self.stat_update(f"lines_{reason}")
+                self.stat_update(f"bytes_{reason}", value=len(line.encode()))
+        doc.text = "\n".join(kept).strip()
+        return True if doc.text else (False, "no_lines_left")
+
+
+# ----------------------------------------------------------------------------- language
+
+class LangIdFilter(BaseFilter):
+    """Keeps documents whose language (py3langid, offline) is in `languages` with probability
+    >= `min_score`; the language and its probability are kept in the metadata."""
+
+    name = "🌍 language (py3langid)"
+
+    def __init__(self, languages: list[str], min_score: float = 0.5, max_chars: int = 4000, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.languages, self.min_score, self.max_chars = set(languages), min_score, max_chars
+        self._identifier = None
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if self._identifier is None:
+            from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+            self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        language, score = self._identifier.classify(doc.text[: self.max_chars])
+        doc.metadata["language"], doc.metadata["language_score"] = language, round(float(score), 4)
+        if language not in self.languages:
+            return False, f"language_{language}"
+        return True if score >= self.min_score else (False, "language_unsure")
+
+
+class WhitespaceWordTokenizer(WordTokenizer):
+    """Whitespace-separated words, as the Gopher rules define them (MassiveText: "80% of words
+    contain an alphabetic character"); lets datatrove's Gopher and MinHash steps run without
+    spaCy, their English default, and for any space-separated script."""
+
+    _SENTENCE = regex.compile(r"(?<=[.!?])\s+")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s for s in self._SENTENCE.split(text) if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in regex.finditer(r"\S+", text)]
+
+
+def exact_content(doc: Document) -> bytes:
+    """What exact de-duplication compares: the cleaned text (bytes: datatrove picks its hash by
+    this function's return annotation, which `from __future__ import annotations` makes a string)."""
+    return doc.text.encode()
+
+
+# ----------------------------------------------------------------------------- model-based scoring
+
+class PerplexityScorer(PipelineStep):
+    """Adds `metadata["perplexity"]`: a causal LM's perplexity of each document's first
+    `max_tokens` tokens (the paper's teacher-perplexity scoring); `values_folder` receives each
+    task's perplexities so that a later stage can drop the worst share of the whole corpus."""
+
+    name = "🧮 perplexity"
+    type = "🔢 - SCORER"
+
+    def __init__(self, model: str, max_tokens: int = 256, batch_size: int = 8, threads: int = 1,
+                 values_folder: str | None = None, trust_remote_code: bool = False):
+        super().__init__()
+        self.model_name, self.max_tokens, self.batch_size, self.threads = model, max_tokens, batch_size, threads
+        self.values_folder, self.trust_remote_code = values_folder, trust_remote_code
+
+    def _score(self, model, tokenizer, texts: list[str]) -> list[float]:
+        import torch
+
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_tokens] for t in texts]
+        if tokenizer.bos_token_id is not None:
+            ids = [[tokenizer.bos_token_id] + x[: self.max_tokens - 1] for x in ids]
+        width = max(map(len, ids))
+        batch = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for row, x in enumerate(ids):
+            batch[row, : len(x)], mask[row, : len(x)] = torch.tensor(x), 1
+        with torch.inference_mode():
+            logits = model(input_ids=batch, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
+        target_mask = mask[:, 1:].float()
+        mean = (nll * target_mask).sum(1) / target_mask.sum(1).clamp(min=1)
+        return [math.exp(v) if n > 0 else float("inf") for v, n in zip(mean.tolist(), target_mask.sum(1).tolist(), strict=True)]
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        import torch
+
+        from lmshrink.models import load
+
+        torch.set_num_threads(self.threads)
+        loaded = None
+        values: list[float] = []
+        batch: list[Document] = []
+
+        def flush() -> Iterator[Document]:
+            with self.track_time("batch"):
+                scores = self._score(loaded.model, loaded.tokenizer, [d.text for d in batch])
+                for doc, ppl in zip(batch, scores, strict=True):
+                    doc.metadata["perplexity"] = ppl = round(ppl, 4)  # the filter compares these exact values
+                    values.append(ppl)
+                    self.stat_update("perplexity", value=ppl)
+            yield from batch
+            batch.clear()
+
+        for doc in data:
+            if loaded is None:
+                loaded = load(self.model_name, trust_remote_code=self.trust_remote_code)
+                loaded.model.eval()
+            batch.append(doc)
+            if len(batch) == self.batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
+        if self.values_folder:
+            Path(self.values_folder).mkdir(parents=True, exist_ok=True)
+            tmp = Path(self.values_folder) / f".{rank:05d}.npy.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, np.array(values, dtype=np.float64))
+            os.replace(tmp, Path(self.values_folder) / f"{rank:05d}.npy")
+
+
+class PerplexityFilter(BaseFilter):
+    """Drops documents whose perplexity is above `threshold`, or, with `drop_worst`, above the
+    (1 - drop_worst) quantile of every task's perplexities (read from `values_folder`)."""
+
+    name = "🧮 perplexity filter"
+
+    def __init__(self, threshold: float | None = None, drop_worst: float | None = None,
+                 values_folder: str | None = None, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.threshold, self.drop_worst, self.values_folder = threshold, drop_worst, values_folder
+
+    def quantile_limit(self) -> float:
+        """The best perplexity among the worst `drop_worst` share of the corpus (inf when not dropping)."""
+        files = sorted(Path(self.values_folder).glob("*.npy")) if self.drop_worst else []
+        values = np.concatenate([np.load(f) for f in files]) if files else np.array([])
+        return float(np.quantile(values, 1.0 - self.drop_worst, method="higher")) if values.size else math.inf
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        self._limit = self.quantile_limit()
+        yield from super().run(data, rank, world_size)
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        ppl = doc.metadata.get("perplexity", math.inf)
+        if ppl >= self._limit:  # the `higher` quantile: the limit itself is the best of the dropped share
+            return False, "perplexity_worst"
+        if self.threshold is not None and ppl > self.threshold:
+            return False, "perplexity_threshold"
+        return True
