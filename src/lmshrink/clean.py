@@ -26,12 +26,14 @@ import gzip
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmshrink.assets import CORPORA
 from lmshrink.config import SettingsError, check, setting, to_dict
 from lmshrink.corpus_steps import (
     BadInputFilter,
@@ -46,7 +48,7 @@ from lmshrink.corpus_steps import (
     exact_content,
     input_files,
 )
-from lmshrink.data import DataError
+from lmshrink.data import DataError, resolve_path
 from lmshrink.records import provenance, save_figure, write_json, write_text
 
 EXECUTORS = ("local", "slurm", "ray")
@@ -111,8 +113,8 @@ class CleanSettings:
         if hub and len(self.data) > 1:
             problems.append("data: a Hub dataset (hf:NAME) is cleaned on its own; give it alone")
         for d in self.data:
-            if not d.startswith("hf:") and not Path(d).exists():
-                problems.append(f"data: {d} does not exist")
+            if not d.startswith("hf:") and not Path(d).exists() and d.split("/")[0] not in CORPORA:
+                problems.append(f"data: {d} does not exist (nor is it a corpus name: {', '.join(CORPORA)})")
         if self.workers < 1:
             problems.append("workers: must be >= 1")
         if self.tasks is not None and self.tasks < 1:
@@ -214,7 +216,7 @@ def stages(s: CleanSettings, out: Path) -> list[Stage]:
         ExactFindDedups,
     )
 
-    files = [] if s.data[0].startswith("hf:") else input_files(s.data)
+    files = [] if s.data[0].startswith("hf:") else input_files([str(resolve_path(d)) for d in s.data])
     n, work = s.num_tasks, out / "work"
     scoring = s.perplexity_model is not None
     quantile = bool(s.drop_worst_perplexity)
@@ -268,8 +270,11 @@ def executor_for(s: CleanSettings, stage: Stage, logs: Path, depends):
     if s.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
+        # fork: a worker starts in milliseconds instead of re-importing everything (seconds per stage);
+        # the parent has run no torch op, so no thread pool is forked half-made.
         return LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(s.workers, stage.tasks),
-                                     logging_dir=str(logs / stage.name), depends=depends)
+                                     logging_dir=str(logs / stage.name), depends=depends,
+                                     start_method="fork" if sys.platform == "linux" else "spawn")
     options = dict(s.executor_options)
     if s.executor == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
@@ -433,7 +438,7 @@ def run(s: CleanSettings) -> dict[str, Any]:
         if not (out / "clean-settings.json").exists():
             raise SettingsError(f"--restart deletes {out}, which is not a `lmshrink clean` output; refusing")
         shutil.rmtree(out)
-    if not s.data[0].startswith("hf:") and not input_files(s.data):
+    if not s.data[0].startswith("hf:") and not input_files([str(resolve_path(d)) for d in s.data]):
         raise DataError(f"no files found in {', '.join(s.data)}: nothing to clean")
     _check_resumable(s, out)
     start = time.perf_counter()
