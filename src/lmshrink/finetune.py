@@ -1,0 +1,564 @@
+"""`lmshrink finetune`: fine-tune a teacher or a student on a downstream task, with KD methods.
+
+The paper's first direction: a fine-tuned teacher helps a small student learn a task. The
+teacher is fine-tuned by this same command (method `none`); students then train with any of
+`lmshrink.kd_methods.METHODS` against it, over several seeds, and the report gives each
+method's metric as mean and spread, with training time.
+
+Tasks: GLUE (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) and SuperGLUE (boolq, cb,
+rte, wic) from the Hub; `sentiment`, Pang & Lee's sentence polarity fetched offline; local
+CSV / JSONL files (`task: file`); and `lm`, causal-LM fine-tuning reported by test
+perplexity (the paper's WikiText-103 protocol), which runs `pretrain` (method none) or
+`distill` (method kd). Decoder models classify from their last real token's state
+(`AutoModelForSequenceClassification`, as GPT2ForSequenceClassification does); a model
+without a pad token gets its EOS token as one.
+
+    out/METHOD/seed-N/model/   the fine-tuned model (+ tokenizer + lmshrink.json with metrics)
+    out/report.{md,json,png}   every method: metric mean +- std over seeds, train time
+A finished (method, seed) run is not redone when the command is run again.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmshrink.config import SettingsError, check, setting, to_dict
+from lmshrink.data import DataError
+from lmshrink.kd_methods import METHODS, CausalLMGenerator, KDConfig, MaskedLMGenerator, task_loss
+from lmshrink.records import RECORD, provenance, publish, read_record, save_figure, write_json, write_text
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    """A downstream task: where its data is, which columns form the input, how it is scored."""
+
+    columns: tuple[str, ...]  # joined by newlines into the model's input
+    num_labels: int  # 1 = regression
+    metrics: tuple[str, ...]  # the first is the task's main metric
+    hub: tuple[str, str] | None = None  # (dataset, config)
+    label: str = "label"
+    train_split: str = "train"
+    eval_split: str = "validation"  # GLUE test labels are hidden: the dev set is the usual test
+
+
+GLUE, SUPERGLUE = "nyu-mll/glue", "aps/super_glue"
+TASKS: dict[str, Task] = {
+    "cola": Task(("sentence",), 2, ("matthews", "accuracy"), (GLUE, "cola")),
+    "sst2": Task(("sentence",), 2, ("accuracy",), (GLUE, "sst2")),
+    "mrpc": Task(("sentence1", "sentence2"), 2, ("f1", "accuracy"), (GLUE, "mrpc")),
+    "stsb": Task(("sentence1", "sentence2"), 1, ("pearson", "spearman"), (GLUE, "stsb")),
+    "qqp": Task(("question1", "question2"), 2, ("f1", "accuracy"), (GLUE, "qqp")),
+    "mnli": Task(("premise", "hypothesis"), 3, ("accuracy",), (GLUE, "mnli"), eval_split="validation_matched"),
+    "qnli": Task(("question", "sentence"), 2, ("accuracy",), (GLUE, "qnli")),
+    "rte": Task(("sentence1", "sentence2"), 2, ("accuracy",), (GLUE, "rte")),
+    "wnli": Task(("sentence1", "sentence2"), 2, ("accuracy",), (GLUE, "wnli")),
+    "boolq": Task(("question", "passage"), 2, ("accuracy",), (SUPERGLUE, "boolq")),
+    "cb": Task(("premise", "hypothesis"), 3, ("accuracy", "macro_f1"), (SUPERGLUE, "cb")),
+    "superglue-rte": Task(("premise", "hypothesis"), 2, ("accuracy",), (SUPERGLUE, "rte")),
+    "wic": Task(("word", "sentence1", "sentence2"), 2, ("accuracy",), (SUPERGLUE, "wic")),
+    # offline: Pang & Lee sentence polarity (the source of SST-2), split 80/20 with a fixed seed
+    "sentiment": Task(("text",), 2, ("accuracy", "f1")),
+}
+
+
+def _metric(name: str, predictions, labels) -> float:
+    """GLUE's metrics, from scikit-learn and SciPy."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    functions = {
+        "accuracy": lambda p, y: accuracy_score(y, p),
+        "f1": lambda p, y: f1_score(y, p),
+        "macro_f1": lambda p, y: f1_score(y, p, average="macro"),
+        "matthews": lambda p, y: matthews_corrcoef(y, p),
+        "pearson": lambda p, y: pearsonr(p, y)[0],
+        "spearman": lambda p, y: spearmanr(p, y)[0],
+    }
+    return float(functions[name](predictions, labels))
+
+
+def scores(task: Task, logits, labels) -> dict[str, float]:
+    import numpy as np
+
+    logits = np.asarray(logits)
+    predictions = logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1)
+    return {name: _metric(name, predictions, labels) for name in task.metrics}
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(kw_only=True)
+class FinetuneSettings:
+    """Fine-tune a teacher or student on a downstream task, with KD methods over several seeds."""
+
+    model: str = setting(help="model to fine-tune: folder (e.g. from lmshrink truncate), Hub id, .gguf or smollm2-135m")
+    output: str = setting(help="output folder: METHOD/seed-N/model and report.md")
+    task: str = setting("sentiment", f"task: {', '.join(TASKS)}, file (local CSV/JSONL) or lm")
+    methods: list[str] = setting(["none"], f"methods to run: {', '.join(METHODS)}")
+    seeds: list[int] = setting([42], "seeds; each method runs once per seed")
+    teacher: str | None = setting(None, "fine-tuned teacher (a folder written by `lmshrink finetune`) for KD methods")
+    generator: str = setting("distilroberta-base", "MATE-KD's masked-LM generator: any Hub masked LM or a local folder")
+    # local files (task: file)
+    train_file: str | None = setting(None, "task file: training CSV or JSONL")
+    eval_file: str | None = setting(None, "task file: evaluation CSV or JSONL")
+    text_columns: list[str] = setting(["text"], "task file: columns joined (by newlines) into the input, e.g. text,text_pair")
+    label_column: str = setting("label", "task file: the label column (numbers or class names; floats = regression)")
+    # LM task
+    data: list[str] = setting([], "task lm: training text (file, folder, corpus name or hf:)")
+    eval_data: list[str] = setting([], "task lm: test text, reported as perplexity")
+    block_size: int = setting(1024, "task lm: tokens per sequence (the paper: 1024)")
+    # training
+    epochs: float = setting(3.0, "passes over the training data (run_glue: 3)")
+    batch_size: int = setting(8, "examples per step (run_glue: 8)")
+    lr: float = setting(5e-5, "peak learning rate")
+    warmup: float = setting(0.1, "warm-up fraction")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    max_length: int = setting(128, "tokens per example (run_glue: 128)")
+    max_train_examples: int | None = setting(None, "use at most this many training examples")
+    max_eval_examples: int | None = setting(None, "evaluate on at most this many examples")
+    precision: str = setting("auto", "auto, fp32, bf16 or fp16")
+    logging_steps: int = setting(10, "steps between progress lines")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    # methods
+    temperature: float = setting(2.0, "KD temperature T (kd, rail, mate)")
+    alpha: float = setting(0.5, "KD weight: (1 - alpha) * task loss + alpha * T^2 * KL (kd, rail)")
+    tau_max: int = setting(7, "Annealing-KD: the last temperature step (PAPER.md: 7)")
+    phase1: float = setting(0.75, "Annealing-KD: share of training in phase 1 (PAPER.md: 14 of 18 epochs)")
+    rail_weight: float = setting(1.0, "RAIL-KD: weight of the intermediate-layer loss")
+    mask_prob: float = setting(0.3, "MATE-KD: share of tokens the generator rewrites")
+    generator_lr: float = setting(5e-7, "MATE-KD: generator learning rate (PAPER.md: 5e-7)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.task not in TASKS and self.task not in ("file", "lm"):
+            problems.append(f"task: {self.task!r} is unknown; choose one of {', '.join(TASKS)}, file or lm")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            problems.append(f"methods: {', '.join(unknown)} unknown; choose from {', '.join(METHODS)}")
+        if not self.methods or not self.seeds:
+            problems.append("methods, seeds: give at least one of each")
+        if any(m != "none" for m in self.methods) and not self.teacher:
+            problems.append("teacher: KD methods need a fine-tuned teacher (run this command with --methods none first)")
+        if self.task == "file" and not self.train_file:
+            problems.append("train_file: task 'file' needs --train-file (and --eval-file)")
+        if self.task == "lm":
+            if not self.data:
+                problems.append("data: task lm needs training text (--data)")
+            if set(self.methods) - {"none", "kd"}:
+                problems.append("methods: task lm runs none (pretrain) or kd (distill); the others are classification methods")
+        if not 0 <= self.alpha <= 1 or not 0 < self.phase1 <= 1 or not 0 < self.mask_prob < 1:
+            problems.append("alpha in [0, 1], phase1 in (0, 1], mask_prob in (0, 1)")
+        if self.temperature <= 0 or self.tau_max < 1:
+            problems.append("temperature > 0 and tau_max >= 1")
+        check(problems)
+
+    def kd_config(self, seed: int) -> KDConfig:
+        return KDConfig(self.temperature, self.alpha, self.tau_max, self.phase1, self.rail_weight,
+                        self.mask_prob, self.generator_lr, seed)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path} does not exist")
+    try:
+        if p.suffix in (".jsonl", ".json"):
+            return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
+        raise DataError(f"{path} is not a readable UTF-8 CSV/JSONL file: {err}") from None
+
+
+def _sentiment() -> tuple[list[dict], list[dict]]:
+    from lmshrink.assets import sentiment_path
+
+    with open(sentiment_path(), newline="", encoding="utf-8-sig") as f:
+        rows = [{"text": text.strip(), "label": int(label == "1")} for label, text in csv.reader(f)]
+    random.Random(0).shuffle(rows)
+    cut = int(0.8 * len(rows))
+    return rows[:cut], rows[cut:]
+
+
+def _as_examples(rows: list[dict], columns: tuple[str, ...], label: str, where: str) -> list[dict]:
+    missing = [c for c in (*columns, label) if rows and c not in rows[0]]
+    if missing:
+        raise DataError(f"{where}: no column(s) {', '.join(missing)}; it has {', '.join(rows[0])} "
+                        "(set --text-columns / --label-column)")
+    return [{"text": "\n".join(str(r[c]) for c in columns), "label": r[label]} for r in rows]
+
+
+def load_task(s: FinetuneSettings) -> tuple[Task, list[dict], list[dict]]:
+    """The task and its (train, eval) examples as {"text", "label"} with numeric labels."""
+    if s.task == "sentiment":
+        task = TASKS["sentiment"]
+        train, test = _sentiment()
+    elif s.task == "file":
+        columns = tuple(s.text_columns)
+        train = _as_examples(_read_rows(s.train_file), columns, s.label_column, s.train_file)
+        test = _as_examples(_read_rows(s.eval_file or s.train_file), columns, s.label_column, s.eval_file or "")
+        values = [e["label"] for e in train]
+        if all(_is_number(v) for v in values) and any(float(v) != int(float(v)) for v in values):
+            task = Task(columns, 1, ("pearson", "spearman"))
+            for e in train + test:
+                e["label"] = float(e["label"])
+        else:
+            names = sorted({str(v) for v in values}, key=lambda v: (not _is_number(v), float(v) if _is_number(v) else 0, v))
+            index = {name: i for i, name in enumerate(names)}
+            unseen = sorted({str(e["label"]) for e in test} - set(index))
+            if unseen:
+                raise DataError(f"{s.eval_file}: labels {unseen} do not occur in the training file")
+            for e in train + test:
+                e["label"] = index[str(e["label"])]
+            task = Task(columns, len(names), ("accuracy", "f1") if len(names) == 2 else ("accuracy", "macro_f1"))
+    else:
+        task = TASKS[s.task]
+        from datasets import load_dataset
+
+        name, config = task.hub
+        try:
+            data = load_dataset(name, config)
+        except Exception as err:
+            raise DataError(f"could not load {name}/{config} from the Hub ({err}); offline, use --task sentiment "
+                            "or --task file with local CSV/JSONL") from None
+        train = _as_examples(list(data[task.train_split]), task.columns, task.label, f"{name}/{config}")
+        test = _as_examples(list(data[task.eval_split]), task.columns, task.label, f"{name}/{config}")
+    if s.max_train_examples:
+        train = train[: s.max_train_examples]
+    if s.max_eval_examples:
+        test = test[: s.max_eval_examples]
+    if not train or not test:
+        raise DataError("the task has no training or no evaluation examples")
+    return task, train, test
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass
+class Collator:
+    """Pads a batch for the student and, with its own tokenizer, for the teacher; keeps the texts."""
+
+    tokenizer: Any
+    teacher_tokenizer: Any = None
+    max_length: int = 128
+    regression: bool = False
+
+    def encode(self, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        texts = [f["text"] for f in features]
+        batch: dict[str, Any] = self.encode(self.tokenizer, texts)
+        batch["labels"] = torch.tensor([f["label"] for f in features],
+                                       dtype=torch.float if self.regression else torch.long)
+        batch["texts"] = texts
+        if self.teacher_tokenizer is not None:
+            t = self.encode(self.teacher_tokenizer, texts)
+            batch["teacher_input_ids"], batch["teacher_attention_mask"] = t["input_ids"], t["attention_mask"]
+        return batch
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def with_pad_token(model, tokenizer):
+    """Decoder tokenizers often lack a pad token: use EOS, so the classifier finds the last real token."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_classifier(name: str, task: Task, trust_remote_code: bool = False):
+    from lmshrink.models import load
+
+    loaded = load(name, trust_remote_code=trust_remote_code, head="classifier", num_labels=task.num_labels,
+                  problem_type="regression" if task.num_labels == 1 else "single_label_classification")
+    if loaded.model.config.num_labels != task.num_labels:
+        raise SettingsError(f"{name} predicts {loaded.model.config.num_labels} classes; the task has {task.num_labels}")
+    return (*with_pad_token(loaded.model, loaded.tokenizer), loaded.source)
+
+
+def load_generator(name: str, trust_remote_code: bool = False, max_length: int = 128) -> MaskedLMGenerator:
+    """MATE-KD's generator: a masked LM (Hub id or folder), or a causal LM such as the embedded
+    `smollm2-135m` (resampling tokens from their prefix; for machines without a masked LM)."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from lmshrink.models import load, resolve
+
+    try:
+        source = resolve(name)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            loaded = load(name, trust_remote_code=trust_remote_code)
+            return CausalLMGenerator(loaded.model, loaded.tokenizer, max_length)
+        model = AutoModelForMaskedLM.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise SettingsError(
+            f"MATE-KD needs a masked-LM generator and {name!r} could not be loaded ({str(err).splitlines()[0]}). "
+            "Give --generator a Hub masked LM (e.g. distilroberta-base, bert-base-uncased) with network access, "
+            "a local folder holding one, or, offline, a causal LM such as smollm2-135m (it resamples tokens "
+            "from their left context); or leave mate and combined out of --methods.") from None
+    return MaskedLMGenerator(model, tokenizer, max_length)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _trainer_class():
+    from lmshrink.training import LMTrainer
+
+    class FinetuneTrainer(LMTrainer):
+        """The Trainer with the loss of one KD method; evaluation is the plain task loss."""
+
+        def __init__(self, *args: Any, method=None, teacher=None, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.method, self.teacher = method, teacher
+            if teacher is not None:
+                teacher.eval().requires_grad_(False)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not model.training:
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                loss = task_loss(outputs.logits, inputs["labels"])
+                return (loss, outputs) if return_outputs else loss
+            if self.teacher is not None:
+                self.teacher.to(inputs["input_ids"].device)
+            progress = self.state.global_step / max(1, self.state.max_steps)
+            loss, parts = self.method(model, self.teacher, inputs, progress)
+            self.record(**parts)
+            return loss
+
+    return FinetuneTrainer
+
+
+def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dict], method: str, seed: int,
+              folder: Path, generator: MaskedLMGenerator | None = None) -> dict[str, Any]:
+    """Fine-tune `s.model` with one method and seed; save model/ and return its record.
+    `generator` (MATE-KD) is copied, so every run starts from the same generator."""
+    from datasets import Dataset
+    from transformers import TrainingArguments, set_seed
+
+    from lmshrink.training import MetricsFile, precision_flags
+
+    set_seed(seed)
+    model, tokenizer, source = load_classifier(s.model, task, s.trust_remote_code)
+    teacher = teacher_tokenizer = None
+    if METHODS[method].needs_teacher:
+        teacher, teacher_tokenizer, _ = load_classifier(s.teacher, task, s.trust_remote_code)
+    collate = Collator(tokenizer, teacher_tokenizer, s.max_length, task.num_labels == 1)
+    if getattr(METHODS[method], "needs_generator", False):
+        generator = type(generator)(copy.deepcopy(generator.model), generator.tokenizer, s.max_length)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        generator.model.to(device)
+
+        def encode(texts: list[str]):
+            student = {k: v.to(device) for k, v in collate.encode(tokenizer, texts).items()}
+            return student, {k: v.to(device) for k, v in collate.encode(teacher_tokenizer, texts).items()}
+    else:
+        encode = generator = None
+    kd = METHODS[method](s.kd_config(seed), generator=generator, encode=encode)
+    args = TrainingArguments(
+        output_dir=str(folder / "checkpoints"), num_train_epochs=s.epochs, per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=s.batch_size, learning_rate=s.lr, warmup_steps=float(s.warmup),
+        weight_decay=s.weight_decay, seed=seed, data_seed=seed, logging_steps=s.logging_steps, save_strategy="no",
+        report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(), **precision_flags(s.precision))
+    trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
+                               eval_dataset=Dataset.from_list(test), data_collator=collate, processing_class=tokenizer,
+                               callbacks=[MetricsFile(folder / "metrics.jsonl")], method=kd, teacher=teacher)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    prediction = trainer.predict(Dataset.from_list(test))
+    metrics = scores(task, prediction.predictions, [e["label"] for e in test])
+    record = provenance("finetune", to_dict(s), method=method, seed=seed, model_source=source, metrics=metrics,
+                        train_seconds=seconds, train_examples=len(train), eval_examples=len(test),
+                        task_spec=to_dict(task))
+    partial = folder / ".model.partial"
+    trainer.save_model(str(partial))
+    (partial / "training_args.bin").unlink(missing_ok=True)
+    write_json(partial / RECORD, record)
+    publish(partial, folder / "model")
+    print(f"finetune {method} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+          + f" in {seconds:.0f}s")
+    return record
+
+
+def evaluate_teacher(s: FinetuneSettings, task: Task, test: list[dict]) -> dict[str, float]:
+    """The teacher's metrics on the same evaluation examples."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model, tokenizer, _ = load_classifier(s.teacher, task, s.trust_remote_code)
+    args = TrainingArguments(output_dir=str(Path(s.output) / ".teacher-eval"), per_device_eval_batch_size=s.batch_size,
+                             report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available())
+    collate = Collator(tokenizer, None, s.max_length, task.num_labels == 1)
+
+    class Predict(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            loss = task_loss(outputs.logits, inputs["labels"])
+            return (loss, outputs) if return_outputs else loss
+
+    prediction = Predict(model=model, args=args, data_collator=collate).predict(Dataset.from_list(test))
+    return scores(task, prediction.predictions, [e["label"] for e in test])
+
+
+# ----------------------------------------------------------------------------- LM task
+
+
+def run_lm(s: FinetuneSettings) -> list[dict[str, Any]]:
+    """Causal-LM fine-tuning reported by test perplexity (WikiText-103 protocol): pretrain or distill."""
+    from lmshrink.distill import DistillSettings
+    from lmshrink.distill import run as distill
+    from lmshrink.pretrain import PretrainSettings
+    from lmshrink.pretrain import run as pretrain
+
+    records = []
+    for method in s.methods:
+        for seed in s.seeds:
+            folder = Path(s.output) / method / f"seed-{seed}"
+            if (folder / RECORD).is_file():
+                records.append(json.loads((folder / RECORD).read_text()))
+                continue
+            common = dict(model=s.model, output=str(folder), data=s.data, eval_data=s.eval_data,
+                          heldout=0.0 if s.eval_data else 0.02,
+                          block_size=s.block_size, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, warmup=s.warmup,
+                          seed=seed, logging_steps=s.logging_steps, report_to=["none"], precision=s.precision,
+                          trust_remote_code=s.trust_remote_code)
+            if method == "kd":
+                metrics = distill(DistillSettings(teacher=s.teacher, temperature=s.temperature, alpha_ce=s.alpha,
+                                                  alpha_clm=1 - s.alpha, alpha_cos=0.0, **common))
+            else:
+                metrics = pretrain(PretrainSettings(**common))
+            record = json.loads((folder / RECORD).read_text())
+            record.update(method=method, seed=seed, train_seconds=metrics["train_seconds"],
+                          metrics={"perplexity": metrics["heldout_ppl_after"]})
+            write_json(folder / RECORD, record)
+            records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(records: list[dict[str, Any]], teacher: dict[str, float] | None) -> dict[str, Any]:
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    rows = []
+    for method, runs in by_method.items():
+        names = list(runs[0]["metrics"])
+        row = {"method": method, "seeds": [r["seed"] for r in runs],
+               "train_seconds": statistics.mean(r["train_seconds"] for r in runs)}
+        for name in names:
+            values = [r["metrics"][name] for r in runs]
+            row[name] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                         "values": values}
+        rows.append(row)
+    return {"rows": rows, "teacher": teacher}
+
+
+def markdown(summary: dict[str, Any], s: FinetuneSettings, main: str) -> str:
+    rows, teacher = summary["rows"], summary["teacher"]
+    names = [k for k in rows[0] if k not in ("method", "seeds", "train_seconds")]
+    lines = [f"# Fine-tuning `{s.model}` on `{s.task}`", "",
+             f"Methods over seeds {', '.join(map(str, s.seeds))}: mean +- std (sample std over seeds); "
+             f"teacher `{s.teacher}`." if s.teacher else f"Seeds {', '.join(map(str, s.seeds))}.", "",
+             "| method | " + " | ".join(names) + " | train s (mean) |", "|---|" + "---:|" * (len(names) + 1)]
+    if teacher:
+        lines.append("| teacher | " + " | ".join(f"{teacher[n]:.4f}" if n in teacher else "-" for n in names) + " | - |")
+    best_none = next((r[main]["mean"] for r in rows if r["method"] == "none"), None)
+    for r in rows:
+        cells = [f"{r[n]['mean']:.4f} +- {r[n]['std']:.4f}" for n in names]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} |")
+    if best_none is not None and len(rows) > 1:
+        lower_better = main == "perplexity"
+        better = [r["method"] for r in rows if r["method"] != "none"
+                  and (r[main]["mean"] < best_none if lower_better else r[main]["mean"] > best_none)]
+        lines += ["", f"Against `none` on {main} (mean over seeds): "
+                  + (f"{', '.join(better)} did better." if better else "no KD method did better on this run.")]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], main: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 3, 4))
+    means = [r[main]["mean"] for r in rows]
+    ax.bar([r["method"] for r in rows], means, yerr=[r[main]["std"] for r in rows], capsize=6, color="tab:blue")
+    for i, r in enumerate(rows):
+        ax.scatter([i] * len(r[main]["values"]), r[main]["values"], color="black", s=12, zorder=3)
+    if summary["teacher"] and main in summary["teacher"]:
+        ax.axhline(summary["teacher"][main], color="tab:red", linestyle="--", label="teacher")
+        ax.legend()
+    low = min(min(r[main]["values"]) for r in rows)
+    high = max([max(r[main]["values"]) for r in rows] + [(summary["teacher"] or {}).get(main, -math.inf)])
+    ax.set_ylim(max(0.0, low - 0.15 * (high - low + 1e-9)), high + 0.1 * (high - low + 1e-9))
+    ax.set(ylabel=main, title=title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def run(s: FinetuneSettings) -> dict[str, Any]:
+    out = Path(s.output)
+    if s.task == "lm":
+        records, teacher, main = run_lm(s), None, "perplexity"
+    else:
+        task, train, test = load_task(s)
+        main = task.metrics[0]
+        # Everything that can fail is loaded before the first run: the teacher (evaluated on the
+        # same examples) and MATE-KD's generator.
+        teacher = evaluate_teacher(s, task, test) if s.teacher else None
+        needs_generator = any(getattr(METHODS[m], "needs_generator", False) for m in s.methods)
+        generator = load_generator(s.generator, s.trust_remote_code, s.max_length) if needs_generator else None
+        records = []
+        for method in s.methods:
+            for seed in s.seeds:
+                folder = out / method / f"seed-{seed}"
+                done = read_record(folder / "model")
+                if done and done.get("metrics"):
+                    print(f"finetune {method} seed {seed}: done before, {done['metrics']}")
+                    records.append(done)
+                    continue
+                records.append(train_one(s, task, train, test, method, seed, folder, generator))
+    summary = summarize(records, teacher)
+    report = markdown(summary, s, main)
+    write_json(out / "report.json", provenance("finetune", to_dict(s), main_metric=main, **summary))
+    write_text(out / "report.md", report)
+    plot(summary, main, out / "report.png", f"{s.task}: {main} by method (bars: mean +- std, dots: seeds)")
+    print(report)
+    return summary
+
