@@ -260,3 +260,14 @@ def test_executor_options_from_flags_and_slurm_needs_its_basics(tmp_path):
     s = settings([str(tmp_path)], tmp_path / "o", executor="slurm", executor_options={"partition": "cpu"})
     with pytest.raises(SettingsError, match="needs 'time'"):
         executor_for(s, Stage("filter", [], 1), tmp_path / "logs", None)
+
+
+def test_language_is_the_one_most_of_the_text_is_in():
+    from lmshrink.corpus_steps import LangIdFilter
+
+    english = "Run the following commands as root to install the package and restart the service.\n\n"
+    doc = Document(text=english * 14 + _german() * 6, id="mixed")  # ~1,200 English then ~3,000 German characters
+    assert LangIdFilter(["en"]).filter(doc) == (False, "language_de")
+    assert 0.55 < doc.metadata["language_score"] < 0.85
+    doc = Document(text=english * 30 + _german(), id="mostly-english")
+    assert LangIdFilter(["en"]).filter(doc) is True and doc.metadata["language"] == "en"

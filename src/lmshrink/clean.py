@@ -89,7 +89,7 @@ class CleanSettings:
     max_non_alpha: float | None = setting(0.10, "drop lines whose share of non-letter characters is above this (none: off)")
     # document filters
     languages: list[str] = setting(["en"], "ISO 639-1 codes to keep, by py3langid (empty: off)")
-    min_language_score: float = setting(0.5, "minimum py3langid probability of the kept language")
+    min_language_score: float = setting(0.5, "minimum share of the text (by ~1,000-character pieces) in the kept language")
     gopher_repetition: bool = setting(True, "Gopher repetition rules (duplicate lines/paragraphs/n-grams)")
     gopher_quality: bool = setting(True, "Gopher quality rules (word count and length, symbols, stop words)")
     min_doc_words: int = setting(50, "Gopher quality: fewest words a kept document has")

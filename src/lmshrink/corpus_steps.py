@@ -14,6 +14,7 @@ import math
 import os
 import re
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -319,23 +320,46 @@ class PaperLineFilter(BaseFilter):
 # ----------------------------------------------------------------------------- language
 
 class LangIdFilter(BaseFilter):
-    """Keeps documents whose language (py3langid, offline) is in `languages` with probability
-    >= `min_score`; the language and its probability are kept in the metadata."""
+    """Keeps documents whose main language (py3langid, offline) is in `languages`.
+
+    The text (up to `max_chars`) is cut at paragraph breaks into ~`chunk_chars` pieces, each
+    identified on its own; the document's language is the one holding the largest share of
+    characters and `language_score` is that share. A French page full of English command
+    tables is then French by its prose, which one call on the opening text can get wrong."""
 
     name = "🌍 language (py3langid)"
 
-    def __init__(self, languages: list[str], min_score: float = 0.5, max_chars: int = 4000, exclusion_writer=None):
+    def __init__(self, languages: list[str], min_score: float = 0.5, max_chars: int = 20_000, chunk_chars: int = 1000,
+                 exclusion_writer=None):
         super().__init__(exclusion_writer)
-        self.languages, self.min_score, self.max_chars = set(languages), min_score, max_chars
+        self.languages, self.min_score = set(languages), min_score
+        self.max_chars, self.chunk_chars = max_chars, chunk_chars
         self._identifier = None
 
-    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+    def shares(self, text: str) -> Counter:
+        """Characters per identified language."""
         if self._identifier is None:
             from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
             self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-        language, score = self._identifier.classify(doc.text[: self.max_chars])
-        doc.metadata["language"], doc.metadata["language_score"] = language, round(float(score), 4)
+        chunks, piece = [], ""
+        for paragraph in text[: self.max_chars].split("\n\n"):
+            piece += paragraph + "\n\n"
+            if len(piece) >= self.chunk_chars:
+                chunks.append(piece)
+                piece = ""
+        if piece.strip() or not chunks:
+            chunks.append(piece)
+        counts: Counter = Counter()
+        for chunk in chunks:
+            counts[self._identifier.classify(chunk)[0]] += len(chunk)
+        return counts
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        counts = self.shares(doc.text)
+        language, chars = counts.most_common(1)[0]
+        score = chars / max(1, sum(counts.values()))
+        doc.metadata["language"], doc.metadata["language_score"] = language, round(score, 4)
         if language not in self.languages:
             return False, f"language_{language}"
         return True if score >= self.min_score else (False, "language_unsure")

@@ -390,6 +390,7 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
         per_device_eval_batch_size=s.batch_size, learning_rate=s.lr, warmup_steps=float(s.warmup),
         weight_decay=s.weight_decay, seed=seed, data_seed=seed, logging_steps=s.logging_steps, save_strategy="no",
         report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen=True,
         dataloader_pin_memory=torch.cuda.is_available(), **precision_flags(s.precision))
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
                                eval_dataset=Dataset.from_list(test), data_collator=collate, processing_class=tokenizer,
