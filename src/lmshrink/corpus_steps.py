@@ -24,6 +24,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
+from datatrove.pipeline.readers import JsonlReader
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
@@ -203,6 +204,21 @@ class CorpusReader(PipelineStep):
             for doc in read(path, name):
                 self.stat_update("documents")
                 yield doc
+
+
+class ShardReader(JsonlReader):
+    """Reads the jsonl.gz shards an earlier stage wrote; where that stage kept nothing (every
+    document rejected) it reads nothing, where datatrove's reader would stop the run."""
+
+    name = "🐿 shards of the previous stage"
+
+    def __init__(self, folder: str):
+        super().__init__(folder, glob_pattern="*.jsonl.gz", add_file_path=False)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if not self.data_folder.exists("") or not self.data_folder.list_files(glob_pattern=self.glob_pattern):
+            return
+        yield from super().run(data, rank, world_size)
 
 
 class BadInputFilter(BaseFilter):
