@@ -180,3 +180,10 @@ def test_causal_generator_resamples_from_the_prefix(tiny_gpt2_dir):
     assert new != texts and log_p.requires_grad and (log_p < 0).all()
     first = [t.split()[0] for t in new]
     assert first == ["the", "a"]  # the first token has no prefix: never rewritten
+
+
+def test_rail_loss_is_the_squared_distance_of_unit_vectors():
+    a, b = torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)
+    a[0, 0, 0], b[0, 0, 1] = 1.0, 1.0  # orthogonal unit vectors: ||a - b||^2 = 2
+    last = torch.tensor([0])
+    assert torch.allclose(rail_loss((a, a), (b, b), [(1, 1)], last, last), torch.tensor(2.0))

@@ -63,8 +63,10 @@ def pooled(hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 def rail_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
               pairs: list[tuple[int, int]], s_last: torch.Tensor, t_last: torch.Tensor) -> torch.Tensor:
     """RAIL-KD (Haidar et al., COLING 2022): mean over the (student layer, randomly drawn teacher
-    layer) pairs of the MSE between their pooled, L2-normalised sentence representations."""
-    return sum(F.mse_loss(pooled(student_hidden[i], s_last), pooled(teacher_hidden[j], t_last))
+    layer) pairs of the squared distance ||s - t||^2 (in [0, 4]) between their pooled,
+    L2-normalised sentence representations, averaged over the batch. (A mean over the hidden
+    units instead would shrink the term by the hidden size and leave it without effect.)"""
+    return sum((pooled(student_hidden[i], s_last) - pooled(teacher_hidden[j], t_last)).pow(2).sum(-1).mean()
                for i, j in pairs) / len(pairs)
 
 
