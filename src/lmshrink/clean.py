@@ -199,8 +199,9 @@ def document_steps(s: CleanSettings, out: Path, files: list[tuple[str, str]]) ->
     return steps
 
 
-def stages(s: CleanSettings, out: Path) -> list[Stage]:
-    """The whole cleaning as datatrove stages; each pass over documents reads the previous pass's shards."""
+def stages(s: CleanSettings, out: Path, files: list[tuple[str, str]]) -> list[Stage]:
+    """The whole cleaning as datatrove stages over `files` (empty for a Hub dataset); each pass
+    over documents reads the previous pass's shards."""
     from datatrove.pipeline.dedup import (
         MinhashConfig,
         MinhashDedupBuckets,
@@ -215,11 +216,10 @@ def stages(s: CleanSettings, out: Path) -> list[Stage]:
         ExactFindDedups,
     )
 
-    files = [] if s.data[0].startswith("hf:") else input_files([str(resolve_path(d)) for d in s.data])
     n, work = s.num_tasks, out / "work"
     scoring = s.perplexity_model is not None
     quantile = bool(s.drop_worst_perplexity)
-    # Each entry: (stage name, steps that take documents in, whether the stage then writes kept/).
+    # Each entry: (stage name, steps that take documents in); the last pass writes kept/.
     passes: list[tuple[str, list]] = [("filter", document_steps(s, out, files))]
     if s.exact_dedup:
         exact = ExactDedupConfig(content_getter=exact_content)
@@ -437,12 +437,13 @@ def run(s: CleanSettings) -> dict[str, Any]:
         if not (out / "clean-settings.json").exists():
             raise SettingsError(f"--restart deletes {out}, which is not a `lmshrink clean` output; refusing")
         shutil.rmtree(out)
-    if not s.data[0].startswith("hf:") and not input_files([str(resolve_path(d)) for d in s.data]):
+    files = [] if s.data[0].startswith("hf:") else input_files([str(resolve_path(d)) for d in s.data])
+    if not s.data[0].startswith("hf:") and not files:
         raise DataError(f"no files found in {', '.join(s.data)}: nothing to clean")
     _check_resumable(s, out)
     start = time.perf_counter()
     executor = None
-    for stage in stages(s, out):
+    for stage in stages(s, out, files):
         executor = executor_for(s, stage, out / "logs", executor)
     executor.run()
     if s.executor != "local":

@@ -35,7 +35,7 @@ import torch
 
 from lmshrink.config import SettingsError, check, setting, to_dict
 from lmshrink.data import DataError
-from lmshrink.kd_methods import METHODS, CausalLMGenerator, KDConfig, MaskedLMGenerator, task_loss
+from lmshrink.kd_methods import METHODS, CausalLMGenerator, KDConfig, MaskedLMGenerator, right_padded, task_loss
 from lmshrink.records import RECORD, provenance, publish, read_record, save_figure, write_json, write_text
 
 # ----------------------------------------------------------------------------- tasks
@@ -287,10 +287,7 @@ class Collator:
 
 def with_pad_token(model, tokenizer):
     """Decoder tokenizers often lack a pad token: use EOS, so the classifier finds the last real token."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = right_padded(tokenizer).pad_token_id
     return model, tokenizer
 
 
@@ -392,13 +389,14 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
         report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen=True,
         dataloader_pin_memory=torch.cuda.is_available(), **precision_flags(s.precision))
+    test_set = Dataset.from_list(test)
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
-                               eval_dataset=Dataset.from_list(test), data_collator=collate, processing_class=tokenizer,
+                               eval_dataset=test_set, data_collator=collate, processing_class=tokenizer,
                                callbacks=[MetricsFile(folder / "metrics.jsonl")], method=kd, teacher=teacher)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    prediction = trainer.predict(Dataset.from_list(test))
+    prediction = trainer.predict(test_set)
     metrics = scores(task, prediction.predictions, [e["label"] for e in test])
     record = provenance("finetune", to_dict(s), method=method, seed=seed, model_source=source, metrics=metrics,
                         train_seconds=seconds, train_examples=len(train), eval_examples=len(test),
@@ -416,20 +414,15 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
 def evaluate_teacher(s: FinetuneSettings, task: Task, test: list[dict]) -> dict[str, float]:
     """The teacher's metrics on the same evaluation examples."""
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     model, tokenizer, _ = load_classifier(s.teacher, task, s.trust_remote_code)
     args = TrainingArguments(output_dir=str(Path(s.output) / ".teacher-eval"), per_device_eval_batch_size=s.batch_size,
                              report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available())
     collate = Collator(tokenizer, None, s.max_length, task.num_labels == 1)
-
-    class Predict(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            loss = task_loss(outputs.logits, inputs["labels"])
-            return (loss, outputs) if return_outputs else loss
-
-    prediction = Predict(model=model, args=args, data_collator=collate).predict(Dataset.from_list(test))
+    # the fine-tuning trainer's evaluation path: the plain task loss, no method
+    trainer = _trainer_class()(model=model, args=args, data_collator=collate)
+    prediction = trainer.predict(Dataset.from_list(test))
     return scores(task, prediction.predictions, [e["label"] for e in test])
 
 

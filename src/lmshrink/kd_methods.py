@@ -84,6 +84,15 @@ def reinforce_loss(log_probs: torch.Tensor, reward: torch.Tensor) -> torch.Tenso
     return -((reward - reward.mean()).detach() * log_probs).mean()
 
 
+def right_padded(tokenizer):
+    """A decoder tokenizer padding on the right, with EOS as its pad token where it has none
+    (so the last real token of each row is found after the padding is added)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def last_token(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last real token (right padding)."""
     return attention_mask.sum(-1) - 1
@@ -212,13 +221,19 @@ class MateKD(NoKD):
         self.optimizer.step()
         return s_batch, t_batch, reward.mean()
 
-    def __call__(self, student, teacher, batch, progress):
-        c = self.config
+    def rewritten_views(self, student, teacher, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """After one generator step: the student's logits on the rewrites (with grad), the
+        teacher's on the originals and on the rewrites, and the generator's mean reward."""
         s_batch, t_batch, adversarial = self.adversary_step(student, teacher, batch["texts"])
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         p_logits = student(**s_batch).logits
         with torch.no_grad():
             t_logits, tp_logits = teacher_logits(teacher, batch), teacher(**t_batch).logits
+        return p_logits, t_logits, tp_logits, adversarial
+
+    def __call__(self, student, teacher, batch, progress):
+        c = self.config
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        p_logits, t_logits, tp_logits, adversarial = self.rewritten_views(student, teacher, batch)
         task = task_loss(logits, batch["labels"])
         kd = hinton_kd(logits, t_logits, c.temperature)
         kd_perturbed = hinton_kd(p_logits, tp_logits, c.temperature)
@@ -237,10 +252,7 @@ class CombinedKD(MateKD):
         if tau is None:
             task = task_loss(logits, batch["labels"])
             return task, {"task": task}
-        s_batch, t_batch, adversarial = self.adversary_step(student, teacher, batch["texts"])
-        p_logits = student(**s_batch).logits
-        with torch.no_grad():
-            t_logits, tp_logits = teacher_logits(teacher, batch), teacher(**t_batch).logits
+        p_logits, t_logits, tp_logits, adversarial = self.rewritten_views(student, teacher, batch)
         annealed = annealed_regression(logits, t_logits, tau, c.tau_max)
         annealed_perturbed = annealed_regression(p_logits, tp_logits, tau, c.tau_max)
         loss = (annealed + annealed_perturbed) / 2
@@ -327,10 +339,7 @@ class CausalLMGenerator(MaskedLMGenerator):
     An adaptation for where no masked LM is at hand; MATE-KD itself uses a masked LM."""
 
     def __init__(self, model, tokenizer, max_length: int = 128):
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.model, self.tokenizer, self.max_length = model, right_padded(tokenizer), max_length
 
     def can_rewrite(self, enc) -> torch.Tensor:
         can = super().can_rewrite(enc)
