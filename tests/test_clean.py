@@ -48,9 +48,11 @@ EXPECTED: dict[str, tuple[str, str] | None] = {
     "corpus/broken.txt.gz": ("bad_input", "corrupt_gzip"),
     "corpus/broken.parquet#unreadable": ("bad_input", "corrupt_parquet"),
     "corpus/records.jsonl:1": ("bad_input", "malformed_json"),
-    "corpus/records.jsonl:2": ("bad_input", "missing_text"),
+    "r2": ("bad_input", "missing_text"),  # a record's own id is kept
+    "corpus/records.jsonl:6": ("bad_input", "missing_text"),  # text null
+    "corpus/records.jsonl:7": ("bad_input", "missing_text"),  # a JSON list, not an object
     "corpus/records.jsonl:3": ("bad_input", "nul_bytes"),
-    "corpus/records.jsonl:5": None,  # line 4 is blank: not a document
+    "m1": None,  # line 4 is blank: not a document
     "corpus/symbols.txt": ("line_filters", "no_lines_left"),
     "corpus/german.txt": ("language", "language_de"),
     "corpus/short.txt": ("gopher_quality", "gopher_short_doc"),
@@ -78,8 +80,11 @@ def corpus(tmp_path_factory) -> Path:
     (root / "broken.parquet").write_bytes(b"PAR1 this is not really parquet PAR1")
     good = " ".join(_prose("modules").split()[:300])
     (root / "records.jsonl").write_text(
-        '{"text": "unterminated\n' + json.dumps({"body": "no text field"}) + "\n"
-        + json.dumps({"text": "nul \x00 inside"}) + "\n\n" + json.dumps({"text": good, "id": "m1"}) + "\n")
+        '{"text": "unterminated\n' + json.dumps({"body": "no text field", "id": "r2", "url": "https://r.example"}) + "\n"
+        + json.dumps({"text": "nul \x00 inside"}) + "\n\n"
+        + json.dumps({"text": good, "id": "m1", "url": "https://m.example/1", "dump": "CC-MAIN-2024-10",
+                      "source": "crawl", "metadata": {"date": "2024-03-01"}}) + "\n"
+        + json.dumps({"text": None, "url": "https://n.example"}) + "\n" + json.dumps(["a", "list"]) + "\n")
     (root / "symbols.txt").write_text("x = [1, 2, 3]\n>>> print(x[0] + 42)\n----\n(ok)\n")
     (root / "german.txt").write_text(_german())
     (root / "short.txt").write_text("A short note that says very little at all.\n")
@@ -115,6 +120,18 @@ def cleaned(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("clean") / "out"
     run(settings([str(corpus)], out))
     return out
+
+
+def test_records_keep_their_id_and_every_field(cleaned):
+    """Nothing a record carried is lost: its id, its fields (a field named like one of ours kept
+    as original_<name>), its nested metadata, on kept and rejected documents alike."""
+    kept = {i: meta for i, meta, _ in _records(cleaned / "kept")}
+    assert kept["m1"]["url"] == "https://m.example/1" and kept["m1"]["dump"] == "CC-MAIN-2024-10"
+    assert kept["m1"]["original_source"] == "crawl" and kept["m1"]["date"] == "2024-03-01"
+    assert kept["m1"]["location"] == "corpus/records.jsonl:5" and kept["m1"]["source"] == "corpus/records.jsonl"
+    rejected = {i: meta for i, meta, _ in _records(cleaned / "rejected" / "bad_input")}
+    assert rejected["r2"]["url"] == "https://r.example" and rejected["r2"]["body"] == "no text field"
+    assert rejected["corpus/records.jsonl:6"]["url"] == "https://n.example"
 
 
 def test_every_document_kept_or_rejected_with_its_reason(cleaned):
@@ -175,6 +192,18 @@ def test_rerun_skips_finished_tasks_and_gives_the_same_result(corpus, tmp_path):
     assert outcome(out) == first
     with pytest.raises(SettingsError, match="other settings.*languages"):
         run(settings([str(corpus)], out, languages=["de"]))
+
+
+def test_resuming_with_other_workers_keeps_the_task_split(corpus, tmp_path):
+    """Interrupted with 1 worker (4 tasks by default), resumed with 2: the run keeps its 4 tasks, so
+    every file is read once and the report accounts for every document."""
+    out = tmp_path / "out"
+    base = {"data": [str(corpus)], "output": str(out), "max_doc_mb": 1, "max_line_chars": 50_000}
+    first = run(build(CleanSettings, {**base, "workers": 1}))
+    (out / "logs" / "filter" / "completions" / "00003").unlink()  # task 3 of stage 1 "interrupted"
+    again = run(build(CleanSettings, {**base, "workers": 2}))
+    assert again["input"]["documents"] == first["input"]["documents"] == len(EXPECTED)
+    assert outcome(out) == EXPECTED
 
 
 def test_perplexity_scoring_drops_the_worst_share(tiny_gpt2_dir, tmp_path):

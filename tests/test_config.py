@@ -38,6 +38,16 @@ def test_all_problems_are_reported_at_once():
     assert "strategy" in message and "give one of them" in message and "metric" in message
 
 
+def test_every_bad_type_in_a_config_is_reported_at_once(tmp_path):
+    config = tmp_path / "t.yaml"
+    config.write_text("num_layers: six\nratio: half\noverwrite: maybe\nnum_layer: 4\n")
+    with pytest.raises(SettingsError) as err:
+        from_args(TruncateSettings, ["--config", str(config)], "t", "")
+    message = str(err.value)
+    for part in ("num_layers: 'six'", "ratio: 'half'", "overwrite: 'maybe'", "'num_layer'", "--output"):
+        assert part in message
+
+
 def test_cli_errors_are_messages_not_tracebacks(capsys):
     assert main(["truncate", "--output", "o", "--num-layers", "0"]) == 2
     assert "num_layers: must be at least 1" in capsys.readouterr().err
@@ -47,12 +57,23 @@ def test_cli_errors_are_messages_not_tracebacks(capsys):
     assert "truncate" in capsys.readouterr().out
 
 
+def test_help_loads_no_heavy_library():
+    """`lmshrink --help` imports no command module, so it answers at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lmshrink.cli import main; main(['--help']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'datatrove', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]")
+
+
 def test_shipped_configs_are_valid(tmp_path, monkeypatch):
     """Each YAML in configs/ names its command in the header and builds that command's settings."""
     import re
     from pathlib import Path
 
-    from lmshrink.cli import COMMANDS
+    from lmshrink.cli import command
     from lmshrink.config import load_yaml
 
     root = Path(__file__).parent.parent
@@ -62,7 +83,7 @@ def test_shipped_configs_are_valid(tmp_path, monkeypatch):
     for file in files:
         commands = re.findall(rf"lmshrink (\S+) --config configs/{re.escape(file.name)}", file.read_text())
         assert commands, f"{file.name}: the header must say the command that runs it"
-        settings = build(COMMANDS[commands[0]][0], load_yaml(file))
+        settings = build(command(commands[0])[0], load_yaml(file))
         assert settings.output.startswith("runs/")
         if getattr(settings, "deepspeed", None):
             assert (root / settings.deepspeed).is_file()

@@ -10,14 +10,20 @@ def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--num-layers", "2",
                  "--calib-tokens", "256", "--eval-tokens", "300", "--window", "64", "--stride", "32",
-                 "--heal-tokens", "256", "--heal-block", "64", "--heal-batch", "2"]) == 0
+                 "--heal-tokens", "256", "--heal-block", "64", "--heal-batch", "2", "--task-limit", "3"]) == 0
     report = (out / "report.md").read_text()
     for text in ("| teacher |", "| importance |", "| alt |", "| bottom |", "importance + KD", "importance + LM",
-                 "Healing the importance-chosen student", "Does the choice of blocks matter?"):
+                 "Healing the importance-chosen student", "Does the choice of blocks matter?",
+                 "## Zero-shot benchmarks", "arc_easy (acc_norm)", "3 items of validation", "| zero-shot benchmarks |",
+                 "| healing: importance + KD |", "| **total** |"):
         assert text in report
     data = json.loads((out / "report.json").read_text())
     healed = {row["model"]: row for row in data["rows"] if "heal" in row}
     assert set(healed) == {"importance + KD", "importance + LM"}
     assert all(row["heal"]["tokens"] == 256 and row["heal"]["train_seconds"] > 0 for row in healed.values())
-    for png in ("scores.png", "perplexity.png"):
+    # every model, healed ones included, scored on the same items of each quick task
+    assert all(set(row["tasks"]) == {"arc_easy", "piqa", "winogrande"} for row in data["rows"])
+    assert all(score["items"] == 3 for row in data["rows"] for score in row["tasks"].values())
+    assert data["step_seconds"]["zero-shot benchmarks"] > 0
+    for png in ("scores.png", "perplexity.png", "tasks.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

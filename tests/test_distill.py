@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from lmshrink.cli import main
 from lmshrink.config import SettingsError, build
-from lmshrink.distill import DistillSettings, check_vocabularies, layer_pairs
+from lmshrink.distill import DistillSettings, DistillTrainer, check_vocabularies, layer_pairs
+from lmshrink.losses import divergence
 
 TINY = ["--block-size", "64", "--batch-size", "2", "--logging-steps", "2", "--report-to", "none"]
 DATA = ["--data", "python-docs/tutorial", "--heldout", "0.2"]
@@ -27,7 +28,17 @@ def metrics_lines(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_distill_recipe_end_to_end(student, tiny_gpt2_dir, tmp_path):
+def test_distill_recipe_end_to_end(student, tiny_gpt2_dir, tmp_path, monkeypatch):
+    # the teacher the trainer holds in memory, and its weights as they were before training
+    held = {}
+    original_init = DistillTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        held["teacher"] = self.teacher
+        held["before"] = {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}
+
+    monkeypatch.setattr(DistillTrainer, "__init__", spy)
     out = tmp_path / "run"
     assert main(["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out),
                  *DATA, *TINY, "--max-steps", "4", "--layer-map", "kept", "--alpha-inter", "1"]) == 0
@@ -36,20 +47,50 @@ def test_distill_recipe_end_to_end(student, tiny_gpt2_dir, tmp_path):
     assert record["settings"]["lr"] == 2.5e-4 and record["settings"]["temperature"] == 2.0  # DistilGPT-2 defaults
     logged = [line for line in metrics_lines(out) if "loss" in line][-1]
     assert {"ce", "kd", "cos", "inter", "tokens_per_s"} <= set(logged)
-    # the teacher is frozen: its weights are untouched
-    teacher = T.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
-    original = load_file(tiny_gpt2_dir / "model.safetensors")
-    assert torch.equal(teacher.state_dict()["transformer.h.3.mlp.c_fc.weight"], original["transformer.h.3.mlp.c_fc.weight"])
+    card = (out / "model" / "README.md").read_text()
+    assert "knowledge-distillation" in card and f"distillation from `{tiny_gpt2_dir}`" in card
+    # the teacher is frozen: after training, the weights it held are exactly those it started with
+    teacher = held["teacher"]
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    after = teacher.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in held["before"].items())
+
+
+def _divergence_to_teacher(model_dir, teacher_dir, loss: str, real_text) -> float:
+    """The mean `loss` divergence of a model from the teacher on held-out real text."""
+    tokenizer = T.AutoTokenizer.from_pretrained(teacher_dir)
+    ids = tokenizer(real_text.read_text()[:2000], return_tensors="pt")["input_ids"][:, :128]
+    with torch.no_grad():
+        log_ps = torch.log_softmax(T.AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits.float() / 2, -1)
+        log_pt = torch.log_softmax(T.AutoModelForCausalLM.from_pretrained(teacher_dir)(ids).logits.float() / 2, -1)
+    return divergence(loss)(log_ps, log_pt).mean().item()
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory, gpt2_tokenizer):
+    """A teacher with confident (far from uniform) predictions, and its 2-block student: KD has
+    something to teach (a tiny model at the usual init predicts almost uniformly)."""
+    root = tmp_path_factory.mktemp("sharp")
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(n_layer=4, n_embd=32, n_head=2, n_positions=256,
+                                   initializer_range=0.3)).save_pretrained(root / "teacher")
+    gpt2_tokenizer.save_pretrained(root / "teacher")
+    assert main(["truncate", "--teacher", str(root / "teacher"), "--output", str(root / "student"), "--keep", "0,3"]) == 0
+    return root / "teacher", root / "student"
 
 
 @pytest.mark.parametrize("loss", ["reverse_kl", "gjsd", "skew_kl", "tv"])
-def test_every_kd_loss_trains(student, tiny_gpt2_dir, tmp_path, loss):
+def test_every_kd_loss_moves_the_student_towards_the_teacher(sharp, real_text, tmp_path, loss):
+    teacher, student = sharp
     out = tmp_path / loss
-    assert main(["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out),
-                 *DATA, *TINY, "--max-steps", "2", "--loss", loss, "--layer-map", "rail", "--alpha-inter", "0.5",
-                 "--inter-loss", "cosine"]) == 0
+    assert main(["distill", "--model", str(student), "--teacher", str(teacher), "--output", str(out),
+                 *DATA, *TINY, "--max-steps", "4", "--alpha-clm", "0", "--loss", loss,
+                 "--layer-map", "rail", "--alpha-inter", "0.5", "--inter-loss", "cosine"]) == 0
     logged = [line for line in metrics_lines(out) if "loss" in line][-1]
     assert logged["kd"] > 0 and logged["inter"] > 0
+    before = _divergence_to_teacher(student, teacher, loss, real_text)
+    after = _divergence_to_teacher(out / "model", teacher, loss, real_text)
+    assert after < 0.99 * before
 
 
 def test_cached_teacher_trains_without_the_teacher(student, tiny_gpt2_dir, tmp_path):
@@ -76,6 +117,17 @@ def test_cached_teacher_trains_without_the_teacher(student, tiny_gpt2_dir, tmp_p
     record = json.loads((out / "lmshrink.json").read_text())
     assert record["distill_teacher"] == str(tiny_gpt2_dir) and record["metrics"]["heldout_ppl_after"] > 1
     assert [line for line in metrics_lines(out) if "loss" in line][-1]["kd"] > 0
+
+    # --eval-data is evaluated with a cache too (the cache above was built with a held-out split of
+    # its own; this one has none)
+    bare = tmp_path / "cache-no-heldout"
+    assert main(["cache-teacher", "--teacher", str(tiny_gpt2_dir), "--output", str(bare), "--data",
+                 "python-docs/tutorial", "--heldout", "0", "--block-size", "64", "--max-tokens", "512", "--top-k", "8"]) == 0
+    out = tmp_path / "run-eval-data"
+    assert main(["distill", "--model", str(student), "--teacher-cache", str(bare), "--output", str(out), *TINY,
+                 "--max-steps", "2", "--alpha-cos", "0", "--eval-data", "kernel-docs/process", "--eval-tokens", "256"]) == 0
+    metrics = json.loads((out / "lmshrink.json").read_text())["metrics"]
+    assert metrics["heldout_tokens"] == 256 and metrics["heldout_ppl_before"] > 1 and metrics["heldout_ppl_after"] > 1
 
 
 def test_cached_teacher_at_temperature_one_shares_the_softmax(student, tiny_gpt2_dir, tmp_path, capsys):

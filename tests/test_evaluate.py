@@ -62,10 +62,15 @@ def test_perplexity_limits():
 
 
 def test_parameters_count_tied_weights_once():
-    model = tiny_model("gpt2", 2)
-    untied = sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
-    assert count_parameters(model) < untied
-    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    for kind in ("gpt2", "llama"):  # both tie the LM head to the token embeddings here
+        model = tiny_model(kind, 2)
+        every_name = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+        head = model.get_output_embeddings().weight
+        assert head is model.get_input_embeddings().weight
+        assert count_parameters(model) == every_name - head.numel()  # the shared matrix counted once
+        # untied, the head is a parameter of its own and counts
+        model.get_output_embeddings().weight = torch.nn.Parameter(head.detach().clone())
+        assert count_parameters(model) == every_name
 
 
 def test_speed_report_measures():

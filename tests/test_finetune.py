@@ -63,6 +63,8 @@ def test_teacher_then_every_method_over_two_seeds(models, teacher, capsys):
     assert set(summary["teacher"]) == {"accuracy", "f1"}
     record = json.loads((out / "mate" / "seed-2" / "model" / "lmshrink.json").read_text())
     assert record["method"] == "mate" and record["seed"] == 2 and record["train_examples"] == 32
+    card = (out / "mate" / "seed-2" / "model" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "# run-student-mate-seed-2" in card
     lines = [json.loads(x) for x in (out / "mate" / "seed-2" / "metrics.jsonl").read_text().splitlines()]
     assert any("kd_perturbed" in x and "generator_reward" in x for x in lines)  # the method's parts are logged
     report = (out / "report.md").read_text()
@@ -125,3 +127,51 @@ def test_clear_errors(models, teacher, tmp_path, monkeypatch):
                                      "teacher": str(teacher), "methods": ["none", "mate"],
                                      "generator": "distilroberta-base", **SMALL}))
     assert not (tmp_path / "m" / "none").exists()  # failed before training anything
+
+
+def test_file_task_without_eval_file_holds_out_rows(models, tmp_path, capsys):
+    """The training rows are never scored as the evaluation: a fixed share is held out, and said so."""
+    csv = tmp_path / "s.csv"
+    csv.write_text("text,label\n" + "\n".join(f"sentence {i} is {'good' if i % 2 else 'bad'},{i % 2}"
+                                                for i in range(20)) + "\n")
+    run(build(FinetuneSettings, {"model": str(models / "student"), "output": str(tmp_path / "f"), "task": "file",
+                                 "train_file": str(csv), "seeds": [0], **SMALL}))
+    record = json.loads((tmp_path / "f" / "none" / "seed-0" / "model" / "lmshrink.json").read_text())
+    assert record["train_examples"] == 16 and record["eval_examples"] == 4
+    assert "4 of the 20 rows" in capsys.readouterr().out
+
+
+def test_a_rerun_with_changed_settings_is_refused(models, teacher):
+    """run-teacher holds a finished run; the same output with another lr must not re-use it silently."""
+    with pytest.raises(SettingsError, match=r"lr 5e-05 -> 0.001"):
+        run(build(FinetuneSettings, {"model": str(models / "teacher"), "output": str(teacher.parent.parent.parent),
+                                     "seeds": [0], **SMALL, "lr": 1e-3}))
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(models, tmp_path, monkeypatch):
+    """Killed at step 3 of 4 (checkpoints every 2 steps), the re-run continues from checkpoint-2 and
+    ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    common = {"model": str(models / "student"), "seeds": [0], **SMALL, "save_steps": 2}
+    run(build(FinetuneSettings, {**common, "output": str(tmp_path / "straight")}))
+    original = Trainer.training_step
+
+    def dies_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(build(FinetuneSettings, {**common, "output": str(tmp_path / "resumed")}))
+    monkeypatch.setattr(Trainer, "training_step", original)
+    folder = tmp_path / "resumed" / "none" / "seed-0"
+    assert (folder / "checkpoints" / "checkpoint-2").is_dir() and not (folder / "model").exists()
+    run(build(FinetuneSettings, {**common, "output": str(tmp_path / "resumed")}))
+    straight = load_file(tmp_path / "straight" / "none" / "seed-0" / "model" / "model.safetensors")
+    resumed = load_file(folder / "model" / "model.safetensors")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
+    assert not (folder / "checkpoints").exists()

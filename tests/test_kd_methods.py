@@ -162,7 +162,10 @@ def test_mate_trains_its_generator_against_the_student(generator):
     batch["texts"] = ["the film is a quiet triumph", "a dull and tiresome sequel"]
     loss, parts = method(student, teacher, batch, 0.0)
     assert torch.allclose(loss, (parts["task"] + parts["kd"] + parts["kd_perturbed"]) / 3)
-    assert parts["generator_reward"] >= 0  # a divergence
+    assert parts["generator_reward"] > 0  # the student and teacher differ on the rewrites
+    # the reward is the teacher-student divergence: a student identical to its teacher earns the generator nothing
+    twin = MateKD(KDConfig(generator_lr=1e-2), generator=generator, encode=encode)
+    assert twin(teacher, teacher, batch, 0.0)[1]["generator_reward"].abs() < 1e-6
     changed = sum(not torch.equal(a, b) for a, b in zip(before, generator.model.parameters(), strict=True))
     assert changed > 0  # the adversary took a step
     loss.backward()

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from lmshrink.cli import main
@@ -37,10 +38,23 @@ def test_pretrain_end_to_end(tiny_gpt2_dir, tmp_path):
     checkpoint = json.loads((out / "checkpoints" / "checkpoint-6" / "lmshrink.json").read_text())
     assert checkpoint["step"] == 6 and checkpoint["settings"]["max_steps"] == 6  # each checkpoint describes itself
     assert not (out / "model" / "training_args.bin").exists()  # no pickles in the model folder
+    card = ModelCard.load(out / "model" / "README.md")  # a Hub model card made from the record
+    assert "continued-pretraining" in card.data.tags and card.data.pipeline_tag == "text-generation"
+    assert "# run" in card.text and "Held-out perplexity" in card.text
     # the trained weights differ from the start and reload
     start = load_file(tiny_gpt2_dir / "model.safetensors")
     end = load_file(out / "model" / "model.safetensors")
     assert not torch.equal(start["transformer.h.0.attn.c_attn.weight"], end["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_a_heldout_set_smaller_than_one_batch_is_evaluated(tiny_gpt2_dir, real_text, tmp_path):
+    """3 held-out blocks with batch 8: every block is scored (no KeyError: 'eval_loss')."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--output", str(out), "--data", "python-docs/tutorial",
+                 "--eval-data", str(real_text), "--eval-tokens", "192", "--block-size", "64", "--batch-size", "8",
+                 "--max-steps", "1", "--report-to", "none"]) == 0
+    metrics = json.loads((out / "lmshrink.json").read_text())["metrics"]
+    assert metrics["heldout_tokens"] == 192 and metrics["heldout_ppl_before"] > 1 and metrics["heldout_ppl_after"] > 1
 
 
 def test_token_budget_sets_the_steps(tiny_gpt2_dir, tmp_path):

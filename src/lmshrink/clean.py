@@ -415,8 +415,12 @@ def _check_resumable(s: CleanSettings, out: Path) -> None:
     """A re-run resumes only the same cleaning: other settings would mix two corpora in one folder."""
     path = out / "clean-settings.json"
     mine = {k: v for k, v in to_dict(s).items() if k not in RESUMABLE_CHANGES}
+    mine["tasks"] = s.num_tasks  # the split of the input into tasks is fixed for a run
     if path.exists():
         theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in RESUMABLE_CHANGES}
+        if s.tasks is None and theirs.get("tasks"):
+            # resumed with other --workers: keep the run's task split, or files would be read twice or never
+            s.tasks = mine["tasks"] = theirs["tasks"]
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if changed:
             raise SettingsError(f"{out} holds a cleaning run with other settings ({', '.join(changed)}); "

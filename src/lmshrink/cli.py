@@ -1,57 +1,47 @@
-"""The `lmshrink` command line: a dict from command name to (settings class, function)."""
+"""The `lmshrink` command line: a dict from command name to where its settings and function live.
+
+A command's module is imported only when that command runs, so `lmshrink --help` does not pay
+for torch, transformers and datatrove.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from lmshrink import __version__
-from lmshrink.assets import AssetError, FetchSettings, fetch
-from lmshrink.clean import CleanSettings
-from lmshrink.clean import run as clean
-from lmshrink.config import SettingsError, from_args
-from lmshrink.data import DataError
-from lmshrink.demo import DemoSettings
-from lmshrink.demo import run as demo
-from lmshrink.distill import DistillSettings
-from lmshrink.distill import run as distill
-from lmshrink.evaluate import EvalSettings
-from lmshrink.evaluate import run as evaluate
-from lmshrink.finetune import FinetuneSettings
-from lmshrink.finetune import run as finetune
-from lmshrink.models import ModelLoadError
-from lmshrink.pretrain import PretrainSettings
-from lmshrink.pretrain import run as pretrain
-from lmshrink.score_layers import ScoreSettings
-from lmshrink.score_layers import run as score_layers
-from lmshrink.teacher_cache import CacheSettings
-from lmshrink.teacher_cache import run as cache_teacher
-from lmshrink.truncate import LayerSelectionError, TruncateSettings
-from lmshrink.truncate import run as truncate
+from lmshrink.config import from_args
+from lmshrink.errors import LmshrinkError
 
-COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
-    "clean": (CleanSettings, clean),
-    "truncate": (TruncateSettings, truncate),
-    "score-layers": (ScoreSettings, score_layers),
-    "pretrain": (PretrainSettings, pretrain),
-    "distill": (DistillSettings, distill),
-    "cache-teacher": (CacheSettings, cache_teacher),
-    "finetune": (FinetuneSettings, finetune),
-    "eval": (EvalSettings, evaluate),
-    "demo": (DemoSettings, demo),
-    "fetch": (FetchSettings, fetch),
+# name -> (module, settings class, function, one-line summary)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "clean": ("lmshrink.clean", "CleanSettings", "run", "Clean a pre-training corpus with datatrove"),
+    "truncate": ("lmshrink.truncate", "TruncateSettings", "run", "Build a student from a subset of the teacher's blocks"),
+    "score-layers": ("lmshrink.score_layers", "ScoreSettings", "run", "Score how much each block of a model matters"),
+    "pretrain": ("lmshrink.pretrain", "PretrainSettings", "run", "Heal a student with the plain causal-LM loss"),
+    "distill": ("lmshrink.distill", "DistillSettings", "run", "Heal a student by distillation from a frozen teacher"),
+    "cache-teacher": ("lmshrink.teacher_cache", "CacheSettings", "run", "Store a teacher's top-k log-probs for distill"),
+    "finetune": ("lmshrink.finetune", "FinetuneSettings", "run", "Fine-tune on a downstream task, with KD methods"),
+    "eval": ("lmshrink.evaluate", "EvalSettings", "run",
+             "Perplexity, zero-shot benchmarks, speed and size of models, side by side"),
+    "demo": ("lmshrink.demo", "DemoSettings", "run", "The embedded study: score, cut, heal and compare SmolLM2-135M"),
+    "fetch": ("lmshrink.assets", "FetchSettings", "fetch", "Fetch the real assets into the cache"),
 }
 
-# Errors that are the user's to fix: print the message, not a traceback.
-USER_ERRORS = (SettingsError, LayerSelectionError, ModelLoadError, DataError, AssetError)
+
+def command(name: str) -> tuple[type, Callable[[Any], Any]]:
+    """A command's settings class and function (importing its module now)."""
+    module_name, settings_name, function_name, _ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, settings_name), getattr(module, function_name)
 
 
 def usage() -> str:
     lines = [f"lmshrink {__version__}: compress decoder language models and measure what was lost", "",
              "usage: lmshrink COMMAND [--config FILE.yaml] [--flags]", "", "commands:"]
-    for name, (cls, _) in COMMANDS.items():
-        lines.append(f"  {name:<14}{(cls.__doc__ or '').strip().splitlines()[0]}")
+    lines += [f"  {name:<14}{summary}" for name, (*_, summary) in COMMANDS.items()]
     lines.append("\n`lmshrink COMMAND --help` lists a command's settings.")
     return "\n".join(lines)
 
@@ -68,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lmshrink: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    cls, function = COMMANDS[name]
     try:
-        settings = from_args(cls, rest, prog=f"lmshrink {name}", description=(cls.__doc__ or "").strip())
+        cls, function = command(name)
+        settings = from_args(cls, rest, prog=f"lmshrink {name}", description=(cls.__doc__ or COMMANDS[name][3]).strip())
         function(settings)
-    except USER_ERRORS as err:
+    except LmshrinkError as err:  # the user's to fix: the message, not a traceback
         print(f"lmshrink {name}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from lmshrink.errors import LmshrinkError
 
-class SettingsError(ValueError):
+
+class SettingsError(LmshrinkError, ValueError):
     """A bad setting; the message names the field and the fix."""
 
 
@@ -110,17 +112,27 @@ def build(cls: type, values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    problems = []  # every unknown key, bad value and missing setting, reported at once
     unknown = [k for k in values if k not in fields]
     if unknown:
         known = ", ".join(sorted(fields))
-        raise SettingsError(f"unknown setting(s) {', '.join(map(repr, unknown))}; known settings are: {known}")
-    kwargs = {k: _convert(k, hints[k], v) for k, v in values.items()}
+        problems.append(f"unknown setting(s) {', '.join(map(repr, unknown))}; known settings are: {known}")
+    kwargs = {}
+    for key, value in values.items():
+        if key in fields:
+            try:
+                kwargs[key] = _convert(key, hints[key], value)
+            except SettingsError as err:
+                problems.append(str(err))
     missing = [
         n for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise SettingsError(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+        problems.append(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    if len(problems) == 1:
+        raise SettingsError(problems[0])
+    check(problems)
     return cls(**kwargs)
 
 

@@ -76,8 +76,12 @@ class CorpusReader(PipelineStep):
         self.max_doc_bytes, self.max_line_chars, self.max_invalid_utf8 = max_doc_bytes, max_line_chars, max_invalid_utf8
 
     # One function per kind of input; each yields Documents, bad ones marked.
-    def _document(self, text: str, doc_id: str, source: str, n_bytes: int, reason: str | None = None) -> Document:
+    def _document(self, text: str, doc_id: str, source: str, n_bytes: int, reason: str | None = None,
+                  record: dict | None = None) -> Document:
         metadata: dict = {"source": source, "input_bytes": n_bytes}
+        if record is not None:
+            metadata = self._with_record(record, doc_id, metadata)
+            doc_id = str(record["id"]) if record.get("id") is not None else doc_id
         if reason is None and "\x00" in text:
             reason = "nul_bytes"
         if reason is None and not text.strip():
@@ -90,6 +94,21 @@ class CorpusReader(PipelineStep):
             text = text.replace("\x00", "")[:4096]  # a readable preview, not the bulk
         self.stat_update("input_bytes", value=n_bytes, unit="doc")
         return Document(text=text, id=doc_id, metadata=metadata)
+
+    def _with_record(self, record: dict, location: str, ours: dict) -> dict:
+        """A record's own fields (FineWeb's url, dump, date, ...) kept in the metadata, nothing lost:
+        the text becomes the document, its id the document id (its place in the input goes to
+        `location`), and a field named like one of ours is kept as `original_<name>`."""
+        reserved = {*ours, "location", "bad_input", "filter_reason", "perplexity", "language", "language_score"}
+        kept = {}
+        for key, value in record.items():
+            if key in (self.text_key, "id"):
+                continue
+            kept[f"original_{key}" if key in reserved else key] = value
+        if isinstance(record.get("metadata"), dict):  # a record written by lmshrink clean / datatrove
+            kept.pop("metadata")
+            kept = {**{k: v for k, v in record["metadata"].items() if k not in reserved}, **kept}
+        return {**kept, **ours, "location": location}
 
     def _decode(self, raw: bytes) -> tuple[str, str | None]:
         """UTF-8 text, or the reason it is not text; a few invalid bytes are replaced and counted."""
@@ -153,14 +172,16 @@ class CorpusReader(PipelineStep):
             self.stat_update("blank_jsonl_lines")
             return
         text, reason = self._decode(line)
+        record = None
         if reason is None:
             try:
-                record = json.loads(text)
-                value = record.get(self.text_key) if isinstance(record, dict) else None
+                parsed = json.loads(text)
+                record = parsed if isinstance(parsed, dict) else None
+                value = record.get(self.text_key) if record is not None else None
                 text, reason = (value, None) if isinstance(value, str) else (text, "missing_text")
             except json.JSONDecodeError:
                 reason = "malformed_json"
-        yield self._document(text, doc_id, name, len(line), reason)
+        yield self._document(text, doc_id, name, len(line), reason, record)
 
     def _parquet_file(self, path: str, name: str) -> Iterator[Document]:
         import pyarrow as pa
@@ -172,10 +193,11 @@ class CorpusReader(PipelineStep):
                 yield self._document("", f"{name}#all", name, os.path.getsize(path), "missing_text")
                 return
             row = 0
-            for batch in table.iter_batches(batch_size=1024, columns=[self.text_key]):
-                for value in batch.column(0).to_pylist():
+            for batch in table.iter_batches(batch_size=1024):  # every column: nothing the user gave is lost
+                for record in batch.to_pylist():
+                    value = record.get(self.text_key)
                     text, reason = (value, None) if isinstance(value, str) else ("", "missing_text")
-                    yield self._document(text, f"{name}#{row}", name, len((text or "").encode()), reason)
+                    yield self._document(text, f"{name}#{row}", name, len((text or "").encode()), reason, record)
                     row += 1
         except (OSError, pa.ArrowException):
             yield self._document("", f"{name}#unreadable", name, os.path.getsize(path), "corrupt_parquet")
@@ -191,7 +213,8 @@ class CorpusReader(PipelineStep):
         for i, record in enumerate(dataset):
             value = record.get(self.text_key)
             text, reason = (value, None) if isinstance(value, str) else ("", "missing_text")
-            yield self._document(text, f"{self.hub}#{rank}-{i}", self.hub, len((text or "").encode()), reason)
+            yield self._document(text, f"{self.hub}#{rank}-{i}", self.hub, len((text or "").encode()), reason,
+                                 dict(record))
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if self.hub:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from lmshrink.errors import LmshrinkError
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".jsonl"}
 
 
-class DataError(ValueError):
+class DataError(LmshrinkError, ValueError):
     pass
 
 
@@ -56,9 +58,19 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 raise DataError(f"{path}:{n} is not valid JSON") from None
-            if field not in record:
-                raise DataError(f"{path}:{n} has no {field!r} field (fields: {', '.join(record)})")
-            yield str(record[field])
+            yield record_text(record, field, f"{path}:{n}")
+
+
+def record_text(record: object, field: str, where: str) -> str:
+    """The text field of one JSON record, or a DataError naming the record and what is wrong."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is a JSON {type(record).__name__}, not an object with a {field!r} field")
+    if field not in record:
+        raise DataError(f"{where} has no {field!r} field (fields: {', '.join(record)})")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {field!r} is {json.dumps(value)[:40]}, not text; fix or drop that record")
+    return value
 
 
 def parse_hub(spec: str) -> tuple[str, str | None, str]:

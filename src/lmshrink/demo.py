@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import context_limit
+from lmshrink.benchmarks import KNOWN, SUITES, unknown_tasks
 from lmshrink.config import check, setting, to_dict
-from lmshrink.evaluate import EvalSettings, evaluate_model, markdown_table, pick_device
+from lmshrink.evaluate import EvalSettings, evaluate_model, markdown_table, pick_device, tasks_chart, tasks_note, tasks_table
 from lmshrink.records import provenance, save_figure, write_json, write_text
 from lmshrink.score_layers import calibration_rows, plot, score
 from lmshrink.truncate import STRATEGIES, TruncateSettings
@@ -41,6 +42,9 @@ class DemoSettings:
     heal_lr: float = setting(3e-4, "peak learning rate of the healing runs")
     heal_block: int = setting(256, "tokens per healing sequence")
     heal_batch: int = setting(4, "sequences per healing step")
+    tasks: list[str] = setting(["quick"], "zero-shot benchmarks for every model (lm-eval names or a suite: quick, "
+                                          "core); empty for none")
+    task_limit: int = setting(40, "items of each benchmark task (the first N)")
     window: int = setting(512, "perplexity window")
     stride: int = setting(256, "perplexity stride")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
@@ -48,6 +52,10 @@ class DemoSettings:
     def __post_init__(self) -> None:
         problems = [f"strategies: {s!r} is unknown; choose from {', '.join(STRATEGIES)}"
                     for s in self.strategies if s not in STRATEGIES]
+        if unknown := unknown_tasks(self.tasks):
+            problems.append(f"tasks: {', '.join(map(repr, unknown))} unknown; choose from {', '.join([*SUITES, *KNOWN])}")
+        if self.task_limit < 1:
+            problems.append("task_limit: must be positive")
         if self.num_layers < 1:
             problems.append("num_layers: must be at least 1")
         if self.heal and "importance" not in self.strategies:
@@ -82,31 +90,37 @@ def run(settings: DemoSettings) -> dict[str, Any]:
 
     out = Path(settings.output)
     started = time.perf_counter()
+    steps: dict[str, float] = {}  # step -> wall seconds, printed in the report
+    total = 4 if settings.heal else 3
     teacher = load(settings.teacher)
     teacher.model.to(pick_device(settings.device))
     n = teacher.model.config.num_hidden_layers
-    print(f"[1/{4 if settings.heal else 3}] scoring the {n} blocks of {settings.teacher} on {settings.calib_data}")
+    print(f"[1/{total}] scoring the {n} blocks of {settings.teacher} on {settings.calib_data}")
     length = min(512, context_limit(teacher.model.config) or 512, settings.calib_tokens)
     rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, length)
     scores = score(teacher.model, rows)
     write_json(out / "scores.json", provenance("score-layers", to_dict(settings), **scores))
     plot(scores, out / "scores.png", f"{settings.teacher}: block importance on {settings.calib_data}")
     teacher.model.cpu()
+    steps["scoring the blocks"] = time.perf_counter() - started
 
-    steps = 4 if settings.heal else 3
-    print(f"[2/{steps}] building {n} -> {settings.num_layers} block students: {', '.join(settings.strategies)}")
+    print(f"[2/{total}] building {n} -> {settings.num_layers} block students: {', '.join(settings.strategies)}")
+    mark = time.perf_counter()
     students = {}
     for strategy in settings.strategies:
         students[strategy] = truncate(TruncateSettings(
             output=str(out / f"student-{strategy}"), teacher=settings.teacher, strategy=strategy,
             num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True), teacher=teacher)
+    steps["cutting the students"] = time.perf_counter() - mark
 
-    healed = heal(settings, students["importance"]) if settings.heal else {}
+    healed = heal(settings, students["importance"], steps) if settings.heal else {}
 
-    print(f"[{4 if settings.heal else 3}/{4 if settings.heal else 3}] evaluating on {', '.join(settings.heldout)}")
+    print(f"[{total}/{total}] evaluating on {', '.join(settings.heldout)}"
+          + (f" and {', '.join(settings.tasks)} ({settings.task_limit} items per task)" if settings.tasks else ""))
+    mark = time.perf_counter()
     ev = EvalSettings(models=[settings.teacher], data=settings.heldout, output=str(out),
                       max_tokens=settings.eval_tokens, window=settings.window, stride=settings.stride,
-                      device=settings.device)
+                      device=settings.device, tasks=settings.tasks, limit=settings.task_limit)
     streams: dict = {}
     table = [evaluate_model(settings.teacher, ev, label="teacher", streams=streams)]
     table += [evaluate_model(str(path), ev, label=name, streams=streams) for name, path in students.items()]
@@ -114,19 +128,26 @@ def run(settings: DemoSettings) -> dict[str, Any]:
         row = evaluate_model(str(run["model"]), ev, label=name, streams=streams)
         row["heal"] = {k: v for k, v in run.items() if k != "model"}
         table.append(row)
+    zero_shot = sum(row.get("task_seconds", 0.0) for row in table)
+    steps["perplexity, speed and size"] = time.perf_counter() - mark - zero_shot
+    if settings.tasks:
+        steps["zero-shot benchmarks"] = zero_shot
     _ppl_chart(table, out / "perplexity.png")
+    if settings.tasks:
+        tasks_chart(table, out / "tasks.png", f"zero-shot scores, first {settings.task_limit} items per task")
     elapsed = time.perf_counter() - started
-    report = _report(settings, scores, table, elapsed)
-    write_text(out / "report.md", report)
+    text = _report(settings, scores, table, elapsed, steps, ev)
+    write_text(out / "report.md", text)
     write_json(out / "report.json", provenance("demo", to_dict(settings), rows=table, scores=scores,
-                                               wall_seconds=elapsed))
-    print(report)
+                                               wall_seconds=elapsed, step_seconds=steps))
+    print(text)
     print(f"wrote {out / 'report.md'}")
     return {"rows": table, "scores": scores}
 
 
-def heal(settings: DemoSettings, student: Path) -> dict[str, dict[str, Any]]:
-    """Heal the student with KD and with the plain LM loss at the same token budget; time each."""
+def heal(settings: DemoSettings, student: Path, steps: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Heal the student with KD and with the plain LM loss at the same token budget; time each
+    (the whole run, loading and evaluation included, goes into `steps`)."""
     from lmshrink.distill import DistillSettings
     from lmshrink.distill import run as distill
     from lmshrink.pretrain import PretrainSettings
@@ -146,13 +167,16 @@ def heal(settings: DemoSettings, student: Path) -> dict[str, dict[str, Any]]:
         print(f"[3/4] healing ({i + 1}/2) {name}: {settings.heal_tokens:,} tokens of {settings.heal_data}")
         if folder.exists():
             shutil.rmtree(folder)  # the demo starts its runs afresh
+        mark = time.perf_counter()
         metrics = function(cls(output=str(folder), **common, **extra))
+        steps[f"healing: {name}"] = time.perf_counter() - mark
         healed[name] = {"model": folder / "model", "train_seconds": metrics["train_seconds"],
                         "tokens": metrics["tokens_seen"], "steps": metrics["steps"]}
     return healed
 
 
-def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: float) -> str:
+def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: float, steps: dict[str, float],
+            ev: EvalSettings) -> str:
     n = scores["num_layers"]
     by_name = {row["model"]: row for row in table}
     lines = [
@@ -198,6 +222,9 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
             cells = [f"{before[h]:,.1f} -> **{row['perplexity'][h]:,.1f}** ({row['perplexity'][h] / before[h] - 1:+.0%})"
                      for h in settings.heldout]
             lines.append(f"| {row['model']} | {row['heal']['train_seconds']:.0f} s | " + " | ".join(cells) + " |")
+    if settings.tasks:
+        lines += ["", "## Zero-shot benchmarks", "", tasks_table(table), "", tasks_note(table, ev), "",
+                  "![zero-shot scores](tasks.png)"]
     order = sorted(range(n), key=lambda i: scores["block_influence"][i])
     lines += [
         "",
@@ -211,7 +238,14 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         "",
         "![perplexity](perplexity.png)",
         "",
-        f"Total wall time {seconds / 60:.1f} min. Reproduce with `lmshrink demo` (settings in report.json).",
+        "## Time",
+        "",
+        "| step | wall time |",
+        "|---|---:|",
+        *(f"| {step} | {sec:,.0f} s |" for step, sec in steps.items()),
+        f"| **total** | **{seconds / 60:.1f} min** |",
+        "",
+        "Reproduce with `lmshrink demo` (settings in report.json).",
         "",
     ]
     return "\n".join(lines)

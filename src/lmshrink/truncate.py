@@ -24,11 +24,13 @@ from typing import Any
 
 from lmshrink.architectures import architecture_of, blocks_of, context_limit, get_path
 from lmshrink.config import SettingsError, check, setting, to_dict
-from lmshrink.records import RECORD, provenance, save_atomically, write_json
+from lmshrink.errors import LmshrinkError
+from lmshrink.model_card import save_model_record
+from lmshrink.records import provenance, save_atomically
 from lmshrink.score_layers import METRICS
 
 
-class LayerSelectionError(ValueError):
+class LayerSelectionError(LmshrinkError, ValueError):
     pass
 
 
@@ -199,9 +201,9 @@ def load_scores(path: str) -> dict[str, Any]:
 
 def run(settings: TruncateSettings, teacher=None) -> Path:
     """Truncate and save; `teacher` may be a pre-loaded `models.Loaded` (the demo reuses one)."""
-    from lmshrink.models import load
+    from lmshrink.models import load, no_tokenizer
 
-    teacher = teacher or load(settings.teacher, settings.dtype, settings.trust_remote_code)
+    teacher = teacher or load(settings.teacher, settings.dtype, settings.trust_remote_code, need_tokenizer=False)
     n = len(blocks_of(teacher.model))
     k = settings.num_layers
     if settings.ratio is not None:
@@ -213,6 +215,8 @@ def run(settings: TruncateSettings, teacher=None) -> Path:
         else:
             from lmshrink.score_layers import calibration_rows, score
 
+            if teacher.tokenizer is None:  # scoring reads calibration text
+                raise no_tokenizer(teacher.source)
             length = min(512, context_limit(teacher.model.config) or 512)
             rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, length)
             scores = score(teacher.model, rows, ppl=settings.metric == "ppl_increase")
@@ -226,9 +230,13 @@ def run(settings: TruncateSettings, teacher=None) -> Path:
 
     def save(tmp: Path) -> None:
         student.save_pretrained(tmp)
-        teacher.tokenizer.save_pretrained(tmp)
-        write_json(tmp / RECORD, record)
+        if teacher.tokenizer is not None:
+            teacher.tokenizer.save_pretrained(tmp)
+        save_model_record(tmp, record, Path(settings.output).name)
 
     out = save_atomically(settings.output, save)
     print(f"student with {len(keep)}/{n} blocks {keep} ({record['strategy']}) written to {out}")
+    if teacher.tokenizer is None:
+        print(f"[lmshrink] {teacher.source} has no tokenizer, so the student has none either: truncation needs "
+              f"none, but training and evaluation will; copy the teacher's tokenizer into {out}")
     return out

@@ -1,0 +1,97 @@
+"""Every command, fed what a new user feeds it by mistake: exit code 2, one clear message naming
+the problem (no traceback), and no output that looks complete but is not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from lmshrink.cli import main
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, tiny_gpt2_dir, gpt2_tokenizer):
+    """Bad files and model folders, by name."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (root / "latin1.txt").write_bytes("Café crème, déjà vu: naïve façade à la française.".encode("latin-1"))
+    (root / "empty.txt").write_text("")
+    (root / "null.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": None}) + "\n")
+    (root / "list.jsonl").write_text(json.dumps(["not", "an", "object"]) + "\n")
+    (root / "malformed.yaml").write_text("output: [unclosed\n  keep: 0\n")
+    (root / "unknown.yaml").write_text("output: x\nnum_layer: 4\n")
+    (root / "types.yaml").write_text("output: x\nnum_layers: six\nratio: half\n")
+    # a model folder whose weights are cut short, one without config.json, one without a tokenizer
+    corrupt = root / "corrupt"
+    T.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).save_pretrained(corrupt)
+    weights = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    (root / "noconfig").mkdir()
+    (root / "noconfig" / "model.safetensors").write_bytes(b"")
+    T.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).save_pretrained(root / "notokenizer")
+    # a 6-block student of a 4-block teacher: RAIL-KD cannot draw a distinct teacher layer for each
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(n_layer=6, n_embd=32, n_head=2, n_positions=256)).save_pretrained(root / "deep")
+    gpt2_tokenizer.save_pretrained(root / "deep")
+    return root
+
+
+# (command and arguments, what the message must say); {bad}, {model}, {out} are filled in
+CASES = [
+    (["truncate", "--teacher", "{bad}/missing", "--keep", "0"], "does not exist"),
+    (["truncate", "--teacher", "{bad}/corrupt", "--keep", "0"], "corrupt"),
+    (["truncate", "--teacher", "{bad}/noconfig", "--keep", "0"], "no config.json"),
+    (["truncate", "--teacher", "{model}", "--keep", "0,9"], "out of range"),
+    (["truncate", "--teacher", "{model}", "--num-layers", "0"], "num_layers"),
+    (["truncate", "--teacher", "{bad}/notokenizer", "--strategy", "importance", "--num-layers", "2"],
+     "no usable tokenizer"),
+    (["truncate", "--config", "{bad}/malformed.yaml"], "not valid YAML"),
+    (["truncate", "--config", "{bad}/unknown.yaml"], "unknown setting(s) 'num_layer'"),
+    (["truncate", "--config", "{bad}/types.yaml"], "ratio: 'half'"),
+    (["truncate", "--config", "{bad}/missing.yaml"], "does not exist"),
+    (["score-layers", "--model", "{model}", "--data", "{bad}/binary.txt", "--seq-len", "64"], "binary"),
+    (["score-layers", "--model", "{model}", "--data", "{bad}/latin1.txt", "--seq-len", "64"], "not UTF-8"),
+    (["score-layers", "--model", "{model}", "--seq-len", "512"], "exceed the model's context of 256"),
+    (["eval", "--models", "{model}", "--data", "{bad}/empty.txt", "--no-speed", "--window", "64", "--stride", "32"], "no text"),
+    (["eval", "--models", "{model}", "--data", "{bad}/null.jsonl", "--no-speed", "--window", "64", "--stride", "32"],
+     "null.jsonl:2: 'text' is null"),
+    (["eval", "--models", "{model}", "--data", "{bad}/list.jsonl", "--no-speed", "--window", "64", "--stride", "32"], "a JSON list"),
+    (["eval", "--models", "{bad}/notokenizer", "--data", "{bad}/null.jsonl", "--no-speed", "--window", "64", "--stride", "32"],
+     "no usable tokenizer"),
+    (["eval", "--models", "{model}", "--tasks", "arc_easy,nope"], "'nope' unknown"),
+    (["eval", "--models", "{model}", "--window", "1", "--stride", "0"], "stride"),
+    (["pretrain", "--model", "{model}", "--data", "{bad}/missing.txt", "--block-size", "64"], "is not a file or folder"),
+    (["pretrain", "--model", "{model}", "--data", "{bad}/binary.txt", "--block-size", "64"], "binary"),
+    (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--block-size", "4096"], "block_size"),
+    (["distill", "--model", "{bad}/deep", "--teacher", "{model}", "--data", "python-docs/tutorial",
+      "--layer-map", "rail", "--alpha-inter", "1", "--block-size", "64"], "RAIL-KD draws a distinct teacher layer"),
+    (["distill", "--model", "{model}", "--teacher", "{model}", "--data", "python-docs/tutorial",
+      "--layer-map", "kept", "--alpha-inter", "1", "--block-size", "64"], "'kept' needs a student made by lmshrink truncate"),
+    (["distill", "--model", "{model}", "--teacher-cache", "{bad}", "--alpha-cos", "0", "--block-size", "64"],
+     "not a teacher cache"),
+    (["cache-teacher", "--teacher", "{bad}/missing", "--data", "python-docs/tutorial"], "does not exist"),
+    (["finetune", "--model", "{model}", "--task", "file", "--train-file", "{bad}/missing.csv"], "does not exist"),
+    (["finetune", "--model", "{model}", "--task", "file", "--train-file", "{bad}/latin1.txt"], "UTF-8"),
+    (["finetune", "--model", "{model}", "--methods", "kd"], "need a fine-tuned teacher"),
+    (["clean", "--data", "{bad}/missing-folder"], "missing-folder does not exist"),
+    (["clean", "--data", "{bad}/empty.txt", "--workers", "0"], "workers"),
+    (["fetch", "--corpora", "nope", "--no-teacher", "--no-benchmarks"], "unknown corpus 'nope'"),
+    (["demo", "--strategies", "nope"], "'nope' is unknown"),
+]
+
+
+@pytest.mark.parametrize("args,message", CASES, ids=[" ".join(c[0][:1] + [a for a in c[0] if "{" in a][:1])
+                                                      + f" #{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_clear_error(bad, tiny_gpt2_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    filled = [a.format(bad=bad, model=tiny_gpt2_dir, out=out) for a in args]
+    if args[0] not in ("fetch",) and "--config" not in args:
+        filled += ["--output", str(out)]
+    assert main(filled) == 2
+    err = capsys.readouterr().err
+    assert f"lmshrink {args[0]}: error:" in err and "Traceback" not in err
+    assert message in err, err
+    assert not (out / "model").exists() and not (out / "report.md").exists() and not (out / "lmshrink.json").exists()

@@ -1,0 +1,124 @@
+"""Zero-shot benchmarks through lm-evaluation-harness on the offline benchmark cache; model cards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+from huggingface_hub import ModelCard
+
+from lmshrink.benchmarks import BENCHMARKS, SUITES, expand, local_dataset, run_tasks
+from lmshrink.cli import main
+from lmshrink.evaluate import model_labels
+from lmshrink.models import load
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gpt2_dir):
+    loaded = load(str(tiny_gpt2_dir))
+    return loaded.model, loaded.tokenizer
+
+
+def test_every_core_task_loads_from_the_local_data_and_runs(tiny):
+    model, tokenizer = tiny
+    scores = run_tasks(model, tokenizer, ["core"], limit=3, batch_size=4)
+    assert [s.task for s in scores] == SUITES["core"]
+    for s in scores:
+        assert s.items == 3
+        assert 0.0 <= s.value <= 1.0 and s.metric in s.all_metrics
+        assert s.split == BENCHMARKS[s.task].scored
+    assert {s.task: s.split for s in scores}["arc_easy"] == "validation"  # the local copy has no test split
+
+
+def test_mmlu_is_five_shot_and_pooled_over_subjects(tiny):
+    model, tokenizer = tiny
+    (score,) = run_tasks(model, tokenizer, ["mmlu"], limit=1, batch_size=8)
+    assert score.num_fewshot == 5 and score.items == 57  # one question from each of the 57 subjects
+    assert 0.0 <= score.value <= 1.0 and score.stderr is not None
+
+
+def _loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context), tokenised as the whole string minus the context's tokens."""
+    whole = tokenizer(context + continuation)["input_ids"]
+    n_context = len(tokenizer(context)["input_ids"])
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)  # (T-1, V) predicts ids[1:]
+    targets = ids[0, n_context:]
+    return logprobs[n_context - 1 :].gather(-1, targets[:, None]).sum().item()
+
+
+def test_arc_easy_accuracy_equals_an_independent_loglikelihood_comparison(tiny):
+    """lm-eval's acc and acc_norm on ARC-Easy items equal picking the choice of highest
+    log-likelihood (per character for acc_norm), computed here without lm-eval."""
+    model, tokenizer = tiny
+    n = 24
+    docs = local_dataset(BENCHMARKS["arc_easy"].folder, ("validation",))["validation"].select(range(n))
+    hits, hits_norm = 0, 0
+    for doc in docs:
+        context = f"Question: {doc['question']}\nAnswer:"
+        choices = doc["choices"]["text"]
+        gold = doc["choices"]["label"].index(doc["answerKey"])
+        lls = [_loglikelihood(model, tokenizer, context, " " + c) for c in choices]
+        hits += max(range(len(lls)), key=lls.__getitem__) == gold
+        hits_norm += max(range(len(lls)), key=lambda i: lls[i] / len(" " + choices[i])) == gold
+    (score,) = run_tasks(model, tokenizer, ["arc_easy"], limit=n, batch_size=4)
+    assert score.all_metrics["acc"] == pytest.approx(hits / n)
+    assert score.all_metrics["acc_norm"] == pytest.approx(hits_norm / n)
+
+
+def test_suites_expand_in_order_without_repeats():
+    assert expand(["arc_easy", "core"]) == SUITES["core"]
+    assert expand(["quick", "mmlu"]) == [*SUITES["quick"], "mmlu"]
+
+
+def test_missing_benchmark_cache_names_the_fetch_command(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["eval", "--models", str(tiny_gpt2_dir), "--tasks", "arc_easy", "--output", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "lmshrink fetch --benchmarks" in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_unknown_task_lists_the_known_ones(tiny_gpt2_dir, tmp_path, capsys):
+    assert main(["eval", "--models", str(tiny_gpt2_dir), "--tasks", "arc_easy,hellaswagg",
+                 "--output", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "'hellaswagg'" in err and "core" in err and "winogrande" in err
+
+
+def test_labels_tell_models_apart():
+    assert model_labels(["runs/a/model", "runs/b/model", "smollm2-135m"]) == ["a/model", "b/model", "smollm2-135m"]
+    assert model_labels(["x/teacher", "y/student"]) == ["teacher", "student"]
+
+
+def test_truncate_writes_a_hub_model_card_that_eval_updates(tiny_gpt2_dir, tmp_path, capsys):
+    # a teacher whose own card states its licence and Hub origin: the student inherits both
+    teacher = tmp_path / "teacher"
+    T.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).save_pretrained(teacher)
+    T.AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(teacher)
+    (teacher / "README.md").write_text("---\nlicense: mit\nbase_model: openai-community/gpt2\n---\n# teacher\n")
+    student = tmp_path / "student"
+    assert main(["truncate", "--teacher", str(teacher), "--keep", "0,3", "--output", str(student)]) == 0
+    card = ModelCard.load(student / "README.md")
+    assert card.data.base_model == "openai-community/gpt2" and card.data.license == "mit"
+    assert card.data.pipeline_tag == "text-generation" and "lmshrink" in card.data.tags
+    assert "kept 2 of 4 blocks" in card.text and "# student" in card.text
+    assert not card.data.eval_results
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--models", f"{teacher},{student}", "--tasks", "copa,piqa", "--limit", "4", "--no-speed",
+                 "--output", str(out)]) == 0
+    rows = {row["model"]: row for row in json.loads((out / "report.json").read_text())["rows"]}
+    card = ModelCard.load(student / "README.md")
+    measured = {r.dataset_name: r.metric_value for r in card.data.eval_results}
+    assert measured == {t: pytest.approx(100 * rows["student"]["tasks"][t]["value"], abs=0.01) for t in ("copa", "piqa")}
+    assert "| copa | acc |" in card.text and "base_model" in (student / "README.md").read_text()
+    assert json.loads((student / "lmshrink.json").read_text())["benchmarks"]["piqa"]["limit"] == 4
+    assert not (teacher / "lmshrink.json").exists()  # a folder lmshrink did not write is left alone
+    report = (out / "report.md").read_text()
+    assert "share of reference" in report and "(lm-eval's default: test)" not in report  # copa, piqa: default splits
+    assert (out / "tasks.png").read_bytes()[:4] == b"\x89PNG"
