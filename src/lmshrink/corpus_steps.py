@@ -27,6 +27,8 @@ from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from lmshrink.records import atomic_file
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
@@ -444,7 +446,9 @@ class PerplexityScorer(PipelineStep):
         self.values_folder, self.trust_remote_code = values_folder, trust_remote_code
 
     def _score(self, model, tokenizer, texts: list[str]) -> list[float]:
-        import torch
+        import torch  # here, not at the top: the other cleaning workers never load torch
+
+        from lmshrink.losses import next_token_nll
 
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_tokens] for t in texts]
         if tokenizer.bos_token_id is not None:
@@ -455,8 +459,7 @@ class PerplexityScorer(PipelineStep):
         for row, x in enumerate(ids):
             batch[row, : len(x)], mask[row, : len(x)] = torch.tensor(x), 1
         with torch.inference_mode():
-            logits = model(input_ids=batch, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
+            nll = next_token_nll(model(input_ids=batch, attention_mask=mask).logits, batch)  # (B, T-1)
         target_mask = mask[:, 1:].float()
         mean = (nll * target_mask).sum(1) / target_mask.sum(1).clamp(min=1)
         return [math.exp(v) if n > 0 else float("inf") for v, n in zip(mean.tolist(), target_mask.sum(1).tolist(), strict=True)]
@@ -491,11 +494,8 @@ class PerplexityScorer(PipelineStep):
         if batch:
             yield from flush()
         if self.values_folder:
-            Path(self.values_folder).mkdir(parents=True, exist_ok=True)
-            tmp = Path(self.values_folder) / f".{rank:05d}.npy.tmp"
-            with open(tmp, "wb") as f:
+            with atomic_file(Path(self.values_folder) / f"{rank:05d}.npy") as tmp, open(tmp, "wb") as f:
                 np.save(f, np.array(values, dtype=np.float64))
-            os.replace(tmp, Path(self.values_folder) / f"{rank:05d}.npy")
 
 
 class PerplexityFilter(BaseFilter):

@@ -143,6 +143,11 @@ def token_stream(source: str, tokenizer, max_tokens: int | None = None, field: s
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
 
 
+def calibration_rows(source: str, tokenizer, tokens: int, seq_len: int) -> torch.Tensor:
+    """(N, seq_len) rows of the first `tokens` tokens of a source: calibration text for layer scores."""
+    return blocks(token_stream(source, tokenizer, tokens), seq_len)
+
+
 def blocks(tokens: torch.Tensor, length: int) -> torch.Tensor:
     """Cut a token stream into full (N, length) rows, dropping the ragged tail."""
     n = tokens.numel() // length

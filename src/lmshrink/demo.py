@@ -17,9 +17,11 @@ from typing import Any
 from lmshrink.architectures import context_limit
 from lmshrink.benchmarks import KNOWN, SUITES, unknown_tasks
 from lmshrink.config import check, setting, to_dict
-from lmshrink.evaluate import EvalSettings, evaluate_model, markdown_table, pick_device, tasks_chart, tasks_note, tasks_table
-from lmshrink.records import provenance, save_figure, write_json, write_text
-from lmshrink.score_layers import calibration_rows, plot, score
+from lmshrink.data import calibration_rows
+from lmshrink.evaluate import EvalSettings, evaluate_model, markdown_table, tasks_chart, tasks_note, tasks_table
+from lmshrink.models import pick_device
+from lmshrink.records import RECORD, provenance, save_figure, write_json, write_text
+from lmshrink.score_layers import plot, score
 from lmshrink.truncate import STRATEGIES, TruncateSettings
 from lmshrink.truncate import run as truncate
 
@@ -138,8 +140,10 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     text = _report(settings, scores, table, elapsed, steps, ev)
     write_text(out / "report.md", text)
-    write_json(out / "report.json", provenance("demo", to_dict(settings), rows=table, scores=scores,
-                                               wall_seconds=elapsed, step_seconds=steps))
+    record = provenance("demo", to_dict(settings), rows=table, scores=scores, wall_seconds=elapsed,
+                        step_seconds=steps)
+    write_json(out / "report.json", record)
+    write_json(out / RECORD, record)
     print(text)
     print(f"wrote {out / 'report.md'}")
     return {"rows": table, "scores": scores}

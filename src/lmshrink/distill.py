@@ -23,13 +23,14 @@ from lmshrink.kd_methods import rail_pairs
 from lmshrink.losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,
+    causal_lm_loss,
     ce_and_sparse_kd,
     cosine_loss,
     divergence,
     kd_loss,
     sparse_kd_loss,
 )
-from lmshrink.training import LMTrainer, TrainSettings, causal_lm_loss, prepare_data, prepare_heldout, train
+from lmshrink.training import LMTrainer, TrainSettings, prepare_data, prepare_heldout, train
 
 LAYER_MAPS = ("none", "uniform", "kept", "rail")
 

@@ -1,16 +1,10 @@
-"""`lmshrink eval`: perplexity and a speed/size report, teacher and students side by side.
-
-Perplexity follows the standard transformers sliding-window recipe: windows of `window`
-tokens start every `stride` tokens, and each token is scored once, in the first window
-that reaches it, with the context that window gives it. stride == window is plain chunked
-NLL (the first token of each chunk has no context and is not scored).
-"""
+"""`lmshrink eval`: perplexity, zero-shot benchmarks, speed and size, teacher and students side
+by side (perplexity: `lmshrink.perplexity`; benchmarks: `lmshrink.benchmarks`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -20,63 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lmshrink.architectures import check_length
 from lmshrink.benchmarks import KNOWN, SUITES, benchmark_root, run_tasks, unknown_tasks
 from lmshrink.config import check, setting, to_dict
 from lmshrink.model_card import add_results
-from lmshrink.records import provenance, read_record, save_figure, write_json, write_text
-
-
-def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first scored position) of each window over a stream of n_tokens."""
-    spans, scored_until, begin = [], 1, 0  # position 0 is never scored: it has no context
-    while scored_until < n_tokens:
-        end = min(begin + window, n_tokens)
-        spans.append((begin, end, max(scored_until, begin + 1)))
-        scored_until = end
-        begin += stride
-    return spans
-
-
-@torch.inference_mode()
-def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
-                progress: str | None = None) -> tuple[float, int]:
-    """Summed NLL (nats) and number of scored tokens of a 1-D token stream."""
-    device = next(model.parameters()).device
-    spans = windows(tokens.numel(), window, stride)
-    total, count = 0.0, 0
-    # Group windows of equal length so they batch; only the last one can be shorter.
-    groups: dict[int, list[tuple[int, int, int]]] = {}
-    for span in spans:
-        groups.setdefault(span[1] - span[0], []).append(span)
-    done = 0
-    for group in groups.values():
-        for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            ids = torch.stack([tokens[b:e] for b, e, _ in chunk]).to(device)  # (B, T)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
-            # flattened (B*(T-1), V) rows: cross_entropy is ~5x faster than on a (B, V, T-1) view
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-            nll = nll.view(len(chunk), -1)  # (B, T-1)
-            for row, (b, _, first) in enumerate(chunk):
-                scored = nll[row, first - b - 1 :]  # targets at positions first..end-1
-                total += scored.sum().item()
-                count += scored.numel()
-            done += len(chunk)
-            if progress:
-                print(f"\r  {progress}: {done}/{len(spans)} windows, ppl {math.exp(total / count):.2f}",
-                      end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
-    return total, count
-
-
-def perplexity(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
-               progress: str | None = None) -> float:
-    total, count = sliding_nll(model, tokens, window, stride, batch_size, progress)
-    return math.exp(total / count)
+from lmshrink.models import pick_device
+from lmshrink.perplexity import perplexity
+from lmshrink.records import RECORD, provenance, read_record, save_figure, write_json, write_text
 
 
 def count_parameters(model) -> int:
@@ -209,12 +154,6 @@ def fresh_peak_memory(source: str, batch: int, length: int, dtype: str = "float3
         print(f"[lmshrink] peak memory of {source} not measured: {proc.stderr.strip()[-500:]}", file=sys.stderr)
         return None
     return json.loads(line[0].split(" ", 1)[1])
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass
@@ -465,7 +404,9 @@ def run(settings: EvalSettings) -> list[dict[str, Any]]:
     out = Path(settings.output)
     text = report(rows, settings, out)
     write_text(out / "report.md", text)
-    write_json(out / "report.json", provenance("eval", to_dict(settings), rows=rows))
+    record = provenance("eval", to_dict(settings), rows=rows)
+    write_json(out / "report.json", record)
+    write_json(out / RECORD, record)
     print(text)
     print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     return rows

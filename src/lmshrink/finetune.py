@@ -45,9 +45,8 @@ from lmshrink.kd_methods import (
     right_padded,
     task_loss,
 )
-from lmshrink.model_card import save_model_record
 from lmshrink.models import config_of, load, resolve
-from lmshrink.records import RECORD, provenance, publish, read_record, save_figure, write_json, write_text
+from lmshrink.records import RECORD, provenance, read_record, save_figure, write_json, write_text
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -384,7 +383,7 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     from datasets import Dataset
     from transformers import TrainingArguments, set_seed
 
-    from lmshrink.training import MetricsFile, last_checkpoint, precision_flags
+    from lmshrink.training import MetricsFile, last_checkpoint, precision_flags, save_trained
 
     set_seed(seed)
     model, tokenizer, source = load_classifier(s.model, task, s.trust_remote_code)
@@ -426,11 +425,7 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     record = provenance("finetune", to_dict(s), method=method, seed=seed, model_source=source, metrics=metrics,
                         train_seconds=seconds, train_examples=len(train), eval_examples=len(test),
                         task_spec=to_dict(task))
-    partial = folder / ".model.partial"
-    trainer.save_model(str(partial))
-    (partial / "training_args.bin").unlink(missing_ok=True)
-    save_model_record(partial, record, f"{Path(s.output).name}-{method}-seed-{seed}")
-    publish(partial, folder / "model")
+    save_trained(trainer, folder / "model", record, f"{Path(s.output).name}-{method}-seed-{seed}")
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the finished model replaces them
     print(f"finetune {method} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
           + f" in {seconds:.0f}s")
@@ -595,7 +590,9 @@ def run(s: FinetuneSettings) -> dict[str, Any]:
                 records.append(train_one(s, task, train, test, method, seed, folder, generator))
     summary = summarize(records, teacher)
     report = markdown(summary, s, main)
-    write_json(out / "report.json", provenance("finetune", to_dict(s), main_metric=main, **summary))
+    record = provenance("finetune", to_dict(s), main_metric=main, **summary)
+    write_json(out / "report.json", record)
+    write_json(out / RECORD, record)
     write_text(out / "report.md", report)
     plot(summary, main, out / "report.png", f"{s.task}: {main} by method (bars: mean +- std, dots: seeds)")
     print(report)

@@ -152,6 +152,20 @@ def ce_and_sparse_kd(div: Divergence, logits: torch.Tensor, labels: torch.Tensor
     return ce, kd
 
 
+def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL (nats) of every next token: position t of logits (B, T, V) predicts targets[:, t + 1];
+    returns (B, T-1), 0 where the target is -100. (The flattened (B*(T-1), V) rows make
+    cross_entropy ~5x faster than a (B, V, T-1) view.)"""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100,
+                          reduction="none")
+    return nll.view(targets.shape[0], -1)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, logits (B, T, V) and labels (B, T), -100 ignored."""
+    return next_token_nll(logits, labels).sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
+
+
 def cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of 1 - cos(h_s, h_t) over masked positions (DistilBERT / DistilGPT-2 alignment loss)."""
     cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float().detach(), dim=-1)

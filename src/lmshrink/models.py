@@ -97,6 +97,13 @@ def resolve(name: str) -> str:
     return name
 
 
+def pick_device(name: str) -> torch.device:
+    """`auto` (a GPU where there is one), `cpu`, `cuda` or `cuda:N`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def config_of(name: str, trust_remote_code: bool = False) -> Any:
     """A model's config alone (no weights): for checks that run before anything heavy is loaded."""
     from transformers import AutoConfig

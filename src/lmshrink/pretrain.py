@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmshrink.training import LMTrainer, TrainSettings, causal_lm_loss, prepare_data, train
+from lmshrink.losses import causal_lm_loss
+from lmshrink.training import LMTrainer, TrainSettings, prepare_data, train
 
 
 @dataclass(kw_only=True)

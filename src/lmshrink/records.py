@@ -18,18 +18,32 @@ from lmshrink import __version__
 RECORD = "lmshrink.json"
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically: a crash leaves the old file or none, never half of one."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; whatever was written there becomes `path` only when the
+    block succeeds. A crash leaves the old file or none, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a binary file atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -104,8 +118,5 @@ def read_record(folder: str | Path) -> dict[str, Any] | None:
 
 def save_figure(fig: Any, path: str | Path) -> None:
     """Save a matplotlib figure atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")

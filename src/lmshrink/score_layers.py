@@ -21,8 +21,10 @@ import torch.nn.functional as F
 
 from lmshrink.architectures import blocks_of, check_length, only_blocks
 from lmshrink.config import check, setting, to_dict
-from lmshrink.evaluate import perplexity, pick_device
-from lmshrink.records import provenance, save_figure, write_json
+from lmshrink.data import calibration_rows
+from lmshrink.models import pick_device
+from lmshrink.perplexity import perplexity
+from lmshrink.records import RECORD, provenance, save_figure, write_json
 
 METRICS = ("block_influence", "angular_distance", "ppl_increase")
 
@@ -162,12 +164,6 @@ class ScoreSettings:
         check(problems)
 
 
-def calibration_rows(source: str, tokenizer, tokens: int, seq_len: int) -> torch.Tensor:
-    from lmshrink.data import blocks, token_stream
-
-    return blocks(token_stream(source, tokenizer, tokens), seq_len)
-
-
 def run(settings: ScoreSettings) -> dict[str, Any]:
     from lmshrink.models import load
 
@@ -178,7 +174,9 @@ def run(settings: ScoreSettings) -> dict[str, Any]:
     print(f"scoring {len(blocks_of(model))} blocks of {settings.model} on {rows.numel():,} tokens of {settings.data}")
     scores = score(model, rows, settings.batch_size, settings.ppl)
     out = Path(settings.output)
-    write_json(out / "scores.json", provenance("score-layers", to_dict(settings), **scores))
+    record = provenance("score-layers", to_dict(settings), **scores)
+    write_json(out / "scores.json", record)
+    write_json(out / RECORD, record)
     plot(scores, out / "scores.png", f"{settings.model}: block importance on {settings.data}")
     order = sorted(range(scores["num_layers"]), key=lambda i: scores["block_influence"][i])
     print(f"least influential blocks (BI): {order[: max(1, len(order) // 4)]}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmshrink.config import SettingsError, check, setting, to_dict
-from lmshrink.records import provenance, write_json
+from lmshrink.models import load, pick_device
+from lmshrink.records import RECORD, atomic_file, provenance, write_json
 from lmshrink.training import DataSettings, prepare_data
 
 FORMAT = 1
@@ -64,14 +64,11 @@ def _shard_path(folder: Path, index: int) -> Path:
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def run(settings: CacheSettings) -> Path:
-    from lmshrink.evaluate import pick_device
-    from lmshrink.models import load
 
     out = Path(settings.output)
     teacher = load(settings.teacher, settings.dtype, settings.trust_remote_code)
@@ -113,6 +110,7 @@ def run(settings: CacheSettings) -> Path:
     record["bytes_per_token"] = sum(p.stat().st_size for p in out.glob("shard-*.safetensors")) / (
         n_blocks * settings.block_size)
     write_json(meta, record)
+    write_json(out / RECORD, record)  # the finished cache describes itself like every output
     print(f"cached the teacher's top-{settings.top_k} on {n_blocks * settings.block_size:,} tokens "
           f"({record['bytes_per_token']:.0f} bytes/token) in {out}")
     return out

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from lmshrink.architectures import check_length
@@ -212,11 +211,6 @@ def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, logits (B, T, V) and labels (B, T), -100 ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-
-
 class MetricsFile(TrainerCallback):
     """Appends every log record to metrics.jsonl (main process only)."""
 
@@ -279,6 +273,17 @@ class LMTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+def save_trained(trainer: Trainer, folder: Path, record: dict[str, Any], name: str) -> None:
+    """Save a trained model with its record and card beside the final `folder`, then move it into
+    place: an interrupted save never leaves a folder that looks finished."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    trainer.save_model(str(partial))  # on every process: DeepSpeed / FSDP gather the weights here
+    if trainer.is_world_process_zero():
+        (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; lmshrink.json has the settings
+        save_model_record(partial, record, name)
+        publish(partial, folder)
+
+
 def last_checkpoint(folder: str | Path) -> str | None:
     """The newest `checkpoint-N` in a folder of Trainer checkpoints, if any."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -318,13 +323,9 @@ def train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], m
         "heldout_ppl_after": math.exp(after) if after is not None else None,
         "heldout_tokens": heldout.num_rows * settings.block_size if heldout is not None else 0,
     }
-    partial = out / ".model.partial"
-    trainer.save_model(str(partial))  # on every process: DeepSpeed / FSDP gather the weights here
+    record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
+    save_trained(trainer, out / "model", record, out.name)
     if trainer.is_world_process_zero():
-        record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
-        (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; lmshrink.json has the settings
-        save_model_record(partial, record, out.name)
-        publish(partial, out / "model")
         write_json(out / RECORD, record)
         print(f"{command}: {metrics['steps']} steps, {metrics['tokens_seen']:,} tokens in {wall:.0f}s; "
               f"held-out perplexity {metrics['heldout_ppl_before'] or float('nan'):.2f} -> "

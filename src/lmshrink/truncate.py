@@ -213,7 +213,8 @@ def run(settings: TruncateSettings, teacher=None) -> Path:
         if settings.scores:
             scores = load_scores(settings.scores)
         else:
-            from lmshrink.score_layers import calibration_rows, score
+            from lmshrink.data import calibration_rows
+            from lmshrink.score_layers import score
 
             if teacher.tokenizer is None:  # scoring reads calibration text
                 raise no_tokenizer(teacher.source)
