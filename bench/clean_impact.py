@@ -16,10 +16,10 @@ import json
 import shutil
 from pathlib import Path
 
-from lmshrink.clean import CleanSettings
-from lmshrink.clean import run as clean
 from lmshrink.cli import main as lmshrink
 from lmshrink.config import build
+from lmshrink.recipes.clean import CleanSettings
+from lmshrink.recipes.clean import run as clean
 
 NOTHING = dict(html_to_text=False, fix_unicode=False, normalize_whitespace=False, line_dedup=False,
                drop_html_tag_lines=False, min_line_chars=None, max_non_alpha=None, languages=[],

@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from lmshrink.clean import CleanSettings, run
 from lmshrink.config import build
 from lmshrink.corpus_steps import input_files
 from lmshrink.data import resolve_path
+from lmshrink.recipes.clean import CleanSettings, run
 
 LINE_FILTERS_ONLY = dict(html_to_text=False, fix_unicode=False, normalize_whitespace=False, languages=[],
                          gopher_repetition=False, gopher_quality=False, exact_dedup=False, minhash_dedup=False)

@@ -12,8 +12,8 @@ from huggingface_hub import ModelCard
 
 from lmshrink.benchmarks import BENCHMARKS, SUITES, expand, local_dataset, run_tasks
 from lmshrink.cli import main
-from lmshrink.evaluate import model_labels
 from lmshrink.models import load
+from lmshrink.recipes.evaluate import model_labels
 
 
 @pytest.fixture(scope="module")

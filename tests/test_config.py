@@ -4,7 +4,7 @@ import pytest
 
 from lmshrink.cli import main
 from lmshrink.config import SettingsError, build, from_args
-from lmshrink.truncate import TruncateSettings
+from lmshrink.recipes.truncate import TruncateSettings
 
 
 def test_yaml_and_flags_use_the_same_names(tmp_path):

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from lmshrink.cli import main
 from lmshrink.config import SettingsError, build
-from lmshrink.distill import DistillSettings, DistillTrainer, check_vocabularies, layer_pairs
 from lmshrink.losses import divergence
+from lmshrink.recipes.distill import DistillSettings, DistillTrainer, check_vocabularies, layer_pairs
 
 TINY = ["--block-size", "64", "--batch-size", "2", "--logging-steps", "2", "--report-to", "none"]
 DATA = ["--data", "python-docs/tutorial", "--heldout", "0.2"]

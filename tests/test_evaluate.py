@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from lmshrink.cli import main
-from lmshrink.evaluate import count_parameters, fresh_peak_memory, speed, weight_bytes
+from lmshrink.measure import count_parameters, fresh_peak_memory, speed, weight_bytes
 from lmshrink.models import load
 from lmshrink.perplexity import perplexity, sliding_nll, windows
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from lmshrink.cli import main
 from lmshrink.config import SettingsError, build
-from lmshrink.pretrain import PretrainSettings
-from lmshrink.pretrain import run as pretrain
+from lmshrink.recipes.pretrain import PretrainSettings
+from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.training import LMTrainer
 
 TINY_RUN = ["--data", "python-docs/tutorial", "--heldout", "0.2", "--block-size", "64", "--batch-size", "2",

@@ -7,10 +7,10 @@ import torch
 
 from lmshrink.architectures import blocks_of
 from lmshrink.data import calibration_rows, token_stream
-from lmshrink.evaluate import count_parameters
+from lmshrink.importance import score
+from lmshrink.measure import count_parameters
 from lmshrink.perplexity import perplexity
-from lmshrink.score_layers import score
-from lmshrink.truncate import select_layers, truncate_model
+from lmshrink.truncation import select_layers, truncate_model
 
 pytestmark = pytest.mark.slow
 

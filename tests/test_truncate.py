@@ -10,7 +10,7 @@ from conftest import TINY_CONFIGS, tiny_model
 from lmshrink.architectures import UnsupportedArchitecture, blocks_of, only_blocks
 from lmshrink.cli import main
 from lmshrink.models import load
-from lmshrink.truncate import LayerSelectionError, importance_keep, select_layers, truncate_model
+from lmshrink.truncation import LayerSelectionError, importance_keep, select_layers, truncate_model
 
 
 def logits(model, ids):

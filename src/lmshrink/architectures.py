@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from lmshrink.config import SettingsError
 from lmshrink.errors import LmshrinkError
 
 
@@ -134,8 +135,6 @@ def context_limit(config: Any) -> int | None:
 
 def check_length(config: Any, length: int, field: str) -> None:
     """Refuse sequences longer than the model's context, naming the setting to lower."""
-    from lmshrink.config import SettingsError
-
     limit = context_limit(config)
     if limit is not None and length > limit:
         flag = "--" + field.replace("_", "-")

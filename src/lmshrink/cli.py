@@ -17,17 +17,17 @@ from lmshrink.errors import LmshrinkError
 
 # name -> (module, settings class, function, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "clean": ("lmshrink.clean", "CleanSettings", "run", "Clean a pre-training corpus with datatrove"),
-    "truncate": ("lmshrink.truncate", "TruncateSettings", "run", "Build a student from a subset of the teacher's blocks"),
-    "score-layers": ("lmshrink.score_layers", "ScoreSettings", "run", "Score how much each block of a model matters"),
-    "pretrain": ("lmshrink.pretrain", "PretrainSettings", "run", "Heal a student with the plain causal-LM loss"),
-    "distill": ("lmshrink.distill", "DistillSettings", "run", "Heal a student by distillation from a frozen teacher"),
-    "cache-teacher": ("lmshrink.teacher_cache", "CacheSettings", "run", "Store a teacher's top-k log-probs for distill"),
-    "finetune": ("lmshrink.finetune", "FinetuneSettings", "run", "Fine-tune on a downstream task, with KD methods"),
-    "eval": ("lmshrink.evaluate", "EvalSettings", "run",
+    "clean": ("lmshrink.recipes.clean", "CleanSettings", "run", "Clean a pre-training corpus with datatrove"),
+    "truncate": ("lmshrink.recipes.truncate", "TruncateSettings", "run", "Build a student from a subset of the teacher's blocks"),
+    "score-layers": ("lmshrink.recipes.score_layers", "ScoreSettings", "run", "Score how much each block of a model matters"),
+    "pretrain": ("lmshrink.recipes.pretrain", "PretrainSettings", "run", "Heal a student with the plain causal-LM loss"),
+    "distill": ("lmshrink.recipes.distill", "DistillSettings", "run", "Heal a student by distillation from a frozen teacher"),
+    "cache-teacher": ("lmshrink.recipes.cache_teacher", "CacheSettings", "run", "Store a teacher's top-k log-probs for distill"),
+    "finetune": ("lmshrink.recipes.finetune", "FinetuneSettings", "run", "Fine-tune on a downstream task, with KD methods"),
+    "eval": ("lmshrink.recipes.evaluate", "EvalSettings", "run",
              "Perplexity, zero-shot benchmarks, speed and size of models, side by side"),
-    "demo": ("lmshrink.demo", "DemoSettings", "run", "The embedded study: score, cut, heal and compare SmolLM2-135M"),
-    "fetch": ("lmshrink.assets", "FetchSettings", "fetch", "Fetch the real assets into the cache"),
+    "demo": ("lmshrink.recipes.demo", "DemoSettings", "run", "The embedded study: score, cut, heal and compare SmolLM2-135M"),
+    "fetch": ("lmshrink.recipes.fetch", "FetchSettings", "fetch", "Fetch the real assets into the cache"),
 }
 
 

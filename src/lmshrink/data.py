@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lmshrink.assets import CORPORA, corpus_path
 from lmshrink.errors import LmshrinkError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".jsonl"}
@@ -37,7 +38,8 @@ def _decode(path: Path, raw: bytes, final: bool = True) -> str:
         raise DataError(f"{path} is not UTF-8 text ({err}); convert it (e.g. `iconv -t utf-8`)") from None
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A user's text file, decoded: a DataError naming the file and the fix if it is binary or not UTF-8."""
     return _decode(path, path.read_bytes())
 
 
@@ -81,8 +83,6 @@ def parse_hub(spec: str) -> tuple[str, str | None, str]:
 
 def resolve_path(source: str) -> Path:
     """A local source: a path, or a fetched corpus name (e.g. `python-docs/tutorial`) when no such path exists."""
-    from lmshrink.assets import CORPORA, corpus_path
-
     if source.split("/")[0] in CORPORA and not Path(source).exists():
         return corpus_path(source)
     return Path(source)
@@ -99,8 +99,6 @@ def _hub(spec: str, field: str) -> Iterator[str]:
 
 def documents(source: str, field: str = "text") -> Iterator[str]:
     """Yield the documents of a source (see the module docstring for the forms)."""
-    from lmshrink.assets import CORPORA
-
     if source.startswith("hf:"):
         yield from _hub(source, field)
         return
@@ -123,7 +121,7 @@ def _file_documents(path: Path, field: str) -> Iterator[str]:
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         yield from _jsonl(path, field)
     else:
-        yield _read_text(path)
+        yield read_text_file(path)
 
 
 def token_stream(source: str, tokenizer, max_tokens: int | None = None, field: str = "text") -> torch.Tensor:

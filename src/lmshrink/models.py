@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lmshrink.errors import LmshrinkError
+from lmshrink.records import save_atomically
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,7 +56,6 @@ def gguf_to_folder(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a cached safetensors folder, and return the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmshrink.records import save_atomically
 
     # keyed by content, so every install of the same file (each venv, each clone) shares one copy
     digest = hashlib.sha256()

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from lmshrink.architectures import check_length
 from lmshrink.config import check, setting, to_dict
+from lmshrink.data import DataError, pack, text_dataset
 from lmshrink.model_card import save_model_record
 from lmshrink.records import RECORD, provenance, publish, read_record, write_json
 
@@ -166,8 +167,6 @@ def training_arguments(settings: TrainSettings, **overrides: Any) -> TrainingArg
 
 def prepare_data(settings: DataSettings, tokenizer) -> tuple[Any, Any]:
     """Packed training and held-out blocks (split by document, so nothing leaks)."""
-    from lmshrink.data import DataError, pack, text_dataset
-
     docs = text_dataset(settings.data, streaming=settings.streaming)
     if settings.eval_data:
         heldout_docs = None
@@ -189,8 +188,6 @@ def prepare_data(settings: DataSettings, tokenizer) -> tuple[Any, Any]:
 def prepare_heldout(settings: DataSettings, tokenizer, docs=None):
     """Packed held-out blocks: of `docs` (documents split off the training data) or of
     --eval-data, capped at --eval-tokens; None when there is neither."""
-    from lmshrink.data import DataError, pack, text_dataset
-
     if settings.eval_data:
         docs = text_dataset(settings.eval_data)
     if docs is None:

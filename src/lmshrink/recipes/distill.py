@@ -30,6 +30,9 @@ from lmshrink.losses import (
     kd_loss,
     sparse_kd_loss,
 )
+from lmshrink.models import load
+from lmshrink.records import read_record
+from lmshrink.teacher_cache import open_cache
 from lmshrink.training import LMTrainer, TrainSettings, prepare_data, prepare_heldout, train
 
 LAYER_MAPS = ("none", "uniform", "kept", "rail")
@@ -180,14 +183,9 @@ class DistillTrainer(LMTrainer):
 
 
 def run(settings: DistillSettings) -> dict[str, Any]:
-    from lmshrink.models import load
-    from lmshrink.records import read_record
-
     student = load(settings.model, settings.dtype, settings.trust_remote_code)
     kept = (read_record(student.source) or {}).get("kept_layers")
     if settings.teacher_cache:
-        from lmshrink.teacher_cache import open_cache
-
         cache = open_cache(settings.teacher_cache, settings.temperature)
         teacher, vocab = None, check_vocabularies(student.tokenizer, cache.tokenizer, student.model.config,
                                                   student.model.config)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmshrink.losses import causal_lm_loss
+from lmshrink.models import load
 from lmshrink.training import LMTrainer, TrainSettings, prepare_data, train
 
 
@@ -27,8 +28,6 @@ class CausalLMTrainer(LMTrainer):
 
 
 def run(settings: PretrainSettings) -> dict[str, Any]:
-    from lmshrink.models import load
-
     student = load(settings.model, settings.dtype, settings.trust_remote_code)
     train_data, heldout = prepare_data(settings, student.tokenizer)
     return train(settings, "pretrain", CausalLMTrainer, student.model, student.tokenizer, train_data, heldout)

@@ -15,15 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import context_limit
-from lmshrink.benchmarks import KNOWN, SUITES, unknown_tasks
+from lmshrink.benchmarks import KNOWN, SUITES, benchmark_root, unknown_tasks
 from lmshrink.config import check, setting, to_dict
 from lmshrink.data import calibration_rows
-from lmshrink.evaluate import EvalSettings, evaluate_model, markdown_table, tasks_chart, tasks_note, tasks_table
-from lmshrink.models import pick_device
+from lmshrink.importance import plot, score
+from lmshrink.models import load, pick_device
+from lmshrink.recipes.distill import DistillSettings
+from lmshrink.recipes.distill import run as distill
+from lmshrink.recipes.evaluate import EvalSettings, evaluate_model, markdown_table, tasks_chart, tasks_note, tasks_table
+from lmshrink.recipes.pretrain import PretrainSettings
+from lmshrink.recipes.pretrain import run as pretrain
+from lmshrink.recipes.truncate import TruncateSettings
+from lmshrink.recipes.truncate import run as truncate
 from lmshrink.records import RECORD, provenance, save_figure, write_json, write_text
-from lmshrink.score_layers import plot, score
-from lmshrink.truncate import STRATEGIES, TruncateSettings
-from lmshrink.truncate import run as truncate
+from lmshrink.truncation import STRATEGIES
 
 
 @dataclass
@@ -63,6 +68,8 @@ class DemoSettings:
         if self.heal and "importance" not in self.strategies:
             problems.append("heal: healing starts from the importance student; add importance to --strategies or --no-heal")
         check(problems)
+        if self.tasks:
+            benchmark_root()  # a missing benchmark cache is reported now, not after the healing runs
 
 
 def _ppl_chart(rows: list[dict[str, Any]], path: Path) -> None:
@@ -88,8 +95,6 @@ def _ppl_chart(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def run(settings: DemoSettings) -> dict[str, Any]:
-    from lmshrink.models import load
-
     out = Path(settings.output)
     started = time.perf_counter()
     steps: dict[str, float] = {}  # step -> wall seconds, printed in the report
@@ -152,10 +157,6 @@ def run(settings: DemoSettings) -> dict[str, Any]:
 def heal(settings: DemoSettings, student: Path, steps: dict[str, float]) -> dict[str, dict[str, Any]]:
     """Heal the student with KD and with the plain LM loss at the same token budget; time each
     (the whole run, loading and evaluation included, goes into `steps`)."""
-    from lmshrink.distill import DistillSettings
-    from lmshrink.distill import run as distill
-    from lmshrink.pretrain import PretrainSettings
-    from lmshrink.pretrain import run as pretrain
 
     out = Path(settings.output)
     common = dict(model=str(student), data=[settings.heal_data], heldout=0.0, block_size=settings.heal_block,

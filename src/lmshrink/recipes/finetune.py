@@ -21,10 +21,8 @@ A finished (method, seed) run is not redone when the command is run again.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
-import random
 import shutil
 import statistics
 import time
@@ -35,7 +33,6 @@ from typing import Any
 import torch
 
 from lmshrink.config import SettingsError, check, setting, to_dict
-from lmshrink.data import DataError
 from lmshrink.kd_methods import (
     METHODS,
     CausalLMGenerator,
@@ -46,69 +43,15 @@ from lmshrink.kd_methods import (
     task_loss,
 )
 from lmshrink.models import config_of, load, resolve
+from lmshrink.recipes.distill import DistillSettings
+from lmshrink.recipes.distill import run as distill
+from lmshrink.recipes.pretrain import PretrainSettings
+from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.records import RECORD, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.tasks import TASKS, Collator, Task, load_task, scores
+from lmshrink.training import LMTrainer, MetricsFile, last_checkpoint, precision_flags, save_trained
 
 # ----------------------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class Task:
-    """A downstream task: where its data is, which columns form the input, how it is scored."""
-
-    columns: tuple[str, ...]  # joined by newlines into the model's input
-    num_labels: int  # 1 = regression
-    metrics: tuple[str, ...]  # the first is the task's main metric
-    hub: tuple[str, str] | None = None  # (dataset, config)
-    label: str = "label"
-    train_split: str = "train"
-    eval_split: str = "validation"  # GLUE test labels are hidden: the dev set is the usual test
-
-
-GLUE, SUPERGLUE = "nyu-mll/glue", "aps/super_glue"
-TASKS: dict[str, Task] = {
-    "cola": Task(("sentence",), 2, ("matthews", "accuracy"), (GLUE, "cola")),
-    "sst2": Task(("sentence",), 2, ("accuracy",), (GLUE, "sst2")),
-    "mrpc": Task(("sentence1", "sentence2"), 2, ("f1", "accuracy"), (GLUE, "mrpc")),
-    "stsb": Task(("sentence1", "sentence2"), 1, ("pearson", "spearman"), (GLUE, "stsb")),
-    "qqp": Task(("question1", "question2"), 2, ("f1", "accuracy"), (GLUE, "qqp")),
-    "mnli": Task(("premise", "hypothesis"), 3, ("accuracy",), (GLUE, "mnli"), eval_split="validation_matched"),
-    "qnli": Task(("question", "sentence"), 2, ("accuracy",), (GLUE, "qnli")),
-    "rte": Task(("sentence1", "sentence2"), 2, ("accuracy",), (GLUE, "rte")),
-    "wnli": Task(("sentence1", "sentence2"), 2, ("accuracy",), (GLUE, "wnli")),
-    "boolq": Task(("question", "passage"), 2, ("accuracy",), (SUPERGLUE, "boolq")),
-    "cb": Task(("premise", "hypothesis"), 3, ("accuracy", "macro_f1"), (SUPERGLUE, "cb")),
-    "superglue-rte": Task(("premise", "hypothesis"), 2, ("accuracy",), (SUPERGLUE, "rte")),
-    "wic": Task(("word", "sentence1", "sentence2"), 2, ("accuracy",), (SUPERGLUE, "wic")),
-    # offline: Pang & Lee sentence polarity (the source of SST-2), split 80/20 with a fixed seed
-    "sentiment": Task(("text",), 2, ("accuracy", "f1")),
-}
-
-
-def _metric(name: str, predictions, labels) -> float:
-    """GLUE's metrics, from scikit-learn and SciPy."""
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-    functions = {
-        "accuracy": lambda p, y: accuracy_score(y, p),
-        "f1": lambda p, y: f1_score(y, p),
-        "macro_f1": lambda p, y: f1_score(y, p, average="macro"),
-        "matthews": lambda p, y: matthews_corrcoef(y, p),
-        "pearson": lambda p, y: pearsonr(p, y)[0],
-        "spearman": lambda p, y: spearmanr(p, y)[0],
-    }
-    return float(functions[name](predictions, labels))
-
-
-def scores(task: Task, logits, labels) -> dict[str, float]:
-    import numpy as np
-
-    logits = np.asarray(logits)
-    predictions = logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1)
-    return {name: _metric(name, predictions, labels) for name in task.metrics}
-
-
-# ----------------------------------------------------------------------------- settings
 
 
 @dataclass(kw_only=True)
@@ -191,124 +134,6 @@ class FinetuneSettings:
 # ----------------------------------------------------------------------------- data
 
 
-def _read_rows(path: str) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path} does not exist")
-    try:
-        if p.suffix in (".jsonl", ".json"):
-            return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
-    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
-        raise DataError(f"{path} is not a readable UTF-8 CSV/JSONL file: {err}") from None
-
-
-def _sentiment() -> tuple[list[dict], list[dict]]:
-    from lmshrink.assets import sentiment_path
-
-    with open(sentiment_path(), newline="", encoding="utf-8-sig") as f:
-        rows = [{"text": text.strip(), "label": int(label == "1")} for label, text in csv.reader(f)]
-    random.Random(0).shuffle(rows)
-    cut = int(0.8 * len(rows))
-    return rows[:cut], rows[cut:]
-
-
-def _as_examples(rows: list[dict], columns: tuple[str, ...], label: str, where: str) -> list[dict]:
-    missing = [c for c in (*columns, label) if rows and c not in rows[0]]
-    if missing:
-        raise DataError(f"{where}: no column(s) {', '.join(missing)}; it has {', '.join(rows[0])} "
-                        "(set --text-columns / --label-column)")
-    return [{"text": "\n".join(str(r[c]) for c in columns), "label": r[label]} for r in rows]
-
-
-def load_task(s: FinetuneSettings) -> tuple[Task, list[dict], list[dict]]:
-    """The task and its (train, eval) examples as {"text", "label"} with numeric labels."""
-    if s.task == "sentiment":
-        task = TASKS["sentiment"]
-        train, test = _sentiment()
-    elif s.task == "file":
-        columns = tuple(s.text_columns)
-        train = _as_examples(_read_rows(s.train_file), columns, s.label_column, s.train_file)
-        if s.eval_file:
-            test = _as_examples(_read_rows(s.eval_file), columns, s.label_column, s.eval_file)
-        else:  # never score the training rows: hold some out, the same ones every run
-            random.Random(0).shuffle(train)
-            cut = len(train) - max(1, round(s.heldout * len(train)))
-            train, test = train[:cut], train[cut:]
-            print(f"[lmshrink] finetune: no --eval-file, so {len(test)} of the {len(train) + len(test)} rows of "
-                  f"{s.train_file} ({s.heldout:.0%}, shuffled with seed 0) are held out for evaluation")
-        values = [e["label"] for e in train]
-        if all(_is_number(v) for v in values) and any(float(v) != int(float(v)) for v in values):
-            task = Task(columns, 1, ("pearson", "spearman"))
-            for e in train + test:
-                e["label"] = float(e["label"])
-        else:
-            names = sorted({str(v) for v in values}, key=lambda v: (not _is_number(v), float(v) if _is_number(v) else 0, v))
-            index = {name: i for i, name in enumerate(names)}
-            unseen = sorted({str(e["label"]) for e in test} - set(index))
-            if unseen:
-                raise DataError(f"{s.eval_file}: labels {unseen} do not occur in the training file")
-            for e in train + test:
-                e["label"] = index[str(e["label"])]
-            task = Task(columns, len(names), ("accuracy", "f1") if len(names) == 2 else ("accuracy", "macro_f1"))
-    else:
-        task = TASKS[s.task]
-        from datasets import load_dataset
-
-        name, config = task.hub
-        try:
-            data = load_dataset(name, config)
-        except Exception as err:
-            raise DataError(f"could not load {name}/{config} from the Hub ({err}); offline, use --task sentiment "
-                            "or --task file with local CSV/JSONL") from None
-        train = _as_examples(list(data[task.train_split]), task.columns, task.label, f"{name}/{config}")
-        test = _as_examples(list(data[task.eval_split]), task.columns, task.label, f"{name}/{config}")
-    if s.max_train_examples:
-        train = train[: s.max_train_examples]
-    if s.max_eval_examples:
-        test = test[: s.max_eval_examples]
-    if not train or not test:
-        raise DataError("the task has no training or no evaluation examples")
-    return task, train, test
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-@dataclass
-class Collator:
-    """Pads a batch for the student and, with its own tokenizer, for the teacher; keeps the texts."""
-
-    tokenizer: Any
-    teacher_tokenizer: Any = None
-    max_length: int = 128
-    regression: bool = False
-
-    def encode(self, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    def __call__(self, features: list[dict]) -> dict[str, Any]:
-        texts = [f["text"] for f in features]
-        batch: dict[str, Any] = self.encode(self.tokenizer, texts)
-        batch["labels"] = torch.tensor([f["label"] for f in features],
-                                       dtype=torch.float if self.regression else torch.long)
-        batch["texts"] = texts
-        if self.teacher_tokenizer is not None:
-            t = self.encode(self.teacher_tokenizer, texts)
-            batch["teacher_input_ids"], batch["teacher_attention_mask"] = t["input_ids"], t["attention_mask"]
-        return batch
-
-
-# ----------------------------------------------------------------------------- models
-
-
 def with_pad_token(model, tokenizer):
     """Decoder tokenizers often lack a pad token: use EOS, so the classifier finds the last real token."""
     model.config.pad_token_id = right_padded(tokenizer).pad_token_id
@@ -350,8 +175,6 @@ def load_generator(name: str, trust_remote_code: bool = False, max_length: int =
 
 
 def _trainer_class():
-    from lmshrink.training import LMTrainer
-
     class FinetuneTrainer(LMTrainer):
         """The Trainer with the loss of one KD method; evaluation is the plain task loss."""
 
@@ -383,7 +206,6 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     from datasets import Dataset
     from transformers import TrainingArguments, set_seed
 
-    from lmshrink.training import MetricsFile, last_checkpoint, precision_flags, save_trained
 
     set_seed(seed)
     model, tokenizer, source = load_classifier(s.model, task, s.trust_remote_code)
@@ -467,10 +289,6 @@ def evaluate_teacher(s: FinetuneSettings, task: Task, test: list[dict]) -> dict[
 
 def run_lm(s: FinetuneSettings) -> list[dict[str, Any]]:
     """Causal-LM fine-tuning reported by test perplexity (WikiText-103 protocol): pretrain or distill."""
-    from lmshrink.distill import DistillSettings
-    from lmshrink.distill import run as distill
-    from lmshrink.pretrain import PretrainSettings
-    from lmshrink.pretrain import run as pretrain
 
     records = []
     for method in s.methods:
@@ -597,4 +415,3 @@ def run(s: FinetuneSettings) -> dict[str, Any]:
     plot(summary, main, out / "report.png", f"{s.task}: {main} by method (bars: mean +- std, dots: seeds)")
     print(report)
     return summary
-

@@ -1,0 +1,92 @@
+"""`lmshrink cache-teacher`: store a teacher's top-k next-token log-probs once (the format is in
+`lmshrink.teacher_cache`), so that many students train without the teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmshrink.config import check, setting, to_dict
+from lmshrink.models import load, pick_device
+from lmshrink.records import RECORD, provenance, write_json
+from lmshrink.teacher_cache import FORMAT, save_tensors, shard_path, teacher_top_k
+from lmshrink.training import DataSettings, prepare_data
+
+
+@dataclass(kw_only=True)
+class CacheSettings(DataSettings):
+    """Store the teacher's top-k log-probs over packed training data, for distill --teacher-cache."""
+
+    output: str = setting(help="cache folder")
+    teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
+    top_k: int = setting(32, "teacher tokens kept per position")
+    temperature: float = setting(2.0, "temperature of the stored log-probs (distill must use the same)")
+    max_tokens: int | None = setting(None, "cache only the first N training tokens")
+    batch_size: int = setting(8, "blocks per teacher forward pass")
+    shard_blocks: int = setting(256, "blocks per shard file (the unit of resumption)")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.streaming:
+            problems.append("streaming: the cache needs a map-style dataset; cap it with --max-tokens instead")
+        if self.top_k < 1 or self.batch_size < 1 or self.shard_blocks < 1:
+            problems.append("top_k, batch_size, shard_blocks: must be positive")
+        if self.temperature <= 0:
+            problems.append("temperature: must be positive")
+        return problems
+
+
+def run(settings: CacheSettings) -> Path:
+
+    out = Path(settings.output)
+    teacher = load(settings.teacher, settings.dtype, settings.trust_remote_code)
+    model = teacher.model.to(pick_device(settings.device))
+    train_data, heldout = prepare_data(settings, teacher.tokenizer)
+    n_blocks = train_data.num_rows
+    if settings.max_tokens is not None:
+        n_blocks = min(n_blocks, max(1, settings.max_tokens // settings.block_size))
+    layout = {"format": FORMAT, "teacher": settings.teacher, "top_k": settings.top_k,
+              "temperature": settings.temperature, "block_size": settings.block_size, "blocks": n_blocks,
+              "shard_blocks": settings.shard_blocks, "vocab": len(teacher.tokenizer),
+              "data": settings.data, "eval_data": settings.eval_data, "heldout": settings.heldout,
+              "seed": settings.seed}
+    meta = out / "cache.json"
+    if meta.is_file():
+        previous = json.loads(meta.read_text())
+        if previous.get("layout") != layout:
+            check([f"output: {out} holds a cache made with other settings; choose another folder or remove it"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        teacher.tokenizer.save_pretrained(out / "tokenizer")
+        if heldout is not None:
+            save_tensors({"input_ids": torch.tensor(heldout["input_ids"], dtype=torch.int32)}, out / "heldout.safetensors")
+        write_json(meta, provenance("cache-teacher", to_dict(settings), layout=layout, complete=False))
+    n_shards = math.ceil(n_blocks / settings.shard_blocks)
+    for shard in range(n_shards):
+        path = shard_path(out, shard)
+        if path.is_file():
+            continue  # finished before an interruption
+        lo, hi = shard * settings.shard_blocks, min(n_blocks, (shard + 1) * settings.shard_blocks)
+        ids = torch.tensor(train_data[lo:hi]["input_ids"], dtype=torch.long)
+        top_idx, top_logp = teacher_top_k(model, ids, settings.top_k, settings.temperature, settings.batch_size)
+        save_tensors({"input_ids": ids.int(), "top_idx": top_idx, "top_logp": top_logp}, path)
+        print(f"\r  cached shard {shard + 1}/{n_shards} ({hi:,}/{n_blocks:,} blocks)", end="", file=sys.stderr,
+              flush=True)
+    print(file=sys.stderr)
+    record = json.loads(meta.read_text())
+    record["complete"] = True
+    record["bytes_per_token"] = sum(p.stat().st_size for p in out.glob("shard-*.safetensors")) / (
+        n_blocks * settings.block_size)
+    write_json(meta, record)
+    write_json(out / RECORD, record)  # the finished cache describes itself like every output
+    print(f"cached the teacher's top-{settings.top_k} on {n_blocks * settings.block_size:,} tokens "
+          f"({record['bytes_per_token']:.0f} bytes/token) in {out}")
+    return out

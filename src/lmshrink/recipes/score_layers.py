@@ -1,0 +1,60 @@
+"""`lmshrink score-layers`: score every block of a model on calibration text (`lmshrink.importance`)
+and write scores.json, scores.png and lmshrink.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmshrink.architectures import blocks_of, check_length
+from lmshrink.config import check, setting, to_dict
+from lmshrink.data import calibration_rows
+from lmshrink.importance import plot, score
+from lmshrink.models import load, pick_device
+from lmshrink.records import RECORD, provenance, write_json
+
+
+@dataclass
+class ScoreSettings:
+    """Score every block of a model on calibration text; writes scores.json and scores.png."""
+
+    model: str = setting("smollm2-135m", "model to score: folder, Hub id, .gguf file or smollm2-135m")
+    data: str = setting("python-docs/library", "calibration text: file, folder, .jsonl, hf:NAME[:CONFIG][:SPLIT] or corpus name")
+    output: str = setting("runs/scores", "folder for scores.json and scores.png")
+    tokens: int = setting(4096, "calibration tokens")
+    seq_len: int = setting(512, "tokens per calibration row")
+    batch_size: int = setting(4, "rows per forward pass")
+    ppl: bool = setting(True, "also measure the exact perplexity increase of removing each block (one pass per block)")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.seq_len < 2:
+            problems.append("seq_len: must be at least 2")
+        if self.tokens < self.seq_len:
+            problems.append(f"tokens: must be at least seq_len ({self.seq_len})")
+        if self.batch_size < 1:
+            problems.append("batch_size: must be positive")
+        check(problems)
+
+
+def run(settings: ScoreSettings) -> dict[str, Any]:
+    loaded = load(settings.model, settings.dtype, settings.trust_remote_code)
+    model = loaded.model.to(pick_device(settings.device))
+    check_length(model.config, settings.seq_len, "seq_len")
+    rows = calibration_rows(settings.data, loaded.tokenizer, settings.tokens, settings.seq_len)
+    print(f"scoring {len(blocks_of(model))} blocks of {settings.model} on {rows.numel():,} tokens of {settings.data}")
+    scores = score(model, rows, settings.batch_size, settings.ppl)
+    out = Path(settings.output)
+    record = provenance("score-layers", to_dict(settings), **scores)
+    write_json(out / "scores.json", record)
+    write_json(out / RECORD, record)
+    plot(scores, out / "scores.png", f"{settings.model}: block importance on {settings.data}")
+    order = sorted(range(scores["num_layers"]), key=lambda i: scores["block_influence"][i])
+    print(f"least influential blocks (BI): {order[: max(1, len(order) // 4)]}")
+    print(f"wrote {out / 'scores.json'} and {out / 'scores.png'}")
+    return scores

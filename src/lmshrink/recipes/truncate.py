@@ -1,0 +1,107 @@
+"""`lmshrink truncate`: a student made of a subset of the teacher's blocks (`lmshrink.truncation`),
+saved as a plain transformers folder with its tokenizer, lmshrink.json and model card.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmshrink.architectures import blocks_of, context_limit
+from lmshrink.config import SettingsError, check, setting, to_dict
+from lmshrink.data import calibration_rows
+from lmshrink.importance import METRICS, score
+from lmshrink.model_card import save_model_record
+from lmshrink.models import load, no_tokenizer
+from lmshrink.records import provenance, save_atomically
+from lmshrink.truncation import STRATEGIES, select_layers, truncate_model
+
+
+@dataclass
+class TruncateSettings:
+    """Build a student from a subset of the teacher's blocks."""
+
+    output: str = setting(help="folder to write the student to (save_pretrained format + lmshrink.json)")
+    teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
+    strategy: str = setting("alt", f"one of {', '.join(STRATEGIES)} (ignored when --keep is given)")
+    keep: list[int] | None = setting(None, "explicit teacher blocks to keep, e.g. 0,2,5")
+    num_layers: int | None = setting(None, "student depth (default: half the teacher's)")
+    ratio: float | None = setting(None, "student depth as a fraction of the teacher's, e.g. 0.5")
+    metric: str = setting("block_influence", f"importance score used by strategy importance: {', '.join(METRICS)}")
+    scores: str | None = setting(None, "scores.json from score-layers; computed on --calib-data if not given")
+    calib_data: str = setting("python-docs/library", "calibration text for computing scores")
+    calib_tokens: int = setting(4096, "calibration tokens for computing scores")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    overwrite: bool = setting(False, "replace the output folder if it exists")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if Path(self.output).exists() and not self.overwrite:
+            problems.append(f"output: {self.output} already exists; pass --overwrite or choose another folder")
+        if self.keep is None and self.strategy not in STRATEGIES:
+            problems.append(f"strategy: {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+        if self.num_layers is not None and self.ratio is not None:
+            problems.append("num_layers and ratio: give one of them, not both")
+        if self.num_layers is not None and self.num_layers < 1:
+            problems.append("num_layers: must be at least 1")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            problems.append("ratio: must be in (0, 1]")
+        if self.metric not in METRICS:
+            problems.append(f"metric: {self.metric!r} is unknown; choose one of {', '.join(METRICS)}")
+        if self.keep is not None and (self.num_layers is not None or self.ratio is not None):
+            problems.append("keep: an explicit list already fixes the depth; drop num_layers/ratio")
+        check(problems)
+
+
+def load_scores(path: str) -> dict[str, Any]:
+    try:
+        scores = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"scores: {path} does not exist; run `lmshrink score-layers` first") from None
+    except json.JSONDecodeError as err:
+        raise SettingsError(f"scores: {path} is not valid JSON ({err})") from None
+    if "block_influence" not in scores or "num_layers" not in scores:
+        raise SettingsError(f"scores: {path} is not a score-layers output (no block_influence)")
+    return scores
+
+
+def run(settings: TruncateSettings, teacher=None) -> Path:
+    """Truncate and save; `teacher` may be a pre-loaded `models.Loaded` (the demo reuses one)."""
+    teacher = teacher or load(settings.teacher, settings.dtype, settings.trust_remote_code, need_tokenizer=False)
+    n = len(blocks_of(teacher.model))
+    k = settings.num_layers
+    if settings.ratio is not None:
+        k = max(1, round(n * settings.ratio))
+    scores = None
+    if settings.keep is None and settings.strategy == "importance":
+        if settings.scores:
+            scores = load_scores(settings.scores)
+        else:
+            if teacher.tokenizer is None:  # scoring reads calibration text
+                raise no_tokenizer(teacher.source)
+            length = min(512, context_limit(teacher.model.config) or 512)
+            rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, length)
+            scores = score(teacher.model, rows, ppl=settings.metric == "ppl_increase")
+    keep = select_layers(n, settings.strategy, k, settings.keep, scores, settings.metric)
+    student = truncate_model(teacher.model, keep)
+    record = provenance(
+        "truncate", to_dict(settings), teacher=settings.teacher, teacher_source=teacher.source,
+        teacher_layers=n, kept_layers=keep, strategy="keep" if settings.keep is not None else settings.strategy,
+        scores=({m: scores[m] for m in METRICS if m in scores} if scores else None),
+    )
+
+    def save(tmp: Path) -> None:
+        student.save_pretrained(tmp)
+        if teacher.tokenizer is not None:
+            teacher.tokenizer.save_pretrained(tmp)
+        save_model_record(tmp, record, Path(settings.output).name)
+
+    out = save_atomically(settings.output, save)
+    print(f"student with {len(keep)}/{n} blocks {keep} ({record['strategy']}) written to {out}")
+    if teacher.tokenizer is None:
+        print(f"[lmshrink] {teacher.source} has no tokenizer, so the student has none either: truncation needs "
+              f"none, but training and evaluation will; copy the teacher's tokenizer into {out}")
+    return out
