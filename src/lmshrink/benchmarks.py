@@ -267,9 +267,15 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
     # lm-eval logs a hint per custom-dataset task at WARNING; our own report says where data came from
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=specs, limit=limit, log_samples=False, bootstrap_iters=1000,
-                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                          fewshot_random_seed=seed)
+    try:
+        out = simple_evaluate(model=lm, tasks=specs, limit=limit, log_samples=False, bootstrap_iters=1000,
+                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              fewshot_random_seed=seed)
+    except (OSError, ConnectionError) as err:  # the Hub's datasets, without a network
+        if source != "hub":
+            raise
+        raise AssetError(f"could not load the benchmark data from the Hub ({str(err)[:200]}); offline, use "
+                         "--benchmark-source local (after `lmshrink fetch --benchmarks`)") from None
     results, counts = out["results"], out["n-samples"]
     scores = []
     for name, subtasks in members.items():
