@@ -13,7 +13,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -50,23 +50,30 @@ def _check_text_file(path: Path, probe: int = 1 << 16) -> None:
     _decode(path, head, final=len(head) < probe)
 
 
+def json_objects(path: Path, lines: Iterable[str], what: str = "an object") -> Iterator[tuple[str, dict]]:
+    """(`file:line`, object) for each non-blank JSON line; a DataError names a line that is not
+    JSON or not an object (`what` says what the object should be)."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{n} is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n} is a JSON {type(record).__name__}, not {what}")
+        yield f"{path}:{n}", record
+
+
 def _jsonl(path: Path, field: str) -> Iterator[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{n} is not valid JSON") from None
-            yield record_text(record, field, f"{path}:{n}")
+        for where, record in json_objects(path, f, f"an object with a {field!r} field"):
+            yield record_text(record, field, where)
 
 
-def record_text(record: object, field: str, where: str) -> str:
+def record_text(record: dict, field: str, where: str) -> str:
     """The text field of one JSON record, or a DataError naming the record and what is wrong."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where} is a JSON {type(record).__name__}, not an object with a {field!r} field")
     if field not in record:
         raise DataError(f"{where} has no {field!r} field (fields: {', '.join(record)})")
     value = record[field]

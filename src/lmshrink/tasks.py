@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from lmshrink.assets import sentiment_path
-from lmshrink.data import DataError, read_text_file
+from lmshrink.data import DataError, json_objects, read_text_file
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -91,18 +90,7 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
             return list(csv.DictReader(io.StringIO(text, newline="")))
         except csv.Error as err:
             raise DataError(f"{path} is not a readable CSV file: {err}") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise DataError(f"{path}:{n} is not valid JSON") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n} is a JSON {type(row).__name__}, not an object of columns")
-        rows.append(row)
-    return rows
+    return [row for _, row in json_objects(p, text.splitlines(), "an object of columns")]
 
 
 def _sentiment() -> tuple[list[dict], list[dict]]:
