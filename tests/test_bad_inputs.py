@@ -97,3 +97,18 @@ def test_bad_input_is_one_clear_error(bad, tiny_gpt2_dir, tmp_path, capsys, args
     assert f"lmshrink {args[0]}: error:" in err and "Traceback" not in err
     assert message in err, err
     assert not (out / "model").exists() and not (out / "report.md").exists() and not (out / "lmshrink.json").exists()
+
+
+def test_two_runs_cannot_write_one_output_folder_at_once(tiny_gpt2_dir, tmp_path, capsys):
+    """While a run holds its folder, a second run into it stops at once and touches nothing."""
+    from lmshrink.records import exclusive
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", str(tiny_gpt2_dir), "--data", "python-docs/tutorial", "--block-size", "64",
+            "--max-steps", "1", "--report-to", "none", "--output", str(out)]
+    with exclusive(out):  # the first run, still going
+        assert main(args) == 2
+        assert "being written by another lmshrink run (pid" in capsys.readouterr().err
+        assert not (out / "model").exists() and not (out / "checkpoints").exists()
+    assert main(args) == 0  # once it is done, the folder is free
+    assert (out / "model" / "lmshrink.json").is_file()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink import __version__
+from lmshrink.errors import LmshrinkError
 
 RECORD = "lmshrink.json"
 
@@ -82,6 +83,34 @@ def save_atomically(path: str | Path, save: Callable[[Path], None]) -> Path:
     with atomic_dir(path) as tmp:
         save(tmp)
     return Path(path)
+
+
+@contextmanager
+def exclusive(folder: str | Path) -> Iterator[Path]:
+    """Hold `folder` for one run: a second run writing the same folder at the same time stops at
+    once with one clear line, instead of interleaving its checkpoints and records with ours."""
+    import fcntl
+
+    folder = Path(folder)
+    if int(os.environ.get("RANK", "0")) != 0:  # one lock per run: the main process of a distributed run holds it
+        yield folder
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lmshrink.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise LmshrinkError(f"{folder} is being written by another lmshrink run ({holder}); wait for it to "
+                                "finish, or give another --output") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        try:
+            yield folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def git_hash() -> str | None:

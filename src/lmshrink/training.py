@@ -22,7 +22,7 @@ from lmshrink.architectures import check_length
 from lmshrink.config import check, setting, to_dict
 from lmshrink.data import DataError, pack, text_dataset
 from lmshrink.model_card import save_model_record
-from lmshrink.records import RECORD, provenance, publish, read_record, write_json
+from lmshrink.records import RECORD, exclusive, provenance, publish, read_record, write_json
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -290,7 +290,15 @@ def last_checkpoint(folder: str | Path) -> str | None:
 
 def train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
           train_data, heldout, extra_record: dict[str, Any] | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
-    """Run the Trainer (resuming if asked), evaluate before and after, save model/ atomically."""
+    """Run the Trainer (resuming if asked), evaluate before and after, save model/ atomically;
+    the run folder is held for this run alone."""
+    with exclusive(settings.output):
+        return _train(settings, command, trainer_cls, model, tokenizer, train_data, heldout, extra_record,
+                      **trainer_kwargs)
+
+
+def _train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
+           train_data, heldout, extra_record: dict[str, Any] | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
     check_length(model.config, settings.block_size, "block_size")
     checkpoint = last_checkpoint(Path(settings.output) / "checkpoints")
     if checkpoint and not settings.resume:

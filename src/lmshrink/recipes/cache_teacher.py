@@ -13,7 +13,7 @@ import torch
 
 from lmshrink.config import check, setting, to_dict
 from lmshrink.models import load, pick_device
-from lmshrink.records import RECORD, provenance, write_json
+from lmshrink.records import RECORD, exclusive, provenance, write_json
 from lmshrink.teacher_cache import FORMAT, save_tensors, shard_path, teacher_top_k
 from lmshrink.training import DataSettings, prepare_data
 
@@ -45,7 +45,11 @@ class CacheSettings(DataSettings):
 
 
 def run(settings: CacheSettings) -> Path:
+    with exclusive(settings.output):  # one writer per cache folder
+        return _run(settings)
 
+
+def _run(settings: CacheSettings) -> Path:
     out = Path(settings.output)
     teacher = load(settings.teacher, settings.dtype, settings.trust_remote_code)
     model = teacher.model.to(pick_device(settings.device))

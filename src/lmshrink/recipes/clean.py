@@ -50,7 +50,7 @@ from lmshrink.corpus_steps import (
     input_files,
 )
 from lmshrink.data import DataError, resolve_path
-from lmshrink.records import provenance, save_figure, write_json, write_text
+from lmshrink.records import exclusive, provenance, save_figure, write_json, write_text
 
 EXECUTORS = ("local", "slurm", "ray")
 FORMATS = ("jsonl", "parquet")
@@ -445,6 +445,11 @@ def run(s: CleanSettings) -> dict[str, Any]:
     if not s.data[0].startswith("hf:") and not files:
         raise DataError(f"no files found in {', '.join(s.data)}: nothing to clean")
     _check_resumable(s, out)
+    with exclusive(out):  # one run at a time per output folder
+        return _clean(s, out, files)
+
+
+def _clean(s: CleanSettings, out: Path, files: list) -> dict[str, Any]:
     start = time.perf_counter()
     executor = None
     for stage in stages(s, out, files):

@@ -47,7 +47,7 @@ from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
-from lmshrink.records import RECORD, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
 from lmshrink.tasks import TASKS, Collator, Task, load_task, scores
 from lmshrink.training import LMTrainer, MetricsFile, last_checkpoint, precision_flags, save_trained
 
@@ -381,6 +381,11 @@ def plot(summary: dict[str, Any], main: str, path: Path, title: str) -> None:
 
 
 def run(s: FinetuneSettings) -> dict[str, Any]:
+    with exclusive(s.output):  # one run at a time per output folder
+        return _run(s)
+
+
+def _run(s: FinetuneSettings) -> dict[str, Any]:
     out = Path(s.output)
     if s.task == "lm":
         records, teacher, main = run_lm(s), None, "perplexity"
