@@ -130,7 +130,6 @@ def training_arguments(settings: TrainSettings, **overrides: Any) -> TrainingArg
     # transformers 5 takes the TensorBoard folder from the environment; each run logs in its own folder
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     kwargs: dict[str, Any] = dict(
-        output_dir=str(out / "checkpoints"),
         num_train_epochs=settings.epochs,
         max_steps=max_steps,
         per_device_train_batch_size=settings.batch_size,
@@ -150,19 +149,24 @@ def training_arguments(settings: TrainSettings, **overrides: Any) -> TrainingArg
         eval_strategy="steps" if settings.eval_steps else "no",
         eval_steps=settings.eval_steps,
         report_to=report_to or "none",
-        include_num_input_tokens_seen=True,
-        remove_unused_columns=False,
         activation_checkpointing=settings.gradient_checkpointing,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # so torchrun on CPUs gives multi-process (gloo) DDP
         deepspeed=settings.deepspeed,
         fsdp=settings.fsdp,
         dataloader_drop_last=True,
         disable_tqdm=False,
-        **precision_flags(settings.precision),
     )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return trainer_arguments(out / "checkpoints", settings.precision, **{**kwargs, **overrides})
+
+
+def trainer_arguments(output_dir: str | Path, precision: str = "auto", **kwargs: Any) -> TrainingArguments:
+    """`TrainingArguments` with the choices every lmshrink trainer shares (the one place they are
+    built): CPU where there is no GPU (so torchrun on CPUs gives gloo DDP), bf16/fp16 where the GPU
+    has it, tokens counted, every column kept (our collators need them), no loggers unless asked."""
+    common: dict[str, Any] = dict(
+        output_dir=str(output_dir), report_to="none", remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=torch.cuda.is_available(),
+        include_num_input_tokens_seen=True, **precision_flags(precision))
+    return TrainingArguments(**{**common, **kwargs})
 
 
 def prepare_data(settings: DataSettings, tokenizer) -> tuple[Any, Any]:

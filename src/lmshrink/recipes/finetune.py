@@ -49,7 +49,7 @@ from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
 from lmshrink.tasks import TASKS, Collator, Task, load_task, scores
-from lmshrink.training import LMTrainer, MetricsFile, last_checkpoint, precision_flags, save_trained
+from lmshrink.training import LMTrainer, MetricsFile, last_checkpoint, save_trained, trainer_arguments
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -204,7 +204,7 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     """Fine-tune `s.model` with one method and seed; save model/ and return its record.
     `generator` (MATE-KD) is copied, so every run starts from the same generator."""
     from datasets import Dataset
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
 
     set_seed(seed)
@@ -224,13 +224,11 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     else:
         encode = generator = None
     kd = METHODS[method](s.kd_config(seed), generator=generator, encode=encode)
-    args = TrainingArguments(
-        output_dir=str(folder / "checkpoints"), num_train_epochs=s.epochs, per_device_train_batch_size=s.batch_size,
+    args = trainer_arguments(
+        folder / "checkpoints", s.precision, num_train_epochs=s.epochs, per_device_train_batch_size=s.batch_size,
         per_device_eval_batch_size=s.batch_size, learning_rate=s.lr, warmup_steps=float(s.warmup),
         weight_decay=s.weight_decay, seed=seed, data_seed=seed, logging_steps=s.logging_steps,
-        save_strategy="steps", save_steps=s.save_steps, save_total_limit=1, report_to="none",
-        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen=True,
-        dataloader_pin_memory=torch.cuda.is_available(), **precision_flags(s.precision))
+        save_strategy="steps", save_steps=s.save_steps, save_total_limit=1)
     test_set = Dataset.from_list(test)
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
                                eval_dataset=test_set, data_collator=collate, processing_class=tokenizer,
@@ -272,11 +270,9 @@ def refuse_changed(s: FinetuneSettings, done: dict[str, Any], folder: Path) -> N
 def evaluate_teacher(s: FinetuneSettings, task: Task, test: list[dict]) -> dict[str, float]:
     """The teacher's metrics on the same evaluation examples."""
     from datasets import Dataset
-    from transformers import TrainingArguments
 
     model, tokenizer, _ = load_classifier(s.teacher, task, s.trust_remote_code)
-    args = TrainingArguments(output_dir=str(Path(s.output) / ".teacher-eval"), per_device_eval_batch_size=s.batch_size,
-                             report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available())
+    args = trainer_arguments(Path(s.output) / ".teacher-eval", "fp32", per_device_eval_batch_size=s.batch_size)
     collate = Collator(tokenizer, None, s.max_length, task.num_labels == 1)
     # the fine-tuning trainer's evaluation path: the plain task loss, no method
     trainer = _trainer_class()(model=model, args=args, data_collator=collate)
