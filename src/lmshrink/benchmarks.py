@@ -101,8 +101,15 @@ def expand(names: list[str]) -> list[str]:
     return out
 
 
-def unknown_tasks(names: list[str]) -> list[str]:
-    return [t for t in expand(names) if t not in KNOWN]
+def task_problems(names: list[str]) -> list[str]:
+    """A settings problem for each unknown task name (for a settings class's `__post_init__`)."""
+    unknown = [t for t in expand(names) if t not in KNOWN]
+    return [f"tasks: {', '.join(map(repr, unknown))} unknown; choose from {', '.join([*SUITES, *KNOWN])}"] if unknown else []
+
+
+def benchmark(task: str) -> Benchmark:
+    """The table entry of a reported task (MMLU's stands for its 57 subjects)."""
+    return MMLU if task == "mmlu" else BENCHMARKS[task]
 
 
 def benchmark_root() -> Path:
@@ -279,7 +286,7 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
     results, counts = out["results"], out["n-samples"]
     scores = []
     for name, subtasks in members.items():
-        bench = MMLU if name == "mmlu" else BENCHMARKS[name]
+        bench = benchmark(name)
         split = bench.scored if source == "local" else bench.stock_split
         per = [(_metrics(results[t]), counts[t]["effective"]) for t in subtasks]
         metric = bench.metric

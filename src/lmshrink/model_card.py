@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from lmshrink.benchmarks import BENCHMARKS, MMLU
-from lmshrink.models import EMBEDDED_ORIGIN
+from lmshrink.benchmarks import benchmark
+from lmshrink.models import EMBEDDED_ORIGIN, looks_like_path
 from lmshrink.records import RECORD, read_record, write_json, write_text
 
 CARD = "README.md"
@@ -48,7 +48,7 @@ def origin(name: str | None) -> tuple[str | None, str | None]:
     if path.exists():
         meta = front_matter(path if path.is_dir() else path.parent)
         return meta.get("base_model"), meta.get("license")
-    if name.endswith(".gguf") or name.startswith((".", "/")):
+    if name.endswith(".gguf") or looks_like_path(name):
         return None, None
     return name, None
 
@@ -161,7 +161,7 @@ def add_results(folder: str | Path, tasks: dict[str, dict[str, Any]], limit: int
         return
     stored = record.setdefault("benchmarks", {})
     for task, score in tasks.items():
-        bench = MMLU if task == "mmlu" else BENCHMARKS[task]
+        bench = benchmark(task)
         stored[task] = {**{k: score[k] for k in ("task", "metric", "value", "stderr", "items", "split", "num_fewshot")},
                         "limit": limit, "dataset": bench.hub}
     save_model_record(folder, record)

@@ -85,6 +85,11 @@ def gguf_to_folder(gguf: Path) -> Path:
     return save_atomically(folder, save)
 
 
+def looks_like_path(name: str) -> bool:
+    """A local path (absolute, relative with a dot, or from home), never a Hub id."""
+    return name.startswith(("/", ".", "~"))
+
+
 def resolve(name: str) -> str:
     """Turn an embedded name or a GGUF path into something `from_pretrained` loads."""
     if name in EMBEDDED:
@@ -158,7 +163,7 @@ def load(name: str, dtype: str = "float32", trust_remote_code: bool = False, hea
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     source = resolve(name)
     local = Path(source)
-    if not local.exists() and source.startswith(("/", "./", "../", "~")):  # a path, not a Hub id
+    if not local.exists() and looks_like_path(source):
         raise ModelLoadError(f"{source} does not exist; give a model folder, a .gguf file, a Hub id, "
                              f"or one of: {', '.join(EMBEDDED)}")
     if local.exists() and not (local / "config.json").is_file():

@@ -172,17 +172,14 @@ def trainer_arguments(output_dir: str | Path, precision: str = "auto", **kwargs:
 def prepare_data(settings: DataSettings, tokenizer) -> tuple[Any, Any]:
     """Packed training and held-out blocks (split by document, so nothing leaks)."""
     docs = text_dataset(settings.data, streaming=settings.streaming)
-    if settings.eval_data:
-        heldout_docs = None
-    elif settings.heldout > 0:
+    heldout_docs = None  # with --eval-data, prepare_heldout reads that instead
+    if not settings.eval_data and settings.heldout > 0:
         try:
             split = docs.train_test_split(test_size=settings.heldout, seed=settings.seed)
         except ValueError as err:  # e.g. one document cannot be split
             raise DataError(f"cannot hold out {settings.heldout:.0%} of {docs.num_rows} document(s) ({err}); "
                             "give --eval-data, more documents, or --heldout 0") from None
         docs, heldout_docs = split["train"], split["test"]
-    else:
-        heldout_docs = None
     train = pack(docs, tokenizer, settings.block_size, settings.num_proc)
     if hasattr(train, "num_rows") and train.num_rows == 0:
         raise DataError(f"the training data holds less than one block of {settings.block_size} tokens")

