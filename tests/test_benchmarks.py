@@ -123,3 +123,15 @@ def test_truncate_writes_a_hub_model_card_that_eval_updates(tiny_gpt2_dir, tmp_p
     report = (out / "report.md").read_text()
     assert "share of reference" in report and "(lm-eval's default: test)" not in report  # copa, piqa: default splits
     assert (out / "tasks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_local_copies_have_the_fields_the_stock_tasks_read():
+    """The saved BoolQ copy has google/boolq's `answer`; lm-eval's task reads super_glue's `label`
+    (its doc_to_target): the loader must fill it from the answer, or every gold label is wrong."""
+    from lmshrink.benchmarks import _stock_config, _task_manager
+
+    assert _stock_config(_task_manager(), "boolq")["doc_to_target"] == "label"
+    docs = local_dataset(BENCHMARKS["boolq"].folder, ("validation",))["validation"]
+    assert len(docs) == 3270 and docs["label"] == [int(a) for a in docs["answer"]]
+    lambada = local_dataset(BENCHMARKS["lambada_openai"].folder, ("test",))["test"]
+    assert len(lambada) == 5153 and all(" " in t for t in lambada["text"][:50])  # context + " " + last word
