@@ -87,3 +87,63 @@ def test_shipped_configs_are_valid(tmp_path, monkeypatch):
         assert settings.output.startswith("runs/")
         if getattr(settings, "deepspeed", None):
             assert (root / settings.deepspeed).is_file()
+
+
+def test_groups_take_flat_dotted_and_nested_names(tmp_path):
+    """A group's setting is set by its own name, its dotted path or a nested YAML mapping; a
+    command's default for a group (distill's DistilGPT-2 optimiser) survives a partial override."""
+    from lmshrink.recipes.distill import DistillSettings
+
+    base = {"model": "m", "output": "o", "data": ["x"]}
+    assert build(DistillSettings, {**base, "lr": 1e-3}).train.lr == 1e-3
+    assert build(DistillSettings, {**base, "train.lr": 1e-3}).train.lr == 1e-3
+    nested = build(DistillSettings, {**base, "train": {"batch_size": 2}, "kd": {"temperature": 1}})
+    assert nested.train.batch_size == 2 and nested.kd.temperature == 1.0
+    assert nested.train.lr == 2.5e-4 and nested.train.max_grad_norm == 5.0  # the group's command default kept
+    config = tmp_path / "d.yaml"
+    config.write_text("model: m\noutput: o\ncorpus:\n  data: [x]\n  block_size: 64\ntrain:\n  lr: 0.01\n")
+    settings = from_args(DistillSettings, ["--config", str(config), "--train.lr", "0.02", "--alpha-ce", "1"], "d", "")
+    assert settings.corpus.block_size == 64 and settings.train.lr == 0.02 and settings.kd.alpha_ce == 1.0
+
+
+def test_a_name_two_groups_share_needs_its_group():
+    from lmshrink.recipes.demo import DemoSettings
+
+    with pytest.raises(SettingsError, match="max_tokens: this command has several; say which: train.max_tokens, "
+                                            "perplexity.max_tokens"):
+        build(DemoSettings, {"max_tokens": 10, "tasks": []})
+    settings = build(DemoSettings, {"train.max_tokens": 10, "perplexity": {"max_tokens": 20}, "tasks": []})
+    assert settings.train.max_tokens == 10 and settings.perplexity.max_tokens == 20
+    with pytest.raises(SettingsError, match="--max-tokens: this command has several; say which: --train.max-tokens"):
+        from_args(DemoSettings, ["--max-tokens", "5"], "demo", "")
+
+
+def test_a_record_builds_the_same_settings_again():
+    """The resolved settings in lmshrink.json are a valid config: a run is re-made from its folder."""
+    from lmshrink.config import to_dict
+    from lmshrink.recipes.distill import DistillSettings
+
+    settings = build(DistillSettings, {"model": "m", "output": "o", "data": ["x"], "lr": 1e-3, "loss": "tv"})
+    assert build(DistillSettings, to_dict(settings)) == settings
+
+
+def test_group_problems_are_gathered_with_the_commands():
+    from lmshrink.recipes.distill import DistillSettings
+
+    with pytest.raises(SettingsError) as err:
+        build(DistillSettings, {"model": "m", "output": "o", "batch_size": 0, "loss": "kl", "block_size": 0})
+    for part in ("data: give at least one", "batch_size: must be positive", "loss: 'kl' is unknown", "block_size"):
+        assert part in str(err.value)
+
+
+def test_setting_names_are_unique_or_grouped():
+    """Every command's settings: each accepted name leads to one setting, and --help lists groups."""
+    from lmshrink.cli import COMMANDS, command
+    from lmshrink.config import leaves, names, parser_for
+
+    for name in COMMANDS:
+        cls, _ = command(name)
+        paths = [leaf.path for leaf in leaves(cls)]
+        assert len(paths) == len(set(paths))
+        assert set(names(cls).values()) == set(paths)
+        parser_for(cls, name, "").format_help()  # every flag registers without a clash

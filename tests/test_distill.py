@@ -44,7 +44,7 @@ def test_distill_recipe_end_to_end(student, tiny_gpt2_dir, tmp_path, monkeypatch
                  *DATA, *TINY, "--max-steps", "4", "--layer-map", "kept", "--alpha-inter", "1"]) == 0
     record = json.loads((out / "model" / "lmshrink.json").read_text())
     assert record["kept_layers"] == [0, 2] and record["distill_teacher"] == str(tiny_gpt2_dir)
-    assert record["settings"]["lr"] == 2.5e-4 and record["settings"]["temperature"] == 2.0  # DistilGPT-2 defaults
+    assert record["settings"]["train"]["lr"] == 2.5e-4 and record["settings"]["kd"]["temperature"] == 2.0  # DistilGPT-2 defaults
     logged = [line for line in metrics_lines(out) if "loss" in line][-1]
     assert {"ce", "kd", "cos", "inter", "tokens_per_s"} <= set(logged)
     card = (out / "model" / "README.md").read_text()

@@ -36,7 +36,7 @@ def test_pretrain_end_to_end(tiny_gpt2_dir, tmp_path):
     assert [line["step"] for line in train_lines] == [2, 4, 6] and "tokens_per_s" in train_lines[-1]
     assert any(f.name.startswith("events.out.tfevents") for f in (out / "tensorboard").rglob("*"))
     checkpoint = json.loads((out / "checkpoints" / "checkpoint-6" / "lmshrink.json").read_text())
-    assert checkpoint["step"] == 6 and checkpoint["settings"]["max_steps"] == 6  # each checkpoint describes itself
+    assert checkpoint["step"] == 6 and checkpoint["settings"]["train"]["max_steps"] == 6  # each checkpoint describes itself
     assert not (out / "model" / "training_args.bin").exists()  # no pickles in the model folder
     card = ModelCard.load(out / "model" / "README.md")  # a Hub model card made from the record
     assert "continued-pretraining" in card.data.tags and card.data.pipeline_tag == "text-generation"

@@ -1,8 +1,12 @@
-"""Typed settings: one dataclass per command, filled from a YAML file and `--flags`.
+"""Typed settings: one dataclass per command, composed of shared groups, filled from YAML and `--flags`.
 
-A field is declared with `setting(default, "help text")`. The same names work in YAML
-(`num_layers: 6`) and on the command line (`--num-layers 6`); flags override the file.
-Unknown keys are an error, and every validation problem is reported at once.
+A field is declared with `setting(default, "help text")`; a group of fields shared by several
+commands (the training data, the optimiser, the KD recipe, ...) is a dataclass of its own, held
+by a command's settings through `group(factory, "help")`, so one recipe can hand another a
+group unchanged. Every field has a dotted path (`train.lr`); where its own name is unique in
+the command, that name works too. The same names work in YAML (`lr: 1e-4`, or nested:
+`train: {lr: 1e-4}`) and on the command line (`--lr 1e-4` or `--train.lr 1e-4`); flags
+override the file. Unknown keys are an error, and every validation problem is reported at once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,27 @@ def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+def group(factory: Any, help: str = "") -> Any:
+    """A field holding a settings group (a dataclass whose fields all have defaults); `factory`
+    makes the command's default, e.g. `lambda: TrainArgs(lr=2.5e-4)`."""
+    return dataclasses.field(default_factory=factory, metadata={"help": help, "group": True})
+
+
+class Settings:
+    """Base of a command's settings: validated on creation, with every problem of the command
+    and of its groups (each group's `problems()`) raised at once."""
+
+    def __post_init__(self) -> None:
+        check(self.problems())
+
+    def problems(self) -> list[str]:
+        found = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.metadata.get("group") and hasattr(getattr(self, f.name), "problems"):
+                found += getattr(self, f.name).problems()
+        return found
 
 
 def check(problems: list[str]) -> None:
@@ -107,33 +132,104 @@ def _type_name(tp: Any) -> str:
     return name + (" or none" if optional else "")
 
 
-def build(cls: type, values: dict[str, Any]) -> Any:
-    """Instantiate settings class `cls` from a dict; unknown keys are an error."""
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One setting of a command: its dotted path, declared type and field."""
+
+    path: str
+    hint: Any
+    field: dataclasses.Field
+
+
+def leaves(cls: type, prefix: str = "") -> list[Leaf]:
+    """Every setting of `cls`, its groups' settings included (depth first)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    problems = []  # every unknown key, bad value and missing setting, reported at once
-    unknown = [k for k in values if k not in fields]
-    if unknown:
-        known = ", ".join(sorted(fields))
-        problems.append(f"unknown setting(s) {', '.join(map(repr, unknown))}; known settings are: {known}")
-    kwargs = {}
+    found = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("group"):
+            found += leaves(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            found.append(Leaf(prefix + f.name, hints[f.name], f))
+    return found
+
+
+def names(cls: type) -> dict[str, str]:
+    """Accepted name -> dotted path: every path, and each field's own name where it is unique."""
+    paths = [leaf.path for leaf in leaves(cls)]
+    short: dict[str, list[str]] = {}
+    for path in paths:
+        short.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    return {**{n: p[0] for n, p in short.items() if len(p) == 1}, **{p: p for p in paths}}
+
+
+def _flatten(values: dict[str, Any], groups: set[str], prefix: str = "") -> dict[str, Any]:
+    """A YAML mapping with nested groups (`train: {lr: 1}`) as dotted keys (`train.lr`)."""
+    flat = {}
     for key, value in values.items():
-        if key in fields:
-            try:
-                kwargs[key] = _convert(key, hints[key], value)
-            except SettingsError as err:
-                problems.append(str(err))
-    missing = [
-        n for n, f in fields.items()
-        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+        key = prefix + str(key).replace("-", "_")
+        if key in groups and isinstance(value, dict):
+            flat.update(_flatten(value, groups, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def build(cls: type, values: dict[str, Any]) -> Any:
+    """Instantiate settings class `cls` from a dict (flat names, dotted paths or nested groups);
+    unknown keys, bad values and missing settings are reported together."""
+    all_leaves = {leaf.path: leaf for leaf in leaves(cls)}
+    known = names(cls)
+    groups = {path.rsplit(".", i)[0] for path in all_leaves for i in range(1, path.count(".") + 1)}
+    problems = []
+    unknown = []
+    converted: dict[str, Any] = {}
+    for key, value in _flatten(values, groups).items():
+        if key not in known:
+            same = [p for p in all_leaves if p.rsplit(".", 1)[-1] == key]
+            if same:  # a name two groups share: the dotted path says which
+                problems.append(f"{key}: this command has several; say which: {', '.join(same)}")
+            else:
+                unknown.append(key)
+            continue
+        leaf = all_leaves[known[key]]
+        try:
+            converted[leaf.path] = _convert(leaf.path, leaf.hint, value)
+        except SettingsError as err:
+            problems.append(str(err))
+    if unknown:
+        problems.insert(0, f"unknown setting(s) {', '.join(map(repr, unknown))}; known settings are: "
+                           f"{', '.join(sorted(n for n in known if '.' not in n or n.rsplit('.', 1)[-1] not in known))}")
+    missing = [p for p, leaf in all_leaves.items() if p not in converted and _required(leaf.field)]
     if missing:
-        problems.append(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+        problems.append(f"missing required setting(s): {', '.join('--' + _flag(m) for m in missing)}")
     if len(problems) == 1:
         raise SettingsError(problems[0])
     check(problems)
-    return cls(**kwargs)
+    return _instantiate(cls, converted)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _instantiate(cls: type, values: dict[str, Any], prefix: str = "", default: Any = None) -> Any:
+    """`cls` (or a copy of the group `default`) with the dotted `values` under `prefix` applied."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        if f.metadata.get("group"):
+            inner = f.default_factory() if default is None else getattr(default, f.name)
+            if any(p.startswith(path + ".") for p in values):
+                kwargs[f.name] = _instantiate(type(inner), values, path + ".", inner)
+            elif default is None:
+                kwargs[f.name] = inner
+        elif path in values:
+            kwargs[f.name] = values[path]
+    return cls(**kwargs) if default is None else dataclasses.replace(default, **kwargs)
+
+
+def _flag(path: str) -> str:
+    return path.replace("_", "-")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -152,31 +248,77 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def parser_for(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one `--flag` per field (values parsed later by `build`)."""
+    """An argparse parser with one `--flag` per setting (values parsed later by `build`); a group's
+    settings are listed under its name, each as `--name` where unique and always as `--group.name`."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML file with settings (same names as the flags)")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        help_text = f"{f.metadata.get('help', '')} [{_type_name(hints[f.name])}; default: {default}]"
-        if _base_type(hints[f.name])[0] is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    short = {path: name for name, path in names(cls).items() if name != path}
+    sections: dict[str, Any] = {}
+    defaults = _defaults(cls)
+    for leaf in leaves(cls):
+        flags = ([f"--{_flag(short[leaf.path])}"] if leaf.path in short else []) + [f"--{_flag(leaf.path)}"]
+        head = leaf.path.split(".")[0] if "." in leaf.path else ""
+        if head and head not in sections:
+            help_text = next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == head)
+            sections[head] = parser.add_argument_group(f"{head} settings", help_text)
+        target = sections[head] if head else parser
+        default = defaults.get(leaf.path, "required")
+        help_text = f"{leaf.field.metadata.get('help', '')} [{_type_name(leaf.hint)}; default: {default}]"
+        if _base_type(leaf.hint)[0] is bool:
+            target.add_argument(*flags, dest=leaf.path, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar="VALUE", help=help_text)
+            target.add_argument(*flags, dest=leaf.path, default=None, metavar="VALUE", help=help_text)
     return parser
+
+
+def _defaults(cls: type, prefix: str = "", instance: Any = None) -> dict[str, Any]:
+    """Dotted path -> the command's default (a group's default comes from its factory)."""
+    found = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("group"):
+            inner = f.default_factory() if instance is None else getattr(instance, f.name)
+            found.update(_defaults(type(inner), f"{prefix}{f.name}.", inner))
+        elif instance is not None:
+            found[prefix + f.name] = getattr(instance, f.name)
+        elif not _required(f):
+            found[prefix + f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return found
 
 
 def from_args(cls: type, argv: list[str], prog: str, description: str) -> Any:
     """Settings from `--config` YAML overridden by explicit flags."""
+    paths = [leaf.path for leaf in leaves(cls)]
+    for arg in argv:  # a name two groups share: say which groups, not argparse's "unrecognized"
+        name = arg.removeprefix("--").split("=", 1)[0].removeprefix("no-").replace("-", "_")
+        same = [p for p in paths if p.rsplit(".", 1)[-1] == name]
+        if arg.startswith("--") and name not in paths and len(same) > 1:
+            raise SettingsError(f"--{_flag(name)}: this command has several; say which: "
+                                f"{', '.join('--' + _flag(p) for p in same)}")
     args = vars(parser_for(cls, prog, description).parse_args(argv))
     config = args.pop("config")
-    values = {str(k).replace("-", "_"): v for k, v in (load_yaml(config) if config else {}).items()}
-    values.update({k: v for k, v in args.items() if v is not None})
+    values = load_yaml(config) if config else {}
+    groups = {p.rsplit(".", i)[0] for p in (leaf.path for leaf in leaves(cls)) for i in range(1, p.count(".") + 1)}
+    values = _flatten(values, groups)
+    known = names(cls)
+    for path, value in args.items():  # a flag replaces the file's value, whichever name the file used
+        if value is not None:
+            values = {k: v for k, v in values.items() if known.get(k) != path}
+            values[path] = value
     return build(cls, values)
 
 
 def to_dict(settings: Any) -> dict[str, Any]:
-    """Resolved settings as plain data (for provenance records)."""
+    """Resolved settings as plain data, groups nested (for provenance records; `build` reads it back)."""
     return dataclasses.asdict(settings)
+
+
+def recorded(settings: dict[str, Any], name: str, default: Any = None) -> Any:
+    """A setting from a record's resolved settings by its own name, wherever its group put it
+    (`recorded(record["settings"], "lr")` finds `train.lr`)."""
+    if name in settings:
+        return settings[name]
+    for value in settings.values():
+        if isinstance(value, dict) and name in value:
+            return value[name]
+    return default

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from lmshrink.benchmarks import benchmark
+from lmshrink.config import recorded
 from lmshrink.models import EMBEDDED_ORIGIN, looks_like_path
 from lmshrink.records import RECORD, read_record, write_json, write_text
 
@@ -56,11 +57,11 @@ def origin(name: str | None) -> tuple[str | None, str | None]:
 def _parent(record: dict[str, Any]) -> str | None:
     """The model this one was made from, as given on its command line."""
     return record.get("teacher") if record.get("command") == "truncate" else (
-        record.get("student") or record.get("model_source") or (record.get("settings") or {}).get("model"))
+        record.get("student") or record.get("model_source") or recorded(record.get("settings") or {}, "model"))
 
 
 def _datasets(record: dict[str, Any]) -> list[str]:
-    data = (record.get("settings") or {}).get("data") or []
+    data = recorded(record.get("settings") or {}, "data") or []
     return sorted({d.removeprefix("hf:").split(":")[0] for d in data if isinstance(d, str) and d.startswith("hf:")})
 
 
@@ -75,9 +76,10 @@ def _how(record: dict[str, Any]) -> list[str]:
                      f"blocks ({record.get('strategy')}): {kept}; dropped {dropped}.")
     elif command in ("pretrain", "distill"):
         metrics = record.get("metrics") or {}
-        teacher = record.get("distill_teacher") or settings.get("teacher") or record.get("teacher")
+        teacher = record.get("distill_teacher") or recorded(settings, "teacher") or record.get("teacher")
         how = "plain causal-LM loss" if command == "pretrain" else f"distillation from `{teacher}`"
-        lines.append(f"Healed `{record.get('student')}` with the {how} on {', '.join(map(str, settings.get('data') or []))}: "
+        data = ", ".join(map(str, recorded(settings, "data") or []))
+        lines.append(f"Healed `{record.get('student')}` with the {how} on {data}: "
                      f"{metrics.get('steps', 'n/a')} steps, {metrics.get('tokens_seen') or 0:,} tokens.")
         if metrics.get("heldout_ppl_after") is not None:
             before = metrics.get("heldout_ppl_before")

@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from lmshrink.architectures import check_length
-from lmshrink.config import check, setting, to_dict
+from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
 from lmshrink.data import DataError, pack, text_dataset
 from lmshrink.model_card import save_model_record
 from lmshrink.records import RECORD, exclusive, provenance, publish, read_record, write_json
@@ -28,8 +28,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(kw_only=True)
-class DataSettings:
-    """Where training text comes from and how it is packed (shared by pretrain, distill, cache-teacher)."""
+class DataArgs:
+    """Where training text comes from and how it is packed (the `corpus` group of pretrain, distill,
+    cache-teacher and the LM fine-tuning task)."""
 
     data: list[str] = setting(
         [], "training text: files, folders, .jsonl(.gz), .parquet, hf:NAME[:CONFIG][:SPLIT], corpus names")
@@ -41,13 +42,8 @@ class DataSettings:
     num_proc: int = setting(1, "processes for tokenisation")
     seed: int = setting(42, "random seed (held-out split, data order, initialisation)")
 
-    def __post_init__(self) -> None:
-        check(self.problems())
-
     def problems(self) -> list[str]:
         problems = []
-        if not self.data:
-            problems.append("data: give at least one training source")
         if not 0 <= self.heldout < 1:
             problems.append("heldout: must be in [0, 1)")
         for name in ("block_size", "num_proc"):
@@ -59,11 +55,9 @@ class DataSettings:
 
 
 @dataclass(kw_only=True)
-class TrainSettings(DataSettings):
-    """Settings shared by every training command."""
+class TrainArgs:
+    """The optimiser, schedule, precision, checkpoints and loggers of a Trainer run (the `train` group)."""
 
-    model: str = setting(help="student to train: folder (e.g. from lmshrink truncate), Hub id or .gguf file")
-    output: str = setting(help="run folder: checkpoints/, metrics.jsonl, tensorboard/, and the trained model in model/")
     epochs: float = setting(1.0, "passes over the training data (ignored when max_steps or max_tokens is set)")
     max_steps: int = setting(-1, "optimizer steps to run (-1: from epochs or max_tokens)")
     max_tokens: int | None = setting(None, "token budget: sets max_steps = tokens / (batch x accumulation x block x processes)")
@@ -85,11 +79,9 @@ class TrainSettings(DataSettings):
     fsdp: str = setting("", "FSDP options passed to TrainingArguments, e.g. 'full_shard auto_wrap'")
     report_to: list[str] = setting(["tensorboard"], "loggers (tensorboard, wandb, none)")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
-    dtype: str = setting("float32", "dtype the student is loaded in (weights); mixed precision is --precision")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
 
     def problems(self) -> list[str]:
-        problems = super().problems()
+        problems = []
         if self.precision not in PRECISIONS:
             problems.append(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 0 <= self.warmup < 1:
@@ -97,9 +89,32 @@ class TrainSettings(DataSettings):
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be positive")
-        if self.streaming and self.max_steps < 0 and self.max_tokens is None:
-            problems.append("streaming: a streamed dataset has no length; set --max-steps or --max-tokens")
         return problems
+
+
+@dataclass(kw_only=True)
+class HealSettings(Settings):
+    """A student, its training text and its optimiser: what pretrain and distill share."""
+
+    model: str = setting(help="student to train: folder (e.g. from lmshrink truncate), Hub id or .gguf file")
+    output: str = setting(help="run folder: checkpoints/, metrics.jsonl, tensorboard/, and the trained model in model/")
+    dtype: str = setting("float32", "dtype the student is loaded in (weights); mixed precision is --precision")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    corpus: DataArgs = group(DataArgs, "training and held-out text")
+    train: TrainArgs = group(TrainArgs, "optimiser, schedule, precision and checkpoints")
+
+    def problems(self) -> list[str]:
+        return needs_data(self.corpus) + super().problems() + stream_budget(self.corpus, self.train)
+
+
+def needs_data(corpus: DataArgs) -> list[str]:
+    return [] if corpus.data else ["data: give at least one training source"]
+
+
+def stream_budget(corpus: DataArgs, train: TrainArgs) -> list[str]:
+    if corpus.streaming and train.max_steps < 0 and train.max_tokens is None:
+        return ["streaming: a streamed dataset has no length; set --max-steps or --max-tokens"]
+    return []
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
@@ -114,10 +129,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def training_arguments(settings: TrainSettings, **overrides: Any) -> TrainingArguments:
+def training_arguments(settings: TrainArgs, output: str | Path, seed: int, block_size: int | None = None,
+                       **overrides: Any) -> TrainingArguments:
+    """The Trainer's arguments for a run into `output` (checkpoints in output/checkpoints); a
+    --max-tokens budget needs the tokens per example, `block_size`."""
     max_steps = settings.max_steps
     if settings.max_tokens is not None:
-        per_step = settings.batch_size * settings.grad_accum * settings.block_size * world_size()
+        if block_size is None:
+            raise SettingsError("max_tokens: a token budget needs fixed-length blocks; set --max-steps or --epochs")
+        per_step = settings.batch_size * settings.grad_accum * block_size * world_size()
         max_steps = max(1, math.ceil(settings.max_tokens / per_step))
     report_to = [r for r in settings.report_to if r != "none"]
     if "tensorboard" in report_to:
@@ -126,7 +146,7 @@ def training_arguments(settings: TrainSettings, **overrides: Any) -> TrainingArg
         except ImportError:
             report_to.remove("tensorboard")
             print("[lmshrink] tensorboard is not installed; logging to metrics.jsonl only")
-    out = Path(settings.output)
+    out = Path(output)
     # transformers 5 takes the TensorBoard folder from the environment; each run logs in its own folder
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     kwargs: dict[str, Any] = dict(
@@ -141,8 +161,8 @@ def training_arguments(settings: TrainSettings, **overrides: Any) -> TrainingArg
         weight_decay=settings.weight_decay,
         adam_epsilon=settings.adam_eps,
         max_grad_norm=settings.max_grad_norm,
-        seed=settings.seed,
-        data_seed=settings.seed,
+        seed=seed,
+        data_seed=seed,
         logging_steps=settings.logging_steps,
         save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit,
@@ -169,7 +189,7 @@ def trainer_arguments(output_dir: str | Path, precision: str = "auto", **kwargs:
     return TrainingArguments(**{**common, **kwargs})
 
 
-def prepare_data(settings: DataSettings, tokenizer) -> tuple[Any, Any]:
+def prepare_data(settings: DataArgs, tokenizer) -> tuple[Any, Any]:
     """Packed training and held-out blocks (split by document, so nothing leaks)."""
     docs = text_dataset(settings.data, streaming=settings.streaming)
     heldout_docs = None  # with --eval-data, prepare_heldout reads that instead
@@ -186,7 +206,7 @@ def prepare_data(settings: DataSettings, tokenizer) -> tuple[Any, Any]:
     return train, prepare_heldout(settings, tokenizer, heldout_docs)
 
 
-def prepare_heldout(settings: DataSettings, tokenizer, docs=None):
+def prepare_heldout(settings: DataArgs, tokenizer, docs=None):
     """Packed held-out blocks: of `docs` (documents split off the training data) or of
     --eval-data, capped at --eval-tokens; None when there is neither."""
     if settings.eval_data:
@@ -289,7 +309,7 @@ def last_checkpoint(folder: str | Path) -> str | None:
     return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
 
 
-def train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
+def train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
           train_data, heldout, extra_record: dict[str, Any] | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
     """Run the Trainer (resuming if asked), evaluate before and after, save model/ atomically;
     the run folder is held for this run alone."""
@@ -298,16 +318,16 @@ def train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], m
                       **trainer_kwargs)
 
 
-def _train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
+def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
            train_data, heldout, extra_record: dict[str, Any] | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
-    check_length(model.config, settings.block_size, "block_size")
+    check_length(model.config, settings.corpus.block_size, "block_size")
     checkpoint = last_checkpoint(Path(settings.output) / "checkpoints")
-    if checkpoint and not settings.resume:
+    if checkpoint and not settings.train.resume:
         check([f"output: {settings.output} already holds checkpoints ({Path(checkpoint).name}); "
                "pass --resume to continue that run, or choose another folder"])
     out = Path(settings.output)
-    args = training_arguments(settings)
-    if settings.gradient_checkpointing:
+    args = training_arguments(settings.train, out, settings.corpus.seed, settings.corpus.block_size)
+    if settings.train.gradient_checkpointing:
         model.config.use_cache = False
     source_record = read_record(model.name_or_path) or {}  # the loaded folder (GGUF / embedded names resolved)
     base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
@@ -317,7 +337,7 @@ def _train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], 
                           data_collator=collate, processing_class=tokenizer, callbacks=callbacks, **trainer_kwargs)
     before = trainer.evaluate()["eval_loss"] if heldout is not None and not checkpoint else None
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint if settings.resume and checkpoint else None)
+    result = trainer.train(resume_from_checkpoint=checkpoint if settings.train.resume and checkpoint else None)
     wall = time.perf_counter() - started
     after = trainer.evaluate()["eval_loss"] if heldout is not None else None
     metrics = {
@@ -327,7 +347,7 @@ def _train(settings: TrainSettings, command: str, trainer_cls: type[LMTrainer], 
         "train_seconds": wall,
         "heldout_ppl_before": math.exp(before) if before is not None else None,
         "heldout_ppl_after": math.exp(after) if after is not None else None,
-        "heldout_tokens": heldout.num_rows * settings.block_size if heldout is not None else 0,
+        "heldout_tokens": heldout.num_rows * settings.corpus.block_size if heldout is not None else 0,
     }
     record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
     save_trained(trainer, out / "model", record, out.name)

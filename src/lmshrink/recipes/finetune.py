@@ -21,7 +21,7 @@ A finished (method, seed) run is not redone when the command is run again.
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import math
 import shutil
 import statistics
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from lmshrink.config import SettingsError, check, setting, to_dict
+from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.kd_methods import (
     METHODS,
     CausalLMGenerator,
@@ -43,19 +43,34 @@ from lmshrink.kd_methods import (
     task_loss,
 )
 from lmshrink.models import config_of, load, resolve
-from lmshrink.recipes.distill import DistillSettings
+from lmshrink.recipes.distill import DistillSettings, KDArgs
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
 from lmshrink.tasks import TASKS, Collator, Task, load_task, scores
-from lmshrink.training import LMTrainer, MetricsFile, last_checkpoint, save_trained, trainer_arguments
+from lmshrink.training import (
+    DataArgs,
+    LMTrainer,
+    MetricsFile,
+    TrainArgs,
+    last_checkpoint,
+    save_trained,
+    trainer_arguments,
+    training_arguments,
+)
 
 # ----------------------------------------------------------------------------- tasks
 
 
+# run_glue's recipe (3 epochs, batch 8, lr 5e-5) with 10% warm-up and weight decay 0.01; checkpoints
+# every 200 steps so that a killed run resumes; no loggers beyond metrics.jsonl
+FINETUNE_OPTIMISER = dict(epochs=3.0, batch_size=8, lr=5e-5, warmup=0.1, weight_decay=0.01, save_steps=200,
+                          save_total_limit=1, report_to=["none"])
+
+
 @dataclass(kw_only=True)
-class FinetuneSettings:
+class FinetuneSettings(Settings):
     """Fine-tune a teacher or student on a downstream task, with KD methods over several seeds."""
 
     model: str = setting(help="model to fine-tune: folder (e.g. from lmshrink truncate), Hub id, .gguf or smollm2-135m")
@@ -72,23 +87,13 @@ class FinetuneSettings:
     heldout: float = setting(0.2, "task file without --eval-file: share of the training rows held out for evaluation")
     text_columns: list[str] = setting(["text"], "task file: columns joined (by newlines) into the input, e.g. text,text_pair")
     label_column: str = setting("label", "task file: the label column (numbers or class names; floats = regression)")
-    # LM task
-    data: list[str] = setting([], "task lm: training text (file, folder, corpus name or hf:)")
-    eval_data: list[str] = setting([], "task lm: test text, reported as perplexity")
-    block_size: int = setting(1024, "task lm: tokens per sequence (the paper: 1024)")
-    # training
-    epochs: float = setting(3.0, "passes over the training data (run_glue: 3)")
-    batch_size: int = setting(8, "examples per step (run_glue: 8)")
-    lr: float = setting(5e-5, "peak learning rate")
-    warmup: float = setting(0.1, "warm-up fraction")
-    weight_decay: float = setting(0.01, "AdamW weight decay")
     max_length: int = setting(128, "tokens per example (run_glue: 128)")
     max_train_examples: int | None = setting(None, "use at most this many training examples")
     max_eval_examples: int | None = setting(None, "evaluate on at most this many examples")
-    precision: str = setting("auto", "auto, fp32, bf16 or fp16")
-    logging_steps: int = setting(10, "steps between progress lines")
-    save_steps: int = setting(200, "steps between checkpoints; a killed run resumes from its last one")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    train: TrainArgs = group(lambda: TrainArgs(**FINETUNE_OPTIMISER),
+                             "optimiser, schedule, precision and checkpoints (defaults: run_glue's)")
+    corpus: DataArgs = group(DataArgs, "task lm: training and test text (test perplexity is the metric)")
     # methods
     temperature: float = setting(2.0, "KD temperature T (kd, rail, mate)")
     alpha: float = setting(0.5, "KD weight: (1 - alpha) * task loss + alpha * T^2 * KL (kd, rail)")
@@ -98,8 +103,8 @@ class FinetuneSettings:
     mask_prob: float = setting(0.3, "MATE-KD: share of tokens the generator rewrites")
     generator_lr: float = setting(5e-7, "MATE-KD: generator learning rate (PAPER.md: 5e-7)")
 
-    def __post_init__(self) -> None:
-        problems = []
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if self.task not in TASKS and self.task not in ("file", "lm"):
             problems.append(f"task: {self.task!r} is unknown; choose one of {', '.join(TASKS)}, file or lm")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -113,10 +118,8 @@ class FinetuneSettings:
             problems.append("train_file: task 'file' needs --train-file (and --eval-file, or --heldout)")
         if not 0 < self.heldout < 1:
             problems.append("heldout: a share of the training rows, in (0, 1)")
-        if self.save_steps < 1:
-            problems.append("save_steps: must be positive")
         if self.task == "lm":
-            if not self.data:
+            if not self.corpus.data:
                 problems.append("data: task lm needs training text (--data)")
             if set(self.methods) - {"none", "kd"}:
                 problems.append("methods: task lm runs none (pretrain) or kd (distill); the others are classification methods")
@@ -124,7 +127,7 @@ class FinetuneSettings:
             problems.append("alpha in [0, 1], phase1 in (0, 1], mask_prob in (0, 1)")
         if self.temperature <= 0 or self.tau_max < 1:
             problems.append("temperature > 0 and tau_max >= 1")
-        check(problems)
+        return problems
 
     def kd_config(self, seed: int) -> KDConfig:
         return KDConfig(self.temperature, self.alpha, self.tau_max, self.phase1, self.rail_weight,
@@ -224,11 +227,8 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     else:
         encode = generator = None
     kd = METHODS[method](s.kd_config(seed), generator=generator, encode=encode)
-    args = trainer_arguments(
-        folder / "checkpoints", s.precision, num_train_epochs=s.epochs, per_device_train_batch_size=s.batch_size,
-        per_device_eval_batch_size=s.batch_size, learning_rate=s.lr, warmup_steps=float(s.warmup),
-        weight_decay=s.weight_decay, seed=seed, data_seed=seed, logging_steps=s.logging_steps,
-        save_strategy="steps", save_steps=s.save_steps, save_total_limit=1)
+    # examples are padded per batch, so no token budget; every training example is used
+    args = training_arguments(s.train, folder, seed, dataloader_drop_last=False, eval_strategy="no")
     test_set = Dataset.from_list(test)
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
                                eval_dataset=test_set, data_collator=collate, processing_class=tokenizer,
@@ -253,13 +253,24 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
 
 
 # settings that do not change a run's result
-RUN_INDEPENDENT = ("methods", "seeds", "logging_steps", "save_steps", "output")
+RUN_INDEPENDENT = ("methods", "seeds", "logging_steps", "save_steps", "save_total_limit", "resume", "report_to",
+                   "output")
+
+
+def _leaves(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key in ("train", "corpus"):
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def refuse_changed(s: FinetuneSettings, done: dict[str, Any], folder: Path) -> None:
     """A finished run is re-used only if it was made with the same settings."""
-    now, then = to_dict(s), done.get("settings") or {}
-    changed = [k for k in now if k not in RUN_INDEPENDENT and k in then and now[k] != then[k]]
+    now, then = _leaves(to_dict(s)), _leaves(done.get("settings") or {})
+    changed = [k for k in now if k.rsplit(".", 1)[-1] not in RUN_INDEPENDENT and k in then and now[k] != then[k]]
     if changed:
         raise SettingsError(
             f"output: {folder} was made with other settings (" + ", ".join(f"{k} {then[k]!r} -> {now[k]!r}"
@@ -272,7 +283,7 @@ def evaluate_teacher(s: FinetuneSettings, task: Task, test: list[dict]) -> dict[
     from datasets import Dataset
 
     model, tokenizer, _ = load_classifier(s.teacher, task, s.trust_remote_code)
-    args = trainer_arguments(Path(s.output) / ".teacher-eval", "fp32", per_device_eval_batch_size=s.batch_size)
+    args = trainer_arguments(Path(s.output) / ".teacher-eval", "fp32", per_device_eval_batch_size=s.train.batch_size)
     collate = Collator(tokenizer, None, s.max_length, task.num_labels == 1)
     # the fine-tuning trainer's evaluation path: the plain task loss, no method
     trainer = _trainer_class()(model=model, args=args, data_collator=collate)
@@ -284,30 +295,26 @@ def evaluate_teacher(s: FinetuneSettings, task: Task, test: list[dict]) -> dict[
 
 
 def run_lm(s: FinetuneSettings) -> list[dict[str, Any]]:
-    """Causal-LM fine-tuning reported by test perplexity (WikiText-103 protocol): pretrain or distill."""
-
+    """Causal-LM fine-tuning reported by test perplexity (WikiText-103 protocol): `pretrain` (method
+    none) or `distill` (method kd, with the KD mix below), each handed this command's `corpus` and
+    `train` groups with the seed set; each run's folder keeps its own record."""
     records = []
     for method in s.methods:
         for seed in s.seeds:
             folder = Path(s.output) / method / f"seed-{seed}"
-            if (folder / RECORD).is_file():
-                records.append(json.loads((folder / RECORD).read_text()))
-                continue
-            common = dict(model=s.model, output=str(folder), data=s.data, eval_data=s.eval_data,
-                          heldout=0.0 if s.eval_data else 0.02,
-                          block_size=s.block_size, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, warmup=s.warmup,
-                          seed=seed, logging_steps=s.logging_steps, report_to=["none"], precision=s.precision,
-                          trust_remote_code=s.trust_remote_code)
-            if method == "kd":
-                metrics = distill(DistillSettings(teacher=s.teacher, temperature=s.temperature, alpha_ce=s.alpha,
-                                                  alpha_clm=1 - s.alpha, alpha_cos=0.0, **common))
+            common = dict(model=s.model, output=str(folder), trust_remote_code=s.trust_remote_code,
+                          corpus=dataclasses.replace(s.corpus, seed=seed), train=s.train)
+            done = read_record(folder)
+            if done and done.get("metrics"):
+                print(f"finetune {method} seed {seed}: done before")
+            elif method == "kd":  # (1 - alpha) * CE + alpha * T^2 * KL, as the classification KD method
+                distill(DistillSettings(**common, kd=KDArgs(teacher=s.teacher, temperature=s.temperature,
+                                                            alpha_ce=s.alpha, alpha_clm=1 - s.alpha, alpha_cos=0.0)))
             else:
-                metrics = pretrain(PretrainSettings(**common))
-            record = json.loads((folder / RECORD).read_text())
-            record.update(method=method, seed=seed, train_seconds=metrics["train_seconds"],
-                          metrics={"perplexity": metrics["heldout_ppl_after"]})
-            write_json(folder / RECORD, record)
-            records.append(record)
+                pretrain(PretrainSettings(**common))
+            done = read_record(folder)
+            records.append({**done, "method": method, "seed": seed, "train_seconds": done["metrics"]["train_seconds"],
+                            "metrics": {"perplexity": done["metrics"]["heldout_ppl_after"]}})
     return records
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 from lmshrink.losses import causal_lm_loss
 from lmshrink.models import load
-from lmshrink.training import LMTrainer, TrainSettings, prepare_data, train
+from lmshrink.training import HealSettings, LMTrainer, prepare_data, train
 
 
 @dataclass(kw_only=True)
-class PretrainSettings(TrainSettings):
+class PretrainSettings(HealSettings):
     """Continue pre-training a (truncated) student with the causal-LM loss."""
 
 
@@ -29,5 +29,5 @@ class CausalLMTrainer(LMTrainer):
 
 def run(settings: PretrainSettings) -> dict[str, Any]:
     student = load(settings.model, settings.dtype, settings.trust_remote_code)
-    train_data, heldout = prepare_data(settings, student.tokenizer)
+    train_data, heldout = prepare_data(settings.corpus, student.tokenizer)
     return train(settings, "pretrain", CausalLMTrainer, student.model, student.tokenizer, train_data, heldout)

@@ -68,9 +68,9 @@ def load_scores(path: str) -> dict[str, Any]:
     return scores
 
 
-def run(settings: TruncateSettings, teacher=None) -> Path:
-    """Truncate and save; `teacher` may be a pre-loaded `models.Loaded` (the demo reuses one)."""
-    teacher = teacher or load(settings.teacher, settings.dtype, settings.trust_remote_code, need_tokenizer=False)
+def run(settings: TruncateSettings) -> Path:
+    """Truncate the teacher and save the student."""
+    teacher = load(settings.teacher, settings.dtype, settings.trust_remote_code, need_tokenizer=False)
     n = len(blocks_of(teacher.model))
     k = settings.num_layers
     if settings.ratio is not None:
