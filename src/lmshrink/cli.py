@@ -19,6 +19,8 @@ from lmshrink.errors import LmshrinkError
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "clean": ("lmshrink.recipes.clean", "CleanSettings", "run", "Clean a pre-training corpus with datatrove"),
     "truncate": ("lmshrink.recipes.truncate", "TruncateSettings", "run", "Build a student from a subset of the teacher's blocks"),
+    "prune": ("lmshrink.recipes.prune", "PruneSettings", "run",
+              "Prune heads, MLP channels, hidden size (and depth) by activation importance"),
     "score-layers": ("lmshrink.recipes.score_layers", "ScoreSettings", "run", "Score how much each block of a model matters"),
     "pretrain": ("lmshrink.recipes.pretrain", "PretrainSettings", "run", "Heal a student with the plain causal-LM loss"),
     "distill": ("lmshrink.recipes.distill", "DistillSettings", "run", "Heal a student by distillation from a frozen teacher"),

@@ -56,7 +56,7 @@ def origin(name: str | None) -> tuple[str | None, str | None]:
 
 def _parent(record: dict[str, Any]) -> str | None:
     """The model this one was made from, as given on its command line."""
-    return record.get("teacher") if record.get("command") == "truncate" else (
+    return record.get("teacher") if record.get("command") in ("truncate", "prune") else (
         record.get("student") or record.get("model_source") or recorded(record.get("settings") or {}, "model"))
 
 
@@ -74,6 +74,12 @@ def _how(record: dict[str, Any]) -> list[str]:
         dropped = [i for i in range(record.get("teacher_layers") or 0) if i not in kept]
         lines.append(f"Truncated from `{record.get('teacher')}`: kept {len(kept)} of {record.get('teacher_layers')} "
                      f"blocks ({record.get('strategy')}): {kept}; dropped {dropped}.")
+    elif command == "prune":
+        w, t = record.get("width") or {}, record.get("teacher_width") or {}
+        lines.append(f"Pruned from `{record.get('teacher')}` by activation importance (Minitron): "
+                     + ", ".join(f"{axis} {t.get(axis)} -> {w.get(axis)}" for axis in w)
+                     + f", blocks {record.get('teacher_layers')} -> {len(record.get('kept_layers') or [])}; "
+                     f"{(record.get('parameters') or 0) / 1e6:.1f}M parameters. Every kept index is in `{RECORD}`.")
     elif command in ("pretrain", "distill"):
         metrics = record.get("metrics") or {}
         teacher = record.get("distill_teacher") or recorded(settings, "teacher") or record.get("teacher")

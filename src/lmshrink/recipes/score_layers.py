@@ -1,5 +1,7 @@
 """`lmshrink score-layers`: score every block of a model on calibration text (`lmshrink.importance`)
-and write scores.json, scores.png and lmshrink.json.
+and write scores.json, scores.png and lmshrink.json; for architectures that `lmshrink prune`
+can narrow, also every head, MLP channel and hidden channel (`lmshrink.width`):
+width_scores.json and width_scores.png.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from lmshrink.data import calibration_rows
 from lmshrink.importance import plot, score
 from lmshrink.models import load, pick_device
 from lmshrink.records import RECORD, provenance, write_json
+from lmshrink.width import WIDTH, plot_scores, width_scores
 
 
 @dataclass
@@ -27,6 +30,7 @@ class ScoreSettings:
     seq_len: int = setting(512, "tokens per calibration row")
     batch_size: int = setting(4, "rows per forward pass")
     ppl: bool = setting(True, "also measure the exact perplexity increase of removing each block (one pass per block)")
+    width: bool = setting(True, "also score heads, MLP channels and hidden channels (for lmshrink prune --scores)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
@@ -56,5 +60,10 @@ def run(settings: ScoreSettings) -> dict[str, Any]:
     plot(scores, out / "scores.png", f"{settings.model}: block importance on {settings.data}")
     order = sorted(range(scores["num_layers"]), key=lambda i: scores["block_influence"][i])
     print(f"least influential blocks (BI): {order[: max(1, len(order) // 4)]}")
+    if settings.width and model.config.model_type in WIDTH:
+        widths = width_scores(model, rows, settings.batch_size)
+        write_json(out / "width_scores.json", provenance("width-scores", to_dict(settings), **widths))
+        plot_scores(widths, out / "width_scores.png", f"{settings.model}: activation importance on {settings.data}")
+        print(f"wrote {out / 'width_scores.json'} and {out / 'width_scores.png'}")
     print(f"wrote {out / 'scores.json'} and {out / 'scores.png'}")
     return scores

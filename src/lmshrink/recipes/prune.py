@@ -1,0 +1,191 @@
+"""`lmshrink prune`: a student narrower (heads, MLP channels, hidden size) and optionally shallower
+than its teacher, the units kept chosen by activation importance (`lmshrink.width`, Minitron),
+saved as a plain transformers folder that loads with no lmshrink code.
+
+Give the target width (`--hidden-size`, `--intermediate-size`, `--num-heads`, `--num-kv-heads`,
+`--num-layers`), or a size (`--target-params 100e6` or `--ratio 0.75` of the teacher's
+parameters) and the axes to reach it along (`--axes width|depth|both`).
+
+    output/  config.json, model.safetensors, tokenizer, README.md, lmshrink.json (every kept
+             index), width_scores.json + width_scores.png (the activation scores used)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmshrink.architectures import context_limit
+from lmshrink.config import Settings, SettingsError, setting, to_dict
+from lmshrink.data import calibration_rows
+from lmshrink.importance import METRICS, score
+from lmshrink.measure import count_parameters
+from lmshrink.model_card import save_model_record
+from lmshrink.models import load, no_tokenizer
+from lmshrink.records import provenance, save_atomically, write_json
+from lmshrink.truncation import STRATEGIES, select_layers, truncate_model
+from lmshrink.width import (
+    SCORE_KEYS,
+    check_target,
+    count_parameters_of,
+    layout_of,
+    plan,
+    plot_scores,
+    prune_width,
+    shape,
+    split_target,
+    width_scores,
+)
+
+AXES = ("width", "depth", "both")
+
+
+@dataclass(kw_only=True)
+class PruneSettings(Settings):
+    """Prune a teacher's width (heads, MLP channels, hidden size) and depth by activation importance."""
+
+    output: str = setting(help="folder to write the student to (save_pretrained format + lmshrink.json)")
+    teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
+    hidden_size: int | None = setting(None, "hidden (embedding) channels to keep")
+    intermediate_size: int | None = setting(None, "MLP channels to keep in every layer")
+    num_heads: int | None = setting(None, "query heads to keep in every layer")
+    num_kv_heads: int | None = setting(None, "key/value heads (grouped-query attention) to keep in every layer "
+                                             "(default: the teacher's where the heads still split evenly, else "
+                                             "whole groups)")
+    num_layers: int | None = setting(None, "blocks to keep (depth), chosen by --strategy")
+    target_params: float | None = setting(None, "total parameters to reach, e.g. 100e6 (instead of explicit sizes)")
+    ratio: float | None = setting(None, "parameters to reach as a fraction of the teacher's, e.g. 0.75")
+    axes: str = setting("both", f"with --target-params / --ratio, which axes shrink: {', '.join(AXES)}")
+    strategy: str = setting("importance", f"which blocks a shallower student keeps: {', '.join(STRATEGIES)}")
+    metric: str = setting("block_influence", f"block score of strategy importance: {', '.join(METRICS)}")
+    scores: str | None = setting(None, "folder of `lmshrink score-layers` (scores.json, width_scores.json); "
+                                       "computed on --calib-data if not given")
+    calib_data: str = setting("python-docs/library", "calibration text for the importance scores")
+    calib_tokens: int = setting(4096, "calibration tokens")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    overwrite: bool = setting(False, "replace the output folder if it exists")
+
+    def sizes(self) -> dict[str, int | None]:
+        return {"hidden": self.hidden_size, "intermediate": self.intermediate_size, "heads": self.num_heads,
+                "kv_heads": self.num_kv_heads, "layers": self.num_layers}
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if Path(self.output).exists() and not self.overwrite:
+            problems.append(f"output: {self.output} already exists; pass --overwrite or choose another folder")
+        explicit = [k for k, v in self.sizes().items() if v is not None]
+        budget = [k for k in ("target_params", "ratio") if getattr(self, k) is not None]
+        if len(budget) > 1 or (budget and explicit):
+            problems.append("target_params, ratio, sizes: give explicit sizes, or one of --target-params / --ratio")
+        if not budget and not explicit:
+            problems.append("sizes: give what to keep (--hidden-size, --intermediate-size, --num-heads, "
+                            "--num-kv-heads, --num-layers) or a size (--target-params / --ratio)")
+        problems += [f"{k}: must be positive" for k, v in self.sizes().items() if v is not None and v < 1]
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            problems.append("ratio: a fraction of the teacher's parameters, in (0, 1)")
+        if self.target_params is not None and self.target_params < 1:
+            problems.append("target_params: must be positive")
+        if self.axes not in AXES:
+            problems.append(f"axes: {self.axes!r} is not one of {', '.join(AXES)}")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy: {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+        if self.metric not in METRICS:
+            problems.append(f"metric: {self.metric!r} is unknown; choose one of {', '.join(METRICS)}")
+        return problems
+
+
+def resolve_target(settings: PruneSettings, config: Any) -> tuple[int, dict[str, int]]:
+    """(depth, width) the student will have; refuses what would not keep the config uniform."""
+    have = shape(config)
+    if settings.target_params is not None or settings.ratio is not None:
+        params = settings.target_params or settings.ratio * count_parameters_of(config)
+        return split_target(config, int(params), settings.axes)
+    layout, per_group = layout_of(config), have["heads"] // have["kv_heads"]
+    hidden, heads = settings.hidden_size, settings.num_heads
+    if layout.fused_qkv:  # GPT-2: heads x head_dim is the hidden size; one implies the other
+        heads = heads or (hidden // have["head_dim"] if hidden else None)
+        hidden = hidden or (heads * have["head_dim"] if heads else None)
+    heads = heads or have["heads"]
+    kv = settings.num_kv_heads
+    if kv is None:  # keep every group where the heads still split over them, else drop whole groups
+        kv = have["kv_heads"] if heads % have["kv_heads"] == 0 else max(1, heads // per_group)
+    if layout.fused_qkv:
+        kv = heads
+    width = {"hidden": hidden or have["hidden"], "intermediate": settings.intermediate_size or have["intermediate"],
+             "heads": heads, "kv_heads": kv}
+    return settings.num_layers or have["layers"], width
+
+
+def load_scores(folder: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(block scores or None, width scores) from a score-layers folder."""
+    path = Path(folder)
+    path = path.parent if path.suffix == ".json" else path
+    try:
+        width = json.loads((path / "width_scores.json").read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"scores: {path} holds no width_scores.json; run `lmshrink score-layers --output {path}` "
+                            "on the same teacher") from None
+    except json.JSONDecodeError as err:
+        raise SettingsError(f"scores: {path / 'width_scores.json'} is not valid JSON ({err})") from None
+    if not set(SCORE_KEYS) <= set(width):
+        raise SettingsError(f"scores: {path / 'width_scores.json'} is not a score-layers output")
+    blocks = json.loads((path / "scores.json").read_text()) if (path / "scores.json").is_file() else None
+    return blocks, {k: width[k] for k in SCORE_KEYS}
+
+
+def run(settings: PruneSettings) -> Path:
+    teacher = load(settings.teacher, settings.dtype, settings.trust_remote_code, need_tokenizer=False)
+    config = teacher.model.config
+    layout_of(config)  # an unsupported architecture is refused before any work
+    n = config.num_hidden_layers
+    layers, width = resolve_target(settings, config)
+    problems = check_target(config, width)
+    if layers > n:
+        problems.append(f"num_layers: the teacher has {n} blocks")
+    if problems:
+        raise SettingsError("; ".join(problems))
+    need_blocks = layers < n and settings.strategy == "importance"
+    if settings.scores:
+        blocks, widths = load_scores(settings.scores)
+        if widths.get("shape") != shape(config):
+            raise SettingsError(f"scores: {settings.scores} scores a model of another shape than {settings.teacher}")
+        if need_blocks and blocks is None:
+            raise SettingsError(f"scores: {settings.scores} holds no scores.json for strategy importance")
+    else:
+        if teacher.tokenizer is None:  # scoring reads calibration text
+            raise no_tokenizer(teacher.source)
+        length = min(512, context_limit(config) or 512, settings.calib_tokens)
+        rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, length)
+        widths = width_scores(teacher.model, rows)
+        blocks = score(teacher.model, rows, ppl=settings.metric == "ppl_increase") if need_blocks else None
+    keep = select_layers(n, settings.strategy, layers, None, blocks, settings.metric) if layers < n else list(range(n))
+    student = truncate_model(teacher.model, keep) if layers < n else teacher.model
+    kept = plan(widths, width, keep)
+    if width != {k: v for k, v in shape(config).items() if k in width}:
+        student = prune_width(student, kept, width)
+    params, teacher_params = count_parameters(student), count_parameters(teacher.model)
+    record = provenance(
+        "prune", to_dict(settings), teacher=settings.teacher, teacher_source=teacher.source,
+        teacher_layers=n, kept_layers=keep, strategy=settings.strategy if layers < n else None,
+        width=width, teacher_width={k: v for k, v in shape(config).items()},
+        kept_hidden=kept.hidden, kept_heads=kept.heads, kept_kv_heads=kept.kv_heads, kept_mlp=kept.mlp,
+        parameters=params, teacher_parameters=teacher_params)
+
+    def save(tmp: Path) -> None:
+        student.save_pretrained(tmp)
+        if teacher.tokenizer is not None:
+            teacher.tokenizer.save_pretrained(tmp)
+        write_json(tmp / "width_scores.json", provenance("width-scores", {}, **widths))
+        plot_scores(widths, tmp / "width_scores.png", f"{settings.teacher}: activation importance")
+        save_model_record(tmp, record, Path(settings.output).name)
+
+    out = save_atomically(settings.output, save)
+    print(f"student: {len(keep)}/{n} blocks, hidden {width['hidden']}, MLP {width['intermediate']}, heads "
+          f"{width['heads']} (key/value {width['kv_heads']}); {params / 1e6:.1f}M of {teacher_params / 1e6:.1f}M "
+          f"parameters ({params / teacher_params:.0%}); written to {out}")
+    if teacher.tokenizer is None:
+        print(f"[lmshrink] {teacher.source} has no tokenizer, so the student has none either; copy it into {out}")
+    return out

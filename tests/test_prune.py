@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from lmshrink.cli import main
+from lmshrink.width import (
+    WIDTH,
+    check_target,
+    count_parameters_of,
+    plan,
+    prune_width,
+    pruned_config,
+    shape,
+    split_target,
+    width_scores,
+)
+
+VOCAB = 128
+
+# Tiny random models of each width-prunable family, with grouped-query attention (4 query heads
+# over 2 key/value heads) where the architecture has it; Qwen2 has q/k/v biases, Qwen3 per-head norms.
+WIDTH_CONFIGS = {
+    "gpt2": lambda: T.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                 bos_token_id=0, eos_token_id=0),
+    "llama": lambda: T.LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=VOCAB, tie_word_embeddings=True),
+    "mistral": lambda: T.MistralConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB),
+    "qwen2": lambda: T.Qwen2Config(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=VOCAB),
+    "qwen3": lambda: T.Qwen3Config(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=VOCAB, head_dim=8),
+}
+
+
+def _model(kind: str):
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(WIDTH_CONFIGS[kind]()).eval()
+    with torch.no_grad():  # random biases, so that slicing them is tested too
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model
+
+
+def _full(model) -> dict[str, int]:
+    return {k: v for k, v in shape(model.config).items() if k in ("hidden", "intermediate", "heads", "kv_heads")}
+
+
+IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_every_family_is_in_the_table():
+    assert set(WIDTH_CONFIGS) | {"smollm3"} == set(WIDTH)
+
+
+@pytest.mark.parametrize("kind", WIDTH_CONFIGS)
+def test_pruning_nothing_gives_the_teachers_logits_exactly(kind):
+    model = _model(kind)
+    kept = prune_width(model, plan(width_scores(model, IDS), _full(model)), _full(model))
+    with torch.no_grad():
+        assert torch.equal(kept(IDS).logits, model(IDS).logits)
+
+
+def _silence(model, kind: str, layer: int, kv_group: int, channels: list[int]) -> None:
+    """Zero the value rows of one key/value group (so its query heads output nothing) and the
+    input weights of some MLP channels (so they output nothing)."""
+    block = model.transformer.h[layer] if kind == "gpt2" else model.model.layers[layer]
+    d = shape(model.config)["head_dim"]
+    with torch.no_grad():
+        if kind == "gpt2":
+            width = model.config.n_embd
+            v = slice(2 * width + kv_group * d, 2 * width + (kv_group + 1) * d)
+            block.attn.c_attn.weight[:, v] = 0
+            block.attn.c_attn.bias[v] = 0
+            block.mlp.c_fc.weight[:, channels] = 0
+            block.mlp.c_fc.bias[channels] = 0
+        else:
+            rows = slice(kv_group * d, (kv_group + 1) * d)
+            block.self_attn.v_proj.weight[rows] = 0
+            if block.self_attn.v_proj.bias is not None:
+                block.self_attn.v_proj.bias[rows] = 0
+            block.mlp.up_proj.weight[channels] = 0
+
+
+@pytest.mark.parametrize("kind", [k for k in WIDTH_CONFIGS if k != "gpt2"])
+def test_pruning_silenced_units_gives_the_silenced_models_logits(kind):
+    """Units whose output was zeroed score lowest, are the ones dropped, and dropping them changes nothing."""
+    model = _model(kind)
+    channels = [3, 17, 40]
+    for layer in range(3):
+        _silence(model, kind, layer, kv_group=1, channels=channels)
+    scores = width_scores(model, IDS)
+    full = _full(model)
+    # the silenced key/value group holds 2 of the 4 query heads
+    target = dict(full, intermediate=full["intermediate"] - len(channels), heads=full["heads"] - 2,
+                  kv_heads=full["kv_heads"] - 1)
+    kept = plan(scores, target)
+    assert all(1 not in groups for groups in kept.kv_heads)
+    assert all(not set(channels) & set(layer) for layer in kept.mlp)
+    pruned = prune_width(model, kept, target)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_gpt2_silenced_channels_are_dropped_exactly():
+    """GPT-2's heads set its hidden size (heads x head_dim = hidden), and a narrower residual
+    stream changes every LayerNorm's statistics, so only MLP channels can be dropped exactly."""
+    model = _model("gpt2")
+    for layer in range(3):
+        _silence(model, "gpt2", layer, kv_group=1, channels=[3, 17, 40])
+    full = _full(model)
+    target = dict(full, intermediate=full["intermediate"] - 3)
+    kept = plan(width_scores(model, IDS), target)
+    assert all(not {3, 17, 40} & set(layer) for layer in kept.mlp)
+    with torch.no_grad():
+        torch.testing.assert_close(prune_width(model, kept, target)(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_uniform_config_rules():
+    gpt2, llama = _model("gpt2"), _model("llama")
+    assert any("hidden_size" in p for p in check_target(gpt2.config, dict(_full(gpt2), hidden=24)))
+    assert not check_target(gpt2.config, dict(_full(gpt2), hidden=16, heads=2, kv_heads=2))
+    assert any("split evenly" in p for p in check_target(llama.config, dict(_full(llama), heads=3)))
+    assert any("at most 2 query heads" in p for p in check_target(llama.config, dict(_full(llama), heads=4, kv_heads=1)))
+    assert not check_target(llama.config, dict(_full(llama), heads=2, kv_heads=1))  # one whole group
+    assert not check_target(llama.config, dict(_full(llama), heads=2, kv_heads=2))  # one query head per group
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, gpt2_tokenizer):
+    """A Llama with GPT-2's tokenizer, tied embeddings and grouped-query attention, saved as a folder."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=128, vocab_size=len(gpt2_tokenizer), tie_word_embeddings=True,
+                           max_position_embeddings=256)
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    T.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_prune_command_writes_a_plain_transformers_folder(tiny_llama_dir, tmp_path):
+    out = tmp_path / "narrow"
+    assert main(["prune", "--teacher", str(tiny_llama_dir), "--output", str(out), "--hidden-size", "48",
+                 "--intermediate-size", "96", "--num-heads", "2", "--num-layers", "3", "--calib-data",
+                 "python-docs/tutorial", "--calib-tokens", "512"]) == 0
+    model = T.AutoModelForCausalLM.from_pretrained(out).eval()  # no lmshrink code involved
+    c = model.config
+    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.num_hidden_layers) == (48, 96, 2, 2, 16, 3)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    record = json.loads((out / "lmshrink.json").read_text())
+    assert len(record["kept_hidden"]) == 48 and len(record["kept_layers"]) == 3
+    assert [len(h) for h in record["kept_heads"]] == [2, 2, 2] and all(len(m) == 96 for m in record["kept_mlp"])
+    assert record["parameters"] == sum(p.numel() for p in model.parameters())
+    assert (out / "width_scores.png").read_bytes()[:4] == b"\x89PNG" and (out / "README.md").is_file()
+    ids = torch.randint(0, 1000, (1, 10))
+    model.save_pretrained(tmp_path / "again")
+    again = T.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)  # round trip
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("axes", ["width", "depth", "both"])
+def test_a_parameter_budget_is_met_along_each_axis(kind, axes):
+    config = WIDTH_CONFIGS[kind]()
+    config.num_hidden_layers = 12  # enough blocks and width that 75% is reachable along each axis
+    teacher = count_parameters_of(config)
+    layers, width = split_target(config, int(0.75 * teacher), axes)
+    new = pruned_config(config, width)
+    new.num_hidden_layers = layers
+    assert abs(count_parameters_of(new) / teacher - 0.75) < 0.05
+    assert not check_target(config, width)
+    have = shape(config)
+    narrower = width["hidden"] < have["hidden"] or width["intermediate"] < have["intermediate"]
+    shallower = layers < 12
+    assert (narrower, shallower) == {"width": (True, False), "depth": (False, True), "both": (True, True)}[axes]
+
+
+def test_prune_command_takes_a_budget(tiny_llama_dir, tmp_path):
+    out = tmp_path / "both"
+    assert main(["prune", "--teacher", str(tiny_llama_dir), "--output", str(out), "--ratio", "0.7", "--axes", "both",
+                 "--calib-data", "python-docs/tutorial", "--calib-tokens", "256"]) == 0
+    record = json.loads((out / "lmshrink.json").read_text())
+    assert record["parameters"] < record["teacher_parameters"] and len(record["kept_layers"]) < 4
+    assert record["width"]["hidden"] < 64
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--hidden-size", "24"], "hidden_size: gpt2 keeps heads x head_dim"),
+    (["--num-heads", "3", "--hidden-size", "48"], "hidden"),
+    (["--hidden-size", "999"], "hidden: 999 is not in 1..32"),
+    ([], "sizes: give what to keep"),
+    (["--ratio", "0.5", "--num-heads", "1"], "give explicit sizes, or one of"),
+])
+def test_requests_that_cannot_stay_uniform_are_refused(tiny_gpt2_dir, tmp_path, capsys, flags, message):
+    assert main(["prune", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / "x"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3
+    assert not (tmp_path / "x").exists()
+
+
+def test_architectures_without_a_width_layout_are_refused(tmp_path, capsys):
+    folder = tmp_path / "phi3"
+    T.AutoModelForCausalLM.from_config(T.Phi3Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                                    num_key_value_heads=1, intermediate_size=64, vocab_size=VOCAB,
+                                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    assert main(["prune", "--teacher", str(folder), "--output", str(tmp_path / "x"), "--num-heads", "1"]) == 2
+    assert "width pruning supports gpt2, llama" in capsys.readouterr().err
