@@ -213,3 +213,30 @@ def test_architectures_without_a_width_layout_are_refused(tmp_path, capsys):
                                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
     assert main(["prune", "--teacher", str(folder), "--output", str(tmp_path / "x"), "--num-heads", "1"]) == 2
     assert "width pruning supports gpt2, llama" in capsys.readouterr().err
+
+
+def test_search_ranks_depth_width_and_both_and_resumes(tiny_llama_dir, tmp_path, capsys):
+    """The whole search on a tiny Llama: three candidates of one size, each healed with the same
+    budget, ranked by held-out perplexity; a second run reuses every finished stage."""
+    out = tmp_path / "search"
+    flags = ["search", "--teacher", str(tiny_llama_dir), "--output", str(out), "--ratio", "0.98",
+             "--calib-data", "python-docs/tutorial", "--calib-tokens", "256", "--data", "python-docs/tutorial",
+             "--eval-data", "kernel-docs/process", "--eval-tokens", "256", "--block-size", "64",
+             "--max-tokens", "512", "--batch-size", "2"]
+    assert main(flags) == 0
+    record = json.loads((out / "report.json").read_text())
+    rows = record["rows"]
+    assert {r["axis"] for r in rows} == {"depth", "width", "both"}
+    assert [r["ppl_after"] for r in rows] == sorted(r["ppl_after"] for r in rows)
+    assert record["winner"]["axis"] == rows[0]["axis"]
+    assert all(r["tokens"] == 512 for r in rows)  # the same budget for every candidate
+    sizes = [r["parameters"] for r in rows]
+    assert max(sizes) / min(sizes) < 1.02  # one target size (the tiny model is mostly embeddings: 98% is reachable)
+    report = (out / "report.md").read_text()
+    assert "Winner: **" in report and (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert capsys.readouterr().out.count("finished before, with the same settings") == 7  # scores + 3 x (prune, heal)
+    assert main([*flags, "--lr", "1e-3"]) == 0  # a changed healing setting re-runs the healing only
+    printed = capsys.readouterr().out
+    assert printed.count("finished before") == 4 and printed.count("running it again") == 3

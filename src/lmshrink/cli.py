@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "truncate": ("lmshrink.recipes.truncate", "TruncateSettings", "run", "Build a student from a subset of the teacher's blocks"),
     "prune": ("lmshrink.recipes.prune", "PruneSettings", "run",
               "Prune heads, MLP channels, hidden size (and depth) by activation importance"),
+    "search": ("lmshrink.recipes.search", "SearchSettings", "run",
+               "Depth, width or both at one size: prune, heal briefly, rank (Minitron)"),
     "score-layers": ("lmshrink.recipes.score_layers", "ScoreSettings", "run", "Score how much each block of a model matters"),
     "pretrain": ("lmshrink.recipes.pretrain", "PretrainSettings", "run", "Heal a student with the plain causal-LM loss"),
     "distill": ("lmshrink.recipes.distill", "DistillSettings", "run", "Heal a student by distillation from a frozen teacher"),

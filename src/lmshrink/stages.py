@@ -1,0 +1,60 @@
+"""Stages of a recipe that runs other recipes (search, study): each stage is an ordinary lmshrink
+run in its own folder. A finished run made with the same settings is reused; an interrupted
+training run resumes from its last checkpoint; a run made with other settings is re-run, never
+silently reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmshrink.config import to_dict
+from lmshrink.records import read_record
+
+# settings that say how to run, not what the result is
+HOW_TO_RUN = ("overwrite", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to")
+
+
+def _what(settings: dict[str, Any]) -> Any:
+    """The settings that decide a run's result, as plain JSON data."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in HOW_TO_RUN}
+        return value
+
+    return strip(json.loads(json.dumps(settings)))
+
+
+def same_settings(recorded: dict[str, Any] | None, settings: Any) -> bool:
+    return recorded is not None and _what(recorded) == _what(to_dict(settings))
+
+
+def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any], Any]) -> dict[str, Any]:
+    """`run(settings)` writing `folder`, unless it already holds a finished run of these settings;
+    returns the folder's `lmshrink.json` record."""
+    folder = Path(folder)
+    record = read_record(folder)
+    if record and same_settings(record.get("settings"), settings):
+        print(f"[{name}] finished before, with the same settings: {folder}")
+        return record
+    checkpoint = _checkpoint(folder) if record is None else None
+    if checkpoint and same_settings((read_record(checkpoint) or {}).get("settings"), settings):
+        print(f"[{name}] resuming from {checkpoint}")
+        settings = dataclasses.replace(settings, train=dataclasses.replace(settings.train, resume=True))
+    elif folder.exists():
+        print(f"[{name}] {folder} was made with other settings or did not finish: running it again")
+        shutil.rmtree(folder)
+    run(settings)
+    return read_record(folder) or {}
+
+
+def _checkpoint(folder: Path) -> Path | None:
+    from lmshrink.training import last_checkpoint
+
+    found = last_checkpoint(folder / "checkpoints")
+    return Path(found) if found else None
