@@ -18,12 +18,8 @@ from pathlib import Path
 
 from lmshrink.cli import main as lmshrink
 from lmshrink.config import build
-from lmshrink.recipes.clean import CleanSettings
+from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
 from lmshrink.recipes.clean import run as clean
-
-NOTHING = dict(html_to_text=False, fix_unicode=False, normalize_whitespace=False, line_dedup=False,
-               drop_html_tag_lines=False, min_line_chars=None, max_non_alpha=None, languages=[],
-               gopher_repetition=False, gopher_quality=False, exact_dedup=False, minhash_dedup=False)
 
 
 def main() -> None:
@@ -40,7 +36,7 @@ def main() -> None:
         shutil.rmtree(out)
 
     corpora = {}
-    for name, options in (("raw", NOTHING), ("cleaned", {})):
+    for name, options in (("raw", PASS_THROUGH), ("cleaned", {})):
         summary = clean(build(CleanSettings, {"data": args.data, "output": str(out / f"corpus-{name}"),
                                               "workers": args.workers, **options}))
         corpora[name] = {"documents": summary["kept"]["documents"], "mb": summary["kept"]["bytes"] / 1e6}

@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "eval": ("lmshrink.recipes.evaluate", "EvalSettings", "run",
              "Perplexity, zero-shot benchmarks, speed and size of models, side by side"),
     "demo": ("lmshrink.recipes.demo", "DemoSettings", "run", "The embedded study: score, cut, heal and compare SmolLM2-135M"),
+    "study": ("lmshrink.recipes.study", "StudySettings", "run",
+              "The paper's study from one config: healing, block choice, KD fine-tuning, cleaning; verdicts"),
     "fetch": ("lmshrink.recipes.fetch", "FetchSettings", "fetch", "Fetch the real assets into the cache"),
 }
 

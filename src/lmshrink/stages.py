@@ -34,9 +34,11 @@ def same_settings(recorded: dict[str, Any] | None, settings: Any) -> bool:
     return recorded is not None and _what(recorded) == _what(to_dict(settings))
 
 
-def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any], Any]) -> dict[str, Any]:
+def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any], Any],
+              resumes_itself: bool = False) -> dict[str, Any]:
     """`run(settings)` writing `folder`, unless it already holds a finished run of these settings;
-    returns the folder's `lmshrink.json` record."""
+    returns the folder's `lmshrink.json` record. A command that `resumes_itself` (clean,
+    finetune) is handed an unfinished folder as it is."""
     folder = Path(folder)
     record = read_record(folder)
     if record and same_settings(record.get("settings"), settings):
@@ -46,7 +48,7 @@ def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any],
     if checkpoint and same_settings((read_record(checkpoint) or {}).get("settings"), settings):
         print(f"[{name}] resuming from {checkpoint}")
         settings = dataclasses.replace(settings, train=dataclasses.replace(settings.train, resume=True))
-    elif folder.exists():
+    elif folder.exists() and not (resumes_itself and record is None):
         print(f"[{name}] {folder} was made with other settings or did not finish: running it again")
         shutil.rmtree(folder)
     run(settings)

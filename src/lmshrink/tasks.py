@@ -49,7 +49,10 @@ TASKS: dict[str, Task] = {
     "wic": Task(("word", "sentence1", "sentence2"), 2, ("accuracy",), (SUPERGLUE, "wic")),
     # offline: Pang & Lee sentence polarity (the source of SST-2), split 80/20 with a fixed seed
     "sentiment": Task(("text",), 2, ("accuracy", "f1")),
+    # offline: BoolQ's 3,270 validation questions from the benchmark cache, split 80/20 with seed 0
+    "boolq-local": Task(("question", "passage"), 2, ("accuracy",)),
 }
+OFFLINE = {"sentiment", "boolq-local"}
 
 
 def _metric(name: str, predictions, labels) -> float:
@@ -96,9 +99,21 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
 def _sentiment() -> tuple[list[dict], list[dict]]:
     with open(sentiment_path(), newline="", encoding="utf-8-sig") as f:
         rows = [{"text": text.strip(), "label": int(label == "1")} for label, text in csv.reader(f)]
+    return _split(rows)
+
+
+def _split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """80% to train, 20% to test, after a shuffle with seed 0 (the same split every run)."""
     random.Random(0).shuffle(rows)
     cut = int(0.8 * len(rows))
     return rows[:cut], rows[cut:]
+
+
+def _boolq_local() -> tuple[list[dict], list[dict]]:
+    from lmshrink.benchmarks import BENCHMARKS, local_dataset
+
+    rows = list(local_dataset(BENCHMARKS["boolq"].folder, ("validation",))["validation"])
+    return _split(_as_examples(rows, TASKS["boolq-local"].columns, "label", "the BoolQ copy"))
 
 
 def _as_examples(rows: list[dict], columns: tuple[str, ...], label: str, where: str) -> list[dict]:
@@ -111,9 +126,9 @@ def _as_examples(rows: list[dict], columns: tuple[str, ...], label: str, where: 
 
 def load_task(s: Any) -> tuple[Task, list[dict], list[dict]]:
     """The task and its (train, eval) examples as {"text", "label"} with numeric labels."""
-    if s.task == "sentiment":
-        task = TASKS["sentiment"]
-        train, test = _sentiment()
+    if s.task in OFFLINE:
+        task = TASKS[s.task]
+        train, test = _sentiment() if s.task == "sentiment" else _boolq_local()
     elif s.task == "file":
         columns = tuple(s.text_columns)
         train = _as_examples(_read_rows(s.train_file), columns, s.label_column, s.train_file)

@@ -266,6 +266,10 @@ class LMTrainer(Trainer):
         self._parts: dict[str, list[float]] = {}
         self._clock: tuple[float, int] | None = None
 
+    def train(self, *args: Any, **kwargs: Any):
+        self._started = time.perf_counter()  # every log line carries the wall time since (elapsed_s)
+        return super().train(*args, **kwargs)
+
     def get_eval_dataloader(self, eval_dataset=None):
         """Every held-out block is scored, the last partial batch too (training batches drop theirs:
         with drop_last, a held-out set smaller than one batch would never be evaluated)."""
@@ -280,6 +284,8 @@ class LMTrainer(Trainer):
             self._parts.setdefault(name, []).append(float(value.detach()))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if hasattr(self, "_started"):
+            logs["elapsed_s"] = round(time.perf_counter() - self._started, 2)
         if "loss" in logs:
             for name, values in self._parts.items():
                 logs[name] = sum(values) / len(values)

@@ -58,6 +58,13 @@ FORMATS = ("jsonl", "parquet")
 RESUMABLE_CHANGES = {"workers", "executor_options", "restart", "report_only"}
 
 
+# every cleaning step off: the corpus as read, with only what cannot be text at all set aside
+# (the "raw" arm of a cleaning ablation: read through the same readers as the cleaned arm)
+PASS_THROUGH = dict(html_to_text=False, fix_unicode=False, normalize_whitespace=False, line_dedup=False,
+                    drop_html_tag_lines=False, min_line_chars=None, max_non_alpha=None, languages=[],
+                    gopher_repetition=False, gopher_quality=False, exact_dedup=False, minhash_dedup=False)
+
+
 @dataclass(kw_only=True)
 class CleanSettings:
     """Clean a pre-training corpus (the paper's line filters, language, Gopher, dedup, perplexity)."""

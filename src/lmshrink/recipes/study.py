@@ -1,0 +1,586 @@
+"""`lmshrink study`: the paper's questions, answered from one config, with a verdict on each.
+
+1. healing: the same truncated student healed with the causal-LM loss (`pretrain`, the paper's
+   method) and by distillation (`distill`: the DistilGPT-2 mix, and a current LLM recipe), at an
+   equal token budget and at equal wall time; held-out perplexity on two sources, the zero-shot
+   suite, accuracy after downstream fine-tuning, training time and FLOPs. Each arm's learning
+   rate is chosen from `lrs` on held-out loss at the first seed (the choice is recorded).
+2. strategies: the paper's fixed block choices against `importance`, healed and evaluated alike.
+3. finetune_kd: KD methods during downstream fine-tuning of the healed student, against the
+   fine-tuned teacher.
+4. cleaning: the student pre-trained on the raw corpus and on its `lmshrink clean` output.
+
+Every stage is an ordinary lmshrink run in its own folder under `output/` (`stages.run_stage`):
+re-running resumes, reusing each finished stage made with the same settings and re-running those
+whose settings changed. The study hands its settings groups (`corpus`, `heal`, `finetune`,
+`perplexity`, `benchmarks`) to the runs unchanged. Verdicts follow one stated rule (`verdict`).
+
+    output/report.md, report.json, *.png, lmshrink.json, configs/STAGE.yaml (re-run any stage)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmshrink.config import Settings, group, setting, to_dict
+from lmshrink.kd_methods import METHODS
+from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
+from lmshrink.recipes.clean import run as clean
+from lmshrink.recipes.distill import DistillSettings, KDArgs
+from lmshrink.recipes.distill import run as distill
+from lmshrink.recipes.evaluate import BenchmarkArgs, EvalSettings, PerplexityArgs, TimingArgs
+from lmshrink.recipes.evaluate import run as evaluate
+from lmshrink.recipes.finetune import FINETUNE_OPTIMISER, FinetuneSettings
+from lmshrink.recipes.finetune import run as finetune
+from lmshrink.recipes.pretrain import PretrainSettings
+from lmshrink.recipes.pretrain import run as pretrain
+from lmshrink.recipes.score_layers import ScoreSettings
+from lmshrink.recipes.score_layers import run as score_layers
+from lmshrink.recipes.truncate import TruncateSettings
+from lmshrink.recipes.truncate import run as truncate
+from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.stages import run_stage
+from lmshrink.tasks import TASKS
+from lmshrink.training import DataArgs, TrainArgs
+from lmshrink.truncation import STRATEGIES
+
+QUESTIONS = ("healing", "strategies", "finetune_kd", "cleaning")
+
+# healing arms: None = the plain causal-LM loss (pretrain); else distill with this KD recipe
+ARMS: dict[str, Callable[[str], KDArgs | None]] = {
+    "lm": lambda teacher: None,
+    "distilgpt2": lambda teacher: KDArgs(teacher=teacher),  # T 2, alpha 5/2/1 (cosine on hidden states)
+    "llm_kd": lambda teacher: KDArgs(teacher=teacher, temperature=1.0, alpha_ce=1.0, alpha_clm=1.0, alpha_cos=0.0),
+}
+ARM_NAMES = {"lm": "truncation + LM loss (the paper)", "distilgpt2": "distillation, DistilGPT-2 mix (T 2, 5/2/1)",
+             "llm_kd": "distillation, forward KL T 1 + LM loss"}
+SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive at this budget"
+
+
+@dataclass(kw_only=True)
+class StudySettings(Settings):
+    """Run the paper's study (healing methods, block choice, KD fine-tuning, cleaning) and judge its claims."""
+
+    output: str = setting("runs/study", "study folder: one folder per stage, report.md, report.json, charts")
+    teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
+    num_layers: int = setting(24, "depth of every truncated student")
+    strategy: str = setting("importance", "the block choice of the student in questions 1, 3 and 4")
+    strategies: list[str] = setting(["alt", "distil", "importance"], f"question 2's block choices: {', '.join(STRATEGIES)}")
+    calib_data: str = setting("python-docs/library", "calibration text for the importance scores")
+    calib_tokens: int = setting(4096, "calibration tokens")
+    questions: list[str] = setting(list(QUESTIONS), f"questions to run: {', '.join(QUESTIONS)}")
+    arms: list[str] = setting(list(ARMS), f"healing arms of question 1: {', '.join(ARMS)}")
+    seeds: list[int] = setting([0, 1], "seeds of every healing run (at least 2 for an interval)")
+    lrs: list[float] = setting([1e-4, 3e-4], "learning rates tried per arm at the first seed; the best on held-out "
+                                             "loss is used for every seed (and for questions 2 and 4)")
+    raw_data: list[str] = setting(["web-docs"], "question 4: the messy corpus, trained on as read and as cleaned")
+    clean_workers: int = setting(2, "question 4: worker processes of lmshrink clean")
+    tasks: list[str] = setting(["sentiment", "boolq-local"], "downstream tasks (offline: sentiment, boolq-local; "
+                                                             "GLUE names from the Hub); question 3 uses the first")
+    kd_methods: list[str] = setting(list(METHODS), "question 3's fine-tuning methods (none is the baseline)")
+    ft_seeds: list[int] = setting([0, 1, 2], "question 3's seeds per method (question 1 uses the first)")
+    ft_examples: int = setting(400, "training examples of each fine-tuning run")
+    ft_eval_examples: int = setting(400, "test examples of each fine-tuning run")
+    ft_max_length: int = setting(64, "tokens per fine-tuning example")
+    generator: str | None = setting(None, "MATE-KD's generator (default: the teacher cut to 10 blocks by importance, "
+                                          "a causal generator; offline there is no masked LM)")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    corpus: DataArgs = group(
+        lambda: DataArgs(data=["python-docs/library"], eval_data=["python-docs/tutorial"], heldout=0.0,
+                         block_size=256, eval_tokens=4096),
+        "healing text, and the held-out text of the learning-rate choice and the curves")
+    heal: TrainArgs = group(
+        lambda: TrainArgs(max_tokens=16384, batch_size=4, warmup=0.1, eval_steps=4, logging_steps=4, save_steps=50,
+                          report_to=["none"]),
+        "the healing budget and optimiser, the same for every arm (lr from --lrs)")
+    finetune: TrainArgs = group(lambda: TrainArgs(**{**FINETUNE_OPTIMISER, "epochs": 1.0, "batch_size": 16}),
+                                "downstream fine-tuning (questions 1 and 3)")
+    perplexity: PerplexityArgs = group(
+        lambda: PerplexityArgs(data=["python-docs/tutorial", "kernel-docs/process"], max_tokens=4096, window=512,
+                               stride=512),
+        "held-out perplexity of every healed model (two sources, one unlike the healing text)")
+    benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["core"], limit=20),
+                                      "the zero-shot suite of every healed model")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        for name, values, known in (("questions", self.questions, QUESTIONS), ("arms", self.arms, ARMS),
+                                    ("strategies", [*self.strategies, self.strategy], STRATEGIES),
+                                    ("kd_methods", self.kd_methods, METHODS)):
+            bad = [v for v in values if v not in known]
+            if bad:
+                problems.append(f"{name}: {', '.join(bad)} unknown; choose from {', '.join(known)}")
+        if "lm" not in self.arms and ({"strategies", "cleaning", "finetune_kd"} & set(self.questions)):
+            problems.append("arms: questions 2-4 heal with the LM arm; keep lm in --arms")
+        if not self.seeds or not self.ft_seeds or not self.lrs:
+            problems.append("seeds, ft_seeds, lrs: give at least one of each")
+        if "none" not in self.kd_methods:
+            problems.append("kd_methods: include none, the baseline every KD method is judged against")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            problems.append(f"tasks: give downstream tasks from {', '.join(TASKS)}")
+        if not self.corpus.data or not self.corpus.eval_data:
+            problems.append("corpus: give healing text (--corpus.data) and held-out text (--corpus.eval-data)")
+        if self.heal.max_tokens is None:
+            problems.append("heal.max_tokens: the arms are compared at one token budget; set it")
+        if self.num_layers < 1 or min(self.ft_examples, self.ft_eval_examples, self.ft_max_length) < 1:
+            problems.append("num_layers, ft_examples, ft_eval_examples, ft_max_length: must be positive")
+        return problems
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def interval(values: list[float]) -> dict[str, Any]:
+    """Mean and 95% t-interval over runs (no interval from one run)."""
+    from scipy.stats import t
+
+    n, mean = len(values), statistics.fmean(values)
+    half = t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n) if n > 1 else None
+    return {"mean": mean, "low": None if half is None else mean - half, "high": None if half is None else mean + half,
+            "n": n, "values": values}
+
+
+def verdict(a: list[float], b: list[float], higher_is_better: bool) -> dict[str, Any]:
+    """Is A better than B? The rule: the 95% Welch interval of the difference of means (signed so
+    that > 0 favours A) above 0: supported; below 0: contradicted; containing 0, or fewer than two
+    runs a side: inconclusive at this budget."""
+    from scipy.stats import t
+
+    sign = 1.0 if higher_is_better else -1.0
+    diff = sign * (statistics.fmean(a) - statistics.fmean(b))
+    if len(a) < 2 or len(b) < 2:
+        return {"verdict": INCONCLUSIVE, "difference": diff, "low": None, "high": None, "reason": "fewer than 2 runs"}
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        low = high = diff
+    else:
+        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else len(a) + len(b) - 2
+        half = t.ppf(0.975, df) * se
+        low, high = diff - half, diff + half
+    word = SUPPORTED if low > 0 else CONTRADICTED if high < 0 else INCONCLUSIVE
+    return {"verdict": word, "difference": diff, "low": low, "high": high}
+
+
+RULE = ("Each claim \"A is better than B\" is judged on the runs' values (seeds): the 95% Welch interval of the "
+        "difference of the means, signed so that positive favours A. Entirely above 0: **supported**; entirely "
+        "below 0: **contradicted**; containing 0, or fewer than two runs a side: **inconclusive at this budget**.")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class Study:
+    """The study's stages, each a lmshrink run in its own folder."""
+
+    def __init__(self, s: StudySettings):
+        self.s, self.out = s, Path(s.output)
+        self.commands: dict[str, str] = {}  # stage -> the command that re-runs it alone
+
+    def stage(self, name: str, command: str, settings: Any, run: Callable[[Any], Any],
+              resumes_itself: bool = False) -> dict[str, Any]:
+        config = self.out / "configs" / (name.replace("/", "_") + ".yaml")
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(settings))), sort_keys=False))
+        self.commands[name] = f"lmshrink {command} --config {config}"
+        return run_stage(name, settings.output, settings, run, resumes_itself)
+
+    def scores(self) -> str:
+        s = self.s
+        settings = ScoreSettings(model=s.teacher, data=s.calib_data, output=str(self.out / "scores"),
+                                 tokens=s.calib_tokens, seq_len=min(512, s.calib_tokens), ppl=False, width=False,
+                                 dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+        self.stage("scores", "score-layers", settings, score_layers)
+        return str(Path(settings.output) / "scores.json")
+
+    def student(self, strategy: str, layers: int | None = None) -> str:
+        s = self.s
+        settings = TruncateSettings(output=str(self.out / "students" / f"{strategy}-{layers or s.num_layers}"),
+                                    teacher=s.teacher, strategy=strategy, num_layers=layers or s.num_layers,
+                                    scores=self.scores() if strategy == "importance" else None, overwrite=True,
+                                    dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+        self.stage(f"student {Path(settings.output).name}", "truncate", settings, truncate)
+        return settings.output
+
+    def heal(self, arm: str, student: str, lr: float, seed: int, data: str = "main",
+             corpus: DataArgs | None = None) -> dict[str, Any]:
+        s = self.s
+        folder = self.out / "heal" / arm / Path(student).name / data / f"lr-{lr:g}" / f"seed-{seed}"
+        common = dict(model=student, output=str(folder), dtype=s.dtype, trust_remote_code=s.trust_remote_code,
+                      corpus=dataclasses.replace(corpus or s.corpus, seed=seed),
+                      train=dataclasses.replace(s.heal, lr=lr))
+        kd = ARMS[arm](s.teacher)
+        if kd is None:
+            record = self.stage(str(folder.relative_to(self.out)), "pretrain", PretrainSettings(**common), pretrain)
+        else:
+            record = self.stage(str(folder.relative_to(self.out)), "distill", DistillSettings(**common, kd=kd), distill)
+        return {**record, "folder": str(folder)}
+
+    def chosen_lr(self, arm: str, student: str) -> tuple[float, dict[str, float]]:
+        """The arm's learning rate: the lowest held-out perplexity at the first seed."""
+        tried = {lr: self.heal(arm, student, lr, self.s.seeds[0])["metrics"]["heldout_ppl_after"] for lr in self.s.lrs}
+        return min(tried, key=lambda lr: tried[lr]), tried
+
+    def evaluate_run(self, run: dict[str, Any]) -> dict[str, Any]:
+        """A healed model's evaluation, named after its healing run (so a model shared by two
+        questions is evaluated once)."""
+        name = "_".join(Path(run["folder"]).relative_to(self.out / "heal").parts)
+        return self.evaluate(_model(run), name)
+
+    def evaluate(self, model: str, name: str) -> dict[str, Any]:
+        s = self.s
+        settings = EvalSettings(models=[model], output=str(self.out / "eval" / name), dtype=s.dtype,
+                                trust_remote_code=s.trust_remote_code, perplexity=s.perplexity,
+                                benchmarks=s.benchmarks, timing=TimingArgs(speed=False))
+        return self.stage(f"eval/{name}", "eval", settings, evaluate)["rows"][0]
+
+    def finetune(self, model: str, name: str, task: str, methods: list[str], seeds: list[int],
+                 teacher: str | None = None, generator: str | None = None) -> dict[str, Any]:
+        s = self.s
+        settings = FinetuneSettings(model=model, output=str(self.out / "finetune" / task / name), task=task,
+                                    methods=methods, seeds=seeds, teacher=teacher,
+                                    generator=generator or "distilroberta-base", max_train_examples=s.ft_examples,
+                                    max_eval_examples=s.ft_eval_examples, max_length=s.ft_max_length,
+                                    trust_remote_code=s.trust_remote_code, train=s.finetune)
+        return self.stage(f"finetune/{task}/{name}", "finetune", settings, finetune, resumes_itself=True)
+
+
+def _accuracy(record: dict[str, Any], method: str = "none") -> list[float]:
+    row = next(r for r in record["rows"] if r["method"] == method)
+    main = record["main_metric"]
+    return row[main]["values"]
+
+
+def _model(run: dict[str, Any]) -> str:
+    return str(Path(run["folder"]) / "model")
+
+
+def _curve(run: dict[str, Any]) -> list[tuple[float, float, float]]:
+    """(tokens, wall seconds, held-out perplexity) at each evaluation of a healing run, from its
+    metrics.jsonl; the first point is the student as cut (0 tokens, 0 s)."""
+    metrics = run["metrics"]
+    per_step = metrics["tokens_seen"] / max(1, metrics["steps"])
+    points = [(0.0, 0.0, metrics["heldout_ppl_before"])]
+    path = Path(run["folder"]) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        entry = json.loads(line)
+        if "eval_loss" in entry and "elapsed_s" in entry and entry["step"] > 0:
+            points.append((entry["step"] * per_step, entry["elapsed_s"], math.exp(entry["eval_loss"])))
+    last = (float(metrics["tokens_seen"]), metrics["train_seconds"], metrics["heldout_ppl_after"])
+    if points[-1][0] < last[0]:
+        points.append(last)
+    return points
+
+
+def at_time(curve: list[tuple[float, float, float]], seconds: float) -> float:
+    """Held-out perplexity at `seconds` of training, interpolated in log-perplexity."""
+    for (_, t0, p0), (_, t1, p1) in zip(curve, curve[1:], strict=False):
+        if t0 <= seconds <= t1:
+            w = (seconds - t0) / (t1 - t0) if t1 > t0 else 1.0
+            return math.exp((1 - w) * math.log(p0) + w * math.log(p1))
+    return curve[-1][2]
+
+
+def flops(parameters: int, tokens: float, teacher_parameters: int | None) -> float:
+    """Training FLOPs: 6 N per token for the student (forward and backward), plus 2 N per token for
+    an online teacher's forward pass."""
+    return tokens * (6 * parameters + (2 * teacher_parameters if teacher_parameters else 0))
+
+
+# ----------------------------------------------------------------------------- the questions
+
+
+def question_healing(study: Study, results: dict[str, Any]) -> None:
+    s = study.s
+    student = study.student(s.strategy)
+    arms = {}
+    for arm in s.arms:
+        lr, tried = study.chosen_lr(arm, student)
+        runs = [study.heal(arm, student, lr, seed) for seed in s.seeds]
+        evals = [study.evaluate_run(r) for r in runs]
+        downstream = {task: [_accuracy(study.finetune(_model(r), f"heal-{arm}-seed-{seed}", task, ["none"],
+                                                      s.ft_seeds[:1]))[0] for r, seed in zip(runs, s.seeds, strict=False)]
+                      for task in s.tasks}
+        arms[arm] = {"lr": lr, "lr_tried": tried, "runs": [r["folder"] for r in runs],
+                     "train_seconds": [r["metrics"]["train_seconds"] for r in runs],
+                     "tokens": runs[0]["metrics"]["tokens_seen"],
+                     "ppl": {src: [e["perplexity"][src] for e in evals] for src in s.perplexity.data},
+                     "zero_shot": [e.get("task_average") for e in evals],
+                     "downstream": downstream, "curves": [_curve(r) for r in runs],
+                     "parameters": evals[0]["parameters"]}
+    teacher = study.evaluate(s.teacher, "teacher")
+    fastest = min(t for a in arms.values() for t in a["train_seconds"])
+    for arm in arms.values():
+        arm["ppl_at_equal_time"] = [at_time(c, fastest) for c in arm["curves"]]
+        arm["flops"] = flops(arm["parameters"], arm["tokens"], None)
+    for name, arm in arms.items():
+        if ARMS[name](s.teacher) is not None:
+            arm["flops"] = flops(arm["parameters"], arm["tokens"], teacher["parameters"])
+    claims = []
+    if "lm" in arms:
+        for kd in [a for a in arms if a != "lm"]:
+            lm, other = arms["lm"], arms[kd]
+            claims.append(_claim(f"LM trains faster than {kd} (wall time at equal tokens)",
+                                 lm["train_seconds"], other["train_seconds"], False))
+            for src in s.perplexity.data:
+                claims.append(_claim(f"LM reaches lower perplexity on {src} than {kd} at equal tokens",
+                                     lm["ppl"][src], other["ppl"][src], False))
+            claims.append(_claim(f"LM reaches lower held-out perplexity than {kd} at equal wall time ({fastest:.0f} s)",
+                                 lm["ppl_at_equal_time"], other["ppl_at_equal_time"], False))
+            if all(v is not None for v in lm["zero_shot"] + other["zero_shot"]):
+                claims.append(_claim(f"LM scores higher on the zero-shot suite than {kd}",
+                                     lm["zero_shot"], other["zero_shot"], True))
+            for task in s.tasks:
+                claims.append(_claim(f"LM fine-tunes better on {task} than {kd}", lm["downstream"][task],
+                                     other["downstream"][task], True))
+    results["healing"] = {"student": student, "arms": arms, "teacher": teacher, "equal_time_seconds": fastest,
+                          "claims": claims}
+
+
+def question_strategies(study: Study, results: dict[str, Any]) -> None:
+    s = study.s
+    lr = results["healing"]["arms"]["lm"]["lr"] if "healing" in results else s.lrs[0]
+    rows = {}
+    for strategy in s.strategies:
+        student = study.student(strategy)
+        runs = [study.heal("lm", student, lr, seed) for seed in s.seeds]
+        evals = [study.evaluate_run(r) for r in runs]
+        rows[strategy] = {"kept": read_record(student)["kept_layers"],
+                          "ppl_before": runs[0]["metrics"]["heldout_ppl_before"],
+                          "ppl": {src: [e["perplexity"][src] for e in evals] for src in s.perplexity.data},
+                          "zero_shot": [e.get("task_average") for e in evals]}
+    claims = []
+    main = s.perplexity.data[0]
+    pairs = [("alt", "distil", "the paper's alt beats DistilGPT-2's distil choice"),
+             ("importance", "alt", "importance-chosen blocks beat alt (beyond the paper)"),
+             ("importance", "distil", "importance-chosen blocks beat distil (beyond the paper)")]
+    for a, b, text in pairs:
+        if a in rows and b in rows:
+            for src in s.perplexity.data:
+                claims.append(_claim(f"{text}: perplexity on {src} after healing", rows[a]["ppl"][src],
+                                     rows[b]["ppl"][src], False))
+            if all(v is not None for v in rows[a]["zero_shot"] + rows[b]["zero_shot"]):
+                claims.append(_claim(f"{text}: zero-shot average", rows[a]["zero_shot"], rows[b]["zero_shot"], True))
+    results["strategies"] = {"lr": lr, "rows": rows, "claims": claims, "main_source": main}
+
+
+def question_finetune_kd(study: Study, results: dict[str, Any]) -> None:
+    s = study.s
+    task = s.tasks[0]
+    lr = results["healing"]["arms"]["lm"]["lr"] if "healing" in results else s.lrs[0]
+    healed = _model(study.heal("lm", study.student(s.strategy), lr, s.seeds[0]))
+    teacher_run = study.finetune(s.teacher, "teacher", task, ["none"], s.ft_seeds[:1])
+    teacher = str(Path(teacher_run["settings"]["output"]) / "none" / f"seed-{s.ft_seeds[0]}" / "model")
+    generator = s.generator
+    if generator is None and any(getattr(METHODS[m], "needs_generator", False) for m in s.kd_methods):
+        generator = study.student("importance", layers=min(10, s.num_layers))
+    record = study.finetune(healed, "student-kd", task, s.kd_methods, s.ft_seeds, teacher=teacher, generator=generator)
+    rows = {r["method"]: interval(_accuracy(record, r["method"])) | {"train_seconds": r["train_seconds"]}
+            for r in record["rows"]}
+    claims = [_claim(f"{m} beats fine-tuning without a teacher ({record['main_metric']})",
+                     rows[m]["values"], rows["none"]["values"], True) for m in s.kd_methods if m != "none"]
+    results["finetune_kd"] = {"task": task, "metric": record["main_metric"], "rows": rows,
+                              "teacher": _accuracy(teacher_run)[0], "claims": claims}
+
+
+def question_cleaning(study: Study, results: dict[str, Any]) -> None:
+    s = study.s
+    lr = results["healing"]["arms"]["lm"]["lr"] if "healing" in results else s.lrs[0]
+    student = study.student(s.strategy)
+    arms = {}
+    for name, options in (("raw", PASS_THROUGH), ("clean", {})):
+        settings = CleanSettings(data=s.raw_data, output=str(study.out / "corpus" / name), workers=s.clean_workers,
+                                 **options)
+        cleaned = study.stage(f"corpus/{name}", "clean", settings, clean, resumes_itself=True)
+        corpus = dataclasses.replace(s.corpus, data=[str(Path(settings.output) / "kept")])
+        runs = [study.heal("lm", student, lr, seed, data=name, corpus=corpus) for seed in s.seeds]
+        evals = [study.evaluate_run(r) for r in runs]
+        kept = (cleaned.get("summary") or {}).get("kept") or {}
+        arms[name] = {"documents": kept.get("documents"), "mb": (kept.get("bytes") or 0) / 1e6,
+                      "ppl": {src: [e["perplexity"][src] for e in evals] for src in s.perplexity.data}}
+    claims = [_claim(f"cleaning lowers perplexity on {src}", arms["clean"]["ppl"][src], arms["raw"]["ppl"][src], False)
+              for src in s.perplexity.data]
+    results["cleaning"] = {"arms": arms, "claims": claims, "lr": lr}
+
+
+def _claim(text: str, a: list[float], b: list[float], higher_is_better: bool) -> dict[str, Any]:
+    return {"claim": text, "a": interval(a), "b": interval(b), **verdict(a, b, higher_is_better),
+            "higher_is_better": higher_is_better}
+
+
+QUESTION_RUNS = {"healing": question_healing, "strategies": question_strategies,
+                 "finetune_kd": question_finetune_kd, "cleaning": question_cleaning}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(i: dict[str, Any], digits: int = 2) -> str:
+    if i["low"] is None:
+        return f"{i['mean']:,.{digits}f} (n={i['n']})"
+    return f"{i['mean']:,.{digits}f} [{i['low']:,.{digits}f}, {i['high']:,.{digits}f}]"
+
+
+def _claims_table(claims: list[dict[str, Any]]) -> list[str]:
+    lines = ["| claim (A better than B) | A | B | difference, 95% interval | verdict |", "|---|---:|---:|---:|---|"]
+    for c in claims:
+        span = "-" if c["low"] is None else f"{c['difference']:+,.3f} [{c['low']:+,.3f}, {c['high']:+,.3f}]"
+        lines.append(f"| {c['claim']} | {_fmt(c['a'], 3)} | {_fmt(c['b'], 3)} | {span} | **{c['verdict']}** |")
+    return lines
+
+
+def report(s: StudySettings, results: dict[str, Any], commands: dict[str, str], seconds: float) -> str:
+    lines = [f"# The study: `{s.teacher}` -> {s.num_layers} blocks", "",
+             f"Seeds {s.seeds} per healing run, {s.heal.max_tokens:,} tokens of {', '.join(s.corpus.data)} each "
+             f"(block {s.corpus.block_size}, batch {s.heal.batch_size}); perplexity on {s.perplexity.max_tokens:,} "
+             f"tokens of {', '.join(s.perplexity.data)}; zero-shot {', '.join(s.benchmarks.tasks)}"
+             + (f" (first {s.benchmarks.limit} items per task)" if s.benchmarks.limit else "")
+             + f"; fine-tuning on {s.ft_examples} examples, tested on {s.ft_eval_examples} "
+             f"(sentiment: Pang & Lee split 80/20 with seed 0; boolq-local: BoolQ's 3,270 validation questions "
+             f"split 80/20 with seed 0). Wall time {seconds / 60:.1f} min.", "", RULE, ""]
+    if "healing" in results:
+        h = results["healing"]
+        lines += ["## 1. Truncation + LM loss vs distillation", "",
+                  "The paper's claim: truncation + plain LM pre-training trains far faster than distillation and "
+                  "fine-tunes better.", "",
+                  "| arm | lr (chosen from) | train s | TFLOPs | "
+                  + " | ".join(f"ppl {src}" for src in s.perplexity.data)
+                  + f" | ppl at {h['equal_time_seconds']:.0f} s | zero-shot avg | "
+                  + " | ".join(f"{t} acc" for t in s.tasks) + " |",
+                  "|---|---|---:|---:|" + "---:|" * (len(s.perplexity.data) + 2 + len(s.tasks))]
+        for name, a in h["arms"].items():
+            tried = ", ".join(f"{lr:g}: {ppl:.2f}" for lr, ppl in a["lr_tried"].items())
+            zero = [v for v in a["zero_shot"] if v is not None]
+            cells = [_fmt(interval(a["ppl"][src])) for src in s.perplexity.data]
+            cells += [_fmt(interval(a["ppl_at_equal_time"])), _fmt(interval(zero), 1) if zero else "-"]
+            cells += [_fmt(interval(a["downstream"][t]), 3) for t in s.tasks]
+            lines.append(f"| {ARM_NAMES[name]} | {a['lr']:g} ({tried}) | {_fmt(interval(a['train_seconds']), 0)} | "
+                         f"{a['flops'] / 1e12:,.1f} | " + " | ".join(cells) + " |")
+        t = h["teacher"]
+        lines += ["", "Teacher: " + ", ".join(f"ppl {src} {t['perplexity'][src]:.2f}" for src in s.perplexity.data)
+                  + (f", zero-shot average {t['task_average']:.1f}" if t.get("task_average") is not None else "") + ".",
+                  "", *_claims_table(h["claims"]), "", "![perplexity vs tokens and wall time](healing.png)", ""]
+    if "strategies" in results:
+        q = results["strategies"]
+        lines += ["## 2. Which blocks to keep", "",
+                  f"Each student healed with the LM arm (lr {q['lr']:g}) at the same budget.", "",
+                  "| strategy | kept blocks | ppl as cut | " + " | ".join(f"ppl {src}" for src in s.perplexity.data)
+                  + " | zero-shot avg |", "|---|---|---:|" + "---:|" * (len(s.perplexity.data) + 1)]
+        for name, r in q["rows"].items():
+            zero = [v for v in r["zero_shot"] if v is not None]
+            lines.append(f"| {name} | {r['kept']} | {r['ppl_before']:,.1f} | "
+                         + " | ".join(_fmt(interval(r["ppl"][src])) for src in s.perplexity.data)
+                         + f" | {_fmt(interval(zero), 1) if zero else '-'} |")
+        lines += ["", *_claims_table(q["claims"]), "", "![perplexity by strategy](strategies.png)", ""]
+    if "finetune_kd" in results:
+        q = results["finetune_kd"]
+        lines += ["## 3. KD during fine-tuning", "",
+                  f"The healed LM-arm student fine-tuned on `{q['task']}` with each method, seeds {s.ft_seeds}; "
+                  f"the fine-tuned teacher scores {q['teacher']:.3f}.", "",
+                  f"| method | {q['metric']} (mean, 95% interval) | train s |", "|---|---:|---:|"]
+        lines += [f"| {m} | {_fmt(r, 3)} | {r['train_seconds']:.0f} |" for m, r in q["rows"].items()]
+        lines += ["", *_claims_table(q["claims"]), "", "![accuracy by KD method](finetune_kd.png)", ""]
+    if "cleaning" in results:
+        q = results["cleaning"]
+        lines += ["## 4. Data cleaning", "",
+                  f"The same student pre-trained (LM arm, lr {q['lr']:g}) on `{', '.join(s.raw_data)}` as read and "
+                  "as `lmshrink clean` left it, at the same token budget.", "",
+                  "| corpus | documents | MB | " + " | ".join(f"ppl {src}" for src in s.perplexity.data) + " |",
+                  "|---|---:|---:|" + "---:|" * len(s.perplexity.data)]
+        for name, a in q["arms"].items():
+            lines.append(f"| {name} | {a['documents']} | {a['mb']:.1f} | "
+                         + " | ".join(_fmt(interval(a["ppl"][src])) for src in s.perplexity.data) + " |")
+        lines += ["", *_claims_table(q["claims"]), "", "![raw vs clean](cleaning.png)", ""]
+    lines += ["## Re-running one stage", "", "Every stage is an ordinary lmshrink run; its settings are in "
+              "`configs/` under the study folder:", "", "```bash", *sorted(set(commands.values())), "```", ""]
+    return "\n".join(lines)
+
+
+def charts(s: StudySettings, results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def bars(ax, names: list[str], groups: list[list[float]], ylabel: str, log: bool = False) -> None:
+        stats = [interval(g) for g in groups]
+        err = [[st["mean"] - (st["low"] if st["low"] is not None else st["mean"]) for st in stats],
+               [(st["high"] if st["high"] is not None else st["mean"]) - st["mean"] for st in stats]]
+        ax.bar(names, [st["mean"] for st in stats], yerr=err, capsize=5, color="tab:blue", alpha=0.8)
+        for i, g in enumerate(groups):
+            ax.scatter([i] * len(g), g, color="black", s=12, zorder=3)
+        ax.set(ylabel=ylabel)
+        if log:
+            ax.set_yscale("log")
+
+    if "healing" in results:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        for name, arm in results["healing"]["arms"].items():
+            for i, curve in enumerate(arm["curves"]):
+                tokens, seconds, ppl = zip(*curve, strict=False)
+                label = ARM_NAMES[name] if i == 0 else None
+                color = {"lm": "tab:blue", "distilgpt2": "tab:red", "llm_kd": "tab:green"}[name]
+                axes[0].plot(tokens, ppl, marker="o", color=color, label=label, alpha=0.8)
+                axes[1].plot(seconds, ppl, marker="o", color=color, label=label, alpha=0.8)
+        for ax, xlabel in zip(axes, ("training tokens", "wall seconds"), strict=False):
+            ax.set(xlabel=xlabel, ylabel=f"held-out perplexity ({s.corpus.eval_data[0]})", yscale="log")
+        axes[0].legend(fontsize=8)
+        fig.suptitle("healing the truncated student: one line per seed")
+        save_figure(fig, out / "healing.png")
+        plt.close(fig)
+    for key, title in (("strategies", "perplexity by block choice"), ("cleaning", "raw vs cleaned corpus")):
+        if key in results:
+            rows = results[key]["rows"] if key == "strategies" else results[key]["arms"]
+            src = s.perplexity.data[-1]
+            fig, ax = plt.subplots(figsize=(2 + 1.5 * len(rows), 4))
+            bars(ax, list(rows), [r["ppl"][src] for r in rows.values()], f"perplexity on {src} after healing",
+                 log=True)
+            ax.set(title=f"{title} (bars: mean, 95% interval; dots: seeds)")
+            save_figure(fig, out / f"{key}.png")
+            plt.close(fig)
+    if "finetune_kd" in results:
+        q = results["finetune_kd"]
+        fig, ax = plt.subplots(figsize=(2 + 1.3 * len(q["rows"]), 4))
+        bars(ax, list(q["rows"]), [r["values"] for r in q["rows"].values()], q["metric"])
+        ax.axhline(q["teacher"], color="tab:red", linestyle="--", label="teacher")
+        ax.legend()
+        ax.set(title=f"{q['task']}: KD methods (bars: mean, 95% interval; dots: seeds)")
+        save_figure(fig, out / "finetune_kd.png")
+        plt.close(fig)
+
+
+def run(settings: StudySettings) -> dict[str, Any]:
+    with exclusive(settings.output):
+        return _run(settings)
+
+
+def _run(s: StudySettings) -> dict[str, Any]:
+    import time
+
+    started = time.perf_counter()
+    study, results = Study(s), {}
+    for question in QUESTIONS:  # in order: questions 2-4 use the LM arm's chosen learning rate
+        if question in s.questions:
+            print(f"[study] question: {question}")
+            QUESTION_RUNS[question](study, results)
+    seconds = time.perf_counter() - started
+    out = study.out
+    text = report(s, results, study.commands, seconds)
+    charts(s, results, out)
+    record = provenance("study", to_dict(s), results=results, commands=study.commands, wall_seconds=seconds)
+    write_json(out / "report.json", record)
+    write_json(out / RECORD, record)
+    write_text(out / "report.md", text)
+    print(text)
+    return record

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmshrink.cli import main
+from lmshrink.config import load_yaml
+from lmshrink.recipes.study import CONTRADICTED, INCONCLUSIVE, SUPPORTED, StudySettings, at_time, verdict
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_the_verdict_rule_on_hand_made_numbers():
+    # clearly apart, A better (higher is better): supported; reversed: contradicted
+    assert verdict([0.80, 0.81, 0.82], [0.70, 0.71, 0.69], higher_is_better=True)["verdict"] == SUPPORTED
+    assert verdict([0.70, 0.71, 0.69], [0.80, 0.81, 0.82], higher_is_better=True)["verdict"] == CONTRADICTED
+    # lower is better (perplexity): A lower = supported
+    assert verdict([10.0, 10.2], [20.0, 20.4], higher_is_better=False)["verdict"] == SUPPORTED
+    # overlapping: inconclusive; one run a side: inconclusive whatever the gap
+    assert verdict([0.70, 0.80, 0.75], [0.72, 0.78, 0.74], higher_is_better=True)["verdict"] == INCONCLUSIVE
+    one = verdict([0.9], [0.1], higher_is_better=True)
+    assert one["verdict"] == INCONCLUSIVE and one["low"] is None
+    # the interval is the Welch one: same spread, larger n -> narrower
+    wide = verdict([1.0, 2.0], [0.0, 1.0], True)
+    narrow = verdict([1.0, 2.0] * 4, [0.0, 1.0] * 4, True)
+    assert wide["verdict"] == INCONCLUSIVE and narrow["verdict"] == SUPPORTED
+    assert narrow["high"] - narrow["low"] < wide["high"] - wide["low"]
+
+
+def test_perplexity_at_equal_wall_time_interpolates_the_curve():
+    curve = [(0, 0.0, 100.0), (100, 10.0, 10.0), (200, 20.0, 5.0)]
+    assert at_time(curve, 10.0) == pytest.approx(10.0)
+    assert at_time(curve, 5.0) == pytest.approx(31.6227766)  # halfway in log-perplexity
+    assert at_time(curve, 99.0) == 5.0
+
+
+def test_presets_are_valid():
+    for name in ("study-tiny", "study-smollm2-cpu", "study-gpt2-gpu"):
+        values = load_yaml(ROOT / "configs" / f"{name}.yaml")
+        from lmshrink.config import build
+
+        build(StudySettings, values)
+
+
+def _counts(text: str) -> tuple[int, int]:
+    """(distinct stages reused, stages run again) in a study's output."""
+    reused = {line.split("]")[0] for line in text.splitlines() if "finished before, with the same settings" in line}
+    return len(reused), text.count("running it again")
+
+
+def test_the_tiny_preset_end_to_end_resumes_and_reruns_what_changed(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    flags = ["study", "--config", str(ROOT / "configs" / "study-tiny.yaml"), "--teacher", str(tiny_gpt2_dir),
+             "--output", str(out)]
+    assert main(flags) == 0
+    report = (out / "report.md").read_text()
+    for part in ("## 1. Truncation + LM loss vs distillation", "## 2. Which blocks to keep", "## 3. KD during fine-tuning",
+                 "## 4. Data cleaning", "## Re-running one stage", "inconclusive at this budget"):
+        assert part in report
+    record = json.loads((out / "report.json").read_text())
+    results = record["results"]
+    assert set(results) == {"healing", "strategies", "finetune_kd", "cleaning"}
+    arms = results["healing"]["arms"]
+    assert set(arms) == {"lm", "distilgpt2", "llm_kd"}
+    assert all(len(a["train_seconds"]) == 2 and a["tokens"] == 512 for a in arms.values())
+    assert all(len(c) >= 3 for a in arms.values() for c in a["curves"])  # before, mid-run evaluations, after
+    for png in ("healing.png", "strategies.png", "finetune_kd.png", "cleaning.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    stages = len(record["commands"])
+    # a stage's command re-runs it alone from its config
+    config = next(c for c in record["commands"].values() if "eval --config" in c).split("--config ")[1]
+    assert load_yaml(config)["models"]
+
+    capsys.readouterr()  # resumption: nothing is run again, the same report
+    assert main(flags) == 0
+    assert _counts(capsys.readouterr().out) == (stages, 0)
+    assert json.loads((out / "report.json").read_text())["results"]["healing"]["arms"]["lm"]["ppl"] == arms["lm"]["ppl"]
+
+    # interrupted after a stage (the teacher's evaluation lost), and a changed setting that only the
+    # downstream fine-tuning reads: those stages run again, the healing runs are reused
+    shutil.rmtree(out / "eval" / "teacher")
+    assert main([*flags, "--questions", "healing", "--ft-examples", "24"]) == 0
+    printed = capsys.readouterr().out
+    finetunes = [k for k in record["commands"] if k.startswith("finetune/") and "/heal-" in k]
+    heals = [k for k in record["commands"] if k.startswith("heal/") and "/main/" in k and "importance" in k]
+    assert printed.count("running it again") == len(finetunes) == 6
+    assert all(f"[{k}] finished before" in printed for k in heals) and len(heals) == 6
+    assert "[eval/teacher] finished before" not in printed and (out / "eval" / "teacher" / "lmshrink.json").is_file()
