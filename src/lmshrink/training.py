@@ -92,6 +92,19 @@ class TrainArgs:
         return problems
 
 
+def offline_corpus(**changes: Any) -> DataArgs:
+    """The offline healing text of the demo, search and study: the Python library reference, with
+    the Python tutorial (same manual, other pages) held out; 256-token blocks for a CPU."""
+    return DataArgs(**{"data": ["python-docs/library"], "eval_data": ["python-docs/tutorial"], "heldout": 0.0,
+                       "block_size": 256, "eval_tokens": 4096, **changes})
+
+
+def cpu_budget(**changes: Any) -> TrainArgs:
+    """A short healing run sized for a 2-core CPU (the demo, search and study defaults)."""
+    return TrainArgs(**{"max_tokens": 16384, "lr": 3e-4, "batch_size": 4, "warmup": 0.1, "logging_steps": 4,
+                        "save_steps": 50, "report_to": ["none"], **changes})
+
+
 @dataclass(kw_only=True)
 class HealSettings(Settings):
     """A student, its training text and its optimiser: what pretrain and distill share."""

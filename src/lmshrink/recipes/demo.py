@@ -30,13 +30,14 @@ from lmshrink.recipes.evaluate import (
     tasks_chart,
     tasks_note,
     tasks_table,
+    two_sources,
 )
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.recipes.truncate import TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
 from lmshrink.records import RECORD, provenance, save_figure, write_json, write_text
-from lmshrink.training import DataArgs, TrainArgs
+from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.truncation import STRATEGIES
 
 
@@ -54,15 +55,10 @@ class DemoSettings(Settings):
                                      "about 2 more minutes on 2 cores)")
     heal: bool = setting(True, "heal the importance-chosen student with KD and with the plain LM loss")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
-    corpus: DataArgs = group(lambda: DataArgs(data=["python-docs/library"], heldout=0.0, block_size=256),
-                             "healing text (the same for the KD and the LM run)")
-    train: TrainArgs = group(lambda: TrainArgs(max_tokens=8192, lr=3e-4, batch_size=4, warmup=0.1, logging_steps=4,
-                                               save_steps=10**6, report_to=["none"]),
+    corpus: DataArgs = group(lambda: offline_corpus(eval_data=[]), "healing text (the same for the KD and the LM run)")
+    train: TrainArgs = group(lambda: cpu_budget(max_tokens=8192, save_steps=10**6),
                              "healing optimiser and token budget (the same for the KD and the LM run)")
-    perplexity: PerplexityArgs = group(
-        lambda: PerplexityArgs(data=["python-docs/tutorial", "kernel-docs/process"], max_tokens=4096, window=512,
-                               stride=512),
-        "held-out perplexity of every model (stride = window: each token scored once, in plain chunks)")
+    perplexity: PerplexityArgs = group(two_sources, "held-out perplexity of every model")
     benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["quick"], limit=30),
                                       "zero-shot benchmarks of every model (--tasks '' for none)")
 

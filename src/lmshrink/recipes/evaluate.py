@@ -43,6 +43,13 @@ class PerplexityArgs:
         return problems
 
 
+def two_sources(**changes: Any) -> PerplexityArgs:
+    """Held-out perplexity on two offline sources: the Python tutorial (like the healing text) and
+    the Linux kernel's process documentation (unlike it); window = stride, each token scored once."""
+    return PerplexityArgs(**{"data": ["python-docs/tutorial", "kernel-docs/process"], "max_tokens": 4096,
+                             "window": 512, "stride": 512, **changes})
+
+
 @dataclass(kw_only=True)
 class BenchmarkArgs:
     """Zero-shot benchmarks run by lm-evaluation-harness (the `benchmarks` group)."""

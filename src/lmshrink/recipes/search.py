@@ -30,7 +30,7 @@ from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers
 from lmshrink.records import RECORD, exclusive, provenance, save_figure, write_json, write_text
 from lmshrink.stages import run_stage
-from lmshrink.training import DataArgs, TrainArgs
+from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.truncation import STRATEGIES
 
 
@@ -47,14 +47,8 @@ class SearchSettings(Settings):
     calib_tokens: int = setting(4096, "calibration tokens")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
-    corpus: DataArgs = group(
-        lambda: DataArgs(data=["python-docs/library"], eval_data=["python-docs/tutorial"], heldout=0.0,
-                         block_size=256, eval_tokens=4096),
-        "healing text, and the held-out text the candidates are ranked on")
-    train: TrainArgs = group(
-        lambda: TrainArgs(max_tokens=16384, lr=3e-4, batch_size=4, warmup=0.1, logging_steps=4, save_steps=50,
-                          report_to=["none"]),
-        "the short healing budget, the same for every candidate")
+    corpus: DataArgs = group(offline_corpus, "healing text, and the held-out text the candidates are ranked on")
+    train: TrainArgs = group(cpu_budget, "the short healing budget, the same for every candidate")
     kd: KDArgs = group(lambda: KDArgs(temperature=1.0, alpha_ce=1.0, alpha_clm=0.0, alpha_cos=0.0),
                        "the teacher (pruned, then distilled from) and the healing loss (default: Minitron's "
                        "logit-only forward KL at T = 1; a narrower student has no hidden states to align)")

@@ -37,7 +37,7 @@ from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
 from lmshrink.recipes.clean import run as clean
 from lmshrink.recipes.distill import DistillSettings, KDArgs
 from lmshrink.recipes.distill import run as distill
-from lmshrink.recipes.evaluate import BenchmarkArgs, EvalSettings, PerplexityArgs, TimingArgs
+from lmshrink.recipes.evaluate import BenchmarkArgs, EvalSettings, PerplexityArgs, TimingArgs, two_sources
 from lmshrink.recipes.evaluate import run as evaluate
 from lmshrink.recipes.finetune import FINETUNE_OPTIMISER, FinetuneSettings
 from lmshrink.recipes.finetune import run as finetune
@@ -50,7 +50,7 @@ from lmshrink.recipes.truncate import run as truncate
 from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
 from lmshrink.stages import run_stage
 from lmshrink.tasks import TASKS
-from lmshrink.training import DataArgs, TrainArgs
+from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.truncation import STRATEGIES
 
 QUESTIONS = ("healing", "strategies", "finetune_kd", "cleaning")
@@ -95,20 +95,13 @@ class StudySettings(Settings):
                                           "a causal generator; offline there is no masked LM)")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
-    corpus: DataArgs = group(
-        lambda: DataArgs(data=["python-docs/library"], eval_data=["python-docs/tutorial"], heldout=0.0,
-                         block_size=256, eval_tokens=4096),
-        "healing text, and the held-out text of the learning-rate choice and the curves")
-    heal: TrainArgs = group(
-        lambda: TrainArgs(max_tokens=16384, batch_size=4, warmup=0.1, eval_steps=4, logging_steps=4, save_steps=50,
-                          report_to=["none"]),
-        "the healing budget and optimiser, the same for every arm (lr from --lrs)")
+    corpus: DataArgs = group(offline_corpus,
+                             "healing text, and the held-out text of the learning-rate choice and the curves")
+    heal: TrainArgs = group(lambda: cpu_budget(eval_steps=4),
+                            "the healing budget and optimiser, the same for every arm (lr from --lrs)")
     finetune: TrainArgs = group(lambda: TrainArgs(**{**FINETUNE_OPTIMISER, "epochs": 1.0, "batch_size": 16}),
                                 "downstream fine-tuning (questions 1 and 3)")
-    perplexity: PerplexityArgs = group(
-        lambda: PerplexityArgs(data=["python-docs/tutorial", "kernel-docs/process"], max_tokens=4096, window=512,
-                               stride=512),
-        "held-out perplexity of every healed model (two sources, one unlike the healing text)")
+    perplexity: PerplexityArgs = group(two_sources, "held-out perplexity of every healed model")
     benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["core"], limit=20),
                                       "the zero-shot suite of every healed model")
 
