@@ -82,6 +82,16 @@ CASES = [
     (["clean", "--data", "{bad}/empty.txt", "--workers", "0"], "workers"),
     (["fetch", "--corpora", "nope", "--no-teacher", "--no-benchmarks"], "unknown corpus 'nope'"),
     (["demo", "--strategies", "nope"], "'nope' is unknown"),
+    (["demo", "--max-tokens", "10"], "--max-tokens: this command has several; say which: --train.max-tokens"),
+    (["prune", "--teacher", "{bad}/missing", "--num-heads", "1"], "does not exist"),
+    (["prune", "--teacher", "{model}", "--num-heads", "3"], "hidden"),
+    (["prune", "--teacher", "{model}", "--num-heads", "1", "--scores", "{bad}"], "holds no width_scores.json"),
+    (["prune", "--teacher", "{model}", "--ratio", "1.5", "--axes", "diagonal"], "axes: 'diagonal'"),
+    (["search", "--teacher", "{model}"], "target_params, ratio: give one of them"),
+    (["search", "--teacher", "{model}", "--ratio", "0.5", "--alpha-cos", "1"], "alpha_cos, alpha_inter"),
+    (["study", "--teacher", "{model}", "--questions", "everything"], "questions: everything unknown"),
+    (["study", "--teacher", "{model}", "--seeds", "one"], "seeds: 'one'"),
+    (["study", "--teacher", "{model}", "--lr", "1e-4"], "say which: --heal.lr, --finetune.lr"),
 ]
 
 
