@@ -90,7 +90,7 @@ CASES = [
     (["search", "--teacher", "{model}"], "target_params, ratio: give one of them"),
     (["search", "--teacher", "{model}", "--ratio", "0.5", "--alpha-cos", "1"], "alpha_cos, alpha_inter"),
     (["study", "--teacher", "{model}", "--questions", "everything"], "questions: everything unknown"),
-    (["study", "--teacher", "{model}", "--seeds", "one"], "seeds: 'one'"),
+    (["study", "--teacher", "{model}", "--seeds", "one"], "seeds: ['one'] is not a valid comma-separated list of int"),
     (["study", "--teacher", "{model}", "--lr", "1e-4"], "say which: --heal.lr, --finetune.lr"),
 ]
 
