@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,9 @@ def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any],
     elif folder.exists() and not (resumes_itself and record is None):
         print(f"[{name}] {folder} was made with other settings or did not finish: running it again")
         shutil.rmtree(folder)
+    started = time.perf_counter()
     run(settings)
+    print(f"[{name}] done in {time.perf_counter() - started:.1f} s")
     return read_record(folder) or {}
 
 
