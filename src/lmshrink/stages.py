@@ -21,14 +21,21 @@ from lmshrink.records import read_record
 HOW_TO_RUN = ("overwrite", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to")
 
 
-def _what(settings: dict[str, Any]) -> Any:
-    """The settings that decide a run's result, as plain JSON data."""
-    def strip(value: Any) -> Any:
+def leaves(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Resolved settings (as in `lmshrink.json`) as {dotted path: value}, groups flattened."""
+    flat = {}
+    for key, value in settings.items():
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in HOW_TO_RUN}
-        return value
+            flat.update(leaves(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
-    return strip(json.loads(json.dumps(settings)))
+
+def _what(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide a run's result, as plain JSON data."""
+    return {path: value for path, value in leaves(json.loads(json.dumps(settings))).items()
+            if path.rsplit(".", 1)[-1] not in HOW_TO_RUN}
 
 
 def same_settings(recorded: dict[str, Any] | None, settings: Any) -> bool:

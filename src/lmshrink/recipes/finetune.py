@@ -48,6 +48,7 @@ from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.stages import HOW_TO_RUN, leaves
 from lmshrink.tasks import TASKS, Collator, Task, load_task, scores
 from lmshrink.training import (
     DataArgs,
@@ -253,23 +254,12 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
 
 
 # settings that do not change a run's result
-RUN_INDEPENDENT = ("methods", "seeds", "logging_steps", "save_steps", "save_total_limit", "resume", "report_to",
-                   "output")
-
-
-def _leaves(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and key in ("train", "corpus"):
-            flat.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
+RUN_INDEPENDENT = (*HOW_TO_RUN, "methods", "seeds", "output")
 
 
 def refuse_changed(s: FinetuneSettings, done: dict[str, Any], folder: Path) -> None:
     """A finished run is re-used only if it was made with the same settings."""
-    now, then = _leaves(to_dict(s)), _leaves(done.get("settings") or {})
+    now, then = leaves(to_dict(s)), leaves(done.get("settings") or {})
     changed = [k for k in now if k.rsplit(".", 1)[-1] not in RUN_INDEPENDENT and k in then and now[k] != then[k]]
     if changed:
         raise SettingsError(
