@@ -191,3 +191,23 @@ def test_distill_settings_are_checked():
                                 "alpha_inter": 1.0, "temperature": 0})
     message = str(err.value)
     assert "loss" in message and "layer_map" in message and "temperature" in message
+
+
+def test_fused_head_distils_like_full_logits(student, tiny_gpt2_dir, tmp_path):
+    """Online (with the cosine term) and cached teachers: the fused head's loss parts equal the
+    full-logits path's, step for step."""
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--teacher", str(tiny_gpt2_dir), "--output", str(cache), *DATA, "--block-size", "64",
+                 "--max-tokens", "512", "--top-k", "8"]) == 0
+    setups = {"online": ["--teacher", str(tiny_gpt2_dir), *DATA, "--loss", "gjsd"],
+              "cached": ["--teacher-cache", str(cache), "--alpha-cos", "0"]}
+    for name, setup in setups.items():
+        logged = {}
+        for choice in ("off", "on"):
+            out = tmp_path / f"{name}-{choice}"
+            assert main(["distill", "--model", str(student), "--output", str(out), *setup, *TINY, "--max-steps", "3",
+                         "--logging-steps", "1", "--fused-head", choice]) == 0
+            logged[choice] = [line for line in metrics_lines(out) if "loss" in line]
+            assert json.loads((out / "lmshrink.json").read_text())["metrics"]["speed"]["fused_head"] == (choice == "on")
+        for key in ("loss", "ce", "kd") + (("cos",) if name == "online" else ()):
+            assert [x[key] for x in logged["on"]] == pytest.approx([x[key] for x in logged["off"]], rel=1e-4), (name, key)

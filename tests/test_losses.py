@@ -7,10 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink.losses import (
+    DIVERGENCES,
+    causal_lm_loss,
     cosine_loss,
     divergence,
     forward_kl,
+    fused_head_loss,
     generalized_jsd,
+    head_step,
     kd_loss,
     mse_loss,
     reverse_kl,
@@ -139,3 +143,51 @@ def test_shared_ce_and_sparse_kd_equal_the_separate_computations(logits):
         ce, kd = ce_and_sparse_kd(div, s, labels, top_idx, top_logp, mask)
         torch.testing.assert_close(ce, expected_ce)
         torch.testing.assert_close(kd, sparse_kd_loss(div, s, top_idx, top_logp, mask, 1.0))
+
+
+def _reference_and_fused(kind, div, temperature, chunk, weights=(2.0, 3.0)):
+    """Loss and gradients of the fused head and of the reference path (full logits) on one tiny batch."""
+    torch.manual_seed(0)
+    batch, length, width, padded, vocab, k = 2, 9, 16, 41, 37, 5
+    hidden = torch.randn(batch, length, width, requires_grad=True)
+    weight = torch.randn(padded, width, requires_grad=True)  # 4 padding rows past the tokenizer's 37
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[0, 4] = -100
+    t_hidden, t_weight = torch.randn(batch, length, 12), torch.randn(padded, 12)
+    top = F.log_softmax(torch.randn(batch, length, vocab) / temperature, -1).topk(k, -1)
+    logits = hidden @ weight.T
+    mask = torch.ones(batch, length)
+    ce = causal_lm_loss(logits, labels)
+    if kind == "ce":
+        reference, teacher, t_w = ce * weights[0], (None, None), None
+    elif kind == "dense":
+        kd = kd_loss(div, logits[..., :vocab], (t_hidden @ t_weight.T)[..., :vocab], mask, temperature, 4)
+        reference, teacher, t_w = weights[0] * ce + weights[1] * kd, (t_hidden, None), t_weight
+    else:
+        kd = sparse_kd_loss(div, logits[..., :vocab], top.indices, top.values, mask, temperature, 4)
+        reference, teacher, t_w = weights[0] * ce + weights[1] * kd, (top.indices, top.values), None
+    step = head_step(kind, div, temperature, vocab)
+    fused, parts = fused_head_loss(step, hidden, weight, labels, teacher, t_w, weights if kind != "ce" else
+                                   (weights[0], 0.0), chunk)
+    grads = torch.autograd.grad(fused, [hidden, weight])
+    reference_grads = torch.autograd.grad(reference, [hidden, weight])
+    with torch.no_grad():  # evaluation takes the loss-only branch
+        no_grad, _ = fused_head_loss(step, hidden, weight, labels, teacher, t_w,
+                                     weights if kind != "ce" else (weights[0], 0.0), chunk)
+    return (fused, grads, no_grad, parts[0]), (reference, reference_grads, reference, ce)
+
+
+HEAD_CASES = [("ce", "forward_kl", 1.0)] + [(kind, name, t) for kind in ("dense", "sparse") for name in DIVERGENCES
+                                             for t in (1.0, 2.0)]
+
+
+@pytest.mark.parametrize("kind,name,temperature", HEAD_CASES)
+def test_fused_head_equals_the_full_logits_loss_and_gradient(kind, name, temperature):
+    """Every divergence and temperature, padded vocabulary, ignored labels, uneven chunks (7 rows of 18)."""
+    (fused, grads, no_grad, ce), (reference, reference_grads, _, reference_ce) = _reference_and_fused(
+        kind, divergence(name, 0.3, 0.2), temperature, chunk=7)
+    torch.testing.assert_close(fused, reference)
+    torch.testing.assert_close(no_grad, reference.detach())
+    torch.testing.assert_close(ce, reference_ce.detach())
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

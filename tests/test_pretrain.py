@@ -149,3 +149,58 @@ def test_a_single_document_cannot_be_split(tiny_gpt2_dir, real_text, tmp_path, c
     assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--output", str(tmp_path / "r"), "--data",
                  str(real_text), "--block-size", "64", "--max-steps", "1"]) == 2
     assert "--eval-data" in capsys.readouterr().err
+
+
+def _train_lines(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_fused_head_trains_like_full_logits_and_reports_mfu(tiny_gpt2_dir, tmp_path, capsys):
+    """The fused head (auto on GPUs; forced on here) gives the same losses as full logits, step for step,
+    and the run reports its model TFLOP/s and MFU against a measured peak."""
+    runs = {}
+    for choice in ("off", "on"):
+        out = runs[choice] = tmp_path / choice
+        assert main(run_args(tiny_gpt2_dir, out, "--max-steps", "3", "--logging-steps", "1", "--fused-head", choice,
+                             "--report-to", "none")) == 0
+        assert f"fused head {choice}" in capsys.readouterr().out  # the path taken is logged
+    off, on = (json.loads((runs[c] / "lmshrink.json").read_text())["metrics"] for c in ("off", "on"))
+    assert [x["loss"] for x in _train_lines(runs["on"])] == pytest.approx([x["loss"] for x in _train_lines(runs["off"])],
+                                                                          rel=1e-4)
+    assert on["heldout_ppl_before"] == pytest.approx(off["heldout_ppl_before"], rel=1e-5)
+    assert on["heldout_ppl_after"] == pytest.approx(off["heldout_ppl_after"], rel=1e-4)
+    speed = on["speed"]
+    assert speed["fused_head"] and not off["speed"]["fused_head"] and speed["precision"] == "fp32"
+    assert 0 < speed["mfu"] < 1 and speed["peak_tflops"] > 0 and speed["device"].startswith("CPU")
+    assert speed["model_tflops"] == pytest.approx(speed["tokens_per_s"] * speed["model_flops_per_token"] / 1e12)
+    assert all(0 < x["mfu"] < 1 and x["tflops"] > 0 for x in _train_lines(runs["on"])[1:])
+    # the saved model's head is a head again (the fused run swaps it for the identity while training)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(runs["on"] / "model")
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+
+
+def test_fused_head_falls_back_where_it_cannot_run(tiny_gpt2_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from lmshrink.training import fused_head_problem
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    plain = SimpleNamespace(fsdp="", deepspeed=None)
+    assert fused_head_problem(model, plain) is None
+    assert "FSDP" in fused_head_problem(model, SimpleNamespace(fsdp="full_shard", deepspeed=None))
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+    assert "bias-free" in fused_head_problem(model, plain)
+
+
+def test_flops_per_token_counts_the_head_once():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmshrink.speed import flops_per_token, matmul_parameters
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=100)
+    model = GPT2LMHeadModel(config)
+    blocks = sum(p.numel() for p in model.transformer.h.parameters()) + sum(p.numel() for p in model.transformer.ln_f.parameters())
+    assert matmul_parameters(model) == blocks + 100 * 32  # tied head counted, embeddings not
+    assert flops_per_token(model, 64) == 6 * (blocks + 3200) + 12 * 2 * 32 * 64
+    assert flops_per_token(model, 64, training=False) == flops_per_token(model, 64) / 3

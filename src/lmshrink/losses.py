@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -179,3 +180,117 @@ def mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: t
 
 
 HIDDEN_LOSSES = {"cosine": cosine_loss, "mse": mse_loss}
+
+
+# --- the fused head: the LM head and its losses chunk by chunk, logits never held whole -------------
+
+HEAD_KINDS = ("ce", "dense", "sparse")
+
+
+def head_chunk_loss(div: Divergence | None, temperature: float, vocab: int, kind: str, hidden: torch.Tensor,
+                    weight: torch.Tensor, target: torch.Tensor, teacher_a: torch.Tensor | None,
+                    teacher_b: torch.Tensor | None, teacher_weight: torch.Tensor | None,
+                    scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of rows of `fused_head_loss`: logits = hidden @ weight.T (rows, V), then
+
+    - `kind` "ce": the summed next-token CE over rows whose target is not -100;
+    - "dense": CE and the summed KD divergence against the teacher's logits
+      teacher_a @ teacher_weight.T (teacher_a: the teacher's final hidden states of these rows);
+    - "sparse": CE and the summed KD divergence against a cached top-k (teacher_a: indices,
+      teacher_b: log-probs).
+
+    KD runs over the first `vocab` columns (padding rows dropped), at `temperature`, through the
+    same chunk functions as `kd_loss` / `sparse_kd_loss`. Returns (scales . (ce, kd), (ce, kd)).
+    """
+    logits = hidden @ weight.t()
+    ce = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
+    if kind == "ce":
+        kd = torch.zeros_like(ce)
+    else:
+        ones = torch.ones(logits.shape[:-1], device=logits.device)
+        if kind == "dense":
+            with torch.no_grad():
+                t_logits = teacher_a @ teacher_weight[:vocab].t()
+            kd = _dense_chunk(div, temperature, logits[..., :vocab], t_logits, ones)
+        else:
+            kd = _sparse_chunk(div, temperature, logits[..., :vocab], teacher_a, teacher_b, ones)
+    parts = torch.stack([ce, kd])
+    return (parts * scales).sum(), parts.detach()
+
+
+class _FusedHead(torch.autograd.Function):
+    """Loss and gradients of the head computed together in forward, chunk by chunk (the technique
+    of Liger-Kernel's chunked losses): backward only scales the stored gradients, so nothing is
+    recomputed and no (rows, V) tensor outlives its chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, grad_step, chunk, rows, fixed):
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        parts = hidden.new_zeros(2, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            (g_hidden, g_weight), (value, chunk_parts) = grad_step(
+                hidden[start : start + chunk], weight, *_rows(rows, start, chunk), *fixed)
+            grad_hidden[start : start + chunk] = g_hidden
+            grad_weight += g_weight
+            total += value
+            parts += chunk_parts
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_parts):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None, None
+
+
+def _rows(rows: tuple[torch.Tensor | None, ...], start: int, chunk: int) -> list[torch.Tensor | None]:
+    return [None if x is None else x[start : start + chunk] for x in rows]
+
+
+@dataclass(frozen=True)
+class HeadStep:
+    """The per-chunk loss of `fused_head_loss` and its (gradients, value) function; built once per
+    run, so that with `compiled` torch.compile traces it once per chunk shape."""
+
+    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    grad: Callable[..., tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+
+
+def head_step(kind: str, div: Divergence | None = None, temperature: float = 1.0, vocab: int = 0,
+              compiled: bool = False) -> HeadStep:
+    loss = partial(head_chunk_loss, div, temperature, vocab, kind)
+    grad = torch.func.grad_and_value(loss, argnums=(0, 1), has_aux=True)
+    if compiled:
+        loss, grad = torch.compile(loss, dynamic=False), torch.compile(grad, dynamic=False)
+    return HeadStep(loss, grad)
+
+
+def fused_head_loss(step: HeadStep, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    teacher: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                    teacher_weight: torch.Tensor | None = None, weights: tuple[float, float] = (1.0, 0.0),
+                    chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights[0] x mean next-token CE + weights[1] x mean KD divergence, from the final hidden
+    states (B, T, H) and the head `weight` (V, H), never materialising the (B, T, V) logits.
+
+    labels (B, T), -100 ignored (position t predicts labels[t + 1]). `teacher` holds (B, T, ...)
+    tensors: (its final hidden states, None) with its head `teacher_weight` for online KD, or
+    (top-k indices, top-k log-probs) of a cached teacher; `step` is `head_step(kind, ...)` for the
+    matching kind. Returns (loss, (mean CE, mean KD)); the KD mean is over every position, as in `kd_loss`.
+    """
+    batch, length = labels.shape
+    target = torch.cat([labels[:, 1:], labels.new_full((batch, 1), -100)], dim=1).flatten()
+    counts = torch.stack([(target != -100).sum().clamp(min=1), target.new_tensor(batch * length)]).float()
+    scales = torch.tensor(weights, device=hidden.device, dtype=torch.float32) / counts
+    rows = (target, *(None if x is None else x.flatten(0, 1) for x in teacher))
+    fixed = (teacher_weight, scales)
+    flat = hidden.flatten(0, 1)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        total, parts = _FusedHead.apply(flat, weight, step.grad, chunk, rows, fixed)
+    else:  # evaluation: the loss alone, chunk by chunk
+        values = [step.loss(flat[s : s + chunk], weight, *_rows(rows, s, chunk), *fixed)
+                  for s in range(0, flat.shape[0], chunk)]
+        total, parts = sum(v[0] for v in values), sum(v[1] for v in values)
+    return total, parts / counts

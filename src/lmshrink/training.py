@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from lmshrink.architectures import check_length
 from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
 from lmshrink.data import DataError, pack, text_dataset
+from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
 from lmshrink.model_card import save_model_record
 from lmshrink.records import RECORD, exclusive, provenance, publish, read_record, write_json
+from lmshrink.speed import device_name, flops_per_token, peak_flops
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SWITCHES = ("auto", "on", "off")
 
 
 @dataclass(kw_only=True)
@@ -79,9 +85,16 @@ class TrainArgs:
     fsdp: str = setting("", "FSDP options passed to TrainingArguments, e.g. 'full_shard auto_wrap'")
     report_to: list[str] = setting(["tensorboard"], "loggers (tensorboard, wandb, none)")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
+    compile: str = setting("auto", "torch.compile the student (and a frozen teacher): auto (on CUDA), on, off")
+    fused_head: str = setting("auto", "LM head and loss computed together chunk by chunk, never holding the "
+                                      "(batch x block x vocab) logits: auto (on CUDA), on, off")
+    optim: str = setting("auto", "optimizer: auto (fused AdamW on CUDA, AdamW elsewhere) or a transformers optim name")
 
     def problems(self) -> list[str]:
         problems = []
+        for name in ("compile", "fused_head"):
+            if getattr(self, name) not in SWITCHES:
+                problems.append(f"{name}: {getattr(self, name)!r} is not one of {', '.join(SWITCHES)}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 0 <= self.warmup < 1:
@@ -128,6 +141,11 @@ def stream_budget(corpus: DataArgs, train: TrainArgs) -> list[str]:
     if corpus.streaming and train.max_steps < 0 and train.max_tokens is None:
         return ["streaming: a streamed dataset has no length; set --max-steps or --max-tokens"]
     return []
+
+
+def switched_on(choice: str) -> bool:
+    """An auto/on/off setting: auto is on where there is a GPU."""
+    return torch.cuda.is_available() if choice == "auto" else choice == "on"
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
@@ -183,6 +201,9 @@ def training_arguments(settings: TrainArgs, output: str | Path, seed: int, block
         eval_steps=settings.eval_steps,
         report_to=report_to or "none",
         activation_checkpointing=settings.gradient_checkpointing,
+        torch_compile=switched_on(settings.compile),
+        optim=("adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch") if settings.optim == "auto"
+        else settings.optim,
         deepspeed=settings.deepspeed,
         fsdp=settings.fsdp,
         dataloader_drop_last=True,
@@ -268,16 +289,90 @@ class RecordCheckpoints(TrainerCallback):
                 write_json(folder / RECORD, {**self.record, "step": state.global_step})
 
 
-class LMTrainer(Trainer):
-    """A Trainer whose progress lines carry the loss parts and tokens/s."""
+def fused_head_problem(model, args: TrainingArguments) -> str | None:
+    """Why the fused head cannot run here, or None."""
+    if args.fsdp or args.deepspeed:
+        return "FSDP and DeepSpeed own the head's weight outside the forward pass"
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return "the model's output head is not a bias-free linear layer"
+    return None
 
-    def __init__(self, *args: Any, **kwargs: Any):
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+@contextmanager
+def hidden_states_as_logits(*models) -> Iterator[None]:
+    """While inside, each model's output head returns its input, so `model(...).logits` are the final
+    (normed) hidden states, for a fused head loss; the heads are restored on the way out."""
+    heads = [m.get_output_embeddings() for m in models]
+    for head in heads:
+        head.forward = _identity
+    try:
+        yield
+    finally:
+        for head in heads:
+            del head.forward
+
+
+class LMTrainer(Trainer):
+    """A Trainer whose progress lines carry the loss parts, tokens/s, model TFLOP/s and MFU, and
+    whose LM loss runs through the fused head where that is on (`lm_loss`)."""
+
+    def __init__(self, *args: Any, fused_head: bool = False, flops_per_token: float = 0.0, kd_chunk: int | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         # Our losses are means over the batch's tokens (blocks are full, no padding), so let the
         # Trainer divide by the accumulation steps rather than expect a sum over num_items.
         self.model_accepts_loss_kwargs = False
-        self._parts: dict[str, list[float]] = {}
+        self._parts: dict[str, list[torch.Tensor]] = {}
         self._clock: tuple[float, int] | None = None
+        self.speeds: list[float] = []
+        self.flops_per_token = flops_per_token
+        self.fused_head = fused_head  # then model(...).logits are hidden states (hidden_states_as_logits)
+        self.kd_chunk = kd_chunk
+        self._chunk: dict[int, int] = {}
+        if fused_head:
+            self.head_weight = self.model.get_output_embeddings().weight
+            self.ce_step = head_step("ce", compiled=self.args.torch_compile)
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+        self.peak_flops = peak_flops(self.args.device.type, dtype)
+
+    def head_models(self) -> list:
+        """The models whose output head the fused head replaces (see `hidden_states_as_logits`)."""
+        return [self.model] if self.fused_head else []
+
+    def chunk_rows(self, rows: int, vocab: int) -> int:
+        """Logit rows per loss chunk: --kd-chunk positions per sequence if set, else on a GPU a
+        quarter of its free memory at ~32 bytes per logit (chosen at the first step), else 128
+        positions per sequence; split into even chunks."""
+        if rows not in self._chunk:
+            batch = self.args.per_device_train_batch_size
+            if self.kd_chunk:
+                limit = self.kd_chunk * batch
+            elif self.args.device.type == "cuda":
+                limit = torch.cuda.mem_get_info()[0] // 4 // (32 * vocab)
+            else:
+                limit = 128 * batch
+            pieces = math.ceil(rows / max(1, limit))
+            self._chunk[rows] = math.ceil(rows / pieces)
+        return self._chunk[rows]
+
+    def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token CE of `logits` (B, T, V), or with the fused head of the final hidden states."""
+        if not self.fused_head:
+            return causal_lm_loss(logits, labels)
+        rows = labels.numel()
+        return fused_head_loss(self.ce_step, logits, self.head_weight, labels,
+                               chunk=self.chunk_rows(rows, self.head_weight.shape[0]))[0]
+
+    def _track_num_input_tokens(self, inputs):
+        """Full blocks on every process: count them without the Trainer's per-step gather and .item(),
+        a GPU sync that stalls the next step's launch."""
+        if self.args.include_num_input_tokens_seen not in (False, "no"):
+            self.state.num_input_tokens_seen += inputs["input_ids"].numel() * self.args.world_size
 
     def train(self, *args: Any, **kwargs: Any):
         self._started = time.perf_counter()  # every log line carries the wall time since (elapsed_s)
@@ -293,21 +388,40 @@ class LMTrainer(Trainer):
             self.args.dataloader_drop_last = drop_last
 
     def record(self, **parts: torch.Tensor) -> None:
+        """Keep loss parts for the next log line (as tensors: reading them now would sync the GPU)."""
         for name, value in parts.items():
-            self._parts.setdefault(name, []).append(float(value.detach()))
+            self._parts.setdefault(name, []).append(value.detach() if torch.is_tensor(value) else torch.tensor(value))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if hasattr(self, "_started"):
             logs["elapsed_s"] = round(time.perf_counter() - self._started, 2)
         if "loss" in logs:
             for name, values in self._parts.items():
-                logs[name] = sum(values) / len(values)
+                logs[name] = float(torch.stack([v.float() for v in values]).mean())
             self._parts = {}
             now, seen = time.perf_counter(), self.state.num_input_tokens_seen
             if self._clock is not None and now > self._clock[0]:
-                logs["tokens_per_s"] = round((seen - self._clock[1]) / (now - self._clock[0]), 1)
+                speed = (seen - self._clock[1]) / (now - self._clock[0])
+                self.speeds.append(speed)
+                logs["tokens_per_s"] = round(speed, 1)
+                if self.flops_per_token:
+                    achieved = speed * self.flops_per_token / max(1, self.args.world_size)  # per device
+                    logs["tflops"] = round(achieved / 1e12, 3)
+                    logs["mfu"] = round(achieved / self.peak_flops, 4)
             self._clock = (now, seen)
         super().log(logs, *args, **kwargs)
+
+    def speed_record(self) -> dict[str, Any]:
+        """The run's speed for lmshrink.json: median tokens/s over the logged intervals, model TFLOP/s
+        and MFU per device, the peak they are measured against, and the fast-path choices."""
+        tps = statistics.median(self.speeds) if self.speeds else None
+        achieved = tps * self.flops_per_token / max(1, self.args.world_size) if tps else None
+        return {"tokens_per_s": tps, "model_flops_per_token": self.flops_per_token,
+                "model_tflops": achieved / 1e12 if achieved else None,
+                "mfu": achieved / self.peak_flops if achieved else None,
+                "peak_tflops": self.peak_flops / 1e12, "device": device_name(self.args.device.type),
+                "compile": self.args.torch_compile, "fused_head": self.fused_head, "optim": str(self.args.optim),
+                "precision": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"}
 
 
 def save_trained(trainer: Trainer, folder: Path, record: dict[str, Any], name: str) -> None:
@@ -352,13 +466,27 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
                        teacher=source_record.get("teacher"), origin=source_record or None, **(extra_record or {}))
     callbacks = [MetricsFile(out / "metrics.jsonl"), RecordCheckpoints(provenance(command, to_dict(settings), **base_record))]
+    teacher = trainer_kwargs.get("teacher")
+    fused = switched_on(settings.train.fused_head)
+    problem = next(filter(None, (fused_head_problem(m, args) for m in (model, teacher) if m is not None)), None)
+    if fused and problem:
+        print(f"[lmshrink] fused head off: {problem}; the loss is computed from full logits", flush=True)
+        fused = False
+    block = settings.corpus.block_size
+    model_flops = flops_per_token(model, block) + (flops_per_token(teacher, block, training=False) if teacher else 0)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=heldout,
-                          data_collator=collate, processing_class=tokenizer, callbacks=callbacks, **trainer_kwargs)
-    before = trainer.evaluate()["eval_loss"] if heldout is not None and not checkpoint else None
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint if settings.train.resume and checkpoint else None)
-    wall = time.perf_counter() - started
-    after = trainer.evaluate()["eval_loss"] if heldout is not None else None
+                          data_collator=collate, processing_class=tokenizer, callbacks=callbacks,
+                          fused_head=fused, flops_per_token=model_flops, **trainer_kwargs)
+    print(f"[lmshrink] {command} on {device_name(args.device.type)}: compile {'on' if args.torch_compile else 'off'}, "
+          f"fused head {'on' if fused else 'off'}, optimizer {args.optim}, "
+          f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}; "
+          f"peak {trainer.peak_flops / 1e12:.1f} TFLOP/s (measured matmul)", flush=True)
+    with hidden_states_as_logits(*trainer.head_models()):
+        before = trainer.evaluate()["eval_loss"] if heldout is not None and not checkpoint else None
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=checkpoint if settings.train.resume and checkpoint else None)
+        wall = time.perf_counter() - started
+        after = trainer.evaluate()["eval_loss"] if heldout is not None else None
     metrics = {
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
@@ -367,6 +495,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
         "heldout_ppl_before": math.exp(before) if before is not None else None,
         "heldout_ppl_after": math.exp(after) if after is not None else None,
         "heldout_tokens": heldout.num_rows * settings.corpus.block_size if heldout is not None else 0,
+        "speed": trainer.speed_record(),
     }
     record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
     save_trained(trainer, out / "model", record, out.name)

@@ -27,6 +27,8 @@ from lmshrink.losses import (
     ce_and_sparse_kd,
     cosine_loss,
     divergence,
+    fused_head_loss,
+    head_step,
     kd_loss,
     sparse_kd_loss,
 )
@@ -60,7 +62,8 @@ class KDArgs:
                                      "or explicit student:teacher pairs, e.g. 1:2,2:4")
     alpha_inter: float = setting(0.0, "weight of the intermediate hidden-state loss")
     inter_loss: str = setting("mse", f"intermediate loss: {', '.join(HIDDEN_LOSSES)}")
-    kd_chunk: int = setting(128, "sequence positions per KD chunk (bounds fp32 B x chunk x V memory)")
+    kd_chunk: int | None = setting(None, "sequence positions per loss chunk, bounding its fp32 batch x chunk x vocab "
+                                         "memory (default: from free GPU memory; 128 on CPU)")
 
     def problems(self) -> list[str]:
         problems = []
@@ -78,7 +81,7 @@ class KDArgs:
             problems.append("alpha_inter: an intermediate loss needs --layer-map")
         if self.teacher_cache and (self.alpha_cos > 0 or self.alpha_inter > 0):
             problems.append("teacher_cache: a cache holds logits only; set --alpha-cos 0 and --alpha-inter 0")
-        if self.kd_chunk < 1:
+        if self.kd_chunk is not None and self.kd_chunk < 1:
             problems.append("kd_chunk: must be positive")
         return problems
 
@@ -148,12 +151,25 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student_config, tea
 class DistillTrainer(LMTrainer):
     def __init__(self, *args: Any, teacher=None, recipe: KDArgs, vocab: int,
                  kept: list[int] | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.teacher, self.recipe, self.vocab, self.kept = teacher, recipe, vocab, kept
+        super().__init__(*args, kd_chunk=recipe.kd_chunk, **kwargs)
+        self.recipe, self.vocab, self.kept = recipe, vocab, kept
         self.div = divergence(recipe.loss, recipe.beta, recipe.skew)
         self.rng = random.Random(self.args.seed)
+        self.teacher = teacher
         if teacher is not None:
-            teacher.eval().requires_grad_(False)
+            teacher.eval().requires_grad_(False).to(self.args.device)
+            if self.args.bf16 or self.args.fp16:  # frozen: no fp32 master weights needed
+                teacher.to(torch.bfloat16 if self.args.bf16 else torch.float16)
+            if self.args.torch_compile:
+                self.teacher = torch.compile(teacher)
+        if self.fused_head:
+            kind = "dense" if teacher is not None else "sparse"
+            self.kd_step = head_step(kind, self.div, recipe.temperature, vocab, compiled=self.args.torch_compile)
+            self.teacher_weight = teacher.get_output_embeddings().weight if teacher is not None else None
+        self._teacher = teacher  # uncompiled, for its head
+
+    def head_models(self) -> list:
+        return super().head_models() + ([self._teacher] if self.fused_head and self._teacher is not None else [])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         s = self.recipe
@@ -161,38 +177,52 @@ class DistillTrainer(LMTrainer):
         want_hidden = s.alpha_cos > 0 or s.alpha_inter > 0
         outputs = model(input_ids=ids, output_hidden_states=want_hidden and model.training, use_cache=False)
         if not model.training:  # held-out evaluation reports the plain LM loss (-> perplexity)
-            ce = causal_lm_loss(outputs.logits, labels)
+            ce = self.lm_loss(outputs.logits, labels)
             return (ce, outputs) if return_outputs else ce
-        mask = torch.ones(ids.shape, device=ids.device)
-        if "teacher_idx" in inputs and s.temperature == 1.0:
-            # T = 1: the KD term shares the CE's log-softmax: one full-vocabulary softmax, not two
-            ce, kd = ce_and_sparse_kd(self.div, outputs.logits, labels, inputs["teacher_idx"],
-                                      inputs["teacher_logp"], mask)
-            parts = {"kd": kd}
-        elif "teacher_idx" in inputs:  # cached teacher: top-k log-probs at the cache's temperature
-            ce = causal_lm_loss(outputs.logits, labels)
-            parts = {"kd": sparse_kd_loss(self.div, outputs.logits[..., : self.vocab], inputs["teacher_idx"],
-                                          inputs["teacher_logp"], mask, s.temperature, s.kd_chunk)}
-        else:
-            ce = causal_lm_loss(outputs.logits, labels)
-            logits = outputs.logits[..., : self.vocab]  # (B, T, V): padding rows dropped
-            self.teacher.to(ids.device)
+        t_out = None
+        if "teacher_idx" not in inputs:
             with torch.no_grad():
                 t_out = self.teacher(input_ids=ids, output_hidden_states=want_hidden, use_cache=False)
-            kd = kd_loss(self.div, logits, t_out.logits[..., : self.vocab], mask, s.temperature, s.kd_chunk)
+        weights = (s.alpha_clm, s.alpha_ce * s.temperature**2)
+        if self.fused_head:  # logits are final hidden states: head, CE and KD in one chunked pass
+            teacher = (t_out.logits, None) if t_out is not None else (inputs["teacher_idx"], inputs["teacher_logp"])
+            loss, (ce, kd) = fused_head_loss(self.kd_step, outputs.logits, self.head_weight, labels, teacher,
+                                             self.teacher_weight, weights, self.chunk_rows(labels.numel(), self.vocab))
             parts = {"kd": kd}
-            if s.alpha_cos > 0:
-                parts["cos"] = cosine_loss(outputs.hidden_states[-1], t_out.hidden_states[-1], mask)
-            if s.alpha_inter > 0:
-                pairs = layer_pairs(s.layer_map, len(outputs.hidden_states) - 1, len(t_out.hidden_states) - 1,
-                                    self.kept, self.rng)
-                hidden = HIDDEN_LOSSES[s.inter_loss]
-                parts["inter"] = sum(hidden(outputs.hidden_states[i], t_out.hidden_states[j], mask)
-                                     for i, j in pairs) / len(pairs)
-        loss = s.alpha_ce * s.temperature**2 * parts["kd"] + s.alpha_clm * ce
+        else:
+            ce, parts = self.unfused_ce_and_kd(outputs.logits, labels, inputs, t_out)
+            loss = weights[0] * ce + weights[1] * parts["kd"]
+        if s.alpha_cos > 0:
+            mask = torch.ones(ids.shape, device=ids.device)
+            parts["cos"] = cosine_loss(outputs.hidden_states[-1], t_out.hidden_states[-1], mask)
+        if s.alpha_inter > 0:
+            mask = torch.ones(ids.shape, device=ids.device)
+            pairs = layer_pairs(s.layer_map, len(outputs.hidden_states) - 1, len(t_out.hidden_states) - 1,
+                                self.kept, self.rng)
+            hidden = HIDDEN_LOSSES[s.inter_loss]
+            parts["inter"] = sum(hidden(outputs.hidden_states[i], t_out.hidden_states[j], mask)
+                                 for i, j in pairs) / len(pairs)
         loss = loss + s.alpha_cos * parts.get("cos", 0.0) + s.alpha_inter * parts.get("inter", 0.0)
         self.record(ce=ce, **parts)
         return (loss, outputs) if return_outputs else loss
+
+    def unfused_ce_and_kd(self, logits, labels, inputs, t_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """CE and KD from the full (B, T, V) logits (where the fused head is off)."""
+        s = self.recipe
+        mask = torch.ones(labels.shape, device=labels.device)
+        chunk = max(1, self.chunk_rows(labels.numel(), self.vocab) // labels.shape[0])
+        if "teacher_idx" in inputs and s.temperature == 1.0:
+            # T = 1: the KD term shares the CE's log-softmax: one full-vocabulary softmax, not two
+            ce, kd = ce_and_sparse_kd(self.div, logits, labels, inputs["teacher_idx"], inputs["teacher_logp"], mask)
+        elif "teacher_idx" in inputs:  # cached teacher: top-k log-probs at the cache's temperature
+            ce = causal_lm_loss(logits, labels)
+            kd = sparse_kd_loss(self.div, logits[..., : self.vocab], inputs["teacher_idx"], inputs["teacher_logp"],
+                                mask, s.temperature, chunk)
+        else:
+            ce = causal_lm_loss(logits, labels)
+            kd = kd_loss(self.div, logits[..., : self.vocab], t_out.logits[..., : self.vocab], mask, s.temperature,
+                         chunk)
+        return ce, {"kd": kd}
 
 
 def run(settings: DistillSettings) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmshrink.losses import causal_lm_loss
 from lmshrink.models import load
 from lmshrink.training import HealSettings, LMTrainer, prepare_data, train
 
@@ -23,7 +22,7 @@ class PretrainSettings(HealSettings):
 class CausalLMTrainer(LMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        loss = causal_lm_loss(outputs.logits, inputs["labels"])
+        loss = self.lm_loss(outputs.logits, inputs["labels"])
         return (loss, outputs) if return_outputs else loss
 
 

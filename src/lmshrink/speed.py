@@ -1,0 +1,62 @@
+"""How close a training run comes to the hardware: model FLOPs per token and the device's peak.
+
+Model FLOPs utilisation (MFU, PaLM appendix B) = achieved model FLOP/s / peak FLOP/s, where a
+trained token costs 6 x (block and head parameters) + 12 x layers x width x sequence FLOPs
+(forward and backward, attention scores included) and a frozen teacher's forward a third of
+that. The peak is measured, not looked up: a large matrix product in the precision the run
+computes in (bf16 on GPUs that have it, fp32 on CPU), once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+from torch import nn
+
+
+def matmul_parameters(model: nn.Module) -> int:
+    """Parameters that cost a multiply-add per token: every parameter but the input and position
+    embeddings (lookups), plus the output head, which a tied model shares with its embedding."""
+    params = {id(p): p for p in model.parameters()}
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = model.get_output_embeddings()
+    total = sum(p.numel() for i, p in params.items() if i not in lookups)
+    if head is not None and id(head.weight) in lookups:  # tied: the head is a matmul too
+        total += head.weight.numel()
+    return total
+
+
+def flops_per_token(model: nn.Module, sequence: int, training: bool = True) -> float:
+    """Model FLOPs of one token at sequence length `sequence`: 6N + 12 L d s training, 2N + 4 L d s forward."""
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    per_token = 2 * matmul_parameters(model) + 4 * layers * width * sequence
+    return 3 * per_token if training else per_token
+
+
+@functools.cache
+def peak_flops(device_type: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matrix product on this device, in `dtype` (the best of a few)."""
+    size, repeats = (8192, 10) if device_type == "cuda" else (1024, 4)
+    rng = torch.Generator(device_type).manual_seed(0)  # its own: training's random stream is left as it was
+    a, b = (torch.randn(size, size, device=device_type, dtype=dtype, generator=rng) for _ in range(2))
+    best = float("inf")
+    for i in range(repeats + 2):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # two warm-ups
+            best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({torch.get_num_threads()} threads)"
