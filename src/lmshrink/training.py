@@ -219,7 +219,8 @@ def trainer_arguments(output_dir: str | Path, precision: str = "auto", **kwargs:
     common: dict[str, Any] = dict(
         output_dir=str(output_dir), report_to="none", remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=torch.cuda.is_available(),
-        include_num_input_tokens_seen=True, **precision_flags(precision))
+        include_num_input_tokens_seen=True, logging_nan_inf_filter=False,  # its per-step isnan() syncs the GPU
+        **precision_flags(precision))
     return TrainingArguments(**{**common, **kwargs})
 
 
@@ -420,7 +421,7 @@ class LMTrainer(Trainer):
                 "model_tflops": achieved / 1e12 if achieved else None,
                 "mfu": achieved / self.peak_flops if achieved else None,
                 "peak_tflops": self.peak_flops / 1e12, "device": device_name(self.args.device.type),
-                "compile": self.args.torch_compile, "fused_head": self.fused_head, "optim": str(self.args.optim),
+                "compile": self.args.torch_compile, "fused_head": self.fused_head, "optim": getattr(self.args.optim, "value", self.args.optim),
                 "precision": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"}
 
 
@@ -478,7 +479,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
                           data_collator=collate, processing_class=tokenizer, callbacks=callbacks,
                           fused_head=fused, flops_per_token=model_flops, **trainer_kwargs)
     print(f"[lmshrink] {command} on {device_name(args.device.type)}: compile {'on' if args.torch_compile else 'off'}, "
-          f"fused head {'on' if fused else 'off'}, optimizer {args.optim}, "
+          f"fused head {'on' if fused else 'off'}, optimizer {getattr(args.optim, 'value', args.optim)}, "
           f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}; "
           f"peak {trainer.peak_flops / 1e12:.1f} TFLOP/s (measured matmul)", flush=True)
     with hidden_states_as_logits(*trainer.head_models()):
