@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -343,7 +342,8 @@ def teacher_bytes(shape: str) -> int:
 
 
 def print_gpu_table(results: dict, device: str) -> None:
-    print(f"\n{device}: tokens/s, MFU (model FLOP/s / measured bf16 matmul peak), peak GPU memory, ratio to the compiled bare loop")
+    print(f"\n{device}: tokens/s, MFU (model FLOP/s / measured bf16 matmul peak), peak GPU memory, "
+          "ratio to the compiled bare loop")
     for shape_name, modes in results.items():
         shape = SHAPES[shape_name]
         print(f"\n{shape_name} ({shape['layers']}-block student, block {shape['block']}, batch {shape['batch']})\n")

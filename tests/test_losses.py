@@ -189,5 +189,5 @@ def test_fused_head_equals_the_full_logits_loss_and_gradient(kind, name, tempera
     torch.testing.assert_close(fused, reference)
     torch.testing.assert_close(no_grad, reference.detach())
     torch.testing.assert_close(ce, reference_ce.detach())
-    for got, want in zip(grads, reference_grads):
+    for got, want in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -200,7 +200,7 @@ def test_flops_per_token_counts_the_head_once():
     from lmshrink.speed import flops_per_token, matmul_parameters
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=100)
     model = GPT2LMHeadModel(config)
-    blocks = sum(p.numel() for p in model.transformer.h.parameters()) + sum(p.numel() for p in model.transformer.ln_f.parameters())
+    blocks = sum(p.numel() for part in (model.transformer.h, model.transformer.ln_f) for p in part.parameters())
     assert matmul_parameters(model) == blocks + 100 * 32  # tied head counted, embeddings not
     assert flops_per_token(model, 64) == 6 * (blocks + 3200) + 12 * 2 * 32 * 64
     assert flops_per_token(model, 64, training=False) == flops_per_token(model, 64) / 3

@@ -31,8 +31,8 @@ def matmul_parameters(model: nn.Module) -> int:
 def flops_per_token(model: nn.Module, sequence: int, training: bool = True) -> float:
     """Model FLOPs of one token at sequence length `sequence`: 6N + 12 L d s training, 2N + 4 L d s forward."""
     config = model.config
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    width = getattr(config, "hidden_size", None) or config.n_embd
     per_token = 2 * matmul_parameters(model) + 4 * layers * width * sequence
     return 3 * per_token if training else per_token
 

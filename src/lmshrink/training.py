@@ -421,7 +421,8 @@ class LMTrainer(Trainer):
                 "model_tflops": achieved / 1e12 if achieved else None,
                 "mfu": achieved / self.peak_flops if achieved else None,
                 "peak_tflops": self.peak_flops / 1e12, "device": device_name(self.args.device.type),
-                "compile": self.args.torch_compile, "fused_head": self.fused_head, "optim": getattr(self.args.optim, "value", self.args.optim),
+                "compile": self.args.torch_compile, "fused_head": self.fused_head,
+                "optim": getattr(self.args.optim, "value", self.args.optim),
                 "precision": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"}
 
 
