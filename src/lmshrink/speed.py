@@ -30,10 +30,8 @@ def matmul_parameters(model: nn.Module) -> int:
 
 def flops_per_token(model: nn.Module, sequence: int, training: bool = True) -> float:
     """Model FLOPs of one token at sequence length `sequence`: 6N + 12 L d s training, 2N + 4 L d s forward."""
-    config = model.config
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    width = getattr(config, "hidden_size", None) or config.n_embd
-    per_token = 2 * matmul_parameters(model) + 4 * layers * width * sequence
+    config = model.config  # transformers maps these names onto every family's own (GPT-2: n_layer, n_embd)
+    per_token = 2 * matmul_parameters(model) + 4 * config.num_hidden_layers * config.hidden_size * sequence
     return 3 * per_token if training else per_token
 
 

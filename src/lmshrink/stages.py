@@ -18,7 +18,8 @@ from lmshrink.config import to_dict
 from lmshrink.records import read_record
 
 # settings that say how to run, not what the result is
-HOW_TO_RUN = ("overwrite", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to")
+HOW_TO_RUN = ("overwrite", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "compile",
+              "fused_head", "kd_chunk")
 
 
 def leaves(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

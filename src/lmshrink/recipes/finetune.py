@@ -66,8 +66,9 @@ from lmshrink.training import (
 
 # run_glue's recipe (3 epochs, batch 8, lr 5e-5) with 10% warm-up and weight decay 0.01; checkpoints
 # every 200 steps so that a killed run resumes; no loggers beyond metrics.jsonl
+# compile off: padded batches of varying length would make torch.compile trace again and again
 FINETUNE_OPTIMISER = dict(epochs=3.0, batch_size=8, lr=5e-5, warmup=0.1, weight_decay=0.01, save_steps=200,
-                          save_total_limit=1, report_to=["none"])
+                          save_total_limit=1, report_to=["none"], compile="off")
 
 
 @dataclass(kw_only=True)
