@@ -90,17 +90,22 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_gpt2_d
 
 
 def test_two_process_cpu_run(tiny_gpt2_dir, tmp_path):
-    """torchrun with 2 CPU processes (gloo DDP) completes and writes one model."""
-    out = tmp_path / "ddp"
+    """torchrun with 2 CPU processes (gloo DDP) completes and writes one model; with the fused head
+    the head's gradient is all-reduced like every other (the same losses, step for step)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         "-m", "lmshrink", *run_args(tiny_gpt2_dir, out, "--max-steps", "3", "--report-to", "none")],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((out / "lmshrink.json").read_text())["metrics"]
-    assert metrics["tokens_seen"] == 2 * 3 * 2 * 64  # both processes' batches counted
-    assert (out / "model" / "model.safetensors").is_file()
+    for fused in ("off", "on"):
+        out = tmp_path / f"ddp-{fused}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+             "-m", "lmshrink", *run_args(tiny_gpt2_dir, out, "--max-steps", "3", "--logging-steps", "1",
+                                         "--report-to", "none", "--fused-head", fused)],
+            capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = json.loads((out / "lmshrink.json").read_text())["metrics"]
+        assert metrics["tokens_seen"] == 2 * 3 * 2 * 64  # both processes' batches counted
+        assert (out / "model" / "model.safetensors").is_file()
+    losses = {fused: [x["loss"] for x in _train_lines(tmp_path / f"ddp-{fused}")] for fused in ("off", "on")}
+    assert len(losses["on"]) == 3 and losses["on"] == pytest.approx(losses["off"], rel=1e-4)
 
 
 def test_bad_training_settings(tmp_path):
