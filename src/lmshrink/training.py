@@ -148,6 +148,14 @@ def switched_on(choice: str) -> bool:
     return torch.cuda.is_available() if choice == "auto" else choice == "on"
 
 
+def run_precision(args: TrainingArguments) -> str:
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
+def run_optimizer(args: TrainingArguments) -> str:
+    return getattr(args.optim, "value", args.optim)
+
+
 def precision_flags(precision: str) -> dict[str, bool]:
     if precision == "auto":
         if torch.cuda.is_available():
@@ -338,7 +346,7 @@ class LMTrainer(Trainer):
         if fused_head:
             self.head_weight = self.model.get_output_embeddings().weight
             self.ce_step = head_step("ce", compiled=self.args.torch_compile)
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[run_precision(self.args)]
         self.peak_flops = peak_flops(self.args.device.type, dtype)
 
     def head_models(self) -> list:
@@ -422,8 +430,7 @@ class LMTrainer(Trainer):
                 "mfu": achieved / self.peak_flops if achieved else None,
                 "peak_tflops": self.peak_flops / 1e12, "device": device_name(self.args.device.type),
                 "compile": self.args.torch_compile, "fused_head": self.fused_head,
-                "optim": getattr(self.args.optim, "value", self.args.optim),
-                "precision": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"}
+                "optim": run_optimizer(self.args), "precision": run_precision(self.args)}
 
 
 def save_trained(trainer: Trainer, folder: Path, record: dict[str, Any], name: str) -> None:
@@ -480,8 +487,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
                           data_collator=collate, processing_class=tokenizer, callbacks=callbacks,
                           fused_head=fused, flops_per_token=model_flops, **trainer_kwargs)
     print(f"[lmshrink] {command} on {device_name(args.device.type)}: compile {'on' if args.torch_compile else 'off'}, "
-          f"fused head {'on' if fused else 'off'}, optimizer {getattr(args.optim, 'value', args.optim)}, "
-          f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}; "
+          f"fused head {'on' if fused else 'off'}, optimizer {run_optimizer(args)}, {run_precision(args)}; "
           f"peak {trainer.peak_flops / 1e12:.1f} TFLOP/s (measured matmul)", flush=True)
     with hidden_states_as_logits(*trainer.head_models()):
         before = trainer.evaluate()["eval_loss"] if heldout is not None and not checkpoint else None

@@ -192,11 +192,10 @@ class DistillTrainer(LMTrainer):
         else:
             ce, parts = self.unfused_ce_and_kd(outputs.logits, labels, inputs, t_out)
             loss = weights[0] * ce + weights[1] * parts["kd"]
+        mask = torch.ones(ids.shape, device=ids.device)  # every position of a full block
         if s.alpha_cos > 0:
-            mask = torch.ones(ids.shape, device=ids.device)
             parts["cos"] = cosine_loss(outputs.hidden_states[-1], t_out.hidden_states[-1], mask)
         if s.alpha_inter > 0:
-            mask = torch.ones(ids.shape, device=ids.device)
             pairs = layer_pairs(s.layer_map, len(outputs.hidden_states) - 1, len(t_out.hidden_states) - 1,
                                 self.kept, self.rng)
             hidden = HIDDEN_LOSSES[s.inter_loss]
