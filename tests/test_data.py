@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lmshrink.data import DataError, blocks, documents, token_stream
+from lmshrink.data import DataError, blocks, documents, pack, token_stream
 
 
 def test_text_folder_and_jsonl_sources(tmp_path, gpt2_tokenizer):
@@ -75,3 +75,23 @@ def test_training_sources_refuse_bad_files_by_name(tmp_path):
     (tmp_path / "bad.txt").unlink()
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "a record"}) + "\n")
     assert sorted(text_dataset([str(tmp_path)])["text"]) == ["a record", "fine text"]
+
+
+def test_packing_is_cached_by_text_tokenizer_and_block_size(real_text, gpt2_tokenizer, tmp_path):
+    """The packed blocks are keyed by the source table, the tokenizer's definition and the block
+    size (not by pickling the tokenizer): the same inputs hit the cache, any change misses it."""
+    import copy
+
+    from datasets import load_dataset
+
+    source = load_dataset("text", data_files=str(real_text), sample_by="document", split="train",
+                          cache_dir=str(tmp_path))
+    first, again = pack(source, gpt2_tokenizer, 64), pack(source, gpt2_tokenizer, 64)
+    assert first._fingerprint == again._fingerprint and first["input_ids"] == again["input_ids"]
+    assert pack(source, gpt2_tokenizer, 32)._fingerprint != first._fingerprint
+    other = copy.deepcopy(gpt2_tokenizer)
+    other.add_tokens(["lmshrink-new-token"])
+    changed = pack(source, other, 64)
+    assert changed._fingerprint != first._fingerprint
+    ids = gpt2_tokenizer(real_text.read_text(), add_special_tokens=False)["input_ids"] + [gpt2_tokenizer.eos_token_id]
+    assert first["input_ids"][0] == ids[:64]  # and the blocks are the text's tokens

@@ -26,7 +26,7 @@ def run_args(model, out, *extra):
 
 def test_pretrain_end_to_end(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "run"
-    assert main(run_args(tiny_gpt2_dir, out, "--max-steps", "6", "--save-steps", "3")) == 0
+    assert main(run_args(tiny_gpt2_dir, out, "--max-steps", "6", "--save-steps", "3", "--keep-checkpoints")) == 0
     record = json.loads((out / "model" / "lmshrink.json").read_text())
     metrics = record["metrics"]
     assert metrics["steps"] == 6 and metrics["tokens_seen"] == 6 * 2 * 64
@@ -38,6 +38,7 @@ def test_pretrain_end_to_end(tiny_gpt2_dir, tmp_path):
     checkpoint = json.loads((out / "checkpoints" / "checkpoint-6" / "lmshrink.json").read_text())
     assert checkpoint["step"] == 6 and checkpoint["settings"]["train"]["max_steps"] == 6  # each checkpoint describes itself
     assert not (out / "model" / "training_args.bin").exists()  # no pickles in the model folder
+    assert (out / "checkpoints" / "checkpoint-3").is_dir()  # --keep-checkpoints: both kept (save_total_limit 2)
     card = ModelCard.load(out / "model" / "README.md")  # a Hub model card made from the record
     assert "continued-pretraining" in card.data.tags and card.data.pipeline_tag == "text-generation"
     assert "# run" in card.text and "Held-out perplexity" in card.text
@@ -45,6 +46,13 @@ def test_pretrain_end_to_end(tiny_gpt2_dir, tmp_path):
     start = load_file(tiny_gpt2_dir / "model.safetensors")
     end = load_file(out / "model" / "model.safetensors")
     assert not torch.equal(start["transformer.h.0.attn.c_attn.weight"], end["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_a_finished_run_drops_its_checkpoints(tiny_gpt2_dir, tmp_path):
+    """By default the saved model replaces the Trainer's checkpoints (GBs of optimizer state)."""
+    out = tmp_path / "run"
+    assert main(run_args(tiny_gpt2_dir, out, "--max-steps", "4", "--save-steps", "2", "--report-to", "none")) == 0
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "checkpoints").exists()
 
 
 def test_a_heldout_set_smaller_than_one_batch_is_evaluated(tiny_gpt2_dir, real_text, tmp_path):

@@ -70,6 +70,9 @@ def test_the_tiny_preset_end_to_end_resumes_and_reruns_what_changed(tiny_gpt2_di
     for png in ("healing.png", "strategies.png", "finetune_kd.png", "cleaning.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     stages = len(record["commands"])
+    # kept small: no Trainer checkpoints left, fine-tuned students keep scores only, the teacher its weights
+    assert not list(out.rglob("checkpoints")) and not list((out / "finetune").glob("*/heal-*/*/seed-*/model"))
+    assert list((out / "finetune").glob("*/teacher/none/seed-*/model/model.safetensors"))
     # a stage's command re-runs it alone from its config
     config = next(c for c in record["commands"].values() if "eval --config" in c).split("--config ")[1]
     assert load_yaml(config)["models"]

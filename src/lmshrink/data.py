@@ -230,7 +230,21 @@ def pack(dataset, tokenizer, block_size: int, num_proc: int | None = None):
 
     kwargs = {"num_proc": num_proc} if num_proc and num_proc > 1 and hasattr(dataset, "num_rows") else {}
     extra = {"desc": f"tokenising ({block_size}-token blocks)"} if kwargs or hasattr(dataset, "num_rows") else {}
-    tokenized = dataset.map(tokenize, batched=True, remove_columns=["text"], **kwargs, **extra)
+    steps = _fingerprints(dataset, tokenizer, block_size)
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=["text"], **kwargs, **extra, **steps[0])
     if hasattr(dataset, "num_rows"):
         extra["desc"] = "packing"
-    return tokenized.map(group, batched=True, batch_size=1000, remove_columns=["ids"], **kwargs, **extra)
+    return tokenized.map(group, batched=True, batch_size=1000, remove_columns=["ids"], **kwargs, **extra, **steps[1])
+
+
+def _fingerprints(dataset, tokenizer, block_size: int) -> tuple[dict[str, str], dict[str, str]]:
+    """Cache keys for the two `map` steps, from the source table, the tokenizer's full definition
+    (its JSON) and the block size. Without them `datasets` pickles the tokenizer to hash it, which
+    costs seconds per run; a slow tokenizer (no JSON) is left to that."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(dataset, "_fingerprint"):
+        return {}, {}
+    from datasets.fingerprint import Hasher
+
+    key = Hasher.hash([dataset._fingerprint, backend.to_str(), tokenizer.eos_token_id, block_size, "lmshrink.pack/1"])
+    return {"new_fingerprint": key + "-tokenized"}, {"new_fingerprint": key + "-packed"}

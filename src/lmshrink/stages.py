@@ -7,6 +7,7 @@ silently reused.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import shutil
 import time
@@ -19,7 +20,7 @@ from lmshrink.records import read_record
 
 # settings that say how to run, not what the result is
 HOW_TO_RUN = ("overwrite", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "compile",
-              "fused_head", "kd_chunk")
+              "fused_head", "kd_chunk", "keep_checkpoints", "save_models")
 
 
 def leaves(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -60,6 +61,11 @@ def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any],
     elif folder.exists() and not (resumes_itself and record is None):
         print(f"[{name}] {folder} was made with other settings or did not finish: running it again")
         shutil.rmtree(folder)
+    # Whatever outlives the stages (imported libraries, lm-eval's task index, the study's results) is
+    # set aside from the garbage collector: the Trainer collects at every start, and scanning
+    # that heap costs ~0.4 s each time. Only live objects are set aside (collected first).
+    gc.collect()
+    gc.freeze()
     started = time.perf_counter()
     run(settings)
     print(f"[{name}] done in {time.perf_counter() - started:.1f} s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Iterator
@@ -81,6 +82,8 @@ class TrainArgs:
     eval_steps: int | None = setting(None, "steps between held-out evaluations (default: before and after only)")
     save_total_limit: int = setting(2, "checkpoints kept")
     resume: bool = setting(False, "continue from the last checkpoint in output/checkpoints")
+    keep_checkpoints: bool = setting(False, "keep the Trainer's checkpoints (optimizer state, to train on later) once "
+                                            "the finished model is saved; by default they are removed")
     deepspeed: str | None = setting(None, "DeepSpeed JSON config (e.g. configs/deepspeed-zero2.json)")
     fsdp: str = setting("", "FSDP options passed to TrainingArguments, e.g. 'full_shard auto_wrap'")
     report_to: list[str] = setting(["tensorboard"], "loggers (tensorboard, wandb, none)")
@@ -444,6 +447,13 @@ def save_trained(trainer: Trainer, folder: Path, record: dict[str, Any], name: s
         publish(partial, folder)
 
 
+def drop_checkpoints(trainer: Trainer, folder: Path, train: TrainArgs) -> None:
+    """Remove a finished run's Trainer checkpoints (GBs of optimizer state) unless asked to keep them:
+    the saved model replaces them."""
+    if trainer.is_world_process_zero() and not train.keep_checkpoints:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def last_checkpoint(folder: str | Path) -> str | None:
     """The newest `checkpoint-N` in a folder of Trainer checkpoints, if any."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -507,6 +517,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     }
     record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
     save_trained(trainer, out / "model", record, out.name)
+    drop_checkpoints(trainer, out / "checkpoints", settings.train)
     if trainer.is_world_process_zero():
         write_json(out / RECORD, record)
         print(f"{command}: {metrics['steps']} steps, {metrics['tokens_seen']:,} tokens in {wall:.0f}s; "

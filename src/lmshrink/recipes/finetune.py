@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from lmshrink.training import (
     LMTrainer,
     MetricsFile,
     TrainArgs,
+    drop_checkpoints,
     last_checkpoint,
     save_trained,
     trainer_arguments,
@@ -93,6 +93,8 @@ class FinetuneSettings(Settings):
     max_train_examples: int | None = setting(None, "use at most this many training examples")
     max_eval_examples: int | None = setting(None, "evaluate on at most this many examples")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    save_models: bool = setting(True, "save each fine-tuned model in METHOD/seed-N/model (off: keep its scores "
+                                      "and record only, in METHOD/seed-N/lmshrink.json)")
     train: TrainArgs = group(lambda: TrainArgs(**FINETUNE_OPTIMISER),
                              "optimiser, schedule, precision and checkpoints (defaults: run_glue's)")
     corpus: DataArgs = group(DataArgs, "task lm: training and test text (test perplexity is the metric)")
@@ -247,8 +249,11 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     record = provenance("finetune", to_dict(s), method=method, seed=seed, model_source=source, metrics=metrics,
                         train_seconds=seconds, train_examples=len(train), eval_examples=len(test),
                         task_spec=to_dict(task))
-    save_trained(trainer, folder / "model", record, f"{Path(s.output).name}-{method}-seed-{seed}")
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the finished model replaces them
+    if s.save_models:
+        save_trained(trainer, folder / "model", record, f"{Path(s.output).name}-{method}-seed-{seed}")
+    else:
+        write_json(folder / RECORD, record)
+    drop_checkpoints(trainer, folder / "checkpoints", s.train)
     print(f"finetune {method} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
           + f" in {seconds:.0f}s")
     return record
@@ -398,7 +403,7 @@ def _run(s: FinetuneSettings) -> dict[str, Any]:
         for method in s.methods:
             for seed in s.seeds:
                 folder = out / method / f"seed-{seed}"
-                done = read_record(folder / "model")
+                done = read_record(folder / "model") or read_record(folder)
                 if done and done.get("metrics"):
                     refuse_changed(s, done, folder)
                     print(f"finetune {method} seed {seed}: done before, {done['metrics']}")

@@ -245,7 +245,8 @@ class Study:
                                     methods=methods, seeds=seeds, teacher=teacher,
                                     generator=generator or "distilroberta-base", max_train_examples=s.ft_examples,
                                     max_eval_examples=s.ft_eval_examples, max_length=s.ft_max_length,
-                                    trust_remote_code=s.trust_remote_code, train=s.finetune)
+                                    trust_remote_code=s.trust_remote_code, train=s.finetune,
+                                    save_models=name == "teacher")  # the teacher teaches; the rest are scores
         return self.stage(f"finetune/{task}/{name}", "finetune", settings, finetune, resumes_itself=True)
 
 
@@ -456,13 +457,13 @@ def report(s: StudySettings, results: dict[str, Any], commands: dict[str, str], 
             tried = ", ".join(f"{lr:g}: {ppl:.2f}" for lr, ppl in a["lr_tried"].items())
             zero = [v for v in a["zero_shot"] if v is not None]
             cells = [_fmt(interval(a["ppl"][src])) for src in s.perplexity.data]
-            cells += [_fmt(interval(a["ppl_at_equal_time"])), _fmt(interval(zero), 1) if zero else "-"]
+            cells += [_fmt(interval(a["ppl_at_equal_time"])), _fmt(interval(zero), 3) if zero else "-"]
             cells += [_fmt(interval(a["downstream"][t]), 3) for t in s.tasks]
             lines.append(f"| {ARM_NAMES[name]} | {a['lr']:g} ({tried}) | {_fmt(interval(a['train_seconds']), 0)} | "
                          f"{a['flops'] / 1e12:,.1f} | " + " | ".join(cells) + " |")
         t = h["teacher"]
         lines += ["", "Teacher: " + ", ".join(f"ppl {src} {t['perplexity'][src]:.2f}" for src in s.perplexity.data)
-                  + (f", zero-shot average {t['task_average']:.1f}" if t.get("task_average") is not None else "") + ".",
+                  + (f", zero-shot average {t['task_average']:.3f}" if t.get("task_average") is not None else "") + ".",
                   "", *_claims_table(h["claims"]), "", "![perplexity vs tokens and wall time](healing.png)", ""]
     if "strategies" in results:
         q = results["strategies"]
@@ -474,7 +475,7 @@ def report(s: StudySettings, results: dict[str, Any], commands: dict[str, str], 
             zero = [v for v in r["zero_shot"] if v is not None]
             lines.append(f"| {name} | {r['kept']} | {r['ppl_before']:,.1f} | "
                          + " | ".join(_fmt(interval(r["ppl"][src])) for src in s.perplexity.data)
-                         + f" | {_fmt(interval(zero), 1) if zero else '-'} |")
+                         + f" | {_fmt(interval(zero), 3) if zero else '-'} |")
         lines += ["", *_claims_table(q["claims"]), "", "![perplexity by strategy](strategies.png)", ""]
     if "finetune_kd" in results:
         q = results["finetune_kd"]
