@@ -14,7 +14,7 @@ from lmshrink.cli import main
 from lmshrink.config import SettingsError, build
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
-from lmshrink.training import LMTrainer
+from lmshrink.training import MAX_CHUNK_ROWS, LMTrainer, loss_chunk_rows
 
 TINY_RUN = ["--data", "python-docs/tutorial", "--heldout", "0.2", "--block-size", "64", "--batch-size", "2",
             "--logging-steps", "2", "--lr", "1e-3"]
@@ -219,3 +219,17 @@ def test_flops_per_token_counts_the_head_once():
     assert matmul_parameters(model) == blocks + 100 * 32  # tied head counted, embeddings not
     assert flops_per_token(model, 64) == 6 * (blocks + 3200) + 12 * 2 * 32 * 64
     assert flops_per_token(model, 64, training=False) == flops_per_token(model, 64) / 3
+
+
+def test_the_loss_chunk_follows_the_flag_free_memory_and_its_cap():
+    """Even chunks of at most: --kd-chunk positions per sequence; a quarter of free GPU memory at 32
+    bytes per logit, capped; 128 positions per sequence on a CPU."""
+    rows, vocab, batch = 16 * 1024, 50257, 16
+    assert loss_chunk_rows(rows, vocab, batch, kd_chunk=256, free_bytes=None) == 256 * batch
+    assert loss_chunk_rows(rows, vocab, batch, kd_chunk=None, free_bytes=None) == 128 * batch
+    assert loss_chunk_rows(rows, vocab, batch, kd_chunk=None, free_bytes=140 * 2**30) == MAX_CHUNK_ROWS  # an H200
+    small = loss_chunk_rows(rows, vocab, batch, kd_chunk=None, free_bytes=2 * 2**30)  # 2 GiB free
+    fits = 2 * 2**30 // 4 // (32 * vocab)
+    assert small <= fits and -(-rows // small) == -(-rows // fits)  # as few chunks as fit, of even size
+    assert loss_chunk_rows(1000, vocab, 1, kd_chunk=None, free_bytes=10**15) == 1000  # a small step: one chunk
+    assert loss_chunk_rows(rows, vocab, batch, kd_chunk=None, free_bytes=0) == 1  # no room: a row at a time
