@@ -233,3 +233,17 @@ def test_the_loss_chunk_follows_the_flag_free_memory_and_its_cap():
     assert small <= fits and -(-rows // small) == -(-rows // fits)  # as few chunks as fit, of even size
     assert loss_chunk_rows(1000, vocab, 1, kd_chunk=None, free_bytes=10**15) == 1000  # a small step: one chunk
     assert loss_chunk_rows(rows, vocab, batch, kd_chunk=None, free_bytes=0) == 1  # no room: a row at a time
+
+
+def test_the_peak_is_the_highest_measured_on_this_device(tmp_path, monkeypatch):
+    """A peak measured while the machine is busy comes out low; the highest one kept is used."""
+    import lmshrink.models
+    from lmshrink import speed
+
+    monkeypatch.setattr(lmshrink.models, "cache_dir", lambda: tmp_path)
+    for measured, expected in ((2e11, 2e11), (1e11, 2e11), (3e11, 3e11)):  # first, busy, quieter
+        monkeypatch.setattr(speed, "measure_peak_flops", lambda *_, m=measured: m)
+        assert speed.peak_flops.__wrapped__("cpu", torch.float32) == expected
+    assert list(json.loads((tmp_path / "peak-flops.json").read_text()).values()) == [3e11]
+    assert speed.peak_flops.__wrapped__("cpu", torch.bfloat16) == 3e11  # another dtype: its own entry
+    assert len(json.loads((tmp_path / "peak-flops.json").read_text())) == 2

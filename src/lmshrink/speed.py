@@ -4,13 +4,17 @@ Model FLOPs utilisation (MFU, PaLM appendix B) = achieved model FLOP/s / peak FL
 trained token costs 6 x (block and head parameters) + 12 x layers x width x sequence FLOPs
 (forward and backward, attention scores included) and a frozen teacher's forward a third of
 that. The peak is measured, not looked up: a large matrix product in the precision the run
-computes in (bf16 on GPUs that have it, fp32 on CPU), once per process.
+computes in (bf16 on GPUs that have it, fp32 on CPU), once per process, and the highest
+measurement on a device is kept (a busy moment measures low).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import platform
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,6 +41,29 @@ def flops_per_token(model: nn.Module, sequence: int, training: bool = True) -> f
 
 @functools.cache
 def peak_flops(device_type: str, dtype: torch.dtype) -> float:
+    """The device's matmul peak in `dtype`: the highest of this measurement and every earlier one
+    on the same device (kept in the cache folder), so that one measurement taken while the machine
+    was busy does not make every later MFU too high."""
+    from lmshrink.models import cache_dir
+    from lmshrink.records import write_json
+
+    measured = measure_peak_flops(device_type, dtype)
+    path = cache_dir() / "peak-flops.json"
+    key = f"{device_name(device_type)} | {_processor() if device_type == 'cpu' else ''} | {dtype} | torch {torch.__version__}"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if measured > known.get(key, 0.0):
+        known[key] = measured
+        try:
+            write_json(path, known)
+        except OSError:  # a read-only cache: this measurement serves this process
+            pass
+    return max(measured, known[key])
+
+
+def measure_peak_flops(device_type: str, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matrix product on this device, in `dtype` (the best of a few)."""
     size, repeats = (8192, 10) if device_type == "cuda" else (1024, 4)
     rng = torch.Generator(device_type).manual_seed(0)  # its own: training's random stream is left as it was
@@ -52,6 +79,17 @@ def peak_flops(device_type: str, dtype: torch.dtype) -> float:
         if i >= 2:  # two warm-ups
             best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
+
+
+def _processor() -> str:
+    """The CPU's model name (Linux), so that a cache folder shared between machines keeps one peak each."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_name(device_type: str) -> str:
