@@ -419,6 +419,8 @@ def main() -> None:
         "cached_kd": ["distill", "--model", str(student), "--teacher-cache", str(caches["2"]), "--alpha-cos", "0"],
         "cached_kd_t1": ["distill", "--model", str(student), "--teacher-cache", str(caches["1"]), "--alpha-cos", "0",
                          "--temperature", "1"],
+        # the optimizer alone: a foreach AdamW instead of the default fused one
+        "clm_foreach_adamw": ["pretrain", "--model", str(student), "--data", args.data, "--optim", "adamw_torch"],
     }
     results = {}
     for name, command in runs.items():
@@ -428,7 +430,7 @@ def main() -> None:
         tps = median_tokens_per_s(folder)
         results[name] = {"tokens_per_s": tps, "step_s": args.block_size * args.batch_size / tps,
                          "peak_rss_mb": measured["peak_rss_mb"]}
-        print(f"{name:>10}: {tps:8.1f} tokens/s, {results[name]['step_s']:.2f} s/step, "
+        print(f"{name:>17}: {tps:8.1f} tokens/s, {results[name]['step_s']:.2f} s/step, "
               f"peak RSS {measured['peak_rss_mb']:.0f} MB", flush=True)
     base = results["clm"]
     for r in results.values():

@@ -91,7 +91,7 @@ class TrainArgs:
     compile: str = setting("auto", "torch.compile the student (and a frozen teacher): auto (on CUDA), on, off")
     fused_head: str = setting("auto", "LM head and loss computed together chunk by chunk, never holding the "
                                       "(batch x block x vocab) logits: auto (on CUDA), on, off")
-    optim: str = setting("auto", "optimizer: auto (fused AdamW on CUDA, AdamW elsewhere) or a transformers optim name")
+    optim: str = setting("auto", "optimizer: auto (fused AdamW, on GPU and CPU) or a transformers optim name")
 
     def problems(self) -> list[str]:
         problems = []
@@ -213,8 +213,7 @@ def training_arguments(settings: TrainArgs, output: str | Path, seed: int, block
         report_to=report_to or "none",
         activation_checkpointing=settings.gradient_checkpointing,
         torch_compile=switched_on(settings.compile),
-        optim=("adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch") if settings.optim == "auto"
-        else settings.optim,
+        optim="adamw_torch_fused" if settings.optim == "auto" else settings.optim,  # one fused kernel, GPU or CPU
         deepspeed=settings.deepspeed,
         fsdp=settings.fsdp,
         dataloader_drop_last=True,
