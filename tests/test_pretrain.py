@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.training import MAX_CHUNK_ROWS, LMTrainer, loss_chunk_rows
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_RUN = ["--data", "python-docs/tutorial", "--heldout", "0.2", "--block-size", "64", "--batch-size", "2",
             "--logging-steps", "2", "--lr", "1e-3"]
 
@@ -120,8 +122,15 @@ def test_bad_training_settings(tmp_path):
     with pytest.raises(SettingsError) as err:
         build(PretrainSettings, {"model": "m", "output": "o", "precision": "fp8", "warmup": 2, "batch_size": 0})
     assert "precision" in str(err.value) and "warmup" in str(err.value) and "batch_size" in str(err.value)
+    with pytest.raises(SettingsError, match="neither 'on' nor a JSON file"):  # the old string form
+        build(PretrainSettings, {"model": "m", "output": "o", "data": ["d"], "fsdp": "full_shard auto_wrap"})
     with pytest.raises(SettingsError, match="data: give at least one"):
         build(PretrainSettings, {"model": "m", "output": "o"})
+
+
+def test_fsdp_without_a_gpu_is_refused_not_run_as_ddp(tiny_gpt2_dir, tmp_path, capsys):
+    assert main(run_args(tiny_gpt2_dir, tmp_path / "r", "--max-steps", "1", "--fsdp", str(CONFIGS / "fsdp.json"))) == 2
+    assert "fsdp: FSDP shards a model over GPUs" in capsys.readouterr().err
 
 
 def test_block_longer_than_the_context_is_refused(tiny_gpt2_dir, tmp_path, capsys):

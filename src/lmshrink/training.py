@@ -85,7 +85,8 @@ class TrainArgs:
     keep_checkpoints: bool = setting(False, "keep the Trainer's checkpoints (optimizer state, to train on later) once "
                                             "the finished model is saved; by default they are removed")
     deepspeed: str | None = setting(None, "DeepSpeed JSON config (e.g. configs/deepspeed-zero2.json)")
-    fsdp: str = setting("", "FSDP options passed to TrainingArguments, e.g. 'full_shard auto_wrap'")
+    fsdp: str = setting("", "FSDP2 under torchrun / accelerate launch: 'on', or a JSON file of transformers' "
+                            "fsdp_config (e.g. configs/fsdp.json)")
     report_to: list[str] = setting(["tensorboard"], "loggers (tensorboard, wandb, none)")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
     compile: str = setting("auto", "torch.compile the student (and a frozen teacher): auto (on CUDA), on, off")
@@ -100,6 +101,9 @@ class TrainArgs:
                 problems.append(f"{name}: {getattr(self, name)!r} is not one of {', '.join(SWITCHES)}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.fsdp not in ("", "on") and not Path(self.fsdp).is_file():
+            problems.append(f"fsdp: {self.fsdp!r} is neither 'on' nor a JSON file; pass --fsdp on, or a "
+                            "transformers fsdp_config file such as configs/fsdp.json")
         if not 0 <= self.warmup < 1:
             problems.append("warmup: a fraction of the steps, in [0, 1)")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
@@ -215,7 +219,8 @@ def training_arguments(settings: TrainArgs, output: str | Path, seed: int, block
         torch_compile=switched_on(settings.compile),
         optim="adamw_torch_fused" if settings.optim == "auto" else settings.optim,  # one fused kernel, GPU or CPU
         deepspeed=settings.deepspeed,
-        fsdp=settings.fsdp,
+        fsdp=bool(settings.fsdp),
+        fsdp_config=settings.fsdp if settings.fsdp not in ("", "on") else None,
         dataloader_drop_last=True,
         disable_tqdm=False,
     )
@@ -488,6 +493,9 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
                "pass --resume to continue that run, or choose another folder"])
     out = Path(settings.output)
     args = training_arguments(settings.train, out, settings.corpus.seed, settings.corpus.block_size)
+    if settings.train.fsdp and args.device.type == "cpu":  # accelerate would quietly run DDP instead
+        check(["fsdp: FSDP shards a model over GPUs and this run has none; leave --fsdp out (torchrun on "
+               "CPUs runs DDP)"])
     if settings.train.gradient_checkpointing:
         model.config.use_cache = False
     source_record = read_record(model.name_or_path) or {}  # the loaded folder (GGUF / embedded names resolved)
