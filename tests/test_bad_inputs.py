@@ -122,3 +122,23 @@ def test_two_runs_cannot_write_one_output_folder_at_once(tiny_gpt2_dir, tmp_path
         assert not (out / "model").exists() and not (out / "checkpoints").exists()
     assert main(args) == 0  # once it is done, the folder is free
     assert (out / "model" / "lmshrink.json").is_file()
+
+
+def test_atomic_writes_leave_no_partial_file_and_ordinary_permissions(tmp_path):
+    """A write that fails leaves the old file; a finished one is readable like any file the user makes."""
+    import os
+
+    from lmshrink.records import atomic_dir, atomic_file, write_text
+
+    path = tmp_path / "report.md"
+    write_text(path, "first")
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    with atomic_dir(tmp_path / "model") as folder:
+        (folder / "config.json").write_text("{}")
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~mask

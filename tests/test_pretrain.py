@@ -28,7 +28,8 @@ def run_args(model, out, *extra):
 
 def test_pretrain_end_to_end(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "run"
-    assert main(run_args(tiny_gpt2_dir, out, "--max-steps", "6", "--save-steps", "3", "--keep-checkpoints")) == 0
+    assert main(run_args(tiny_gpt2_dir, out, "--max-steps", "6", "--save-steps", "3", "--keep-checkpoints",
+                         "--profile-steps", "2")) == 0
     record = json.loads((out / "model" / "lmshrink.json").read_text())
     metrics = record["metrics"]
     assert metrics["steps"] == 6 and metrics["tokens_seen"] == 6 * 2 * 64
@@ -41,6 +42,10 @@ def test_pretrain_end_to_end(tiny_gpt2_dir, tmp_path):
     assert checkpoint["step"] == 6 and checkpoint["settings"]["train"]["max_steps"] == 6  # each checkpoint describes itself
     assert not (out / "model" / "training_args.bin").exists()  # no pickles in the model folder
     assert (out / "checkpoints" / "checkpoint-3").is_dir()  # --keep-checkpoints: both kept (save_total_limit 2)
+    # --profile-steps 2: steps 4 and 5 traced (after 3 to warm up): the trace, and the costliest ops
+    trace = json.loads((out / "profile" / "trace.json").read_text())
+    assert any(e.get("name") == "aten::addmm" for e in trace["traceEvents"])
+    assert "Self CPU" in (out / "profile" / "ops.txt").read_text()
     card = ModelCard.load(out / "model" / "README.md")  # a Hub model card made from the record
     assert "continued-pretraining" in card.data.tags and card.data.pipeline_tag == "text-generation"
     assert "# run" in card.text and "Held-out perplexity" in card.text

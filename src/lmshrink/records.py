@@ -30,9 +30,16 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); a result file is made like any other
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -61,6 +68,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         yield tmp
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
         publish(tmp, path)
     finally:
         if tmp.exists():

@@ -20,7 +20,7 @@ from lmshrink.records import read_record
 
 # settings that say how to run, not what the result is
 HOW_TO_RUN = ("overwrite", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "compile",
-              "fused_head", "kd_chunk", "keep_checkpoints", "save_models")
+              "fused_head", "kd_chunk", "keep_checkpoints", "save_models", "profile_steps")
 
 
 def leaves(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

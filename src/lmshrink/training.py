@@ -27,7 +27,7 @@ from lmshrink.config import Settings, SettingsError, check, group, setting, to_d
 from lmshrink.data import DataError, pack, text_dataset
 from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
 from lmshrink.model_card import save_model_record
-from lmshrink.records import RECORD, exclusive, provenance, publish, read_record, write_json
+from lmshrink.records import RECORD, exclusive, provenance, publish, read_record, write_json, write_text
 from lmshrink.speed import device_name, flops_per_token, peak_flops
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -89,6 +89,8 @@ class TrainArgs:
                             "fsdp_config (e.g. configs/fsdp.json)")
     report_to: list[str] = setting(["tensorboard"], "loggers (tensorboard, wandb, none)")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
+    profile_steps: int = setting(0, "trace this many optimizer steps (after 3 to warm up and compile) with "
+                                    "torch.profiler: output/profile/ gets a Perfetto trace and a table of the costliest ops")
     compile: str = setting("auto", "torch.compile the student (and a frozen teacher): auto (on CUDA), on, off")
     fused_head: str = setting("auto", "LM head and loss computed together chunk by chunk, never holding the "
                                       "(batch x block x vocab) logits: auto (on CUDA), on, off")
@@ -106,6 +108,8 @@ class TrainArgs:
                             "transformers fsdp_config file such as configs/fsdp.json")
         if not 0 <= self.warmup < 1:
             problems.append("warmup: a fraction of the steps, in [0, 1)")
+        if self.profile_steps < 0:
+            problems.append("profile_steps: 0 (off) or more")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be positive")
@@ -305,6 +309,44 @@ class RecordCheckpoints(TrainerCallback):
                 write_json(folder / RECORD, {**self.record, "step": state.global_step})
 
 
+class Profile(TrainerCallback):
+    """torch.profiler over `steps` optimizer steps after `warmup`: writes folder/trace.json (open it in
+    ui.perfetto.dev) and folder/ops.txt (the ops by total device time, or CPU time without a GPU)."""
+
+    def __init__(self, folder: Path, steps: int, warmup: int = 3):
+        self.folder, self.steps, self.warmup, self.profiler = folder, steps, warmup, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.profiler is None and state.global_step == self.warmup and state.is_world_process_zero:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities, record_shapes=True)
+            self.profiler.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step == self.warmup + self.steps:
+            self.finish()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.profiler is None and state.is_world_process_zero and not (self.folder / "ops.txt").exists():
+            print(f"[lmshrink] no profile: the run ended before step {self.warmup + 1}", flush=True)
+        self.finish()
+
+    def finish(self) -> None:
+        if self.profiler is None:
+            return
+        profiler, self.profiler = self.profiler, None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        profiler.stop()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(str(self.folder / "trace.json"))
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        write_text(self.folder / "ops.txt", profiler.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+        print(f"[lmshrink] profile of {self.steps} steps: {self.folder}/trace.json, {self.folder}/ops.txt", flush=True)
+
+
 def fused_head_problem(model, args: TrainingArguments) -> str | None:
     """Why the fused head cannot run here, or None."""
     if args.fsdp or args.deepspeed:
@@ -502,6 +544,8 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
                        teacher=source_record.get("teacher"), origin=source_record or None, **(extra_record or {}))
     callbacks = [MetricsFile(out / "metrics.jsonl"), RecordCheckpoints(provenance(command, to_dict(settings), **base_record))]
+    if settings.train.profile_steps:
+        callbacks.append(Profile(out / "profile", settings.train.profile_steps))
     teacher = trainer_kwargs.get("teacher")
     fused = switched_on(settings.train.fused_head)
     problem = next(filter(None, (fused_head_problem(m, args) for m in (model, teacher) if m is not None)), None)
