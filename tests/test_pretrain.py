@@ -138,6 +138,18 @@ def test_fsdp_without_a_gpu_is_refused_not_run_as_ddp(tiny_gpt2_dir, tmp_path, c
     assert "fsdp: FSDP shards a model over GPUs" in capsys.readouterr().err
 
 
+def test_deepspeed_missing_or_misnamed_is_one_line(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
+    assert main(run_args(tiny_gpt2_dir, tmp_path / "r", "--deepspeed", "nowhere/ds.json")) == 2
+    assert "deepspeed: no such config file 'nowhere/ds.json'" in capsys.readouterr().err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    assert main(run_args(tiny_gpt2_dir, tmp_path / "r", "--deepspeed", str(CONFIGS / "deepspeed-zero2.json"))) == 2
+    assert "deepspeed: DeepSpeed is not installed; pip install deepspeed" in capsys.readouterr().err
+    assert not {p.name for p in (tmp_path / "r").iterdir()} - {".lmshrink.lock"}  # refused before any work
+
+
 def test_block_longer_than_the_context_is_refused(tiny_gpt2_dir, tmp_path, capsys):
     assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--output", str(tmp_path / "r"), "--data",
                  "python-docs/tutorial", "--block-size", "512", "--max-steps", "1"]) == 2

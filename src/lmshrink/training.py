@@ -7,6 +7,7 @@ resumption and mixed precision come with it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -103,6 +104,8 @@ class TrainArgs:
                 problems.append(f"{name}: {getattr(self, name)!r} is not one of {', '.join(SWITCHES)}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            problems.append(f"deepspeed: no such config file {self.deepspeed!r} (e.g. configs/deepspeed-zero2.json)")
         if self.fsdp not in ("", "on") and not Path(self.fsdp).is_file():
             problems.append(f"fsdp: {self.fsdp!r} is neither 'on' nor a JSON file; pass --fsdp on, or a "
                             "transformers fsdp_config file such as configs/fsdp.json")
@@ -534,6 +537,9 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
         check([f"output: {settings.output} already holds checkpoints ({Path(checkpoint).name}); "
                "pass --resume to continue that run, or choose another folder"])
     out = Path(settings.output)
+    if settings.train.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        check(["deepspeed: DeepSpeed is not installed; pip install deepspeed (on a machine with CUDA), "
+               "or leave --deepspeed out"])
     args = training_arguments(settings.train, out, settings.corpus.seed, settings.corpus.block_size)
     if settings.train.fsdp and args.device.type == "cpu":  # accelerate would quietly run DDP instead
         check(["fsdp: FSDP shards a model over GPUs and this run has none; leave --fsdp out (torchrun on "
