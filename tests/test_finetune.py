@@ -96,6 +96,21 @@ def test_local_csv_pairs_with_class_names_and_jsonl_regression(models, tmp_path)
     assert set(summary["rows"][0]) >= {"pearson", "spearman"}
 
 
+def test_scores_only_runs_keep_no_weights_and_are_reused(models, tmp_path, capsys):
+    """--no-save-models: each (method, seed) keeps its record and scores, no weights; a re-run reuses it."""
+    csv = tmp_path / "s.csv"
+    csv.write_text("text,label\n" + "\n".join(f"sentence {i} is {'good' if i % 2 else 'bad'},{i % 2}"
+                                                for i in range(20)) + "\n")
+    settings = {"model": str(models / "student"), "output": str(tmp_path / "f"), "task": "file", "train_file": str(csv),
+                "seeds": [0], "save_models": False, **SMALL}
+    first = run(build(FinetuneSettings, settings))
+    folder = tmp_path / "f" / "none" / "seed-0"
+    assert not (folder / "model").exists() and json.loads((folder / "lmshrink.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert run(build(FinetuneSettings, settings))["rows"] == first["rows"]
+    assert "finetune none seed 0: done before" in capsys.readouterr().out
+
+
 def test_lm_task_reports_test_perplexity(models, real_text, tmp_path):
     summary = run(build(FinetuneSettings, {"model": str(models / "student"), "output": str(tmp_path / "lm"), "task": "lm",
                                            "teacher": str(models / "teacher"), "methods": ["none", "kd"], "seeds": [0],
