@@ -317,7 +317,7 @@ class Profile(TrainerCallback):
     ui.perfetto.dev) and folder/ops.txt (the ops by total device time, or CPU time without a GPU)."""
 
     def __init__(self, folder: Path, steps: int, warmup: int = 3):
-        self.folder, self.steps, self.warmup, self.profiler = folder, steps, warmup, None
+        self.folder, self.steps, self.warmup, self.profiler, self.written = folder, steps, warmup, None, False
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.profiler is None and state.global_step == self.warmup and state.is_world_process_zero:
@@ -332,7 +332,7 @@ class Profile(TrainerCallback):
             self.finish()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.profiler is None and state.is_world_process_zero and not (self.folder / "ops.txt").exists():
+        if self.profiler is None and state.is_world_process_zero and not self.written:
             print(f"[lmshrink] no profile: the run ended before step {self.warmup + 1}", flush=True)
         self.finish()
 
@@ -347,6 +347,7 @@ class Profile(TrainerCallback):
         profiler.export_chrome_trace(str(self.folder / "trace.json"))
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         write_text(self.folder / "ops.txt", profiler.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+        self.written = True
         print(f"[lmshrink] profile of {self.steps} steps: {self.folder}/trace.json, {self.folder}/ops.txt", flush=True)
 
 
