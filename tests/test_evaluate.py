@@ -84,7 +84,7 @@ def test_peak_memory_is_weights_plus_a_growing_activation_peak(tiny_gpt2_dir):
 
 def test_eval_command_side_by_side(tiny_gpt2_dir, real_text, tmp_path):
     student = tmp_path / "student"
-    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(student), "--keep", "0,3"]) == 0
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(student), "--keep", "0,3", "--repair", "none"]) == 0
     out = tmp_path / "eval"
     assert main(["eval", "--models", f"{tiny_gpt2_dir},{student}", "--data", str(real_text),
                  "--output", str(out), "--window", "64", "--stride", "32", "--max-tokens", "600",

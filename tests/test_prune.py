@@ -148,7 +148,7 @@ def test_prune_command_writes_a_plain_transformers_folder(tiny_llama_dir, tmp_pa
     out = tmp_path / "narrow"
     assert main(["prune", "--teacher", str(tiny_llama_dir), "--output", str(out), "--hidden-size", "48",
                  "--intermediate-size", "96", "--num-heads", "2", "--num-layers", "3", "--calib-data",
-                 "python-docs/tutorial", "--calib-tokens", "512"]) == 0
+                 "python-docs/tutorial", "--calib-tokens", "512", "--repair-tokens", "1024"]) == 0
     model = T.AutoModelForCausalLM.from_pretrained(out).eval()  # no lmshrink code involved
     c = model.config
     assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
@@ -156,6 +156,7 @@ def test_prune_command_writes_a_plain_transformers_folder(tiny_llama_dir, tmp_pa
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
     record = json.loads((out / "lmshrink.json").read_text())
     assert len(record["kept_hidden"]) == 48 and len(record["kept_layers"]) == 3
+    assert record["repair"]["method"] == "replaceme" and record["repair"]["spans"]  # the depth cut, repaired first
     assert [len(h) for h in record["kept_heads"]] == [2, 2, 2] and all(len(m) == 96 for m in record["kept_mlp"])
     assert record["parameters"] == sum(p.numel() for p in model.parameters())
     assert (out / "width_scores.png").read_bytes()[:4] == b"\x89PNG" and (out / "README.md").is_file()
@@ -186,7 +187,7 @@ def test_a_parameter_budget_is_met_along_each_axis(kind, axes):
 def test_prune_command_takes_a_budget(tiny_llama_dir, tmp_path):
     out = tmp_path / "both"
     assert main(["prune", "--teacher", str(tiny_llama_dir), "--output", str(out), "--ratio", "0.7", "--axes", "both",
-                 "--calib-data", "python-docs/tutorial", "--calib-tokens", "256"]) == 0
+                 "--calib-data", "python-docs/tutorial", "--calib-tokens", "256", "--repair", "none"]) == 0
     record = json.loads((out / "lmshrink.json").read_text())
     assert record["parameters"] < record["teacher_parameters"] and len(record["kept_layers"]) < 4
     assert record["width"]["hidden"] < 64

@@ -62,7 +62,25 @@ def test_score_layers_command_writes_json_and_chart(tiny_gpt2_dir, real_text, tm
     # the scores drive truncation by importance
     student = tmp_path / "student"
     assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(student), "--strategy", "importance",
-                 "--num-layers", "3", "--scores", str(out / "scores.json"), "--metric", "ppl_increase"]) == 0
+                 "--num-layers", "3", "--scores", str(out / "scores.json"), "--metric", "ppl_increase",
+                 "--repair", "none"]) == 0
     kept = json.loads((student / "lmshrink.json").read_text())["kept_layers"]
     dropped = min(range(4), key=lambda i: scores["ppl_increase"][i])
     assert kept == [i for i in range(4) if i != dropped]
+
+
+def test_score_layers_reports_the_measured_cuts(tiny_gpt2_dir, real_text, tmp_path, capsys):
+    out = tmp_path / "scores"
+    assert main(["score-layers", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(out),
+                 "--tokens", "512", "--seq-len", "128", "--no-ppl", "--no-width", "--search-to", "2"]) == 0
+    search = json.loads((out / "search.json").read_text())
+    path = search["iterative"]["path"]
+    assert [step["removed"] for step in path] != [] and len(path) == 2 and search["repair"] == "replaceme"
+    assert sorted(step["removed"] for step in path) == search["iterative"]["removed"]
+    # each step removed the candidate that scored best among those left
+    assert all(step["kl"] == min(step["candidates"].values()) for step in path)
+    assert len(search["contiguous"]["path"]) == 3
+    assert "iterative path (removed in order)" in capsys.readouterr().out
+    assert main(["score-layers", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(out),
+                 "--tokens", "512", "--seq-len", "128", "--no-ppl", "--no-width", "--search-to", "4"]) == 2
+    assert "search_to: the model has 4 blocks" in capsys.readouterr().err

@@ -133,10 +133,10 @@ def test_every_tested_architecture_is_in_the_table():
 def test_truncate_command_end_to_end(tiny_gpt2_dir, real_text, tmp_path, capsys):
     out = tmp_path / "student"
     code = main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--strategy", "importance",
-                 "--num-layers", "2", "--calib-data", str(real_text), "--calib-tokens", "1024"])
+                 "--num-layers", "2", "--calib-data", str(real_text), "--calib-tokens", "1024", "--repair", "none"])
     assert code == 0
     record = json.loads((out / "lmshrink.json").read_text())
-    assert record["teacher_layers"] == 4 and len(record["kept_layers"]) == 2
+    assert record["teacher_layers"] == 4 and len(record["kept_layers"]) == 2 and "repair" not in record
     assert record["strategy"] == "importance" and len(record["scores"]["block_influence"]) == 4
     assert record["lmshrink_version"]
     student = load(str(out))
@@ -146,6 +146,44 @@ def test_truncate_command_end_to_end(tiny_gpt2_dir, real_text, tmp_path, capsys)
     kept = truncate_model(teacher, record["kept_layers"])
     ids = torch.tensor([[15496, 995, 11, 612]])
     assert torch.equal(logits(student.model, ids), logits(kept, ids))
+
+
+@pytest.mark.parametrize("strategy", ["iterative", "contiguous"])
+def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_path, strategy):
+    out = tmp_path / "student"
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--strategy", strategy,
+                 "--num-layers", "2", "--calib-data", str(real_text), "--search-tokens", "512",
+                 "--repair-data", f"teacher,{real_text}", "--repair-tokens", "2048"]) == 0
+    record = json.loads((out / "lmshrink.json").read_text())
+    keep = record["kept_layers"]
+    search = record["search"]
+    assert search["strategy"] == strategy and search["repair"] == "replaceme" and search["candidates_scored"] > 1
+    if strategy == "iterative":
+        assert sorted(step["removed"] for step in search["path"]) == [i for i in range(4) if i not in keep]
+    else:
+        best = min(search["path"], key=lambda c: c["kl"])
+        assert best["removed"] == [i for i in range(4) if i not in keep]
+    repair = record["repair"]
+    assert repair["method"] == "replaceme" and repair["data"] == ["teacher", str(real_text)]
+    assert repair["tokens"] >= 2048 - 256 and repair["spans"]
+    fitted = [s for s in repair["spans"] if "heldout_error" in s]
+    assert all(s["block"] == s["span"][0] - 1 and keep[s["student_block"]] == s["block"] for s in fitted)
+    # a plain transformers folder: loads without lmshrink, and differs from the plain cut where a fit took
+    student = T.AutoModelForCausalLM.from_pretrained(out).eval()
+    plain = truncate_model(load(str(tiny_gpt2_dir)).model, keep)
+    ids = torch.tensor([[15496, 995, 11, 612]])
+    assert torch.equal(logits(student, ids), logits(plain, ids)) == all(s.get("alpha") is None for s in fitted)
+
+
+def test_repair_refusals_are_one_line(tiny_gpt2_dir, tmp_path, capsys):
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / "s"), "--keep", "0,3",
+                 "--repair", "magic"]) == 2
+    assert "repair: 'magic' is unknown" in capsys.readouterr().err
+    gemma = tmp_path / "gemma"
+    tiny_model("gemma3_text", 4).save_pretrained(gemma)
+    assert main(["truncate", "--teacher", str(gemma), "--output", str(tmp_path / "g"), "--keep", "0,3"]) == 2
+    err = capsys.readouterr().err
+    assert "post_feedforward_layernorm" in err and "--repair none" in err and not (tmp_path / "g").exists()
 
 
 def test_truncate_command_reports_bad_requests(tiny_gpt2_dir, tmp_path, capsys):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -31,6 +31,13 @@ class Architecture:
     """Config lists with one entry per block (e.g. `layer_types`), re-indexed on truncation."""
     fix_config: Callable[[Any], None] | None = field(default=None, compare=False)
     """Re-derives config fields that are stored in a compressed form (GPT-Neo)."""
+    mlp_out: str | None = None
+    """Dotted path inside a block of the MLP's output projection, whose output is added to the
+    residual stream unchanged (where `lmshrink.repair` folds its fits); None: there is none."""
+    mlp_out_missing: str = "its blocks have no MLP output projection that feeds the residual stream directly"
+    """Why a repair cannot be folded into this architecture (when `mlp_out` is None)."""
+    mlp_bias: str | None = None
+    """Config flag that gives the MLP projections biases (Llama's `mlp_bias`), for the bias repair."""
 
 
 def _gpt_neo_attention_types(config: Any) -> None:
@@ -39,24 +46,28 @@ def _gpt_neo_attention_types(config: Any) -> None:
     config.attention_types = [[[kind], 1] for kind in config.attention_layers]
 
 
-_LLAMA_LIKE = Architecture("model.layers", "num_hidden_layers", ("self_attn.layer_idx",), ("layer_types",))
+_LLAMA_LIKE = Architecture("model.layers", "num_hidden_layers", ("self_attn.layer_idx",), ("layer_types",),
+                           mlp_out="mlp.down_proj")
+_POST_NORM = ("its MLP output passes through post_feedforward_layernorm (an RMSNorm) before the residual add, "
+              "so no linear map folded into down_proj acts on the residual stream")
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "gpt2": Architecture("transformer.h", "n_layer", ("attn.layer_idx",)),
+    "gpt2": Architecture("transformer.h", "n_layer", ("attn.layer_idx",), mlp_out="mlp.c_proj"),
     "gpt_neo": Architecture("transformer.h", "num_layers", ("attn.layer_id", "attn.attention.layer_id"),
-                            ("attention_layers",), _gpt_neo_attention_types),
-    "gpt_neox": Architecture("gpt_neox.layers", "num_hidden_layers", ("attention.layer_idx",), ("layer_types",)),
-    "opt": Architecture("model.decoder.layers", "num_hidden_layers", ("self_attn.layer_idx",)),
-    "llama": _LLAMA_LIKE,
+                            ("attention_layers",), _gpt_neo_attention_types, mlp_out="mlp.c_proj"),
+    "gpt_neox": Architecture("gpt_neox.layers", "num_hidden_layers", ("attention.layer_idx",), ("layer_types",),
+                             mlp_out="mlp.dense_4h_to_h"),
+    "opt": Architecture("model.decoder.layers", "num_hidden_layers", ("self_attn.layer_idx",), mlp_out="fc2"),
+    "llama": replace(_LLAMA_LIKE, mlp_bias="mlp_bias"),
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
+    "gemma2": replace(_LLAMA_LIKE, mlp_out=None, mlp_out_missing=_POST_NORM),
     "gemma3_text": Architecture("model.layers", "num_hidden_layers", ("layer_idx", "self_attn.layer_idx"),
-                                ("layer_types",)),
+                                ("layer_types",), mlp_out_missing=_POST_NORM),
     "smollm3": Architecture("model.layers", "num_hidden_layers", ("self_attn.layer_idx",),
-                            ("layer_types", "no_rope_layers")),
+                            ("layer_types", "no_rope_layers"), mlp_out="mlp.down_proj", mlp_bias="mlp_bias"),
 }
 
 

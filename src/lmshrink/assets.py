@@ -34,6 +34,9 @@ CORPORA: dict[str, list[tuple[str, str]]] = {
     # Clean English prose: the reStructuredText sources of two manuals.
     "python-docs": [("python3.11-doc", "usr/share/doc/python3.11/html/_sources")],
     "kernel-docs": [("linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html/_sources")],
+    # General English of another kind: the fortune-cookie quotations of Debian's `fortunes`
+    # package, one file per theme (`fortunes/people`: quotations about people and life).
+    "fortunes": [("fortunes", "usr/share/games/fortunes")],
     # A messy, web-like corpus for `lmshrink clean`: the Python manual as shipped (HTML pages
     # *and* their reST sources, index pages, JavaScript, CSS, images), the Debian Reference in
     # five languages (HTML, PDF, gzipped text) and the Debian FAQ.

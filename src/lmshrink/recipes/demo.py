@@ -8,6 +8,7 @@ source (the Linux kernel's process documentation); speed and size side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,11 +35,13 @@ from lmshrink.recipes.evaluate import (
 )
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
-from lmshrink.recipes.truncate import TruncateSettings
+from lmshrink.recipes.truncate import CutArgs, TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
 from lmshrink.records import RECORD, provenance, save_figure, write_json, write_text
 from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.truncation import STRATEGIES
+
+REPAIRED = "importance + repair"
 
 
 @dataclass(kw_only=True)
@@ -53,7 +56,9 @@ class DemoSettings(Settings):
     calib_tokens: int = setting(2048, "calibration tokens")
     score_ppl: bool = setting(False, "also score each block by the exact perplexity without it (one pass per block: "
                                      "about 2 more minutes on 2 cores)")
-    heal: bool = setting(True, "heal the importance-chosen student with KD and with the plain LM loss")
+    heal: bool = setting(True, "heal the repaired importance-chosen student with KD and with the plain LM loss")
+    cut: CutArgs = group(CutArgs, "training-free repair of the importance student (shown beside it as cut; "
+                                  "--repair none: no repaired student)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     corpus: DataArgs = group(lambda: offline_corpus(eval_data=[]), "healing text (the same for the KD and the LM run)")
     train: TrainArgs = group(lambda: cpu_budget(max_tokens=8192, save_steps=10**6),
@@ -121,13 +126,23 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     print(f"[2/{total}] building {n} -> {settings.num_layers} block students: {', '.join(settings.strategies)}")
     mark = time.perf_counter()
     students = {}
-    for strategy in settings.strategies:
+    for strategy in settings.strategies:  # the paper's students: plain cuts
         students[strategy] = truncate(TruncateSettings(
             output=str(out / f"student-{strategy}"), teacher=settings.teacher, strategy=strategy,
-            num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True))
+            num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True,
+            cut=dataclasses.replace(settings.cut, repair="none")))
     steps["cutting the students"] = time.perf_counter() - mark
+    start = students.get("importance")
+    if "importance" in settings.strategies and settings.cut.repair != "none":
+        mark = time.perf_counter()
+        print(f"[2/{total}] repairing the importance student ({settings.cut.repair} on "
+              f"{', '.join(settings.cut.repair_data)})")
+        start = students[REPAIRED] = truncate(TruncateSettings(
+            output=str(out / "student-importance-repaired"), teacher=settings.teacher, strategy="importance",
+            num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True, cut=settings.cut))
+        steps["repairing the cut"] = time.perf_counter() - mark
 
-    healed = heal(settings, students["importance"], steps) if settings.heal else {}
+    healed = heal(settings, start, steps) if settings.heal else {}
 
     bench = settings.benchmarks
     print(f"[{total}/{total}] evaluating on {', '.join(settings.perplexity.data)}"
@@ -195,8 +210,8 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
     lines = [
         f"# lmshrink demo: {settings.teacher}, {n} -> {settings.num_layers} blocks",
         "",
-        "Rows without '+' are the students as cut, before any training; '+ KD' and '+ LM' are the "
-        "importance student after healing (below).",
+        "Rows without '+' are the students as cut, before any training; 'importance + repair' is the "
+        "importance student repaired without training; '+ KD' and '+ LM' are the student after healing (below).",
         "",
         f"Layer scores on {scores['tokens']:,} tokens of `{settings.calib_data}`; perplexity on "
         f"{ppl.max_tokens:,} held-out tokens of each of {', '.join(f'`{h}`' for h in ppl.data)} "
@@ -217,16 +232,28 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         lines += ["", "## Does the choice of blocks matter?", ""]
         for source in ppl.data:
             cut = {name: row for name, row in by_name.items()
-                   if name not in ("importance", "teacher") and "heal" not in row}
+                   if name not in ("importance", "teacher", REPAIRED) and "heal" not in row}
             others = ", ".join(f"{name} {row['perplexity'][source]:,.1f}" for name, row in cut.items())
             ratio = min(row["perplexity"][source] for row in cut.values()) / imp[source]
             lines.append(f"- `{source}`: importance-chosen student {imp[source]:,.1f} vs {others} "
                          f"(teacher {by_name['teacher']['perplexity'][source]:,.1f}); the best other "
                          f"strategy is {ratio:,.1f}x worse.")
+    if REPAIRED in by_name and "importance" in by_name:
+        repair = settings.cut
+        lines += ["", "## Repairing the cut, without training", "",
+                  f"The importance student as cut and repaired by `{repair.repair}` ({repair.repair_tokens:,} "
+                  f"calibration tokens of {', '.join(f'`{d}`' for d in repair.repair_data)}; fits on the "
+                  f"{repair.repair_fit}'s activations), perplexity and ratio to the teacher:", "",
+                  "| source | teacher | as cut | repaired | change |", "|---|---:|---:|---:|---:|"]
+        for source in ppl.data:
+            t, c, r = (by_name[m]["perplexity"][source] for m in ("teacher", "importance", REPAIRED))
+            lines.append(f"| `{source}` | {t:,.2f} | {c:,.2f} ({c / t:.2f}x) | **{r:,.2f}** ({r / t:.2f}x) | "
+                         f"{r / c - 1:+.0%} |")
     healed = [row for row in table if "heal" in row]
     if healed and "importance" in by_name:
-        before = by_name["importance"]["perplexity"]
-        lines += ["", "## Healing the importance-chosen student", "",
+        start = REPAIRED if REPAIRED in by_name else "importance"
+        before = by_name[start]["perplexity"]
+        lines += ["", f"## Healing the {start} student", "",
                   f"Same student, same {healed[0]['heal']['tokens']:,} training tokens of "
                   f"{', '.join(f'`{d}`' for d in settings.corpus.data)} (block {settings.corpus.block_size}, "
                   f"batch {train.batch_size}, lr {train.lr:g}, warm-up {train.warmup:.0%}); KD is the DistilGPT-2 "

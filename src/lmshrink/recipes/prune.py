@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import context_limit
-from lmshrink.config import Settings, SettingsError, setting, to_dict
+from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.data import calibration_rows
 from lmshrink.importance import METRICS, score
 from lmshrink.measure import count_parameters
 from lmshrink.model_card import save_model_record
 from lmshrink.models import load, no_tokenizer
+from lmshrink.recipes.truncate import CHOICES, CutArgs, cut
 from lmshrink.records import provenance, save_atomically, write_json
-from lmshrink.truncation import STRATEGIES, select_layers, truncate_model
 from lmshrink.width import (
     SCORE_KEYS,
     check_target,
@@ -58,7 +58,7 @@ class PruneSettings(Settings):
     target_params: float | None = setting(None, "total parameters to reach, e.g. 100e6 (instead of explicit sizes)")
     ratio: float | None = setting(None, "parameters to reach as a fraction of the teacher's, e.g. 0.75")
     axes: str = setting("both", f"with --target-params / --ratio, which axes shrink: {', '.join(AXES)}")
-    strategy: str = setting("importance", f"which blocks a shallower student keeps: {', '.join(STRATEGIES)}")
+    strategy: str = setting("importance", f"which blocks a shallower student keeps: {', '.join(CHOICES)}")
     metric: str = setting("block_influence", f"block score of strategy importance: {', '.join(METRICS)}")
     scores: str | None = setting(None, "folder of `lmshrink score-layers` (scores.json, width_scores.json); "
                                        "computed on --calib-data if not given")
@@ -67,6 +67,7 @@ class PruneSettings(Settings):
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
     overwrite: bool = setting(False, "replace the output folder if it exists")
+    cut: CutArgs = group(CutArgs, "measured block choice and training-free repair of a shallower student")
 
     def sizes(self) -> dict[str, int | None]:
         return {"hidden": self.hidden_size, "intermediate": self.intermediate_size, "heads": self.num_heads,
@@ -90,8 +91,8 @@ class PruneSettings(Settings):
             problems.append("target_params: must be positive")
         if self.axes not in AXES:
             problems.append(f"axes: {self.axes!r} is not one of {', '.join(AXES)}")
-        if self.strategy not in STRATEGIES:
-            problems.append(f"strategy: {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+        if self.strategy not in CHOICES:
+            problems.append(f"strategy: {self.strategy!r} is unknown; choose one of {', '.join(CHOICES)}")
         if self.metric not in METRICS:
             problems.append(f"metric: {self.metric!r} is unknown; choose one of {', '.join(METRICS)}")
         return problems
@@ -161,8 +162,10 @@ def run(settings: PruneSettings) -> Path:
         rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, length)
         widths = width_scores(teacher.model, rows)
         blocks = score(teacher.model, rows, ppl=settings.metric == "ppl_increase") if need_blocks else None
-    keep = select_layers(n, settings.strategy, layers, None, blocks, settings.metric) if layers < n else list(range(n))
-    student = truncate_model(teacher.model, keep) if layers < n else teacher.model
+    keep, student, cut_record = list(range(n)), teacher.model, {}
+    if layers < n:
+        student, keep, cut_record = cut(teacher.model, teacher.tokenizer, n, layers, settings.strategy, None, blocks,
+                                        settings.metric, settings.cut, settings.calib_data, settings.calib_tokens)
     kept = plan(widths, width, keep)
     if width != {k: v for k, v in shape(config).items() if k in width}:
         student = prune_width(student, kept, width)
@@ -172,7 +175,7 @@ def run(settings: PruneSettings) -> Path:
         teacher_layers=n, kept_layers=keep, strategy=settings.strategy if layers < n else None,
         width=width, teacher_width={k: v for k, v in shape(config).items()},
         kept_hidden=kept.hidden, kept_heads=kept.heads, kept_kv_heads=kept.kv_heads, kept_mlp=kept.mlp,
-        parameters=params, teacher_parameters=teacher_params)
+        parameters=params, teacher_parameters=teacher_params, **cut_record)
 
     def save(tmp: Path) -> None:
         student.save_pretrained(tmp)

@@ -1,7 +1,8 @@
 """`lmshrink score-layers`: score every block of a model on calibration text (`lmshrink.importance`)
 and write scores.json, scores.png and lmshrink.json; for architectures that `lmshrink prune`
 can narrow, also every head, MLP channel and hidden channel (`lmshrink.width`):
-width_scores.json and width_scores.png.
+width_scores.json and width_scores.png; with `--search-to K`, also the cuts measured down to K
+blocks (`lmshrink.cut_search`): the iterative search's path and every contiguous span, search.json.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import blocks_of, check_length
-from lmshrink.config import check, setting, to_dict
+from lmshrink.config import SettingsError, check, setting, to_dict
+from lmshrink.cut_search import MEASURES, SEARCHES, CutSearch
 from lmshrink.data import calibration_rows
 from lmshrink.importance import plot, score
 from lmshrink.models import load, pick_device
 from lmshrink.records import RECORD, provenance, write_json
+from lmshrink.repair import REPAIRS, repair_problems
 from lmshrink.width import WIDTH, plot_scores, width_scores
 
 
@@ -31,6 +34,10 @@ class ScoreSettings:
     batch_size: int = setting(4, "rows per forward pass")
     ppl: bool = setting(True, "also measure the exact perplexity increase of removing each block (one pass per block)")
     width: bool = setting(True, "also score heads, MLP channels and hidden channels (for lmshrink prune --scores)")
+    search_to: int | None = setting(None, "also measure cuts down to this many blocks: the iterative search's path "
+                                          "and every contiguous span (search.json)")
+    search_repair: str = setting("replaceme", f"repair applied to every measured cut: {', '.join(REPAIRS)}")
+    search_measure: str = setting("kl", f"what the searches minimise: {', '.join(MEASURES)}")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
@@ -43,6 +50,12 @@ class ScoreSettings:
             problems.append(f"tokens: must be at least seq_len ({self.seq_len})")
         if self.batch_size < 1:
             problems.append("batch_size: must be positive")
+        if self.search_to is not None and self.search_to < 1:
+            problems.append("search_to: must be at least 1")
+        if self.search_repair not in REPAIRS:
+            problems.append(f"search_repair: {self.search_repair!r} is unknown; choose one of {', '.join(REPAIRS)}")
+        if self.search_measure not in MEASURES:
+            problems.append(f"search_measure: {self.search_measure!r} is unknown; choose one of {', '.join(MEASURES)}")
         check(problems)
 
 
@@ -66,4 +79,29 @@ def run(settings: ScoreSettings) -> dict[str, Any]:
         plot_scores(widths, out / "width_scores.png", f"{settings.model}: activation importance on {settings.data}")
         print(f"wrote {out / 'width_scores.json'} and {out / 'width_scores.png'}")
     print(f"wrote {out / 'scores.json'} and {out / 'scores.png'}")
+    if settings.search_to is not None:
+        scores["search"] = measured_cuts(model, rows, settings, out)
     return scores
+
+
+def measured_cuts(model, rows, settings: ScoreSettings, out: Path) -> dict[str, Any]:
+    """The iterative search's path and every contiguous span, down to `search_to` blocks (search.json)."""
+    problems = repair_problems(model.config, settings.search_repair)
+    if problems:
+        raise SettingsError(problems[0].replace("repair:", "search_repair:").replace("--repair", "--search-repair"))
+    n, k = len(blocks_of(model)), settings.search_to
+    if k >= n:
+        raise SettingsError(f"search_to: the model has {n} blocks; give fewer")
+    print(f"measuring cuts to {k} blocks ({settings.search_measure}, each repaired by {settings.search_repair})")
+    search = CutSearch(model, rows, settings.search_repair, settings.search_measure, settings.batch_size)
+    results = {}
+    for name, method in SEARCHES.items():
+        keep, path = method(search, k)
+        results[name] = {"kept_layers": keep, "removed": [i for i in range(n) if i not in keep], "path": path}
+    write_json(out / "search.json", provenance("score-layers", to_dict(settings), num_layers=n, target=k,
+                                               measure=settings.search_measure, repair=settings.search_repair,
+                                               **results))
+    order = [step["removed"] for step in results["iterative"]["path"]]
+    print(f"iterative path (removed in order): {order}; best contiguous span: {results['contiguous']['removed']}")
+    print(f"wrote {out / 'search.json'}")
+    return results

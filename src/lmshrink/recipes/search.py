@@ -28,10 +28,10 @@ from lmshrink.recipes.prune import AXES, PruneSettings
 from lmshrink.recipes.prune import run as prune
 from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers
+from lmshrink.recipes.truncate import CHOICES, CutArgs
 from lmshrink.records import RECORD, exclusive, provenance, save_figure, write_json, write_text
 from lmshrink.stages import run_stage
 from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
-from lmshrink.truncation import STRATEGIES
 
 
 @dataclass(kw_only=True)
@@ -42,7 +42,7 @@ class SearchSettings(Settings):
     target_params: float | None = setting(None, "parameters of every candidate, e.g. 100e6")
     ratio: float | None = setting(None, "parameters of every candidate as a fraction of the teacher's, e.g. 0.75")
     axes: list[str] = setting(["depth", "width", "both"], f"candidates, one per axis: {', '.join(AXES)}")
-    strategy: str = setting("importance", f"which blocks the shallower candidates keep: {', '.join(STRATEGIES)}")
+    strategy: str = setting("importance", f"which blocks the shallower candidates keep: {', '.join(CHOICES)}")
     calib_data: str = setting("python-docs/library", "calibration text for the importance scores")
     calib_tokens: int = setting(4096, "calibration tokens")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
@@ -52,6 +52,7 @@ class SearchSettings(Settings):
     kd: KDArgs = group(lambda: KDArgs(temperature=1.0, alpha_ce=1.0, alpha_clm=0.0, alpha_cos=0.0),
                        "the teacher (pruned, then distilled from) and the healing loss (default: Minitron's "
                        "logit-only forward KL at T = 1; a narrower student has no hidden states to align)")
+    cut: CutArgs = group(CutArgs, "training-free repair of the shallower candidates (and measured block choice)")
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -85,7 +86,8 @@ def _run(s: SearchSettings) -> dict[str, Any]:
     for axis in s.axes:
         student = PruneSettings(output=str(out / axis / "student"), teacher=teacher, target_params=s.target_params,
                                 ratio=s.ratio, axes=axis, strategy=s.strategy, scores=scores.output, dtype=s.dtype,
-                                trust_remote_code=s.trust_remote_code, overwrite=True)
+                                trust_remote_code=s.trust_remote_code, overwrite=True, cut=s.cut,
+                                calib_data=s.calib_data, calib_tokens=s.calib_tokens)
         pruned = run_stage(f"{axis}: prune", student.output, student, prune)
         heal = DistillSettings(model=student.output, output=str(out / axis / "heal"), dtype=s.dtype,
                                trust_remote_code=s.trust_remote_code, corpus=s.corpus, train=s.train,

@@ -45,13 +45,12 @@ from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers
-from lmshrink.recipes.truncate import TruncateSettings
+from lmshrink.recipes.truncate import CHOICES, CutArgs, TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
 from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
 from lmshrink.stages import run_stage
 from lmshrink.tasks import TASKS
 from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
-from lmshrink.truncation import STRATEGIES
 
 QUESTIONS = ("healing", "strategies", "finetune_kd", "cleaning")
 
@@ -74,7 +73,7 @@ class StudySettings(Settings):
     teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
     num_layers: int = setting(24, "depth of every truncated student")
     strategy: str = setting("importance", "the block choice of the student in questions 1, 3 and 4")
-    strategies: list[str] = setting(["alt", "distil", "importance"], f"question 2's block choices: {', '.join(STRATEGIES)}")
+    strategies: list[str] = setting(["alt", "distil", "importance"], f"question 2's block choices: {', '.join(CHOICES)}")
     calib_data: str = setting("python-docs/library", "calibration text for the importance scores")
     calib_tokens: int = setting(4096, "calibration tokens")
     questions: list[str] = setting(list(QUESTIONS), f"questions to run: {', '.join(QUESTIONS)}")
@@ -104,11 +103,13 @@ class StudySettings(Settings):
     perplexity: PerplexityArgs = group(two_sources, "held-out perplexity of every healed model")
     benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["core"], limit=20),
                                       "the zero-shot suite of every healed model")
+    cut: CutArgs = group(lambda: CutArgs(repair="none"),
+                         "training-free repair of every truncated student (default none: the paper's plain cut)")
 
     def problems(self) -> list[str]:
         problems = super().problems()
         for name, values, known in (("questions", self.questions, QUESTIONS), ("arms", self.arms, ARMS),
-                                    ("strategies", [*self.strategies, self.strategy], STRATEGIES),
+                                    ("strategies", [*self.strategies, self.strategy], CHOICES),
                                     ("kd_methods", self.kd_methods, METHODS)):
             bad = [v for v in values if v not in known]
             if bad:
@@ -202,7 +203,8 @@ class Study:
         settings = TruncateSettings(output=str(self.out / "students" / f"{strategy}-{layers or s.num_layers}"),
                                     teacher=s.teacher, strategy=strategy, num_layers=layers or s.num_layers,
                                     scores=self.scores() if strategy == "importance" else None, overwrite=True,
-                                    dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+                                    dtype=s.dtype, trust_remote_code=s.trust_remote_code, cut=s.cut,
+                                    calib_data=s.calib_data, calib_tokens=s.calib_tokens)
         self.stage(f"student {Path(settings.output).name}", "truncate", settings, truncate)
         return settings.output
 

@@ -1,31 +1,72 @@
 """`lmshrink truncate`: a student made of a subset of the teacher's blocks (`lmshrink.truncation`),
-saved as a plain transformers folder with its tokenizer, lmshrink.json and model card.
+chosen by a fixed strategy, by block scores or by measuring cuts (`lmshrink.cut_search`), repaired
+without training (`lmshrink.repair`), and saved as a plain transformers folder with its tokenizer,
+lmshrink.json and model card.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmshrink.architectures import blocks_of, context_limit
-from lmshrink.config import SettingsError, check, setting, to_dict
+from lmshrink.config import Settings, SettingsError, group, setting, to_dict
+from lmshrink.cut_search import MEASURES, SEARCHES, CutSearch
 from lmshrink.data import calibration_rows
 from lmshrink.importance import METRICS, score
 from lmshrink.model_card import save_model_record
 from lmshrink.models import load, no_tokenizer
 from lmshrink.records import provenance, save_atomically
+from lmshrink.repair import FIT_ON, REPAIRS, repair, repair_problems
+from lmshrink.sampling import TEACHER_TEXT, sample_rows
 from lmshrink.truncation import STRATEGIES, select_layers, truncate_model
+
+CHOICES = (*STRATEGIES, *SEARCHES)
 
 
 @dataclass
-class TruncateSettings:
-    """Build a student from a subset of the teacher's blocks."""
+class CutArgs:
+    """How blocks are chosen by measuring cuts, and how the cut is repaired before any training."""
+
+    repair: str = setting("replaceme", f"training-free repair of each removed span: {', '.join(REPAIRS)}")
+    repair_data: list[str] = setting([TEACHER_TEXT, "python-docs/library"],
+                                     f"calibration text of the repair, mixed in equal parts: sources, or "
+                                     f"{TEACHER_TEXT!r} for text sampled from the teacher at T 1")
+    repair_tokens: int = setting(16384, "calibration tokens of the repair (1/8 of the rows held out to choose lambda)")
+    repair_fit: str = setting("student", f"inputs of each span's fit: {', '.join(FIT_ON)} (student: the partly "
+                                         "repaired student's own activations)")
+    search_measure: str = setting("kl", f"what strategies {' and '.join(SEARCHES)} minimise: {', '.join(MEASURES)} "
+                                        "(kl: forward KL from the teacher)")
+    search_tokens: int = setting(2048, f"calibration tokens (of --calib-data) on which {' and '.join(SEARCHES)} "
+                                       "measure each candidate cut")
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.repair not in REPAIRS:
+            problems.append(f"repair: {self.repair!r} is unknown; choose one of {', '.join(REPAIRS)}")
+        if self.repair_fit not in FIT_ON:
+            problems.append(f"repair_fit: {self.repair_fit!r} is unknown; choose one of {', '.join(FIT_ON)}")
+        if self.search_measure not in MEASURES:
+            problems.append(f"search_measure: {self.search_measure!r} is unknown; choose one of {', '.join(MEASURES)}")
+        if self.repair != "none" and not self.repair_data:
+            problems.append("repair_data: name at least one calibration source (or --repair none)")
+        if self.repair_tokens < 2 or self.search_tokens < 2:
+            problems.append("repair_tokens, search_tokens: must be at least 2")
+        return problems
+
+
+@dataclass(kw_only=True)
+class TruncateSettings(Settings):
+    """Build a student from a subset of the teacher's blocks, repaired without training."""
 
     output: str = setting(help="folder to write the student to (save_pretrained format + lmshrink.json)")
     teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
-    strategy: str = setting("alt", f"one of {', '.join(STRATEGIES)} (ignored when --keep is given)")
+    strategy: str = setting("alt", f"one of {', '.join(CHOICES)} (ignored when --keep is given)")
     keep: list[int] | None = setting(None, "explicit teacher blocks to keep, e.g. 0,2,5")
     num_layers: int | None = setting(None, "student depth (default: half the teacher's)")
     ratio: float | None = setting(None, "student depth as a fraction of the teacher's, e.g. 0.5")
@@ -36,13 +77,14 @@ class TruncateSettings:
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
     overwrite: bool = setting(False, "replace the output folder if it exists")
+    cut: CutArgs = group(CutArgs, "measured block choice and training-free repair")
 
-    def __post_init__(self) -> None:
-        problems = []
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if Path(self.output).exists() and not self.overwrite:
             problems.append(f"output: {self.output} already exists; pass --overwrite or choose another folder")
-        if self.keep is None and self.strategy not in STRATEGIES:
-            problems.append(f"strategy: {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+        if self.keep is None and self.strategy not in CHOICES:
+            problems.append(f"strategy: {self.strategy!r} is unknown; choose one of {', '.join(CHOICES)}")
         if self.num_layers is not None and self.ratio is not None:
             problems.append("num_layers and ratio: give one of them, not both")
         if self.num_layers is not None and self.num_layers < 1:
@@ -53,7 +95,7 @@ class TruncateSettings:
             problems.append(f"metric: {self.metric!r} is unknown; choose one of {', '.join(METRICS)}")
         if self.keep is not None and (self.num_layers is not None or self.ratio is not None):
             problems.append("keep: an explicit list already fixes the depth; drop num_layers/ratio")
-        check(problems)
+        return problems
 
 
 def load_scores(path: str) -> dict[str, Any]:
@@ -66,6 +108,54 @@ def load_scores(path: str) -> dict[str, Any]:
     if "block_influence" not in scores or "num_layers" not in scores:
         raise SettingsError(f"scores: {path} is not a score-layers output (no block_influence)")
     return scores
+
+
+def calibration_mix(sources: list[str], model, tokenizer, tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """(N, seq_len) calibration rows, an equal share of `tokens` from each source ({TEACHER_TEXT!r}:
+    sampled from `model`), shuffled together so held-out rows come from every source."""
+    share = max(seq_len, tokens // len(sources))
+    parts = [sample_rows(model, tokenizer, max(1, share // seq_len), seq_len, seed=seed) if source == TEACHER_TEXT
+             else calibration_rows(source, tokenizer, share, seq_len) for source in sources]
+    rows = torch.cat(parts)
+    return rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))]
+
+
+def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | None, scores: dict | None,
+        metric: str, args: CutArgs, calib_data: str, calib_tokens: int):
+    """Choose the blocks, cut and repair: the student and what its record says about the cut."""
+    problems = repair_problems(teacher.config, args.repair)
+    if problems:
+        raise SettingsError(problems[0])
+    needs_text = args.repair != "none" or (keep is None and strategy in SEARCHES)
+    if needs_text and tokenizer is None:
+        raise no_tokenizer(teacher.name_or_path)
+    length = min(512, context_limit(teacher.config) or 512)
+    record: dict[str, Any] = {}
+    started = time.perf_counter()
+    if keep is None and strategy in SEARCHES:
+        rows = calibration_rows(calib_data, tokenizer, args.search_tokens, min(length, args.search_tokens))
+        print(f"choosing {k} of {n} blocks by {strategy} search ({args.search_measure} on {rows.numel():,} tokens of "
+              f"{calib_data}{', each candidate repaired by ' + args.repair if args.repair != 'none' else ''})")
+        search = CutSearch(teacher, rows, args.repair, args.search_measure)
+        keep, path = SEARCHES[strategy](search, k)
+        record["search"] = {"strategy": strategy, "measure": args.search_measure, "tokens": rows.numel(),
+                            "repair": args.repair, "candidates_scored": search.evaluated, "path": path,
+                            "seconds": time.perf_counter() - started}
+    else:
+        keep = select_layers(n, strategy, k, keep, scores, metric)
+    student = truncate_model(teacher, keep)
+    if args.repair != "none":
+        mark = time.perf_counter()
+        rows = calibration_mix(args.repair_data, teacher, tokenizer, args.repair_tokens,
+                               min(length, args.repair_tokens))
+        student, spans = repair(teacher, student, keep, rows, args.repair, args.repair_fit)
+        record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": args.repair_data,
+                            "tokens": rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark}
+        errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}" for s in spans
+                           if "heldout_error" in s)
+        print(f"repaired by {args.repair} on {rows.numel():,} tokens of {', '.join(args.repair_data)} in "
+              f"{record['repair']['seconds']:.0f} s; held-out error vs the plain cut per span: {errors}")
+    return student, keep, record
 
 
 def run(settings: TruncateSettings) -> Path:
@@ -85,12 +175,14 @@ def run(settings: TruncateSettings) -> Path:
             length = min(512, context_limit(teacher.model.config) or 512)
             rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, length)
             scores = score(teacher.model, rows, ppl=settings.metric == "ppl_increase")
-    keep = select_layers(n, settings.strategy, k, settings.keep, scores, settings.metric)
-    student = truncate_model(teacher.model, keep)
+    if k is None:
+        k = max(1, n // 2)
+    student, keep, cut_record = cut(teacher.model, teacher.tokenizer, n, k, settings.strategy, settings.keep,
+                                    scores, settings.metric, settings.cut, settings.calib_data, settings.calib_tokens)
     record = provenance(
         "truncate", to_dict(settings), teacher=settings.teacher, teacher_source=teacher.source,
         teacher_layers=n, kept_layers=keep, strategy="keep" if settings.keep is not None else settings.strategy,
-        scores=({m: scores[m] for m in METRICS if m in scores} if scores else None),
+        scores=({m: scores[m] for m in METRICS if m in scores} if scores else None), **cut_record,
     )
 
     def save(tmp: Path) -> None:
@@ -100,7 +192,8 @@ def run(settings: TruncateSettings) -> Path:
         save_model_record(tmp, record, Path(settings.output).name)
 
     out = save_atomically(settings.output, save)
-    print(f"student with {len(keep)}/{n} blocks {keep} ({record['strategy']}) written to {out}")
+    repaired = f", repaired by {settings.cut.repair}" if settings.cut.repair != "none" else ""
+    print(f"student with {len(keep)}/{n} blocks {keep} ({record['strategy']}{repaired}) written to {out}")
     if teacher.tokenizer is None:
         print(f"[lmshrink] {teacher.source} has no tokenizer, so the student has none either: truncation needs "
               f"none, but training and evaluation will; copy the teacher's tokenizer into {out}")

@@ -1,0 +1,229 @@
+"""How close to its teacher a cut student starts: block choice x training-free repair x calibration text.
+
+The real SmolLM2-135M cut to 24/30 and 15/30 blocks, chosen by Block Influence (`importance`),
+`iterative` and `contiguous` search, each as cut, + bias (the mean update) and + ReplaceMe, the
+repairs calibrated on the Python library reference (`docs`), on text the teacher writes itself
+(`teacher`), or on both (`mix`). Every student is built by `lmshrink truncate` and scored on three
+kinds of held-out text no calibration saw: the Python tutorial, the kernel's process documentation
+and English quotations about people and life (`fortunes/people`, from Debian's `fortunes`), 8,192
+tokens each, window 512, stride 256. Then the best repaired 24-block student and the plain BI cut
+are healed the same way (`lmshrink distill`, 25,600 tokens) and scored again; optionally the
+zero-shot `core` suite (`--tasks core --limit 200`) for the teacher, the plain BI cut and the best
+student of each depth.
+
+Resumable: every finished row is a JSON file in OUTPUT/rows; a re-run skips it. Students are
+deleted after scoring except those a later stage needs.
+
+    python bench/cut_quality.py --output ~/lmshrink-runs/cut-quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmshrink.cli import main as lmshrink
+from lmshrink.data import token_stream
+from lmshrink.models import load
+from lmshrink.perplexity import perplexity
+from lmshrink.records import save_figure, write_json, write_text
+
+TEACHER = "smollm2-135m"
+TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
+CALIBRATION = {"docs": ["python-docs/library"], "teacher": ["teacher"], "mix": ["teacher", "python-docs/library"]}
+
+
+def plan(depths: list[int]) -> list[dict[str, Any]]:
+    """The rows, most informative first (a partial run still answers the main questions)."""
+    rows: list[dict[str, Any]] = []
+    for k in depths:
+        first = k == depths[0]  # the calibration and fit comparisons at the first depth only
+        rows += [dict(k=k, strategy="importance", repair="none"),
+                 *(dict(k=k, strategy="importance", repair="replaceme", calib=c)
+                   for c in (("mix", "docs", "teacher") if first else ("mix",))),
+                 dict(k=k, strategy="importance", repair="bias", calib="mix")]
+        if first:
+            rows.append(dict(k=k, strategy="importance", repair="replaceme", calib="mix", fit="teacher"))
+        for strategy in ("contiguous", "iterative"):
+            rows += [dict(k=k, strategy=strategy, repair="none"),
+                     dict(k=k, strategy=strategy, repair="replaceme", calib="mix")]
+    return rows
+
+
+def name_of(row: dict[str, Any]) -> str:
+    parts = [f"{row['k']}", row["strategy"], row["repair"]]
+    if row["repair"] != "none":
+        parts.append(row["calib"])
+    if row.get("fit", "student") != "student":
+        parts.append(f"fit-{row['fit']}")
+    return "-".join(parts)
+
+
+def label_of(row: dict[str, Any]) -> str:
+    strategy = {"importance": "BI"}.get(row["strategy"], row["strategy"])
+    if row["repair"] == "none":
+        return f"{strategy}, as cut"
+    fit = f", fit on {row['fit']}" if row.get("fit", "student") != "student" else ""
+    return f"{strategy} + {'ReplaceMe' if row['repair'] == 'replaceme' else 'bias'} ({row['calib']}{fit})"
+
+
+def scores(model, streams: dict[str, torch.Tensor], args) -> dict[str, float]:
+    return {text: perplexity(model, stream, args.window, args.stride, progress=text) for text, stream in streams.items()}
+
+
+def build(row: dict[str, Any], folder: Path, args) -> float:
+    """`lmshrink truncate` for one row; wall seconds."""
+    cmd = ["truncate", "--teacher", TEACHER, "--output", str(folder), "--num-layers", str(row["k"]),
+           "--strategy", row["strategy"], "--calib-tokens", str(args.calib_tokens), "--overwrite",
+           "--search-tokens", str(args.search_tokens), "--repair", row["repair"]]
+    if row["strategy"] == "importance":
+        cmd += ["--scores", str(folder.parent.parent / "scores" / "scores.json")]
+    if row["repair"] != "none":
+        cmd += ["--repair-data", ",".join(CALIBRATION[row["calib"]]), "--repair-tokens", str(args.repair_tokens),
+                "--repair-fit", row.get("fit", "student")]
+    started = time.perf_counter()
+    assert lmshrink(cmd) == 0, f"lmshrink {' '.join(cmd)} failed"
+    return time.perf_counter() - started
+
+
+def chart(teacher: dict[str, float], done: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({r["k"] for r in done}, reverse=True)
+    fig, axes = plt.subplots(1, len(depths), figsize=(8 * len(depths), 5), squeeze=False)
+    for ax, k in zip(axes[0], depths, strict=True):
+        rows = [r for r in done if r["k"] == k]
+        width = 0.8 / len(TEXTS)
+        for j, text in enumerate(TEXTS):
+            ratios = [r["perplexity"][text] / teacher[text] for r in rows]
+            ax.barh([i + j * width for i in range(len(rows))], ratios, width, label=text)
+        ax.set_yticks([i + width for i in range(len(rows))], [r["label"] for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(1, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set(xlabel="perplexity / teacher's (log; 1 = the teacher)", title=f"SmolLM2-135M, {k}/30 blocks, no training")
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def table(teacher: dict[str, float], done: list[dict[str, Any]]) -> str:
+    head = "| depth | student | build s | " + " | ".join(f"{t}" for t in TEXTS) + " |"
+    lines = [head, "|---|---|---:|" + "---:|" * len(TEXTS),
+             "| 30 | teacher | | " + " | ".join(f"{teacher[t]:.2f}" for t in TEXTS) + " |"]
+    for r in done:
+        cells = [f"{r['perplexity'][t]:.2f} ({r['perplexity'][t] / teacher[t]:.2f}x)" for t in TEXTS]
+        lines.append(f"| {r['k']} | {r['label']} | {r['seconds']:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(Path.home() / "lmshrink-runs" / "cut-quality"))
+    parser.add_argument("--depths", default="24,15")
+    parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens of each text")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens of the block scores")
+    parser.add_argument("--search-tokens", type=int, default=2048)
+    parser.add_argument("--repair-tokens", type=int, default=16384)
+    parser.add_argument("--heal-tokens", type=int, default=25600, help="0: no healing stage")
+    parser.add_argument("--tasks", default="", help="zero-shot suite for the teacher, BI cut and best students")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
+    args = parser.parse_args()
+    out = Path(args.output).expanduser()
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    teacher = load(TEACHER)
+    streams = {t: token_stream(t, teacher.tokenizer, args.tokens) for t in TEXTS}
+    teacher_file = out / "rows" / "teacher.json"
+    if not teacher_file.exists():
+        write_json(teacher_file, {"perplexity": scores(teacher.model, streams, args)})
+    teacher_ppl = json.loads(teacher_file.read_text())["perplexity"]
+    del teacher
+    if not (out / "scores" / "scores.json").exists():  # Block Influence, once for every importance row
+        assert lmshrink(["score-layers", "--model", TEACHER, "--output", str(out / "scores"), "--tokens",
+                         str(args.calib_tokens), "--no-ppl", "--no-width"]) == 0
+    depths = [int(d) for d in args.depths.split(",")]
+    only = set(filter(None, args.only.split(",")))
+    for row in plan(depths):
+        name = name_of(row)
+        file = out / "rows" / f"{name}.json"
+        if file.exists() or (only and name not in only):
+            continue
+        print(f"\n=== {name}", flush=True)
+        folder = out / "students" / name
+        seconds = build(row, folder, args)
+        record = json.loads((folder / "lmshrink.json").read_text())
+        model = load(str(folder)).model
+        result = {**row, "name": name, "label": label_of(row), "seconds": seconds, "kept_layers": record["kept_layers"],
+                  "repair_record": record.get("repair"), "search": record.get("search"),
+                  "perplexity": scores(model, streams, args)}
+        write_json(file, result)
+        print(json.dumps({k: result[k] for k in ("name", "seconds", "perplexity")}), flush=True)
+    done = [json.loads((out / "rows" / f"{name_of(r)}.json").read_text()) for r in plan(depths)
+            if (out / "rows" / f"{name_of(r)}.json").exists()]
+    chart(teacher_ppl, done, out / "cut_quality.png")
+    text = table(teacher_ppl, done)
+    text += "\n\n" + heal_and_tasks(out, done, teacher_ppl, streams, args)
+    write_text(out / "report.md", text)
+    print(text)
+
+
+def best(done: list[dict[str, Any]], k: int) -> dict[str, Any] | None:
+    """The training-free student of depth k with the lowest geometric-mean perplexity ratio."""
+    rows = [r for r in done if r["k"] == k and r["repair"] != "none"]
+    return min(rows, key=lambda r: sum(math.log(v) for v in r["perplexity"].values()), default=None)
+
+
+def heal_and_tasks(out: Path, done: list[dict[str, Any]], teacher: dict[str, float], streams, args) -> str:
+    """Heal the best repaired 24-block student and the plain BI cut the same way; zero-shot suite."""
+    lines = []
+    k = max(r["k"] for r in done)
+    plain = next((r for r in done if r["k"] == k and r["strategy"] == "importance" and r["repair"] == "none"), None)
+    top = best(done, k)
+    if args.heal_tokens and plain and top:
+        lines += [f"Healed with `lmshrink distill` ({args.heal_tokens:,} tokens of python-docs/library, "
+                  "the DistilGPT-2 mix, block 256, batch 4):", "",
+                  "| student | " + " | ".join(TEXTS) + " |", "|---|" + "---:|" * len(TEXTS)]
+        for r in (plain, top):
+            file = out / "rows" / f"healed-{r['name']}.json"
+            if not file.exists():
+                folder = out / "healed" / r["name"]
+                shutil.rmtree(folder, ignore_errors=True)
+                assert lmshrink(["distill", "--model", str(out / "students" / r["name"]), "--teacher", TEACHER,
+                                 "--output", str(folder), "--max-tokens", str(args.heal_tokens), "--block-size", "256",
+                                 "--batch-size", "4", "--eval-tokens", "2048", "--save-steps", "1000000"]) == 0
+                model = load(str(folder / "model")).model
+                write_json(file, {"name": r["name"], "perplexity": scores(model, streams, args)})
+            healed = json.loads(file.read_text())["perplexity"]
+            lines.append(f"| {r['label']} + distill | " + " | ".join(
+                f"{healed[t]:.2f} ({healed[t] / teacher[t]:.2f}x)" for t in TEXTS) + " |")
+    if args.tasks:
+        models = {"teacher": TEACHER}
+        if plain:
+            models[plain["label"]] = str(out / "students" / plain["name"])
+        for depth in sorted({r["k"] for r in done}, reverse=True):
+            if (b := best(done, depth)) is not None:
+                models[f"{depth}: {b['label']}"] = str(out / "students" / b["name"])
+        eval_out = out / "zero-shot"
+        if not (eval_out / "report.md").exists():
+            assert lmshrink(["eval", "--models", ",".join(models.values()), "--tasks", args.tasks, "--limit",
+                             str(args.limit), "--output", str(eval_out)]) == 0
+        lines += ["", "Zero-shot (`lmshrink eval`, report in " + str(eval_out) + "):", "",
+                  (eval_out / "report.md").read_text()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Block choice that measures the cut: which blocks, once removed (and repaired), hurt least.
+
+Block Influence scores each block alone, once. These strategies instead measure whole cuts on
+calibration text, by the mean forward KL from the teacher's next-token distribution (or by
+perplexity), with the chosen repair applied to every candidate:
+
+  iterative   remove one block at a time, each time the one whose removal hurts the current
+              student least (SLEB, Song et al. 2024; BlockPruner, Zhong et al. 2024)
+  contiguous  the best run of n - k consecutive blocks (Gromov et al. 2024; Minitron found a
+              contiguous span best downstream)
+
+Every candidate is scored on the teacher itself, run with only the kept blocks and the repair's
+fits patched into its projections for the time of one forward pass. The fits come from the
+teacher's activations, captured once (fit on the teacher: a candidate costs one forward pass);
+the student finally built is repaired again on the repair's own calibration text.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from lmshrink.architectures import blocks_of, only_blocks
+from lmshrink.losses import forward_kl, next_token_nll
+from lmshrink.repair import Moments, capture, fit_span, heldout_split, patched, removed_spans
+
+MEASURES = ("kl", "ppl")
+
+
+class CutSearch:
+    """Scores candidate cuts of `teacher` on calibration rows (N, T)."""
+
+    def __init__(self, teacher, rows: torch.Tensor, repair: str = "none", measure: str = "kl",
+                 batch_size: int = 4) -> None:
+        self.teacher, self.rows, self.repair, self.measure = teacher, rows, repair, measure
+        self.batch_size = batch_size
+        self.n = len(blocks_of(teacher))
+        self.device = next(teacher.parameters()).device
+        self.fits: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}
+        if repair != "none":
+            self.held = heldout_split(rows)
+            self.states, self.projs = capture(teacher, rows, set(range(self.n + 1)), set(range(self.n)), batch_size)
+        self.teacher_logp: list[torch.Tensor] = []
+        if measure == "kl":
+            with torch.inference_mode():
+                for start in range(0, rows.shape[0], batch_size):
+                    logits = teacher(input_ids=rows[start : start + batch_size].to(self.device), use_cache=False).logits
+                    self.teacher_logp.append(torch.log_softmax(logits.float(), -1))
+        self.evaluated = 0
+
+    def _fit(self, a: int, b: int) -> tuple[str, torch.Tensor]:
+        """The repair of span a..b from the teacher's activations (cached per span)."""
+        if (a, b) not in self.fits:
+            m, u, h = self.projs[a - 1], self.states[b + 1] - self.states[a], self.held
+            param, _ = fit_span(self.repair, Moments.of(m[:-h], u[:-h]), Moments.of(m[-h:], u[-h:]))
+            self.fits[(a, b)] = (self.repair, param)
+        return self.fits[(a, b)]
+
+    @torch.inference_mode()
+    def score(self, keep: list[int]) -> float:
+        """The measure of the student that keeps `keep` (repaired): lower is better."""
+        edits = {}
+        if self.repair != "none":
+            edits = {a - 1: self._fit(a, b) for a, b in removed_spans(self.n, keep) if a > 0}
+        total, count = 0.0, 0
+        with patched(self.teacher, edits), only_blocks(self.teacher, keep):  # patch by teacher index first
+            for i, start in enumerate(range(0, self.rows.shape[0], self.batch_size)):
+                ids = self.rows[start : start + self.batch_size].to(self.device)
+                logits = self.teacher(input_ids=ids, use_cache=False).logits.float()
+                if self.measure == "kl":
+                    values = forward_kl(torch.log_softmax(logits, -1), self.teacher_logp[i])
+                else:
+                    values = next_token_nll(logits, ids)
+                total += values.sum().item()
+                count += values.numel()
+        self.evaluated += 1
+        mean = total / count
+        return math.exp(mean) if self.measure == "ppl" else mean
+
+    def iterative(self, k: int) -> tuple[list[int], list[dict]]:
+        """Remove blocks one at a time, each time the one whose removal scores best, down to k."""
+        keep, path = list(range(self.n)), []
+        while len(keep) > k:
+            started = time.perf_counter()
+            candidates = {j: self.score([i for i in keep if i != j]) for j in keep}
+            best = min(candidates, key=candidates.__getitem__)
+            keep.remove(best)
+            path.append({"removed": best, self.measure: candidates[best],
+                         "candidates": {str(j): v for j, v in candidates.items()}})
+            print(f"  iterative: removed block {best:>2} ({len(keep)} left), {self.measure} {candidates[best]:.4f} "
+                  f"({len(candidates)} candidates, {time.perf_counter() - started:.0f} s)", flush=True)
+        return keep, path
+
+    def contiguous(self, k: int) -> tuple[list[int], list[dict]]:
+        """The run of n - k consecutive blocks whose removal scores best."""
+        drop = self.n - k
+        candidates = []
+        for start in range(self.n - drop + 1):
+            keep = [i for i in range(self.n) if not start <= i < start + drop]
+            candidates.append({"start": start, "removed": list(range(start, start + drop)),
+                               self.measure: self.score(keep)})
+        best = min(candidates, key=lambda c: c[self.measure])
+        print(f"  contiguous: removed blocks {best['removed']}, {self.measure} {best[self.measure]:.4f} "
+              f"(best of {len(candidates)} spans)", flush=True)
+        return [i for i in range(self.n) if i not in best["removed"]], candidates
+
+
+SEARCHES: dict[str, Callable[[CutSearch, int], tuple[list[int], list[dict]]]] = {
+    "iterative": CutSearch.iterative,
+    "contiguous": CutSearch.contiguous,
+}

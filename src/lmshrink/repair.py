@@ -1,0 +1,328 @@
+"""Training-free repair of a cut: what the removed blocks did, put back in the block before them.
+
+Removing a contiguous span of blocks a..b from a model loses the update those blocks added to the
+residual stream, U = x_{b+1} - x_a (x_k: the stream entering block k; x_n the last block's output).
+Both repairs fold a fit of U into the last kept block before the span, i = a - 1, so the student
+stays a plain model of the teacher's shapes that transformers loads without lmshrink:
+
+- `replaceme` (Shopkhoev et al. 2025, arXiv 2505.02819): block i's MLP output M (tokens, H)
+  becomes M T, with T (H, H) fitted by least squares so that M T = M + U. Written T = I + D and
+  ridge-regularised towards the identity (lambda -> inf is the plain cut):
+      D = (M^T M + lambda I)^-1 M^T U
+  and folded into the MLP output projection (`down_proj`; GPT-2's Conv1D `c_proj`; OPT's `fc2`).
+- `bias` (the mean-update bias, arXiv 2407.16286): the span's mean update E[U] added to that
+  projection's bias (Llama-style models get one through their `mlp_bias` config flag).
+
+The fit's inputs (M and x_a) come from the teacher (`fit_on="teacher"`: one pass), or from the
+student with the earlier spans already repaired (`fit_on="student"`), so each fit also corrects
+what the ones before it left; the target x_{b+1} is always the teacher's. lambda = alpha
+tr(M^T M) / H with alpha chosen among ALPHAS on held-out calibration rows, then refitted on all
+rows (or the plain cut kept, where no fit beats it there).
+
+Every fit is computed from sufficient statistics (`Moments`), so held-out errors and refits cost
+a few H x H products, not another pass over the tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmshrink.architectures import architecture_of, blocks_of, get_path
+from lmshrink.errors import LmshrinkError
+
+REPAIRS = ("none", "bias", "replaceme")
+FIT_ON = ("student", "teacher")
+ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+class RepairError(LmshrinkError, ValueError):
+    pass
+
+
+def repair_problems(config, method: str) -> list[str]:
+    """Why `method` cannot repair a model of this config ([] if it can)."""
+    if method == "none":
+        return []
+    if method not in REPAIRS:
+        return [f"repair: {method!r} is unknown; choose one of {', '.join(REPAIRS)}"]
+    arch = architecture_of(config)
+    if arch.mlp_out is None:
+        return [f"repair: {config.model_type} models cannot be repaired: {arch.mlp_out_missing}; use --repair none"]
+    if method == "bias" and arch.mlp_bias is None and not _has_bias(config):
+        return [f"repair: the bias repair needs a bias on {arch.mlp_out}, which {config.model_type} models "
+                "do not have (and cannot be given through their config); use --repair replaceme"]
+    return []
+
+
+def _has_bias(config) -> bool:
+    return config.model_type in ("gpt2", "gpt_neo", "gpt_neox", "opt")
+
+
+def removed_spans(n: int, keep: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs (first, last) of the blocks not in `keep`, in order."""
+    spans: list[tuple[int, int]] = []
+    for i in range(n):
+        if i in keep:
+            continue
+        if spans and spans[-1][1] == i - 1:
+            spans[-1] = (spans[-1][0], i)
+        else:
+            spans.append((i, i))
+    return spans
+
+
+# --- activations ------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised by a hook once everything wanted is captured, to skip the rest of the forward pass."""
+
+
+def _tensor(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], batch_size: int = 4
+            ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """The residual stream x_k entering block k for k in `states` (k = n: the last block's output),
+    and the MLP output projection's output of each block in `projections`: (N, T, H) float32 tensors
+    on the CPU. The forward pass stops after the last block that anything is wanted from."""
+    if not states and not projections:
+        return {}, {}
+    blocks = blocks_of(model)
+    proj_path = architecture_of(model.config).mlp_out
+    device = next(model.parameters()).device
+    stop_after = max([k - 1 for k in states] + list(projections))
+    got: dict[tuple[str, int], list[torch.Tensor]] = {}
+    batch_shape: list[int] = []
+
+    def keep(kind: str, k: int, value: torch.Tensor) -> None:
+        # (B, T, H); OPT's fc2 runs on (B * T, H)
+        got.setdefault((kind, k), []).append(value.detach().float().cpu().reshape(*batch_shape, -1))
+
+    hooks = []
+    if 0 in states:
+        hooks.append(blocks[0].register_forward_pre_hook(
+            lambda _m, args, kwargs: keep("state", 0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+    for i in projections:
+        hooks.append(get_path(blocks[i], proj_path).register_forward_hook(
+            lambda _m, _a, out, i=i: keep("proj", i, _tensor(out))))
+
+    def after_block(_m, _a, out, i: int) -> None:
+        if i + 1 in states:
+            keep("state", i + 1, _tensor(out))
+        if i == stop_after:
+            raise _Stop
+
+    for i in range(max(stop_after + 1, 0)):
+        hooks.append(blocks[i].register_forward_hook(lambda m, a, out, i=i: after_block(m, a, out, i)))
+    try:
+        for start in range(0, rows.shape[0], batch_size):
+            batch = rows[start : start + batch_size]
+            batch_shape[:] = batch.shape
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out_states = {k: torch.cat(got[("state", k)]) for k in states}
+    out_proj = {i: torch.cat(got[("proj", i)]) for i in projections}
+    return out_states, out_proj
+
+
+# --- fits --------------------------------------------------------------------------------------
+
+@dataclass
+class Moments:
+    """Sufficient statistics, over tokens, of a least-squares fit of U (tokens, H) from M (tokens, H)."""
+
+    gram: torch.Tensor
+    """M^T M (H, H), float64."""
+    cross: torch.Tensor
+    """M^T U (H, H)."""
+    u_sum: torch.Tensor
+    """Sum of U over tokens (H,)."""
+    u_sq: float
+    """Sum of |U|^2: the plain cut's squared error."""
+    count: int
+
+    @classmethod
+    def of(cls, m: torch.Tensor, u: torch.Tensor) -> Moments:
+        """From (..., H) tensors, every position a token."""
+        m = m.reshape(-1, m.shape[-1]).double()
+        u = u.reshape(-1, u.shape[-1]).double()
+        return cls(m.T @ m, m.T @ u, u.sum(0), float((u * u).sum()), u.shape[0])
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.gram + other.gram, self.cross + other.cross, self.u_sum + other.u_sum,
+                       self.u_sq + other.u_sq, self.count + other.count)
+
+    def ridge(self, alpha: float) -> torch.Tensor:
+        """D = (M^T M + lambda I)^-1 M^T U, lambda = alpha tr(M^T M) / H."""
+        h = self.gram.shape[0]
+        trace = float(self.gram.diagonal().sum())
+        lam = alpha * trace / h
+        if trace <= 0:  # M is zero (the block's MLP writes nothing): nothing to scale
+            return torch.zeros_like(self.cross)
+        return torch.linalg.solve(self.gram + lam * torch.eye(h, dtype=self.gram.dtype), self.cross)
+
+    def error(self, delta: torch.Tensor) -> float:
+        """Sum over tokens of |M D - U|^2."""
+        return float((delta * (self.gram @ delta)).sum() - 2 * (delta * self.cross).sum()) + self.u_sq
+
+    def bias_error(self, mean: torch.Tensor) -> float:
+        """Sum over tokens of |mean - U|^2."""
+        return self.u_sq - 2 * float(mean @ self.u_sum) + self.count * float(mean @ mean)
+
+
+def fit_span(method: str, fit: Moments, held: Moments) -> tuple[torch.Tensor, dict]:
+    """The repair's parameter (D for replaceme, the bias for bias), refitted on fit + held-out
+    rows, and what the fit measured: the held-out squared error relative to the plain cut's.
+    Where no fit beats the plain cut on the held-out rows, the parameter is zero (`alpha` None)."""
+    base = max(held.u_sq, 1e-30)
+    both = fit + held
+    h = fit.gram.shape[0]
+    if method == "bias":
+        error = held.bias_error(fit.u_sum / fit.count)
+        if error >= held.u_sq:
+            return torch.zeros(h, dtype=torch.float64), {"heldout_error": 1.0, "kept_plain_cut": True}
+        return both.u_sum / both.count, {"heldout_error": error / base}
+    errors = {alpha: held.error(fit.ridge(alpha)) for alpha in ALPHAS}
+    alpha = min(errors, key=errors.__getitem__)
+    info = {"alpha_errors": {f"{a:g}": e / base for a, e in errors.items()}}
+    if errors[alpha] >= held.u_sq:
+        return torch.zeros(h, h, dtype=torch.float64), {"alpha": None, "heldout_error": 1.0, **info}
+    return both.ridge(alpha), {"alpha": alpha, "heldout_error": errors[alpha] / base, **info}
+
+
+# --- folding into the model ------------------------------------------------------------------
+
+def projection(model, block: int) -> nn.Module:
+    return get_path(blocks_of(model)[block], architecture_of(model.config).mlp_out)
+
+
+@torch.no_grad()
+def fold(proj: nn.Module, delta: torch.Tensor) -> None:
+    """Make the projection's output y become y (I + D): weights and bias."""
+    t = torch.eye(delta.shape[0], dtype=torch.float64) + delta
+    w = proj.weight.data
+    if hasattr(proj, "nf"):  # transformers' Conv1D: y = x W + b, W (in, out)
+        new = w.double() @ t.to(w.device)
+    else:  # nn.Linear: y = x W^T + b, W (out, in)
+        new = t.T.to(w.device) @ w.double()
+    proj.weight.data = new.to(w.dtype)
+    if proj.bias is not None:
+        proj.bias.data = (proj.bias.data.double() @ t.to(w.device)).to(proj.bias.dtype)
+
+
+@torch.no_grad()
+def add_bias(proj: nn.Module, mean: torch.Tensor) -> None:
+    if proj.bias is None:
+        raise RepairError("the projection has no bias; build the student with `with_mlp_bias` first")
+    proj.bias.data += mean.to(proj.bias.device, proj.bias.dtype)
+
+
+def with_mlp_bias(model):
+    """The model itself if its MLP output projection has a bias, else a copy built with the
+    architecture's bias flag (e.g. Llama's `mlp_bias`) and zero biases: the same function."""
+    arch = architecture_of(model.config)
+    if projection(model, 0).bias is not None:
+        return model
+    config = copy.deepcopy(model.config)
+    setattr(config, arch.mlp_bias, True)
+    new = type(model)(config).to(model.dtype)
+    missing = new.load_state_dict(model.state_dict(), strict=False).missing_keys
+    if any(not key.endswith(".bias") for key in missing):
+        raise RepairError(f"turning on {arch.mlp_bias} changed more than biases: {missing[:3]}")
+    with torch.no_grad():
+        for key in missing:
+            new.get_parameter(key).zero_()
+    new.generation_config = copy.deepcopy(model.generation_config)
+    return new.eval()
+
+
+@contextmanager
+def patched(model, edits: dict[int, tuple[str, torch.Tensor]]) -> Iterator[None]:
+    """Apply repairs {block: (method, parameter)} to a model's projections for a while, then put
+    the weights back (for measuring candidate cuts on the teacher without copying it)."""
+    saved = {}
+    for block, (method, param) in edits.items():
+        proj = projection(model, block)
+        saved[block] = (proj.weight.data, None if proj.bias is None else proj.bias.data, proj.bias is None)
+        if method == "bias":
+            if proj.bias is None:
+                proj.bias = nn.Parameter(torch.zeros(param.shape[0], dtype=proj.weight.dtype,
+                                                     device=proj.weight.device), requires_grad=False)
+            else:
+                proj.bias.data = proj.bias.data.clone()
+            add_bias(proj, param)
+        else:
+            fold(proj, param)
+    try:
+        yield
+    finally:
+        for block, (weight, bias, had_none) in saved.items():
+            proj = projection(model, block)
+            proj.weight.data = weight
+            if had_none:
+                proj.bias = None
+            else:
+                proj.bias.data = bias
+
+
+def heldout_split(rows: torch.Tensor) -> int:
+    """How many of the calibration rows (the last ones) are held out to choose lambda."""
+    if rows.shape[0] < 2:
+        raise RepairError(f"a repair needs at least 2 calibration rows (got {rows.shape[0]}); give more tokens")
+    return max(1, rows.shape[0] // 8)
+
+
+def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, fit_on: str = "student",
+           batch_size: int = 4):
+    """Repair a student cut from `teacher` (keeping blocks `keep`) on calibration rows (N, T).
+
+    Returns the repaired student (a new object only when the bias repair had to give the model
+    biases) and a record per removed span: the teacher blocks, the block the fit went into, its
+    held-out error relative to the plain cut's (and lambda's alpha for replaceme).
+    """
+    problems = repair_problems(teacher.config, method)
+    if problems:
+        raise RepairError(problems[0].removeprefix("repair: "))
+    if method == "none":
+        return student, []
+    n = len(blocks_of(teacher))
+    spans = removed_spans(n, keep)
+    usable = [(a, b) for a, b in spans if a > 0]
+    held = heldout_split(rows)
+    if method == "bias":
+        student = with_mlp_bias(student)
+    targets = {b + 1 for _, b in usable} | ({a for a, _ in usable} if fit_on == "teacher" else set())
+    states, projs = capture(teacher, rows, targets, {a - 1 for a, _ in usable} if fit_on == "teacher" else set(),
+                            batch_size)
+    report = []
+    for a, b in spans:
+        if a == 0:
+            report.append({"span": [a, b], "skipped": "no kept block before it to fold a fit into"})
+            continue
+        j = keep.index(a - 1)
+        if fit_on == "teacher":
+            m, base = projs[a - 1], states[a]
+        else:
+            s_states, s_projs = capture(student, rows, {j + 1}, {j}, batch_size)
+            m, base = s_projs[j], s_states[j + 1]
+        u = states[b + 1] - base
+        param, info = fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
+        if method == "bias":
+            add_bias(projection(student, j), param)
+        else:
+            fold(projection(student, j), param)
+        report.append({"span": [a, b], "block": a - 1, "student_block": j, **info})
+    return student, report

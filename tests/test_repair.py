@@ -1,0 +1,204 @@
+"""Training-free repair of a cut (`lmshrink.repair`) and block choice that measures the cut
+(`lmshrink.cut_search`), on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from conftest import ARCHS, VOCAB, tiny_model
+
+from lmshrink.architectures import architecture_of, blocks_of
+from lmshrink.cut_search import CutSearch
+from lmshrink.perplexity import perplexity
+from lmshrink.repair import (
+    Moments,
+    RepairError,
+    add_bias,
+    capture,
+    fit_span,
+    fold,
+    patched,
+    projection,
+    removed_spans,
+    repair,
+    repair_problems,
+)
+from lmshrink.truncation import truncate_model
+
+
+def rows(n: int = 16, length: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_removed_spans():
+    assert removed_spans(8, [0, 1, 4, 6]) == [(2, 3), (5, 5), (7, 7)]
+    assert removed_spans(4, [2, 3]) == [(0, 1)]
+    assert removed_spans(3, [0, 1, 2]) == []
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_identity_fold_reproduces_the_cut_exactly(kind):
+    teacher = tiny_model(kind, 4)
+    student = truncate_model(teacher, [0, 3])
+    before = logits(student, rows(2))
+    fold(projection(student, 0), torch.zeros(32, 32, dtype=torch.float64))
+    assert torch.equal(logits(student, rows(2)), before)
+    # patching the teacher for a while puts its weights back afterwards
+    saved = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with patched(teacher, {1: ("replaceme", torch.randn(32, 32, dtype=torch.float64)), 2: ("bias", torch.ones(32))}):
+        assert not torch.equal(projection(teacher, 1).weight, saved[next(k for k in saved if "1.mlp" in k)])
+        assert projection(teacher, 2).bias is not None
+    after = teacher.state_dict()
+    assert after.keys() == saved.keys() and all(torch.equal(after[k], saved[k]) for k in saved)
+
+
+def linear_span_teacher():
+    """A 3-block GPT-2 whose block 1 adds exactly M A to the stream, M being block 0's MLP output.
+
+    The embeddings live in the first half of the channels, block 0's attention writes nothing, so
+    the stream entering block 1 is x_0 + M; block 1's attention writes nothing, its MLP is linear
+    (identity activation, its layer norm replaced by the identity) and reads only the second half
+    of the channels, where x_0 is zero: its update is (x_0 + M) W_fc W_proj = M A.
+    """
+    torch.manual_seed(0)
+    config = T.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
+                          activation_function="linear", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                          bos_token_id=0, eos_token_id=0)
+    model = T.GPT2LMHeadModel(config).eval()
+    h = model.transformer.h
+    with torch.no_grad():
+        model.transformer.wte.weight[:, 16:] = 0
+        model.transformer.wpe.weight[:, 16:] = 0
+        for block in (h[0], h[1]):
+            block.attn.c_proj.weight.zero_()
+            block.attn.c_proj.bias.zero_()
+        h[1].mlp.c_fc.weight[:16] = 0
+        h[1].mlp.c_fc.bias.zero_()
+        h[1].mlp.c_proj.bias.zero_()
+        h[1].mlp.c_fc.weight.mul_(5)
+        h[1].mlp.c_proj.weight.mul_(20)
+    h[1].ln_2 = torch.nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize("fit_on", ["teacher", "student"])
+def test_replaceme_recovers_a_linear_span(fit_on):
+    teacher = linear_span_teacher()
+    ids = rows(24, 16)
+    cut = truncate_model(teacher, [0, 2])
+    gap = (logits(cut, ids) - logits(teacher, ids)).abs().max()
+    repaired, report = repair(teacher, truncate_model(teacher, [0, 2]), [0, 2], ids, "replaceme", fit_on)
+    error = (logits(repaired, ids) - logits(teacher, ids)).abs().max()
+    assert gap > 1e-2 and error < 1e-3 * gap
+    assert report[0]["span"] == [1, 1] and report[0]["block"] == 0 and report[0]["heldout_error"] < 1e-6
+    errors = report[0]["alpha_errors"]
+    assert f"{report[0]['alpha']:g}" == min(errors, key=errors.get)
+
+
+def test_fit_statistics_match_a_direct_least_squares():
+    torch.manual_seed(0)
+    m, a = torch.randn(4, 50, 8), torch.randn(8, 8)
+    u = m @ a + 0.01 * torch.randn(4, 50, 8) + torch.arange(8.0)  # a mean update for the bias to find
+    mom = Moments.of(m, u)
+    delta = mom.ridge(0.0)
+    direct = torch.linalg.lstsq(m.reshape(-1, 8).double(), u.reshape(-1, 8).double()).solution
+    assert torch.allclose(delta, direct, atol=1e-8)
+    assert mom.error(delta) == pytest.approx(float(((m.reshape(-1, 8).double() @ delta - u.reshape(-1, 8)) ** 2).sum()))
+    assert mom.error(torch.zeros(8, 8, dtype=torch.float64)) == pytest.approx(mom.u_sq)
+    mean, info = fit_span("bias", Moments.of(m[:3], u[:3]), Moments.of(m[3:], u[3:]))
+    assert torch.allclose(mean, u.reshape(-1, 8).double().mean(0))
+    fit_mean, held = u[:3].reshape(-1, 8).double().mean(0), u[3:].reshape(-1, 8).double()
+    assert info["heldout_error"] == pytest.approx(float(((held - fit_mean) ** 2).sum() / (held**2).sum()))
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_each_family_folds_into_its_mlp_output_projection(kind, tmp_path):
+    teacher = tiny_model(kind, 4)
+    keep = [0, 3]
+    problems = repair_problems(teacher.config, "replaceme")
+    if architecture_of(teacher.config).mlp_out is None:
+        assert problems and "post_feedforward_layernorm" in problems[0]
+        with pytest.raises(RepairError, match="cannot be repaired"):
+            repair(teacher, truncate_model(teacher, keep), keep, rows(), "replaceme")
+        return
+    assert problems == []
+    cut = truncate_model(teacher, keep)
+    repaired, report = repair(teacher, truncate_model(teacher, keep), keep, rows(64), "replaceme", "student")
+    path = architecture_of(teacher.config).blocks + ".0." + architecture_of(teacher.config).mlp_out
+    before, after = cut.state_dict(), repaired.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= {path + ".weight", path + ".bias"}, changed
+    assert report[0]["alpha"] is not None and report[0]["heldout_error"] < 1.0
+    repaired.save_pretrained(tmp_path)  # a plain transformers folder: loads without lmshrink
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(logits(reloaded, rows(2)), logits(repaired, rows(2)), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_bias_repair_is_a_plain_model(kind, tmp_path):
+    teacher = tiny_model(kind, 4)
+    repaired, report = repair(teacher, truncate_model(teacher, [0, 3]), [0, 3], rows(64), "bias", "teacher")
+    assert projection(repaired, 0).bias is not None and "alpha" not in report[0] and "heldout_error" in report[0]
+    add_bias(projection(repaired, 0), torch.linspace(-1, 1, 32))  # whatever the fit found, a bias to carry
+    repaired.save_pretrained(tmp_path)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(logits(reloaded, rows(2)), logits(repaired, rows(2)), atol=1e-5)
+
+
+def test_bias_is_refused_where_the_architecture_has_no_bias():
+    assert "replaceme" in repair_problems(tiny_model("qwen2", 2).config, "bias")[0]
+
+
+def test_span_at_the_start_is_skipped_with_the_reason():
+    teacher = tiny_model("gpt2", 4)
+    _, report = repair(teacher, truncate_model(teacher, [2, 3]), [2, 3], rows(), "replaceme")
+    assert report == [{"span": [0, 1], "skipped": "no kept block before it to fold a fit into"}]
+
+
+def test_capture_matches_the_hidden_states():
+    model = tiny_model("llama", 4)
+    ids = rows(3)
+    states, _ = capture(model, ids, {0, 2, 4}, {1}, batch_size=2)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert torch.allclose(states[0], hidden[0]) and torch.allclose(states[2], hidden[2])
+    assert states[2].shape == (3, 24, 32)
+    # the last entry of hidden_states is after the final norm; x_4 is the last block's output
+    assert torch.allclose(model.model.norm(states[4]), hidden[4], atol=1e-5)
+
+
+@pytest.mark.parametrize("repair_method", ["none", "replaceme"])
+def test_iterative_removes_a_silenced_block_first(repair_method):
+    teacher = tiny_model("llama", 6)
+    with torch.no_grad():  # block 3 writes nothing to the stream: removing it changes nothing
+        blocks_of(teacher)[3].self_attn.o_proj.weight.zero_()
+        blocks_of(teacher)[3].mlp.down_proj.weight.zero_()
+    search = CutSearch(teacher, rows(8), repair_method, "kl")
+    keep, path = search.iterative(4)
+    assert path[0]["removed"] == 3 and path[0]["kl"] < 1e-6 and 3 not in keep and len(keep) == 4
+    assert len(path) == 2 and all(len(step["candidates"]) == 6 - i for i, step in enumerate(path))
+
+
+def test_contiguous_picks_the_silent_span():
+    teacher = tiny_model("gpt2", 6)
+    with torch.no_grad():
+        for i in (2, 3):
+            block = blocks_of(teacher)[i]
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    keep, candidates = CutSearch(teacher, rows(8), "none", "kl").contiguous(4)
+    assert keep == [0, 1, 4, 5] and len(candidates) == 5 and candidates[2]["kl"] < 1e-6
+
+
+def test_perplexity_measure_is_the_perplexity():
+    teacher = tiny_model("gpt2", 4)
+    ids = rows(4)
+    measured = CutSearch(teacher, ids, "none", "ppl").score([0, 1, 2, 3])
+    assert measured == pytest.approx(perplexity(teacher, ids.flatten(), 24, 24), rel=1e-5)
