@@ -1,12 +1,13 @@
 """How close to its teacher a cut student starts: block choice x training-free repair x calibration text.
 
 The real SmolLM2-135M cut to 24/30 and 15/30 blocks, chosen by Block Influence (`importance`),
-`iterative` and `contiguous` search, each as cut, + bias (the mean update) and + ReplaceMe, the
+`iterative` and `contiguous` search, each as cut, + bias (the mean update) and + ReplaceMe (also
+with each span's strength chosen on held-out rows by the output's KL from the teacher), the
 repairs calibrated on the Python library reference (`docs`), on text the teacher writes itself
 (`teacher`), or on both (`mix`). Every student is built by `lmshrink truncate` and scored on three
 kinds of held-out text no calibration saw: the Python tutorial, the kernel's process documentation
 and English quotations about people and life (`fortunes/people`, from Debian's `fortunes`), 8,192
-tokens each, window 512, stride 256. Then the best repaired 24-block student and the plain BI cut
+tokens each, window 512, stride 512 (256 with --stride 256). Then the best repaired 24-block student and the plain BI cut
 are healed the same way (`lmshrink distill`, 25,600 tokens) and scored again; optionally the
 zero-shot `core` suite (`--tasks core --limit 200`) for the teacher, the plain BI cut and the best
 student of each depth.
@@ -37,6 +38,7 @@ from lmshrink.records import save_figure, write_json, write_text
 
 TEACHER = "smollm2-135m"
 TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
+STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 CALIBRATION = {"docs": ["python-docs/library"], "teacher": ["teacher"], "mix": ["teacher", "python-docs/library"]}
 
 
@@ -50,7 +52,9 @@ def plan(depths: list[int]) -> list[dict[str, Any]]:
                    for c in (("mix", "docs", "teacher") if first else ("mix",))),
                  dict(k=k, strategy="importance", repair="bias", calib="mix")]
         if first:
-            rows.append(dict(k=k, strategy="importance", repair="replaceme", calib="mix", fit="teacher"))
+            rows += [dict(k=k, strategy="importance", repair="replaceme", calib="mix", fit="teacher"),
+                     dict(k=k, strategy="importance", repair="bias", calib="mix", strength="auto"),
+                     dict(k=k, strategy="importance", repair="replaceme", calib="mix", strength="auto")]
         for strategy in ("contiguous", "iterative"):
             rows += [dict(k=k, strategy=strategy, repair="none"),
                      dict(k=k, strategy=strategy, repair="replaceme", calib="mix")]
@@ -63,6 +67,8 @@ def name_of(row: dict[str, Any]) -> str:
         parts.append(row["calib"])
     if row.get("fit", "student") != "student":
         parts.append(f"fit-{row['fit']}")
+    if row.get("strength"):
+        parts.append(f"strength-{row['strength']}")
     return "-".join(parts)
 
 
@@ -71,6 +77,7 @@ def label_of(row: dict[str, Any]) -> str:
     if row["repair"] == "none":
         return f"{strategy}, as cut"
     fit = f", fit on {row['fit']}" if row.get("fit", "student") != "student" else ""
+    fit += ", strength chosen" if row.get("strength") else ""
     return f"{strategy} + {'ReplaceMe' if row['repair'] == 'replaceme' else 'bias'} ({row['calib']}{fit})"
 
 
@@ -88,6 +95,8 @@ def build(row: dict[str, Any], folder: Path, args) -> float:
     if row["repair"] != "none":
         cmd += ["--repair-data", ",".join(CALIBRATION[row["calib"]]), "--repair-tokens", str(args.repair_tokens),
                 "--repair-fit", row.get("fit", "student")]
+        if row.get("strength") == "auto":
+            cmd += ["--repair-strength", ",".join(map(str, STRENGTHS))]
     started = time.perf_counter()
     assert lmshrink(cmd) == 0, f"lmshrink {' '.join(cmd)} failed"
     return time.perf_counter() - started
@@ -133,7 +142,7 @@ def main() -> None:
     parser.add_argument("--depths", default="24,15")
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens of each text")
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=512, help="256 is the usual; 512 halves the cost on a CPU")
     parser.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens of the block scores")
     parser.add_argument("--search-tokens", type=int, default=2048)
     parser.add_argument("--repair-tokens", type=int, default=16384)

@@ -10,7 +10,8 @@ def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--num-layers", "2",
                  "--calib-tokens", "256", "--perplexity.max-tokens", "300", "--window", "64", "--stride", "32",
-                 "--train.max-tokens", "256", "--block-size", "64", "--batch-size", "2", "--limit", "3", "--repair-tokens", "512"]) == 0
+                 "--train.max-tokens", "256", "--block-size", "64", "--batch-size", "2", "--limit", "3",
+                 "--repair-tokens", "512"]) == 0
     report = (out / "report.md").read_text()
     assert json.loads((out / "lmshrink.json").read_text())["command"] == "demo"
     for text in ("| teacher |", "| importance |", "| alt |", "| bottom |", "importance + KD", "importance + LM",

@@ -202,3 +202,17 @@ def test_perplexity_measure_is_the_perplexity():
     ids = rows(4)
     measured = CutSearch(teacher, ids, "none", "ppl").score([0, 1, 2, 3])
     assert measured == pytest.approx(perplexity(teacher, ids.flatten(), 24, 24), rel=1e-5)
+
+
+def test_strength_is_chosen_by_the_output_on_held_out_rows():
+    teacher = linear_span_teacher()
+    ids = rows(24, 16)
+    # the exact fit is the best strength: the choice must find it among others
+    repaired, report = repair(teacher, truncate_model(teacher, [0, 2]), [0, 2], ids, "replaceme", "teacher",
+                              strengths=(0.5, 1.0, 1.5))
+    kls = report[0]["strength_kl"]
+    assert report[0]["strength"] == 1.0 and kls["1"] < min(kls["0.5"], kls["1.5"])
+    assert (logits(repaired, ids) - logits(teacher, ids)).abs().max() < 1e-3
+    # with one strength nothing is measured, and the record says which was used
+    _, plain = repair(teacher, truncate_model(teacher, [0, 2]), [0, 2], ids, "bias", "teacher")
+    assert plain[0]["strength"] == 1.0 and "strength_kl" not in plain[0]

@@ -17,17 +17,14 @@ the student finally built is repaired again on the repair's own calibration text
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
 import torch
 
 from lmshrink.architectures import blocks_of, only_blocks
-from lmshrink.losses import forward_kl, next_token_nll
+from lmshrink.model_gap import gap, log_probs
 from lmshrink.repair import Moments, capture, fit_span, heldout_split, patched, removed_spans
-
-MEASURES = ("kl", "ppl")
 
 
 class CutSearch:
@@ -38,17 +35,11 @@ class CutSearch:
         self.teacher, self.rows, self.repair, self.measure = teacher, rows, repair, measure
         self.batch_size = batch_size
         self.n = len(blocks_of(teacher))
-        self.device = next(teacher.parameters()).device
         self.fits: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}
         if repair != "none":
             self.held = heldout_split(rows)
             self.states, self.projs = capture(teacher, rows, set(range(self.n + 1)), set(range(self.n)), batch_size)
-        self.teacher_logp: list[torch.Tensor] = []
-        if measure == "kl":
-            with torch.inference_mode():
-                for start in range(0, rows.shape[0], batch_size):
-                    logits = teacher(input_ids=rows[start : start + batch_size].to(self.device), use_cache=False).logits
-                    self.teacher_logp.append(torch.log_softmax(logits.float(), -1))
+        self.teacher_logp = log_probs(teacher, rows, batch_size) if measure == "kl" else None
         self.evaluated = 0
 
     def _fit(self, a: int, b: int) -> tuple[str, torch.Tensor]:
@@ -65,20 +56,10 @@ class CutSearch:
         edits = {}
         if self.repair != "none":
             edits = {a - 1: self._fit(a, b) for a, b in removed_spans(self.n, keep) if a > 0}
-        total, count = 0.0, 0
         with patched(self.teacher, edits), only_blocks(self.teacher, keep):  # patch by teacher index first
-            for i, start in enumerate(range(0, self.rows.shape[0], self.batch_size)):
-                ids = self.rows[start : start + self.batch_size].to(self.device)
-                logits = self.teacher(input_ids=ids, use_cache=False).logits.float()
-                if self.measure == "kl":
-                    values = forward_kl(torch.log_softmax(logits, -1), self.teacher_logp[i])
-                else:
-                    values = next_token_nll(logits, ids)
-                total += values.sum().item()
-                count += values.numel()
+            value = gap(self.teacher, self.rows, self.measure, self.teacher_logp, self.batch_size)
         self.evaluated += 1
-        mean = total / count
-        return math.exp(mean) if self.measure == "ppl" else mean
+        return value
 
     def iterative(self, k: int) -> tuple[list[int], list[dict]]:
         """Remove blocks one at a time, each time the one whose removal scores best, down to k."""

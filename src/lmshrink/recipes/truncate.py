@@ -40,6 +40,9 @@ class CutArgs:
     repair_tokens: int = setting(16384, "calibration tokens of the repair (1/8 of the rows held out to choose lambda)")
     repair_fit: str = setting("student", f"inputs of each span's fit: {', '.join(FIT_ON)} (student: the partly "
                                          "repaired student's own activations)")
+    repair_strength: list[float] = setting([1.0], "strengths each span's fit is tried at (scaled by each); the one "
+                                                  "whose output is closest to the teacher's on held-out rows (forward "
+                                                  "KL) is kept; 1: the method as published")
     search_measure: str = setting("kl", f"what strategies {' and '.join(SEARCHES)} minimise: {', '.join(MEASURES)} "
                                         "(kl: forward KL from the teacher)")
     search_tokens: int = setting(2048, f"calibration tokens (of --calib-data) on which {' and '.join(SEARCHES)} "
@@ -55,6 +58,8 @@ class CutArgs:
             problems.append(f"search_measure: {self.search_measure!r} is unknown; choose one of {', '.join(MEASURES)}")
         if self.repair != "none" and not self.repair_data:
             problems.append("repair_data: name at least one calibration source (or --repair none)")
+        if not self.repair_strength or any(not 0 < v <= 2 for v in self.repair_strength):
+            problems.append("repair_strength: give one or more strengths in (0, 2], e.g. 0.5,0.75,1")
         if self.repair_tokens < 2 or self.search_tokens < 2:
             problems.append("repair_tokens, search_tokens: must be at least 2")
         return problems
@@ -126,9 +131,10 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
     problems = repair_problems(teacher.config, args.repair)
     if problems:
         raise SettingsError(problems[0])
-    needs_text = args.repair != "none" or (keep is None and strategy in SEARCHES)
-    if needs_text and tokenizer is None:
+    if keep is None and strategy in SEARCHES and tokenizer is None:
         raise no_tokenizer(teacher.name_or_path)
+    if args.repair != "none" and tokenizer is None:  # the repair reads calibration text
+        raise SettingsError(f"repair: {no_tokenizer(teacher.name_or_path)}; or cut without a repair: --repair none")
     length = min(512, context_limit(teacher.config) or 512)
     record: dict[str, Any] = {}
     started = time.perf_counter()
@@ -148,11 +154,14 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
         mark = time.perf_counter()
         rows = calibration_mix(args.repair_data, teacher, tokenizer, args.repair_tokens,
                                min(length, args.repair_tokens))
-        student, spans = repair(teacher, student, keep, rows, args.repair, args.repair_fit)
+        student, spans = repair(teacher, student, keep, rows, args.repair, args.repair_fit,
+                                tuple(args.repair_strength))
         record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": args.repair_data,
+                            "strengths": args.repair_strength,
                             "tokens": rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark}
-        errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}" for s in spans
-                           if "heldout_error" in s)
+        errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}"
+                           + (f" (strength {s['strength']:g})" if len(args.repair_strength) > 1 else "")
+                           for s in spans if "heldout_error" in s)
         print(f"repaired by {args.repair} on {rows.numel():,} tokens of {', '.join(args.repair_data)} in "
               f"{record['repair']['seconds']:.0f} s; held-out error vs the plain cut per span: {errors}")
     return student, keep, record
