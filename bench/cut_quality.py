@@ -172,7 +172,10 @@ def main() -> None:
             continue
         print(f"\n=== {name}", flush=True)
         folder = out / "students" / name
-        seconds = build(row, folder, args)
+        built = out / "rows" / f"{name}.build.json"  # a built student is reused by a resumed run
+        if not (built.exists() and (folder / "lmshrink.json").exists()):
+            write_json(built, {"seconds": build(row, folder, args)})
+        seconds = json.loads(built.read_text())["seconds"]
         record = json.loads((folder / "lmshrink.json").read_text())
         model = load(str(folder)).model
         result = {**row, "name": name, "label": label_of(row), "seconds": seconds, "kept_layers": record["kept_layers"],

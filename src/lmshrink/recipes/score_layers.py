@@ -13,9 +13,10 @@ from typing import Any
 
 from lmshrink.architectures import blocks_of, check_length
 from lmshrink.config import SettingsError, check, setting, to_dict
-from lmshrink.cut_search import MEASURES, SEARCHES, CutSearch
+from lmshrink.cut_search import SEARCHES, CutSearch
 from lmshrink.data import calibration_rows
 from lmshrink.importance import plot, score
+from lmshrink.model_gap import MEASURES
 from lmshrink.models import load, pick_device
 from lmshrink.records import RECORD, provenance, write_json
 from lmshrink.repair import REPAIRS, repair_problems

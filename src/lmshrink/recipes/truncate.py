@@ -16,10 +16,11 @@ import torch
 
 from lmshrink.architectures import blocks_of, context_limit
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
-from lmshrink.cut_search import MEASURES, SEARCHES, CutSearch
+from lmshrink.cut_search import SEARCHES, CutSearch
 from lmshrink.data import calibration_rows
 from lmshrink.importance import METRICS, score
 from lmshrink.model_card import save_model_record
+from lmshrink.model_gap import MEASURES
 from lmshrink.models import load, no_tokenizer
 from lmshrink.records import provenance, save_atomically
 from lmshrink.repair import FIT_ON, REPAIRS, repair, repair_problems
@@ -116,7 +117,7 @@ def load_scores(path: str) -> dict[str, Any]:
 
 
 def calibration_mix(sources: list[str], model, tokenizer, tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """(N, seq_len) calibration rows, an equal share of `tokens` from each source ({TEACHER_TEXT!r}:
+    """(N, seq_len) calibration rows, an equal share of `tokens` from each source (`teacher`:
     sampled from `model`), shuffled together so held-out rows come from every source."""
     share = max(seq_len, tokens // len(sources))
     parts = [sample_rows(model, tokenizer, max(1, share // seq_len), seq_len, seed=seed) if source == TEACHER_TEXT
