@@ -214,6 +214,7 @@ def heal_and_tasks(out: Path, done: list[dict[str, Any]], teacher: dict[str, flo
                 folder = out / "healed" / r["name"]
                 shutil.rmtree(folder, ignore_errors=True)
                 assert lmshrink(["distill", "--model", str(out / "students" / r["name"]), "--teacher", TEACHER,
+                                 "--data", "python-docs/library",
                                  "--output", str(folder), "--max-tokens", str(args.heal_tokens), "--block-size", "256",
                                  "--batch-size", "4", "--eval-tokens", "2048", "--save-steps", "1000000"]) == 0
                 model = load(str(folder / "model")).model
