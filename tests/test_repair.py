@@ -216,3 +216,15 @@ def test_strength_is_chosen_by_the_output_on_held_out_rows():
     # with one strength nothing is measured, and the record says which was used
     _, plain = repair(teacher, truncate_model(teacher, [0, 2]), [0, 2], ids, "bias", "teacher")
     assert plain[0]["strength"] == 1.0 and "strength_kl" not in plain[0]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_fold_makes_the_projection_output_y_times_t(kind):
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(8, 6) if kind == "linear" else T.pytorch_utils.Conv1D(6, 8)
+    torch.nn.init.normal_(proj.bias)
+    x, delta = torch.randn(5, 8), 0.1 * torch.randn(6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = proj(x) @ (torch.eye(6) + delta.float())
+        fold(proj, delta)
+        assert torch.allclose(proj(x), expected, atol=1e-5)
