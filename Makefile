@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # index. A plain PyPI torch on Linux would be a multi-GB CUDA build.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup fetch demo test lint clean
+.PHONY: setup fetch demo test lint clean llamacpp
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ demo: fetch
 
 test: fetch
 	$(BIN)/python -m pytest -q
+
+# Optional, not part of `make test`: llama.cpp itself (compiled from source by pip, ~9 minutes on
+# 2 cores) for `lmshrink eval --runtime llamacpp` and the llama.cpp checks of tests/test_export.py.
+llamacpp: setup
+	$(BIN)/pip install -e '.[llamacpp]'
 
 lint: setup
 	$(BIN)/ruff check src tests bench

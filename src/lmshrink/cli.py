@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "finetune": ("lmshrink.recipes.finetune", "FinetuneSettings", "run", "Fine-tune on a downstream task, with KD methods"),
     "eval": ("lmshrink.recipes.evaluate", "EvalSettings", "run",
              "Perplexity, zero-shot benchmarks, speed and size of models, side by side"),
+    "export": ("lmshrink.recipes.export", "ExportSettings", "run",
+               "Write a model as GGUF files for llama.cpp (f16, q8_0, q4_0, ...)"),
     "demo": ("lmshrink.recipes.demo", "DemoSettings", "run", "The embedded study: score, cut, heal and compare SmolLM2-135M"),
     "study": ("lmshrink.recipes.study", "StudySettings", "run",
               "The paper's study from one config: healing, block choice, KD fine-tuning, cleaning; verdicts"),

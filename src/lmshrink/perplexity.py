@@ -3,12 +3,16 @@
 Windows of `window` tokens start every `stride` tokens, and each token is scored once, in the
 first window that reaches it, with the context that window gives it. stride == window is plain
 chunked NLL (the first token of each chunk has no context and is not scored).
+
+`model` is a transformers model, or any function from (B, T) token ids to (B, T, V) logits
+(llama.cpp's, in `lmshrink.llamacpp`), so every runtime is scored by the same windows.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -26,11 +30,20 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return spans
 
 
+def logits_of(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, T) ids -> (B, T, V) logits: a transformers model's forward pass, or `model` itself if it
+    is already such a function."""
+    if not isinstance(model, torch.nn.Module):
+        return model
+    device = next(model.parameters()).device
+    return lambda ids: model(input_ids=ids.to(device), use_cache=False).logits
+
+
 @torch.inference_mode()
 def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
                 progress: str | None = None) -> tuple[float, int]:
     """Summed NLL (nats) and number of scored tokens of a 1-D token stream."""
-    device = next(model.parameters()).device
+    forward = logits_of(model)
     spans = windows(tokens.numel(), window, stride)
     total, count = 0.0, 0
     # Group windows of equal length so they batch; only the last one can be shorter.
@@ -41,8 +54,9 @@ def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_siz
     for group in groups.values():
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
-            ids = torch.stack([tokens[b:e] for b, e, _ in chunk]).to(device)  # (B, T)
-            nll = next_token_nll(model(input_ids=ids, use_cache=False).logits, ids)  # (B, T-1)
+            ids = torch.stack([tokens[b:e] for b, e, _ in chunk])  # (B, T)
+            logits = forward(ids)
+            nll = next_token_nll(logits, ids.to(logits.device))  # (B, T-1)
             for row, (b, _, first) in enumerate(chunk):
                 scored = nll[row, first - b - 1 :]  # targets at positions first..end-1
                 total += scored.sum().item()

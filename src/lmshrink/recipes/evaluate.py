@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmshrink import llamacpp
 from lmshrink.architectures import check_length
 from lmshrink.benchmarks import benchmark, benchmark_root, run_tasks, task_problems
 from lmshrink.config import Settings, group, setting, to_dict
@@ -20,6 +21,8 @@ from lmshrink.model_card import add_results
 from lmshrink.models import load, pick_device
 from lmshrink.perplexity import perplexity
 from lmshrink.records import RECORD, provenance, read_record, save_figure, write_json, write_text
+
+RUNTIMES = ("transformers", "llamacpp")
 
 
 @dataclass(kw_only=True)
@@ -102,6 +105,8 @@ class EvalSettings(Settings):
         help="models to compare: folders, Hub ids, .gguf files or smollm2-135m; first is the reference")
     output: str = setting("runs/eval", "folder for report.md and report.json")
     batch_size: int = setting(8, "sequences per forward pass (perplexity windows, benchmark requests)")
+    runtime: str = setting("transformers", f"what runs the models: {', '.join(RUNTIMES)} (llamacpp: .gguf files "
+                                           "scored by llama.cpp itself, through llama-cpp-python)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
@@ -117,6 +122,17 @@ class EvalSettings(Settings):
             problems.append("batch_size: must be positive")
         if not self.perplexity.data and not self.timing.speed and not self.benchmarks.tasks:
             problems.append("data: give text to evaluate on or --tasks, or leave --speed on")
+        if self.runtime not in RUNTIMES:
+            problems.append(f"runtime: {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
+        if self.runtime == "llamacpp":
+            if not_gguf := [m for m in self.models if not m.endswith(".gguf")]:
+                problems.append(f"models: --runtime llamacpp runs .gguf files (`lmshrink export` writes them), "
+                                f"not {', '.join(not_gguf)}")
+            if self.benchmarks.tasks:
+                problems.append("tasks: zero-shot benchmarks run through transformers; drop --runtime llamacpp "
+                                "(a .gguf file is then dequantised and run by transformers)")
+            if not llamacpp.available():
+                problems.append(f"runtime: llamacpp needs llama-cpp-python: {llamacpp.INSTALL}")
         return problems
 
     def __post_init__(self) -> None:
@@ -142,9 +158,34 @@ def vocabulary_key(tokenizer) -> int:
     return hash(frozenset(tokenizer.get_vocab().items()))
 
 
+def evaluate_gguf(name: str, settings: EvalSettings, label: str | None = None,
+                  streams: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row of the report for a GGUF file run by llama.cpp: size, perplexity, speed."""
+    ppl, timing = settings.perplexity, settings.timing
+    about = llamacpp.describe(name)
+    llm = llamacpp.open_gguf(name, n_ctx=max(ppl.window, timing.speed_length + 16 + timing.gen_tokens))
+    row: dict[str, Any] = {"model": label or Path(name).name, "source": name, "runtime": "llamacpp",
+                           "layers": about["layers"], "kept_layers": None, "parameters": about["parameters"],
+                           "disk_mb": Path(name).stat().st_size / 2**20, "vocab_id": about["vocab_id"],
+                           "perplexity": {}}
+    cache = streams if streams is not None else {}
+    for source in ppl.data:
+        key = (source, about["vocab_id"])
+        if key not in cache:
+            cache[key] = token_stream(source, llamacpp.Tokenizer(llm), ppl.max_tokens)
+        row["perplexity"][source] = perplexity(llamacpp.logits(llm), cache[key], ppl.window, ppl.stride,
+                                               progress=f"{row['model']} on {source} (llama.cpp)")
+        row.setdefault("tokens", {})[source] = cache[key].numel()
+    if timing.speed:
+        row.update(llamacpp.speed(llm, timing.speed_length, timing.gen_tokens, timing.repeats))
+    return row
+
+
 def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
                    streams: dict[str, Any] | None = None) -> dict[str, Any]:
     """One row of the report: size, perplexity per source, speed, benchmark scores."""
+    if settings.runtime == "llamacpp":
+        return evaluate_gguf(name, settings, label, streams)
     device = pick_device(settings.device)
     ppl, bench, timing = settings.perplexity, settings.benchmarks, settings.timing
     # speed and size need no tokenizer; perplexity and benchmarks do
@@ -280,6 +321,12 @@ def tasks_chart(rows: list[dict[str, Any]], path: Path, title: str = "zero-shot 
     plt.close(fig)
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def report(rows: list[dict[str, Any]], settings: EvalSettings, out: Path) -> str:
     """report.md's text (writing the benchmark chart beside it)."""
     text = ["# lmshrink eval", ""]
@@ -289,7 +336,12 @@ def report(rows: list[dict[str, Any]], settings: EvalSettings, out: Path) -> str
         if settings.perplexity.data:
             text.append(f"Perplexity: sliding window {settings.perplexity.window}, stride {settings.perplexity.stride}, "
                         f"up to {settings.perplexity.max_tokens:,} tokens per source.")
-        if settings.timing.speed:
+        if settings.timing.speed and settings.runtime == "llamacpp":
+            text.append(f"Run by llama.cpp (llama-cpp-python, {torch_threads()} threads): latency is the median of "
+                        f"{settings.timing.repeats} prompt evaluations of 1x{settings.timing.speed_length} tokens "
+                        "(tokens/s: prompt processing); gen tok/s: greedy decoding with the KV cache. "
+                        "Perplexity from llama.cpp's logits and tokenizer.")
+        elif settings.timing.speed:
             text.append(f"Latency: median of {settings.timing.repeats} forward passes at batch x length "
                         f"{settings.timing.speed_batch}x{settings.timing.speed_length} on {pick_device(settings.device)}; "
                         f"generation speed after one warm-up call.")

@@ -1,0 +1,197 @@
+"""Prune, quantize or both? The real SmolLM2-135M and students made from it, each exported to GGUF.
+
+Models: the teacher; its 24/30- and 15/30-block students (Block Influence cut + ReplaceMe repair,
+healed by `lmshrink distill` on 25,600 tokens); a width-pruned student of the 24/30 student's size
+(`lmshrink prune --axes width`, healed the same way). Each is written by `lmshrink export` as f16,
+q8_0, q5_0 and q4_0 GGUF and scored as a file: size on disk, perplexity on python-docs/tutorial and
+kernel-docs/process (8,192 tokens each, window 512, stride 256) and prompt / generation tokens/s,
+all through llama.cpp itself (`lmshrink eval --runtime llamacpp`) where llama-cpp-python is
+installed, else perplexity of the file dequantised by transformers. Then, optionally, zero-shot
+`core` (200 items a task) for the files on the Pareto front of size against perplexity.
+
+Resumable: students, files and rows are kept in OUTPUT and a re-run skips what exists.
+
+    python bench/size_quality.py --output ~/lmshrink-runs/size-quality [--tasks core --limit 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lmshrink import llamacpp
+from lmshrink.cli import main as lmshrink
+from lmshrink.recipes.export import file_name
+from lmshrink.records import save_figure, write_json, write_text
+
+TEACHER = "smollm2-135m"
+TEXTS = ["python-docs/tutorial", "kernel-docs/process"]
+QUANTS = ["f16", "q8_0", "q5_0", "q4_0"]
+HEAL = ["--data", "python-docs/library", "--block-size", "256", "--batch-size", "4", "--eval-tokens", "2048",
+        "--save-steps", "1000000"]
+
+
+def run(*args: str) -> None:
+    assert lmshrink(list(args)) == 0, f"lmshrink {' '.join(args)} failed"
+
+
+def cut_student(out: Path, name: str, layers: int, heal_tokens: int) -> str:
+    """Block Influence cut + ReplaceMe, healed: the healed model's folder."""
+    cut = out / "students" / f"{name}-cut"
+    if not (cut / "lmshrink.json").exists():
+        run("truncate", "--teacher", TEACHER, "--output", str(cut), "--num-layers", str(layers), "--strategy",
+            "importance", "--overwrite")
+    return heal(out, name, cut, heal_tokens)
+
+
+def heal(out: Path, name: str, student: Path, heal_tokens: int) -> str:
+    healed = out / "students" / name
+    if not (healed / "model" / "lmshrink.json").exists():
+        shutil.rmtree(healed, ignore_errors=True)
+        run("distill", "--model", str(student), "--teacher", TEACHER, "--output", str(healed), "--max-tokens",
+            str(heal_tokens), *HEAL)
+    return str(healed / "model")
+
+
+def width_student(out: Path, name: str, like: str, heal_tokens: int) -> str:
+    """Width-pruned (heads, MLP, hidden) to the parameter count of `like`, healed the same way."""
+    from lmshrink.measure import count_parameters
+    from lmshrink.models import load
+
+    pruned = out / "students" / f"{name}-cut"
+    if not (pruned / "lmshrink.json").exists():
+        target = count_parameters(load(like, need_tokenizer=False).model)
+        run("prune", "--teacher", TEACHER, "--output", str(pruned), "--target-params", str(target), "--axes", "width",
+            "--overwrite")
+    return heal(out, name, pruned, heal_tokens)
+
+
+def score(file: Path, out: Path, args) -> dict[str, Any]:
+    """One file's row: MB, perplexity per text, speed (llama.cpp) or dequantised perplexity."""
+    report = out / "evals" / file.stem
+    flags = ["--data", ",".join(TEXTS), "--max-tokens", str(args.tokens), "--window", "512", "--stride",
+             str(args.stride), "--output", str(report)]
+    if llamacpp.available():
+        run("eval", "--models", str(file), "--runtime", "llamacpp", "--speed-length", "256", "--gen-tokens", "64",
+            "--repeats", "3", *flags)
+    else:
+        run("eval", "--models", str(file), "--no-speed", *flags)
+    row = json.loads((report / "report.json").read_text())["rows"][0]
+    return {"mb": file.stat().st_size / 2**20, "perplexity": row["perplexity"],
+            "prompt_tokens_per_s": row.get("tokens_per_s"), "gen_tokens_per_s": row.get("generate_tokens_per_s"),
+            "runtime": "llamacpp" if llamacpp.available() else "transformers (dequantised)"}
+
+
+def ratio(row: dict[str, Any], teacher: dict[str, float]) -> float:
+    """Geometric mean over the texts of perplexity / the teacher's f16 file's."""
+    return math.exp(sum(math.log(row["perplexity"][t] / teacher[t]) for t in TEXTS) / len(TEXTS))
+
+
+def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Files no other file beats on both size and perplexity ratio, smallest first."""
+    front, best = [], math.inf
+    for row in sorted(rows, key=lambda r: (r["mb"], r["ratio"])):
+        if row["ratio"] < best:
+            front.append(row)
+            best = row["ratio"]
+    return front
+
+
+def chart(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = dict(zip(QUANTS, "os^v", strict=True))
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        mine = [r for r in rows if r["model"] == model]
+        for r in mine:
+            ax.scatter(r["mb"], r["ratio"], color=f"C{i}", marker=markers[r["quant"]], s=50,
+                       label=model if r is mine[0] else None)
+            ax.annotate(r["quant"], (r["mb"], r["ratio"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([r["mb"] for r in front], [r["ratio"] for r in front], color="black", lw=1, ls="--",
+            label="Pareto front")
+    ax.set_xscale("log")
+    ax.set(xlabel="GGUF file size (MB, log)", ylabel="perplexity / teacher f16's (geometric mean of 2 texts)",
+           title="SmolLM2-135M: prune, quantize or both")
+    ax.axhline(1, color="grey", lw=0.6)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def table(rows: list[dict[str, Any]], front: list[dict[str, Any]]) -> str:
+    lines = ["| model | type | MB | " + " | ".join(TEXTS) + " | ratio | prompt tok/s | gen tok/s | front |",
+             "|---|---|---:|" + "---:|" * len(TEXTS) + "---:|---:|---:|---|"]
+    for r in rows:
+        speed = [f"{r[k]:,.0f}" if r.get(k) else "n/a" for k in ("prompt_tokens_per_s", "gen_tokens_per_s")]
+        lines.append(f"| {r['model']} | {r['quant']} | {r['mb']:.1f} | "
+                     + " | ".join(f"{r['perplexity'][t]:.2f}" for t in TEXTS)
+                     + f" | {r['ratio']:.3f} | {' | '.join(speed)} | {'yes' if r in front else ''} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(Path.home() / "lmshrink-runs" / "size-quality"))
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--heal-tokens", type=int, default=25600)
+    parser.add_argument("--models", default="teacher,24,15,width", help="which of teacher, 24, 15, width")
+    parser.add_argument("--tasks", default="", help="zero-shot suite for the Pareto front's files, e.g. core")
+    parser.add_argument("--limit", type=int, default=200)
+    args = parser.parse_args()
+    out = Path(args.output).expanduser()
+    wanted = args.models.split(",")
+    models: dict[str, str] = {}
+    if "teacher" in wanted:
+        models["teacher (30 blocks)"] = TEACHER
+    if "24" in wanted or "width" in wanted:
+        models["24/30 blocks, repaired + healed"] = cut_student(out, "depth-24", 24, args.heal_tokens)
+    if "15" in wanted:
+        models["15/30 blocks, repaired + healed"] = cut_student(out, "depth-15", 15, args.heal_tokens)
+    if "width" in wanted:
+        models["width-pruned to 24/30's size + healed"] = width_student(
+            out, "width-24", models["24/30 blocks, repaired + healed"], args.heal_tokens)
+    if "24" not in wanted:
+        models.pop("24/30 blocks, repaired + healed", None)
+    rows = []
+    for label, source in models.items():
+        slug = Path(source).parent.name if source != TEACHER else "teacher"
+        folder = out / "gguf" / slug
+        run("export", "--model", source, "--output", str(folder), "--name", slug, "--quant", ",".join(QUANTS))
+        for quant in QUANTS:
+            file = folder / file_name(slug, quant)
+            row_file = out / "rows" / f"{file.stem}.json"
+            if not row_file.exists():
+                print(f"\n=== {file.name}", flush=True)
+                write_json(row_file, {"model": label, "quant": quant, "file": str(file), **score(file, out, args)})
+            rows.append(json.loads(row_file.read_text()))
+    teacher = next((r["perplexity"] for r in rows if r["model"].startswith("teacher") and r["quant"] == "f16"), None)
+    if teacher is None:
+        raise SystemExit("the teacher's f16 row is needed as the reference: include teacher in --models")
+    for r in rows:
+        r["ratio"] = ratio(r, teacher)
+    front = pareto(rows)
+    chart(rows, front, out / "size_quality.png")
+    text = table(rows, front)
+    if args.tasks:
+        eval_out = out / "zero-shot"
+        if not (eval_out / "report.md").exists():
+            run("eval", "--models", ",".join(r["file"] for r in front), "--tasks", args.tasks, "--limit",
+                str(args.limit), "--no-speed", "--output", str(eval_out))
+        text += "\n\nZero-shot, the Pareto front's files (dequantised by transformers):\n\n" + (
+            eval_out / "report.md").read_text()
+    write_text(out / "report.md", text + "\n")
+    write_json(out / "report.json", {"rows": rows, "front": [r["file"] for r in front]})
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""A transformers causal LM as a GGUF file that llama.cpp (and Ollama, LM Studio, llama-cpp-python) runs.
+
+Written with the `gguf` package, the writer, tensor-name tables, vocabulary helpers and quantizers
+llama.cpp's own converter uses; what is lmshrink's own is small and listed here:
+
+- `FAMILIES`: which llama.cpp architecture a `config.model_type` becomes, its hyperparameters, and
+  the two tensor layouts that differ from transformers': Llama/Mistral's query and key rows go back
+  from transformers' rotate-half order to the interleaved order llama.cpp's RoPE expects, and GPT-2's
+  Conv1D weights (stored in, out) are transposed. Every other family is refused with the reason.
+- `tensor_type`: the quantization policy. Norms, biases and position tables stay F32; with a 4- or
+  5-bit type the token embedding (and an untied output matrix) are kept at Q8_0, as in the GGUF
+  SmolLM2 ships in; a matrix whose rows are not a whole number of quantization blocks falls back to
+  F16 (counted in the file's record).
+- the vocabulary: byte-level BPE tokenizers (GPT-2, SmolLM2, Llama 3, Qwen) become llama.cpp's
+  `gpt2` model with the pre-tokenizer name (`PRE_TOKENIZERS`) read off the tokenizer's own
+  pre-tokenizer; SentencePiece-style ones (Llama 2, Mistral) go through `gguf.LlamaHfVocab`. Special
+  tokens, merges and the chat template come from `gguf.SpecialVocab`.
+- provenance: the model's `lmshrink.json` (teacher, kept blocks, every setting) as metadata.
+
+K-quants (q4_k_m, ...) and i-quants need llama.cpp's importance-aware quantizer, which the `gguf`
+package does not have: export f16 and run `llama-quantize FILE-F16.gguf FILE-Q4_K_M.gguf Q4_K_M`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmshrink.errors import LmshrinkError
+from lmshrink.records import atomic_file
+
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+"""Every type the `gguf` package quantizes to (and llama.cpp runs), best first."""
+LLAMA_QUANTIZE_ONLY = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_m", "q3_k_s", "q3_k_l", "q2_k",
+                       "iq4_xs", "iq4_nl", "iq3_m", "iq3_xxs", "iq2_m", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
+
+
+class ExportError(LmshrinkError, ValueError):
+    pass
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+def ggml_type(quant: str):
+    return _gguf().GGMLQuantizationType[quant.upper()]
+
+
+def file_type(quant: str):
+    lft = _gguf().LlamaFileType
+    return lft.ALL_F32 if quant == "f32" else lft[f"MOSTLY_{quant.upper()}"]
+
+
+# --- families -----------------------------------------------------------------------------------
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _rope_problem(config) -> str | None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", "default")
+    if kind != "default":
+        return f"its RoPE is scaled ({kind}), which lmshrink does not write to GGUF yet"
+    return None
+
+
+def _llama_like(writer, config) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _gpt2(writer, config) -> None:
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Query/key rows from transformers' rotate-half order (each head: all real parts, then all
+    imaginary parts) to the interleaved pairs llama.cpp's `llama` RoPE rotates."""
+    rows, rest = weight.shape[0], weight.shape[1:]
+    return weight.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def _llama_tensor(name: str, tensor: torch.Tensor, config) -> torch.Tensor:
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+        return _interleave_rope_rows(tensor, config.num_attention_heads)
+    if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+        return _interleave_rope_rows(tensor, config.num_key_value_heads or config.num_attention_heads)
+    return tensor
+
+
+def _gpt2_tensor(name: str, tensor: torch.Tensor, config) -> torch.Tensor:
+    if name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+        return tensor.T  # Conv1D keeps (in, out); llama.cpp, like nn.Linear, (out, in)
+    return tensor
+
+
+def _same(name: str, tensor: torch.Tensor, config) -> torch.Tensor:
+    return tensor
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str
+    """llama.cpp's architecture name (gguf.MODEL_ARCH member)."""
+    hparams: Callable[[Any, Any], None]
+    tensor: Callable[[str, torch.Tensor, Any], torch.Tensor] = _same
+    skip: tuple[str, ...] = ()
+    """Suffixes of state-dict entries llama.cpp does not use."""
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LLAMA", _llama_like, _llama_tensor, (".rotary_emb.inv_freq",)),
+    "mistral": Family("LLAMA", _llama_like, _llama_tensor, (".rotary_emb.inv_freq",)),
+    "qwen2": Family("QWEN2", _llama_like, skip=(".rotary_emb.inv_freq",)),
+    "qwen3": Family("QWEN3", _llama_like, skip=(".rotary_emb.inv_freq",)),
+    "gpt2": Family("GPT2", _gpt2, _gpt2_tensor, (".attn.bias", ".attn.masked_bias")),
+}
+
+REFUSED: dict[str, str] = {
+    "gemma2": "llama.cpp's gemma2 needs logit soft-capping and per-layer sliding windows that lmshrink does not write yet",
+    "gemma3_text": "llama.cpp's gemma3 needs per-layer sliding windows and norms that lmshrink does not write yet",
+    "phi3": "llama.cpp's phi3 stores fused QKV and gate/up tensors that lmshrink does not write yet",
+    "smollm3": "llama.cpp's smollm3 needs its no-RoPE layer list, which lmshrink does not write yet",
+    "opt": "llama.cpp has no OPT architecture",
+    "gpt_neo": "llama.cpp has no GPT-Neo architecture",
+    "gpt_neox": "llama.cpp's gptneox needs its fused QKV layout, which lmshrink does not write yet",
+}
+
+
+def export_problems(config) -> list[str]:
+    """Why a model of this config cannot be exported to GGUF ([] if it can)."""
+    kind = config.model_type
+    if kind not in FAMILIES:
+        why = REFUSED.get(kind, "lmshrink does not export it to GGUF yet")
+        return [f"model: {kind} models cannot be exported to GGUF: {why}; llama.cpp's convert_hf_to_gguf.py "
+                f"may convert the folder (exported: {', '.join(FAMILIES)})"]
+    if kind != "gpt2" and (why := _rope_problem(config)):
+        return [f"model: this {kind} model cannot be exported to GGUF: {why}"]
+    return []
+
+
+def sliding_window_note(config) -> str | None:
+    """llama.cpp's llama and qwen2 graphs attend to the whole context: say so where the model would not."""
+    window = getattr(config, "sliding_window", None)
+    used = config.model_type == "mistral" or getattr(config, "use_sliding_window", False)
+    if window and used:
+        return (f"{config.model_type}: llama.cpp attends to the whole context, the model to {window} tokens; "
+                f"outputs agree for contexts up to {window} tokens")
+    return None
+
+
+# --- tensors -----------------------------------------------------------------------------------
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str):
+    """The GGML type one tensor is stored as in a file of type `quant`."""
+    g = _gguf()
+    types = g.GGMLQuantizationType
+    if len(shape) == 1 or gguf_name.startswith("position_embd"):
+        return types.F32
+    wanted = ggml_type(quant)
+    if quant in ("f32", "f16", "bf16"):
+        return wanted
+    if quant != "q8_0" and gguf_name.startswith(("token_embd.", "output.")):
+        wanted = types.Q8_0
+    block, _ = g.GGML_QUANT_SIZES[wanted]
+    return wanted if shape[-1] % block == 0 else types.F16
+
+
+def tensors(model, family: Family) -> list[tuple[str, str, np.ndarray]]:
+    """(transformers name, GGUF name, float32 array in llama.cpp's layout) of every tensor written."""
+    g = _gguf()
+    config = model.config
+    names = g.get_tensor_name_map(g.MODEL_ARCH[family.arch], config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    out = []
+    for name, tensor in model.state_dict().items():
+        if name.endswith(family.skip) or (tied and name == "lm_head.weight"):
+            continue
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ExportError(f"{name}: no llama.cpp tensor name for it in {family.arch.lower()}; "
+                              "the model has a tensor lmshrink does not know how to export")
+        data = family.tensor(name, tensor.detach().float().cpu(), config)
+        out.append((name, gguf_name, data.contiguous().numpy()))
+    return out
+
+
+# --- vocabulary --------------------------------------------------------------------------------
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+PRE_TOKENIZERS: dict[str, list[dict[str, Any]]] = {
+    # llama.cpp's name for how text is split before the merges -> the tokenizer.json pre_tokenizer
+    # steps that mean it (each step: the keys that must match)
+    "gpt-2": [{"type": "ByteLevel", "use_regex": True}],
+    "smollm": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}],
+    "llama-bpe": [{"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}}, {"type": "ByteLevel", "use_regex": False}],
+    "qwen2": [{"type": "Split", "pattern": {"Regex": _QWEN2_SPLIT}}, {"type": "ByteLevel", "use_regex": False}],
+}
+
+
+def _steps(pre: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not pre:
+        return []
+    return pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+
+
+def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str | None:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json (None: none known)."""
+    steps = _steps(tokenizer_json.get("pre_tokenizer"))
+    for name, wanted in PRE_TOKENIZERS.items():
+        if len(steps) == len(wanted) and all(all(step.get(k) == v for k, v in want.items())
+                                             for step, want in zip(steps, wanted, strict=True)):
+            return name
+    return None
+
+
+def tokenizer_kind(tokenizer_json: dict[str, Any]) -> str:
+    """`gpt2` (byte-level BPE), `llama` (SentencePiece-style BPE with byte fallback), else refused."""
+    model = tokenizer_json.get("model") or {}
+    byte_level = any(step.get("type") == "ByteLevel" for step in _steps(tokenizer_json.get("pre_tokenizer")))
+    if model.get("type") == "BPE" and byte_level:
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "llama"
+    raise ExportError(f"tokenizer: a {model.get('type')} tokenizer without byte-level pre-tokenization or byte "
+                      "fallback cannot be written to GGUF by lmshrink")
+
+
+def _byte_level_vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
+    types = _gguf().TokenType
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, kinds = [], []
+    for i in range(n_vocab):
+        if i in added:
+            tokens.append(added[i].content)
+            kinds.append(types.CONTROL if added[i].special else types.USER_DEFINED)
+        elif i in by_id:
+            tokens.append(by_id[i])
+            kinds.append(types.NORMAL)
+        else:  # the embedding has rows the tokenizer never produces
+            tokens.append(f"[PAD{i}]")
+            kinds.append(types.UNUSED)
+    return tokens, kinds
+
+
+def add_vocabulary(writer, tokenizer, n_vocab: int, pre: str | None) -> str:
+    """Write the tokenizer into the file; returns the pre-tokenizer name used."""
+    g = _gguf()
+    if len(tokenizer) > n_vocab:
+        raise ExportError(f"tokenizer: {len(tokenizer):,} tokens, more than the model's {n_vocab:,} embeddings")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        path = Path(tmp)
+        if not (path / "tokenizer.json").is_file():
+            raise ExportError("tokenizer: only fast tokenizers (tokenizer.json) can be written to GGUF")
+        spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        kind = tokenizer_kind(spec)
+        if kind == "gpt2":
+            pre = pre or pre_tokenizer_name(spec)
+            if pre is None:
+                raise ExportError(
+                    "tokenizer: its pre-tokenizer is not one lmshrink recognises "
+                    f"({json.dumps(spec.get('pre_tokenizer'))[:120]}...); name llama.cpp's for it with "
+                    f"--pre-tokenizer (known here: {', '.join(PRE_TOKENIZERS)})")
+            tokens, kinds = _byte_level_vocab(tokenizer, n_vocab)
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(pre)
+            writer.add_token_list(tokens)
+            writer.add_token_types(kinds)
+        else:
+            pre = pre or "default"
+            vocab = g.LlamaHfVocab(path)
+            texts, scores, kinds = [], [], []
+            for text, score, kind_ in vocab.all_tokens():
+                texts.append(text)
+                scores.append(score)
+                kinds.append(kind_)
+            for i in range(len(texts), n_vocab):
+                texts.append(f"[PAD{i}]".encode())
+                scores.append(-1000.0)
+                kinds.append(g.TokenType.UNUSED)
+            writer.add_tokenizer_model("llama")
+            writer.add_tokenizer_pre(pre)
+            writer.add_token_list(texts)
+            writer.add_token_scores(scores)
+            writer.add_token_types(kinds)
+        g.SpecialVocab(path, load_merges=kind == "gpt2", n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+    return pre
+
+
+# --- the file ----------------------------------------------------------------------------------
+
+
+def write_gguf(model, tokenizer, path: str | Path, quant: str, name: str, record: dict[str, Any] | None = None,
+               base_model: str | None = None, license: str | None = None, pre: str | None = None) -> dict[str, Any]:
+    """Write `model` (and its tokenizer) as one GGUF file of type `quant`, atomically.
+
+    Returns what the file holds: its types (tensors per GGML type) and pre-tokenizer."""
+    g = _gguf()
+    config = model.config
+    problems = export_problems(config)
+    if problems:
+        raise ExportError(problems[0].removeprefix("model: "))
+    if quant not in QUANTS:
+        raise ExportError(f"quant: {quant!r} is not one of {', '.join(QUANTS)}")
+    family = FAMILIES[config.model_type]
+    arrays = tensors(model, family)
+    with atomic_file(path) as tmp:
+        writer = g.GGUFWriter(tmp, g.MODEL_ARCH_NAMES[g.MODEL_ARCH[family.arch]])
+        writer.add_type("model")
+        writer.add_name(name)
+        writer.add_quantized_by("lmshrink")
+        if license:
+            writer.add_license(license)
+        if base_model:
+            writer.add_base_model_count(1)
+            writer.add_base_model_name(0, base_model)
+        family.hparams(writer, config)
+        writer.add_file_type(file_type(quant))
+        writer.add_quantization_version(g.GGML_QUANT_VERSION)
+        used_pre = add_vocabulary(writer, tokenizer, config.vocab_size, pre)
+        if record:
+            writer.add_string("lmshrink.record", json.dumps(record))
+            if record.get("kept_layers") is not None:
+                writer.add_array("lmshrink.kept_layers", [int(i) for i in record["kept_layers"]])
+            if record.get("teacher"):
+                writer.add_string("lmshrink.teacher", str(record["teacher"]))
+        counts: dict[str, int] = {}
+        for _, gguf_name, data in arrays:
+            qtype = tensor_type(gguf_name, data.shape, quant)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+            stored = data if qtype == g.GGMLQuantizationType.F32 else g.quants.quantize(data, qtype)
+            writer.add_tensor(gguf_name, stored, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return {"tensor_types": counts, "pre_tokenizer": used_pre}
+
+
+def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file, dequantised to float32 in llama.cpp's layout (row-major, (out, in))."""
+    g = _gguf()
+    reader = g.GGUFReader(str(path))
+    return {t.name: g.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+            for t in reader.tensors}
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The file's metadata as Python values (token lists left out)."""
+    g = _gguf()
+    reader = g.GGUFReader(str(path))
+    skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+    return {key: field.contents() for key, field in reader.fields.items() if key not in skip}

@@ -1,0 +1,226 @@
+"""`lmshrink export`: GGUF files that give the source model's logits back, by the gguf reader, by
+transformers' GGUF loader (lmshrink's `.gguf` path) and, where llama-cpp-python is installed, by
+llama.cpp itself."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from conftest import TINY_CONFIGS
+
+from lmshrink import llamacpp
+from lmshrink.cli import main as lmshrink
+from lmshrink.gguf_export import FAMILIES, ExportError, pre_tokenizer_name, read_metadata, read_tensors, tensors, write_gguf
+from lmshrink.models import load
+
+SAMPLE = "Hello world! The export keeps 12 tokens, spaces  and\nnew lines; café costs 3.50."
+
+# Relative RMS error of the logits a file gives back, by type: exact for f32, close for 16- and
+# 8-bit types, bounded for 5- and 4-bit ones (tiny random models: every weight matters).
+TOLERANCE = {"f32": 1e-6, "f16": 5e-3, "bf16": 3e-2, "q8_0": 3e-2, "q5_1": 0.1, "q5_0": 0.1, "q4_1": 0.2,
+             "q4_0": 0.2}
+
+
+def exportable(kind: str, vocab: int, n_layers: int = 2):
+    """A tiny model of a family lmshrink exports, with GPT-2's vocabulary. The read-back checks go
+    through transformers' GGUF loader, which takes GPT-2's context and Qwen3's head size from its
+    own defaults, so those two are set to the defaults here; no sliding window (see
+    `sliding_window_note`)."""
+    config = TINY_CONFIGS[kind](n_layers)
+    config.vocab_size = vocab
+    if kind == "gpt2":
+        config.n_positions = 1024
+    if kind == "qwen3":
+        config.head_dim = 128
+    if kind in ("mistral", "qwen2"):
+        config.sliding_window = 4096
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def bpe(real_text):
+    """A small byte-level BPE tokenizer (GPT-2's kind) trained on real English, so files and their
+    read-backs stay small (a 50k-token vocabulary takes transformers' GGUF reader ~15 s a file)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train([str(real_text)], trainer)
+    return T.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm())
+
+
+@pytest.fixture(scope="module")
+def sample_ids(bpe) -> torch.Tensor:
+    return torch.tensor([bpe(SAMPLE)["input_ids"]])
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_each_family_reads_back_with_its_logits(kind, tmp_path, bpe, sample_ids):
+    model = exportable(kind, len(bpe))
+    with torch.no_grad():
+        want = model(sample_ids).logits
+    for quant in ("f32", "q8_0", "q4_0"):
+        path = tmp_path / f"m-{quant}.gguf"
+        write_gguf(model, bpe, path, quant, "m")
+        back = T.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = back(sample_ids).logits
+        assert relative_error(want, got) < TOLERANCE[quant], (kind, quant, relative_error(want, got))
+
+
+def test_every_type_is_within_its_tolerance_and_f32_is_exact_by_the_gguf_reader(tmp_path, bpe,
+                                                                                  sample_ids):
+    model = exportable("llama", len(bpe))
+    with torch.no_grad():
+        want = model(sample_ids).logits
+    errors = {}
+    for quant in TOLERANCE:
+        path = tmp_path / f"m-{quant}.gguf"
+        info = write_gguf(model, bpe, path, quant, "m")
+        back = T.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            errors[quant] = relative_error(want, back(sample_ids).logits)
+        assert errors[quant] < TOLERANCE[quant], (quant, errors[quant])
+        if quant not in ("f32", "f16", "bf16", "q8_0"):  # the embedding is kept at q8_0 under 4/5-bit types
+            assert info["tensor_types"]["Q8_0"] == 1 and info["tensor_types"][quant.upper()] > 0
+    assert errors["f32"] < errors["q8_0"] < errors["q4_0"]
+    # the gguf reader: every tensor of the f32 file is the source tensor, in llama.cpp's layout
+    stored = read_tensors(tmp_path / "m-f32.gguf")
+    expected = {gguf_name: data for _, gguf_name, data in tensors(model, FAMILIES["llama"])}
+    assert stored.keys() == expected.keys()
+    for name, data in expected.items():
+        np.testing.assert_array_equal(stored[name], data)
+
+
+def test_lmshrink_loads_the_file_and_its_tokenizer_encodes_the_same(tmp_path, bpe, sample_ids,
+                                                                   monkeypatch):
+    model = exportable("gpt2", len(bpe))
+    path = tmp_path / "m-F16.gguf"
+    write_gguf(model, bpe, path, "f16", "m")
+    monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path / "cache"))
+    loaded = load(str(path))
+    assert loaded.tokenizer(SAMPLE)["input_ids"] == bpe(SAMPLE)["input_ids"]
+    with torch.no_grad():
+        assert relative_error(model(sample_ids).logits, loaded.model(sample_ids).logits) < TOLERANCE["f16"]
+
+
+def test_cli_writes_files_card_and_provenance_and_a_rerun_keeps_them(tiny_gpt2_dir, tmp_path):
+    student = tmp_path / "student"
+    assert lmshrink(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(student), "--keep", "0,3",
+                     "--repair", "none"]) == 0
+    out = tmp_path / "gguf"
+    assert lmshrink(["export", "--model", str(student), "--output", str(out), "--quant", "q8_0,q4_0"]) == 0
+    files = sorted(p.name for p in out.glob("*.gguf"))
+    assert files == ["student-Q4_0.gguf", "student-Q8_0.gguf"]
+    meta = read_metadata(out / "student-Q8_0.gguf")
+    assert meta["general.architecture"] == "gpt2" and meta["gpt2.block_count"] == 2
+    assert list(meta["lmshrink.kept_layers"]) == [0, 3]
+    assert json.loads(meta["lmshrink.record"])["command"] == "truncate"
+    assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.ggml.model"] == "gpt2"
+    record = json.loads((out / "export.json").read_text())
+    assert set(record["files"]) == set(files)
+    card = (out / "README.md").read_text()
+    assert all(f"| {f} |" in card for f in files)
+    mtime = (out / "student-Q8_0.gguf").stat().st_mtime_ns
+    assert lmshrink(["export", "--model", str(student), "--output", str(out), "--quant", "q8_0,f16"]) == 0
+    assert (out / "student-Q8_0.gguf").stat().st_mtime_ns == mtime  # kept, not rewritten
+    assert set(json.loads((out / "export.json").read_text())["files"]) == {*files, "student-F16.gguf"}
+    assert not list(out.glob(".*.tmp*"))  # atomic writes leave no temporary files
+
+
+def test_cli_refuses_with_the_reason(tiny_gpt2_dir, tmp_path, capsys):
+    assert lmshrink(["export", "--model", str(tiny_gpt2_dir), "--output", str(tmp_path / "o"),
+                     "--quant", "q4_k_m"]) == 2
+    assert "llama-quantize" in capsys.readouterr().err
+    folder = tmp_path / "gemma2"
+    model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS["gemma2"](2))
+    model.save_pretrained(folder)
+    T.AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(folder)
+    assert lmshrink(["export", "--model", str(folder), "--quant", "f16"]) == 2
+    err = capsys.readouterr().err
+    assert "gemma2 models cannot be exported to GGUF" in err and "Traceback" not in err
+    assert not (folder / "gguf").exists()
+
+
+def test_pre_tokenizer_names_come_from_the_tokenizer_structure():
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
+    smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    assert pre_tokenizer_name({"pre_tokenizer": smollm}) == "smollm"
+    odd = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "x"}}, byte_level]}
+    assert pre_tokenizer_name({"pre_tokenizer": odd}) is None
+
+
+def test_unknown_pre_tokenizer_asks_for_the_name(tmp_path, bpe):
+    from tokenizers import Regex, pre_tokenizers
+
+    tokenizer = T.PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(bpe.backend_tokenizer))
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\d+|\D+"), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)])
+    model = exportable("llama", len(bpe), 1)
+    with pytest.raises(ExportError, match="--pre-tokenizer"):
+        write_gguf(model, tokenizer, tmp_path / "m.gguf", "f16", "m")
+    assert not (tmp_path / "m.gguf").exists()
+    write_gguf(model, tokenizer, tmp_path / "m.gguf", "f16", "m", pre="gpt-2")
+    assert read_metadata(tmp_path / "m.gguf")["tokenizer.ggml.pre"] == "gpt-2"
+
+
+def test_eval_runtime_llamacpp_refuses_what_it_cannot_run(tiny_gpt2_dir, capsys):
+    assert lmshrink(["eval", "--models", str(tiny_gpt2_dir), "--runtime", "llamacpp"]) == 2
+    assert ".gguf" in capsys.readouterr().err
+
+
+needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python is not installed "
+                                                                     "(make llamacpp)")
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
+def test_llamacpp_runs_the_file_with_the_source_logits_and_tokens(kind, tmp_path, bpe, sample_ids):
+    model = exportable(kind, len(bpe))
+    with torch.no_grad():
+        want = model(sample_ids).logits
+    for quant in ("f32", "q8_0", "q4_0"):
+        path = tmp_path / f"m-{quant}.gguf"
+        write_gguf(model, bpe, path, quant, "m")
+        llm = llamacpp.open_gguf(path, n_ctx=64, threads=1)
+        assert llamacpp.Tokenizer(llm)(SAMPLE)["input_ids"] == sample_ids[0].tolist()
+        got = llamacpp.logits(llm)(sample_ids)
+        assert relative_error(want, got) < max(TOLERANCE[quant], 1e-4), (kind, quant, relative_error(want, got))
+
+
+@needs_llamacpp
+def test_eval_runtime_llamacpp_end_to_end(tiny_gpt2_dir, tmp_path, real_text):
+    out = tmp_path / "gguf"
+    assert lmshrink(["export", "--model", str(tiny_gpt2_dir), "--output", str(out), "--quant", "f32"]) == 0
+    file = str(out / "tiny-gpt2-F32.gguf")
+    report = tmp_path / "eval"
+    assert lmshrink(["eval", "--models", file, "--runtime", "llamacpp", "--data", str(real_text), "--max-tokens",
+                     "300", "--window", "64", "--stride", "32", "--speed-length", "32", "--gen-tokens", "4",
+                     "--repeats", "1", "--output", str(report)]) == 0
+    row = json.loads((report / "report.json").read_text())["rows"][0]
+    assert assert_close_ppl(row, tiny_gpt2_dir, real_text)
+    assert row["tokens_per_s"] > 0 and row["generate_tokens_per_s"] > 0
+
+
+def assert_close_ppl(row, folder, text) -> bool:
+    """llama.cpp's perplexity of the f32 file is transformers' of the folder (same windows, same tokens)."""
+    from lmshrink.data import token_stream
+    from lmshrink.perplexity import perplexity
+
+    loaded = load(str(folder))
+    reference = perplexity(loaded.model, token_stream(str(text), loaded.tokenizer, 300), 64, 32)
+    return abs(row["perplexity"][str(text)] / reference - 1) < 1e-3
