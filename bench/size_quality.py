@@ -143,26 +143,22 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--heal-tokens", type=int, default=25600)
-    parser.add_argument("--models", default="teacher,24,15,width", help="which of teacher, 24, 15, width")
+    parser.add_argument("--models", default="teacher,24,width,15", help="which of teacher, 24, width, 15, in order")
     parser.add_argument("--tasks", default="", help="zero-shot suite for the Pareto front's files, e.g. core")
     parser.add_argument("--limit", type=int, default=200)
     args = parser.parse_args()
     out = Path(args.output).expanduser()
     wanted = args.models.split(",")
-    models: dict[str, str] = {}
-    if "teacher" in wanted:
-        models["teacher (30 blocks)"] = TEACHER
-    if "24" in wanted or "width" in wanted:
-        models["24/30 blocks, repaired + healed"] = cut_student(out, "depth-24", 24, args.heal_tokens)
-    if "15" in wanted:
-        models["15/30 blocks, repaired + healed"] = cut_student(out, "depth-15", 15, args.heal_tokens)
-    if "width" in wanted:
-        models["width-pruned to 24/30's size + healed"] = width_student(
-            out, "width-24", models["24/30 blocks, repaired + healed"], args.heal_tokens)
-    if "24" not in wanted:
-        models.pop("24/30 blocks, repaired + healed", None)
+    depth24 = lambda: cut_student(out, "depth-24", 24, args.heal_tokens)  # noqa: E731
+    builders = {"teacher": ("teacher (30 blocks)", lambda: TEACHER),
+                "24": ("24/30 blocks, repaired + healed", depth24),
+                "width": ("width-pruned to 24/30's size + healed",
+                          lambda: width_student(out, "width-24", depth24(), args.heal_tokens)),
+                "15": ("15/30 blocks, repaired + healed", lambda: cut_student(out, "depth-15", 15, args.heal_tokens))}
     rows = []
-    for label, source in models.items():
+    for key in wanted:  # each model is built, exported and scored before the next is built
+        label, build = builders[key]
+        source = build()
         slug = Path(source).parent.name if source != TEACHER else "teacher"
         folder = out / "gguf" / slug
         run("export", "--model", source, "--output", str(folder), "--name", slug, "--quant", ",".join(QUANTS))

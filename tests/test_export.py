@@ -199,7 +199,8 @@ def test_llamacpp_runs_the_file_with_the_source_logits_and_tokens(kind, tmp_path
         llm = llamacpp.open_gguf(path, n_ctx=64, threads=1)
         assert llamacpp.Tokenizer(llm)(SAMPLE)["input_ids"] == sample_ids[0].tolist()
         got = llamacpp.logits(llm)(sample_ids)
-        assert relative_error(want, got) < max(TOLERANCE[quant], 1e-4), (kind, quant, relative_error(want, got))
+        # llama.cpp keeps its KV cache in f16: an f32 file agrees to 1e-3, not exactly
+        assert relative_error(want, got) < max(TOLERANCE[quant], 1e-3), (kind, quant, relative_error(want, got))
 
 
 @needs_llamacpp

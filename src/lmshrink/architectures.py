@@ -38,6 +38,8 @@ class Architecture:
     """Why a repair cannot be folded into this architecture (when `mlp_out` is None)."""
     mlp_bias: str | None = None
     """Config flag that gives the MLP projections biases (Llama's `mlp_bias`), for the bias repair."""
+    mlp_out_has_bias: bool = False
+    """The MLP output projection always has a bias (GPT-2, GPT-Neo(X), OPT), for the bias repair."""
 
 
 def _gpt_neo_attention_types(config: Any) -> None:
@@ -52,12 +54,14 @@ _POST_NORM = ("its MLP output passes through post_feedforward_layernorm (an RMSN
               "so no linear map folded into down_proj acts on the residual stream")
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "gpt2": Architecture("transformer.h", "n_layer", ("attn.layer_idx",), mlp_out="mlp.c_proj"),
+    "gpt2": Architecture("transformer.h", "n_layer", ("attn.layer_idx",), mlp_out="mlp.c_proj", mlp_out_has_bias=True),
     "gpt_neo": Architecture("transformer.h", "num_layers", ("attn.layer_id", "attn.attention.layer_id"),
-                            ("attention_layers",), _gpt_neo_attention_types, mlp_out="mlp.c_proj"),
+                            ("attention_layers",), _gpt_neo_attention_types, mlp_out="mlp.c_proj",
+                            mlp_out_has_bias=True),
     "gpt_neox": Architecture("gpt_neox.layers", "num_hidden_layers", ("attention.layer_idx",), ("layer_types",),
-                             mlp_out="mlp.dense_4h_to_h"),
-    "opt": Architecture("model.decoder.layers", "num_hidden_layers", ("self_attn.layer_idx",), mlp_out="fc2"),
+                             mlp_out="mlp.dense_4h_to_h", mlp_out_has_bias=True),
+    "opt": Architecture("model.decoder.layers", "num_hidden_layers", ("self_attn.layer_idx",), mlp_out="fc2",
+                        mlp_out_has_bias=True),
     "llama": replace(_LLAMA_LIKE, mlp_bias="mlp_bias"),
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,

@@ -62,14 +62,10 @@ def repair_problems(config, method: str) -> list[str]:
     arch = architecture_of(config)
     if arch.mlp_out is None:
         return [f"repair: {config.model_type} models cannot be repaired: {arch.mlp_out_missing}; use --repair none"]
-    if method == "bias" and arch.mlp_bias is None and not _has_bias(config):
+    if method == "bias" and arch.mlp_bias is None and not arch.mlp_out_has_bias:
         return [f"repair: the bias repair needs a bias on {arch.mlp_out}, which {config.model_type} models "
                 "do not have (and cannot be given through their config); use --repair replaceme"]
     return []
-
-
-def _has_bias(config) -> bool:
-    return config.model_type in ("gpt2", "gpt_neo", "gpt_neox", "opt")
 
 
 def removed_spans(n: int, keep: list[int]) -> list[tuple[int, int]]:
