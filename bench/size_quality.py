@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink import llamacpp
+from lmshrink.benchmarks import SUITES
 from lmshrink.cli import main as lmshrink
 from lmshrink.recipes.export import file_name
 from lmshrink.records import save_figure, write_json, write_text
@@ -177,13 +178,22 @@ def main() -> None:
     front = pareto(rows)
     chart(rows, front, out / "size_quality.png")
     text = table(rows, front)
-    if args.tasks:
-        eval_out = out / "zero-shot"
-        if not (eval_out / "report.md").exists():
-            run("eval", "--models", ",".join(r["file"] for r in front), "--tasks", args.tasks, "--limit",
-                str(args.limit), "--no-speed", "--output", str(eval_out))
-        text += "\n\nZero-shot, the Pareto front's files (dequantised by transformers):\n\n" + (
-            eval_out / "report.md").read_text()
+    if args.tasks:  # one eval per file, so an interrupted run keeps the files already scored
+        shown = SUITES.get(args.tasks, args.tasks.split(","))
+        lines = ["| file | MB | ratio | " + " | ".join(shown) + " | average |",
+                 "|---|---:|---:|" + "---:|" * (len(shown) + 1)]
+        for r in front:
+            eval_out = out / "zero-shot" / Path(r["file"]).stem
+            if not (eval_out / "report.json").exists():
+                run("eval", "--models", r["file"], "--tasks", args.tasks, "--limit", str(args.limit), "--no-speed",
+                    "--output", str(eval_out))
+            got = json.loads((eval_out / "report.json").read_text())["rows"][0]
+            r["zero_shot"] = {"average": got["task_average"], **{t: v["value"] for t, v in got["tasks"].items()}}
+            lines.append(f"| {Path(r['file']).name} | {r['mb']:.1f} | {r['ratio']:.3f} | "
+                         + " | ".join(f"{100 * r['zero_shot'].get(t, float('nan')):.1f}" for t in shown)
+                         + f" | {100 * r['zero_shot']['average']:.1f} |")
+        text += (f"\n\nZero-shot `{args.tasks}` ({args.limit} items a task, lm-evaluation-harness), the Pareto "
+                 "front's files dequantised by transformers:\n\n" + "\n".join(lines))
     write_text(out / "report.md", text + "\n")
     write_json(out / "report.json", {"rows": rows, "front": [r["file"] for r in front]})
     print(text)

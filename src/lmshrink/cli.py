@@ -14,6 +14,7 @@ from typing import Any
 from lmshrink import __version__
 from lmshrink.config import from_args
 from lmshrink.errors import LmshrinkError
+from lmshrink.manual import page
 
 # name -> (module, settings class, function, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -50,7 +51,7 @@ def usage() -> str:
     lines = [f"lmshrink {__version__}: compress decoder language models and measure what was lost", "",
              "usage: lmshrink COMMAND [--config FILE.yaml] [--flags]", "", "commands:"]
     lines += [f"  {name:<14}{summary}" for name, (*_, summary) in COMMANDS.items()]
-    lines.append("\n`lmshrink COMMAND --help` lists a command's settings.")
+    lines.append("\n`lmshrink COMMAND --help` lists a command's settings; the manual is docs/COMMAND.md.")
     return "\n".join(lines)
 
 
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cls, function = command(name)
-        settings = from_args(cls, rest, prog=f"lmshrink {name}", description=(cls.__doc__ or COMMANDS[name][3]).strip())
+        settings = from_args(cls, rest, prog=f"lmshrink {name}", description=(cls.__doc__ or COMMANDS[name][3]).strip(),
+                             epilog=f"manual: {page(name)}")
         function(settings)
     except LmshrinkError as err:  # the user's to fix: the message, not a traceback
         print(f"lmshrink {name}: error: {err}", file=sys.stderr)

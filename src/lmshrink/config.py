@@ -247,10 +247,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parser_for(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+def parser_for(cls: type, prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one `--flag` per setting (values parsed later by `build`); a group's
     settings are listed under its name, each as `--name` where unique and always as `--group.name`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
     parser.add_argument("--config", help="YAML file with settings (same names as the flags)")
     short = {path: name for name, path in names(cls).items() if name != path}
     sections: dict[str, Any] = {}
@@ -286,7 +286,7 @@ def _defaults(cls: type, prefix: str = "", instance: Any = None) -> dict[str, An
     return found
 
 
-def from_args(cls: type, argv: list[str], prog: str, description: str) -> Any:
+def from_args(cls: type, argv: list[str], prog: str, description: str, epilog: str | None = None) -> Any:
     """Settings from `--config` YAML overridden by explicit flags."""
     paths = [leaf.path for leaf in leaves(cls)]
     for arg in argv:  # a name two groups share: say which groups, not argparse's "unrecognized"
@@ -295,7 +295,7 @@ def from_args(cls: type, argv: list[str], prog: str, description: str) -> Any:
         if arg.startswith("--") and name not in paths and len(same) > 1:
             raise SettingsError(f"--{_flag(name)}: this command has several; say which: "
                                 f"{', '.join('--' + _flag(p) for p in same)}")
-    args = vars(parser_for(cls, prog, description).parse_args(argv))
+    args = vars(parser_for(cls, prog, description, epilog).parse_args(argv))
     config = args.pop("config")
     values = load_yaml(config) if config else {}
     groups = {p.rsplit(".", i)[0] for p in (leaf.path for leaf in leaves(cls)) for i in range(1, p.count(".") + 1)}

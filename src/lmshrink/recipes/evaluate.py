@@ -178,6 +178,7 @@ def evaluate_gguf(name: str, settings: EvalSettings, label: str | None = None,
         row.setdefault("tokens", {})[source] = cache[key].numel()
     if timing.speed:
         row.update(llamacpp.speed(llm, timing.speed_length, timing.gen_tokens, timing.repeats))
+    llm.close()  # now, not at interpreter exit (where llama-cpp-python's finaliser can fail)
     return row
 
 
