@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmshrink.cli import COMMANDS, command, main
-from lmshrink.manual import (BEGIN, END, broken_links, command_problems, settings_table, shown_commands,
-                             with_table)
+from lmshrink.manual import BEGIN, END, broken_links, command_problems, settings_table, shown_commands, with_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
