@@ -54,3 +54,11 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert problems == ["lmshrink truncate: no flag --no-such-flag",
                         "lmshrink eval: config file configs/none.yaml does not exist",
                         "lmshrink frobnicate: no such command"]
+
+
+def test_every_checked_bad_input_is_on_its_command_page():
+    from test_bad_inputs import CASES
+
+    missing = [(args[0], message) for args, message in CASES
+               if message.replace("|", "/") not in (ROOT / "docs" / f"{args[0]}.md").read_text()]
+    assert missing == []
