@@ -71,6 +71,8 @@ CASES = [
     (["pretrain", "--model", "{model}", "--data", "{bad}/missing.txt", "--block-size", "64"], "is not a file or folder"),
     (["pretrain", "--model", "{model}", "--data", "{bad}/binary.txt", "--block-size", "64"], "binary"),
     (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--block-size", "4096"], "block_size"),
+    (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--lr", "-1"],
+     "lr: the learning rate must be positive"),
     (["distill", "--model", "{bad}/deep", "--teacher", "{model}", "--data", "python-docs/tutorial",
       "--layer-map", "rail", "--alpha-inter", "1", "--block-size", "64"], "RAIL-KD draws a distinct teacher layer"),
     (["distill", "--model", "{model}", "--teacher", "{model}", "--data", "python-docs/tutorial",

@@ -13,7 +13,7 @@ from typing import Any
 
 from lmshrink import __version__
 from lmshrink.config import from_args
-from lmshrink.errors import LmshrinkError
+from lmshrink.errors import LmshrinkError, Stopped
 from lmshrink.manual import page
 
 # name -> (module, settings class, function, one-line summary)
@@ -75,4 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except LmshrinkError as err:  # the user's to fix: the message, not a traceback
         print(f"lmshrink {name}: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:  # Ctrl-C / SIGTERM: what was kept and how to go on
+        print(f"lmshrink {name}: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0

@@ -5,3 +5,12 @@ from __future__ import annotations
 
 class LmshrinkError(Exception):
     """A bad input, setting, model or asset; the message names the problem and the fix."""
+
+
+class Stopped(Exception):
+    """A run stopped on a signal (Ctrl-C, SIGTERM) after keeping its work: the CLI prints the message
+    as it is and exits with `exit_code` (128 + the signal's number: 130, 143)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

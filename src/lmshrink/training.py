@@ -12,7 +12,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from lmshrink.architectures import check_length
 from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
 from lmshrink.data import DataError, pack, text_dataset
+from lmshrink.errors import Stopped
 from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
 from lmshrink.model_card import save_model_record
 from lmshrink.records import RECORD, exclusive, provenance, publish, read_record, write_json, write_text
@@ -111,6 +115,21 @@ class TrainArgs:
                             "transformers fsdp_config file such as configs/fsdp.json")
         if not 0 <= self.warmup < 1:
             problems.append("warmup: a fraction of the steps, in [0, 1)")
+        if not self.lr > 0:
+            problems.append(f"lr: the learning rate must be positive (got {self.lr:g}), e.g. 5e-5")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be 0 or more")
+        if not self.adam_eps > 0:
+            problems.append("adam_eps: must be positive")
+        if not self.epochs > 0:
+            problems.append("epochs: must be positive")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            problems.append("max_tokens: must be positive (or leave it out)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append("max_steps: a positive number of steps, or -1 (from epochs or max_tokens)")
+        if self.save_total_limit < 1:
+            problems.append("save_total_limit: keep at least 1 checkpoint")
         if self.profile_steps < 0:
             problems.append("profile_steps: 0 (off) or more")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
@@ -287,10 +306,16 @@ def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 class MetricsFile(TrainerCallback):
-    """Appends every log record to metrics.jsonl (main process only)."""
+    """Appends every log record to metrics.jsonl (main process only). A run resumed from step N keeps
+    the records up to N and drops the later ones (they are trained again), so every step is in the
+    file once; a fresh run starts a fresh file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_until: int = 0):
         self.path = path
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until]
+            write_text(path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -310,6 +335,44 @@ class RecordCheckpoints(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 write_json(folder / RECORD, {**self.record, "step": state.global_step})
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C (SIGINT) and SIGTERM (what Slurm, Kubernetes and cloud schedulers send before a kill):
+    finish the current optimizer step, write a whole checkpoint, stop. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None:  # the second one: stop now
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n[lmshrink] {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def installed(self) -> Iterator[StopOnSignal]:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 class Profile(TrainerCallback):
@@ -514,11 +577,47 @@ def drop_checkpoints(trainer: Trainer, folder: Path, train: TrainArgs) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def last_checkpoint(folder: str | Path) -> str | None:
-    """The newest `checkpoint-N` in a folder of Trainer checkpoints, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
+def train_until_stopped(trainer: Trainer, resume_from: str | None, stop: StopOnSignal, carry_on: str):
+    """`trainer.train`, with Ctrl-C and SIGTERM turned into a whole checkpoint and `Stopped`."""
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    if stop.signal is not None:
+        raise Stopped(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps} "
+                      f"({signal.Signals(stop.signal).name}); a whole checkpoint is in {trainer.args.output_dir}; "
+                      f"{carry_on}", 128 + stop.signal)
+    return result
 
-    return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
+
+def checkpoint_step(checkpoint: str | Path | None) -> int:
+    """The optimizer step a `checkpoint-N` folder was written at (0: none)."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
+
+
+def whole_checkpoint(folder: Path) -> bool:
+    """A Trainer checkpoint is whole once its trainer_state.json, the last file the Trainer writes
+    into it (after the weights, optimizer, scheduler and RNG states), is there and reads."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_checkpoint(folder: str | Path) -> str | None:
+    """The newest whole `checkpoint-N` in a folder of Trainer checkpoints, if any. A newer one that is
+    not whole (the run was killed while writing it) is said so, removed, and passed over."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()),
+                   key=checkpoint_step, reverse=True)
+    for path in found:
+        if whole_checkpoint(path):
+            return str(path)
+        print(f"[lmshrink] {path.name} is incomplete (the run stopped while writing it): removed; "
+              "the previous whole checkpoint is used", flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
@@ -550,7 +649,10 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     source_record = read_record(model.name_or_path) or {}  # the loaded folder (GGUF / embedded names resolved)
     base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
                        teacher=source_record.get("teacher"), origin=source_record or None, **(extra_record or {}))
-    callbacks = [MetricsFile(out / "metrics.jsonl"), RecordCheckpoints(provenance(command, to_dict(settings), **base_record))]
+    resume_from = checkpoint if settings.train.resume and checkpoint else None
+    stop = StopOnSignal()
+    callbacks = [MetricsFile(out / "metrics.jsonl", checkpoint_step(resume_from)),
+                 RecordCheckpoints(provenance(command, to_dict(settings), **base_record)), stop]
     if settings.train.profile_steps:
         callbacks.append(Profile(out / "profile", settings.train.profile_steps))
     teacher = trainer_kwargs.get("teacher")
@@ -570,10 +672,13 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     print(f"[lmshrink] {command} on {device_name(args.device.type)}: compile {'on' if args.torch_compile else 'off'}, "
           f"fused head {'on' if fused else 'off'}, optimizer {run_optimizer(args)}, {run_precision(args)}; "
           f"peak {trainer.peak_flops / 1e12:.1f} TFLOP/s (measured matmul)", flush=True)
+    if resume_from:
+        print(f"[lmshrink] resuming from {Path(resume_from).name} (step {checkpoint_step(resume_from)} "
+              f"of {args.max_steps if args.max_steps > 0 else 'the run'})", flush=True)
     with hidden_states_as_logits(*trainer.head_models()):
         before = trainer.evaluate()["eval_loss"] if heldout is not None and not checkpoint else None
         started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=checkpoint if settings.train.resume and checkpoint else None)
+        result = train_until_stopped(trainer, resume_from, stop, "run the same command with --resume to carry on")
         wall = time.perf_counter() - started
         after = trainer.evaluate()["eval_loss"] if heldout is not None else None
     metrics = {

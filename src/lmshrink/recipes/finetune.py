@@ -53,10 +53,13 @@ from lmshrink.training import (
     DataArgs,
     LMTrainer,
     MetricsFile,
+    StopOnSignal,
     TrainArgs,
+    checkpoint_step,
     drop_checkpoints,
     last_checkpoint,
     save_trained,
+    train_until_stopped,
     trainer_arguments,
     training_arguments,
 )
@@ -234,15 +237,17 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     # examples are padded per batch, so no token budget; every training example is used
     args = training_arguments(s.train, folder, seed, dataloader_drop_last=False, eval_strategy="no")
     test_set = Dataset.from_list(test)
+    checkpoint = last_checkpoint(folder / "checkpoints")
+    stop = StopOnSignal()
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
                                eval_dataset=test_set, data_collator=collate, processing_class=tokenizer,
-                               callbacks=[MetricsFile(folder / "metrics.jsonl")], method=kd, teacher=teacher)
-    checkpoint = last_checkpoint(folder / "checkpoints")
+                               callbacks=[MetricsFile(folder / "metrics.jsonl", checkpoint_step(checkpoint)), stop],
+                               method=kd, teacher=teacher)
     if checkpoint:
         print(f"finetune {method} seed {seed}: resuming from {Path(checkpoint).name}"
               + (" (the MATE-KD generator restarts from its initial weights)" if generator is not None else ""))
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    train_until_stopped(trainer, checkpoint, stop, "run the same command to carry on (finished seeds are kept)")
     seconds = time.perf_counter() - started
     prediction = trainer.predict(test_set)
     metrics = scores(task, prediction.predictions, [e["label"] for e in test])
