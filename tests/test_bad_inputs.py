@@ -71,6 +71,7 @@ CASES = [
     (["pretrain", "--model", "{model}", "--data", "{bad}/missing.txt", "--block-size", "64"], "is not a file or folder"),
     (["pretrain", "--model", "{model}", "--data", "{bad}/binary.txt", "--block-size", "64"], "binary"),
     (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--block-size", "4096"], "block_size"),
+    (["pretrain", "--model", "{model}", "--data", "{bad}/empty.txt", "--block-size", "64"], "empty.txt' is empty"),
     (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--lr", "-1"],
      "lr: the learning rate must be positive"),
     (["distill", "--model", "{bad}/deep", "--teacher", "{model}", "--data", "python-docs/tutorial",

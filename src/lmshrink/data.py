@@ -194,6 +194,11 @@ def text_dataset(sources: list[str], field: str = "text", streaming: bool = Fals
                 if kind == "text":
                     for file in group:  # refuse binary / non-UTF-8 files with their name
                         _check_text_file(file)
+                    group = [f for f in group if f.stat().st_size > 0]  # an empty file is no document
+                    if not group:
+                        if not any(kinds[k] for k in ("json", "parquet")):
+                            raise DataError(f"{source!r} is empty: it holds no text")
+                        continue
                 extra = {"sample_by": "document"} if kind == "text" else {}
                 ds = load_dataset(kind, data_files=[str(f) for f in group], split="train",
                                   streaming=streaming, **extra)

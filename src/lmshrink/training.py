@@ -272,9 +272,10 @@ def prepare_data(settings: DataArgs, tokenizer) -> tuple[Any, Any]:
     if not settings.eval_data and settings.heldout > 0:
         try:
             split = docs.train_test_split(test_size=settings.heldout, seed=settings.seed)
-        except ValueError as err:  # e.g. one document cannot be split
-            raise DataError(f"cannot hold out {settings.heldout:.0%} of {docs.num_rows} document(s) ({err}); "
-                            "give --eval-data, more documents, or --heldout 0") from None
+        except ValueError:  # e.g. one document cannot be split
+            raise DataError(f"the training data holds {docs.num_rows} document(s), too few to hold out "
+                            f"{settings.heldout:.0%} of them for evaluation; give --eval-data FILE, more documents, "
+                            "or --heldout 0") from None
         docs, heldout_docs = split["train"], split["test"]
     train = pack(docs, tokenizer, settings.block_size, settings.num_proc)
     if hasattr(train, "num_rows") and train.num_rows == 0:
