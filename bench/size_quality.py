@@ -43,7 +43,7 @@ def run(*args: str) -> None:
 def cut_student(out: Path, name: str, layers: int, heal_tokens: int) -> str:
     """Block Influence cut + ReplaceMe, healed: the healed model's folder."""
     cut = out / "students" / f"{name}-cut"
-    if not (cut / "lmshrink.json").exists():
+    if not (cut / "lmshrink.json").exists() and not (out / "students" / name / "model" / "lmshrink.json").exists():
         run("truncate", "--teacher", TEACHER, "--output", str(cut), "--num-layers", str(layers), "--strategy",
             "importance", "--overwrite")
     return heal(out, name, cut, heal_tokens)
@@ -64,7 +64,7 @@ def width_student(out: Path, name: str, like: str, heal_tokens: int) -> str:
     from lmshrink.models import load
 
     pruned = out / "students" / f"{name}-cut"
-    if not (pruned / "lmshrink.json").exists():
+    if not (pruned / "lmshrink.json").exists() and not (out / "students" / name / "model" / "lmshrink.json").exists():
         target = count_parameters(load(like, need_tokenizer=False).model)
         run("prune", "--teacher", TEACHER, "--output", str(pruned), "--target-params", str(target), "--axes", "width",
             "--overwrite")
@@ -116,10 +116,12 @@ def chart(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path) -
             ax.scatter(r["mb"], r["ratio"], color=f"C{i}", marker=markers[r["quant"]], s=50,
                        label=model if r is mine[0] else None)
             ax.annotate(r["quant"], (r["mb"], r["ratio"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted(front, key=lambda r: r["mb"])
     ax.plot([r["mb"] for r in front], [r["ratio"] for r in front], color="black", lw=1, ls="--",
             label="Pareto front")
     ax.set_xscale("log")
-    ax.set(xlabel="GGUF file size (MB, log)", ylabel="perplexity / teacher f16's (geometric mean of 2 texts)",
+    ax.set_yscale("log")
+    ax.set(xlabel="GGUF file size (MB, log)", ylabel="perplexity / teacher f16's (geometric mean of 2 texts, log)",
            title="SmolLM2-135M: prune, quantize or both")
     ax.axhline(1, color="grey", lw=0.6)
     ax.legend(fontsize=8)
@@ -147,6 +149,8 @@ def main() -> None:
     parser.add_argument("--models", default="teacher,24,width,15", help="which of teacher, 24, width, 15, in order")
     parser.add_argument("--tasks", default="", help="zero-shot suite for the Pareto front's files, e.g. core")
     parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--respeed", action="store_true",
+                        help="measure every file's speed again in one pass (when the first runs shared the CPU)")
     args = parser.parse_args()
     out = Path(args.output).expanduser()
     wanted = args.models.split(",")
@@ -170,6 +174,16 @@ def main() -> None:
                 print(f"\n=== {file.name}", flush=True)
                 write_json(row_file, {"model": label, "quant": quant, "file": str(file), **score(file, out, args)})
             rows.append(json.loads(row_file.read_text()))
+    if args.respeed and llamacpp.available():  # every file's speed again, back to back, nothing else running
+        for r in rows:
+            llm = llamacpp.open_gguf(r["file"], n_ctx=512)
+            fast = llamacpp.speed(llm, 256, 64, 5)
+            llm.close()
+            r.update(prompt_tokens_per_s=fast["tokens_per_s"], gen_tokens_per_s=fast["generate_tokens_per_s"],
+                     speed="one pass over every file (--respeed)")
+            write_json(out / "rows" / f"{Path(r['file']).stem}.json", r)
+            print(f"{Path(r['file']).name}: prompt {fast['tokens_per_s']:,.0f} tokens/s, "
+                  f"generation {fast['generate_tokens_per_s']:,.1f} tokens/s", flush=True)
     teacher = next((r["perplexity"] for r in rows if r["model"].startswith("teacher") and r["quant"] == "f16"), None)
     if teacher is None:
         raise SystemExit("the teacher's f16 row is needed as the reference: include teacher in --models")
