@@ -62,6 +62,13 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm())
 
 
+def read_back_logits(path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a GGUF file as transformers' GGUF loader reads it back."""
+    back = T.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return back(ids).logits
+
+
 @pytest.fixture(scope="module")
 def sample_ids(bpe) -> torch.Tensor:
     return torch.tensor([bpe(SAMPLE)["input_ids"]])
@@ -75,9 +82,7 @@ def test_each_family_reads_back_with_its_logits(kind, tmp_path, bpe, sample_ids)
     for quant in ("f32", "q8_0", "q4_0"):
         path = tmp_path / f"m-{quant}.gguf"
         write_gguf(model, bpe, path, quant, "m")
-        back = T.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
-        with torch.no_grad():
-            got = back(sample_ids).logits
+        got = read_back_logits(path, sample_ids)
         assert relative_error(want, got) < TOLERANCE[quant], (kind, quant, relative_error(want, got))
 
 
@@ -90,9 +95,7 @@ def test_every_type_is_within_its_tolerance_and_f32_is_exact_by_the_gguf_reader(
     for quant in TOLERANCE:
         path = tmp_path / f"m-{quant}.gguf"
         info = write_gguf(model, bpe, path, quant, "m")
-        back = T.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
-        with torch.no_grad():
-            errors[quant] = relative_error(want, back(sample_ids).logits)
+        errors[quant] = relative_error(want, read_back_logits(path, sample_ids))
         assert errors[quant] < TOLERANCE[quant], (quant, errors[quant])
         if quant not in ("f32", "f16", "bf16", "q8_0"):  # the embedding is kept at q8_0 under 4/5-bit types
             assert info["tensor_types"]["Q8_0"] == 1 and info["tensor_types"][quant.upper()] > 0

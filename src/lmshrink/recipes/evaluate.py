@@ -158,6 +158,21 @@ def vocabulary_key(tokenizer) -> int:
     return hash(frozenset(tokenizer.get_vocab().items()))
 
 
+def score_sources(row: dict[str, Any], model, tokenizer, ppl: PerplexityArgs, streams: dict[str, Any] | None,
+                  batch_size: int, runtime: str = "") -> None:
+    """Perplexity of `model` (a transformers model or a logits function) on each source, into `row`.
+    Models with the same vocabulary (`row["vocab_id"]`: a teacher and its students) share one
+    tokenised stream through `streams`."""
+    cache = streams if streams is not None else {}
+    for source in ppl.data:
+        key = (source, row["vocab_id"])
+        if key not in cache:
+            cache[key] = token_stream(source, tokenizer, ppl.max_tokens)
+        row["perplexity"][source] = perplexity(model, cache[key], ppl.window, ppl.stride, batch_size,
+                                               progress=f"{row['model']} on {source}{runtime}")
+        row.setdefault("tokens", {})[source] = cache[key].numel()
+
+
 def evaluate_gguf(name: str, settings: EvalSettings, label: str | None = None,
                   streams: dict[str, Any] | None = None) -> dict[str, Any]:
     """One row of the report for a GGUF file run by llama.cpp: size, perplexity, speed."""
@@ -168,14 +183,7 @@ def evaluate_gguf(name: str, settings: EvalSettings, label: str | None = None,
                            "layers": about["layers"], "kept_layers": None, "parameters": about["parameters"],
                            "disk_mb": Path(name).stat().st_size / 2**20, "vocab_id": about["vocab_id"],
                            "perplexity": {}}
-    cache = streams if streams is not None else {}
-    for source in ppl.data:
-        key = (source, about["vocab_id"])
-        if key not in cache:
-            cache[key] = token_stream(source, llamacpp.Tokenizer(llm), ppl.max_tokens)
-        row["perplexity"][source] = perplexity(llamacpp.logits(llm), cache[key], ppl.window, ppl.stride,
-                                               progress=f"{row['model']} on {source} (llama.cpp)")
-        row.setdefault("tokens", {})[source] = cache[key].numel()
+    score_sources(row, llamacpp.logits(llm), llamacpp.Tokenizer(llm), ppl, streams, batch_size=1, runtime=" (llama.cpp)")
     if timing.speed:
         row.update(llamacpp.speed(llm, timing.speed_length, timing.gen_tokens, timing.repeats))
     llm.close()  # now, not at interpreter exit (where llama-cpp-python's finaliser can fail)
@@ -208,16 +216,7 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
         "vocab_id": vocab_key,  # equal for models that share a vocabulary (this run only)
         "perplexity": {},
     }
-    cache = streams if streams is not None else {}
-    # models with the same vocabulary (teacher and its students) share one tokenised stream
-    for source in ppl.data:
-        key = (source, vocab_key)
-        if key not in cache:
-            cache[key] = token_stream(source, loaded.tokenizer, ppl.max_tokens)
-        tokens = cache[key]
-        row["perplexity"][source] = perplexity(model, tokens, ppl.window, ppl.stride, settings.batch_size,
-                                               progress=f"{row['model']} on {source}")
-        row.setdefault("tokens", {})[source] = tokens.numel()
+    score_sources(row, model, loaded.tokenizer, ppl, streams, settings.batch_size)
     if timing.speed:
         row.update(speed(model, timing.speed_batch, timing.speed_length, timing.gen_tokens, timing.repeats))
         if device.type == "cpu":
