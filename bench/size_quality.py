@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--models", default="teacher,24,width,15", help="which of teacher, 24, width, 15, in order")
     parser.add_argument("--tasks", default="", help="zero-shot suite for the Pareto front's files, e.g. core")
     parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--zero-shot-files", default="",
+                        help="comma-separated file stems to score zero-shot (default: every file on the Pareto front)")
     parser.add_argument("--respeed", action="store_true",
                         help="measure every file's speed again in one pass (when the first runs shared the CPU)")
     args = parser.parse_args()
@@ -196,7 +198,9 @@ def main() -> None:
         shown = SUITES.get(args.tasks, args.tasks.split(","))
         lines = ["| file | MB | ratio | " + " | ".join(shown) + " | average |",
                  "|---|---:|---:|" + "---:|" * (len(shown) + 1)]
-        for r in front:
+        picked = [r for r in front if not args.zero_shot_files
+                  or Path(r["file"]).stem in args.zero_shot_files.split(",")]
+        for r in picked:
             eval_out = out / "zero-shot" / Path(r["file"]).stem
             if not (eval_out / "report.json").exists():
                 run("eval", "--models", r["file"], "--tasks", args.tasks, "--limit", str(args.limit), "--no-speed",

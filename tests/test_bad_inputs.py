@@ -74,6 +74,8 @@ CASES = [
     (["pretrain", "--model", "{model}", "--data", "{bad}/empty.txt", "--block-size", "64"], "empty.txt' is empty"),
     (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--lr", "-1"],
      "lr: the learning rate must be positive"),
+    (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--max-steps", "2", "--max-tokens", "100"],
+     "both bound the run's length"),
     (["distill", "--model", "{bad}/deep", "--teacher", "{model}", "--data", "python-docs/tutorial",
       "--layer-map", "rail", "--alpha-inter", "1", "--block-size", "64"], "RAIL-KD draws a distinct teacher layer"),
     (["distill", "--model", "{model}", "--teacher", "{model}", "--data", "python-docs/tutorial",

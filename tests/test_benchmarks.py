@@ -135,3 +135,30 @@ def test_local_copies_have_the_fields_the_stock_tasks_read():
     assert len(docs) == 3270 and docs["label"] == [int(a) for a in docs["answer"]]
     lambada = local_dataset(BENCHMARKS["lambada_openai"].folder, ("test",))["test"]
     assert len(lambada) == 5153 and all(" " in t for t in lambada["text"][:50])  # context + " " + last word
+
+
+def test_an_interrupted_eval_keeps_its_finished_tasks(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
+    import lmshrink.recipes.evaluate as evaluate
+
+    command = ["eval", "--models", str(tiny_gpt2_dir), "--tasks", "copa,piqa", "--limit", "4", "--no-speed",
+               "--output", str(tmp_path / "e")]
+    scored, real = [], evaluate.run_tasks
+
+    def stopped_on_the_second(model, tokenizer, tasks, *args, **kwargs):
+        if scored:
+            raise KeyboardInterrupt  # Ctrl-C
+        scored.append(tasks)
+        return real(model, tokenizer, tasks, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "run_tasks", stopped_on_the_second)
+        assert main(command) == 130
+    assert "stopped (SIGINT)" in capsys.readouterr().err
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "run_tasks", lambda model, tokenizer, tasks, *a, **k: scored.append(tasks)
+                      or real(model, tokenizer, tasks, *a, **k))
+        assert main(command) == 0
+    assert scored == [["copa"], ["piqa"]]  # copa was not scored again
+    assert "copa: scored before" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "e" / "report.json").read_text())["rows"]
+    assert set(rows[0]["tasks"]) == {"copa", "piqa"}

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -322,3 +323,32 @@ def test_language_is_the_one_most_of_the_text_is_in():
     assert 0.55 < doc.metadata["language_score"] < 0.85
     doc = Document(text=english * 30 + _german(), id="mostly-english")
     assert LangIdFilter(["en"]).filter(doc) is True and doc.metadata["language"] == "en"
+
+
+def test_a_signal_keeps_the_finished_tasks_and_the_same_command_finishes(corpus, tmp_path, capsys, monkeypatch):
+    from lmshrink.cli import main
+    from lmshrink.corpus_steps import BadInputFilter
+
+    out = tmp_path / "out"
+    command = ["clean", "--data", str(corpus), "--output", str(out), "--workers", "1", "--tasks", "3",
+               "--max-doc-mb", "1", "--max-line-chars", "50000"]
+    seen, real = [], BadInputFilter.filter
+
+    def terminated_midway(self, doc):
+        seen.append(doc.id)
+        if len(seen) == len(EXPECTED) - 1:  # in the last task
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, doc)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BadInputFilter, "filter", terminated_midway)
+        assert main(command) == 143
+    err = capsys.readouterr().err
+    assert "stopped (SIGTERM)" in err and "run the same command to carry on" in err and "Traceback" not in err
+    finished = sorted(p.name for p in (out / "logs" / "filter" / "completions").iterdir())
+    assert finished and len(finished) < 3  # some tasks done, not all
+    assert main(command) == 0
+    assert set(outcome(out)) == set(EXPECTED)  # every document kept or rejected once (and counts conserved)
+    capsys.readouterr()
+    assert main([*command, "--report-only"]) == 0  # the report again, shown
+    assert (out / "report.md").read_text().strip() in capsys.readouterr().out

@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 from lmshrink.cli import main
 from lmshrink.config import SettingsError, build
 from lmshrink.recipes.pretrain import PretrainSettings
-from lmshrink.recipes.pretrain import run as pretrain
-from lmshrink.training import MAX_CHUNK_ROWS, LMTrainer, loss_chunk_rows
+from lmshrink.training import MAX_CHUNK_ROWS, loss_chunk_rows
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_RUN = ["--data", "python-docs/tutorial", "--heldout", "0.2", "--block-size", "64", "--batch-size", "2",
@@ -76,32 +75,6 @@ def test_token_budget_sets_the_steps(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "run"
     assert main(run_args(tiny_gpt2_dir, out, "--max-tokens", "600", "--report-to", "none")) == 0
     assert json.loads((out / "lmshrink.json").read_text())["metrics"]["steps"] == 5  # ceil(600 / 128)
-
-
-def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_gpt2_dir, tmp_path, monkeypatch):
-    common = dict(model=str(tiny_gpt2_dir), data=["python-docs/tutorial"], heldout=0.2, block_size=64,
-                  batch_size=2, max_steps=8, save_steps=4, lr=1e-3, report_to=["none"], seed=3)
-    pretrain(build(PretrainSettings, {**common, "output": str(tmp_path / "straight")}))
-
-    original = LMTrainer.training_step
-
-    def dies_at_step_6(self, *args, **kwargs):
-        if self.state.global_step == 6:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(LMTrainer, "training_step", dies_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(build(PretrainSettings, {**common, "output": str(tmp_path / "resumed")}))
-    monkeypatch.setattr(LMTrainer, "training_step", original)
-    assert not (tmp_path / "resumed" / "model").exists()
-    with pytest.raises(SettingsError, match="--resume"):  # refuses to silently start over
-        pretrain(build(PretrainSettings, {**common, "output": str(tmp_path / "resumed")}))
-    pretrain(build(PretrainSettings, {**common, "output": str(tmp_path / "resumed"), "resume": True}))
-    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
-    for name, tensor in straight.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
 
 
 def test_two_process_cpu_run(tiny_gpt2_dir, tmp_path):

@@ -6,14 +6,17 @@ for torch, transformers and datatrove.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from lmshrink import __version__
 from lmshrink.config import from_args
-from lmshrink.errors import LmshrinkError, Stopped
+from lmshrink.errors import Interrupted, LmshrinkError, Stopped
 from lmshrink.manual import page
 
 # name -> (module, settings class, function, one-line summary)
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lmshrink: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         cls, function = command(name)
         settings = from_args(cls, rest, prog=f"lmshrink {name}", description=(cls.__doc__ or COMMANDS[name][3]).strip(),
@@ -78,4 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as stop:  # Ctrl-C / SIGTERM: what was kept and how to go on
         print(f"lmshrink {name}: {stop}", file=sys.stderr)
         return stop.exit_code
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM outside a training loop (which checkpoints first)
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        print(f"lmshrink {name}: stopped ({signal.Signals(signum).name}); what had finished is kept (every output "
+              "is written whole or not at all); run the same command to carry on", file=sys.stderr)
+        return 128 + signum
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        # whatever was being written was a temporary file or a checkpoint not yet whole: nothing published is touched
+        print(f"lmshrink {name}: error: no space left on device while writing {err.filename or 'a file'}; "
+              "free some space (df -h) and run the same command to carry on", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum)

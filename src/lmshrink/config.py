@@ -153,6 +153,18 @@ def leaves(cls: type, prefix: str = "") -> list[Leaf]:
     return found
 
 
+def alternatives(cls: type, prefix: str = "") -> list[tuple[str, ...]]:
+    """Dotted paths of settings that bound the same thing (a group's `ALTERNATIVES`, e.g. max_steps
+    and max_tokens): one given replaces the others' command defaults, and a flag replaces the
+    others given in a config file; two given at the same level are the group's `problems()`."""
+    found = [tuple(prefix + name for name in names) for names in getattr(cls, "ALTERNATIVES", ())]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("group"):
+            found += alternatives(hints[f.name], f"{prefix}{f.name}.")
+    return found
+
+
 def names(cls: type) -> dict[str, str]:
     """Accepted name -> dotted path: every path, and each field's own name where it is unique."""
     paths = [leaf.path for leaf in leaves(cls)]
@@ -205,6 +217,10 @@ def build(cls: type, values: dict[str, Any]) -> Any:
     if len(problems) == 1:
         raise SettingsError(problems[0])
     check(problems)
+    for paths in alternatives(cls):  # the one given wins over the others' defaults (a command's own included)
+        given = [p for p in paths if p in converted]
+        if len(given) == 1:
+            converted.update({p: all_leaves[p].field.default for p in paths if p != given[0]})
     return _instantiate(cls, converted)
 
 
@@ -301,10 +317,13 @@ def from_args(cls: type, argv: list[str], prog: str, description: str, epilog: s
     groups = {p.rsplit(".", i)[0] for p in (leaf.path for leaf in leaves(cls)) for i in range(1, p.count(".") + 1)}
     values = _flatten(values, groups)
     known = names(cls)
-    for path, value in args.items():  # a flag replaces the file's value, whichever name the file used
-        if value is not None:
-            values = {k: v for k, v in values.items() if known.get(k) != path}
-            values[path] = value
+    flagged = {path for path, value in args.items() if value is not None}
+    for paths in alternatives(cls):  # --max-steps replaces the file's max_tokens, and so on
+        if flagged & set(paths):
+            values = {k: v for k, v in values.items() if known.get(k) not in set(paths) - flagged}
+    for path in flagged:  # a flag replaces the file's value, whichever name the file used
+        values = {k: v for k, v in values.items() if known.get(k) != path}
+        values[path] = args[path]
     return build(cls, values)
 
 

@@ -14,3 +14,12 @@ class Stopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (what schedulers send before a kill) raised like Ctrl-C's KeyboardInterrupt, so that
+    every command stops the same way on either (see `lmshrink.cli.main`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

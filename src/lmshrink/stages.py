@@ -44,6 +44,14 @@ def same_settings(recorded: dict[str, Any] | None, settings: Any) -> bool:
     return recorded is not None and _what(recorded) == _what(to_dict(settings))
 
 
+def changed_settings(recorded: dict[str, Any] | None, settings: Any, free: tuple[str, ...] = ()) -> list[str]:
+    """The settings that decide a run's result and differ from a run's `recorded` ones, as
+    "path old -> new" (settings the record predates, and those named in `free`, aside)."""
+    then, now = _what(recorded or {}), _what(to_dict(settings))
+    return [f"{path} {then[path]!r} -> {now[path]!r}" for path in now
+            if path in then and then[path] != now[path] and path.rsplit(".", 1)[-1] not in free]
+
+
 def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any], Any],
               resumes_itself: bool = False) -> dict[str, Any]:
     """`run(settings)` writing `folder`, unless it already holds a finished run of these settings;

@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, default_data_collator
+from transformers.trainer_utils import TrainOutput
 
 from lmshrink.architectures import check_length
 from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
@@ -70,8 +71,11 @@ class DataArgs:
 class TrainArgs:
     """The optimiser, schedule, precision, checkpoints and loggers of a Trainer run (the `train` group)."""
 
+    ALTERNATIVES: ClassVar = (("max_steps", "max_tokens"),)  # both bound the run's length
+
     epochs: float = setting(1.0, "passes over the training data (ignored when max_steps or max_tokens is set)")
-    max_steps: int = setting(-1, "optimizer steps to run (-1: from epochs or max_tokens)")
+    max_steps: int = setting(-1, "optimizer steps to run (-1: from epochs or max_tokens; give this or max_tokens, "
+                                 "not both: one given on the command line replaces the other from a config file)")
     max_tokens: int | None = setting(None, "token budget: sets max_steps = tokens / (batch x accumulation x block x processes)")
     batch_size: int = setting(8, "sequences per device per step")
     grad_accum: int = setting(1, "gradient accumulation steps")
@@ -86,7 +90,10 @@ class TrainArgs:
     save_steps: int = setting(500, "steps between checkpoints")
     eval_steps: int | None = setting(None, "steps between held-out evaluations (default: before and after only)")
     save_total_limit: int = setting(2, "checkpoints kept")
-    resume: bool = setting(False, "continue from the last checkpoint in output/checkpoints")
+    resume: bool = setting(True, "carry on from the last whole checkpoint in output/checkpoints when the settings are "
+                                 "the same (--no-resume refuses to, and starts over only with --overwrite)")
+    overwrite: bool = setting(False, "start over: remove the run already in the output folder (checkpoints, "
+                                     "metrics.jsonl, model/) first")
     keep_checkpoints: bool = setting(False, "keep the Trainer's checkpoints (optimizer state, to train on later) once "
                                             "the finished model is saved; by default they are removed")
     deepspeed: str | None = setting(None, "DeepSpeed JSON config (e.g. configs/deepspeed-zero2.json)")
@@ -128,6 +135,9 @@ class TrainArgs:
             problems.append("max_tokens: must be positive (or leave it out)")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append("max_steps: a positive number of steps, or -1 (from epochs or max_tokens)")
+        elif self.max_steps > 0 and self.max_tokens is not None:
+            problems.append(f"max_steps, max_tokens: both bound the run's length ({self.max_steps} steps, "
+                            f"{self.max_tokens:,} tokens); give one")
         if self.save_total_limit < 1:
             problems.append("save_total_limit: keep at least 1 checkpoint")
         if self.profile_steps < 0:
@@ -147,7 +157,8 @@ def offline_corpus(**changes: Any) -> DataArgs:
 
 def cpu_budget(**changes: Any) -> TrainArgs:
     """A short healing run sized for a 2-core CPU (the demo, search and study defaults)."""
-    return TrainArgs(**{"max_tokens": 16384, "lr": 3e-4, "batch_size": 4, "warmup": 0.1, "logging_steps": 4,
+    return TrainArgs(**{"max_tokens": None if "max_steps" in changes else 16384, "lr": 3e-4, "batch_size": 4,
+                        "warmup": 0.1, "logging_steps": 4,
                         "save_steps": 50, "report_to": ["none"], **changes})
 
 
@@ -201,16 +212,41 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def tokens_per_step(args: TrainingArguments, block_size: int) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * block_size * args.world_size
+
+
+def run_length(settings: TrainArgs, block_size: int | None) -> tuple[int, str]:
+    """The optimizer steps a run is bound to (-1: by epochs) and which setting bounds it, in words."""
+    if settings.max_tokens is None:
+        if settings.max_steps > 0:
+            return settings.max_steps, f"{count(settings.max_steps, 'step')} (max_steps)"
+        return -1, f"{count(settings.epochs, 'epoch')} (epochs)"
+    if block_size is None:
+        raise SettingsError("max_tokens: a token budget needs fixed-length blocks; set --max-steps or --epochs")
+    per_step = settings.batch_size * settings.grad_accum * block_size * world_size()
+    steps = max(1, math.ceil(settings.max_tokens / per_step))
+    return steps, f"{count(steps, 'step')} (max_tokens {settings.max_tokens:,} at {per_step:,} tokens a step)"
+
+
+def count(n: float, noun: str) -> str:
+    """'1 step', '2 steps', '1.5 epochs'."""
+    return (f"{int(n):,}" if float(n).is_integer() else f"{n:g}") + f" {noun}" + ("" if n == 1 else "s")
+
+
+def warmup_steps(warmup: float, max_steps: int) -> float:
+    """The Trainer's warm-up: a fraction of the steps when the run's length is not known yet (epochs),
+    else steps, never all of them (a 1-step run with warm-up would train at learning rate 0)."""
+    if max_steps < 1 or warmup == 0:
+        return float(warmup)
+    return min(math.ceil(warmup * max_steps), max_steps - 1)
+
+
 def training_arguments(settings: TrainArgs, output: str | Path, seed: int, block_size: int | None = None,
                        **overrides: Any) -> TrainingArguments:
     """The Trainer's arguments for a run into `output` (checkpoints in output/checkpoints); a
     --max-tokens budget needs the tokens per example, `block_size`."""
-    max_steps = settings.max_steps
-    if settings.max_tokens is not None:
-        if block_size is None:
-            raise SettingsError("max_tokens: a token budget needs fixed-length blocks; set --max-steps or --epochs")
-        per_step = settings.batch_size * settings.grad_accum * block_size * world_size()
-        max_steps = max(1, math.ceil(settings.max_tokens / per_step))
+    max_steps, _ = run_length(settings, block_size)
     report_to = [r for r in settings.report_to if r != "none"]
     if "tensorboard" in report_to:
         try:
@@ -228,7 +264,7 @@ def training_arguments(settings: TrainArgs, output: str | Path, seed: int, block
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.lr,
-        warmup_steps=float(settings.warmup),  # a float < 1 is a fraction of the steps
+        warmup_steps=warmup_steps(settings.warmup, max_steps),  # a float < 1 is a fraction of the steps
         lr_scheduler_type=settings.scheduler,
         weight_decay=settings.weight_decay,
         adam_epsilon=settings.adam_eps,
@@ -294,9 +330,14 @@ def prepare_heldout(settings: DataArgs, tokenizer, docs=None):
     if heldout.num_rows == 0:
         raise DataError(f"the held-out data holds less than one block of {settings.block_size} tokens; "
                         "give more text, a larger --heldout, or a smaller --block-size")
-    if settings.eval_tokens:
-        heldout = heldout.select(range(min(heldout.num_rows, max(1, settings.eval_tokens // settings.block_size))))
-    return heldout
+    return cap_heldout(heldout, settings)
+
+
+def cap_heldout(heldout, settings: DataArgs):
+    """The first --eval-tokens of held-out blocks (at least one block); all of them without a cap."""
+    if heldout is None or not settings.eval_tokens:
+        return heldout
+    return heldout.select(range(min(heldout.num_rows, max(1, settings.eval_tokens // settings.block_size))))
 
 
 def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -528,12 +569,16 @@ class LMTrainer(Trainer):
             self._clock = (now, seen)
         super().log(logs, *args, **kwargs)
 
-    def speed_record(self) -> dict[str, Any]:
-        """The run's speed for lmshrink.json: median tokens/s over the logged intervals, model TFLOP/s
-        and MFU per device, the peak they are measured against, and the fast-path choices."""
-        tps = statistics.median(self.speeds) if self.speeds else None
+    def speed_record(self, whole_run_tps: float | None = None) -> dict[str, Any]:
+        """The run's speed for lmshrink.json: median tokens/s over the logged intervals (or, for a run
+        too short for two log lines, `whole_run_tps`: its tokens over its wall time, start-up
+        included), model TFLOP/s and MFU per device, the peak they are measured against, and the
+        fast-path choices."""
+        tps = statistics.median(self.speeds) if self.speeds else whole_run_tps
         achieved = tps * self.flops_per_token / max(1, self.args.world_size) if tps else None
-        return {"tokens_per_s": tps, "model_flops_per_token": self.flops_per_token,
+        return {"tokens_per_s": tps,
+                "tokens_per_s_over": "logged intervals (median)" if self.speeds else "the whole run, start-up included",
+                "model_flops_per_token": self.flops_per_token,
                 "model_tflops": achieved / 1e12 if achieved else None,
                 "mfu": achieved / self.peak_flops if achieved else None,
                 "peak_tflops": self.peak_flops / 1e12, "device": device_name(self.args.device.type),
@@ -580,6 +625,8 @@ def drop_checkpoints(trainer: Trainer, folder: Path, train: TrainArgs) -> None:
 
 def train_until_stopped(trainer: Trainer, resume_from: str | None, stop: StopOnSignal, carry_on: str):
     """`trainer.train`, with Ctrl-C and SIGTERM turned into a whole checkpoint and `Stopped`."""
+    if resume_from and 0 < trainer.args.max_steps <= checkpoint_step(resume_from):
+        return finished_checkpoint(trainer, resume_from)
     with stop.installed():
         result = trainer.train(resume_from_checkpoint=resume_from)
     if stop.signal is not None:
@@ -587,6 +634,62 @@ def train_until_stopped(trainer: Trainer, resume_from: str | None, stop: StopOnS
                       f"({signal.Signals(stop.signal).name}); a whole checkpoint is in {trainer.args.output_dir}; "
                       f"{carry_on}", 128 + stop.signal)
     return result
+
+
+# what a run writes into its output folder (removed by --overwrite)
+RUN_FILES = ("checkpoints", "model", "metrics.jsonl", RECORD, "tensorboard", "profile")
+
+
+def carry_on(settings: HealSettings) -> dict[str, Any] | None:
+    """What the output folder already holds decides how a run starts; checked before any model or
+    data is loaded. Nothing there: a fresh run. An unfinished run with the same settings: carried on
+    from its last whole checkpoint (refused with --no-resume). A finished run with the same settings:
+    nothing to do, its record is returned. A run made with other settings: refused, naming what
+    changed. --overwrite: whatever is there is replaced (removed by `_train`)."""
+    from lmshrink.stages import changed_settings
+
+    out = Path(settings.output)
+    if settings.train.overwrite:
+        return None
+    done = read_record(out)
+    if done and done.get("metrics") and (out / "model").is_dir():
+        changed = changed_settings(done.get("settings"), settings)
+        if changed:
+            check([f"output: {out} holds a finished {done.get('command', 'training')} run made with other settings "
+                   f"({'; '.join(changed)}); pass --overwrite to replace it, or give another --output"])
+        print(f"[lmshrink] {out} holds this run already, finished (model/); nothing to do "
+              "(--overwrite trains it again)", flush=True)
+        return done
+    checkpoint = last_checkpoint(out / "checkpoints", remove=False)
+    if checkpoint:
+        changed = changed_settings((read_record(checkpoint) or {}).get("settings"), settings)
+        if changed:
+            check([f"output: {out} holds an unfinished run ({Path(checkpoint).name}) made with other settings "
+                   f"({'; '.join(changed)}); run it with those values to carry on, pass --overwrite to start "
+                   "over, or give another --output"])
+        if not settings.train.resume:
+            check([f"output: {out} holds an unfinished run ({Path(checkpoint).name}); leave out --no-resume to "
+                   "carry on from it, or pass --overwrite to start over"])
+    return None
+
+
+def start_over(out: Path) -> None:
+    """--overwrite: remove the run an output folder holds (the folder and anything else in it stay)."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def finished_checkpoint(trainer: Trainer, checkpoint: str) -> TrainOutput:
+    """Load the checkpoint a run wrote at its last step (it stopped while writing its model) without
+    training: resumed there, the Trainer would run one step past the end."""
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return TrainOutput(trainer.state.global_step, statistics.fmean(losses) if losses else float("nan"), {})
 
 
 def checkpoint_step(checkpoint: str | Path | None) -> int:
@@ -604,9 +707,9 @@ def whole_checkpoint(folder: Path) -> bool:
     return True
 
 
-def last_checkpoint(folder: str | Path) -> str | None:
+def last_checkpoint(folder: str | Path, remove: bool = True) -> str | None:
     """The newest whole `checkpoint-N` in a folder of Trainer checkpoints, if any. A newer one that is
-    not whole (the run was killed while writing it) is said so, removed, and passed over."""
+    not whole (the run was killed while writing it) is passed over and, if `remove`, said so and removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -615,9 +718,10 @@ def last_checkpoint(folder: str | Path) -> str | None:
     for path in found:
         if whole_checkpoint(path):
             return str(path)
-        print(f"[lmshrink] {path.name} is incomplete (the run stopped while writing it): removed; "
-              "the previous whole checkpoint is used", flush=True)
-        shutil.rmtree(path, ignore_errors=True)
+        if remove:
+            print(f"[lmshrink] {path.name} is incomplete (the run stopped while writing it): removed; "
+                  "the previous whole checkpoint is used", flush=True)
+            shutil.rmtree(path, ignore_errors=True)
     return None
 
 
@@ -633,11 +737,10 @@ def train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], mo
 def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
            train_data, heldout, extra_record: dict[str, Any] | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
     check_length(model.config, settings.corpus.block_size, "block_size")
-    checkpoint = last_checkpoint(Path(settings.output) / "checkpoints")
-    if checkpoint and not settings.train.resume:
-        check([f"output: {settings.output} already holds checkpoints ({Path(checkpoint).name}); "
-               "pass --resume to continue that run, or choose another folder"])
     out = Path(settings.output)
+    if settings.train.overwrite:
+        start_over(out)
+    checkpoint = last_checkpoint(out / "checkpoints")  # carry_on checked it is this run's
     if settings.train.deepspeed and importlib.util.find_spec("deepspeed") is None:
         check(["deepspeed: DeepSpeed is not installed; pip install deepspeed (on a machine with CUDA), "
                "or leave --deepspeed out"])
@@ -650,7 +753,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     source_record = read_record(model.name_or_path) or {}  # the loaded folder (GGUF / embedded names resolved)
     base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
                        teacher=source_record.get("teacher"), origin=source_record or None, **(extra_record or {}))
-    resume_from = checkpoint if settings.train.resume and checkpoint else None
+    resume_from = checkpoint
     stop = StopOnSignal()
     callbacks = [MetricsFile(out / "metrics.jsonl", checkpoint_step(resume_from)),
                  RecordCheckpoints(provenance(command, to_dict(settings), **base_record)), stop]
@@ -672,14 +775,15 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
                           fused_head=fused, flops_per_token=model_flops, **trainer_kwargs)
     print(f"[lmshrink] {command} on {device_name(args.device.type)}: compile {'on' if args.torch_compile else 'off'}, "
           f"fused head {'on' if fused else 'off'}, optimizer {run_optimizer(args)}, {run_precision(args)}; "
-          f"peak {trainer.peak_flops / 1e12:.1f} TFLOP/s (measured matmul)", flush=True)
+          f"peak {trainer.peak_flops / 1e12:.1f} TFLOP/s (measured matmul); runs to "
+          f"{run_length(settings.train, settings.corpus.block_size)[1]}", flush=True)
     if resume_from:
         print(f"[lmshrink] resuming from {Path(resume_from).name} (step {checkpoint_step(resume_from)} "
               f"of {args.max_steps if args.max_steps > 0 else 'the run'})", flush=True)
     with hidden_states_as_logits(*trainer.head_models()):
         before = trainer.evaluate()["eval_loss"] if heldout is not None and not checkpoint else None
         started = time.perf_counter()
-        result = train_until_stopped(trainer, resume_from, stop, "run the same command with --resume to carry on")
+        result = train_until_stopped(trainer, resume_from, stop, "run the same command to carry on")
         wall = time.perf_counter() - started
         after = trainer.evaluate()["eval_loss"] if heldout is not None else None
     metrics = {
@@ -690,7 +794,8 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
         "heldout_ppl_before": math.exp(before) if before is not None else None,
         "heldout_ppl_after": math.exp(after) if after is not None else None,
         "heldout_tokens": heldout.num_rows * settings.corpus.block_size if heldout is not None else 0,
-        "speed": trainer.speed_record(),
+        "speed": trainer.speed_record(whole_run_tps=(trainer.state.global_step - checkpoint_step(resume_from))
+                                      * tokens_per_step(args, settings.corpus.block_size) / max(wall, 1e-9)),
     }
     record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
     save_trained(trainer, out / "model", record, out.name)

@@ -59,6 +59,9 @@ def _run(settings: CacheSettings) -> Path:
     n_blocks = train_data.num_rows
     if settings.max_tokens is not None:
         n_blocks = min(n_blocks, max(1, settings.max_tokens // corpus.block_size))
+        if heldout is not None and corpus.eval_tokens is None:  # --heldout of what is cached, not of the corpus
+            cap = max(1, math.ceil(n_blocks * corpus.heldout / (1 - corpus.heldout)))
+            heldout = heldout.select(range(min(heldout.num_rows, cap)))
     layout = {"format": FORMAT, "teacher": settings.teacher, "top_k": settings.top_k,
               "temperature": settings.temperature, "block_size": corpus.block_size, "blocks": n_blocks,
               "shard_blocks": settings.shard_blocks, "vocab": len(teacher.tokenizer),

@@ -443,7 +443,9 @@ def run(s: CleanSettings) -> dict[str, Any]:
     if s.report_only:
         if not (out / "clean-settings.json").exists():
             raise SettingsError(f"{out} holds no cleaning run to report on")
-        return write_report(s, out)
+        summary = write_report(s, out)
+        print((out / "report.md").read_text())
+        return summary
     if s.restart and out.exists():
         if not (out / "clean-settings.json").exists():
             raise SettingsError(f"--restart deletes {out}, which is not a `lmshrink clean` output; refusing")

@@ -35,7 +35,7 @@ from lmshrink.losses import (
 from lmshrink.models import load
 from lmshrink.records import read_record
 from lmshrink.teacher_cache import open_cache
-from lmshrink.training import HealSettings, LMTrainer, TrainArgs, prepare_data, prepare_heldout, train
+from lmshrink.training import HealSettings, LMTrainer, TrainArgs, cap_heldout, carry_on, prepare_data, prepare_heldout, train
 
 LAYER_MAPS = ("none", "uniform", "kept", "rail")
 
@@ -225,6 +225,8 @@ class DistillTrainer(LMTrainer):
 
 
 def run(settings: DistillSettings) -> dict[str, Any]:
+    if (done := carry_on(settings)) is not None:  # before any model or data is loaded
+        return done["metrics"]
     kd, corpus = settings.kd, settings.corpus
     student = load(settings.model, settings.dtype, settings.trust_remote_code)
     kept = (read_record(student.source) or {}).get("kept_layers")
@@ -237,7 +239,7 @@ def run(settings: DistillSettings) -> dict[str, Any]:
         train_data = cache.dataset
         # --eval-data is scored by the student itself, so it needs no teacher logits: it wins over the
         # cache's own held-out blocks
-        heldout = prepare_heldout(corpus, student.tokenizer) if corpus.eval_data else cache.heldout
+        heldout = prepare_heldout(corpus, student.tokenizer) if corpus.eval_data else cap_heldout(cache.heldout, corpus)
         if heldout is None:
             print("[lmshrink] distill: the cache holds no held-out blocks and no --eval-data was given, "
                   "so held-out perplexity is not measured", flush=True)

@@ -4,6 +4,9 @@ by side (perplexity: `lmshrink.perplexity`; benchmarks: `lmshrink.benchmarks`)."
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import re
 import statistics
 import sys
 import time
@@ -13,7 +16,7 @@ from typing import Any
 
 from lmshrink import llamacpp
 from lmshrink.architectures import check_length
-from lmshrink.benchmarks import benchmark, benchmark_root, run_tasks, task_problems
+from lmshrink.benchmarks import TaskScore, benchmark, benchmark_root, expand, run_tasks, task_problems
 from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data import token_stream
 from lmshrink.measure import count_parameters, disk_bytes, fresh_peak_memory, speed
@@ -190,6 +193,39 @@ def evaluate_gguf(name: str, settings: EvalSettings, label: str | None = None,
     return row
 
 
+class KeptScores:
+    """Each task's score is kept as it finishes (in FOLDER/TASK.json, with what it was scored on), so
+    an interrupted `eval --tasks` carries on with the tasks it had not finished."""
+
+    def __init__(self, folder: Path, key: dict[str, Any]):
+        self.folder, self.key = folder, key
+
+    def get(self, task: str) -> TaskScore | None:
+        path = self.folder / f"{task}.json"
+        kept = json.loads(path.read_text()) if path.is_file() else None
+        if kept is None or kept.get("key") != self.key:
+            return None
+        print(f"    {task}: scored before ({path})", file=sys.stderr)
+        return TaskScore(**kept["score"])
+
+    def put(self, task: str, score: TaskScore) -> TaskScore:
+        write_json(self.folder / f"{task}.json", {"key": self.key, "score": dataclasses.asdict(score)})
+        return score
+
+
+def fingerprint(source: str) -> str:
+    """Names, sizes and modification times of a model's files (a Hub id as it is): a model written
+    again is scored again."""
+    path = Path(source)
+    files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+    listing = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()] or source
+    return hashlib.sha1(json.dumps(listing).encode()).hexdigest()
+
+
+def safe_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "model"
+
+
 def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
                    streams: dict[str, Any] | None = None) -> dict[str, Any]:
     """One row of the report: size, perplexity per source, speed, benchmark scores."""
@@ -225,8 +261,13 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
     if bench.tasks:
         print(f"  {row['model']}: lm-eval on {', '.join(bench.tasks)}", file=sys.stderr)
         started = time.perf_counter()
-        scores = run_tasks(model, loaded.tokenizer, bench.tasks, bench.limit, bench.num_fewshot,
-                           settings.batch_size, bench.benchmark_source)
+        kept = KeptScores(Path(settings.output) / "tasks" / safe_name(row["model"]),
+                          {"model": name, "weights": fingerprint(loaded.source), "dtype": settings.dtype,
+                           "limit": bench.limit, "num_fewshot": bench.num_fewshot, "source": bench.benchmark_source})
+        scores = [kept.get(task) or kept.put(task, run_tasks(model, loaded.tokenizer, [task], bench.limit,
+                                                             bench.num_fewshot, settings.batch_size,
+                                                             bench.benchmark_source)[0])
+                  for task in expand(bench.tasks)]
         row["task_seconds"] = time.perf_counter() - started
         row["tasks"] = {s.task: dataclasses.asdict(s) for s in scores}
         row["task_average"] = statistics.fmean(s.value for s in scores)

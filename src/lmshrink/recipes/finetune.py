@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -47,12 +48,13 @@ from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
-from lmshrink.stages import HOW_TO_RUN, leaves
+from lmshrink.stages import HOW_TO_RUN, changed_settings
 from lmshrink.tasks import TASKS, Collator, Task, load_task, scores
 from lmshrink.training import (
     DataArgs,
     LMTrainer,
     MetricsFile,
+    RecordCheckpoints,
     StopOnSignal,
     TrainArgs,
     checkpoint_step,
@@ -241,7 +243,9 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     stop = StopOnSignal()
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
                                eval_dataset=test_set, data_collator=collate, processing_class=tokenizer,
-                               callbacks=[MetricsFile(folder / "metrics.jsonl", checkpoint_step(checkpoint)), stop],
+                               callbacks=[MetricsFile(folder / "metrics.jsonl", checkpoint_step(checkpoint)), stop,
+                                          RecordCheckpoints(provenance("finetune", to_dict(s), method=method,
+                                                                       seed=seed))],
                                method=kd, teacher=teacher)
     if checkpoint:
         print(f"finetune {method} seed {seed}: resuming from {Path(checkpoint).name}"
@@ -268,15 +272,38 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
 RUN_INDEPENDENT = (*HOW_TO_RUN, "methods", "seeds", "output")
 
 
-def refuse_changed(s: FinetuneSettings, done: dict[str, Any], folder: Path) -> None:
-    """A finished run is re-used only if it was made with the same settings."""
-    now, then = leaves(to_dict(s)), leaves(done.get("settings") or {})
-    changed = [k for k in now if k.rsplit(".", 1)[-1] not in RUN_INDEPENDENT and k in then and now[k] != then[k]]
+def refuse_changed(s: FinetuneSettings, done: dict[str, Any], folder: Path, what: str = "a finished run") -> None:
+    """A run is re-used or carried on only if it was made with the same settings."""
+    changed = changed_settings(done.get("settings"), s, free=RUN_INDEPENDENT)
     if changed:
-        raise SettingsError(
-            f"output: {folder} was made with other settings (" + ", ".join(f"{k} {then[k]!r} -> {now[k]!r}"
-                                                                        for k in changed)
-            + "); give another --output, or delete that folder to re-run it")
+        raise SettingsError(f"output: {folder} holds {what} made with other settings ({'; '.join(changed)}); "
+                            "run it with those values, pass --overwrite to start over, or give another --output")
+
+
+def check_folders(s: FinetuneSettings) -> None:
+    """Before any work: --overwrite clears the output folder; otherwise every method's and seed's
+    finished run or checkpoint there must have been made with these settings (an unfinished one is
+    carried on, unless --no-resume). The LM task's runs are pretrain / distill runs that check
+    themselves."""
+    out = Path(s.output)
+    if s.train.overwrite:
+        for path in out.iterdir():
+            if path.name != ".lmshrink.lock":  # held by this run
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return
+    if s.task == "lm":
+        return
+    for method in s.methods:
+        for seed in s.seeds:
+            folder = out / method / f"seed-{seed}"
+            done = read_record(folder / "model") or read_record(folder)
+            if done and done.get("metrics"):
+                refuse_changed(s, done, folder)
+            elif checkpoint := last_checkpoint(folder / "checkpoints", remove=False):
+                refuse_changed(s, read_record(checkpoint) or {}, folder, f"an unfinished run ({Path(checkpoint).name})")
+                if not s.train.resume:
+                    raise SettingsError(f"output: {folder} holds an unfinished run ({Path(checkpoint).name}); leave "
+                                        "out --no-resume to carry on from it, or pass --overwrite to start over")
 
 
 def evaluate_teacher(s: FinetuneSettings, task: Task, test: list[dict]) -> dict[str, float]:
@@ -305,10 +332,8 @@ def run_lm(s: FinetuneSettings) -> list[dict[str, Any]]:
             folder = Path(s.output) / method / f"seed-{seed}"
             common = dict(model=s.model, output=str(folder), trust_remote_code=s.trust_remote_code,
                           corpus=dataclasses.replace(s.corpus, seed=seed), train=s.train)
-            done = read_record(folder)
-            if done and done.get("metrics"):
-                print(f"finetune {method} seed {seed}: done before")
-            elif method == "kd":  # (1 - alpha) * CE + alpha * T^2 * KL, as the classification KD method
+            # each run carries on or is kept if finished with the same settings, and refuses other settings
+            if method == "kd":  # (1 - alpha) * CE + alpha * T^2 * KL, as the classification KD method
                 distill(DistillSettings(**common, kd=KDArgs(teacher=s.teacher, temperature=s.temperature,
                                                             alpha_ce=s.alpha, alpha_clm=1 - s.alpha, alpha_cos=0.0)))
             else:
@@ -391,6 +416,7 @@ def run(s: FinetuneSettings) -> dict[str, Any]:
 
 def _run(s: FinetuneSettings) -> dict[str, Any]:
     out = Path(s.output)
+    check_folders(s)
     if s.task == "lm":
         records, teacher, main = run_lm(s), None, "perplexity"
     else:
@@ -409,8 +435,7 @@ def _run(s: FinetuneSettings) -> dict[str, Any]:
             for seed in s.seeds:
                 folder = out / method / f"seed-{seed}"
                 done = read_record(folder / "model") or read_record(folder)
-                if done and done.get("metrics"):
-                    refuse_changed(s, done, folder)
+                if done and done.get("metrics"):  # made with these settings (check_folders)
                     print(f"finetune {method} seed {seed}: done before, {done['metrics']}")
                     records.append(done)
                     continue

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmshrink.models import load
-from lmshrink.training import HealSettings, LMTrainer, prepare_data, train
+from lmshrink.training import HealSettings, LMTrainer, carry_on, prepare_data, train
 
 
 @dataclass(kw_only=True)
@@ -27,6 +27,8 @@ class CausalLMTrainer(LMTrainer):
 
 
 def run(settings: PretrainSettings) -> dict[str, Any]:
+    if (done := carry_on(settings)) is not None:  # before any model or data is loaded
+        return done["metrics"]
     student = load(settings.model, settings.dtype, settings.trust_remote_code)
     train_data, heldout = prepare_data(settings.corpus, student.tokenizer)
     return train(settings, "pretrain", CausalLMTrainer, student.model, student.tokenizer, train_data, heldout)
