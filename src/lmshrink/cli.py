@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lmshrink: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
@@ -102,4 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _terminate(signum: int, _frame: Any) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked worker (clean's pool) ends as SIGTERM ends it by default
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Interrupted(signum)
+
+
+_MAIN_PID = os.getpid()

@@ -464,7 +464,7 @@ def _clean(s: CleanSettings, out: Path, files: list) -> dict[str, Any]:
     for stage in stages(s, out, files):
         executor = executor_for(s, stage, out / "logs", executor)
     executor.run()
-    if s.executor != "local":
+    if s.executor == "slurm":  # submitted jobs; the local and Ray executors return when the work is done
         print(f"submitted; when the jobs finish, `lmshrink clean --report-only` with the same settings writes {out}/report.md")
         return {}
     summary = write_report(s, out, time.perf_counter() - start)
