@@ -34,7 +34,12 @@ fetch: setup
 demo: fetch
 	$(BIN)/lmshrink demo
 
-test: fetch
+# `make test` also installs Ray: `clean --executor ray` is tested on a local Ray cluster
+$(BIN)/.ray: $(BIN)/.installed
+	$(BIN)/pip install -e '.[ray]'
+	touch $@
+
+test: fetch $(BIN)/.ray
 	$(BIN)/python -m pytest -q
 
 # Optional, not part of `make test`: llama.cpp itself (compiled from source by pip, ~9 minutes on

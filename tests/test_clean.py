@@ -352,3 +352,48 @@ def test_a_signal_keeps_the_finished_tasks_and_the_same_command_finishes(corpus,
     capsys.readouterr()
     assert main([*command, "--report-only"]) == 0  # the report again, shown
     assert (out / "report.md").read_text().strip() in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # datatrove's placement-group options, in Ray 2.60
+def test_the_ray_executor_survives_a_killed_worker_and_matches_the_local_one(corpus, tmp_path):
+    """A local Ray cluster, started here, running 2 tasks at a time; one datatrove worker process is killed with
+    SIGKILL while it runs a task: the same command finishes, and every document is kept or
+    rejected exactly once, as with the local executor."""
+    ray = pytest.importorskip("ray")
+    import threading
+
+    import psutil
+
+    base = {"data": [str(corpus)], "workers": 2, "tasks": 2, "max_doc_mb": 1, "max_line_chars": 50_000}
+    local = run(build(CleanSettings, {**base, "output": str(tmp_path / "local")}))
+    killed: list[int] = []
+
+    def kill_a_running_worker(stop: threading.Event) -> None:
+        while not stop.is_set() and not killed:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "RankWorker.run_for_rank" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    break
+            stop.wait(0.02)
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical CPUs: room for a retried rank
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_a_running_worker, args=(stop,))
+    killer.start()
+    try:
+        settings = build(CleanSettings, {**base, "output": str(tmp_path / "ray"), "executor": "ray"})
+        try:
+            first = run(settings)
+        except Exception:  # the executor gave the rank up: the same command carries on
+            first = None
+        stop.set()
+        summary = run(settings) if first is None or not first else first
+    finally:
+        stop.set()
+        killer.join()
+        ray.shutdown()
+    assert killed, "no running worker was seen to kill"
+    assert summary["input"]["documents"] == local["input"]["documents"] == len(EXPECTED)
+    assert summary["kept"] == local["kept"] and summary["conserved"]
+    assert outcome(tmp_path / "ray") == outcome(tmp_path / "local")  # every document once, the same way
