@@ -116,6 +116,7 @@ def test_the_same_command_carries_on_and_another_one_is_refused_by_name(tiny_gpt
 
 
 KILL_AT = {  # where the run is killed: (the owner of the function, its name, when)
+    "step": ("from lmshrink.training import LMTrainer as owner", "training_step", "args[0].state.global_step == 4"),
     "checkpoint": ("from transformers import Trainer as owner", "_save_optimizer_and_scheduler",
                    "args[1].endswith('checkpoint-4')"),
     "final save": ("import lmshrink.training as owner", "save_model_record", "True"),
@@ -124,8 +125,9 @@ KILL_AT = {  # where the run is killed: (the owner of the function, its name, wh
 
 @pytest.mark.parametrize("moment", KILL_AT)
 def test_kill_9_while_writing_loses_nothing(tiny_gpt2_dir, tmp_path, capsys, uninterrupted, moment):
-    """SIGKILL in a real process while a checkpoint's optimizer state is being written (its weights
-    are already on disk) or while the final model is being written: the same command carries on."""
+    """SIGKILL in a real process during step 5, while a checkpoint's optimizer state is being
+    written (its weights are already on disk), or while the final model is being written: the same
+    command carries on."""
     owner, name, when = KILL_AT[moment]
     out = tmp_path / "run"
     script = (f"import os, signal, sys\nfrom lmshrink.cli import main\n{owner}\nreal = owner.{name}\n"

@@ -16,7 +16,7 @@ import yaml
 from lmshrink.benchmarks import benchmark
 from lmshrink.config import recorded
 from lmshrink.models import EMBEDDED_ORIGIN, looks_like_path
-from lmshrink.records import RECORD, read_record, write_json, write_text
+from lmshrink.records import RECORD, count, read_record, write_json, write_text
 
 CARD = "README.md"
 TAGS = {"truncate": "layer-pruning", "prune": "width-pruning", "pretrain": "continued-pretraining",
@@ -108,7 +108,7 @@ def _results_index(name: str, results: list[dict[str, Any]]) -> list[dict[str, A
          "dataset": {"name": r["task"], "type": r.get("dataset") or r["task"], "split": r.get("split")},
          "metrics": [{"type": r["metric"], "value": round(100 * r["value"], 2),
                       "name": f"{r['metric']} ({r.get('num_fewshot', 0)}-shot"
-                              + (f", first {r['limit']} items" if r.get("limit") else "") + ")"}]}
+                              + (f", first {count(r['limit'], 'item')}" if r.get("limit") else "") + ")"}]}
         for r in results]}]
 
 

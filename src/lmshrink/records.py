@@ -42,6 +42,11 @@ def _umask() -> int:
     return mask
 
 
+def count(n: float, noun: str) -> str:
+    """A number and its noun, as a report says it: '1 step', '2 steps', '16,384 tokens', '1.5 epochs'."""
+    return (f"{int(n):,}" if float(n).is_integer() else f"{n:g}") + f" {noun}" + ("" if n == 1 else "s")
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_file(path) as tmp:

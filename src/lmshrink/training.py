@@ -33,7 +33,7 @@ from lmshrink.data import DataError, pack, text_dataset
 from lmshrink.errors import Stopped
 from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
 from lmshrink.model_card import save_model_record
-from lmshrink.records import RECORD, exclusive, provenance, publish, read_record, write_json, write_text
+from lmshrink.records import RECORD, count, exclusive, provenance, publish, read_record, write_json, write_text
 from lmshrink.speed import device_name, flops_per_token, peak_flops
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -136,7 +136,7 @@ class TrainArgs:
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append("max_steps: a positive number of steps, or -1 (from epochs or max_tokens)")
         elif self.max_steps > 0 and self.max_tokens is not None:
-            problems.append(f"max_steps, max_tokens: both bound the run's length ({self.max_steps} steps, "
+            problems.append(f"max_steps, max_tokens: both bound the run's length ({count(self.max_steps, 'step')}, "
                             f"{self.max_tokens:,} tokens); give one")
         if self.save_total_limit < 1:
             problems.append("save_total_limit: keep at least 1 checkpoint")
@@ -228,10 +228,6 @@ def run_length(settings: TrainArgs, block_size: int | None) -> tuple[int, str]:
     steps = max(1, math.ceil(settings.max_tokens / per_step))
     return steps, f"{count(steps, 'step')} (max_tokens {settings.max_tokens:,} at {per_step:,} tokens a step)"
 
-
-def count(n: float, noun: str) -> str:
-    """'1 step', '2 steps', '1.5 epochs'."""
-    return (f"{int(n):,}" if float(n).is_integer() else f"{n:g}") + f" {noun}" + ("" if n == 1 else "s")
 
 
 def warmup_steps(warmup: float, max_steps: int) -> float:
@@ -453,7 +449,7 @@ class Profile(TrainerCallback):
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         write_text(self.folder / "ops.txt", profiler.key_averages().table(sort_by=sort, row_limit=40) + "\n")
         self.written = True
-        print(f"[lmshrink] profile of {self.steps} steps: {self.folder}/trace.json, {self.folder}/ops.txt", flush=True)
+        print(f"[lmshrink] profile of {count(self.steps, 'step')}: {self.folder}/trace.json, {self.folder}/ops.txt", flush=True)
 
 
 def fused_head_problem(model, args: TrainingArguments) -> str | None:
@@ -802,7 +798,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     drop_checkpoints(trainer, out / "checkpoints", settings.train)
     if trainer.is_world_process_zero():
         write_json(out / RECORD, record)
-        print(f"{command}: {metrics['steps']} steps, {metrics['tokens_seen']:,} tokens in {wall:.0f}s; "
+        print(f"{command}: {count(metrics['steps'], 'step')}, {count(metrics['tokens_seen'], 'token')} in {wall:.0f}s; "
               f"held-out perplexity {metrics['heldout_ppl_before'] or float('nan'):.2f} -> "
               f"{metrics['heldout_ppl_after'] or float('nan'):.2f}; model in {out / 'model'}")
     return metrics

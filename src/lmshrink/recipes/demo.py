@@ -37,7 +37,7 @@ from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.recipes.truncate import CutArgs, TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
-from lmshrink.records import RECORD, provenance, save_figure, write_json, write_text
+from lmshrink.records import RECORD, count, provenance, save_figure, write_json, write_text
 from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.truncation import STRATEGIES
 
@@ -163,7 +163,7 @@ def run(settings: DemoSettings) -> dict[str, Any]:
         steps["zero-shot benchmarks"] = zero_shot
     _ppl_chart(table, out / "perplexity.png")
     if bench.tasks:
-        tasks_chart(table, out / "tasks.png", "zero-shot scores" + (f", first {bench.limit} items per task"
+        tasks_chart(table, out / "tasks.png", "zero-shot scores" + (f", first {count(bench.limit, 'item')} per task"
                                                                    if bench.limit else ""))
     elapsed = time.perf_counter() - started
     text = _report(settings, scores, table, elapsed, steps, ev)

