@@ -54,6 +54,14 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert problems == ["lmshrink truncate: no flag --no-such-flag",
                         "lmshrink eval: config file configs/none.yaml does not exist",
                         "lmshrink frobnicate: no such command"]
+    # what the command itself would refuse: a stray word, a missing setting, two bounds (paths are placeholders)
+    refused = [command_problems(argv, ROOT) for argv in (["clean", "--data", "my-corpus/", "more.jsonl.gz"],
+                                                        ["finetune", "--model", "m", "--task", "sst2"],
+                                                        ["pretrain", "--model", "m", "--data", "d", "--output", "o",
+                                                         "--max-steps", "2", "--max-tokens", "9"])]
+    assert refused[0] == ["lmshrink clean --data my-corpus/ more.jsonl.gz: does not parse"]
+    assert refused[1] == ["lmshrink finetune --model m --task sst2: missing required setting(s): --output"]
+    assert "both bound the run's length" in refused[2][0] and len(refused[2]) == 1
 
 
 def test_every_checked_bad_input_is_on_its_command_page():

@@ -35,6 +35,7 @@ from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
 from lmshrink.model_card import save_model_record
 from lmshrink.records import RECORD, count, exclusive, provenance, publish, read_record, write_json, write_text
 from lmshrink.speed import device_name, flops_per_token, peak_flops
+from lmshrink.stages import changed_settings
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SWITCHES = ("auto", "on", "off")
@@ -642,8 +643,6 @@ def carry_on(settings: HealSettings) -> dict[str, Any] | None:
     from its last whole checkpoint (refused with --no-resume). A finished run with the same settings:
     nothing to do, its record is returned. A run made with other settings: refused, naming what
     changed. --overwrite: whatever is there is replaced (removed by `_train`)."""
-    from lmshrink.stages import changed_settings
-
     out = Path(settings.output)
     if settings.train.overwrite:
         return None
