@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "score-layers": ("lmshrink.recipes.score_layers", "ScoreSettings", "run", "Score how much each block of a model matters"),
     "pretrain": ("lmshrink.recipes.pretrain", "PretrainSettings", "run", "Heal a student with the plain causal-LM loss"),
     "distill": ("lmshrink.recipes.distill", "DistillSettings", "run", "Heal a student by distillation from a frozen teacher"),
+    "generate": ("lmshrink.recipes.generate", "GenerateSettings", "run",
+                 "Write a healing corpus sampled from a teacher (teacher-written data)"),
     "cache-teacher": ("lmshrink.recipes.cache_teacher", "CacheSettings", "run", "Store a teacher's top-k log-probs for distill"),
     "finetune": ("lmshrink.recipes.finetune", "FinetuneSettings", "run", "Fine-tune on a downstream task, with KD methods"),
     "eval": ("lmshrink.recipes.evaluate", "EvalSettings", "run",

@@ -163,52 +163,67 @@ def blocks(tokens: torch.Tensor, length: int) -> torch.Tensor:
 
 # --- training data: `datasets` tables, tokenised and packed into fixed-length blocks --------
 
-def text_dataset(sources: list[str], field: str = "text", streaming: bool = False):
+def text_dataset(sources: list[str], field: str = "text", streaming: bool = False,
+                 weights: list[float] | None = None, seed: int = 0):
     """One `datasets` table (or a streamed one) with a `text` column, from any mix of sources.
 
     Text files become one row per file; .jsonl(.gz) and .parquet files one row per record;
-    `hf:NAME[:CONFIG][:SPLIT]` is loaded (streamed with `streaming`) from the Hub.
+    `hf:NAME[:CONFIG][:SPLIT]` is loaded (streamed with `streaming`) from the Hub. Every document of
+    every source once, in order; with `weights` (one per source), documents drawn from the sources
+    with those probabilities (seeded) until the first source runs out.
     """
+    from datasets import concatenate_datasets, interleave_datasets
+
+    by_source = [_source_table(source, field, streaming) for source in sources]
+    if weights:
+        total = sum(weights)
+        return interleave_datasets(by_source, probabilities=[w / total for w in weights], seed=seed,
+                                   stopping_strategy="first_exhausted")
+    if len(by_source) == 1:
+        return by_source[0]
+    return interleave_datasets(by_source) if streaming else concatenate_datasets(by_source)
+
+
+def _source_table(source: str, field: str, streaming: bool):
+    """One source's documents as a table with a `text` column."""
     from datasets import concatenate_datasets, interleave_datasets, load_dataset
 
-    parts = []
-    for source in sources:
-        if source.startswith("hf:"):
-            name, config, split = parse_hub(source)
-            ds = load_dataset(name, config, split=split, streaming=streaming)
-        else:
-            path = resolve_path(source)
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            if not path.exists():
-                raise DataError(f"{source!r} is not a file or folder (or hf:NAME[:CONFIG][:SPLIT], or a corpus name)")
-            kinds = {
-                "json": [f for f in files if f.name.endswith((".jsonl", ".jsonl.gz", ".json"))],
-                "parquet": [f for f in files if f.suffix == ".parquet"],
-                "text": [f for f in files if f.suffix in TEXT_SUFFIXES - {".jsonl"}],
-            }
-            if not any(kinds.values()):
-                raise DataError(f"{source!r} holds no .txt/.md/.rst/.tex, .jsonl(.gz) or .parquet files")
-            for kind, group in kinds.items():
-                if not group:
-                    continue
-                if kind == "text":
-                    for file in group:  # refuse binary / non-UTF-8 files with their name
-                        _check_text_file(file)
-                    group = [f for f in group if f.stat().st_size > 0]  # an empty file is no document
-                    if not group:
-                        if not any(kinds[k] for k in ("json", "parquet")):
-                            raise DataError(f"{source!r} is empty: it holds no text")
-                        continue
-                extra = {"sample_by": "document"} if kind == "text" else {}
-                ds = load_dataset(kind, data_files=[str(f) for f in group], split="train",
-                                  streaming=streaming, **extra)
-                parts.append(ds.select_columns([field if kind != "text" else "text"]))
-            continue
+    if source.startswith("hf:"):
+        name, config, split = parse_hub(source)
+        ds = load_dataset(name, config, split=split, streaming=streaming)
         if field not in (ds.column_names or [field]):
             raise DataError(f"{source!r} has no {field!r} column (columns: {', '.join(ds.column_names)})")
-        parts.append(ds.select_columns([field]))
-    parts = [p.rename_column(field, "text") if field != "text" and field in (p.column_names or []) else p
-             for p in parts]
+        return ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns([field])
+    path = resolve_path(source)
+    if not path.exists():
+        raise DataError(f"{source!r} is not a file or folder (or hf:NAME[:CONFIG][:SPLIT], or a corpus name)")
+    # a folder's hidden files and lmshrink.json (a folder lmshrink wrote: `generate`'s) are not text
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.name != "lmshrink.json") if path.is_dir() else [path]
+    kinds = {
+        "json": [f for f in files if f.name.endswith((".jsonl", ".jsonl.gz", ".json"))],
+        "parquet": [f for f in files if f.suffix == ".parquet"],
+        "text": [f for f in files if f.suffix in TEXT_SUFFIXES - {".jsonl"}],
+    }
+    if not any(kinds.values()):
+        raise DataError(f"{source!r} holds no .txt/.md/.rst/.tex, .jsonl(.gz) or .parquet files")
+    parts = []
+    for kind, group in kinds.items():
+        if not group:
+            continue
+        if kind == "text":
+            for file in group:  # refuse binary / non-UTF-8 files with their name
+                _check_text_file(file)
+            group = [f for f in group if f.stat().st_size > 0]  # an empty file is no document
+            if not group:
+                if not any(kinds[k] for k in ("json", "parquet")):
+                    raise DataError(f"{source!r} is empty: it holds no text")
+                continue
+        extra = {"sample_by": "document"} if kind == "text" else {}
+        ds = load_dataset(kind, data_files=[str(f) for f in group], split="train", streaming=streaming, **extra)
+        column = field if kind != "text" else "text"
+        ds = ds.select_columns([column])
+        parts.append(ds.rename_column(column, "text") if column != "text" else ds)
     if len(parts) == 1:
         return parts[0]
     return interleave_datasets(parts) if streaming else concatenate_datasets(parts)

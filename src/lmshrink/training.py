@@ -48,6 +48,9 @@ class DataArgs:
 
     data: list[str] = setting(
         [], "training text: files, folders, .jsonl(.gz), .parquet, hf:NAME[:CONFIG][:SPLIT], corpus names")
+    data_weights: list[float] = setting([], "sampling weights of the --data sources, in order (e.g. 1,3): documents "
+                                            "are drawn from each with these odds until one runs out; default: every "
+                                            "document of every source once")
     eval_data: list[str] = setting([], "held-out text; if empty, --heldout of the training documents is held out")
     heldout: float = setting(0.02, "fraction of training documents held out for evaluation when --eval-data is empty")
     block_size: int = setting(1024, "tokens per training sequence (the paper: 1024)")
@@ -63,6 +66,10 @@ class DataArgs:
         for name in ("block_size", "num_proc"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be positive")
+        if self.data_weights and (len(self.data_weights) != len(self.data) or min(self.data_weights) < 0
+                                  or sum(self.data_weights) <= 0):
+            problems.append(f"data_weights: one weight >= 0 per --data source ({len(self.data)}), not all 0; "
+                            f"got {self.data_weights}")
         if self.streaming and not self.eval_data:
             problems.append("streaming: give --eval-data (a streamed dataset cannot be split)")
         return problems
@@ -300,7 +307,7 @@ def trainer_arguments(output_dir: str | Path, precision: str = "auto", **kwargs:
 
 def prepare_data(settings: DataArgs, tokenizer) -> tuple[Any, Any]:
     """Packed training and held-out blocks (split by document, so nothing leaks)."""
-    docs = text_dataset(settings.data, streaming=settings.streaming)
+    docs = text_dataset(settings.data, streaming=settings.streaming, weights=settings.data_weights, seed=settings.seed)
     heldout_docs = None  # with --eval-data, prepare_heldout reads that instead
     if not settings.eval_data and settings.heldout > 0:
         try:

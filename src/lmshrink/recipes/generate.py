@@ -1,0 +1,139 @@
+"""`lmshrink generate`: a healing corpus the teacher writes itself (sequence-level KD data).
+
+Sampling at temperature 1 with no top-k or top-p cut draws from the teacher's own distribution,
+so the text covers what the teacher knows, not only the domain of whatever corpus is at hand, and
+carries no licence of its own. A sample starts from the teacher's BOS token (no `--prompts`), or
+from the first `--prompt-tokens` tokens of a corpus document, cycling through the documents when
+more samples are asked for than there are; it ends at the teacher's EOS or after `--new-tokens`.
+
+Written as part-NNNNN.jsonl files of `--batch-size` records each (one batched `generate` call with
+the KV cache, seeded by its index): a part is written whole or not at all, so an interrupted run
+carries on with the parts it had not written and ends with the same text as an uninterrupted one.
+The folder is a text source: `lmshrink distill --data OUTPUT` (alone, or `--data
+OUTPUT,python-docs/library` with `--data-weights`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmshrink.config import Settings, SettingsError, setting, to_dict
+from lmshrink.data import DataError, documents
+from lmshrink.models import load, pick_device
+from lmshrink.records import RECORD, count, exclusive, provenance, write_json, write_text
+from lmshrink.sampling import continue_rows, start_token
+from lmshrink.stages import changed_settings
+
+# settings that do not change the text written
+HOW_TO_RUN = ("output", "device")
+
+
+@dataclass(kw_only=True)
+class GenerateSettings(Settings):
+    """Write a healing corpus sampled from a teacher: jsonl records with id, prompt source, settings and text."""
+
+    output: str = setting(help="folder for the samples (part-NNNNN.jsonl) and lmshrink.json; a --data source")
+    teacher: str = setting("smollm2-135m", "the model that writes: folder, Hub id, .gguf file or smollm2-135m")
+    samples: int = setting(64, "documents to write")
+    new_tokens: int = setting(512, "tokens sampled after each prompt at most (a sample ends earlier at EOS)")
+    prompts: str = setting("", "text whose documents' first --prompt-tokens tokens start the samples (file, folder, "
+                               ".jsonl, hf:..., corpus name); empty: every sample starts from the BOS token")
+    prompt_tokens: int = setting(32, "tokens of each prompt document a sample continues")
+    temperature: float = setting(1.0, "sampling temperature (1: the teacher's own distribution; no top-k or top-p)")
+    batch_size: int = setting(16, "samples per generate call, and per part file (the unit of resumption)")
+    seed: int = setting(0, "random seed (part i is sampled with seed + i)")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        for name in ("samples", "new_tokens", "prompt_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be positive")
+        if not self.temperature > 0:
+            problems.append(f"temperature: must be positive (got {self.temperature:g}); 1 samples the teacher's "
+                            "own distribution")
+        return problems
+
+
+def prompt_rows(s: GenerateSettings, tokenizer) -> list[tuple[str, list[int]]]:
+    """(source, token ids) to start each sample from: BOS alone, or the first prompt_tokens tokens of
+    the prompt documents long enough to have them, cycled."""
+    if not s.prompts:
+        return [("bos", [start_token(tokenizer)])] * s.samples
+    found = []
+    for i, text in enumerate(documents(s.prompts)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= s.prompt_tokens:
+            found.append((f"{s.prompts}#{i}", ids[: s.prompt_tokens]))
+        if len(found) == s.samples:
+            break
+    if not found:
+        raise DataError(f"prompts: no document of {s.prompts!r} has {s.prompt_tokens} tokens; give a smaller "
+                        "--prompt-tokens or other text")
+    return [found[i % len(found)] for i in range(s.samples)]
+
+
+def run(s: GenerateSettings) -> dict[str, Any]:
+    with exclusive(s.output):  # one writer per folder
+        return _run(s)
+
+
+def _run(s: GenerateSettings) -> dict[str, Any]:
+    out = Path(s.output)
+    previous = out / ".settings.json"
+    if previous.is_file():  # carry on only with the same settings: other ones would mix two corpora
+        changed = changed_settings(json.loads(previous.read_text()).get("settings"), s, free=HOW_TO_RUN)
+        if changed:
+            raise SettingsError(f"output: {out} holds samples written with other settings ({'; '.join(changed)}); "
+                                "give another --output, or run it with those values to carry on")
+    teacher = load(s.teacher, s.dtype, s.trust_remote_code)
+    model, tokenizer = teacher.model.to(pick_device(s.device)).eval(), teacher.tokenizer
+    prompts = prompt_rows(s, tokenizer)
+    if not previous.is_file():  # what the parts are written with, once everything they need is there
+        write_json(previous, provenance("generate", to_dict(s)))
+    parts = math.ceil(s.samples / s.batch_size)
+    written, seconds = 0, 0.0
+    for part in range(parts):
+        path = out / f"part-{part:05d}.jsonl"
+        if path.is_file():
+            continue  # written before an interruption
+        rows = prompts[part * s.batch_size : (part + 1) * s.batch_size]
+        torch.manual_seed(s.seed + part)
+        started = time.perf_counter()
+        ids = continue_rows(model, tokenizer, torch.tensor([p for _, p in rows]), s.new_tokens, s.temperature,
+                            stop_at_eos=True)
+        seconds += time.perf_counter() - started
+        lines = []
+        for i, ((source, prompt), row) in enumerate(zip(rows, ids.tolist(), strict=True)):
+            new = row[len(prompt):]
+            if tokenizer.eos_token_id in new:
+                new = new[: new.index(tokenizer.eos_token_id)]
+            written += len(new)
+            prompt_text = "" if source == "bos" else tokenizer.decode(prompt)
+            lines.append(json.dumps({
+                "id": f"{out.name}-{part * s.batch_size + i:06d}", "prompt_source": source, "prompt": prompt_text,
+                "text": prompt_text + tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
+                "settings": {"teacher": s.teacher, "temperature": s.temperature, "seed": s.seed + part}}))
+        write_text(path, "\n".join(lines) + "\n")
+        print(f"\r  part {part + 1}/{parts}: {count(written, 'token')} sampled this run "
+              f"({written / seconds:,.0f} tokens/s)", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    records = [json.loads(line) for p in sorted(out.glob("part-*.jsonl")) for line in p.read_text().splitlines()]
+    record = provenance("generate", to_dict(s), documents=len(records),
+                        tokens=sum(r["new_tokens"] for r in records),
+                        tokens_per_s=written / seconds if seconds else None, device=str(model.device))
+    write_json(out / RECORD, record)
+    print(f"generate: {count(len(records), 'document')}, {count(record['tokens'], 'token')} sampled from "
+          f"{s.teacher} at T {s.temperature:g} in {out}"
+          + (f" ({record['tokens_per_s']:,.0f} tokens/s)" if seconds else ""))
+    return record

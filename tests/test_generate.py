@@ -1,0 +1,57 @@
+"""`lmshrink generate`: teacher-written healing text, resumable, usable as --data alone or mixed by weight."""
+
+from __future__ import annotations
+
+import json
+
+from lmshrink.cli import main
+from lmshrink.data import text_dataset
+
+
+def generate(teacher, out, *extra: str) -> int:
+    return main(["generate", "--teacher", str(teacher), "--output", str(out), "--samples", "5", "--new-tokens", "12",
+                 "--batch-size", "2", *extra])
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for p in sorted(out.glob("part-*.jsonl")) for line in p.read_text().splitlines()]
+
+
+def test_prompted_samples_carry_on_and_feed_training(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "teacher-text"
+    assert generate(tiny_gpt2_dir, out, "--prompts", "python-docs/tutorial", "--prompt-tokens", "6") == 0
+    written = records(out)
+    assert [r["id"] for r in written] == [f"teacher-text-{i:06d}" for i in range(5)]
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
+    for r in written:
+        assert r["prompt_source"].startswith("python-docs/tutorial#") and r["text"].startswith(r["prompt"])
+        assert 0 <= r["new_tokens"] <= 12 and r["settings"]["temperature"] == 1.0
+    record = json.loads((out / "lmshrink.json").read_text())
+    assert record["documents"] == 5 and record["tokens"] == sum(r["new_tokens"] for r in written)
+    assert record["tokens_per_s"] > 0
+
+    (out / "part-00001.jsonl").unlink()  # as if stopped before writing it: the same command writes it alone
+    assert generate(tiny_gpt2_dir, out, "--prompts", "python-docs/tutorial", "--prompt-tokens", "6") == 0
+    assert records(out) == written  # part i is seeded by seed + i: the same text
+    assert generate(tiny_gpt2_dir, out, "--prompts", "python-docs/tutorial", "--prompt-tokens", "6",
+                    "--temperature", "0.7") == 2
+    assert "other settings (temperature 1.0 -> 0.7)" in capsys.readouterr().err
+
+    # the folder is a text source: alone, or mixed with a corpus by weight
+    assert text_dataset([str(out)])["text"] == [r["text"] for r in written]
+    only = text_dataset([str(out), "python-docs/tutorial"], weights=[1, 0], seed=0)["text"]
+    assert sorted(only) == sorted(r["text"] for r in written)
+    mixed = text_dataset([str(out), "python-docs/tutorial"], weights=[1, 1], seed=0)["text"]
+    assert set(mixed) & {r["text"] for r in written} and set(mixed) - {r["text"] for r in written}
+    assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--data", f"{out},python-docs/tutorial",
+                 "--data-weights", "1,1", "--heldout", "0", "--block-size", "32", "--batch-size", "2",
+                 "--max-steps", "1", "--report-to", "none", "--output", str(tmp_path / "healed")]) == 0
+
+
+def test_unconditional_samples_start_from_bos(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "free"
+    assert generate(tiny_gpt2_dir, out, "--samples", "2") == 0
+    assert [r["prompt_source"] for r in records(out)] == ["bos", "bos"]
+    assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--data", "python-docs/tutorial", "--data-weights", "1,2",
+                 "--output", str(tmp_path / "x")]) == 2
+    assert "data_weights: one weight >= 0 per --data source (1)" in capsys.readouterr().err
