@@ -77,6 +77,7 @@ CASES = [
     (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--max-steps", "2", "--max-tokens", "100"],
      "both bound the run's length"),
     (["generate", "--teacher", "{model}", "--temperature", "0"], "temperature: must be positive"),
+    (["distill", "--model", "{model}", "--data", "python-docs/tutorial", "--recipe", "best"], "recipe: 'best' is unknown"),
     (["generate", "--teacher", "{model}", "--prompts", "python-docs/tutorial", "--prompt-tokens", "100000"],
      "no document of 'python-docs/tutorial' has 100000 tokens"),
     (["distill", "--model", "{bad}/deep", "--teacher", "{model}", "--data", "python-docs/tutorial",

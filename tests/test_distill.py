@@ -212,3 +212,22 @@ def test_fused_head_distils_like_full_logits(student, tiny_gpt2_dir, tmp_path):
             assert json.loads((out / "lmshrink.json").read_text())["metrics"]["speed"]["fused_head"] == (choice == "on")
         for key in ("loss", "ce", "kd") + (("cos",) if name == "online" else ()):
             assert [x[key] for x in logged["on"]] == pytest.approx([x[key] for x in logged["off"]], rel=1e-4), (name, key)
+
+
+def test_a_named_recipe_sets_what_it_names_and_every_setting_can_still_be_given(tmp_path):
+    from lmshrink.config import from_args
+
+    base = ["--model", "m", "--output", "o", "--data", "d"]
+    minitron = from_args(DistillSettings, [*base, "--recipe", "minitron"], "d", "")
+    assert (minitron.kd.temperature, minitron.kd.alpha_ce, minitron.kd.alpha_clm, minitron.kd.alpha_cos) == (1, 1, 0, 0)
+    assert (minitron.train.lr, minitron.train.scheduler) == (2e-4, "cosine")
+    mine = from_args(DistillSettings, [*base, "--recipe", "minitron", "--temperature", "2", "--lr", "1e-4"], "d", "")
+    assert (mine.kd.temperature, mine.train.lr, mine.kd.alpha_clm) == (2, 1e-4, 0)  # given beats the recipe
+    config = tmp_path / "heal.yaml"
+    config.write_text("recipe: minitron\nalpha_clm: 0.5\n")
+    filed = from_args(DistillSettings, [*base, "--config", str(config)], "d", "")
+    assert (filed.recipe, filed.kd.alpha_clm, filed.kd.temperature) == ("minitron", 0.5, 1)
+    default = from_args(DistillSettings, base, "d", "")
+    assert (default.recipe, default.kd.alpha_ce, default.kd.alpha_cos, default.train.lr) == ("distilgpt2", 5, 1, 2.5e-4)
+    with pytest.raises(SettingsError, match="recipe: 'best' is unknown"):
+        from_args(DistillSettings, [*base, "--recipe", "best"], "d", "")

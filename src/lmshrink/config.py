@@ -217,6 +217,11 @@ def build(cls: type, values: dict[str, Any]) -> Any:
     if len(problems) == 1:
         raise SettingsError(problems[0])
     check(problems)
+    if hasattr(cls, "PRESETS"):  # a named preset (distill's --recipe) fills what was not given
+        key, table = cls.PRESETS
+        chosen = converted.get(key, all_leaves[key].field.default)
+        for path, value in table.get(chosen, {}).items():
+            converted.setdefault(path, value)
     for paths in alternatives(cls):  # the one given wins over the others' defaults (a command's own included)
         given = [p for p in paths if p in converted]
         if len(given) == 1:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -42,6 +42,20 @@ LAYER_MAPS = ("none", "uniform", "kept", "rail")
 
 # The DistilGPT-2 optimiser (PAPER.md), distill's default in place of the plain-LM one
 DISTILGPT2_OPTIMISER = dict(lr=2.5e-4, warmup=0.05, adam_eps=1e-6, max_grad_norm=5.0)
+
+# Named healing recipes: the settings each one sets. A setting given by flag or config file wins
+# over its recipe's value (`--recipe minitron --lr 1e-4`); the run's record names the recipe.
+RECIPES: dict[str, dict[str, Any]] = {
+    # the paper's baseline (PAPER.md): KD at T 2 (x5) + next-token CE (x2) + hidden-state cosine (x1)
+    "distilgpt2": {"kd.loss": "forward_kl", "kd.temperature": 2.0, "kd.alpha_ce": 5.0, "kd.alpha_clm": 2.0,
+                   "kd.alpha_cos": 1.0, "train.scheduler": "linear",
+                   **{f"train.{k}": v for k, v in DISTILGPT2_OPTIMISER.items()}},
+    # Minitron (arXiv 2407.14679, 2408.11796): logit-only forward KL at T 1 over the full
+    # vocabulary, no CE or cosine term, lr 2e-4 with cosine decay
+    "minitron": {"kd.loss": "forward_kl", "kd.temperature": 1.0, "kd.alpha_ce": 1.0, "kd.alpha_clm": 0.0,
+                 "kd.alpha_cos": 0.0, "train.lr": 2e-4, "train.scheduler": "cosine", "train.warmup": 0.05,
+                 "train.adam_eps": 1e-8, "train.max_grad_norm": 1.0},
+}
 
 
 @dataclass(kw_only=True)
@@ -93,9 +107,15 @@ class DistillSettings(HealSettings):
     train: TrainArgs = group(lambda: TrainArgs(**DISTILGPT2_OPTIMISER),
                              "optimiser, schedule, precision and checkpoints (defaults: DistilGPT-2's optimiser)")
     kd: KDArgs = group(KDArgs, "the teacher and the distillation loss (defaults: the DistilGPT-2 recipe)")
+    recipe: str = setting("distilgpt2", f"named healing recipe, setting the loss and optimiser settings it names "
+                                        f"(each can still be given): {', '.join(RECIPES)}")
+
+    PRESETS: ClassVar = ("recipe", RECIPES)
 
     def problems(self) -> list[str]:
         problems = super().problems()
+        if self.recipe not in RECIPES:
+            problems.append(f"recipe: {self.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
         if self.kd.teacher_cache:  # the cache holds the training blocks
             problems = [p for p in problems if not p.startswith("data:")]
         return problems
