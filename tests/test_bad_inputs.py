@@ -78,6 +78,8 @@ CASES = [
      "both bound the run's length"),
     (["generate", "--teacher", "{model}", "--temperature", "0"], "temperature: must be positive"),
     (["distill", "--model", "{model}", "--data", "python-docs/tutorial", "--recipe", "best"], "recipe: 'best' is unknown"),
+    (["distill", "--model", "{model}", "--teacher-cache", "{bad}", "--local-steps", "5"],
+     "the local stage needs the teacher's hidden states"),
     (["generate", "--teacher", "{model}", "--prompts", "python-docs/tutorial", "--prompt-tokens", "100000"],
      "no document of 'python-docs/tutorial' has 100000 tokens"),
     (["distill", "--model", "{bad}/deep", "--teacher", "{model}", "--data", "python-docs/tutorial",

@@ -231,3 +231,22 @@ def test_a_named_recipe_sets_what_it_names_and_every_setting_can_still_be_given(
     assert (default.recipe, default.kd.alpha_ce, default.kd.alpha_cos, default.train.lr) == ("distilgpt2", 5, 1, 2.5e-4)
     with pytest.raises(SettingsError, match="recipe: 'best' is unknown"):
         from_args(DistillSettings, [*base, "--recipe", "best"], "d", "")
+
+
+def test_the_local_stage_trains_only_the_blocks_before_the_cuts_then_the_whole_student(tiny_gpt2_dir, tmp_path):
+    student = tmp_path / "keep-0-1-3"
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(student), "--keep", "0,1,3",
+                 "--repair", "none"]) == 0
+    out = tmp_path / "run"
+    command = ["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out), *DATA,
+               *TINY, "--logging-steps", "1", "--local-steps", "6", "--local-lr", "1e-3", "--max-steps", "2",
+               "--recipe", "minitron"]
+    assert main(command) == 0
+    before, local = load_file(student / "model.safetensors"), load_file(out / "local" / "model" / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], local[name])}
+    assert changed and all(name.startswith("transformer.h.1.") for name in changed)  # block 1: teacher block 1, before 2
+    losses = [line["local"] for line in metrics_lines(out / "local") if "local" in line]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    record = json.loads((out / "lmshrink.json").read_text())
+    assert record["settings"]["local_steps"] == 6 and record["metrics"]["steps"] == 2
+    assert main(command) == 0  # finished: the same command has nothing to do

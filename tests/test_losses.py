@@ -191,3 +191,12 @@ def test_fused_head_equals_the_full_logits_loss_and_gradient(kind, name, tempera
     torch.testing.assert_close(ce, reference_ce.detach())
     for got, want in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_normalised_mse_is_zero_when_equal_and_one_for_a_zero_output():
+    from lmshrink.losses import normalised_mse
+
+    target = torch.randn(2, 5, 8) * 7
+    assert normalised_mse(target.clone(), target) == 0
+    assert normalised_mse(torch.zeros_like(target), target).item() == pytest.approx(1.0)
+    assert normalised_mse(2 * target, target).item() == pytest.approx(1.0)  # scale-free: error as large as the target

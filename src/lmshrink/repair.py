@@ -83,7 +83,7 @@ def removed_spans(n: int, keep: list[int]) -> list[tuple[int, int]]:
 
 # --- activations ------------------------------------------------------------------------------
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook once everything wanted is captured, to skip the rest of the forward pass."""
 
 
@@ -92,11 +92,12 @@ def _tensor(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], batch_size: int = 4
-            ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], batch_size: int = 4,
+            on_device: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """The residual stream x_k entering block k for k in `states` (k = n: the last block's output),
     and the MLP output projection's output of each block in `projections`: (N, T, H) float32 tensors
-    on the CPU. The forward pass stops after the last block that anything is wanted from."""
+    on the CPU (`on_device`: as they are, where the model is). The forward pass stops after the last
+    block that anything is wanted from."""
     if not states and not projections:
         return {}, {}
     blocks = blocks_of(model)
@@ -108,7 +109,8 @@ def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], 
 
     def keep(kind: str, k: int, value: torch.Tensor) -> None:
         # (B, T, H); OPT's fc2 runs on (B * T, H)
-        got.setdefault((kind, k), []).append(value.detach().float().cpu().reshape(*batch_shape, -1))
+        value = value.detach() if on_device else value.detach().float().cpu()
+        got.setdefault((kind, k), []).append(value.reshape(*batch_shape, -1))
 
     hooks = []
     if 0 in states:
@@ -122,7 +124,7 @@ def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], 
         if i + 1 in states:
             keep("state", i + 1, _tensor(out))
         if i == stop_after:
-            raise _Stop
+            raise StopForward
 
     for i in range(max(stop_after + 1, 0)):
         hooks.append(blocks[i].register_forward_hook(lambda m, a, out, i=i: after_block(m, a, out, i)))
@@ -132,7 +134,7 @@ def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], 
             batch_shape[:] = batch.shape
             try:
                 model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         for hook in hooks:

@@ -12,12 +12,15 @@ lr 2.5e-4, warm-up 5%, Adam eps 1e-6, gradient norm 5. With `--teacher-cache DIR
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from lmshrink.architectures import blocks_of
 from lmshrink.config import SettingsError, check, group, setting
 from lmshrink.kd_methods import rail_pairs
 from lmshrink.losses import (
@@ -30,10 +33,12 @@ from lmshrink.losses import (
     fused_head_loss,
     head_step,
     kd_loss,
+    normalised_mse,
     sparse_kd_loss,
 )
 from lmshrink.models import load
-from lmshrink.records import read_record
+from lmshrink.records import count, read_record
+from lmshrink.repair import StopForward, capture, removed_spans
 from lmshrink.teacher_cache import open_cache
 from lmshrink.training import HealSettings, LMTrainer, TrainArgs, cap_heldout, carry_on, prepare_data, prepare_heldout, train
 
@@ -109,6 +114,10 @@ class DistillSettings(HealSettings):
     kd: KDArgs = group(KDArgs, "the teacher and the distillation loss (defaults: the DistilGPT-2 recipe)")
     recipe: str = setting("distilgpt2", f"named healing recipe, setting the loss and optimiser settings it names "
                                         f"(each can still be given): {', '.join(RECIPES)}")
+    local_steps: int = setting(0, "first train only the block before each removed span, on the teacher's residual "
+                                  "stream, to reproduce the stream after the span (normalised MSE), for this many "
+                                  "steps (in OUTPUT/local); then the whole student as usual")
+    local_lr: float | None = setting(None, "learning rate of the local stage (default: --lr)")
 
     PRESETS: ClassVar = ("recipe", RECIPES)
 
@@ -116,6 +125,11 @@ class DistillSettings(HealSettings):
         problems = super().problems()
         if self.recipe not in RECIPES:
             problems.append(f"recipe: {self.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
+        if self.local_steps < 0 or (self.local_lr is not None and not self.local_lr > 0):
+            problems.append("local_steps, local_lr: 0 or more steps, a positive learning rate")
+        if self.local_steps and self.kd.teacher_cache:
+            problems.append("local_steps: the local stage needs the teacher's hidden states; give --teacher, "
+                            "not --teacher-cache")
         if self.kd.teacher_cache:  # the cache holds the training blocks
             problems = [p for p in problems if not p.startswith("data:")]
         return problems
@@ -276,6 +290,96 @@ def run(settings: DistillSettings) -> dict[str, Any]:
             layer_pairs(kd.layer_map, student.model.config.num_hidden_layers, teacher.config.num_hidden_layers,
                         kept, random.Random(corpus.seed))
         train_data, heldout = prepare_data(corpus, student.tokenizer)
+    if settings.local_steps:
+        student = local_stage(settings, student, teacher, kept, train_data, heldout)
     return train(settings, "distill", DistillTrainer, student.model, student.tokenizer, train_data, heldout,
                  extra_record={"distill_teacher": teacher_name}, teacher=teacher, recipe=kd,
                  vocab=vocab, kept=kept)
+
+
+# ----------------------------------------------------------------------------- the local stage
+
+
+def local_pairs(kept: list[int], n_teacher: int) -> list[tuple[int, int, int]]:
+    """For each removed span with a kept block before it: (that block's index in the student, the
+    teacher state entering its teacher counterpart, the teacher state after the span)."""
+    return [(kept.index(first - 1), first - 1, last + 1) for first, last in removed_spans(n_teacher, kept) if first > 0]
+
+
+def block_outputs(model, ids: torch.Tensor, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Each block j of `inputs` run on inputs[j] in place of its own input, in one forward pass of
+    `model` stopped after the last of them: {j: block j's output}."""
+    blocks, got, last = blocks_of(model), {}, max(inputs)
+
+    def swap(j: int):
+        def hook(_module, args, kwargs):
+            if args:
+                return (inputs[j].to(args[0].dtype), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": inputs[j].to(kwargs["hidden_states"].dtype)}
+        return hook
+
+    def keep(j: int):
+        def hook(_module, _args, output):
+            got[j] = output[0] if isinstance(output, tuple) else output
+            if j == last:
+                raise StopForward
+        return hook
+
+    hooks = [blocks[j].register_forward_pre_hook(swap(j), with_kwargs=True) for j in inputs]
+    hooks += [blocks[j].register_forward_hook(keep(j)) for j in inputs]
+    try:
+        model(input_ids=ids, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return got
+
+
+class LocalTrainer(LMTrainer):
+    """The local stage (LLM-Streamline, Puzzle): every block before a removed span learns, from the
+    teacher's residual stream entering its teacher counterpart, to reproduce the stream after the
+    span (normalised MSE); all other weights are frozen. Held-out evaluation is the plain LM loss."""
+
+    def __init__(self, *args: Any, teacher, pairs: list[tuple[int, int, int]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.pairs = teacher.eval().requires_grad_(False).to(self.args.device), pairs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs["input_ids"]
+        if not model.training:
+            outputs = model(input_ids=ids, use_cache=False)
+            loss = self.lm_loss(outputs.logits, inputs["labels"])
+            return (loss, outputs) if return_outputs else loss
+        wanted = {k for _, first, after in self.pairs for k in (first, after)}
+        states, _ = capture(self.teacher, ids, wanted, set(), ids.shape[0], on_device=True)
+        outputs = block_outputs(model, ids, {j: states[first] for j, first, _ in self.pairs})
+        loss = sum(normalised_mse(outputs[j], states[after]) for j, _, after in self.pairs) / len(self.pairs)
+        self.record(local=loss)
+        return loss
+
+
+def local_stage(settings: DistillSettings, student, teacher, kept: list[int] | None, train_data, heldout):
+    """Run (or reuse, if finished with the same settings) the local stage in OUTPUT/local; the student
+    it wrote, loaded, is where the global stage starts."""
+    if teacher.config.hidden_size != student.model.config.hidden_size or not kept:
+        raise SettingsError("local_steps: the local stage matches residual streams block by block, so it needs a "
+                            "student cut from this teacher by `lmshrink truncate` (same hidden size, its kept blocks "
+                            "in its record); leave --local-steps out")
+    pairs = local_pairs(kept, teacher.config.num_hidden_layers)
+    if not pairs:
+        raise SettingsError("local_steps: no removed span has a kept block before it to train; leave --local-steps out")
+    folder = Path(settings.output) / "local"
+    local = dataclasses.replace(settings, output=str(folder), local_steps=0, train=dataclasses.replace(
+        settings.train, max_steps=settings.local_steps, max_tokens=None, lr=settings.local_lr or settings.train.lr,
+        compile="off"))  # the stage's hooks stop the forward pass midway
+    if carry_on(local) is None:
+        student.model.requires_grad_(False)
+        for j, _, _ in pairs:
+            blocks_of(student.model)[j].requires_grad_(True)
+        print(f"[lmshrink] local stage: blocks {', '.join(str(j) for j, _, _ in pairs)} of the student learn the "
+              f"teacher's residual stream after each removed span, {count(settings.local_steps, 'step')}", flush=True)
+        train(local, "distill (local stage)", LocalTrainer, student.model, student.tokenizer, train_data, heldout,
+              teacher=teacher, pairs=pairs)
+    return load(str(folder / "model"), settings.dtype, settings.trust_remote_code)
