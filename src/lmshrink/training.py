@@ -640,8 +640,9 @@ def train_until_stopped(trainer: Trainer, resume_from: str | None, stop: StopOnS
     return result
 
 
-# what a run writes into its output folder (removed by --overwrite; local/: distill's local stage)
-RUN_FILES = ("checkpoints", "model", "metrics.jsonl", RECORD, "tensorboard", "profile", "local")
+# what a run writes into its output folder (removed by --overwrite; distill's local/ is a run of its own,
+# started over by the same --overwrite)
+RUN_FILES = ("checkpoints", "model", "metrics.jsonl", RECORD, "tensorboard", "profile")
 
 
 def carry_on(settings: HealSettings) -> dict[str, Any] | None:

@@ -1,0 +1,173 @@
+"""Heal faster per token: which recipe brings a cut student closest to its teacher per token and per second.
+
+Student: the real SmolLM2-135M cut from 30 to 24 blocks by Block Influence and repaired by
+ReplaceMe (`lmshrink truncate`'s default, the best training-free student of bench/cut_quality.py).
+Arms, each healed on python-docs/library (block 256, batch 4) at every budget of --tokens:
+
+- `clm`: `lmshrink pretrain` (the paper's method, the LM loss alone);
+- `distilgpt2`: `lmshrink distill --recipe distilgpt2` (KD T 2 x5 + CE x2 + cosine x1);
+- `minitron`: `lmshrink distill --recipe minitron` (logit-only forward KL at T 1, cosine decay);
+- `local+minitron`: the same after `--local-steps` (a fifth of the budget's steps, counted in it);
+- `minitron+teacher-text`: `minitron` on python-docs/library mixed 1:1 (by document) with text
+  the teacher wrote itself (`lmshrink generate`, prompted by python-docs/library pages).
+
+Held-out perplexity on 2,048 tokens of python-docs/tutorial is measured during training (curves
+against tokens and wall time); at the end every student is scored by `lmshrink eval` on the first
+8,192 tokens of python-docs/tutorial, kernel-docs/process and fortunes/people (English of another
+kind: neither arm trains on anything like it), window 512, stride 256. Optionally zero-shot
+(`--tasks core --limit 200`) for the best arm and the baseline at the largest budget.
+
+Resumable: every run, text and score lives in OUTPUT, and the same command carries on.
+
+    python bench/heal_quality.py --output ~/lmshrink-runs/heal-quality [--tokens 25600,102400] [--tasks core]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lmshrink.cli import main as lmshrink
+from lmshrink.records import save_figure, write_json, write_text
+
+TEACHER = "smollm2-135m"
+TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
+TOKENS_PER_STEP = 4 * 256
+HEAL = ["--data", "python-docs/library", "--eval-data", "python-docs/tutorial", "--eval-tokens", "2048",
+        "--block-size", "256", "--batch-size", "4", "--save-steps", "25", "--logging-steps", "5", "--report-to", "none"]
+ARMS = ["clm", "distilgpt2", "minitron", "local+minitron", "minitron+teacher-text"]
+
+
+def run(*args: str) -> None:
+    assert lmshrink(list(args)) == 0, f"lmshrink {' '.join(args)} failed"
+
+
+def arm_command(arm: str, student: Path, folder: Path, tokens: int, teacher_text: Path) -> list[str]:
+    steps = tokens // TOKENS_PER_STEP
+    curve = ["--eval-steps", str(max(1, steps // 5))]
+    if arm == "clm":
+        return ["pretrain", "--model", str(student), "--output", str(folder), *HEAL, *curve, "--lr", "2e-4",
+                "--warmup", "0.05", "--max-tokens", str(tokens)]
+    common = ["distill", "--model", str(student), "--teacher", TEACHER, "--output", str(folder), *HEAL, *curve]
+    if arm == "distilgpt2":
+        return [*common, "--recipe", "distilgpt2", "--max-tokens", str(tokens)]
+    if arm == "minitron":
+        return [*common, "--recipe", "minitron", "--max-tokens", str(tokens)]
+    if arm == "local+minitron":
+        local = max(1, steps // 5)
+        return [*common, "--recipe", "minitron", "--local-steps", str(local), "--local-lr", "1e-3",
+                "--max-tokens", str(tokens - local * TOKENS_PER_STEP)]
+    if arm == "minitron+teacher-text":
+        mixed = [a if a != "python-docs/library" else f"{teacher_text},python-docs/library" for a in common]
+        return [*mixed, "--data-weights", "1,1", "--recipe", "minitron", "--max-tokens", str(tokens)]
+    raise ValueError(arm)
+
+
+def history(folder: Path) -> tuple[list[dict[str, float]], float, float]:
+    """Held-out perplexity during training against tokens and seconds spent (the local stage's
+    first), and the run's total tokens and training seconds."""
+    offset_tokens = offset_seconds = 0.0
+    points = []
+    for run_folder in (folder / "local", folder):
+        if not (run_folder / "metrics.jsonl").is_file():
+            continue
+        for line in (run_folder / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if "eval_loss" in r:
+                points.append({"tokens": offset_tokens + r["step"] * TOKENS_PER_STEP,
+                               "seconds": offset_seconds + r.get("elapsed_s", 0.0), "ppl": math.exp(r["eval_loss"])})
+        record = json.loads((run_folder / "lmshrink.json").read_text())["metrics"]
+        offset_tokens += record["tokens_seen"]
+        offset_seconds += record["train_seconds"]
+    return points, offset_tokens, offset_seconds
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for r in rows:
+        points = r["curve"]
+        label = f"{r['arm']} ({r['budget'] // 1000}k)"
+        for ax, key in zip(axes, ("tokens", "seconds"), strict=True):
+            ax.plot([p[key] for p in points], [p["ppl"] for p in points], marker=".", label=label)
+    axes[0].set_xlabel("healing tokens")
+    axes[1].set_xlabel("wall seconds (2-core CPU)")
+    axes[0].set_ylabel("held-out perplexity, python-docs/tutorial")
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M cut to 24/30 blocks (BI + ReplaceMe), healed by each recipe")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(Path.home() / "lmshrink-runs" / "heal-quality"))
+    parser.add_argument("--tokens", default="25600,102400", help="healing budgets, comma-separated")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--teacher-samples", type=int, default=256, help="teacher-written documents (256 tokens each)")
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--tasks", default="", help="zero-shot suite for the best arm and clm at the largest budget")
+    parser.add_argument("--limit", type=int, default=200)
+    args = parser.parse_args()
+    out = Path(args.output).expanduser()
+    student = out / "student"
+    if not (student / "lmshrink.json").is_file():
+        run("truncate", "--teacher", TEACHER, "--output", str(student), "--num-layers", "24", "--strategy",
+            "importance", "--overwrite")
+    arms, budgets = args.arms.split(","), [int(t) for t in args.tokens.split(",")]
+    teacher_text = out / "teacher-text"
+    if "minitron+teacher-text" in arms:
+        run("generate", "--teacher", TEACHER, "--output", str(teacher_text), "--prompts", "python-docs/library",
+            "--prompt-tokens", "32", "--new-tokens", "224", "--samples", str(args.teacher_samples))
+    rows = []
+    for tokens in budgets:
+        for arm in arms:
+            folder = out / "runs" / f"{arm}-{tokens // 1000}k"
+            run(*arm_command(arm, student, folder, tokens, teacher_text))  # finished runs: nothing to do
+            points, seen, seconds = history(folder)
+            rows.append({"arm": arm, "budget": tokens, "tokens": seen, "seconds": seconds, "folder": str(folder),
+                         "curve": points})
+    scores = out / "eval"
+    models = [str(student), *(r["folder"] + "/model" for r in rows)]
+    if not (scores / "report.json").is_file():
+        run("eval", "--models", TEACHER + "," + ",".join(models), "--data", ",".join(TEXTS), "--max-tokens",
+            str(args.eval_tokens), "--window", "512", "--stride", "256", "--no-speed", "--output", str(scores))
+    table = json.loads((scores / "report.json").read_text())["rows"]
+    teacher, as_cut, healed = table[0]["perplexity"], table[1]["perplexity"], table[2:]
+    lines = ["| student | tokens | train s | " + " | ".join(TEXTS) + " | ratio to teacher (geo-mean) |",
+             "|---|---:|---:|" + "---:|" * (len(TEXTS) + 1)]
+    entries = [("teacher", None, teacher), ("as cut + repaired", None, as_cut),
+               *((r["arm"], r, t["perplexity"]) for r, t in zip(rows, healed, strict=True))]
+    for label, r, ppl in entries:
+        ratio = math.exp(sum(math.log(ppl[s] / teacher[s]) for s in TEXTS) / len(TEXTS))
+        if r:
+            r.update(perplexity=ppl, ratio=ratio)
+        lines.append(f"| {label} | {r['tokens'] if r else 0:,.0f} | {r['seconds'] if r else 0:,.0f} | "
+                     + " | ".join(f"{ppl[s]:.2f}" for s in TEXTS) + f" | {ratio:.3f} |")
+    chart(rows, out / "heal_quality.png")
+    text = "\n".join(lines)
+    if args.tasks:
+        largest = [r for r in rows if r["budget"] == max(budgets)]
+        best = min(largest, key=lambda r: r["ratio"])
+        for r in {id(x): x for x in (best, next(x for x in largest if x["arm"] == "clm"))}.values():
+            zero = Path(r["folder"]) / "zero-shot"
+            if not (zero / "report.json").is_file():
+                run("eval", "--models", r["folder"] + "/model", "--tasks", args.tasks, "--limit", str(args.limit),
+                    "--no-speed", "--output", str(zero))
+            got = json.loads((zero / "report.json").read_text())["rows"][0]
+            text += f"\n\nzero-shot `{args.tasks}` ({args.limit} items a task), {r['arm']}: {100 * got['task_average']:.1f}"
+    write_text(out / "report.md", text + "\n")
+    write_json(out / "report.json", {"rows": rows, "teacher": teacher, "as_cut": as_cut})
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
