@@ -74,9 +74,11 @@ def history(folder: Path) -> tuple[list[dict[str, float]], float, float]:
     for run_folder in (folder / "local", folder):
         if not (run_folder / "metrics.jsonl").is_file():
             continue
+        seen = set()
         for line in (run_folder / "metrics.jsonl").read_text().splitlines():
             r = json.loads(line)
-            if "eval_loss" in r:
+            if "eval_loss" in r and r["step"] not in seen:  # the final evaluation repeats the last step's
+                seen.add(r["step"])
                 points.append({"tokens": offset_tokens + r["step"] * TOKENS_PER_STEP,
                                "seconds": offset_seconds + r.get("elapsed_s", 0.0), "ppl": math.exp(r["eval_loss"])})
         record = json.loads((run_folder / "lmshrink.json").read_text())["metrics"]
@@ -100,7 +102,6 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0].set_xlabel("healing tokens")
     axes[1].set_xlabel("wall seconds (2-core CPU)")
     axes[0].set_ylabel("held-out perplexity, python-docs/tutorial")
-    axes[0].set_yscale("log")
     axes[1].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M cut to 24/30 blocks (BI + ReplaceMe), healed by each recipe")
     save_figure(fig, path)
