@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 from lmshrink.cli import main
 
 
-def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path):
+def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path, capsys):
     """The whole demo flow (score, cut three students, heal with KD and LM, evaluate, report) on a tiny GPT-2."""
     out = tmp_path / "demo"
     assert main(["demo", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--num-layers", "2",
@@ -30,3 +31,13 @@ def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path):
     assert data["step_seconds"]["zero-shot benchmarks"] > 0
     for png in ("scores.png", "perplexity.png", "tasks.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # it ends by exporting its best student (lowest perplexity) as a q8_0 GGUF, with the command to run it
+    import gguf
+
+    students = [row for row in data["rows"] if row["model"] != "teacher"]
+    best = min(students, key=lambda row: sum(map(math.log, row["perplexity"].values())))
+    name = "demo-" + best["model"].replace(" + ", "-").replace(" ", "-")
+    file = out / "gguf" / f"{name}-Q8_0.gguf"
+    assert gguf.GGUFReader(file).fields["general.name"].contents() == name
+    said = capsys.readouterr().out
+    assert f"run it in llama.cpp: llama-cli -m {file}" in said

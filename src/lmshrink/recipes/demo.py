@@ -9,6 +9,7 @@ source (the Linux kernel's process documentation); speed and size side by side.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from lmshrink.recipes.evaluate import (
     tasks_table,
     two_sources,
 )
+from lmshrink.recipes.export import ExportSettings, file_name
+from lmshrink.recipes.export import run as export
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.recipes.truncate import CutArgs, TruncateSettings
@@ -57,6 +60,8 @@ class DemoSettings(Settings):
     score_ppl: bool = setting(False, "also score each block by the exact perplexity without it (one pass per block: "
                                      "about 2 more minutes on 2 cores)")
     heal: bool = setting(True, "heal the repaired importance-chosen student with KD and with the plain LM loss")
+    export: str = setting("q8_0", "GGUF type the best student (lowest perplexity) is exported as at the end, for "
+                                  "llama.cpp; empty: no export")
     cut: CutArgs = group(CutArgs, "training-free repair of the importance student (shown beside it as cut; "
                                   "--repair none: no repaired student)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
@@ -174,7 +179,27 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     write_json(out / RECORD, record)
     print(text)
     print(f"wrote {out / 'report.md'}")
+    if settings.export:
+        export_best(settings, table, {**students, **{name: run["model"] for name, run in healed.items()}})
     return {"rows": table, "scores": scores}
+
+
+def export_best(settings: DemoSettings, table: list[dict], paths: dict[str, Path]) -> Path:
+    """The student with the lowest geometric-mean perplexity, as a GGUF file of settings.export, and
+    how to run it in llama.cpp."""
+    def geo_mean(row: dict) -> float:
+        values = list(row["perplexity"].values())
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+
+    best = min((row for row in table if row["model"] in paths), key=geo_mean)
+    folder = Path(settings.output) / "gguf"
+    name = "demo-" + best["model"].replace(" + ", "-").replace(" ", "-")
+    export(ExportSettings(model=str(paths[best["model"]]), output=str(folder), quant=[settings.export], name=name,
+                          overwrite=True))
+    path = folder / file_name(name, settings.export)
+    print(f"the best student ({best['model']}, perplexity {geo_mean(best):,.2f}) as {settings.export}: {path}\n"
+          f"run it in llama.cpp: llama-cli -m {path} -p 'The Python tutorial'")
+    return path
 
 
 def heal(settings: DemoSettings, student: Path, steps: dict[str, float]) -> dict[str, dict[str, Any]]:
