@@ -220,8 +220,9 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def tokens_per_step(args: TrainingArguments, block_size: int) -> int:
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * block_size * args.world_size
+def tokens_per_step(settings: TrainArgs, block_size: int) -> int:
+    """Tokens one optimizer step trains on, over every process."""
+    return settings.batch_size * settings.grad_accum * block_size * world_size()
 
 
 def run_length(settings: TrainArgs, block_size: int | None) -> tuple[int, str]:
@@ -232,7 +233,7 @@ def run_length(settings: TrainArgs, block_size: int | None) -> tuple[int, str]:
         return -1, f"{count(settings.epochs, 'epoch')} (epochs)"
     if block_size is None:
         raise SettingsError("max_tokens: a token budget needs fixed-length blocks; set --max-steps or --epochs")
-    per_step = settings.batch_size * settings.grad_accum * block_size * world_size()
+    per_step = tokens_per_step(settings, block_size)
     steps = max(1, math.ceil(settings.max_tokens / per_step))
     return steps, f"{count(steps, 'step')} (max_tokens {settings.max_tokens:,} at {per_step:,} tokens a step)"
 
@@ -798,7 +799,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
         "heldout_ppl_after": math.exp(after) if after is not None else None,
         "heldout_tokens": heldout.num_rows * settings.corpus.block_size if heldout is not None else 0,
         "speed": trainer.speed_record(whole_run_tps=(trainer.state.global_step - checkpoint_step(resume_from))
-                                      * tokens_per_step(args, settings.corpus.block_size) / max(wall, 1e-9)),
+                                      * tokens_per_step(settings.train, settings.corpus.block_size) / max(wall, 1e-9)),
     }
     record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
     save_trained(trainer, out / "model", record, out.name)
