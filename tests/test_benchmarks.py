@@ -29,6 +29,7 @@ def test_every_core_task_loads_from_the_local_data_and_runs(tiny):
     for s in scores:
         assert s.items == 3
         assert 0.0 <= s.value <= 1.0 and s.metric in s.all_metrics
+        assert len(s.per_item) == 3 and sum(s.per_item) / 3 == pytest.approx(s.value)  # the score, item by item
         assert s.split == BENCHMARKS[s.task].scored
     assert {s.task: s.split for s in scores}["arc_easy"] == "validation"  # the local copy has no test split
 
@@ -37,6 +38,7 @@ def test_mmlu_is_five_shot_and_pooled_over_subjects(tiny):
     model, tokenizer = tiny
     (score,) = run_tasks(model, tokenizer, ["mmlu"], limit=1, batch_size=8)
     assert score.num_fewshot == 5 and score.items == 57  # one question from each of the 57 subjects
+    assert len(score.per_item) == 57 and sum(score.per_item) / 57 == pytest.approx(score.value)
     assert 0.0 <= score.value <= 1.0 and score.stderr is not None
 
 
@@ -57,17 +59,19 @@ def test_arc_easy_accuracy_equals_an_independent_loglikelihood_comparison(tiny):
     model, tokenizer = tiny
     n = 24
     docs = local_dataset(BENCHMARKS["arc_easy"].folder, ("validation",))["validation"].select(range(n))
-    hits, hits_norm = 0, 0
+    hits, hits_norm, right = 0, 0, []
     for doc in docs:
         context = f"Question: {doc['question']}\nAnswer:"
         choices = doc["choices"]["text"]
         gold = doc["choices"]["label"].index(doc["answerKey"])
         lls = [_loglikelihood(model, tokenizer, context, " " + c) for c in choices]
         hits += max(range(len(lls)), key=lls.__getitem__) == gold
-        hits_norm += max(range(len(lls)), key=lambda i: lls[i] / len(" " + choices[i])) == gold
+        right.append(float(max(range(len(lls)), key=lambda i: lls[i] / len(" " + choices[i])) == gold))
+        hits_norm += right[-1]
     (score,) = run_tasks(model, tokenizer, ["arc_easy"], limit=n, batch_size=4)
     assert score.all_metrics["acc"] == pytest.approx(hits / n)
     assert score.all_metrics["acc_norm"] == pytest.approx(hits_norm / n)
+    assert score.metric == "acc_norm" and score.per_item == right  # item by item, in the set's order
 
 
 def test_suites_expand_in_order_without_repeats():

@@ -11,7 +11,7 @@ import transformers as T
 
 from lmshrink.config import SettingsError, build
 from lmshrink.recipes.finetune import FinetuneSettings, run
-from lmshrink.tasks import TASKS, load_task, scores
+from lmshrink.tasks import TASKS, item_scores, load_task, scores
 
 SMALL = {"max_train_examples": 32, "max_eval_examples": 24, "epochs": 1, "batch_size": 8, "max_length": 48,
          "logging_steps": 2}
@@ -61,6 +61,9 @@ def test_teacher_then_every_method_over_two_seeds(models, teacher, capsys):
     for row in rows.values():
         assert row["seeds"] == [1, 2] and 0 <= row["accuracy"]["mean"] <= 1 and row["accuracy"]["std"] >= 0
         assert len(row["accuracy"]["values"]) == 2 and row["train_seconds"] > 0
+        per_item = row["accuracy"]["per_item"]  # each test example right (1) or wrong (0), per seed
+        assert [sum(x) / len(x) for x in per_item] == pytest.approx(row["accuracy"]["values"])
+        assert all(len(x) == SMALL["max_eval_examples"] for x in per_item)
     assert set(summary["teacher"]) == {"accuracy", "f1"}
     record = json.loads((out / "mate" / "seed-2" / "model" / "lmshrink.json").read_text())
     assert record["method"] == "mate" and record["seed"] == 2 and record["train_examples"] == 32
@@ -124,6 +127,8 @@ def test_glue_metrics_follow_the_conventions():
     logits = [[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]]
     assert scores(TASKS["cola"], logits, [0, 1, 0, 0]) == pytest.approx({"matthews": 0.5773502, "accuracy": 0.75})
     assert scores(TASKS["mrpc"], logits, [0, 1, 1, 0]) == {"f1": 1.0, "accuracy": 1.0}
+    assert item_scores(TASKS["cola"], logits, [0, 1, 0, 0]) == {"accuracy": [1.0, 1.0, 0.0, 1.0]}
+    assert item_scores(TASKS["stsb"], [[0.1], [0.4]], [0.0, 1.0]) == {}  # correlations are not means over items
     got = scores(TASKS["stsb"], [[0.1], [0.4], [0.35], [0.9]], [0.0, 1.0, 2.0, 3.0])
     assert got["spearman"] == pytest.approx(0.8) and 0.8 < got["pearson"] < 1
 

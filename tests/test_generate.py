@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import GenerationConfig
 
 from lmshrink.cli import main
 from lmshrink.data import text_dataset
+from lmshrink.sampling import continue_rows, draw
 
 
 def generate(teacher, out, *extra: str) -> int:
@@ -55,3 +62,25 @@ def test_unconditional_samples_start_from_bos(tiny_gpt2_dir, tmp_path, capsys):
     assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--data", "python-docs/tutorial", "--data-weights", "1,2",
                  "--output", str(tmp_path / "x")]) == 2
     assert "data_weights: one weight >= 0 per --data source (1)" in capsys.readouterr().err
+
+
+def test_draw_samples_the_softmax_at_its_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]]).repeat(40_000, 1)
+    torch.manual_seed(0)
+    for temperature in (1.0, 0.5):
+        seen = torch.bincount(draw(logits, temperature), minlength=4) / len(logits)
+        assert seen[3] == 0  # a token of probability 0 is never drawn
+        assert seen.tolist() == pytest.approx(torch.softmax(logits[0] / temperature, -1).tolist(), abs=0.01)
+
+
+def test_sampling_with_the_kv_cache_follows_the_model_in_every_architecture(arch):
+    """Near temperature 0 the sampler is greedy decoding, so it must pick exactly what transformers'
+    own greedy `generate` picks: same positions, same cache (sliding windows included: 16 new
+    tokens after a prompt of 4 pass the tiny models' window of 8)."""
+    model = tiny_model(arch, n_layers=2)
+    prompts = torch.randint(3, 100, (3, 4), generator=torch.Generator().manual_seed(0))
+    model.generation_config.eos_token_id = None  # end-of-text is a token like any other here
+    config = GenerationConfig(do_sample=False, max_new_tokens=16, pad_token_id=0)
+    expected = model.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=config)
+    got = continue_rows(model, SimpleNamespace(pad_token_id=0, eos_token_id=None), prompts, 16, temperature=1e-6)
+    assert torch.equal(got, expected)

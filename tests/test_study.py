@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,15 @@ import pytest
 
 from lmshrink.cli import main
 from lmshrink.config import load_yaml
-from lmshrink.recipes.study import CONTRADICTED, INCONCLUSIVE, SUPPORTED, StudySettings, at_time, verdict
+from lmshrink.recipes.study import (
+    CONTRADICTED,
+    INCONCLUSIVE,
+    SUPPORTED,
+    StudySettings,
+    at_time,
+    paired_bootstrap,
+    verdict,
+)
 
 ROOT = Path(__file__).parent.parent
 
@@ -28,6 +37,27 @@ def test_the_verdict_rule_on_hand_made_numbers():
     narrow = verdict([1.0, 2.0] * 4, [0.0, 1.0] * 4, True)
     assert wide["verdict"] == INCONCLUSIVE and narrow["verdict"] == SUPPORTED
     assert narrow["high"] - narrow["low"] < wide["high"] - wide["low"]
+
+
+def test_the_paired_interval_on_hand_made_item_results():
+    rng = random.Random(0)
+    answers = {"arc": [[float(rng.random() < 0.6) for _ in range(50)] for _ in range(2)],
+               "piqa": [[float(rng.random() < 0.5) for _ in range(30)] for _ in range(2)]}
+    same = paired_bootstrap(answers, answers, higher_is_better=True)
+    assert same["difference"] == 0 and same["low"] <= 0 <= same["high"] and same["verdict"] == INCONCLUSIVE
+    right = {task: [[1.0] * len(runs[0])] * 2 for task, runs in answers.items()}
+    better = paired_bootstrap(right, answers, higher_is_better=True)
+    assert better["low"] > 0 and better["verdict"] == SUPPORTED
+    assert paired_bootstrap(answers, right, higher_is_better=True)["verdict"] == CONTRADICTED
+    # the difference is that of the averages over tasks; seeds are resampled too (3 runs against 2)
+    three = {task: [*runs, runs[0]] for task, runs in right.items()}
+    assert paired_bootstrap(three, answers, True)["difference"] == pytest.approx(
+        sum(1 - sum(map(sum, r)) / (2 * len(r[0])) for r in answers.values()) / 2)
+    # one question ahead out of 20 (two won, one lost) is no evidence
+    a, b = {"t": [[1.0] * 11 + [0.0] * 9]}, {"t": [[0.0] * 2 + [1.0] * 10 + [0.0] * 8]}
+    assert paired_bootstrap(a, b, True)["verdict"] == INCONCLUSIVE
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap({"t": [[1.0, 0.0]]}, {"t": [[1.0]]}, True)
 
 
 def test_perplexity_at_equal_wall_time_interpolates_the_curve():
@@ -70,6 +100,9 @@ def test_the_tiny_preset_end_to_end_resumes_and_reruns_what_changed(tiny_gpt2_di
     for png in ("healing.png", "strategies.png", "finetune_kd.png", "cleaning.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     stages = len(record["commands"])
+    accuracy = [c for q in results.values() for c in q["claims"] if c["higher_is_better"]]
+    assert accuracy and all(c["method"] == "paired bootstrap over items and seeds" for c in accuracy)
+    assert "items and seeds (paired)" in report
     # kept small: no Trainer checkpoints left, fine-tuned students keep scores only, the teacher its weights
     assert not list(out.rglob("checkpoints")) and not list((out / "finetune").glob("*/heal-*/*/seed-*/model"))
     assert list((out / "finetune").glob("*/teacher/none/seed-*/model/model.safetensors"))

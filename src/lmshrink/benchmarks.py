@@ -245,6 +245,7 @@ class TaskScore:
     split: str
     num_fewshot: int
     all_metrics: dict[str, float | None] = field(default_factory=dict)
+    per_item: list[float] = field(default_factory=list)  # the metric on each item, in the set's order
 
 
 def _metrics(result: dict[str, Any]) -> dict[str, float | None]:
@@ -276,7 +277,7 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         # our cached task index: without it lm-eval re-reads its ~14,000 task YAMLs on every call (~12 s)
-        out = simple_evaluate(model=lm, tasks=specs, task_manager=_task_manager(), limit=limit, log_samples=False,
+        out = simple_evaluate(model=lm, tasks=specs, task_manager=_task_manager(), limit=limit, log_samples=True,
                               bootstrap_iters=1000,
                               random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                               fewshot_random_seed=seed)
@@ -286,6 +287,11 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
         raise AssetError(f"could not load the benchmark data from the Hub ({str(err)[:200]}); offline, use "
                          "--benchmark-source local (after `lmshrink fetch --benchmarks`)") from None
     results, counts = out["results"], out["n-samples"]
+
+    def per_item(subtask: str, metric: str) -> list[float]:  # for verdicts paired across models item by item
+        logged = sorted((x for x in out["samples"].get(subtask, []) if x["filter"] == "none"), key=lambda x: x["doc_id"])
+        return [float(x[metric]) for x in logged if isinstance(x.get(metric), (int, float))]
+
     scores = []
     for name, subtasks in members.items():
         bench = benchmark(name)
@@ -305,5 +311,5 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
             metrics = {metric: value, f"{metric}_stderr": stderr}
         shots = out["n-shot"].get(subtasks[0], 0)
         scores.append(TaskScore(name, metric, value, stderr if stderr is None or math.isfinite(stderr) else None,
-                                items, split, int(shots), metrics))
+                                items, split, int(shots), metrics, [v for t in subtasks for v in per_item(t, metric)]))
     return scores

@@ -2,16 +2,19 @@
 
 Sampling at temperature 1 with no top-k or top-p cut draws from the model's distribution itself,
 so the text covers what the teacher knows rather than the domain of whatever corpus is at hand.
-Batched through transformers' `generate` with the KV cache; end-of-text does not stop a row (the
-teacher simply goes on to a new document, as in packed pre-training rows).
+Batched with a KV cache allocated once (transformers' StaticCache) and drawn by inverse CDF
+(`draw`): transformers' `generate` spent much of each step on copying its growing cache and on
+`torch.multinomial`'s random numbers; on 2 CPU cores this loop samples SmolLM2-135M 1.12x faster
+(149 against 133 tokens/s, batch 128, one run each). End-of-text does not stop a row unless asked (the teacher simply goes on to
+a new document, as in packed pre-training rows).
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
-from transformers import GenerationConfig
 
 TEACHER_TEXT = "teacher"
 """The calibration source name that means: text sampled from the teacher."""
@@ -41,17 +44,51 @@ def sample_rows(model, tokenizer, rows: int, length: int, temperature: float = 1
     return sampled
 
 
+def draw(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature), by inverse CDF: a single uniform draw
+    per row against the cumulative probabilities (summed in float64). `torch.multinomial` draws one random
+    number per vocabulary entry instead: on 2 CPU cores, 180 ms a step for 128 rows of a 49k
+    vocabulary, longer than SmolLM2-135M's own forward pass at that batch."""
+    cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(-1, dtype=torch.float64)
+    u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1).squeeze(-1)  # first cdf > u
+
+
+def _cache(model, length: int):
+    """A KV cache allocated once for `length` positions (a growing cache concatenates every layer's
+    keys and values at every step: 40% of a decode step on CPU), where the model supports one."""
+    from transformers import DynamicCache, StaticCache
+
+    if getattr(model, "_can_compile_fullgraph", False):
+        return StaticCache(config=model.config, max_cache_len=length)
+    return DynamicCache(config=model.config)
+
+
 @torch.inference_mode()
 def continue_rows(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temperature: float = 1.0,
                   stop_at_eos: bool = False) -> torch.Tensor:
-    """`prompts` (rows, p) with `new_tokens` sampled after each, in one batched `generate` call with
-    the KV cache: (rows, p + new_tokens) on the CPU. With `stop_at_eos` a row ends at its first EOS
-    and is padded with the pad (else EOS) token after it; else every row runs to its length."""
+    """`prompts` (rows, p) with `new_tokens` sampled after each, batched with a KV cache allocated
+    once: (rows, p + new_tokens) on the CPU. Every row has the same prompt length, so no padding
+    or attention mask is needed. With `stop_at_eos` a row ends at its first EOS and is padded with
+    the pad (else EOS) token after it (sampling stops once every row has ended); else every row
+    runs to its length."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                              max_new_tokens=new_tokens, min_new_tokens=0 if stop_at_eos else new_tokens,
-                              eos_token_id=tokenizer.eos_token_id if stop_at_eos else None, pad_token_id=pad)
-    ids = prompts.to(device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config).cpu()
-    return torch.nn.functional.pad(out, (0, prompts.shape[1] + new_tokens - out.shape[1]), value=pad)
+    rows, length = prompts.shape
+    out = torch.full((rows, length + new_tokens), pad, dtype=torch.long)
+    out[:, :length] = prompts
+    cache, ended = _cache(model, length + new_tokens), torch.zeros(rows, dtype=torch.bool)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in 5.2x
+    step = {name: cache, "use_cache": True, "logits_to_keep": 1}
+    logits = model(input_ids=prompts.to(device), cache_position=torch.arange(length, device=device), **step).logits
+    for t in range(new_tokens):
+        token = torch.where(ended, pad, draw(logits[:, -1], temperature).cpu())
+        out[:, length + t] = token
+        if stop_at_eos:
+            ended |= token == tokenizer.eos_token_id
+            if ended.all():
+                break
+        if t + 1 < new_tokens:
+            position = torch.tensor([length + t], device=device)
+            logits = model(input_ids=token[:, None].to(device), cache_position=position, **step).logits
+    return out

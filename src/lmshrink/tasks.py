@@ -71,12 +71,24 @@ def _metric(name: str, predictions, labels) -> float:
     return float(functions[name](predictions, labels))
 
 
-def scores(task: Task, logits, labels) -> dict[str, float]:
+def _predictions(task: Task, logits):
     import numpy as np
 
     logits = np.asarray(logits)
-    predictions = logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1)
+    return logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1)
+
+
+def scores(task: Task, logits, labels) -> dict[str, float]:
+    predictions = _predictions(task, logits)
     return {name: _metric(name, predictions, labels) for name in task.metrics}
+
+
+def item_scores(task: Task, logits, labels) -> dict[str, list[float]]:
+    """Each example's share of the metrics that are means over examples (accuracy: 1 right, 0 wrong),
+    in the test set's order, so two models can be compared item by item."""
+    if "accuracy" not in task.metrics:
+        return {}
+    return {"accuracy": [float(p == y) for p, y in zip(_predictions(task, logits).tolist(), labels, strict=True)]}
 
 
 # ----------------------------------------------------------------------------- settings

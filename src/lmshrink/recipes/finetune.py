@@ -49,7 +49,7 @@ from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
 from lmshrink.stages import HOW_TO_RUN, changed_settings
-from lmshrink.tasks import TASKS, Collator, Task, load_task, scores
+from lmshrink.tasks import TASKS, Collator, Task, item_scores, load_task, scores
 from lmshrink.training import (
     DataArgs,
     LMTrainer,
@@ -254,8 +254,10 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     train_until_stopped(trainer, checkpoint, stop, "run the same command to carry on (finished seeds are kept)")
     seconds = time.perf_counter() - started
     prediction = trainer.predict(test_set)
-    metrics = scores(task, prediction.predictions, [e["label"] for e in test])
+    labels = [e["label"] for e in test]
+    metrics = scores(task, prediction.predictions, labels)
     record = provenance("finetune", to_dict(s), method=method, seed=seed, model_source=source, metrics=metrics,
+                        per_item=item_scores(task, prediction.predictions, labels),
                         train_seconds=seconds, train_examples=len(train), eval_examples=len(test),
                         task_spec=to_dict(task))
     if s.save_models:
@@ -360,6 +362,8 @@ def summarize(records: list[dict[str, Any]], teacher: dict[str, float] | None) -
             values = [r["metrics"][name] for r in runs]
             row[name] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                          "values": values}
+            if all(name in r.get("per_item", {}) for r in runs):  # one list of item scores per seed
+                row[name]["per_item"] = [r["per_item"][name] for r in runs]
         rows.append(row)
     return {"rows": rows, "teacher": teacher}
 

@@ -48,7 +48,7 @@ class GenerateSettings(Settings):
                                ".jsonl, hf:..., corpus name); empty: every sample starts from the BOS token")
     prompt_tokens: int = setting(32, "tokens of each prompt document a sample continues")
     temperature: float = setting(1.0, "sampling temperature (1: the teacher's own distribution; no top-k or top-p)")
-    batch_size: int = setting(64, "samples per generate call, and per part file (the unit of resumption)")
+    batch_size: int = setting(128, "samples per generate call, and per part file (the unit of resumption)")
     seed: int = setting(0, "random seed (part i is sampled with seed + i)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = setting("float32", "float32, bfloat16 or float16")

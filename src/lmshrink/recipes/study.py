@@ -167,9 +167,45 @@ def verdict(a: list[float], b: list[float], higher_is_better: bool) -> dict[str,
     return {"verdict": word, "difference": diff, "low": low, "high": high}
 
 
-RULE = ("Each claim \"A is better than B\" is judged on the runs' values (seeds): the 95% Welch interval of the "
-        "difference of the means, signed so that positive favours A. Entirely above 0: **supported**; entirely "
-        "below 0: **contradicted**; containing 0, or fewer than two runs a side: **inconclusive at this budget**.")
+Items = dict[str, list[list[float]]]  # task -> one list of item scores (1 right, 0 wrong) per run
+
+
+def paired_bootstrap(a: Items, b: Items, higher_is_better: bool, draws: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Is A better than B on a score averaged over tasks of per-item results? Both arms answered the
+    same items, so items are resampled together (paired), and each arm's runs (seeds) are
+    resampled too: the 95% percentile interval of the difference of the two averages, over
+    `draws` resamples of items and runs, signed so that > 0 favours A; the verdict words as in
+    `verdict`. Judges on the items' noise and the seeds' together, where a Welch interval over a
+    few averages sees only the seeds'."""
+    import numpy as np
+
+    if sorted(a) != sorted(b) or not a:
+        raise ValueError(f"both arms need the same tasks ({sorted(a)} vs {sorted(b)})")
+    rng = np.random.default_rng(seed)
+    sign = 1.0 if higher_is_better else -1.0
+    diff, draws_diff = 0.0, np.zeros(draws)
+    for task in a:
+        ra, rb = np.asarray(a[task], dtype=float), np.asarray(b[task], dtype=float)  # (runs, items)
+        if ra.ndim != 2 or rb.ndim != 2 or ra.shape[1] != rb.shape[1] or ra.shape[1] == 0:
+            raise ValueError(f"{task}: both arms need per-item results on the same items")
+        n = ra.shape[1]
+        items = rng.multinomial(n, np.full(n, 1 / n), size=draws) / n  # (draws, items): each item's weight
+        runs = [rng.multinomial(len(r), np.full(len(r), 1 / len(r)), size=draws) / len(r) for r in (ra, rb)]
+        means = [((items @ r.T) * w).sum(1) for r, w in zip((ra, rb), runs, strict=True)]  # (draws,) per arm
+        draws_diff += sign * (means[0] - means[1]) / len(a)
+        diff += sign * (ra.mean() - rb.mean()) / len(a)
+    low, high = (float(x) for x in np.percentile(draws_diff, [2.5, 97.5]))
+    word = SUPPORTED if low > 0 else CONTRADICTED if high < 0 else INCONCLUSIVE
+    return {"verdict": word, "difference": diff, "low": low, "high": high}
+
+
+RULE = ("Each claim \"A is better than B\" gets a 95% interval of the difference, signed so that positive favours "
+        "A. Entirely above 0: **supported**; entirely below 0: **contradicted**; containing 0: **inconclusive at "
+        "this budget**. Accuracy claims (zero-shot, fine-tuning) are judged item by item: both arms answered the "
+        "same questions, so the interval is a paired bootstrap that resamples the questions (together for both "
+        "arms) and each arm's seeds (10,000 draws), and it counts how few questions a task had. Other claims "
+        "(perplexity, time) are judged on the runs' values: the Welch interval of the difference of the means over "
+        "seeds (fewer than two runs a side: inconclusive).")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -258,6 +294,29 @@ def _accuracy(record: dict[str, Any], method: str = "none") -> list[float]:
     return row[main]["values"]
 
 
+def _item_results(record: dict[str, Any], method: str = "none") -> Items | None:
+    """A fine-tuning method's per-item results on the main metric, one list per seed (None where the
+    metric is not a mean over items, or the runs predate per-item results)."""
+    row = next(r for r in record["rows"] if r["method"] == method)
+    per_item = row[record["main_metric"]].get("per_item")
+    return None if per_item is None else {record["settings"]["task"]: per_item}
+
+
+def _zero_shot_items(evals: list[dict[str, Any]]) -> Items | None:
+    """Each zero-shot task's per-item results, one list per evaluated run (None if any run lacks them)."""
+    tasks = [e.get("tasks") or {} for e in evals]
+    if not tasks or not all(tasks) or any(not t[n].get("per_item") for t in tasks for n in tasks[0]):
+        return None
+    return {n: [t[n]["per_item"] for t in tasks] for n in tasks[0]}
+
+
+def _first_runs(results: list[Items | None]) -> Items | None:
+    """Per-item results of several fine-tuning records as one arm (the first seed of each)."""
+    if not results or any(r is None for r in results):
+        return None
+    return {task: [r[task][0] for r in results] for task in results[0]}
+
+
 def _model(run: dict[str, Any]) -> str:
     return str(Path(run["folder"]) / "model")
 
@@ -305,15 +364,17 @@ def question_healing(study: Study, results: dict[str, Any]) -> None:
         lr, tried = study.chosen_lr(arm, student)
         runs = [study.heal(arm, student, lr, seed) for seed in s.seeds]
         evals = [study.evaluate_run(r) for r in runs]
-        downstream = {task: [_accuracy(study.finetune(_model(r), f"heal-{arm}-seed-{seed}", task, ["none"],
-                                                      s.ft_seeds[:1]))[0] for r, seed in zip(runs, s.seeds, strict=False)]
-                      for task in s.tasks}
+        tuned = {task: [study.finetune(_model(r), f"heal-{arm}-seed-{seed}", task, ["none"], s.ft_seeds[:1])
+                        for r, seed in zip(runs, s.seeds, strict=False)] for task in s.tasks}
+        downstream = {task: [_accuracy(record)[0] for record in records] for task, records in tuned.items()}
         arms[arm] = {"lr": lr, "lr_tried": tried, "runs": [r["folder"] for r in runs],
                      "train_seconds": [r["metrics"]["train_seconds"] for r in runs],
                      "tokens": runs[0]["metrics"]["tokens_seen"],
                      "ppl": {src: [e["perplexity"][src] for e in evals] for src in s.perplexity.data},
-                     "zero_shot": [e.get("task_average") for e in evals],
+                     "zero_shot": [e.get("task_average") for e in evals], "zero_shot_items": _zero_shot_items(evals),
                      "downstream": downstream, "curves": [_curve(r) for r in runs],
+                     "downstream_items": {task: _first_runs([_item_results(x) for x in records])
+                                          for task, records in tuned.items()},
                      "parameters": evals[0]["parameters"]}
     teacher = study.evaluate(s.teacher, "teacher")
     fastest = min(t for a in arms.values() for t in a["train_seconds"])
@@ -336,10 +397,12 @@ def question_healing(study: Study, results: dict[str, Any]) -> None:
                                  lm["ppl_at_equal_time"], other["ppl_at_equal_time"], False))
             if all(v is not None for v in lm["zero_shot"] + other["zero_shot"]):
                 claims.append(_claim(f"LM scores higher on the zero-shot suite than {kd}",
-                                     lm["zero_shot"], other["zero_shot"], True))
+                                     lm["zero_shot"], other["zero_shot"], True,
+                                     (lm["zero_shot_items"], other["zero_shot_items"])))
             for task in s.tasks:
                 claims.append(_claim(f"LM fine-tunes better on {task} than {kd}", lm["downstream"][task],
-                                     other["downstream"][task], True))
+                                     other["downstream"][task], True,
+                                     (lm["downstream_items"][task], other["downstream_items"][task])))
     results["healing"] = {"student": student, "arms": arms, "teacher": teacher, "equal_time_seconds": fastest,
                           "claims": claims}
 
@@ -355,7 +418,8 @@ def question_strategies(study: Study, results: dict[str, Any]) -> None:
         rows[strategy] = {"kept": read_record(student)["kept_layers"],
                           "ppl_before": runs[0]["metrics"]["heldout_ppl_before"],
                           "ppl": {src: [e["perplexity"][src] for e in evals] for src in s.perplexity.data},
-                          "zero_shot": [e.get("task_average") for e in evals]}
+                          "zero_shot": [e.get("task_average") for e in evals],
+                          "zero_shot_items": _zero_shot_items(evals)}
     claims = []
     main = s.perplexity.data[0]
     pairs = [("alt", "distil", "the paper's alt beats DistilGPT-2's distil choice"),
@@ -367,7 +431,8 @@ def question_strategies(study: Study, results: dict[str, Any]) -> None:
                 claims.append(_claim(f"{text}: perplexity on {src} after healing", rows[a]["ppl"][src],
                                      rows[b]["ppl"][src], False))
             if all(v is not None for v in rows[a]["zero_shot"] + rows[b]["zero_shot"]):
-                claims.append(_claim(f"{text}: zero-shot average", rows[a]["zero_shot"], rows[b]["zero_shot"], True))
+                claims.append(_claim(f"{text}: zero-shot average", rows[a]["zero_shot"], rows[b]["zero_shot"], True,
+                                     (rows[a]["zero_shot_items"], rows[b]["zero_shot_items"])))
     results["strategies"] = {"lr": lr, "rows": rows, "claims": claims, "main_source": main}
 
 
@@ -384,8 +449,10 @@ def question_finetune_kd(study: Study, results: dict[str, Any]) -> None:
     record = study.finetune(healed, "student-kd", task, s.kd_methods, s.ft_seeds, teacher=teacher, generator=generator)
     rows = {r["method"]: interval(_accuracy(record, r["method"])) | {"train_seconds": r["train_seconds"]}
             for r in record["rows"]}
-    claims = [_claim(f"{m} beats fine-tuning without a teacher ({record['main_metric']})",
-                     rows[m]["values"], rows["none"]["values"], True) for m in s.kd_methods if m != "none"]
+    claims = [_claim(f"{m} beats fine-tuning without a teacher ({record['main_metric']})", rows[m]["values"],
+                     rows["none"]["values"], True,
+                     (_item_results(record, m), _item_results(record, "none")))
+              for m in s.kd_methods if m != "none"]
     results["finetune_kd"] = {"task": task, "metric": record["main_metric"], "rows": rows,
                               "teacher": _accuracy(teacher_run)[0], "claims": claims}
 
@@ -410,9 +477,13 @@ def question_cleaning(study: Study, results: dict[str, Any]) -> None:
     results["cleaning"] = {"arms": arms, "claims": claims, "lr": lr}
 
 
-def _claim(text: str, a: list[float], b: list[float], higher_is_better: bool) -> dict[str, Any]:
-    return {"claim": text, "a": interval(a), "b": interval(b), **verdict(a, b, higher_is_better),
-            "higher_is_better": higher_is_better}
+def _claim(text: str, a: list[float], b: list[float], higher_is_better: bool,
+           items: tuple[Items | None, Items | None] = (None, None)) -> dict[str, Any]:
+    """A claim judged item by item where both arms have per-item results, else on the runs' values."""
+    paired = all(items)
+    judged = paired_bootstrap(*items, higher_is_better) if paired else verdict(a, b, higher_is_better)
+    return {"claim": text, "a": interval(a), "b": interval(b), **judged, "higher_is_better": higher_is_better,
+            "method": "paired bootstrap over items and seeds" if paired else "Welch interval over seeds"}
 
 
 QUESTION_RUNS = {"healing": question_healing, "strategies": question_strategies,
@@ -429,10 +500,12 @@ def _fmt(i: dict[str, Any], digits: int = 2) -> str:
 
 
 def _claims_table(claims: list[dict[str, Any]]) -> list[str]:
-    lines = ["| claim (A better than B) | A | B | difference, 95% interval | verdict |", "|---|---:|---:|---:|---|"]
+    lines = ["| claim (A better than B) | A | B | difference, 95% interval | interval over | verdict |",
+             "|---|---:|---:|---:|---|---|"]
     for c in claims:
         span = "-" if c["low"] is None else f"{c['difference']:+,.3f} [{c['low']:+,.3f}, {c['high']:+,.3f}]"
-        lines.append(f"| {c['claim']} | {_fmt(c['a'], 3)} | {_fmt(c['b'], 3)} | {span} | **{c['verdict']}** |")
+        over = "items and seeds (paired)" if c.get("method", "").startswith("paired") else "seeds"
+        lines.append(f"| {c['claim']} | {_fmt(c['a'], 3)} | {_fmt(c['b'], 3)} | {span} | {over} | **{c['verdict']}** |")
     return lines
 
 
