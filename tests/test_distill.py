@@ -233,6 +233,36 @@ def test_a_named_recipe_sets_what_it_names_and_every_setting_can_still_be_given(
         from_args(DistillSettings, [*base, "--recipe", "best"], "d", "")
 
 
+@pytest.mark.parametrize("recipe", ["distilgpt2", "minitron"])
+def test_each_recipe_builds_the_loss_it_names(recipe, student, tiny_gpt2_dir, tmp_path):
+    """The Trainer's loss under each named recipe equals that recipe written out by hand with
+    torch's own functions: minitron = KL(p_t || p_s) at T 1 alone; distilgpt2 = 5 T^2 KL at T 2
+    + 2 next-token CE + 1 (1 - cos) of the last hidden states."""
+    import torch.nn.functional as F
+
+    settings = build(DistillSettings, {"model": str(student), "output": str(tmp_path), "data": ["d"],
+                                       "recipe": recipe})
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # two forward passes that agree
+    model = T.AutoModelForCausalLM.from_pretrained(student, **no_dropout).train()
+    teacher = T.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    args = T.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = DistillTrainer(model=model, args=args, teacher=teacher, recipe=settings.kd,
+                             vocab=model.config.vocab_size)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    got = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+
+    s, t = model(ids, output_hidden_states=True), teacher(ids, output_hidden_states=True)
+
+    def kl(temperature: float) -> torch.Tensor:  # mean over positions of sum_v p_t (log p_t - log p_s)
+        log_pt, log_ps = (F.log_softmax(x.logits / temperature, -1) for x in (t, s))
+        return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+
+    ce = F.cross_entropy(s.logits[:, :-1].reshape(-1, s.logits.shape[-1]), ids[:, 1:].reshape(-1))
+    cos = (1 - F.cosine_similarity(s.hidden_states[-1], t.hidden_states[-1], dim=-1)).mean()
+    expected = {"minitron": kl(1.0), "distilgpt2": 5 * 2**2 * kl(2.0) + 2 * ce + 1 * cos}[recipe]
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_the_local_stage_trains_only_the_blocks_before_the_cuts_then_the_whole_student(tiny_gpt2_dir, tmp_path):
     student = tmp_path / "keep-0-1-3"
     assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(student), "--keep", "0,1,3",
