@@ -136,7 +136,7 @@ def main() -> None:
             points, seen, seconds = history(folder)
             rows.append({"arm": arm, "budget": tokens, "tokens": seen, "seconds": seconds, "folder": str(folder),
                          "curve": points})
-    scores = out / "eval"
+    scores = out / f"eval-{'-'.join(f'{t // 1000}k' for t in budgets)}-{'-'.join(a.replace('+', '_') for a in arms)}"
     models = [str(student), *(r["folder"] + "/model" for r in rows)]
     if not (scores / "report.json").is_file():
         run("eval", "--models", TEACHER + "," + ",".join(models), "--data", ",".join(TEXTS), "--max-tokens",
@@ -153,7 +153,7 @@ def main() -> None:
             r.update(perplexity=ppl, ratio=ratio)
         lines.append(f"| {label} | {r['tokens'] if r else 0:,.0f} | {r['seconds'] if r else 0:,.0f} | "
                      + " | ".join(f"{ppl[s]:.2f}" for s in TEXTS) + f" | {ratio:.3f} |")
-    chart(rows, out / "heal_quality.png")
+    chart(rows, scores / "heal_quality.png")
     text = "\n".join(lines)
     if args.tasks:
         largest = [r for r in rows if r["budget"] == max(budgets)]
@@ -165,8 +165,8 @@ def main() -> None:
                     "--no-speed", "--output", str(zero))
             got = json.loads((zero / "report.json").read_text())["rows"][0]
             text += f"\n\nzero-shot `{args.tasks}` ({args.limit} items a task), {r['arm']}: {100 * got['task_average']:.1f}"
-    write_text(out / "report.md", text + "\n")
-    write_json(out / "report.json", {"rows": rows, "teacher": teacher, "as_cut": as_cut})
+    write_text(scores / "report.md", text + "\n")
+    write_json(scores / "rows.json", {"rows": rows, "teacher": teacher, "as_cut": as_cut})
     print(text)
 
 

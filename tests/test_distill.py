@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from lmshrink.cli import main
 from lmshrink.config import SettingsError, build
 from lmshrink.losses import divergence
-from lmshrink.recipes.distill import DistillSettings, DistillTrainer, check_vocabularies, layer_pairs
+from lmshrink.recipes.distill import DistillSettings, DistillTrainer, check_vocabularies, layer_pairs, local_pairs
 
 TINY = ["--block-size", "64", "--batch-size", "2", "--logging-steps", "2", "--report-to", "none"]
 DATA = ["--data", "python-docs/tutorial", "--heldout", "0.2"]
@@ -280,3 +280,18 @@ def test_the_local_stage_trains_only_the_blocks_before_the_cuts_then_the_whole_s
     record = json.loads((out / "lmshrink.json").read_text())
     assert record["settings"]["local_steps"] == 6 and record["metrics"]["steps"] == 2
     assert main(command) == 0  # finished: the same command has nothing to do
+
+    both = tmp_path / "both"  # block 1 before the cut and block 2 (teacher block 3) after it, each on its task
+    assert main([*command[:6], str(both), *DATA, *TINY, "--local-steps", "2", "--max-steps", "1",
+                 "--local-blocks", "both"]) == 0
+    local = load_file(both / "local" / "model" / "model.safetensors")
+    assert {name.split(".")[2] for name in before if not torch.equal(before[name], local[name])} == {"1", "2"}
+
+
+def test_local_tasks_beside_each_removed_span():
+    kept = [0, 1, 2, 5, 7, 8]  # of 10 teacher blocks: spans 3-4, 6 and 9 removed
+    # (student block, teacher state fed, teacher state to reproduce); state k enters teacher block k
+    assert local_pairs(kept, 10, "before") == [[(2, 2, 5), (3, 5, 7), (5, 8, 10)]]
+    assert local_pairs(kept, 10, "after") == [[(3, 3, 6), (4, 6, 8)]]  # nothing after the last span
+    assert local_pairs(kept, 10, "both") == [[(2, 2, 5), (3, 5, 7), (5, 8, 10)], [(3, 3, 6), (4, 6, 8)]]
+    assert local_pairs([3, 4], 5, "before") == [] and local_pairs([3, 4], 5, "after") == [[(0, 0, 4)]]

@@ -114,10 +114,13 @@ class DistillSettings(HealSettings):
     kd: KDArgs = group(KDArgs, "the teacher and the distillation loss (defaults: the DistilGPT-2 recipe)")
     recipe: str = setting("distilgpt2", f"named healing recipe, setting the loss and optimiser settings it names "
                                         f"(each can still be given): {', '.join(RECIPES)}")
-    local_steps: int = setting(0, "first train only the block before each removed span, on the teacher's residual "
-                                  "stream, to reproduce the stream after the span (normalised MSE), for this many "
-                                  "steps (in OUTPUT/local); then the whole student as usual")
+    local_steps: int = setting(0, "first train only the blocks beside each removed span (--local-blocks), on the "
+                                  "teacher's residual stream, to reproduce the teacher's stream after them "
+                                  "(normalised MSE), for this many steps (in OUTPUT/local); then the whole student")
     local_lr: float | None = setting(None, "learning rate of the local stage (default: --lr)")
+    local_blocks: str = setting("before", "which kept blocks the local stage trains: before (the block before each "
+                                          "removed span does its own work and the span's), after (the block after "
+                                          "it does), or both (each on its own task)")
 
     PRESETS: ClassVar = ("recipe", RECIPES)
 
@@ -127,6 +130,8 @@ class DistillSettings(HealSettings):
             problems.append(f"recipe: {self.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
         if self.local_steps < 0 or (self.local_lr is not None and not self.local_lr > 0):
             problems.append("local_steps, local_lr: 0 or more steps, a positive learning rate")
+        if self.local_blocks not in LOCAL_BLOCKS:
+            problems.append(f"local_blocks: {self.local_blocks!r} is not one of {', '.join(LOCAL_BLOCKS)}")
         if self.local_steps and self.kd.teacher_cache:
             problems.append("local_steps: the local stage needs the teacher's hidden states; give --teacher, "
                             "not --teacher-cache")
@@ -300,10 +305,20 @@ def run(settings: DistillSettings) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the local stage
 
 
-def local_pairs(kept: list[int], n_teacher: int) -> list[tuple[int, int, int]]:
-    """For each removed span with a kept block before it: (that block's index in the student, the
-    teacher state entering its teacher counterpart, the teacher state after the span)."""
-    return [(kept.index(first - 1), first - 1, last + 1) for first, last in removed_spans(n_teacher, kept) if first > 0]
+LOCAL_BLOCKS = ("before", "after", "both")
+
+
+def local_pairs(kept: list[int], n_teacher: int, side: str = "before") -> list[list[tuple[int, int, int]]]:
+    """The local stage's tasks, (student block, teacher state it is fed, teacher state it must
+    reproduce), grouped in passes where no block appears twice. Teacher state k enters teacher
+    block k. For a removed span first..last: the kept block before it (teacher first - 1) is fed
+    state first - 1 and must reproduce state last + 1 (after the span); the kept block after it
+    (teacher last + 1) is fed state first (entering the span) and must reproduce state last + 2."""
+    spans = removed_spans(n_teacher, kept)
+    before = [(kept.index(first - 1), first - 1, last + 1) for first, last in spans if first > 0]
+    after = [(kept.index(last + 1), first, last + 2) for first, last in spans if last + 1 < n_teacher]
+    passes = {"before": [before], "after": [after], "both": [before, after]}[side]
+    return [p for p in passes if p]
 
 
 def block_outputs(model, ids: torch.Tensor, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -338,13 +353,14 @@ def block_outputs(model, ids: torch.Tensor, inputs: dict[int, torch.Tensor]) -> 
 
 
 class LocalTrainer(LMTrainer):
-    """The local stage (LLM-Streamline, Puzzle): every block before a removed span learns, from the
-    teacher's residual stream entering its teacher counterpart, to reproduce the stream after the
-    span (normalised MSE); all other weights are frozen. Held-out evaluation is the plain LM loss."""
+    """The local stage (LLM-Streamline, Puzzle): each block beside a removed span learns, from the
+    teacher's residual stream, to reproduce the teacher's stream after it (normalised MSE; the
+    tasks of `local_pairs`, one forward pass per group); all other weights are frozen. Held-out
+    evaluation is the plain LM loss."""
 
-    def __init__(self, *args: Any, teacher, pairs: list[tuple[int, int, int]], **kwargs: Any):
+    def __init__(self, *args: Any, teacher, passes: list[list[tuple[int, int, int]]], **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.teacher, self.pairs = teacher.eval().requires_grad_(False).to(self.args.device), pairs
+        self.teacher, self.passes = teacher.eval().requires_grad_(False).to(self.args.device), passes
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
@@ -352,10 +368,13 @@ class LocalTrainer(LMTrainer):
             outputs = model(input_ids=ids, use_cache=False)
             loss = self.lm_loss(outputs.logits, inputs["labels"])
             return (loss, outputs) if return_outputs else loss
-        wanted = {k for _, first, after in self.pairs for k in (first, after)}
+        wanted = {k for pairs in self.passes for _, fed, target in pairs for k in (fed, target)}
         states, _ = capture(self.teacher, ids, wanted, set(), ids.shape[0], on_device=True)
-        outputs = block_outputs(model, ids, {j: states[first] for j, first, _ in self.pairs})
-        loss = sum(normalised_mse(outputs[j], states[after]) for j, _, after in self.pairs) / len(self.pairs)
+        losses = []
+        for pairs in self.passes:
+            outputs = block_outputs(model, ids, {j: states[fed] for j, fed, _ in pairs})
+            losses += [normalised_mse(outputs[j], states[target]) for j, _, target in pairs]
+        loss = sum(losses) / len(losses)
         self.record(local=loss)
         return loss
 
@@ -367,19 +386,22 @@ def local_stage(settings: DistillSettings, student, teacher, kept: list[int] | N
         raise SettingsError("local_steps: the local stage matches residual streams block by block, so it needs a "
                             "student cut from this teacher by `lmshrink truncate` (same hidden size, its kept blocks "
                             "in its record); leave --local-steps out")
-    pairs = local_pairs(kept, teacher.config.num_hidden_layers)
-    if not pairs:
-        raise SettingsError("local_steps: no removed span has a kept block before it to train; leave --local-steps out")
+    passes = local_pairs(kept, teacher.config.num_hidden_layers, settings.local_blocks)
+    trained = sorted({j for pairs in passes for j, _, _ in pairs})
+    if not trained:
+        raise SettingsError(f"local_steps: no removed span has a kept block to train on that side (--local-blocks "
+                            f"{settings.local_blocks}); choose another side or leave --local-steps out")
     folder = Path(settings.output) / "local"
     local = dataclasses.replace(settings, output=str(folder), local_steps=0, train=dataclasses.replace(
         settings.train, max_steps=settings.local_steps, max_tokens=None, lr=settings.local_lr or settings.train.lr,
         compile="off"))  # the stage's hooks stop the forward pass midway
     if carry_on(local) is None:
         student.model.requires_grad_(False)
-        for j, _, _ in pairs:
+        for j in trained:
             blocks_of(student.model)[j].requires_grad_(True)
-        print(f"[lmshrink] local stage: blocks {', '.join(str(j) for j, _, _ in pairs)} of the student learn the "
-              f"teacher's residual stream after each removed span, {count(settings.local_steps, 'step')}", flush=True)
+        print(f"[lmshrink] local stage: blocks {', '.join(map(str, trained))} of the student ({settings.local_blocks} "
+              f"each removed span) learn the teacher's residual stream, {count(settings.local_steps, 'step')}",
+              flush=True)
         train(local, "distill (local stage)", LocalTrainer, student.model, student.tokenizer, train_data, heldout,
-              teacher=teacher, pairs=pairs)
+              teacher=teacher, passes=passes)
     return load(str(folder / "model"), settings.dtype, settings.trust_remote_code)
