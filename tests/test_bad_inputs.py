@@ -80,6 +80,8 @@ CASES = [
     (["distill", "--model", "{model}", "--data", "python-docs/tutorial", "--recipe", "best"], "recipe: 'best' is unknown"),
     (["distill", "--model", "{model}", "--teacher-cache", "{bad}", "--local-steps", "5"],
      "the local stage needs the teacher's hidden states"),
+    (["distill", "--model", "{model}", "--data", "python-docs/tutorial", "--local-blocks", "inside"],
+     "local_blocks: 'inside' is not one of before, after, both"),
     (["generate", "--teacher", "{model}", "--prompts", "python-docs/tutorial", "--prompt-tokens", "100000"],
      "no document of 'python-docs/tutorial' has 100000 tokens"),
     (["distill", "--model", "{bad}/deep", "--teacher", "{model}", "--data", "python-docs/tutorial",
