@@ -12,7 +12,7 @@ def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path, capsys):
     assert main(["demo", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--num-layers", "2",
                  "--calib-tokens", "256", "--perplexity.max-tokens", "300", "--window", "64", "--stride", "32",
                  "--train.max-tokens", "256", "--block-size", "64", "--batch-size", "2", "--limit", "3",
-                 "--repair-tokens", "512"]) == 0
+                 "--repair-tokens", "512", "--recipe", "minitron"]) == 0
     report = (out / "report.md").read_text()
     assert json.loads((out / "lmshrink.json").read_text())["command"] == "demo"
     for text in ("| teacher |", "| importance |", "| alt |", "| bottom |", "importance + KD", "importance + LM",
@@ -21,6 +21,9 @@ def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path, capsys):
                  "## Zero-shot benchmarks", "arc_easy (acc_norm)", "3 items of validation", "| zero-shot benchmarks |",
                  "| healing: importance + KD |", "| **total** |"):
         assert text in report
+    assert "KD is logit-only forward KL at T 1 (Minitron)" in report  # the KD run heals by the recipe asked for
+    kd = json.loads((out / "healed-kd" / "lmshrink.json").read_text())["settings"]
+    assert kd["recipe"] == "minitron" and (kd["kd"]["temperature"], kd["kd"]["alpha_clm"], kd["kd"]["alpha_cos"]) == (1, 0, 0)
     data = json.loads((out / "report.json").read_text())
     healed = {row["model"]: row for row in data["rows"] if "heal" in row}
     assert set(healed) == {"importance + KD", "importance + LM"}

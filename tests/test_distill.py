@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -11,7 +12,16 @@ from safetensors.torch import load_file
 from lmshrink.cli import main
 from lmshrink.config import SettingsError, build
 from lmshrink.losses import divergence
-from lmshrink.recipes.distill import DistillSettings, DistillTrainer, check_vocabularies, layer_pairs, local_pairs
+from lmshrink.recipes.distill import (
+    RECIPE_LOSSES,
+    RECIPES,
+    DistillSettings,
+    DistillTrainer,
+    check_vocabularies,
+    layer_pairs,
+    local_pairs,
+    recipe_kd,
+)
 
 TINY = ["--block-size", "64", "--batch-size", "2", "--logging-steps", "2", "--report-to", "none"]
 DATA = ["--data", "python-docs/tutorial", "--heldout", "0.2"]
@@ -229,6 +239,8 @@ def test_a_named_recipe_sets_what_it_names_and_every_setting_can_still_be_given(
     assert (filed.recipe, filed.kd.alpha_clm, filed.kd.temperature) == ("minitron", 0.5, 1)
     default = from_args(DistillSettings, base, "d", "")
     assert (default.recipe, default.kd.alpha_ce, default.kd.alpha_cos, default.train.lr) == ("distilgpt2", 5, 1, 2.5e-4)
+    assert set(RECIPE_LOSSES) == set(RECIPES)  # every recipe says in words what it trains on
+    assert recipe_kd("minitron", teacher="t") == dataclasses.replace(minitron.kd, teacher="t")
     with pytest.raises(SettingsError, match="recipe: 'best' is unknown"):
         from_args(DistillSettings, [*base, "--recipe", "best"], "d", "")
 

@@ -21,7 +21,7 @@ from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data import calibration_rows
 from lmshrink.importance import plot, score
 from lmshrink.models import load, pick_device
-from lmshrink.recipes.distill import DistillSettings, KDArgs
+from lmshrink.recipes.distill import RECIPE_LOSSES, RECIPES, DistillSettings, recipe_kd
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.evaluate import (
     BenchmarkArgs,
@@ -60,6 +60,8 @@ class DemoSettings(Settings):
     score_ppl: bool = setting(False, "also score each block by the exact perplexity without it (one pass per block: "
                                      "about 2 more minutes on 2 cores)")
     heal: bool = setting(True, "heal the repaired importance-chosen student with KD and with the plain LM loss")
+    recipe: str = setting("distilgpt2", f"loss of the KD healing run (distill's recipes: {', '.join(RECIPES)}); the "
+                                        "optimiser and budget are the demo's, the same for both runs")
     export: str = setting("q8_0", "GGUF type the best student (lowest perplexity) is exported as at the end, for "
                                   "llama.cpp; empty: no export")
     cut: CutArgs = group(CutArgs, "training-free repair of the importance student (shown beside it as cut; "
@@ -78,6 +80,8 @@ class DemoSettings(Settings):
                      for s in self.strategies if s not in STRATEGIES]
         if self.num_layers < 1:
             problems.append("num_layers: must be at least 1")
+        if self.recipe not in RECIPES:
+            problems.append(f"recipe: {self.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
         if self.heal and "importance" not in self.strategies:
             problems.append("heal: healing starts from the importance student; add importance to --strategies or --no-heal")
         if self.heal and not self.corpus.data:
@@ -203,14 +207,15 @@ def export_best(settings: DemoSettings, table: list[dict], paths: dict[str, Path
 
 
 def heal(settings: DemoSettings, student: Path, steps: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Heal the student with KD (the DistilGPT-2 loss mix) and with the plain LM loss, handing both
+    """Heal the student with KD (the loss of `settings.recipe`) and with the plain LM loss, handing both
     the demo's same `corpus` and `train` groups; time each (the whole run, loading and evaluation
     included, goes into `steps`)."""
     out = Path(settings.output)
     common = dict(model=str(student), corpus=settings.corpus, train=settings.train)
     runs = {
-        "importance + KD": lambda folder: distill(DistillSettings(output=folder, **common,
-                                                                  kd=KDArgs(teacher=settings.teacher))),
+        "importance + KD": lambda folder: distill(DistillSettings(output=folder, **common, recipe=settings.recipe,
+                                                                  kd=recipe_kd(settings.recipe,
+                                                                               teacher=settings.teacher))),
         "importance + LM": lambda folder: pretrain(PretrainSettings(output=folder, **common)),
     }
     healed = {}
@@ -281,8 +286,8 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         lines += ["", f"## Healing the {start} student", "",
                   f"Same student, same {healed[0]['heal']['tokens']:,} training tokens of "
                   f"{', '.join(f'`{d}`' for d in settings.corpus.data)} (block {settings.corpus.block_size}, "
-                  f"batch {train.batch_size}, lr {train.lr:g}, warm-up {train.warmup:.0%}); KD is the DistilGPT-2 "
-                  "loss mix (T 2, alpha 5/2/1):", "",
+                  f"batch {train.batch_size}, lr {train.lr:g}, warm-up {train.warmup:.0%}); KD is "
+                  f"{RECIPE_LOSSES[settings.recipe]}:", "",
                   "| method | train wall time | " + " | ".join(f"ppl {h} before -> after" for h in ppl.data) + " |",
                   "|---|---|" + "---|" * len(ppl.data)]
         for row in healed:

@@ -63,6 +63,16 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+RECIPE_LOSSES = {"distilgpt2": "the DistilGPT-2 loss mix (KD at T 2 x5 + next-token CE x2 + hidden-state cosine x1)",
+                 "minitron": "logit-only forward KL at T 1 (Minitron)"}
+
+
+def recipe_kd(name: str, **given: Any) -> KDArgs:
+    """The `kd` group of the recipe called `name` (its loss settings; `given` ones win), for callers
+    that bring their own optimiser settings (the demo and the study heal every arm alike)."""
+    return KDArgs(**{**{k.split(".", 1)[1]: v for k, v in RECIPES[name].items() if k.startswith("kd.")}, **given})
+
+
 @dataclass(kw_only=True)
 class KDArgs:
     """The teacher and the distillation loss (the `kd` group; defaults: the DistilGPT-2 recipe)."""
