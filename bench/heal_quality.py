@@ -127,7 +127,7 @@ def main() -> None:
     teacher_text = out / "teacher-text"
     if "minitron+teacher-text" in arms:
         run("generate", "--teacher", TEACHER, "--output", str(teacher_text), "--prompts", "python-docs/library",
-            "--prompt-tokens", "32", "--new-tokens", "224", "--samples", str(args.teacher_samples))
+            "--prompt-tokens", "32", "--new-tokens", "224", "--samples", str(args.teacher_samples), "--batch-size", "64")
     rows = []
     for tokens in budgets:
         for arm in arms:

@@ -40,6 +40,9 @@ def test_prompted_samples_carry_on_and_feed_training(tiny_gpt2_dir, tmp_path, ca
     (out / "part-00001.jsonl").unlink()  # as if stopped before writing it: the same command writes it alone
     assert generate(tiny_gpt2_dir, out, "--prompts", "python-docs/tutorial", "--prompt-tokens", "6") == 0
     assert records(out) == written  # part i is seeded by seed + i: the same text
+    speed = json.loads((out / "lmshrink.json").read_text())["tokens_per_s"]
+    assert generate(tiny_gpt2_dir, out, "--prompts", "python-docs/tutorial", "--prompt-tokens", "6") == 0
+    assert json.loads((out / "lmshrink.json").read_text())["tokens_per_s"] == speed > 0  # nothing new: speed kept
     assert generate(tiny_gpt2_dir, out, "--prompts", "python-docs/tutorial", "--prompt-tokens", "6",
                     "--temperature", "0.7") == 2
     assert "other settings (temperature 1.0 -> 0.7)" in capsys.readouterr().err

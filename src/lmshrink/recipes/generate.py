@@ -28,7 +28,7 @@ import torch
 from lmshrink.config import Settings, SettingsError, setting, to_dict
 from lmshrink.data import DataError, documents
 from lmshrink.models import load, pick_device
-from lmshrink.records import RECORD, count, exclusive, provenance, write_json, write_text
+from lmshrink.records import RECORD, count, exclusive, provenance, read_record, write_json, write_text
 from lmshrink.sampling import continue_rows, start_token
 from lmshrink.stages import changed_settings
 
@@ -129,9 +129,11 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
               f"({written / seconds:,.0f} tokens/s)", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     records = [json.loads(line) for p in sorted(out.glob("part-*.jsonl")) for line in p.read_text().splitlines()]
+    before = read_record(out) or {}  # a run with nothing left to sample keeps the speed measured before
     record = provenance("generate", to_dict(s), documents=len(records),
                         tokens=sum(r["new_tokens"] for r in records),
-                        tokens_per_s=written / seconds if seconds else None, device=str(model.device))
+                        tokens_per_s=written / seconds if seconds else before.get("tokens_per_s"),
+                        device=str(model.device))
     write_json(out / RECORD, record)
     print(f"generate: {count(len(records), 'document')}, {count(record['tokens'], 'token')} sampled from "
           f"{s.teacher} at T {s.temperature:g} in {out}"
