@@ -163,8 +163,12 @@ def verdict(a: list[float], b: list[float], higher_is_better: bool) -> dict[str,
         df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else len(a) + len(b) - 2
         half = t.ppf(0.975, df) * se
         low, high = diff - half, diff + half
-    word = SUPPORTED if low > 0 else CONTRADICTED if high < 0 else INCONCLUSIVE
-    return {"verdict": word, "difference": diff, "low": low, "high": high}
+    return {"verdict": _word(low, high), "difference": diff, "low": low, "high": high}
+
+
+def _word(low: float, high: float) -> str:
+    """The verdict of a 95% interval of a difference signed so that > 0 favours A."""
+    return SUPPORTED if low > 0 else CONTRADICTED if high < 0 else INCONCLUSIVE
 
 
 Items = dict[str, list[list[float]]]  # task -> one list of item scores (1 right, 0 wrong) per run
@@ -195,8 +199,7 @@ def paired_bootstrap(a: Items, b: Items, higher_is_better: bool, draws: int = 10
         draws_diff += sign * (means[0] - means[1]) / len(a)
         diff += sign * (ra.mean() - rb.mean()) / len(a)
     low, high = (float(x) for x in np.percentile(draws_diff, [2.5, 97.5]))
-    word = SUPPORTED if low > 0 else CONTRADICTED if high < 0 else INCONCLUSIVE
-    return {"verdict": word, "difference": diff, "low": low, "high": high}
+    return {"verdict": _word(low, high), "difference": diff, "low": low, "high": high}
 
 
 RULE = ("Each claim \"A is better than B\" gets a 95% interval of the difference, signed so that positive favours "
@@ -288,17 +291,19 @@ class Study:
         return self.stage(f"finetune/{task}/{name}", "finetune", settings, finetune, resumes_itself=True)
 
 
+def _main_metric(record: dict[str, Any], method: str) -> dict[str, Any]:
+    """A fine-tuning method's summary of the record's main metric (values per seed, ...)."""
+    return next(r for r in record["rows"] if r["method"] == method)[record["main_metric"]]
+
+
 def _accuracy(record: dict[str, Any], method: str = "none") -> list[float]:
-    row = next(r for r in record["rows"] if r["method"] == method)
-    main = record["main_metric"]
-    return row[main]["values"]
+    return _main_metric(record, method)["values"]
 
 
 def _item_results(record: dict[str, Any], method: str = "none") -> Items | None:
     """A fine-tuning method's per-item results on the main metric, one list per seed (None where the
     metric is not a mean over items, or the runs predate per-item results)."""
-    row = next(r for r in record["rows"] if r["method"] == method)
-    per_item = row[record["main_metric"]].get("per_item")
+    per_item = _main_metric(record, method).get("per_item")
     return None if per_item is None else {record["settings"]["task"]: per_item}
 
 
