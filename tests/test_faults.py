@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer
 
 from lmshrink.cli import main
 from lmshrink.config import from_args
@@ -32,9 +33,12 @@ def pretrain(model, out, *extra: str) -> int:
     return main(pretrain_args(model, out, *extra))
 
 
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def logged_steps(out) -> list[int]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in records if "loss" in r]
+    return [r["step"] for r in records(out) if "loss" in r]
 
 
 def weights(out) -> dict[str, torch.Tensor]:
@@ -92,6 +96,35 @@ def test_a_signal_keeps_a_whole_checkpoint_and_the_same_command_ends_as_an_unint
     assert pretrain(tiny_gpt2_dir, out) == 0
     assert "resuming from checkpoint-3 (step 3 of 6)" in capsys.readouterr().out
     assert_same_run(out, uninterrupted)
+
+
+def test_a_resumed_tied_model_keeps_its_head_its_clock_and_its_first_evaluation(gpt2_tokenizer, tmp_path, capsys,
+                                                                               monkeypatch):
+    """SmolLM2 and GPT-2 save a tied output layer once, as the embeddings: a resume says nothing of a
+    missing `lm_head.weight` and the head stays the embeddings; the wall clock and the held-out
+    perplexity before training carry over from the interrupted part."""
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=64, vocab_size=len(gpt2_tokenizer), tie_word_embeddings=True)
+    model = tmp_path / "tied-llama"
+    LlamaForCausalLM(config).save_pretrained(model)
+    gpt2_tokenizer.save_pretrained(model)
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert pretrain(model, whole) == 0
+    assert stop_at_step_three(monkeypatch, model, out) == 130
+    clock_at_stop = max(r["elapsed_s"] for r in records(out) if "elapsed_s" in r)
+    warned = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda message, *a, **k: warned.append(message))
+    assert pretrain(model, out) == 0
+    assert not [w for w in warned if "missing keys" in w]
+    assert_same_run(out, whole)
+    healed = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert healed.lm_head.weight.data_ptr() == healed.model.embed_tokens.weight.data_ptr()
+    resumed, straight = (json.loads((o / "lmshrink.json").read_text())["metrics"] for o in (out, whole))
+    assert resumed["heldout_ppl_before"] == pytest.approx(straight["heldout_ppl_before"])
+    clock = [r["elapsed_s"] for r in records(out) if "elapsed_s" in r]
+    assert clock == sorted(clock) and clock[-1] > clock_at_stop  # carried on, not restarted
+    assert resumed["train_seconds"] > clock_at_stop
 
 
 def test_the_same_command_carries_on_and_another_one_is_refused_by_name(tiny_gpt2_dir, tmp_path, capsys,

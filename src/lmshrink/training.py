@@ -359,10 +359,20 @@ class MetricsFile(TrainerCallback):
 
     def __init__(self, path: Path, keep_until: int = 0):
         self.path = path
+        self.kept: list[dict[str, Any]] = []
+        if path.is_file() and keep_until:
+            self.kept = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+                         if r.get("step", 0) <= keep_until]
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until]
-            write_text(path, "".join(line + "\n" for line in kept))
+            write_text(path, "".join(json.dumps(r) + "\n" for r in self.kept))
+
+    def elapsed(self) -> float:
+        """Seconds the kept part of the run took (a resumed run's clock carries on from there)."""
+        return max((float(r["elapsed_s"]) for r in self.kept if "elapsed_s" in r), default=0.0)
+
+    def loss_before(self) -> float | None:
+        """The held-out loss measured before the first step, if this file kept it."""
+        return next((r["eval_loss"] for r in self.kept if r.get("step") == 0 and "eval_loss" in r), None)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -537,9 +547,20 @@ class LMTrainer(Trainer):
         if self.args.include_num_input_tokens_seen not in (False, "no"):
             self.state.num_input_tokens_seen += inputs["input_ids"].numel() * self.args.world_size
 
-    def train(self, *args: Any, **kwargs: Any):
-        self._started = time.perf_counter()  # every log line carries the wall time since (elapsed_s)
+    def train(self, *args: Any, elapsed: float = 0.0, **kwargs: Any):
+        # every log line carries the wall time since the run began (elapsed_s); a resumed run's
+        # clock starts where the checkpoint's part of the run ended
+        self._started = time.perf_counter() - elapsed
         return super().train(*args, **kwargs)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """A tied output layer is saved once, as the embeddings, so a checkpoint of a tied model
+        (SmolLM2, GPT-2) never holds it: re-tie it and warn only about keys really missing."""
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or ())
+        if tied & set(load_result.missing_keys):
+            self.model.tie_weights()
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        super()._issue_warnings_after_load(load_result)
 
     def get_eval_dataloader(self, eval_dataset=None):
         """Every held-out block is scored, the last partial batch too (training batches drop theirs:
@@ -628,12 +649,13 @@ def drop_checkpoints(trainer: Trainer, folder: Path, train: TrainArgs) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def train_until_stopped(trainer: Trainer, resume_from: str | None, stop: StopOnSignal, carry_on: str):
+def train_until_stopped(trainer: Trainer, resume_from: str | None, stop: StopOnSignal, carry_on: str,
+                        **train_kwargs: Any):
     """`trainer.train`, with Ctrl-C and SIGTERM turned into a whole checkpoint and `Stopped`."""
     if resume_from and 0 < trainer.args.max_steps <= checkpoint_step(resume_from):
         return finished_checkpoint(trainer, resume_from)
     with stop.installed():
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        result = trainer.train(resume_from_checkpoint=resume_from, **train_kwargs)
     if stop.signal is not None:
         raise Stopped(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps} "
                       f"({signal.Signals(stop.signal).name}); a whole checkpoint is in {trainer.args.output_dir}; "
@@ -759,8 +781,8 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
                        teacher=source_record.get("teacher"), origin=source_record or None, **(extra_record or {}))
     resume_from = checkpoint
     stop = StopOnSignal()
-    callbacks = [MetricsFile(out / "metrics.jsonl", checkpoint_step(resume_from)),
-                 RecordCheckpoints(provenance(command, to_dict(settings), **base_record)), stop]
+    metrics_file = MetricsFile(out / "metrics.jsonl", checkpoint_step(resume_from))
+    callbacks = [metrics_file, RecordCheckpoints(provenance(command, to_dict(settings), **base_record)), stop]
     if settings.train.profile_steps:
         callbacks.append(Profile(out / "profile", settings.train.profile_steps))
     teacher = trainer_kwargs.get("teacher")
@@ -786,8 +808,10 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
               f"of {args.max_steps if args.max_steps > 0 else 'the run'})", flush=True)
     with hidden_states_as_logits(*trainer.head_models()):
         before = trainer.evaluate()["eval_loss"] if heldout is not None and not checkpoint else None
-        started = time.perf_counter()
-        result = train_until_stopped(trainer, resume_from, stop, "run the same command to carry on")
+        before = metrics_file.loss_before() if checkpoint else before
+        started = time.perf_counter() - metrics_file.elapsed()  # a resumed run counts its earlier part
+        result = train_until_stopped(trainer, resume_from, stop, "run the same command to carry on",
+                                     elapsed=metrics_file.elapsed())
         wall = time.perf_counter() - started
         after = trainer.evaluate()["eval_loss"] if heldout is not None else None
     metrics = {
@@ -798,7 +822,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
         "heldout_ppl_before": math.exp(before) if before is not None else None,
         "heldout_ppl_after": math.exp(after) if after is not None else None,
         "heldout_tokens": heldout.num_rows * settings.corpus.block_size if heldout is not None else 0,
-        "speed": trainer.speed_record(whole_run_tps=(trainer.state.global_step - checkpoint_step(resume_from))
+        "speed": trainer.speed_record(whole_run_tps=trainer.state.global_step
                                       * tokens_per_step(settings.train, settings.corpus.block_size) / max(wall, 1e-9)),
     }
     record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
