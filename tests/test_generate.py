@@ -12,7 +12,8 @@ from transformers import GenerationConfig
 
 from lmshrink.cli import main
 from lmshrink.data import text_dataset
-from lmshrink.sampling import continue_rows, draw
+from lmshrink.models import load
+from lmshrink.sampling import continue_rows, draw, teacher_rows
 
 
 def generate(teacher, out, *extra: str) -> int:
@@ -87,3 +88,21 @@ def test_sampling_with_the_kv_cache_follows_the_model_in_every_architecture(arch
     expected = model.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=config)
     got = continue_rows(model, SimpleNamespace(pad_token_id=0, eos_token_id=None), prompts, 16, temperature=1e-6)
     assert torch.equal(got, expected)
+
+
+def test_teacher_calibration_text_is_written_once_and_read_back(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
+    """A repair's teacher-written rows are sampled once per teacher and settings, then read from the
+    cache; other weights or other settings sample afresh."""
+    monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path))
+    loaded = load(str(tiny_gpt2_dir))
+    first = teacher_rows(loaded.model, loaded.tokenizer, 3, 16, seed=1)
+    assert "sampled 48 tokens" in capsys.readouterr().out
+    again = teacher_rows(loaded.model, loaded.tokenizer, 3, 16, seed=1)
+    assert "read from" in capsys.readouterr().out and torch.equal(first, again)
+    assert len(list((tmp_path / "teacher-text").glob("*.safetensors"))) == 1
+    teacher_rows(loaded.model, loaded.tokenizer, 3, 16, seed=2)
+    with torch.no_grad():
+        loaded.model.transformer.h[-1].mlp.c_proj.weight.add_(1.0)
+    teacher_rows(loaded.model, loaded.tokenizer, 3, 16, seed=1)
+    assert capsys.readouterr().out.count("sampled") == 2
+    assert len(list((tmp_path / "teacher-text").glob("*.safetensors"))) == 3

@@ -12,12 +12,14 @@ from lmshrink.architectures import architecture_of, blocks_of
 from lmshrink.cut_search import CutSearch
 from lmshrink.perplexity import perplexity
 from lmshrink.repair import (
+    BlockReplay,
     Moments,
     RepairError,
     add_bias,
     capture,
     fit_span,
     fold,
+    heldout_split,
     patched,
     projection,
     removed_spans,
@@ -171,6 +173,44 @@ def test_capture_matches_the_hidden_states():
     assert states[2].shape == (3, 24, 32)
     # the last entry of hidden_states is after the final norm; x_4 is the last block's output
     assert torch.allclose(model.model.norm(states[4]), hidden[4], atol=1e-5)
+
+
+def test_block_replay_reproduces_the_forward_pass(arch):
+    """Blocks run one at a time over kept hidden states (with the masks, positions and rotary
+    embeddings recorded once per batch size) give the forward pass's streams and MLP outputs."""
+    model = tiny_model(arch, 4)
+    ids = rows(5)
+    with_proj = architecture_of(model.config).mlp_out is not None
+    states, projs = capture(model, ids, {1, 2, 3, 4}, {1, 2, 3} if with_proj else set(), batch_size=2)
+    replay = BlockReplay(model, ids, range(1, 4), batch_size=2)  # batches of 2, 2 and 1
+    stream = states[1]
+    for i in (1, 2, 3):
+        stream, proj = replay.run(i, stream)
+        torch.testing.assert_close(stream, states[i + 1], atol=1e-5, rtol=1e-4)
+        if with_proj:
+            torch.testing.assert_close(proj, projs[i], atol=1e-5, rtol=1e-4)
+        else:
+            assert proj is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+def test_student_fit_span_by_span_equals_fitting_on_whole_forward_passes(kind):
+    """The layer-by-layer student fit gives the weights the plain recipe gives: for each span in
+    turn, a whole forward pass of the partly repaired student, a fit, a fold."""
+    teacher = tiny_model(kind, 8)
+    ids, keep = rows(16), [0, 1, 4, 6, 7]  # spans 2-3 and 5
+    repaired, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, "replaceme", "student")
+    expected = truncate_model(teacher, keep)
+    held = heldout_split(ids)
+    target, _ = capture(teacher, ids, {4, 6}, set())
+    for a, b in removed_spans(8, keep):
+        j = keep.index(a - 1)
+        state, proj = capture(expected, ids, {j + 1}, {j})
+        u = target[b + 1] - state[j + 1]
+        delta, _ = fit_span("replaceme", Moments.of(proj[j][:-held], u[:-held]), Moments.of(proj[j][-held:], u[-held:]))
+        fold(projection(expected, j), delta)
+    for (name, got), want in zip(repaired.state_dict().items(), expected.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("repair_method", ["none", "replaceme"])

@@ -144,6 +144,64 @@ def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], 
     return out_states, out_proj
 
 
+class BlockReplay:
+    """Runs a model's blocks one at a time over the hidden states of every calibration row (the
+    layer-by-layer pass of GPTQ-style quantisers), so a student fitted span by span is computed
+    once, from where its stream first leaves the teacher's, rather than from the embeddings again
+    for every span. What a block is called with besides its hidden states (masks, positions,
+    rotary embeddings, per-layer attention kinds) depends only on the batch's shape (full rows, no
+    padding): it is recorded once per batch size from a forward pass over the first rows, and
+    replayed."""
+
+    def __init__(self, model, rows: torch.Tensor, blocks: range, batch_size: int = 4):
+        self.model, self.batch_size = model, batch_size
+        self.blocks = blocks_of(model)
+        self.proj_path = architecture_of(model.config).mlp_out
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        sizes = {min(batch_size, rows.shape[0] - start) for start in range(0, rows.shape[0], batch_size)}
+        self.calls = {size: self._record(rows[:size], blocks) for size in sizes}
+
+    @torch.no_grad()
+    def _record(self, batch: torch.Tensor, wanted: range) -> dict[int, tuple[tuple, dict]]:
+        calls: dict[int, tuple[tuple, dict]] = {}
+
+        def before(_m, args, kwargs, i: int):
+            calls[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if i == wanted[-1]:
+                raise StopForward
+
+        hooks = [self.blocks[i].register_forward_pre_hook(
+            lambda m, a, k, i=i: before(m, a, k, i), with_kwargs=True) for i in wanted]
+        try:
+            self.model(input_ids=batch.to(self.device), use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return calls
+
+    @torch.no_grad()
+    def run(self, i: int, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block i on the stream entering it (N, T, H): the stream leaving it and its MLP output
+        projection's output (None where the architecture has none), float32 on the CPU."""
+        outs, projs = [], []
+        hook = None if self.proj_path is None else get_path(self.blocks[i], self.proj_path).register_forward_hook(
+            lambda _m, _a, out: projs.append(_tensor(out).float().cpu()))
+        try:
+            for start in range(0, states.shape[0], self.batch_size):
+                x = states[start : start + self.batch_size].to(self.device, self.dtype)
+                rest, kwargs = self.calls[x.shape[0]][i]
+                outs.append(_tensor(self.blocks[i](x, *rest, **kwargs)).float().cpu())
+                if projs:
+                    projs[-1] = projs[-1].reshape(*x.shape[:2], -1)  # OPT's fc2 runs on (B * T, H)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return torch.cat(outs), torch.cat(projs) if projs else None
+
+
 # --- fits --------------------------------------------------------------------------------------
 
 @dataclass
@@ -312,10 +370,17 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     held = heldout_split(rows)
     if method == "bias":
         student = with_mlp_bias(student)
+    by_student = fit_on == "student" and bool(usable)
+    # the student's stream equals the teacher's up to the first fitted block unless block 0 was cut
+    shared = by_student and spans[0][0] > 0
     targets = {b + 1 for _, b in usable} | ({a for a, _ in usable} if fit_on == "teacher" else set())
-    states, projs = capture(teacher, rows, targets, {a - 1 for a, _ in usable} if fit_on == "teacher" else set(),
-                            batch_size)
+    states, projs = capture(teacher, rows, targets | ({usable[0][0] - 1} if shared else set()),
+                            {a - 1 for a, _ in usable} if fit_on == "teacher" else set(), batch_size)
     teacher_logp = log_probs(teacher, rows[-held:], batch_size) if len(strengths) > 1 and usable else None
+    if by_student:  # one layer-by-layer pass over the student, from its first fitted block on
+        at, last = keep.index(usable[0][0] - 1), keep.index(usable[-1][0] - 1)
+        replay = BlockReplay(student, rows, range(at, last + 1), batch_size)
+        stream = states[usable[0][0] - 1] if shared else capture(student, rows, {at}, set(), batch_size)[0][at]
     report = []
     for a, b in spans:
         if a == 0:
@@ -325,8 +390,10 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
         if fit_on == "teacher":
             m, base = projs[a - 1], states[a]
         else:
-            s_states, s_projs = capture(student, rows, {j + 1}, {j}, batch_size)
-            m, base = s_projs[j], s_states[j + 1]
+            for i in range(at, j):  # the blocks up to this span, with the earlier fits folded in
+                stream = replay.run(i, stream)[0]
+            at = j
+            base, m = replay.run(j, stream)
         u = states[b + 1] - base
         param, info = fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
         strength = 1.0

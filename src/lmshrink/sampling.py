@@ -11,7 +11,9 @@ Batched with a KV cache allocated once (transformers' StaticCache) and drawn by 
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import time
 
 import torch
@@ -30,7 +32,7 @@ def start_token(tokenizer) -> int:
 
 @torch.inference_mode()
 def sample_rows(model, tokenizer, rows: int, length: int, temperature: float = 1.0, seed: int = 0,
-                batch_size: int = 16) -> torch.Tensor:
+                batch_size: int = 64) -> torch.Tensor:
     """(rows, length) token ids sampled from the model, each row starting at `start_token`."""
     torch.manual_seed(seed)
     out, started = [], time.perf_counter()
@@ -42,6 +44,37 @@ def sample_rows(model, tokenizer, rows: int, length: int, temperature: float = 1
     print(f"  sampled {sampled.numel():,} tokens from the teacher at T {temperature:g} "
           f"({sampled.numel() / seconds:,.0f} tokens/s)", flush=True)
     return sampled
+
+
+def fingerprint(model) -> str:
+    """A digest of a model's weights (names, shapes and the first values of every tensor): any
+    training or other checkpoint changes it; computed in milliseconds."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def teacher_rows(model, tokenizer, rows: int, length: int, temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """`sample_rows`, kept in lmshrink's cache (`teacher-text/`) under the teacher's weights and the
+    sampling settings: a teacher writes its calibration text once, and every later repair of a cut
+    from it reads the same rows back (sampling is most of a repair's time on a CPU)."""
+    from safetensors.torch import load_file, save_file
+
+    from lmshrink.models import cache_dir
+    from lmshrink.records import atomic_file
+
+    key = json.dumps([fingerprint(model), rows, length, temperature, seed, start_token(tokenizer)])
+    path = cache_dir() / "teacher-text" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+    if path.is_file():
+        ids = load_file(path)["ids"]
+        print(f"  {ids.numel():,} teacher-written tokens read from {path}", flush=True)
+        return ids
+    ids = sample_rows(model, tokenizer, rows, length, temperature, seed)
+    with atomic_file(path) as tmp:
+        save_file({"ids": ids.contiguous()}, str(tmp), metadata={"settings": key})
+    return ids
 
 
 def draw(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -24,7 +24,7 @@ from lmshrink.model_gap import MEASURES
 from lmshrink.models import load, no_tokenizer
 from lmshrink.records import provenance, save_atomically
 from lmshrink.repair import FIT_ON, REPAIRS, repair, repair_problems
-from lmshrink.sampling import TEACHER_TEXT, sample_rows
+from lmshrink.sampling import TEACHER_TEXT, teacher_rows
 from lmshrink.truncation import STRATEGIES, select_layers, truncate_model
 
 CHOICES = (*STRATEGIES, *SEARCHES)
@@ -118,9 +118,10 @@ def load_scores(path: str) -> dict[str, Any]:
 
 def calibration_mix(sources: list[str], model, tokenizer, tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """(N, seq_len) calibration rows, an equal share of `tokens` from each source (`teacher`:
-    sampled from `model`), shuffled together so held-out rows come from every source."""
+    sampled from `model` once, then read from the cache), shuffled together so held-out rows come
+    from every source."""
     share = max(seq_len, tokens // len(sources))
-    parts = [sample_rows(model, tokenizer, max(1, share // seq_len), seq_len, seed=seed) if source == TEACHER_TEXT
+    parts = [teacher_rows(model, tokenizer, max(1, share // seq_len), seq_len, seed=seed) if source == TEACHER_TEXT
              else calibration_rows(source, tokenizer, share, seq_len) for source in sources]
     rows = torch.cat(parts)
     return rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))]
