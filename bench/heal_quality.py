@@ -87,6 +87,22 @@ def history(folder: Path) -> tuple[list[dict[str, float]], float, float]:
     return points, offset_tokens, offset_seconds
 
 
+def reach(rows: list[dict[str, Any]], budget: int) -> str:
+    """How many tokens and seconds each run took to reach the DistilGPT-2 mix's held-out perplexity
+    at the end of the largest budget (the curves' evaluations: 2,048 tokens of python-docs/tutorial)."""
+    baseline = next((r for r in rows if r["arm"] == "distilgpt2" and r["budget"] == budget and r["curve"]), None)
+    if baseline is None:
+        return ""
+    target = baseline["curve"][-1]["ppl"]
+    lines = [f"Reaching the DistilGPT-2 mix's held-out perplexity after {budget:,} tokens ({target:.2f}):", "",
+             "| run | tokens | train s |", "|---|---:|---:|"]
+    for r in rows:
+        hit = next((p for p in r["curve"] if p["ppl"] <= target + 1e-9), None)
+        cells = f"{hit['tokens']:,.0f} | {hit['seconds']:,.0f}" if hit else "not reached | "
+        lines.append(f"| {r['arm']} ({r['budget'] // 1000}k) | {cells} |")
+    return "\n".join(lines)
+
+
 def chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -136,17 +152,21 @@ def main() -> None:
             points, seen, seconds = history(folder)
             rows.append({"arm": arm, "budget": tokens, "tokens": seen, "seconds": seconds, "folder": str(folder),
                          "curve": points})
+    healed = []
+    for tokens in budgets:  # one evaluation per budget (teacher and student in each), so a new budget adds one
+        scores = out / f"eval-{tokens // 1000}k-{'-'.join(a.replace('+', '_') for a in arms)}"
+        models = [str(student), *(r["folder"] + "/model" for r in rows if r["budget"] == tokens)]
+        if not (scores / "report.json").is_file():
+            run("eval", "--models", TEACHER + "," + ",".join(models), "--data", ",".join(TEXTS), "--max-tokens",
+                str(args.eval_tokens), "--window", "512", "--stride", "256", "--no-speed", "--output", str(scores))
+        table = json.loads((scores / "report.json").read_text())["rows"]
+        teacher, as_cut = table[0]["perplexity"], table[1]["perplexity"]
+        healed += table[2:]
     scores = out / f"eval-{'-'.join(f'{t // 1000}k' for t in budgets)}-{'-'.join(a.replace('+', '_') for a in arms)}"
-    models = [str(student), *(r["folder"] + "/model" for r in rows)]
-    if not (scores / "report.json").is_file():
-        run("eval", "--models", TEACHER + "," + ",".join(models), "--data", ",".join(TEXTS), "--max-tokens",
-            str(args.eval_tokens), "--window", "512", "--stride", "256", "--no-speed", "--output", str(scores))
-    table = json.loads((scores / "report.json").read_text())["rows"]
-    teacher, as_cut, healed = table[0]["perplexity"], table[1]["perplexity"], table[2:]
     lines = ["| student | tokens | train s | " + " | ".join(TEXTS) + " | ratio to teacher (geo-mean) |",
              "|---|---:|---:|" + "---:|" * (len(TEXTS) + 1)]
     entries = [("teacher", None, teacher), ("as cut + repaired", None, as_cut),
-               *((r["arm"], r, t["perplexity"]) for r, t in zip(rows, healed, strict=True))]
+               *((f"{r['arm']} ({r['budget'] // 1000}k)", r, t["perplexity"]) for r, t in zip(rows, healed, strict=True))]
     for label, r, ppl in entries:
         ratio = math.exp(sum(math.log(ppl[s] / teacher[s]) for s in TEXTS) / len(TEXTS))
         if r:
@@ -154,7 +174,7 @@ def main() -> None:
         lines.append(f"| {label} | {r['tokens'] if r else 0:,.0f} | {r['seconds'] if r else 0:,.0f} | "
                      + " | ".join(f"{ppl[s]:.2f}" for s in TEXTS) + f" | {ratio:.3f} |")
     chart(rows, scores / "heal_quality.png")
-    text = "\n".join(lines)
+    text = "\n".join(lines) + "\n\n" + reach(rows, max(budgets))
     if args.tasks:
         largest = [r for r in rows if r["budget"] == max(budgets)]
         best = min(largest, key=lambda r: r["ratio"])

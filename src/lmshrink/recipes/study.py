@@ -35,7 +35,7 @@ from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.kd_methods import METHODS
 from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
 from lmshrink.recipes.clean import run as clean
-from lmshrink.recipes.distill import DistillSettings, KDArgs
+from lmshrink.recipes.distill import DistillSettings, KDArgs, recipe_kd
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.evaluate import BenchmarkArgs, EvalSettings, PerplexityArgs, TimingArgs, two_sources
 from lmshrink.recipes.evaluate import run as evaluate
@@ -57,7 +57,7 @@ QUESTIONS = ("healing", "strategies", "finetune_kd", "cleaning")
 # healing arms: None = the plain causal-LM loss (pretrain); else distill with this KD recipe
 ARMS: dict[str, Callable[[str], KDArgs | None]] = {
     "lm": lambda teacher: None,
-    "distilgpt2": lambda teacher: KDArgs(teacher=teacher),  # T 2, alpha 5/2/1 (cosine on hidden states)
+    "distilgpt2": lambda teacher: recipe_kd("distilgpt2", teacher=teacher),  # T 2, alpha 5/2/1 (cosine on hidden states)
     "llm_kd": lambda teacher: KDArgs(teacher=teacher, temperature=1.0, alpha_ce=1.0, alpha_clm=1.0, alpha_cos=0.0),
 }
 ARM_NAMES = {"lm": "truncation + LM loss (the paper)", "distilgpt2": "distillation, DistilGPT-2 mix (T 2, 5/2/1)",
