@@ -35,6 +35,7 @@ from lmshrink.data import token_stream
 from lmshrink.models import load
 from lmshrink.perplexity import perplexity
 from lmshrink.records import save_figure, write_json, write_text
+from lmshrink.recipes.study import paired_bootstrap
 
 TEACHER = "smollm2-135m"
 TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
@@ -198,6 +199,44 @@ def best(done: list[dict[str, Any]], k: int) -> dict[str, Any] | None:
     return min(rows, key=lambda r: sum(math.log(v) for v in r["perplexity"].values()), default=None)
 
 
+def zero_shot(out: Path, done: list[dict[str, Any]], plain: dict[str, Any] | None, args) -> str:
+    """The suite for the best training-free student of each depth, the plain BI cut and the teacher,
+    one `lmshrink eval` per model (each kept in OUTPUT/zero-shot/NAME, so a stopped run resumes)."""
+    models = {f"{d}: {b['label']}": b["name"] for d in sorted({r["k"] for r in done}, reverse=True)
+              if (b := best(done, d)) is not None}
+    if plain:
+        models[f"{plain['k']}: {plain['label']}"] = plain["name"]
+    models["30: teacher"] = "teacher"
+    results = {}
+    for label, name in models.items():
+        folder = out / "zero-shot" / name
+        if not (folder / "report.json").is_file():
+            model = TEACHER if name == "teacher" else str(out / "students" / name)
+            assert lmshrink(["eval", "--models", model, "--tasks", args.tasks, "--limit", str(args.limit),
+                             "--no-speed", "--output", str(folder)]) == 0
+        results[label] = json.loads((folder / "report.json").read_text())["rows"][0]
+    tasks = list(results["30: teacher"]["tasks"])
+    teacher = results["30: teacher"]["task_average"]
+    lines = [f"Zero-shot `{args.tasks}` (lm-evaluation-harness, the first {args.limit} items of each task, %; "
+             "one `lmshrink eval` per model, in OUTPUT/zero-shot; the last column: the difference of the task "
+             "averages from the teacher's, with its 95% interval from a paired bootstrap over the items):", "",
+             "| model | " + " | ".join(tasks) + " | average | share of the teacher's | vs the teacher |",
+             "|---|" + "---:|" * (len(tasks) + 3)]
+
+    def items(row: dict[str, Any]) -> dict[str, list[list[float]]]:
+        return {t: [row["tasks"][t]["per_item"]] for t in tasks}
+
+    for label, row in results.items():
+        cells = [f"{100 * row['tasks'][t]['value']:.1f}" for t in tasks]
+        versus = ""
+        if row is not results["30: teacher"]:
+            d = paired_bootstrap(items(row), items(results["30: teacher"]), higher_is_better=True)
+            versus = f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * row['task_average']:.1f} | "
+                     f"{100 * row['task_average'] / teacher:.0f}% | {versus} |")
+    return "\n".join(lines)
+
+
 def heal_and_tasks(out: Path, done: list[dict[str, Any]], teacher: dict[str, float], streams, args) -> str:
     """Heal the best repaired 24-block student and the plain BI cut the same way; zero-shot suite."""
     lines = []
@@ -223,18 +262,7 @@ def heal_and_tasks(out: Path, done: list[dict[str, Any]], teacher: dict[str, flo
             lines.append(f"| {r['label']} + distill | " + " | ".join(
                 f"{healed[t]:.2f} ({healed[t] / teacher[t]:.2f}x)" for t in TEXTS) + " |")
     if args.tasks:
-        models = {"teacher": TEACHER}
-        if plain:
-            models[plain["label"]] = str(out / "students" / plain["name"])
-        for depth in sorted({r["k"] for r in done}, reverse=True):
-            if (b := best(done, depth)) is not None:
-                models[f"{depth}: {b['label']}"] = str(out / "students" / b["name"])
-        eval_out = out / "zero-shot"
-        if not (eval_out / "report.md").exists():
-            assert lmshrink(["eval", "--models", ",".join(models.values()), "--tasks", args.tasks, "--limit",
-                             str(args.limit), "--output", str(eval_out)]) == 0
-        lines += ["", "Zero-shot (`lmshrink eval`, report in " + str(eval_out) + "):", "",
-                  (eval_out / "report.md").read_text()]
+        lines += ["", zero_shot(out, done, plain, args)]
     return "\n".join(lines)
 
 
