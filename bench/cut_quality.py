@@ -34,8 +34,8 @@ from lmshrink.cli import main as lmshrink
 from lmshrink.data import token_stream
 from lmshrink.models import load
 from lmshrink.perplexity import perplexity
-from lmshrink.records import save_figure, write_json, write_text
 from lmshrink.recipes.study import paired_bootstrap
+from lmshrink.records import save_figure, write_json, write_text
 
 TEACHER = "smollm2-135m"
 TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
