@@ -237,6 +237,16 @@ def test_contiguous_picks_the_silent_span():
     assert keep == [0, 1, 4, 5] and len(candidates) == 5 and candidates[2]["kl"] < 1e-6
 
 
+def test_a_search_fits_its_repairs_on_their_own_rows_and_measures_on_others():
+    """Given the repair's calibration rows, a candidate's fit comes from them and is measured on the
+    search rows: a linear span is still recovered there, from fits on text it never measured."""
+    teacher = linear_span_teacher()
+    measured, fitted = rows(4, 16, seed=1), rows(24, 16, seed=2)
+    search = CutSearch(teacher, measured, "replaceme", "kl", fit_rows=fitted)
+    assert search.states[0].shape[0] == 24 and search.rows is measured
+    assert search.score([0, 2]) < 1e-5 < CutSearch(teacher, measured, "none", "kl").score([0, 2])
+
+
 def test_perplexity_measure_is_the_perplexity():
     teacher = tiny_model("gpt2", 4)
     ids = rows(4)

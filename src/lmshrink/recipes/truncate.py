@@ -140,32 +140,41 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
     length = min(512, context_limit(teacher.config) or 512)
     record: dict[str, Any] = {}
     started = time.perf_counter()
+    repair_rows = None  # the repair's calibration rows: the search's fits and the student's repair
+    calib_seconds = 0.0
+    if args.repair != "none":
+        repair_rows = calibration_mix(args.repair_data, teacher, tokenizer, args.repair_tokens,
+                                      min(length, args.repair_tokens))
+        calib_seconds = time.perf_counter() - started
     if keep is None and strategy in SEARCHES:
         rows = calibration_rows(calib_data, tokenizer, args.search_tokens, min(length, args.search_tokens))
+        fitted = (f", each candidate repaired by {args.repair} fitted on {repair_rows.numel():,} tokens of "
+                  f"{', '.join(args.repair_data)}" if repair_rows is not None else "")
         print(f"choosing {k} of {n} blocks by {strategy} search ({args.search_measure} on {rows.numel():,} tokens of "
-              f"{calib_data}{', each candidate repaired by ' + args.repair if args.repair != 'none' else ''})")
-        search = CutSearch(teacher, rows, args.repair, args.search_measure)
+              f"{calib_data}{fitted})")
+        search = CutSearch(teacher, rows, args.repair, args.search_measure, fit_rows=repair_rows)
         keep, path = SEARCHES[strategy](search, k)
         record["search"] = {"strategy": strategy, "measure": args.search_measure, "tokens": rows.numel(),
                             "repair": args.repair, "candidates_scored": search.evaluated, "path": path,
-                            "seconds": time.perf_counter() - started}
+                            "seconds": time.perf_counter() - started - calib_seconds}
     else:
         keep = select_layers(n, strategy, k, keep, scores, metric)
     student = truncate_model(teacher, keep)
-    if args.repair != "none":
+    if repair_rows is not None:
         mark = time.perf_counter()
-        rows = calibration_mix(args.repair_data, teacher, tokenizer, args.repair_tokens,
-                               min(length, args.repair_tokens))
+        rows = repair_rows
         student, spans = repair(teacher, student, keep, rows, args.repair, args.repair_fit,
                                 tuple(args.repair_strength))
         record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": args.repair_data,
                             "strengths": args.repair_strength,
-                            "tokens": rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark}
+                            "tokens": rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark,
+                            "calibration_seconds": calib_seconds}
         errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}"
                            + (f" (strength {s['strength']:g})" if len(args.repair_strength) > 1 else "")
                            for s in spans if "heldout_error" in s)
         print(f"repaired by {args.repair} on {rows.numel():,} tokens of {', '.join(args.repair_data)} in "
-              f"{record['repair']['seconds']:.0f} s; held-out error vs the plain cut per span: {errors}")
+              f"{record['repair']['seconds']:.0f} s (gathering the text: {calib_seconds:.0f} s); held-out error vs "
+              f"the plain cut per span: {errors}")
     return student, keep, record
 
 
