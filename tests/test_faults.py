@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 import transformers
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer
 
 from lmshrink.cli import main
