@@ -247,6 +247,17 @@ def test_a_search_fits_its_repairs_on_their_own_rows_and_measures_on_others():
     assert search.score([0, 2]) < 1e-5 < CutSearch(teacher, measured, "none", "kl").score([0, 2])
 
 
+def test_a_repair_reuses_the_teacher_activations_a_search_captured():
+    teacher = tiny_model("llama", 8)
+    ids, keep = rows(16), [0, 1, 4, 6, 7]
+    search = CutSearch(teacher, rows(4, seed=3), "replaceme", "kl", fit_rows=ids)
+    again, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, "replaceme",
+                      captured=(search.states, search.projs))
+    alone, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, "replaceme")
+    for got, want in zip(again.state_dict().values(), alone.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_perplexity_measure_is_the_perplexity():
     teacher = tiny_model("gpt2", 4)
     ids = rows(4)

@@ -350,11 +350,14 @@ def heldout_split(rows: torch.Tensor) -> int:
 
 
 def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, fit_on: str = "student",
-           strengths: tuple[float, ...] = (1.0,), batch_size: int = 4):
+           strengths: tuple[float, ...] = (1.0,), batch_size: int = 4,
+           captured: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None):
     """Repair a student cut from `teacher` (keeping blocks `keep`) on calibration rows (N, T).
 
     With several `strengths`, each span's fit is applied scaled by the one whose student (the
     earlier spans already repaired) is closest to the teacher on the held-out rows, by forward KL.
+    `captured`: the teacher's streams and projection outputs on these same rows, if already at hand
+    (`capture`'s result; a measured search keeps them), saving a teacher pass.
     Returns the repaired student (a new object only when the bias repair had to give the model
     biases) and a record per removed span: the teacher blocks, the block the fit went into, its
     held-out error relative to the plain cut's (and lambda's alpha for replaceme), the strength.
@@ -374,8 +377,11 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     # the student's stream equals the teacher's up to the first fitted block unless block 0 was cut
     shared = by_student and spans[0][0] > 0
     targets = {b + 1 for _, b in usable} | ({a for a, _ in usable} if fit_on == "teacher" else set())
-    states, projs = capture(teacher, rows, targets | ({usable[0][0] - 1} if shared else set()),
-                            {a - 1 for a, _ in usable} if fit_on == "teacher" else set(), batch_size)
+    wanted = (targets | ({usable[0][0] - 1} if shared else set()), {a - 1 for a, _ in usable} if fit_on == "teacher" else set())
+    if captured is not None and wanted[0] <= captured[0].keys() and wanted[1] <= captured[1].keys():
+        states, projs = captured  # the teacher's activations on these rows, captured already (a search's)
+    else:
+        states, projs = capture(teacher, rows, *wanted, batch_size)
     teacher_logp = log_probs(teacher, rows[-held:], batch_size) if len(strengths) > 1 and usable else None
     if by_student:  # one layer-by-layer pass over the student, from its first fitted block on
         at, last = keep.index(usable[0][0] - 1), keep.index(usable[-1][0] - 1)

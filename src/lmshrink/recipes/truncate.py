@@ -141,7 +141,7 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
     record: dict[str, Any] = {}
     started = time.perf_counter()
     repair_rows = None  # the repair's calibration rows: the search's fits and the student's repair
-    calib_seconds = 0.0
+    calib_seconds, captured = 0.0, None
     if args.repair != "none":
         repair_rows = calibration_mix(args.repair_data, teacher, tokenizer, args.repair_tokens,
                                       min(length, args.repair_tokens))
@@ -153,6 +153,7 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
         print(f"choosing {k} of {n} blocks by {strategy} search ({args.search_measure} on {rows.numel():,} tokens of "
               f"{calib_data}{fitted})")
         search = CutSearch(teacher, rows, args.repair, args.search_measure, fit_rows=repair_rows)
+        captured = (search.states, search.projs) if repair_rows is not None else None
         keep, path = SEARCHES[strategy](search, k)
         record["search"] = {"strategy": strategy, "measure": args.search_measure, "tokens": rows.numel(),
                             "repair": args.repair, "candidates_scored": search.evaluated, "path": path,
@@ -164,7 +165,7 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
         mark = time.perf_counter()
         rows = repair_rows
         student, spans = repair(teacher, student, keep, rows, args.repair, args.repair_fit,
-                                tuple(args.repair_strength))
+                                tuple(args.repair_strength), captured=captured)
         record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": args.repair_data,
                             "strengths": args.repair_strength,
                             "tokens": rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark,
