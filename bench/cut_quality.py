@@ -122,7 +122,8 @@ def chart(teacher: dict[str, float], done: list[dict[str, Any]], path: Path) -> 
         ax.axvline(1, color="black", lw=0.8)
         ax.set_xscale("log")
         ax.set(xlabel="perplexity / teacher's (log; 1 = the teacher)", title=f"SmolLM2-135M, {k}/30 blocks, no training")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(TEXTS))
+    fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 

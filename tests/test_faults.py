@@ -86,13 +86,14 @@ def test_a_half_written_checkpoint_is_passed_over(tiny_gpt2_dir, tmp_path, capsy
 def test_a_signal_keeps_a_whole_checkpoint_and_the_same_command_ends_as_an_uninterrupted_run(
         tiny_gpt2_dir, tmp_path, capsys, monkeypatch, uninterrupted, signum, code):
     out = tmp_path / "run"
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]  # SIG_IGN in a background job
     assert stop_at_step_three(monkeypatch, tiny_gpt2_dir, out, signum) == code
     err = capsys.readouterr().err
     assert f"stopped at step 3 of 6 ({signal.Signals(signum).name})" in err and "run the same command" in err
     assert "Traceback" not in err
     assert (out / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
     assert not (out / "model").exists()  # no final model that looks whole
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # given back
     assert pretrain(tiny_gpt2_dir, out) == 0
     assert "resuming from checkpoint-3 (step 3 of 6)" in capsys.readouterr().out
     assert_same_run(out, uninterrupted)
