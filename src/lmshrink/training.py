@@ -360,10 +360,9 @@ class MetricsFile(TrainerCallback):
     def __init__(self, path: Path, keep_until: int = 0):
         self.path = path
         self.kept: list[dict[str, Any]] = []
-        if path.is_file() and keep_until:
-            self.kept = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
-                         if r.get("step", 0) <= keep_until]
         if path.is_file():
+            records = map(json.loads, filter(str.strip, path.read_text().splitlines()))
+            self.kept = [r for r in records if keep_until and r.get("step", 0) <= keep_until]
             write_text(path, "".join(json.dumps(r) + "\n" for r in self.kept))
 
     def elapsed(self) -> float:
@@ -807,11 +806,13 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
         print(f"[lmshrink] resuming from {Path(resume_from).name} (step {checkpoint_step(resume_from)} "
               f"of {args.max_steps if args.max_steps > 0 else 'the run'})", flush=True)
     with hidden_states_as_logits(*trainer.head_models()):
-        before = trainer.evaluate()["eval_loss"] if heldout is not None and not checkpoint else None
-        before = metrics_file.loss_before() if checkpoint else before
-        started = time.perf_counter() - metrics_file.elapsed()  # a resumed run counts its earlier part
-        result = train_until_stopped(trainer, resume_from, stop, "run the same command to carry on",
-                                     elapsed=metrics_file.elapsed())
+        if checkpoint:  # measured before the first step of the interrupted part
+            before = metrics_file.loss_before()
+        else:
+            before = trainer.evaluate()["eval_loss"] if heldout is not None else None
+        earlier = metrics_file.elapsed()  # a resumed run counts the part before its checkpoint
+        started = time.perf_counter() - earlier
+        result = train_until_stopped(trainer, resume_from, stop, "run the same command to carry on", elapsed=earlier)
         wall = time.perf_counter() - started
         after = trainer.evaluate()["eval_loss"] if heldout is not None else None
     metrics = {

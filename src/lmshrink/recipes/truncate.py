@@ -163,17 +163,16 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
     student = truncate_model(teacher, keep)
     if repair_rows is not None:
         mark = time.perf_counter()
-        rows = repair_rows
-        student, spans = repair(teacher, student, keep, rows, args.repair, args.repair_fit,
+        student, spans = repair(teacher, student, keep, repair_rows, args.repair, args.repair_fit,
                                 tuple(args.repair_strength), captured=captured)
         record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": args.repair_data,
                             "strengths": args.repair_strength,
-                            "tokens": rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark,
+                            "tokens": repair_rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark,
                             "calibration_seconds": calib_seconds}
         errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}"
                            + (f" (strength {s['strength']:g})" if len(args.repair_strength) > 1 else "")
                            for s in spans if "heldout_error" in s)
-        print(f"repaired by {args.repair} on {rows.numel():,} tokens of {', '.join(args.repair_data)} in "
+        print(f"repaired by {args.repair} on {repair_rows.numel():,} tokens of {', '.join(args.repair_data)} in "
               f"{record['repair']['seconds']:.0f} s (gathering the text: {calib_seconds:.0f} s); held-out error vs "
               f"the plain cut per span: {errors}")
     return student, keep, record
