@@ -8,6 +8,7 @@ import torch
 import transformers as T
 from conftest import ARCHS, VOCAB, tiny_model
 
+import lmshrink.repair as repair_module
 from lmshrink.architectures import architecture_of, blocks_of
 from lmshrink.cut_search import CutSearch
 from lmshrink.perplexity import perplexity
@@ -251,12 +252,16 @@ def test_a_search_fits_its_repairs_on_their_own_rows_and_measures_on_others():
     assert search.score([0, 2]) < 1e-5 < CutSearch(teacher, measured, "none", "kl").score([0, 2])
 
 
-def test_a_repair_reuses_the_teacher_activations_a_search_captured():
+def test_a_repair_reuses_the_teacher_activations_a_search_captured(monkeypatch):
     teacher = tiny_model("llama", 8)
     ids, keep = rows(16), [0, 1, 4, 6, 7]
     search = CutSearch(teacher, rows(4, seed=3), "replaceme", "kl", fit_rows=ids)
-    again, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, "replaceme",
-                      captured=(search.states, search.projs))
+    passes = []
+    with monkeypatch.context() as patch:  # no teacher pass when its activations are given
+        patch.setattr(repair_module, "capture", lambda model, *a, **k: passes.append(model) or capture(model, *a, **k))
+        again, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, "replaceme",
+                          captured=(search.states, search.projs))
+    assert teacher not in passes
     alone, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, "replaceme")
     for got, want in zip(again.state_dict().values(), alone.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want)
