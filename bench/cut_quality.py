@@ -40,6 +40,8 @@ from lmshrink.records import save_figure, write_json, write_text
 TEACHER = "smollm2-135m"
 TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
+REPAIRED = ("none", "replaceme", "refit")  # the repairs a searched cut is built with
+METHOD = {"replaceme": "ReplaceMe", "refit": "refit", "bias": "bias"}
 CALIBRATION = {"docs": ["python-docs/library"], "teacher": ["teacher"], "mix": ["teacher", "python-docs/library"]}
 
 
@@ -51,14 +53,14 @@ def plan(depths: list[int]) -> list[dict[str, Any]]:
         rows += [dict(k=k, strategy="importance", repair="none"),
                  *(dict(k=k, strategy="importance", repair="replaceme", calib=c)
                    for c in (("mix", "docs", "teacher") if first else ("mix",))),
+                 dict(k=k, strategy="importance", repair="refit", calib="mix"),
                  dict(k=k, strategy="importance", repair="bias", calib="mix")]
         if first:
             rows += [dict(k=k, strategy="importance", repair="replaceme", calib="mix", fit="teacher"),
                      dict(k=k, strategy="importance", repair="bias", calib="mix", strength="auto"),
                      dict(k=k, strategy="importance", repair="replaceme", calib="mix", strength="auto")]
         for strategy in ("contiguous", "iterative"):
-            rows += [dict(k=k, strategy=strategy, repair="none"),
-                     dict(k=k, strategy=strategy, repair="replaceme", calib="mix")]
+            rows += [dict(k=k, strategy=strategy, repair=r, calib="mix") for r in REPAIRED]
     return rows
 
 
@@ -79,7 +81,7 @@ def label_of(row: dict[str, Any]) -> str:
         return f"{strategy}, as cut"
     fit = f", fit on {row['fit']}" if row.get("fit", "student") != "student" else ""
     fit += ", strength chosen" if row.get("strength") else ""
-    return f"{strategy} + {'ReplaceMe' if row['repair'] == 'replaceme' else 'bias'} ({row['calib']}{fit})"
+    return f"{strategy} + {METHOD[row['repair']]} ({row['calib']}{fit})"
 
 
 def scores(model, streams: dict[str, torch.Tensor], args) -> dict[str, float]:

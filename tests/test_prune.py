@@ -156,7 +156,7 @@ def test_prune_command_writes_a_plain_transformers_folder(tiny_llama_dir, tmp_pa
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
     record = json.loads((out / "lmshrink.json").read_text())
     assert len(record["kept_hidden"]) == 48 and len(record["kept_layers"]) == 3
-    assert record["repair"]["method"] == "replaceme" and record["repair"]["spans"]  # the depth cut, repaired first
+    assert record["repair"]["method"] == "refit" and record["repair"]["spans"]  # the depth cut, repaired first
     assert [len(h) for h in record["kept_heads"]] == [2, 2, 2] and all(len(m) == 96 for m in record["kept_mlp"])
     assert record["parameters"] == sum(p.numel() for p in model.parameters())
     assert (out / "width_scores.png").read_bytes()[:4] == b"\x89PNG" and (out / "README.md").is_file()

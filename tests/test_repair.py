@@ -9,7 +9,7 @@ import transformers as T
 from conftest import ARCHS, VOCAB, tiny_model
 
 import lmshrink.repair as repair_module
-from lmshrink.architectures import architecture_of, blocks_of
+from lmshrink.architectures import architecture_of, blocks_of, get_path
 from lmshrink.cut_search import CutSearch
 from lmshrink.perplexity import perplexity
 from lmshrink.repair import (
@@ -23,6 +23,7 @@ from lmshrink.repair import (
     heldout_split,
     patched,
     projection,
+    refit,
     removed_spans,
     repair,
     repair_problems,
@@ -51,6 +52,8 @@ def test_identity_fold_reproduces_the_cut_exactly(kind):
     student = truncate_model(teacher, [0, 3])
     before = logits(student, rows(2))
     fold(projection(student, 0), torch.zeros(32, 32, dtype=torch.float64))
+    assert torch.equal(logits(student, rows(2)), before)
+    refit(projection(student, 0), torch.zeros(128 if kind == "gpt2" else 64, 32, dtype=torch.float64))
     assert torch.equal(logits(student, rows(2)), before)
     # patching the teacher for a while puts its weights back afterwards
     saved = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -90,13 +93,16 @@ def linear_span_teacher():
     return model
 
 
+@pytest.mark.parametrize("method", ["replaceme", "refit"])
 @pytest.mark.parametrize("fit_on", ["teacher", "student"])
-def test_replaceme_recovers_a_linear_span(fit_on):
+def test_a_fit_recovers_a_linear_span(method, fit_on):
+    """ReplaceMe fits M T; refit fits block 0's MLP output projection from its input z, of which
+    M A (M = z W + b) is an affine function that z's own constant part lets a linear map express."""
     teacher = linear_span_teacher()
     ids = rows(24, 16)
     cut = truncate_model(teacher, [0, 2])
     gap = (logits(cut, ids) - logits(teacher, ids)).abs().max()
-    repaired, report = repair(teacher, truncate_model(teacher, [0, 2]), [0, 2], ids, "replaceme", fit_on)
+    repaired, report = repair(teacher, truncate_model(teacher, [0, 2]), [0, 2], ids, method, fit_on)
     error = (logits(repaired, ids) - logits(teacher, ids)).abs().max()
     assert gap > 1e-2 and error < 1e-3 * gap
     assert report[0]["span"] == [1, 1] and report[0]["block"] == 0 and report[0]["heldout_error"] < 1e-6
@@ -120,23 +126,26 @@ def test_fit_statistics_match_a_direct_least_squares():
     assert info["heldout_error"] == pytest.approx(float(((held - fit_mean) ** 2).sum() / (held**2).sum()))
 
 
+@pytest.mark.parametrize("method", ["replaceme", "refit"])
 @pytest.mark.parametrize("kind", ARCHS)
-def test_each_family_folds_into_its_mlp_output_projection(kind, tmp_path):
+def test_each_family_folds_into_its_mlp_output_projection(kind, method, tmp_path):
     teacher = tiny_model(kind, 4)
     keep = [0, 3]
-    problems = repair_problems(teacher.config, "replaceme")
+    problems = repair_problems(teacher.config, method)
     if architecture_of(teacher.config).mlp_out is None:
         assert problems and "post_feedforward_layernorm" in problems[0]
         with pytest.raises(RepairError, match="cannot be repaired"):
-            repair(teacher, truncate_model(teacher, keep), keep, rows(), "replaceme")
+            repair(teacher, truncate_model(teacher, keep), keep, rows(), method)
         return
     assert problems == []
     cut = truncate_model(teacher, keep)
-    repaired, report = repair(teacher, truncate_model(teacher, keep), keep, rows(64), "replaceme", "student")
+    repaired, report = repair(teacher, truncate_model(teacher, keep), keep, rows(64), method, "student")
     path = architecture_of(teacher.config).blocks + ".0." + architecture_of(teacher.config).mlp_out
     before, after = cut.state_dict(), repaired.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # ReplaceMe maps the projection's output (weights and bias); refit corrects its weights only
     assert changed and changed <= {path + ".weight", path + ".bias"}, changed
+    assert method == "replaceme" or changed == {path + ".weight"}
     assert report[0]["alpha"] is not None and report[0]["heldout_error"] < 1.0
     repaired.save_pretrained(tmp_path)  # a plain transformers folder: loads without lmshrink
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -178,20 +187,27 @@ def test_capture_matches_the_hidden_states():
 
 def test_block_replay_reproduces_the_forward_pass(arch):
     """Blocks run one at a time over kept hidden states (with the masks, positions and rotary
-    embeddings recorded once per batch size) give the forward pass's streams and MLP outputs."""
+    embeddings recorded once per batch size) give the forward pass's streams and the MLP output
+    projections' outputs (or their inputs, which refit fits on)."""
     model = tiny_model(arch, 4)
     ids = rows(5)
     with_proj = architecture_of(model.config).mlp_out is not None
-    states, projs = capture(model, ids, {1, 2, 3, 4}, {1, 2, 3} if with_proj else set(), batch_size=2)
-    replay = BlockReplay(model, ids, range(1, 4), batch_size=2)  # batches of 2, 2 and 1
-    stream = states[1]
-    for i in (1, 2, 3):
-        stream, proj = replay.run(i, stream)
-        torch.testing.assert_close(stream, states[i + 1], atol=1e-5, rtol=1e-4)
-        if with_proj:
-            torch.testing.assert_close(proj, projs[i], atol=1e-5, rtol=1e-4)
-        else:
-            assert proj is None
+    for proj_input in (False, True):
+        states, projs = capture(model, ids, {1, 2, 3, 4}, {1, 2, 3} if with_proj else set(), batch_size=2,
+                                proj_input=proj_input)
+        replay = BlockReplay(model, ids, range(1, 4), batch_size=2, proj_input=proj_input)  # batches of 2, 2, 1
+        stream = states[1]
+        for i in (1, 2, 3):
+            stream, proj = replay.run(i, stream)
+            torch.testing.assert_close(stream, states[i + 1], atol=1e-5, rtol=1e-4)
+            if with_proj:
+                torch.testing.assert_close(proj, projs[i], atol=1e-5, rtol=1e-4)
+                width = (model.config.hidden_size if not proj_input else
+                         get_path(blocks_of(model)[i], architecture_of(model.config).mlp_out).weight.numel()
+                         // model.config.hidden_size)
+                assert proj.shape == (5, 24, width)
+            else:
+                assert proj is None
 
 
 @pytest.mark.parametrize("kind,keep", [("llama", [0, 1, 4, 6, 7]), ("gpt2", [0, 1, 4, 6, 7]),
@@ -242,27 +258,29 @@ def test_contiguous_picks_the_silent_span():
     assert keep == [0, 1, 4, 5] and len(candidates) == 5 and candidates[2]["kl"] < 1e-6
 
 
-def test_a_search_fits_its_repairs_on_their_own_rows_and_measures_on_others():
+@pytest.mark.parametrize("method", ["replaceme", "refit"])
+def test_a_search_fits_its_repairs_on_their_own_rows_and_measures_on_others(method):
     """Given the repair's calibration rows, a candidate's fit comes from them and is measured on the
     search rows: a linear span is still recovered there, from fits on text it never measured."""
     teacher = linear_span_teacher()
     measured, fitted = rows(4, 16, seed=1), rows(24, 16, seed=2)
-    search = CutSearch(teacher, measured, "replaceme", "kl", fit_rows=fitted)
+    search = CutSearch(teacher, measured, method, "kl", fit_rows=fitted)
     assert search.states[0].shape[0] == 24 and search.rows is measured
     assert search.score([0, 2]) < 1e-5 < CutSearch(teacher, measured, "none", "kl").score([0, 2])
 
 
-def test_a_repair_reuses_the_teacher_activations_a_search_captured(monkeypatch):
+@pytest.mark.parametrize("method", ["replaceme", "refit"])
+def test_a_repair_reuses_the_teacher_activations_a_search_captured(monkeypatch, method):
     teacher = tiny_model("llama", 8)
     ids, keep = rows(16), [0, 1, 4, 6, 7]
-    search = CutSearch(teacher, rows(4, seed=3), "replaceme", "kl", fit_rows=ids)
+    search = CutSearch(teacher, rows(4, seed=3), method, "kl", fit_rows=ids)
     passes = []
     with monkeypatch.context() as patch:  # no teacher pass when its activations are given
         patch.setattr(repair_module, "capture", lambda model, *a, **k: passes.append(model) or capture(model, *a, **k))
-        again, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, "replaceme",
+        again, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, method,
                           captured=(search.states, search.projs))
     assert teacher not in passes
-    alone, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, "replaceme")
+    alone, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, method)
     for got, want in zip(again.state_dict().values(), alone.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want)
 
@@ -297,4 +315,16 @@ def test_fold_makes_the_projection_output_y_times_t(kind):
     with torch.no_grad():
         expected = proj(x) @ (torch.eye(6) + delta.float())
         fold(proj, delta)
+        assert torch.allclose(proj(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_refit_adds_its_correction_to_the_weights(kind):
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(8, 6) if kind == "linear" else T.pytorch_utils.Conv1D(6, 8)
+    torch.nn.init.normal_(proj.bias)
+    x, delta = torch.randn(5, 8), 0.1 * torch.randn(8, 6, dtype=torch.float64)  # (in, out)
+    with torch.no_grad():
+        expected = proj(x) + x @ delta.float()
+        refit(proj, delta)
         assert torch.allclose(proj(x), expected, atol=1e-5)

@@ -75,7 +75,7 @@ def test_score_layers_reports_the_measured_cuts(tiny_gpt2_dir, real_text, tmp_pa
                  "--tokens", "512", "--seq-len", "128", "--no-ppl", "--no-width", "--search-to", "2"]) == 0
     search = json.loads((out / "search.json").read_text())
     path = search["iterative"]["path"]
-    assert [step["removed"] for step in path] != [] and len(path) == 2 and search["repair"] == "replaceme"
+    assert [step["removed"] for step in path] != [] and len(path) == 2 and search["repair"] == "refit"
     assert sorted(step["removed"] for step in path) == search["iterative"]["removed"]
     # each step removed the candidate that scored best among those left
     assert all(step["kl"] == min(step["candidates"].values()) for step in path)

@@ -157,14 +157,14 @@ def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_pat
     record = json.loads((out / "lmshrink.json").read_text())
     keep = record["kept_layers"]
     search = record["search"]
-    assert search["strategy"] == strategy and search["repair"] == "replaceme" and search["candidates_scored"] > 1
+    assert search["strategy"] == strategy and search["repair"] == "refit" and search["candidates_scored"] > 1
     if strategy == "iterative":
         assert sorted(step["removed"] for step in search["path"]) == [i for i in range(4) if i not in keep]
     else:
         best = min(search["path"], key=lambda c: c["kl"])
         assert best["removed"] == [i for i in range(4) if i not in keep]
     repair = record["repair"]
-    assert repair["method"] == "replaceme" and repair["data"] == ["teacher", str(real_text)]
+    assert repair["method"] == "refit" and repair["data"] == ["teacher", str(real_text)]
     assert repair["tokens"] >= 2048 - 256 and repair["spans"]
     fitted = [s for s in repair["spans"] if "heldout_error" in s]
     assert all(s["block"] == s["span"][0] - 1 and keep[s["student_block"]] == s["block"] for s in fitted)

@@ -16,6 +16,10 @@ on the repair's own calibration text where one is given (`fit_rows`), so that a 
 measured on text its fit never saw: fitted and measured on the same 2,048 tokens, a span early in
 SmolLM2-135M (where a 576 x 576 map fits a few thousand tokens closely) looked best, and held up
 worst on held-out text. The student finally built is repaired again, on the student.
+
+Memory: the teacher's streams and every block's fit features on the fit rows are kept: for
+SmolLM2-135M at 16,384 tokens about 1.1 GB of streams, plus 1.1 GB of MLP outputs (replaceme) or
+2.9 GB of MLP hidden activations (refit, 1,536 wide).
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ class CutSearch:
         if repair != "none":
             fit_rows = rows if fit_rows is None else fit_rows
             self.held = heldout_split(fit_rows)
-            self.states, self.projs = capture(teacher, fit_rows, set(range(self.n + 1)), set(range(self.n)),
-                                              batch_size)
+            self.states, self.projs = capture(teacher, fit_rows, set(range(self.n + 1)), set(range(self.n - 1)),
+                                              batch_size, proj_input=repair == "refit")
         self.teacher_logp = log_probs(teacher, rows, batch_size) if measure == "kl" else None
         self.evaluated = 0
 

@@ -37,7 +37,7 @@ class ScoreSettings:
     width: bool = setting(True, "also score heads, MLP channels and hidden channels (for lmshrink prune --scores)")
     search_to: int | None = setting(None, "also measure cuts down to this many blocks: the iterative search's path "
                                           "and every contiguous span (search.json)")
-    search_repair: str = setting("replaceme", f"repair applied to every measured cut: {', '.join(REPAIRS)}")
+    search_repair: str = setting("refit", f"repair applied to every measured cut: {', '.join(REPAIRS)}")
     search_measure: str = setting("kl", f"what the searches minimise: {', '.join(MEASURES)}")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = setting("float32", "float32, bfloat16 or float16")

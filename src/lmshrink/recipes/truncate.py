@@ -34,7 +34,7 @@ CHOICES = (*STRATEGIES, *SEARCHES)
 class CutArgs:
     """How blocks are chosen by measuring cuts, and how the cut is repaired before any training."""
 
-    repair: str = setting("replaceme", f"training-free repair of each removed span: {', '.join(REPAIRS)}")
+    repair: str = setting("refit", f"training-free repair of each removed span: {', '.join(REPAIRS)}")
     repair_data: list[str] = setting([TEACHER_TEXT, "python-docs/library"],
                                      f"calibration text of the repair, mixed in equal parts: sources, or "
                                      f"{TEACHER_TEXT!r} for text sampled from the teacher at T 1")
