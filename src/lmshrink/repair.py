@@ -14,8 +14,9 @@ stays a plain model of the teacher's shapes that transformers loads without lmsh
   activation, I = its width) in place of M: that projection's weights W become W + D with
       D = (z^T z + lambda I)^-1 z^T U,
   so that z (W + D) = M + U. For a projection without a bias (Llama's `down_proj`), M T = z W T =
-  z (W + W D'), so every correction ReplaceMe can fold is one refit can (D = W D'); refit has I x H parameters to ReplaceMe's H x H, and the same
-  held-out choice of lambda keeps the extra freedom from fitting noise. On SmolLM2-135M with six
+  z (W + W D'), so every correction ReplaceMe can fold is one refit can (D = W D'). Refit has
+  I x H parameters to ReplaceMe's H x H; the same held-out choice of lambda keeps the extra
+  freedom from fitting noise. On SmolLM2-135M with six
   blocks cut it lowers the held-out perplexity ratio further than ReplaceMe on every text tried
   (bench/cut_quality.py).
 - `bias` (the mean-update bias, arXiv 2407.16286): the span's mean update E[U] added to that
