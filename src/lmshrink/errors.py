@@ -23,3 +23,10 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+def one_of(name: str, value: object, choices, also: str = "") -> list[str]:
+    """[] if `value` is one of `choices`, else the one-line problem naming them (a settings check)."""
+    if value in choices:
+        return []
+    return [f"{name}: {value!r} is unknown; choose one of {', '.join(map(str, choices))}{also}"]

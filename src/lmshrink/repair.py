@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from lmshrink.architectures import architecture_of, blocks_of, get_path
-from lmshrink.errors import LmshrinkError
+from lmshrink.errors import LmshrinkError, one_of
 from lmshrink.model_gap import gap, log_probs
 
 REPAIRS = ("none", "bias", "replaceme", "refit")
@@ -67,7 +67,7 @@ def repair_problems(config, method: str) -> list[str]:
     if method == "none":
         return []
     if method not in REPAIRS:
-        return [f"repair: {method!r} is unknown; choose one of {', '.join(REPAIRS)}"]
+        return one_of("repair", method, REPAIRS)
     arch = architecture_of(config)
     if arch.mlp_out is None:
         return [f"repair: {config.model_type} models cannot be repaired: {arch.mlp_out_missing}; use --repair none"]

@@ -19,6 +19,7 @@ from typing import Any
 from lmshrink.architectures import context_limit
 from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data import calibration_rows
+from lmshrink.errors import one_of
 from lmshrink.importance import plot, score
 from lmshrink.models import load, pick_device
 from lmshrink.recipes.distill import RECIPE_LOSSES, RECIPES, DistillSettings, recipe_kd
@@ -76,12 +77,10 @@ class DemoSettings(Settings):
 
     def problems(self) -> list[str]:
         problems = super().problems()
-        problems += [f"strategies: {s!r} is unknown; choose from {', '.join(STRATEGIES)}"
-                     for s in self.strategies if s not in STRATEGIES]
+        problems += [p for s in self.strategies for p in one_of("strategies", s, STRATEGIES)]
         if self.num_layers < 1:
             problems.append("num_layers: must be at least 1")
-        if self.recipe not in RECIPES:
-            problems.append(f"recipe: {self.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
+        problems += one_of("recipe", self.recipe, RECIPES)
         if self.heal and "importance" not in self.strategies:
             problems.append("heal: healing starts from the importance student; add importance to --strategies or --no-heal")
         if self.heal and not self.corpus.data:

@@ -22,6 +22,7 @@ import torch
 
 from lmshrink.architectures import blocks_of
 from lmshrink.config import SettingsError, check, group, setting
+from lmshrink.errors import one_of
 from lmshrink.kd_methods import rail_pairs
 from lmshrink.losses import (
     DIVERGENCES,
@@ -96,14 +97,12 @@ class KDArgs:
 
     def problems(self) -> list[str]:
         problems = []
-        if self.loss not in DIVERGENCES:
-            problems.append(f"loss: {self.loss!r} is unknown; choose one of {', '.join(DIVERGENCES)}")
+        problems += one_of("loss", self.loss, DIVERGENCES)
         if self.temperature <= 0:
             problems.append("temperature: must be positive")
         if not 0 <= self.beta <= 1 or not 0 <= self.skew <= 1:
             problems.append("beta and skew: must be in [0, 1]")
-        if self.inter_loss not in HIDDEN_LOSSES:
-            problems.append(f"inter_loss: {self.inter_loss!r} is unknown; choose one of {', '.join(HIDDEN_LOSSES)}")
+        problems += one_of("inter_loss", self.inter_loss, HIDDEN_LOSSES)
         if self.layer_map not in LAYER_MAPS and not _is_pairs(self.layer_map):
             problems.append(f"layer_map: {self.layer_map!r} is not {', '.join(LAYER_MAPS)} or pairs like 1:2,2:4")
         if self.alpha_inter > 0 and self.layer_map == "none":
@@ -136,8 +135,7 @@ class DistillSettings(HealSettings):
 
     def problems(self) -> list[str]:
         problems = super().problems()
-        if self.recipe not in RECIPES:
-            problems.append(f"recipe: {self.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
+        problems += one_of("recipe", self.recipe, RECIPES)
         if self.local_steps < 0 or (self.local_lr is not None and not self.local_lr > 0):
             problems.append("local_steps, local_lr: 0 or more steps, a positive learning rate")
         if self.local_blocks not in LOCAL_BLOCKS:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.config import Settings, SettingsError, setting, to_dict
+from lmshrink.errors import one_of
 from lmshrink.gguf_export import LLAMA_QUANTIZE_ONLY, QUANTS, export_problems, sliding_window_note, write_gguf
 from lmshrink.model_card import card_name, origin
 from lmshrink.models import load, no_tokenizer
@@ -45,8 +46,8 @@ class ExportSettings(Settings):
             if q.lower() in LLAMA_QUANTIZE_ONLY:
                 problems.append(f"quant: {q} needs llama.cpp's own quantizer: export f16, then run "
                                 f"`llama-quantize NAME-F16.gguf NAME-{q.upper()}.gguf {q.upper()}`")
-            elif q.lower() not in QUANTS:
-                problems.append(f"quant: {q!r} is unknown; choose from {', '.join(QUANTS)}")
+            else:
+                problems += one_of("quant", q.lower(), QUANTS)
         if self.output is None and not Path(self.model).is_dir():
             problems.append(f"output: {self.model} is not a local folder; give --output")
         return problems

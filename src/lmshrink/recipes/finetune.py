@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
+from lmshrink.errors import one_of
 from lmshrink.kd_methods import (
     METHODS,
     CausalLMGenerator,
@@ -114,8 +115,7 @@ class FinetuneSettings(Settings):
 
     def problems(self) -> list[str]:
         problems = super().problems()
-        if self.task not in TASKS and self.task not in ("file", "lm"):
-            problems.append(f"task: {self.task!r} is unknown; choose one of {', '.join(TASKS)}, file or lm")
+        problems += one_of("task", self.task, [*TASKS, "file", "lm"])
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             problems.append(f"methods: {', '.join(unknown)} unknown; choose from {', '.join(METHODS)}")

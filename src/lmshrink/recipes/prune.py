@@ -20,6 +20,7 @@ from typing import Any
 from lmshrink.architectures import context_limit
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.data import calibration_rows
+from lmshrink.errors import one_of
 from lmshrink.importance import METRICS, score
 from lmshrink.measure import count_parameters
 from lmshrink.model_card import save_model_record
@@ -91,10 +92,8 @@ class PruneSettings(Settings):
             problems.append("target_params: must be positive")
         if self.axes not in AXES:
             problems.append(f"axes: {self.axes!r} is not one of {', '.join(AXES)}")
-        if self.strategy not in CHOICES:
-            problems.append(f"strategy: {self.strategy!r} is unknown; choose one of {', '.join(CHOICES)}")
-        if self.metric not in METRICS:
-            problems.append(f"metric: {self.metric!r} is unknown; choose one of {', '.join(METRICS)}")
+        problems += one_of("strategy", self.strategy, CHOICES)
+        problems += one_of("metric", self.metric, METRICS)
         return problems
 
 

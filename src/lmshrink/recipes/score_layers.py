@@ -15,6 +15,7 @@ from lmshrink.architectures import blocks_of, check_length
 from lmshrink.config import SettingsError, check, setting, to_dict
 from lmshrink.cut_search import SEARCHES, CutSearch
 from lmshrink.data import calibration_rows
+from lmshrink.errors import one_of
 from lmshrink.importance import plot, score
 from lmshrink.model_gap import MEASURES
 from lmshrink.models import load, pick_device
@@ -53,10 +54,8 @@ class ScoreSettings:
             problems.append("batch_size: must be positive")
         if self.search_to is not None and self.search_to < 1:
             problems.append("search_to: must be at least 1")
-        if self.search_repair not in REPAIRS:
-            problems.append(f"search_repair: {self.search_repair!r} is unknown; choose one of {', '.join(REPAIRS)}")
-        if self.search_measure not in MEASURES:
-            problems.append(f"search_measure: {self.search_measure!r} is unknown; choose one of {', '.join(MEASURES)}")
+        problems += one_of("search_repair", self.search_repair, REPAIRS)
+        problems += one_of("search_measure", self.search_measure, MEASURES)
         check(problems)
 
 

@@ -18,6 +18,7 @@ from lmshrink.architectures import blocks_of, context_limit
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.cut_search import SEARCHES, CutSearch
 from lmshrink.data import calibration_rows
+from lmshrink.errors import one_of
 from lmshrink.importance import METRICS, score
 from lmshrink.model_card import save_model_record
 from lmshrink.model_gap import MEASURES
@@ -51,12 +52,9 @@ class CutArgs:
 
     def problems(self) -> list[str]:
         problems = []
-        if self.repair not in REPAIRS:
-            problems.append(f"repair: {self.repair!r} is unknown; choose one of {', '.join(REPAIRS)}")
-        if self.repair_fit not in FIT_ON:
-            problems.append(f"repair_fit: {self.repair_fit!r} is unknown; choose one of {', '.join(FIT_ON)}")
-        if self.search_measure not in MEASURES:
-            problems.append(f"search_measure: {self.search_measure!r} is unknown; choose one of {', '.join(MEASURES)}")
+        problems += one_of("repair", self.repair, REPAIRS)
+        problems += one_of("repair_fit", self.repair_fit, FIT_ON)
+        problems += one_of("search_measure", self.search_measure, MEASURES)
         if self.repair != "none" and not self.repair_data:
             problems.append("repair_data: name at least one calibration source (or --repair none)")
         if not self.repair_strength or any(not 0 < v <= 2 for v in self.repair_strength):
@@ -89,16 +87,15 @@ class TruncateSettings(Settings):
         problems = super().problems()
         if Path(self.output).exists() and not self.overwrite:
             problems.append(f"output: {self.output} already exists; pass --overwrite or choose another folder")
-        if self.keep is None and self.strategy not in CHOICES:
-            problems.append(f"strategy: {self.strategy!r} is unknown; choose one of {', '.join(CHOICES)}")
+        if self.keep is None:
+            problems += one_of("strategy", self.strategy, CHOICES)
         if self.num_layers is not None and self.ratio is not None:
             problems.append("num_layers and ratio: give one of them, not both")
         if self.num_layers is not None and self.num_layers < 1:
             problems.append("num_layers: must be at least 1")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             problems.append("ratio: must be in (0, 1]")
-        if self.metric not in METRICS:
-            problems.append(f"metric: {self.metric!r} is unknown; choose one of {', '.join(METRICS)}")
+        problems += one_of("metric", self.metric, METRICS)
         if self.keep is not None and (self.num_layers is not None or self.ratio is not None):
             problems.append("keep: an explicit list already fixes the depth; drop num_layers/ratio")
         return problems
