@@ -1,7 +1,8 @@
 """Heal faster per token: which recipe brings a cut student closest to its teacher per token and per second.
 
 Student: the real SmolLM2-135M cut from 30 to 24 blocks by Block Influence and repaired by
-ReplaceMe (`lmshrink truncate`'s default, the best training-free student of bench/cut_quality.py).
+ReplaceMe (`lmshrink truncate`'s default when its table was made; refit, the default since, and the
+contiguous span 13-18 do better in bench/cut_quality.py: the next run should start from them).
 Arms, each healed on python-docs/library (block 256, batch 4) at every budget of --tokens:
 
 - `clm`: `lmshrink pretrain` (the paper's method, the LM loss alone);
@@ -138,7 +139,7 @@ def main() -> None:
     student = out / "student"
     if not (student / "lmshrink.json").is_file():
         run("truncate", "--teacher", TEACHER, "--output", str(student), "--num-layers", "24", "--strategy",
-            "importance", "--overwrite")
+            "importance", "--repair", "replaceme", "--overwrite")  # the default when the table was made
     arms, budgets = args.arms.split(","), [int(t) for t in args.tokens.split(",")]
     teacher_text = out / "teacher-text"
     if "minitron+teacher-text" in arms:
