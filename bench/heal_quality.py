@@ -1,8 +1,8 @@
 """Heal faster per token: which recipe brings a cut student closest to its teacher per token and per second.
 
-Student: the real SmolLM2-135M cut from 30 to 24 blocks by Block Influence and repaired by
-ReplaceMe (`lmshrink truncate`'s default when its table was made; refit, the default since, and the
-contiguous span 13-18 do better in bench/cut_quality.py: the next run should start from them).
+Student: the real SmolLM2-135M cut from 30 to 24 blocks, by default the best training-free student
+of bench/cut_quality.py: the `contiguous` search's span, repaired by `refit` (`--strategy
+importance --repair replaceme` rebuilds the student of the first table: Block Influence + ReplaceMe).
 Arms, each healed on python-docs/library (block 256, batch 4) at every budget of --tokens:
 
 - `clm`: `lmshrink pretrain` (the paper's method, the LM loss alone);
@@ -21,6 +21,7 @@ kind: neither arm trains on anything like it), window 512, stride 256. Optionall
 Resumable: every run, text and score lives in OUTPUT, and the same command carries on.
 
     python bench/heal_quality.py --output ~/lmshrink-runs/heal-quality [--tokens 25600,102400] [--tasks core]
+        [--strategy importance --repair replaceme]
 """
 
 from __future__ import annotations
@@ -134,12 +135,18 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--tasks", default="", help="zero-shot suite for the best arm and clm at the largest budget")
     parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--strategy", default="contiguous", help="how the student's 24 blocks are chosen (truncate's)")
+    parser.add_argument("--repair", default="refit", help="the student's training-free repair (truncate's)")
     args = parser.parse_args()
     out = Path(args.output).expanduser()
     student = out / "student"
     if not (student / "lmshrink.json").is_file():
         run("truncate", "--teacher", TEACHER, "--output", str(student), "--num-layers", "24", "--strategy",
-            "importance", "--repair", "replaceme", "--overwrite")  # the default when the table was made
+            args.strategy, "--repair", args.repair, "--overwrite")
+    built = json.loads((student / "lmshrink.json").read_text())["settings"]
+    if (built["strategy"], built["cut"]["repair"]) != (args.strategy, args.repair):
+        raise SystemExit(f"{student} was cut by {built['strategy']} + {built['cut']['repair']}, not {args.strategy} + "
+                         f"{args.repair}: give those, or another --output")
     arms, budgets = args.arms.split(","), [int(t) for t in args.tokens.split(",")]
     teacher_text = out / "teacher-text"
     if "minitron+teacher-text" in arms:

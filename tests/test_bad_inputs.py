@@ -99,6 +99,7 @@ CASES = [
     (["clean", "--data", "{bad}/empty.txt", "--workers", "0"], "workers"),
     (["fetch", "--corpora", "nope", "--no-teacher", "--no-benchmarks"], "unknown corpus 'nope'"),
     (["demo", "--strategies", "nope"], "'nope' is unknown"),
+    (["demo", "--repair-strategy", "alt"], "'alt' is unknown"),
     (["demo", "--max-tokens", "10"], "--max-tokens: this command has several; say which: --train.max-tokens"),
     (["prune", "--teacher", "{bad}/missing", "--num-heads", "1"], "does not exist"),
     (["prune", "--teacher", "{model}", "--num-heads", "3"], "hidden"),

@@ -2,8 +2,10 @@
 
 The real SmolLM2-135M teacher; its blocks scored on calibration text (Python manual,
 library reference); students of one depth chosen by `importance` and by the paper's
-strategies; perplexity on held-out text from the same manual's tutorial and from another
-source (the Linux kernel's process documentation); speed and size side by side.
+strategies, as cut; the best training-free student of the cut-quality bench (the `contiguous`
+span, repaired by `refit`) beside the same blocks as cut, and healed; perplexity on held-out text
+from the same manual's tutorial and from another source (the Linux kernel's process
+documentation); speed and size side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from lmshrink.architectures import context_limit
 from lmshrink.config import Settings, group, setting, to_dict
+from lmshrink.cut_search import SEARCHES
 from lmshrink.data import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.importance import plot, score
@@ -41,11 +44,11 @@ from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.recipes.truncate import CutArgs, TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
-from lmshrink.records import RECORD, count, provenance, save_figure, write_json, write_text
+from lmshrink.records import RECORD, count, provenance, read_record, save_figure, write_json, write_text
 from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.truncation import STRATEGIES
 
-REPAIRED = "importance + repair"
+REPAIR_STRATEGIES = ("importance", *SEARCHES)
 
 
 @dataclass(kw_only=True)
@@ -60,13 +63,17 @@ class DemoSettings(Settings):
     calib_tokens: int = setting(2048, "calibration tokens")
     score_ppl: bool = setting(False, "also score each block by the exact perplexity without it (one pass per block: "
                                      "about 2 more minutes on 2 cores)")
-    heal: bool = setting(True, "heal the repaired importance-chosen student with KD and with the plain LM loss")
+    repair_strategy: str = setting("contiguous", f"how the repaired student's blocks are chosen, from "
+                                                 f"{', '.join(REPAIR_STRATEGIES)} (a measured search, repair in the "
+                                                 "loop: minutes); contiguous + refit was the cut-quality bench's best")
+    heal: bool = setting(True, "heal the repaired student (the importance one with --repair none) with KD and with "
+                               "the plain LM loss")
     recipe: str = setting("distilgpt2", f"loss of the KD healing run (distill's recipes: {', '.join(RECIPES)}); the "
                                         "optimiser and budget are the demo's, the same for both runs")
     export: str = setting("q8_0", "GGUF type the best student (lowest perplexity) is exported as at the end, for "
                                   "llama.cpp; empty: no export")
-    cut: CutArgs = group(CutArgs, "training-free repair of the importance student (shown beside it as cut; "
-                                  "--repair none: no repaired student)")
+    cut: CutArgs = group(CutArgs, "block search and training-free repair of the repaired student (shown beside "
+                                  "the same blocks as cut; --repair none: no repaired student)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     corpus: DataArgs = group(lambda: offline_corpus(eval_data=[]), "healing text (the same for the KD and the LM run)")
     train: TrainArgs = group(lambda: cpu_budget(max_tokens=8192, save_steps=10**6),
@@ -81,8 +88,10 @@ class DemoSettings(Settings):
         if self.num_layers < 1:
             problems.append("num_layers: must be at least 1")
         problems += one_of("recipe", self.recipe, RECIPES)
-        if self.heal and "importance" not in self.strategies:
-            problems.append("heal: healing starts from the importance student; add importance to --strategies or --no-heal")
+        problems += one_of("repair_strategy", self.repair_strategy, REPAIR_STRATEGIES)
+        if self.heal and self.cut.repair == "none" and "importance" not in self.strategies:
+            problems.append("heal: with --repair none healing starts from the importance student; add importance to "
+                            "--strategies, or --no-heal")
         if self.heal and not self.corpus.data:
             problems.append("data: healing needs training text (--corpus.data)")
         return problems
@@ -108,7 +117,7 @@ def _ppl_chart(rows: list[dict[str, Any]], path: Path) -> None:
     labels = [r["model"].replace(" + ", "\n+ ") for r in rows]
     ax.set_xticks([i + width * (len(sources) - 1) / 2 for i in range(len(rows))], labels)
     ax.set_yscale("log")
-    ax.set(ylabel="held-out perplexity (log)", title="teacher, truncated students, and the importance student healed")
+    ax.set(ylabel="held-out perplexity (log)", title="teacher, students as cut, repaired without training, and healed")
     ax.legend()
     save_figure(fig, path)
     plt.close(fig)
@@ -141,14 +150,8 @@ def run(settings: DemoSettings) -> dict[str, Any]:
             cut=dataclasses.replace(settings.cut, repair="none")))
     steps["cutting the students"] = time.perf_counter() - mark
     start = students.get("importance")
-    if "importance" in settings.strategies and settings.cut.repair != "none":
-        mark = time.perf_counter()
-        print(f"[2/{total}] repairing the importance student ({settings.cut.repair} on "
-              f"{', '.join(settings.cut.repair_data)})")
-        start = students[REPAIRED] = truncate(TruncateSettings(
-            output=str(out / "student-importance-repaired"), teacher=settings.teacher, strategy="importance",
-            num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True, cut=settings.cut))
-        steps["repairing the cut"] = time.perf_counter() - mark
+    if settings.cut.repair != "none":
+        start = repaired(settings, students, steps, total)
 
     healed = heal(settings, start, steps) if settings.heal else {}
 
@@ -187,6 +190,33 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     return {"rows": table, "scores": scores}
 
 
+def repaired(settings: DemoSettings, students: dict[str, Path], steps: dict[str, float], total: int) -> Path:
+    """The repaired student (blocks by `repair_strategy`, repair in the loop of a search) and, unless
+    a plain student already has them, the same blocks as cut, both added to `students`."""
+    out, strategy, cut = Path(settings.output), settings.repair_strategy, settings.cut
+    name = repaired_name(settings)
+    mark = time.perf_counter()
+    print(f"[2/{total}] the repaired student: blocks by {strategy}, repaired by {cut.repair} on "
+          f"{', '.join(cut.repair_data)}")
+    students[name] = truncate(TruncateSettings(
+        output=str(out / "student-repaired"), teacher=settings.teacher, strategy=strategy,
+        num_layers=settings.num_layers, scores=str(out / "scores.json"), calib_data=settings.calib_data,
+        overwrite=True, cut=cut))
+    steps[f"building {name}"] = time.perf_counter() - mark
+    if strategy not in students:  # the same blocks as cut, to show the repair alone
+        keep = read_record(students[name])["kept_layers"]
+        students[strategy] = truncate(TruncateSettings(
+            output=str(out / f"student-{strategy}"), teacher=settings.teacher, keep=keep, overwrite=True,
+            cut=dataclasses.replace(cut, repair="none")))
+        students[name] = students.pop(name)  # as cut, then repaired
+    return students[name]
+
+
+def repaired_name(settings: DemoSettings) -> str:
+    """The report's name of the repaired student, e.g. 'contiguous + refit'; its as-cut twin is the strategy."""
+    return f"{settings.repair_strategy} + {settings.cut.repair}"
+
+
 def export_best(settings: DemoSettings, table: list[dict], paths: dict[str, Path]) -> Path:
     """The student with the lowest geometric-mean perplexity, as a GGUF file of settings.export, and
     how to run it in llama.cpp."""
@@ -211,15 +241,15 @@ def heal(settings: DemoSettings, student: Path, steps: dict[str, float]) -> dict
     included, goes into `steps`)."""
     out = Path(settings.output)
     common = dict(model=str(student), corpus=settings.corpus, train=settings.train)
+    base = "importance" if settings.cut.repair == "none" else repaired_name(settings)
     runs = {
-        "importance + KD": lambda folder: distill(DistillSettings(output=folder, **common, recipe=settings.recipe,
-                                                                  kd=recipe_kd(settings.recipe,
-                                                                               teacher=settings.teacher))),
-        "importance + LM": lambda folder: pretrain(PretrainSettings(output=folder, **common)),
+        f"{base} + KD": lambda folder: distill(DistillSettings(output=folder, **common, recipe=settings.recipe,
+                                                               kd=recipe_kd(settings.recipe, teacher=settings.teacher))),
+        f"{base} + LM": lambda folder: pretrain(PretrainSettings(output=folder, **common)),
     }
     healed = {}
     for i, (name, run) in enumerate(runs.items()):
-        folder = out / ("healed-kd" if "KD" in name else "healed-lm")
+        folder = out / ("healed-kd" if name.endswith("KD") else "healed-lm")
         print(f"[3/4] healing ({i + 1}/2) {name}: {settings.train.max_tokens:,} tokens of "
               f"{', '.join(settings.corpus.data)}")
         if folder.exists():
@@ -232,15 +262,23 @@ def heal(settings: DemoSettings, student: Path, steps: dict[str, float]) -> dict
     return healed
 
 
+def dropped(row: dict[str, Any], n: int) -> list[int]:
+    """The teacher blocks a student's row lacks."""
+    return [i for i in range(n) if i not in (row["kept_layers"] or [])]
+
+
 def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: float, steps: dict[str, float],
             ev: EvalSettings) -> str:
     n, ppl, train = scores["num_layers"], settings.perplexity, settings.train
     by_name = {row["model"]: row for row in table}
+    fixed = [name for name in settings.strategies if name in by_name]  # the paper's students, as cut
+    repaired, twin = repaired_name(settings), settings.repair_strategy
     lines = [
         f"# lmshrink demo: {settings.teacher}, {n} -> {settings.num_layers} blocks",
         "",
-        "Rows without '+' are the students as cut, before any training; 'importance + repair' is the "
-        "importance student repaired without training; '+ KD' and '+ LM' are the student after healing (below).",
+        "Rows without '+' are the students as cut, before any training"
+        + (f"; '{repaired}' is the {twin} student repaired without training" if repaired in by_name else "")
+        + "; '+ KD' and '+ LM' are the student after healing (below).",
         "",
         f"Layer scores on {scores['tokens']:,} tokens of `{settings.calib_data}`; perplexity on "
         f"{ppl.max_tokens:,} held-out tokens of each of {', '.join(f'`{h}`' for h in ppl.data)} "
@@ -252,35 +290,36 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         "|---|---|---|",
     ]
     for row in table[1:]:
-        if "heal" in row:
-            continue
-        kept = row["kept_layers"] or []
-        lines.append(f"| {row['model']} | {kept} | {[i for i in range(n) if i not in kept]} |")
-    if "importance" in by_name and len(by_name) > 2:
+        if "heal" not in row:
+            lines.append(f"| {row['model']} | {row['kept_layers']} | {dropped(row, n)} |")
+    if "importance" in fixed and len(fixed) > 1:
         imp = by_name["importance"]["perplexity"]
         lines += ["", "## Does the choice of blocks matter?", ""]
         for source in ppl.data:
-            cut = {name: row for name, row in by_name.items()
-                   if name not in ("importance", "teacher", REPAIRED) and "heal" not in row}
+            cut = {name: by_name[name] for name in fixed if name != "importance"}
             others = ", ".join(f"{name} {row['perplexity'][source]:,.1f}" for name, row in cut.items())
             ratio = min(row["perplexity"][source] for row in cut.values()) / imp[source]
             lines.append(f"- `{source}`: importance-chosen student {imp[source]:,.1f} vs {others} "
                          f"(teacher {by_name['teacher']['perplexity'][source]:,.1f}); the best other "
                          f"strategy is {ratio:,.1f}x worse.")
-    if REPAIRED in by_name and "importance" in by_name:
+    if repaired in by_name:
         repair = settings.cut
+        chosen = ("by Block Influence" if twin == "importance" else
+                  f"by the {twin} search ({repair.search_measure} from the teacher on {repair.search_tokens:,} tokens "
+                  f"of `{settings.calib_data}`, every candidate repaired)")
         lines += ["", "## Repairing the cut, without training", "",
-                  f"The importance student as cut and repaired by `{repair.repair}` ({repair.repair_tokens:,} "
-                  f"calibration tokens of {', '.join(f'`{d}`' for d in repair.repair_data)}; fits on the "
-                  f"{repair.repair_fit}'s activations), perplexity and ratio to the teacher:", "",
+                  f"The same blocks (chosen {chosen}: drops {dropped(by_name[repaired], n)}) as cut and repaired by "
+                  f"`{repair.repair}` ({repair.repair_tokens:,} calibration tokens of "
+                  f"{', '.join(f'`{d}`' for d in repair.repair_data)}; fits on the {repair.repair_fit}'s activations), "
+                  "perplexity and ratio to the teacher:", "",
                   "| source | teacher | as cut | repaired | change |", "|---|---:|---:|---:|---:|"]
         for source in ppl.data:
-            t, c, r = (by_name[m]["perplexity"][source] for m in ("teacher", "importance", REPAIRED))
+            t, c, r = (by_name[m]["perplexity"][source] for m in ("teacher", twin, repaired))
             lines.append(f"| `{source}` | {t:,.2f} | {c:,.2f} ({c / t:.2f}x) | **{r:,.2f}** ({r / t:.2f}x) | "
                          f"{r / c - 1:+.0%} |")
     healed = [row for row in table if "heal" in row]
-    if healed and "importance" in by_name:
-        start = REPAIRED if REPAIRED in by_name else "importance"
+    if healed:
+        start = repaired if repaired in by_name else "importance"
         before = by_name[start]["perplexity"]
         lines += ["", f"## Healing the {start} student", "",
                   f"Same student, same {healed[0]['heal']['tokens']:,} training tokens of "
