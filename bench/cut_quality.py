@@ -40,7 +40,7 @@ from lmshrink.records import save_figure, write_json, write_text
 TEACHER = "smollm2-135m"
 TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
-REPAIRED = ("none", "replaceme", "refit")  # the repairs a searched cut is built with
+REPAIRED = ("none", "replaceme", "refit", "bias")  # the repairs a searched cut is built with, in order
 METHOD = {"replaceme": "ReplaceMe", "refit": "refit", "bias": "bias"}
 CALIBRATION = {"docs": ["python-docs/library"], "teacher": ["teacher"], "mix": ["teacher", "python-docs/library"]}
 
