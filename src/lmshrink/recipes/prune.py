@@ -25,6 +25,7 @@ from lmshrink.importance import METRICS, score
 from lmshrink.measure import count_parameters
 from lmshrink.model_card import save_model_record
 from lmshrink.models import load, no_tokenizer
+from lmshrink.recipes.score_layers import read_scores
 from lmshrink.recipes.truncate import CHOICES, CutArgs, cut
 from lmshrink.records import provenance, save_atomically, write_json
 from lmshrink.width import (
@@ -123,15 +124,8 @@ def load_scores(folder: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(block scores or None, width scores) from a score-layers folder."""
     path = Path(folder)
     path = path.parent if path.suffix == ".json" else path
-    try:
-        width = json.loads((path / "width_scores.json").read_text())
-    except FileNotFoundError:
-        raise SettingsError(f"scores: {path} holds no width_scores.json; run `lmshrink score-layers --output {path}` "
-                            "on the same teacher") from None
-    except json.JSONDecodeError as err:
-        raise SettingsError(f"scores: {path / 'width_scores.json'} is not valid JSON ({err})") from None
-    if not set(SCORE_KEYS) <= set(width):
-        raise SettingsError(f"scores: {path / 'width_scores.json'} is not a score-layers output")
+    width = read_scores(path / "width_scores.json", SCORE_KEYS, f"{path} holds no width_scores.json; run `lmshrink "
+                        f"score-layers --output {path}` on the same teacher")
     blocks = json.loads((path / "scores.json").read_text()) if (path / "scores.json").is_file() else None
     return blocks, {k: width[k] for k in SCORE_KEYS}
 

@@ -6,7 +6,6 @@ lmshrink.json and model card.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from lmshrink.importance import METRICS, score
 from lmshrink.model_card import save_model_record
 from lmshrink.model_gap import MEASURES
 from lmshrink.models import load, no_tokenizer
+from lmshrink.recipes.score_layers import read_scores
 from lmshrink.records import provenance, save_atomically
 from lmshrink.repair import FIT_ON, REPAIRS, repair, repair_problems
 from lmshrink.sampling import TEACHER_TEXT, teacher_rows
@@ -102,15 +102,8 @@ class TruncateSettings(Settings):
 
 
 def load_scores(path: str) -> dict[str, Any]:
-    try:
-        scores = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SettingsError(f"scores: {path} does not exist; run `lmshrink score-layers` first") from None
-    except json.JSONDecodeError as err:
-        raise SettingsError(f"scores: {path} is not valid JSON ({err})") from None
-    if "block_influence" not in scores or "num_layers" not in scores:
-        raise SettingsError(f"scores: {path} is not a score-layers output (no block_influence)")
-    return scores
+    return read_scores(path, ("block_influence", "num_layers"),
+                       f"{path} does not exist; run `lmshrink score-layers` first")
 
 
 def calibration_mix(sources: list[str], model, tokenizer, tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
