@@ -105,7 +105,7 @@ def reach(rows: list[dict[str, Any]], budget: int) -> str:
     return "\n".join(lines)
 
 
-def chart(rows: list[dict[str, Any]], path: Path) -> None:
+def chart(rows: list[dict[str, Any]], path: Path, student: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +121,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     axes[1].set_xlabel("wall seconds (2-core CPU)")
     axes[0].set_ylabel("held-out perplexity, python-docs/tutorial")
     axes[1].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M cut to 24/30 blocks (BI + ReplaceMe), healed by each recipe")
+    fig.suptitle(f"SmolLM2-135M cut to 24/30 blocks ({student}), healed by each recipe")
     save_figure(fig, path)
     plt.close(fig)
 
@@ -181,7 +181,7 @@ def main() -> None:
             r.update(perplexity=ppl, ratio=ratio)
         lines.append(f"| {label} | {r['tokens'] if r else 0:,.0f} | {r['seconds'] if r else 0:,.0f} | "
                      + " | ".join(f"{ppl[s]:.2f}" for s in TEXTS) + f" | {ratio:.3f} |")
-    chart(rows, scores / "heal_quality.png")
+    chart(rows, scores / "heal_quality.png", f"{args.strategy} + {args.repair}")
     text = "\n".join(lines) + "\n\n" + reach(rows, max(budgets))
     if args.tasks:
         largest = [r for r in rows if r["budget"] == max(budgets)]
