@@ -10,7 +10,9 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
 - `minitron`: `lmshrink distill --recipe minitron` (logit-only forward KL at T 1, cosine decay);
 - `local+minitron`: the same after `--local-steps` (a fifth of the budget's steps, counted in it);
 - `minitron+teacher-text`: `minitron` on python-docs/library mixed 1:1 (by document) with text
-  the teacher wrote itself (`lmshrink generate`, prompted by python-docs/library pages).
+  the teacher wrote itself (`lmshrink generate`, prompted by python-docs/library pages);
+- `minitron+free-text`: the same with text the teacher wrote from nothing but its start token
+  (its own distribution: general text, not documentation).
 
 Held-out perplexity on 2,048 tokens of python-docs/tutorial is measured during training (curves
 against tokens and wall time); at the end every student is scored by `lmshrink eval` on the first
@@ -40,14 +42,15 @@ TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
 TOKENS_PER_STEP = 4 * 256
 HEAL = ["--data", "python-docs/library", "--eval-data", "python-docs/tutorial", "--eval-tokens", "2048",
         "--block-size", "256", "--batch-size", "4", "--save-steps", "25", "--logging-steps", "5", "--report-to", "none"]
-ARMS = ["clm", "distilgpt2", "minitron", "local+minitron", "minitron+teacher-text"]
+ARMS = ["clm", "distilgpt2", "minitron", "local+minitron", "minitron+teacher-text", "minitron+free-text"]
+PROMPTS = {"teacher-text": "python-docs/library", "free-text": ""}  # what the teacher's texts continue
 
 
 def run(*args: str) -> None:
     assert lmshrink(list(args)) == 0, f"lmshrink {' '.join(args)} failed"
 
 
-def arm_command(arm: str, student: Path, folder: Path, tokens: int, teacher_text: Path) -> list[str]:
+def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path) -> list[str]:
     steps = tokens // TOKENS_PER_STEP
     curve = ["--eval-steps", str(max(1, steps // 5))]
     if arm == "clm":
@@ -62,8 +65,9 @@ def arm_command(arm: str, student: Path, folder: Path, tokens: int, teacher_text
         local = max(1, steps // 5)
         return [*common, "--recipe", "minitron", "--local-steps", str(local), "--local-lr", "1e-3",
                 "--max-tokens", str(tokens - local * TOKENS_PER_STEP)]
-    if arm == "minitron+teacher-text":
-        mixed = [a if a != "python-docs/library" else f"{teacher_text},python-docs/library" for a in common]
+    if arm.startswith("minitron+") and arm.split("+")[1] in PROMPTS:
+        text = texts / arm.split("+")[1]
+        mixed = [a if a != "python-docs/library" else f"{text},python-docs/library" for a in common]
         return [*mixed, "--data-weights", "1,1", "--recipe", "minitron", "--max-tokens", str(tokens)]
     raise ValueError(arm)
 
@@ -148,15 +152,15 @@ def main() -> None:
         raise SystemExit(f"{student} was cut by {built['strategy']} + {built['cut']['repair']}, not {args.strategy} + "
                          f"{args.repair}: give those, or another --output")
     arms, budgets = args.arms.split(","), [int(t) for t in args.tokens.split(",")]
-    teacher_text = out / "teacher-text"
-    if "minitron+teacher-text" in arms:
-        run("generate", "--teacher", TEACHER, "--output", str(teacher_text), "--prompts", "python-docs/library",
-            "--prompt-tokens", "32", "--new-tokens", "224", "--samples", str(args.teacher_samples), "--batch-size", "64")
+    for name, prompts in PROMPTS.items():  # the same number of new tokens either way
+        if f"minitron+{name}" in arms:
+            run("generate", "--teacher", TEACHER, "--output", str(out / name), "--prompts", prompts, "--prompt-tokens",
+                "32", "--new-tokens", "224", "--samples", str(args.teacher_samples), "--batch-size", "64")
     rows = []
     for tokens in budgets:
         for arm in arms:
             folder = out / "runs" / f"{arm}-{tokens // 1000}k"
-            run(*arm_command(arm, student, folder, tokens, teacher_text))  # finished runs: nothing to do
+            run(*arm_command(arm, student, folder, tokens, out))  # finished runs: nothing to do
             points, seen, seconds = history(folder)
             rows.append({"arm": arm, "budget": tokens, "tokens": seen, "seconds": seconds, "folder": str(folder),
                          "curve": points})
