@@ -1,0 +1,25 @@
+"""The benchmark scripts build lmshrink command lines; each must still be one lmshrink accepts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmshrink.manual import command_problems
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import heal_quality  # noqa: E402
+
+
+@pytest.mark.parametrize("arm", heal_quality.ARMS)
+def test_every_heal_bench_arm_is_a_command_lmshrink_accepts(arm, tmp_path):
+    argv = heal_quality.arm_command(arm, tmp_path / "student", tmp_path / "run", 25600, tmp_path)
+    assert command_problems(argv, ROOT) == []
+    if "+" in arm and arm != "local+minitron":  # the teacher's text, mixed 1:1 with the corpus
+        data = argv[argv.index("--data") + 1].split(",")
+        assert data == [str(tmp_path / arm.split("+")[1]), "python-docs/library"]
+        assert argv[argv.index("--data-weights") + 1] == "1,1"
