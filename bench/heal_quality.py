@@ -152,10 +152,11 @@ def main() -> None:
         raise SystemExit(f"{student} was cut by {built['strategy']} + {built['cut']['repair']}, not {args.strategy} + "
                          f"{args.repair}: give those, or another --output")
     arms, budgets = args.arms.split(","), [int(t) for t in args.tokens.split(",")]
-    for name, prompts in PROMPTS.items():  # the same number of new tokens either way
+    for name, prompts in PROMPTS.items():  # the same number of new tokens either way; fp32, as the tables were made
         if f"minitron+{name}" in arms:
             run("generate", "--teacher", TEACHER, "--output", str(out / name), "--prompts", prompts, "--prompt-tokens",
-                "32", "--new-tokens", "224", "--samples", str(args.teacher_samples), "--batch-size", "64")
+                "32", "--new-tokens", "224", "--samples", str(args.teacher_samples), "--batch-size", "64",
+                "--dtype", "float32")
     rows = []
     for tokens in budgets:
         for arm in arms:

@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 
 from lmshrink.cli import main
 from lmshrink.data import text_dataset
-from lmshrink.models import load
+from lmshrink.models import load, native_dtype
 from lmshrink.sampling import continue_rows, draw, teacher_rows
 
 
@@ -106,3 +106,20 @@ def test_teacher_calibration_text_is_written_once_and_read_back(tiny_gpt2_dir, t
     teacher_rows(loaded.model, loaded.tokenizer, 3, 16, seed=1)
     assert capsys.readouterr().out.count("sampled") == 2
     assert len(list((tmp_path / "teacher-text").glob("*.safetensors"))) == 3
+
+
+def test_auto_dtype_is_the_devices_fastest_and_kept_on_resumption(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
+    for avx512_bf16, amx, expected in ((False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert native_dtype(torch.device("cpu")) == expected
+    monkeypatch.undo()
+    out, resolved = tmp_path / "teacher-text", native_dtype(torch.device("cpu"))
+    assert generate(tiny_gpt2_dir, out) == 0  # --dtype auto: written in the resolved dtype, and says so
+    assert {r["settings"]["dtype"] for r in records(out)} == {resolved}
+    assert json.loads((out / "lmshrink.json").read_text())["settings"]["dtype"] == resolved
+    (out / "part-00002.jsonl").unlink()
+    assert generate(tiny_gpt2_dir, out, "--dtype", resolved) == 0  # the same dtype named: carries on
+    other = "float32" if resolved == "bfloat16" else "bfloat16"
+    assert generate(tiny_gpt2_dir, out, "--dtype", other) == 2  # another: its text would differ
+    assert f"dtype '{resolved}' -> '{other}'" in capsys.readouterr().err

@@ -109,6 +109,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_dtype(device: torch.device) -> str:
+    """The dtype `device` computes fastest in: bfloat16 on GPUs that have it and on CPUs with bf16 instructions
+    (AVX512-BF16 or AMX; 2.6-3x fp32's matrix products on a 2-core AMD EPYC), else float32."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    cpu_has = [getattr(torch.cpu, probe, lambda: False) for probe in ("_is_avx512_bf16_supported",
+                                                                      "_is_amx_tile_supported")]
+    return "bfloat16" if any(has() for has in cpu_has) else "float32"
+
+
 def config_of(name: str, trust_remote_code: bool = False) -> Any:
     """A model's config alone (no weights): for checks that run before anything heavy is loaded."""
     from transformers import AutoConfig

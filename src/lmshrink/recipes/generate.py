@@ -19,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 
 from lmshrink.config import Settings, SettingsError, setting, to_dict
 from lmshrink.data import DataError, documents
-from lmshrink.models import load, pick_device
+from lmshrink.models import load, native_dtype, pick_device
 from lmshrink.records import RECORD, count, exclusive, provenance, read_record, write_json, write_text
 from lmshrink.sampling import continue_rows, start_token
 from lmshrink.stages import changed_settings
@@ -51,7 +51,8 @@ class GenerateSettings(Settings):
     batch_size: int = setting(128, "samples per generate call, and per part file (the unit of resumption)")
     seed: int = setting(0, "random seed (part i is sampled with seed + i)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    dtype: str = setting("auto", "auto (bfloat16 where the device computes in it natively: GPUs, CPUs with "
+                                 "AVX512-BF16 or AMX; else float32), float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
 
     def problems(self) -> list[str]:
@@ -90,6 +91,8 @@ def run(s: GenerateSettings) -> dict[str, Any]:
 
 def _run(s: GenerateSettings) -> dict[str, Any]:
     out = Path(s.output)
+    if s.dtype == "auto":  # resolved before the settings are compared: a part is only ever continued in its dtype
+        s = replace(s, dtype=native_dtype(pick_device(s.device)))
     previous = out / ".settings.json"
     if previous.is_file():  # carry on only with the same settings: other ones would mix two corpora
         changed = changed_settings(json.loads(previous.read_text()).get("settings"), s, free=HOW_TO_RUN)
@@ -123,7 +126,8 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
             lines.append(json.dumps({
                 "id": f"{out.name}-{part * s.batch_size + i:06d}", "prompt_source": source, "prompt": prompt_text,
                 "text": prompt_text + tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
-                "settings": {"teacher": s.teacher, "temperature": s.temperature, "seed": s.seed + part}}))
+                "settings": {"teacher": s.teacher, "temperature": s.temperature, "seed": s.seed + part,
+                             "dtype": s.dtype}}))
         write_text(path, "\n".join(lines) + "\n")
         print(f"\r  part {part + 1}/{parts}: {count(written, 'token')} sampled this run "
               f"({written / seconds:,.0f} tokens/s)", end="", file=sys.stderr, flush=True)
