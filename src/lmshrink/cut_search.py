@@ -31,7 +31,7 @@ import torch
 
 from lmshrink.architectures import blocks_of, only_blocks
 from lmshrink.model_gap import gap, log_probs
-from lmshrink.repair import Moments, capture, fit_span, heldout_split, patched, removed_spans
+from lmshrink.repair import Moments, capture, fit_span, fits_from_proj_input, heldout_split, patched, removed_spans
 
 
 class CutSearch:
@@ -47,7 +47,7 @@ class CutSearch:
             fit_rows = rows if fit_rows is None else fit_rows
             self.held = heldout_split(fit_rows)
             self.states, self.projs = capture(teacher, fit_rows, set(range(self.n + 1)), set(range(self.n - 1)),
-                                              batch_size, proj_input=repair == "refit")
+                                              batch_size, proj_input=fits_from_proj_input(repair))
         self.teacher_logp = log_probs(teacher, rows, batch_size) if measure == "kl" else None
         self.evaluated = 0
 

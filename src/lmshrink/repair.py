@@ -58,6 +58,12 @@ FIT_ON = ("student", "teacher")
 ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
+def fits_from_proj_input(method: str) -> bool:
+    """Whether a repair is fitted on the MLP output projection's input (refit solves for the projection
+    itself) rather than on its output (replaceme's map after it; bias needs neither)."""
+    return method == "refit"
+
+
 class RepairError(LmshrinkError, ValueError):
     pass
 
@@ -403,11 +409,11 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     if captured is not None and wanted[0] <= captured[0].keys() and wanted[1] <= captured[1].keys():
         states, projs = captured  # the teacher's activations on these rows, captured already (a search's)
     else:
-        states, projs = capture(teacher, rows, *wanted, batch_size, proj_input=method == "refit")
+        states, projs = capture(teacher, rows, *wanted, batch_size, proj_input=fits_from_proj_input(method))
     teacher_logp = log_probs(teacher, rows[-held:], batch_size) if len(strengths) > 1 and usable else None
     if by_student:  # one layer-by-layer pass over the student, from its first fitted block on
         at, last = keep.index(usable[0][0] - 1), keep.index(usable[-1][0] - 1)
-        replay = BlockReplay(student, rows, range(at, last + 1), batch_size, proj_input=method == "refit")
+        replay = BlockReplay(student, rows, range(at, last + 1), batch_size, proj_input=fits_from_proj_input(method))
         stream = states[usable[0][0] - 1] if shared else capture(student, rows, {at}, set(), batch_size)[0][at]
     report = []
     for a, b in spans:
