@@ -191,7 +191,8 @@ def main() -> None:
     if args.tasks:
         largest = [r for r in rows if r["budget"] == max(budgets)]
         best = min(largest, key=lambda r: r["ratio"])
-        for r in {id(x): x for x in (best, next(x for x in largest if x["arm"] == "clm"))}.values():
+        baseline = [x for x in largest if x["arm"] == "clm"]  # when that budget has it
+        for r in {id(x): x for x in (best, *baseline)}.values():
             zero = Path(r["folder"]) / "zero-shot"
             if not (zero / "report.json").is_file():
                 run("eval", "--models", r["folder"] + "/model", "--tasks", args.tasks, "--limit", str(args.limit),
