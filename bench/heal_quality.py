@@ -12,7 +12,9 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
 - `minitron+teacher-text`: `minitron` on python-docs/library mixed 1:1 (by document) with text
   the teacher wrote itself (`lmshrink generate`, prompted by python-docs/library pages);
 - `minitron+free-text`: the same with text the teacher wrote from nothing but its start token
-  (its own distribution: general text, not documentation).
+  (its own distribution: general text, not documentation);
+- `ARM@LR` (e.g. `minitron@1e-3`): an arm at another peak learning rate (the recipes' are tuned
+  for billions of tokens; a budget of a hundred steps may want more).
 
 Held-out perplexity on 2,048 tokens of python-docs/tutorial is measured during training (curves
 against tokens and wall time); at the end every student is scored by `lmshrink eval` on the first
@@ -51,6 +53,11 @@ def run(*args: str) -> None:
 
 
 def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path) -> list[str]:
+    """The lmshrink command of one arm; `ARM@LR` is the same arm at another peak learning rate."""
+    if "@" in arm:
+        arm, lr = arm.split("@")
+        argv = arm_command(arm, student, folder, tokens, texts)
+        return argv[:argv.index("--lr") + 1] + [lr] + argv[argv.index("--lr") + 2:] if "--lr" in argv else [*argv, "--lr", lr]
     steps = tokens // TOKENS_PER_STEP
     curve = ["--eval-steps", str(max(1, steps // 5))]
     if arm == "clm":

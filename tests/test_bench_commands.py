@@ -23,3 +23,15 @@ def test_every_heal_bench_arm_is_a_command_lmshrink_accepts(arm, tmp_path):
         data = argv[argv.index("--data") + 1].split(",")
         assert data == [str(tmp_path / arm.split("+")[1]), "python-docs/library"]
         assert argv[argv.index("--data-weights") + 1] == "1,1"
+
+
+@pytest.mark.parametrize("arm", ["clm@1e-3", "minitron@1e-3", "local+minitron@1e-3"])
+def test_a_heal_bench_arm_at_another_learning_rate_sets_it_once(arm, tmp_path):
+    argv = heal_quality.arm_command(arm, tmp_path / "student", tmp_path / "run", 25600, tmp_path)
+    assert command_problems(argv, ROOT) == []
+    assert argv.count("--lr") == 1 and argv[argv.index("--lr") + 1] == "1e-3"
+    base = heal_quality.arm_command(arm.split("@")[0], tmp_path / "student", tmp_path / "run", 25600, tmp_path)
+
+    def without_lr(a):
+        return a[:a.index("--lr")] + a[a.index("--lr") + 2:] if "--lr" in a else a
+    assert without_lr(argv) == without_lr(base)  # nothing else changes
