@@ -218,25 +218,36 @@ def zero_shot(out: Path, done: list[dict[str, Any]], plain: dict[str, Any] | Non
             assert lmshrink(["eval", "--models", model, "--tasks", args.tasks, "--limit", str(args.limit),
                              "--no-speed", "--output", str(folder)]) == 0
         results[label] = json.loads((folder / "report.json").read_text())["rows"][0]
-    tasks = list(results["30: teacher"]["tasks"])
-    teacher = results["30: teacher"]["task_average"]
-    lines = [f"Zero-shot `{args.tasks}` (lm-evaluation-harness, the first {args.limit} items of each task, %; "
+    intro = (f"Zero-shot `{args.tasks}` (lm-evaluation-harness, the first {args.limit} items of each task, %; "
              "one `lmshrink eval` per model, in OUTPUT/zero-shot; the last column: the difference of the task "
-             "averages from the teacher's, with its 95% interval from a paired bootstrap over the items):", "",
-             "| model | " + " | ".join(tasks) + " | average | share of the teacher's | vs the teacher |",
-             "|---|" + "---:|" * (len(tasks) + 3)]
+             "averages from the teacher's, with its 95% interval from a paired bootstrap over the items):")
+    return intro + "\n\n" + paired_table(results, {"the teacher": "30: teacher"})
+
+
+def paired_table(results: dict[str, dict[str, Any]], against: dict[str, str]) -> str:
+    """Per-task accuracies (%) of each model's `lmshrink eval --tasks` row, its average, its share of the
+    first reference's, and its difference from each reference (`against`: column name -> label), with
+    the 95% interval of a paired bootstrap over the items (the models answered the same ones)."""
+    first = results[next(iter(against.values()))]
+    tasks = list(first["tasks"])
+    lines = ["| model | " + " | ".join(tasks) + " | average | share of " + next(iter(against)) + "'s | "
+             + " | ".join(f"vs {name}" for name in against) + " |",
+             "|---|" + "---:|" * (len(tasks) + 2 + len(against))]
 
     def items(row: dict[str, Any]) -> dict[str, list[list[float]]]:
         return {t: [row["tasks"][t]["per_item"]] for t in tasks}
 
     for label, row in results.items():
         cells = [f"{100 * row['tasks'][t]['value']:.1f}" for t in tasks]
-        versus = ""
-        if row is not results["30: teacher"]:
-            d = paired_bootstrap(items(row), items(results["30: teacher"]), higher_is_better=True)
-            versus = f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+        versus = []
+        for reference in against.values():
+            if label == reference:
+                versus.append("")
+                continue
+            d = paired_bootstrap(items(row), items(results[reference]), higher_is_better=True)
+            versus.append(f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * row['task_average']:.1f} | "
-                     f"{100 * row['task_average'] / teacher:.0f}% | {versus} |")
+                     f"{100 * row['task_average'] / first['task_average']:.0f}% | " + " | ".join(versus) + " |")
     return "\n".join(lines)
 
 

@@ -20,7 +20,8 @@ Held-out perplexity on 2,048 tokens of python-docs/tutorial is measured during t
 against tokens and wall time); at the end every student is scored by `lmshrink eval` on the first
 8,192 tokens of python-docs/tutorial, kernel-docs/process and fortunes/people (English of another
 kind: neither arm trains on anything like it), window 512, stride 256. Optionally zero-shot
-(`--tasks core --limit 200`) for the best arm and the baseline at the largest budget.
+(`--tasks core --limit 200`) for the best arm and the baseline at the largest budget, beside the
+teacher and the student they healed from, compared item by item (paired bootstrap).
 
 Resumable: every run, text and score lives in OUTPUT, and the same command carries on.
 
@@ -35,6 +36,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from cut_quality import paired_table
 
 from lmshrink.cli import main as lmshrink
 from lmshrink.records import save_figure, write_json, write_text
@@ -114,6 +117,27 @@ def reach(rows: list[dict[str, Any]], budget: int) -> str:
         cells = f"{hit['tokens']:,.0f} | {hit['seconds']:,.0f}" if hit else "not reached | "
         lines.append(f"| {r['arm']} ({r['budget'] // 1000}k) | {cells} |")
     return "\n".join(lines)
+
+
+def zero_shot(out: Path, rows: list[dict[str, Any]], budget: int, args) -> str:
+    """The suite for the teacher, the student as cut and repaired, the best arm at `budget` and `clm`
+    there, one `lmshrink eval` per model (each kept, so a stopped run resumes), each compared item by
+    item with the teacher and with the student it healed from."""
+    largest = [r for r in rows if r["budget"] == budget]
+    best = min(largest, key=lambda r: r["ratio"])
+    models = {"teacher": (TEACHER, out / "zero-shot" / "teacher"),
+              "as cut + repaired": (str(out / "student"), out / "zero-shot" / "student")}
+    for r in (best, *(x for x in largest if x["arm"] == "clm")):  # clm: when that budget has it
+        models[f"{r['arm']} ({budget // 1000}k)"] = (r["folder"] + "/model", Path(r["folder"]) / "zero-shot")
+    results = {}
+    for label, (model, folder) in models.items():
+        if not (folder / "report.json").is_file():
+            run("eval", "--models", model, "--tasks", args.tasks, "--limit", str(args.limit), "--no-speed",
+                "--output", str(folder))
+        results[label] = json.loads((folder / "report.json").read_text())["rows"][0]
+    return (f"Zero-shot `{args.tasks}` ({args.limit} items a task, %; differences of the task averages with the "
+            "95% interval of a paired bootstrap over the items):\n\n"
+            + paired_table(results, {"the teacher": "teacher", "as cut": "as cut + repaired"}))
 
 
 def chart(rows: list[dict[str, Any]], path: Path, student: str) -> None:
@@ -196,16 +220,7 @@ def main() -> None:
     chart(rows, scores / "heal_quality.png", f"{args.strategy} + {args.repair}")
     text = "\n".join(lines) + "\n\n" + reach(rows, max(budgets))
     if args.tasks:
-        largest = [r for r in rows if r["budget"] == max(budgets)]
-        best = min(largest, key=lambda r: r["ratio"])
-        baseline = [x for x in largest if x["arm"] == "clm"]  # when that budget has it
-        for r in {id(x): x for x in (best, *baseline)}.values():
-            zero = Path(r["folder"]) / "zero-shot"
-            if not (zero / "report.json").is_file():
-                run("eval", "--models", r["folder"] + "/model", "--tasks", args.tasks, "--limit", str(args.limit),
-                    "--no-speed", "--output", str(zero))
-            got = json.loads((zero / "report.json").read_text())["rows"][0]
-            text += f"\n\nzero-shot `{args.tasks}` ({args.limit} items a task), {r['arm']}: {100 * got['task_average']:.1f}"
+        text += "\n\n" + zero_shot(out, rows, max(budgets), args)
     write_text(scores / "report.md", text + "\n")
     write_json(scores / "rows.json", {"rows": rows, "teacher": teacher, "as_cut": as_cut})
     print(text)

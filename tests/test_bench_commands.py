@@ -35,3 +35,18 @@ def test_a_heal_bench_arm_at_another_learning_rate_sets_it_once(arm, tmp_path):
     def without_lr(a):
         return a[:a.index("--lr")] + a[a.index("--lr") + 2:] if "--lr" in a else a
     assert without_lr(argv) == without_lr(base)  # nothing else changes
+
+
+def test_the_zero_shot_table_pairs_items_with_each_reference():
+    def row(per_item):  # one task, its items right (1) or wrong (0)
+        return {"tasks": {"copa": {"value": sum(per_item) / len(per_item), "per_item": per_item}},
+                "task_average": sum(per_item) / len(per_item)}
+
+    half = [1.0, 0.0] * 20
+    results = {"teacher": row(half), "same": row(list(half)), "right": row([1.0] * 40)}
+    lines = heal_quality.paired_table(results, {"the teacher": "teacher"}).splitlines()
+    assert lines[0].endswith("| average | share of the teacher's | vs the teacher |")
+    cells = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines[2:])}
+    assert cells["teacher"][-1] == ""  # no comparison with itself
+    assert cells["same"][-1] == "+0.0 [+0.0, +0.0]" and cells["same"][-2] == "100%"
+    assert cells["right"][-1].startswith("+50.0 [") and float(cells["right"][-1].split("[")[1].split(",")[0]) > 0
