@@ -210,18 +210,24 @@ def zero_shot(out: Path, done: list[dict[str, Any]], plain: dict[str, Any] | Non
     if plain:
         models[f"{plain['k']}: {plain['label']}"] = plain["name"]
     models["30: teacher"] = "teacher"
-    results = {}
-    for label, name in models.items():
-        folder = out / "zero-shot" / name
-        if not (folder / "report.json").is_file():
-            model = TEACHER if name == "teacher" else str(out / "students" / name)
-            assert lmshrink(["eval", "--models", model, "--tasks", args.tasks, "--limit", str(args.limit),
-                             "--no-speed", "--output", str(folder)]) == 0
-        results[label] = json.loads((folder / "report.json").read_text())["rows"][0]
+    results = suite({label: (TEACHER if name == "teacher" else str(out / "students" / name), out / "zero-shot" / name)
+                     for label, name in models.items()}, args.tasks, args.limit)
     intro = (f"Zero-shot `{args.tasks}` (lm-evaluation-harness, the first {args.limit} items of each task, %; "
              "one `lmshrink eval` per model, in OUTPUT/zero-shot; the last column: the difference of the task "
              "averages from the teacher's, with its 95% interval from a paired bootstrap over the items):")
     return intro + "\n\n" + paired_table(results, {"the teacher": "30: teacher"})
+
+
+def suite(models: dict[str, tuple[str, Path]], tasks: str, limit: int) -> dict[str, dict[str, Any]]:
+    """Each model's `lmshrink eval --tasks` row (label -> (model, folder)): one run per model, kept in
+    its folder, so a stopped run resumes where it was."""
+    results = {}
+    for label, (model, folder) in models.items():
+        if not (folder / "report.json").is_file():
+            assert lmshrink(["eval", "--models", model, "--tasks", tasks, "--limit", str(limit), "--no-speed",
+                             "--output", str(folder)]) == 0, f"lmshrink eval of {model} failed"
+        results[label] = json.loads((folder / "report.json").read_text())["rows"][0]
+    return results
 
 
 def paired_table(results: dict[str, dict[str, Any]], against: dict[str, str]) -> str:

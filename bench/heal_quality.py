@@ -37,7 +37,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cut_quality import paired_table
+from cut_quality import paired_table, suite
 
 from lmshrink.cli import main as lmshrink
 from lmshrink.records import save_figure, write_json, write_text
@@ -60,7 +60,10 @@ def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path)
     if "@" in arm:
         arm, lr = arm.split("@")
         argv = arm_command(arm, student, folder, tokens, texts)
-        return argv[:argv.index("--lr") + 1] + [lr] + argv[argv.index("--lr") + 2:] if "--lr" in argv else [*argv, "--lr", lr]
+        if "--lr" not in argv:
+            return [*argv, "--lr", lr]
+        argv[argv.index("--lr") + 1] = lr
+        return argv
     steps = tokens // TOKENS_PER_STEP
     curve = ["--eval-steps", str(max(1, steps // 5))]
     if arm == "clm":
@@ -129,12 +132,7 @@ def zero_shot(out: Path, rows: list[dict[str, Any]], budget: int, args) -> str:
               "as cut + repaired": (str(out / "student"), out / "zero-shot" / "student")}
     for r in (best, *(x for x in largest if x["arm"] == "clm")):  # clm: when that budget has it
         models[f"{r['arm']} ({budget // 1000}k)"] = (r["folder"] + "/model", Path(r["folder"]) / "zero-shot")
-    results = {}
-    for label, (model, folder) in models.items():
-        if not (folder / "report.json").is_file():
-            run("eval", "--models", model, "--tasks", args.tasks, "--limit", str(args.limit), "--no-speed",
-                "--output", str(folder))
-        results[label] = json.loads((folder / "report.json").read_text())["rows"][0]
+    results = suite(models, args.tasks, args.limit)
     return (f"Zero-shot `{args.tasks}` ({args.limit} items a task, %; differences of the task averages with the "
             "95% interval of a paired bootstrap over the items):\n\n"
             + paired_table(results, {"the teacher": "teacher", "as cut": "as cut + repaired"}))
