@@ -12,7 +12,9 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
 - `minitron+teacher-text`: `minitron` on python-docs/library mixed 1:1 (by document) with text
   the teacher wrote itself (`lmshrink generate`, prompted by python-docs/library pages);
 - `minitron+free-text`: the same with text the teacher wrote from nothing but its start token
-  (its own distribution: general text, not documentation);
+  (its own distribution: general text, not documentation); `ARM+TEXT` mixes either text into
+  any arm's corpus the same way (e.g. `clm+free-text`: the LM loss on the teacher's samples,
+  sequence-level KD);
 - `ARM@LR` (e.g. `minitron@1e-3`): an arm at another peak learning rate (the recipes' are tuned
   for billions of tokens; a budget of a hundred steps may want more).
 
@@ -23,10 +25,13 @@ kind: neither arm trains on anything like it), window 512, stride 256. Optionall
 (`--tasks core --limit 200`) for the best arm and the baseline at the largest budget, beside the
 teacher and the student they healed from, compared item by item (paired bootstrap).
 
+`--seeds 42,1,2` runs every arm once per seed (42 is lmshrink's default; it changes the data order
+and the held-out split) and prints each arm against the first, paired by seed, with a 95% interval.
+
 Resumable: every run, text and score lives in OUTPUT, and the same command carries on.
 
     python bench/heal_quality.py --output ~/lmshrink-runs/heal-quality [--tokens 25600,102400] [--tasks core]
-        [--strategy importance --repair replaceme]
+        [--strategy importance --repair replaceme] [--seeds 42,1,2]
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 from cut_quality import paired_table, suite
 
 from lmshrink.cli import main as lmshrink
+from lmshrink.recipes.study import interval
 from lmshrink.records import save_figure, write_json, write_text
 
 TEACHER = "smollm2-135m"
@@ -48,6 +54,7 @@ TOKENS_PER_STEP = 4 * 256
 HEAL = ["--data", "python-docs/library", "--eval-data", "python-docs/tutorial", "--eval-tokens", "2048",
         "--block-size", "256", "--batch-size", "4", "--save-steps", "25", "--logging-steps", "5", "--report-to", "none"]
 ARMS = ["clm", "distilgpt2", "minitron", "local+minitron", "minitron+teacher-text", "minitron+free-text"]
+SEED = 42  # lmshrink's default: runs at it keep their folder names
 PROMPTS = {"teacher-text": "python-docs/library", "free-text": ""}  # what the teacher's texts continue
 
 
@@ -78,10 +85,11 @@ def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path)
         local = max(1, steps // 5)
         return [*common, "--recipe", "minitron", "--local-steps", str(local), "--local-lr", "1e-3",
                 "--max-tokens", str(tokens - local * TOKENS_PER_STEP)]
-    if arm.startswith("minitron+") and arm.split("+")[1] in PROMPTS:
-        text = texts / arm.split("+")[1]
-        mixed = [a if a != "python-docs/library" else f"{text},python-docs/library" for a in common]
-        return [*mixed, "--data-weights", "1,1", "--recipe", "minitron", "--max-tokens", str(tokens)]
+    base, _, text = arm.rpartition("+")
+    if text in PROMPTS and base:
+        argv = arm_command(base, student, folder, tokens, texts)
+        argv[argv.index("--data") + 1] = f"{texts / text},python-docs/library"
+        return [*argv, "--data-weights", "1,1"]
     raise ValueError(arm)
 
 
@@ -106,6 +114,29 @@ def history(folder: Path) -> tuple[list[dict[str, float]], float, float]:
     return points, offset_tokens, offset_seconds
 
 
+def label_of(row: dict[str, Any]) -> str:
+    seed = "" if row["seed"] == SEED else f", seed {row['seed']}"
+    return f"{row['arm']} ({row['budget'] // 1000}k{seed})"
+
+
+def across_seeds(rows: list[dict[str, Any]]) -> str:
+    """Each arm against the first, text by text: the perplexity difference in % of the first arm's, paired
+    by seed (same seed, same budget), mean and 95% t-interval over the seeds both ran."""
+    base = rows[0]["arm"]
+    lines = [f"Against `{base}`, paired by seed (perplexity difference, % of `{base}`'s; mean and 95% interval):", "",
+             "| arm | seeds | " + " | ".join(TEXTS) + " |", "|---|---:|" + "---:|" * len(TEXTS)]
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        first = {r["seed"]: r for r in rows if r["arm"] == base and r["budget"] == budget}
+        for arm in dict.fromkeys(r["arm"] for r in rows if r["arm"] != base):
+            pairs = [(first[r["seed"]], r) for r in rows if r["arm"] == arm and r["budget"] == budget and r["seed"] in first]
+            cells = []
+            for text in TEXTS:
+                d = interval([100 * (r["perplexity"][text] / b["perplexity"][text] - 1) for b, r in pairs])
+                cells.append(f"{d['mean']:+.1f}%" + ("" if d["low"] is None else f" [{d['low']:+.1f}, {d['high']:+.1f}]"))
+            lines.append(f"| {arm} ({budget // 1000}k) | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def reach(rows: list[dict[str, Any]], budget: int) -> str:
     """How many tokens and seconds each run took to reach the DistilGPT-2 mix's held-out perplexity
     at the end of the largest budget (the curves' evaluations: 2,048 tokens of python-docs/tutorial)."""
@@ -118,7 +149,7 @@ def reach(rows: list[dict[str, Any]], budget: int) -> str:
     for r in rows:
         hit = next((p for p in r["curve"] if p["ppl"] <= target + 1e-9), None)
         cells = f"{hit['tokens']:,.0f} | {hit['seconds']:,.0f}" if hit else "not reached | "
-        lines.append(f"| {r['arm']} ({r['budget'] // 1000}k) | {cells} |")
+        lines.append(f"| {label_of(r)} | {cells} |")
     return "\n".join(lines)
 
 
@@ -165,6 +196,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="25600,102400", help="healing budgets, comma-separated")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--teacher-samples", type=int, default=256, help="teacher-written documents (256 tokens each)")
+    parser.add_argument("--seeds", default=str(SEED), help="one run of every arm per seed (comma-separated)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--tasks", default="", help="zero-shot suite for the best arm and clm at the largest budget")
     parser.add_argument("--limit", type=int, default=200)
@@ -182,21 +214,24 @@ def main() -> None:
                          f"{args.repair}: give those, or another --output")
     arms, budgets = args.arms.split(","), [int(t) for t in args.tokens.split(",")]
     for name, prompts in PROMPTS.items():  # the same number of new tokens either way; fp32, as the tables were made
-        if f"minitron+{name}" in arms:
+        if any(arm.split("@")[0].endswith(f"+{name}") for arm in arms):
             run("generate", "--teacher", TEACHER, "--output", str(out / name), "--prompts", prompts, "--prompt-tokens",
                 "32", "--new-tokens", "224", "--samples", str(args.teacher_samples), "--batch-size", "64",
                 "--dtype", "float32")
-    rows = []
+    rows, seeds = [], [int(s) for s in args.seeds.split(",")]
     for tokens in budgets:
         for arm in arms:
-            folder = out / "runs" / f"{arm}-{tokens // 1000}k"
-            run(*arm_command(arm, student, folder, tokens, out))  # finished runs: nothing to do
-            points, seen, seconds = history(folder)
-            rows.append({"arm": arm, "budget": tokens, "tokens": seen, "seconds": seconds, "folder": str(folder),
-                         "curve": points})
+            for seed in seeds:
+                folder = out / "runs" / f"{arm}-{tokens // 1000}k{'' if seed == SEED else f'-seed{seed}'}"
+                argv = arm_command(arm, student, folder, tokens, out)
+                run(*argv, *([] if seed == SEED else ["--seed", str(seed)]))  # finished runs: nothing to do
+                points, seen, seconds = history(folder)
+                rows.append({"arm": arm, "budget": tokens, "seed": seed, "tokens": seen, "seconds": seconds,
+                             "folder": str(folder), "curve": points})
+    tag = "-".join(a.replace("+", "_") for a in arms) + ("" if seeds == [SEED] else "-seeds" + "_".join(map(str, seeds)))
     healed = []
     for tokens in budgets:  # one evaluation per budget (teacher and student in each), so a new budget adds one
-        scores = out / f"eval-{tokens // 1000}k-{'-'.join(a.replace('+', '_') for a in arms)}"
+        scores = out / f"eval-{tokens // 1000}k-{tag}"
         models = [str(student), *(r["folder"] + "/model" for r in rows if r["budget"] == tokens)]
         if not (scores / "report.json").is_file():
             run("eval", "--models", TEACHER + "," + ",".join(models), "--data", ",".join(TEXTS), "--max-tokens",
@@ -204,11 +239,11 @@ def main() -> None:
         table = json.loads((scores / "report.json").read_text())["rows"]
         teacher, as_cut = table[0]["perplexity"], table[1]["perplexity"]
         healed += table[2:]
-    scores = out / f"eval-{'-'.join(f'{t // 1000}k' for t in budgets)}-{'-'.join(a.replace('+', '_') for a in arms)}"
+    scores = out / f"eval-{'-'.join(f'{t // 1000}k' for t in budgets)}-{tag}"
     lines = ["| student | tokens | train s | " + " | ".join(TEXTS) + " | ratio to teacher (geo-mean) |",
              "|---|---:|---:|" + "---:|" * (len(TEXTS) + 1)]
     entries = [("teacher", None, teacher), ("as cut + repaired", None, as_cut),
-               *((f"{r['arm']} ({r['budget'] // 1000}k)", r, t["perplexity"]) for r, t in zip(rows, healed, strict=True))]
+               *((label_of(r), r, t["perplexity"]) for r, t in zip(rows, healed, strict=True))]
     for label, r, ppl in entries:
         ratio = math.exp(sum(math.log(ppl[s] / teacher[s]) for s in TEXTS) / len(TEXTS))
         if r:
@@ -217,6 +252,8 @@ def main() -> None:
                      + " | ".join(f"{ppl[s]:.2f}" for s in TEXTS) + f" | {ratio:.3f} |")
     chart(rows, scores / "heal_quality.png", f"{args.strategy} + {args.repair}")
     text = "\n".join(lines) + "\n\n" + reach(rows, max(budgets))
+    if len(seeds) > 1:
+        text += "\n\n" + across_seeds(rows)
     if args.tasks:
         text += "\n\n" + zero_shot(out, rows, max(budgets), args)
     write_text(scores / "report.md", text + "\n")

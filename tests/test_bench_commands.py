@@ -15,14 +15,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 import heal_quality  # noqa: E402
 
 
-@pytest.mark.parametrize("arm", heal_quality.ARMS)
+@pytest.mark.parametrize("arm", [*heal_quality.ARMS, "clm+free-text", "local+minitron+teacher-text"])
 def test_every_heal_bench_arm_is_a_command_lmshrink_accepts(arm, tmp_path):
     argv = heal_quality.arm_command(arm, tmp_path / "student", tmp_path / "run", 25600, tmp_path)
     assert command_problems(argv, ROOT) == []
-    if "+" in arm and arm != "local+minitron":  # the teacher's text, mixed 1:1 with the corpus
+    base, _, text = arm.rpartition("+")
+    if text in heal_quality.PROMPTS:  # the teacher's text, mixed 1:1 with the corpus into the base arm's command
         data = argv[argv.index("--data") + 1].split(",")
-        assert data == [str(tmp_path / arm.split("+")[1]), "python-docs/library"]
+        assert data == [str(tmp_path / text), "python-docs/library"]
         assert argv[argv.index("--data-weights") + 1] == "1,1"
+        plain = heal_quality.arm_command(base, tmp_path / "student", tmp_path / "run", 25600, tmp_path)
+        assert [a for a in argv if a not in (",".join(data), "--data-weights", "1,1")] == \
+            [a for a in plain if a != "python-docs/library"]
 
 
 @pytest.mark.parametrize("arm", ["clm@1e-3", "minitron@1e-3", "local+minitron@1e-3"])
@@ -50,3 +54,18 @@ def test_the_zero_shot_table_pairs_items_with_each_reference():
     assert cells["teacher"][-1] == ""  # no comparison with itself
     assert cells["same"][-1] == "+0.0 [+0.0, +0.0]" and cells["same"][-2] == "100%"
     assert cells["right"][-1].startswith("+50.0 [") and float(cells["right"][-1].split("[")[1].split(",")[0]) > 0
+
+
+def test_heal_bench_compares_arms_paired_by_seed():
+    def row(arm, seed, scale):
+        return {"arm": arm, "budget": 25600, "seed": seed,
+                "perplexity": {t: scale * (10 + seed) for t in heal_quality.TEXTS}}  # seeds differ a lot
+
+    rows = [row("clm", s, 1.0) for s in (42, 1, 2)] + [row("clm+free-text", s, 1.1) for s in (42, 1, 2)]
+    line = heal_quality.across_seeds(rows).splitlines()[-1]
+    assert line.startswith("| clm+free-text (25k) | 3 | +10.0% [+10.0, +10.0]")  # paired: the seeds' spread cancels
+    rows += [row("minitron", 42, 0.9), row("minitron", 1, 1.1)]  # one seed better, one worse
+    line = heal_quality.across_seeds(rows).splitlines()[-1]
+    mean, low, high = (float(x) for x in line.split("|")[3].replace("%", "").replace("[", "").replace("]", "")
+                       .replace(",", "").split())
+    assert line.split("|")[2].strip() == "2" and low < 0 < high and mean == 0.0
