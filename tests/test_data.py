@@ -95,3 +95,37 @@ def test_packing_is_cached_by_text_tokenizer_and_block_size(real_text, gpt2_toke
     assert changed._fingerprint != first._fingerprint
     ids = gpt2_tokenizer(real_text.read_text(), add_special_tokens=False)["input_ids"] + [gpt2_tokenizer.eos_token_id]
     assert first["input_ids"][0] == ids[:64]  # and the blocks are the text's tokens
+
+
+def test_data_weights_are_shares_of_tokens_not_documents(tmp_path, gpt2_tokenizer):
+    from lmshrink.training import DataArgs, prepare_data
+
+    long, short = tmp_path / "long.jsonl", tmp_path / "short.jsonl"  # 4 documents of 600 words, 400 of 6
+    long.write_text("".join(json.dumps({"text": " apple" * 600}) + "\n" for _ in range(4)))
+    short.write_text("".join(json.dumps({"text": " pear" * 6}) + "\n" for _ in range(400)))
+    apple = gpt2_tokenizer(" apple")["input_ids"][0]
+
+    def share(weights, heldout=0.0):
+        train, heldout_blocks = prepare_data(DataArgs(data=[str(long), str(short)], data_weights=weights,
+                                                      block_size=16, heldout=heldout), gpt2_tokenizer)
+        rows = train["input_ids"]
+        return sum(apple in r for r in rows) / len(rows), len(rows), heldout_blocks
+
+    apples, n, _ = share([1, 1])  # by documents, 1:1 would give the long source ~100x the short one's tokens
+    assert 0.4 < apples < 0.6 and n > 250
+    assert 0.15 < share([1, 3])[0] < 0.35
+    assert share([1, 0])[0] == 1.0  # a weight of 0 leaves that source out
+    apples, _, heldout_blocks = share([1, 1], heldout=0.25)  # each source gives its share of held-out documents
+    assert 0 < sum(apple in r for r in heldout_blocks["input_ids"]) < heldout_blocks.num_rows
+
+
+def test_a_weighted_source_too_small_is_named(tmp_path, gpt2_tokenizer):
+    from lmshrink.training import DataArgs, prepare_data
+
+    (tmp_path / "one.txt").write_text("a single short document")
+    (tmp_path / "many.jsonl").write_text("".join(json.dumps({"text": "word " * 50}) + "\n" for _ in range(10)))
+    args = dict(data=[str(tmp_path / "many.jsonl"), str(tmp_path / "one.txt")], data_weights=[1, 1], block_size=16)
+    with pytest.raises(DataError, match=r"\(.*one.txt\) holds 1 document\(s\), too few to hold out"):
+        prepare_data(DataArgs(**args), gpt2_tokenizer)
+    with pytest.raises(DataError, match=r"\(.*one.txt\) holds less than one block of 16 tokens"):
+        prepare_data(DataArgs(**args, heldout=0), gpt2_tokenizer)

@@ -50,10 +50,6 @@ def test_prompted_samples_carry_on_and_feed_training(tiny_gpt2_dir, tmp_path, ca
 
     # the folder is a text source: alone, or mixed with a corpus by weight
     assert text_dataset([str(out)])["text"] == [r["text"] for r in written]
-    only = text_dataset([str(out), "python-docs/tutorial"], weights=[1, 0], seed=0)["text"]
-    assert sorted(only) == sorted(r["text"] for r in written)
-    mixed = text_dataset([str(out), "python-docs/tutorial"], weights=[1, 1], seed=0)["text"]
-    assert set(mixed) & {r["text"] for r in written} and set(mixed) - {r["text"] for r in written}
     assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--data", f"{out},python-docs/tutorial",
                  "--data-weights", "1,1", "--heldout", "0", "--block-size", "32", "--batch-size", "2",
                  "--max-steps", "1", "--report-to", "none", "--output", str(tmp_path / "healed")]) == 0

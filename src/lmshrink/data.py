@@ -163,25 +163,34 @@ def blocks(tokens: torch.Tensor, length: int) -> torch.Tensor:
 
 # --- training data: `datasets` tables, tokenised and packed into fixed-length blocks --------
 
-def text_dataset(sources: list[str], field: str = "text", streaming: bool = False,
-                 weights: list[float] | None = None, seed: int = 0):
+def text_dataset(sources: list[str], field: str = "text", streaming: bool = False):
     """One `datasets` table (or a streamed one) with a `text` column, from any mix of sources.
 
     Text files become one row per file; .jsonl(.gz) and .parquet files one row per record;
     `hf:NAME[:CONFIG][:SPLIT]` is loaded (streamed with `streaming`) from the Hub. Every document of
-    every source once, in order; with `weights` (one per source), documents drawn from the sources
-    with those probabilities (seeded) until the first source runs out.
+    every source once, in order (weighted mixes: `mix_blocks`, after packing).
     """
     from datasets import concatenate_datasets, interleave_datasets
 
     by_source = [_source_table(source, field, streaming) for source in sources]
-    if weights:
-        total = sum(weights)
-        return interleave_datasets(by_source, probabilities=[w / total for w in weights], seed=seed,
-                                   stopping_strategy="first_exhausted")
     if len(by_source) == 1:
         return by_source[0]
     return interleave_datasets(by_source) if streaming else concatenate_datasets(by_source)
+
+
+def mix_blocks(packed: list, weights: list[float], seed: int):
+    """Packed blocks drawn from several sources with the odds `weights` (seeded) until the first
+    source runs out. Every block has the same length, so the weights are shares of training
+    tokens, however long each source's documents are (drawing documents instead gives a source of
+    short documents a far smaller share than its weight says)."""
+    from datasets import interleave_datasets
+
+    kept = [(table, w) for table, w in zip(packed, weights, strict=True) if w > 0]
+    if len(kept) == 1:
+        return kept[0][0]
+    total = sum(w for _, w in kept)
+    return interleave_datasets([t for t, _ in kept], probabilities=[w / total for _, w in kept], seed=seed,
+                               stopping_strategy="first_exhausted")
 
 
 def _source_table(source: str, field: str, streaming: bool):

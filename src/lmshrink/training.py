@@ -29,7 +29,7 @@ from transformers.trainer_utils import TrainOutput
 
 from lmshrink.architectures import check_length
 from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
-from lmshrink.data import DataError, pack, text_dataset
+from lmshrink.data import DataError, mix_blocks, pack, text_dataset
 from lmshrink.errors import Stopped
 from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
 from lmshrink.model_card import save_model_record
@@ -48,9 +48,9 @@ class DataArgs:
 
     data: list[str] = setting(
         [], "training text: files, folders, .jsonl(.gz), .parquet, hf:NAME[:CONFIG][:SPLIT], corpus names")
-    data_weights: list[float] = setting([], "sampling weights of the --data sources, in order (e.g. 1,3): documents "
-                                            "are drawn from each with these odds until one runs out; default: every "
-                                            "document of every source once")
+    data_weights: list[float] = setting([], "shares of training tokens from the --data sources, in order (e.g. 1,3): "
+                                            "blocks are drawn from each with these odds until one runs out; default: "
+                                            "every document of every source once")
     eval_data: list[str] = setting([], "held-out text; if empty, --heldout of the training documents is held out")
     heldout: float = setting(0.02, "fraction of training documents held out for evaluation when --eval-data is empty")
     block_size: int = setting(1024, "tokens per training sequence (the paper: 1024)")
@@ -307,20 +307,32 @@ def trainer_arguments(output_dir: str | Path, precision: str = "auto", **kwargs:
 
 
 def prepare_data(settings: DataArgs, tokenizer) -> tuple[Any, Any]:
-    """Packed training and held-out blocks (split by document, so nothing leaks)."""
-    docs = text_dataset(settings.data, streaming=settings.streaming, weights=settings.data_weights, seed=settings.seed)
-    heldout_docs = None  # with --eval-data, prepare_heldout reads that instead
-    if not settings.eval_data and settings.heldout > 0:
-        try:
-            split = docs.train_test_split(test_size=settings.heldout, seed=settings.seed)
-        except ValueError:  # e.g. one document cannot be split
-            raise DataError(f"the training data holds {docs.num_rows} document(s), too few to hold out "
-                            f"{settings.heldout:.0%} of them for evaluation; give --eval-data FILE, more documents, "
-                            "or --heldout 0") from None
-        docs, heldout_docs = split["train"], split["test"]
-    train = pack(docs, tokenizer, settings.block_size, settings.num_proc)
-    if hasattr(train, "num_rows") and train.num_rows == 0:
-        raise DataError(f"the training data holds less than one block of {settings.block_size} tokens")
+    """Packed training and held-out blocks (split by document, so nothing leaks). With --data-weights
+    each source is split and packed alone and its blocks drawn with those odds (`mix_blocks`)."""
+    sources = [[source] for source in settings.data] if settings.data_weights else [settings.data]
+    packed, held = [], []
+    for source in sources:
+        docs = text_dataset(source, streaming=settings.streaming)
+        if not settings.eval_data and settings.heldout > 0:  # with --eval-data, prepare_heldout reads that
+            try:
+                split = docs.train_test_split(test_size=settings.heldout, seed=settings.seed)
+            except ValueError:  # e.g. one document cannot be split
+                raise DataError(f"the training data ({', '.join(source)}) holds {docs.num_rows} document(s), too "
+                                f"few to hold out {settings.heldout:.0%} of them for evaluation; give --eval-data "
+                                "FILE, more documents, or --heldout 0") from None
+            docs = split["train"]
+            held.append(split["test"])
+        train = pack(docs, tokenizer, settings.block_size, settings.num_proc)
+        if hasattr(train, "num_rows") and train.num_rows == 0:
+            raise DataError(f"the training data ({', '.join(source)}) holds less than one block of "
+                            f"{settings.block_size} tokens")
+        packed.append(train)
+    train = mix_blocks(packed, settings.data_weights, settings.seed) if settings.data_weights else packed[0]
+    if len(held) > 1:
+        from datasets import concatenate_datasets
+
+        held = [concatenate_datasets(held)]
+    heldout_docs = held[0] if held else None
     return train, prepare_heldout(settings, tokenizer, heldout_docs)
 
 
