@@ -9,7 +9,7 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
 - `distilgpt2`: `lmshrink distill --recipe distilgpt2` (KD T 2 x5 + CE x2 + cosine x1);
 - `minitron`: `lmshrink distill --recipe minitron` (logit-only forward KL at T 1, cosine decay);
 - `local+minitron`: the same after `--local-steps` (a fifth of the budget's steps, counted in it);
-- `minitron+teacher-text`: `minitron` on python-docs/library mixed 1:1 (by document) with text
+- `minitron+teacher-text`: `minitron` on python-docs/library mixed 1:1 (by tokens) with text
   the teacher wrote itself (`lmshrink generate`, prompted by python-docs/library pages);
 - `minitron+free-text`: the same with text the teacher wrote from nothing but its start token
   (its own distribution: general text, not documentation); `ARM+TEXT` mixes either text into
@@ -195,7 +195,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(Path.home() / "lmshrink-runs" / "heal-quality"))
     parser.add_argument("--tokens", default="25600,102400", help="healing budgets, comma-separated")
     parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--teacher-samples", type=int, default=256, help="teacher-written documents (256 tokens each)")
+    parser.add_argument("--teacher-samples", type=int, default=256,
+                        help="teacher-written documents (about 200 tokens each: half of 102,400 tokens)")
     parser.add_argument("--seeds", default=str(SEED), help="one run of every arm per seed (comma-separated)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--tasks", default="", help="zero-shot suite for the best arm and clm at the largest budget")
