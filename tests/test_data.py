@@ -129,3 +129,5 @@ def test_a_weighted_source_too_small_is_named(tmp_path, gpt2_tokenizer):
         prepare_data(DataArgs(**args), gpt2_tokenizer)
     with pytest.raises(DataError, match=r"\(.*one.txt\) holds less than one block of 16 tokens"):
         prepare_data(DataArgs(**args, heldout=0), gpt2_tokenizer)
+    train, _ = prepare_data(DataArgs(**{**args, "data_weights": [1, 0]}, heldout=0), gpt2_tokenizer)
+    assert train.num_rows > 0  # a source of weight 0 is not read, so not refused

@@ -185,11 +185,8 @@ def mix_blocks(packed: list, weights: list[float], seed: int):
     short documents a far smaller share than its weight says)."""
     from datasets import interleave_datasets
 
-    kept = [(table, w) for table, w in zip(packed, weights, strict=True) if w > 0]
-    if len(kept) == 1:
-        return kept[0][0]
-    total = sum(w for _, w in kept)
-    return interleave_datasets([t for t, _ in kept], probabilities=[w / total for _, w in kept], seed=seed,
+    total = sum(weights)
+    return interleave_datasets(packed, probabilities=[w / total for w in weights], seed=seed,
                                stopping_strategy="first_exhausted")
 
 

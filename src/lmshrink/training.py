@@ -309,7 +309,9 @@ def trainer_arguments(output_dir: str | Path, precision: str = "auto", **kwargs:
 def prepare_data(settings: DataArgs, tokenizer) -> tuple[Any, Any]:
     """Packed training and held-out blocks (split by document, so nothing leaks). With --data-weights
     each source is split and packed alone and its blocks drawn with those odds (`mix_blocks`)."""
-    sources = [[source] for source in settings.data] if settings.data_weights else [settings.data]
+    weighted = [(s, w) for s, w in zip(settings.data, settings.data_weights, strict=True) if w > 0] \
+        if settings.data_weights else []  # a source of weight 0 is not read
+    sources = [[s] for s, _ in weighted] if settings.data_weights else [settings.data]
     packed, held = [], []
     for source in sources:
         docs = text_dataset(source, streaming=settings.streaming)
@@ -327,13 +329,12 @@ def prepare_data(settings: DataArgs, tokenizer) -> tuple[Any, Any]:
             raise DataError(f"the training data ({', '.join(source)}) holds less than one block of "
                             f"{settings.block_size} tokens")
         packed.append(train)
-    train = mix_blocks(packed, settings.data_weights, settings.seed) if settings.data_weights else packed[0]
+    train = mix_blocks(packed, [w for _, w in weighted], settings.seed) if len(packed) > 1 else packed[0]
     if len(held) > 1:
         from datasets import concatenate_datasets
 
         held = [concatenate_datasets(held)]
-    heldout_docs = held[0] if held else None
-    return train, prepare_heldout(settings, tokenizer, heldout_docs)
+    return train, prepare_heldout(settings, tokenizer, held[0] if held else None)
 
 
 def prepare_heldout(settings: DataArgs, tokenizer, docs=None):
