@@ -16,7 +16,9 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
   any arm's corpus the same way (e.g. `clm+free-text`: the LM loss on the teacher's samples,
   sequence-level KD);
 - `ARM@LR` (e.g. `minitron@1e-3`): an arm at another peak learning rate (the recipes' are tuned
-  for billions of tokens; a budget of a hundred steps may want more).
+  for billions of tokens; a budget of a hundred steps may want more);
+- `ARM~PART` (e.g. `clm~embeddings`, `distilgpt2~embeddings~blocks:0-5`): an arm with those parts
+  of the student frozen (`--freeze`; the parts any `--freeze` value names).
 
 Held-out perplexity on 2,048 tokens of python-docs/tutorial is measured during training (curves
 against tokens and wall time); at the end every student is scored by `lmshrink eval` on the first
@@ -63,7 +65,11 @@ def run(*args: str) -> None:
 
 
 def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path) -> list[str]:
-    """The lmshrink command of one arm; `ARM@LR` is the same arm at another peak learning rate."""
+    """The lmshrink command of one arm; `ARM@LR` is the same arm at another peak learning rate,
+    `ARM~PART` the same arm with PART of the student frozen."""
+    if "~" in arm and "@" not in arm.split("~")[-1]:
+        arm, *parts = arm.split("~")
+        return [*arm_command(arm, student, folder, tokens, texts), "--freeze", ",".join(parts)]
     if "@" in arm:
         arm, lr = arm.split("@")
         argv = arm_command(arm, student, folder, tokens, texts)

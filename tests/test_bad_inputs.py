@@ -82,6 +82,8 @@ CASES = [
      "lr: the learning rate must be positive"),
     (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--max-steps", "2", "--max-tokens", "100"],
      "both bound the run's length"),
+    (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--block-size", "64", "--freeze", "blocks:0-9"],
+     "freeze: blocks:0-9 asks for block 9"),
     (["generate", "--teacher", "{model}", "--temperature", "0"], "temperature: must be positive"),
     (["distill", "--model", "{model}", "--data", "python-docs/tutorial", "--recipe", "best"], "recipe: 'best' is unknown"),
     (["distill", "--model", "{model}", "--teacher-cache", "{bad}", "--local-steps", "5"],

@@ -41,6 +41,18 @@ def test_a_heal_bench_arm_at_another_learning_rate_sets_it_once(arm, tmp_path):
     assert without_lr(argv) == without_lr(base)  # nothing else changes
 
 
+@pytest.mark.parametrize("arm", ["clm~embeddings", "distilgpt2~embeddings~blocks:0-5", "clm@5e-4~embeddings",
+                                 "clm~embeddings@5e-4"])
+def test_a_heal_bench_arm_with_frozen_parts_adds_only_the_freeze(arm, tmp_path):
+    argv = heal_quality.arm_command(arm, tmp_path / "student", tmp_path / "run", 25600, tmp_path)
+    assert command_problems(argv, ROOT) == []
+    parts = [p.split("@")[0] for p in arm.split("~")[1:]]
+    assert argv.count("--freeze") == 1 and argv[argv.index("--freeze") + 1] == ",".join(parts)
+    base = heal_quality.arm_command(arm.replace("~" + "~".join(parts), ""), tmp_path / "student", tmp_path / "run",
+                                    25600, tmp_path)
+    assert [a for a in argv if a not in ("--freeze", ",".join(parts))] == base
+
+
 def test_the_zero_shot_table_pairs_items_with_each_reference():
     def row(per_item):  # one task, its items right (1) or wrong (0)
         return {"tasks": {"copa": {"value": sum(per_item) / len(per_item), "per_item": per_item}},

@@ -10,6 +10,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from lmshrink.cli import main
 from lmshrink.config import SettingsError, build
@@ -246,3 +247,50 @@ def test_the_peak_is_the_highest_measured_on_this_device(tmp_path, monkeypatch):
     assert list(json.loads((tmp_path / "peak-flops.json").read_text()).values()) == [3e11]
     assert speed.peak_flops.__wrapped__("cpu", torch.bfloat16) == 3e11  # another dtype: its own entry
     assert len(json.loads((tmp_path / "peak-flops.json").read_text())) == 2
+
+
+def test_frozen_parts_do_not_change_and_the_rest_trains(tiny_gpt2_dir, tmp_path, capsys):
+    """--freeze embeddings,blocks:1-2: GPT-2's token and position tables (the head is tied to the
+    first) and blocks 1-2 end as they started; blocks 0 and 3 train; the run's line says so."""
+    out = tmp_path / "run"
+    assert main(run_args(tiny_gpt2_dir, out, "--max-steps", "3", "--report-to", "none",
+                         "--freeze", "embeddings,blocks:1-2")) == 0
+    assert "frozen: embeddings (and the head tied to them), blocks:1-2" in capsys.readouterr().out
+    start, end = (load_file(d / "model.safetensors") for d in (tiny_gpt2_dir, out / "model"))
+    frozen = ("transformer.wte.", "transformer.wpe.", "transformer.h.1.", "transformer.h.2.")
+    assert {name for name in start if not torch.equal(start[name], end[name])} == {
+        name for name in start if not name.startswith(frozen) and not name.endswith(".attn.bias")}
+    assert json.loads((out / "lmshrink.json").read_text())["settings"]["train"]["freeze"] == ["embeddings", "blocks:1-2"]
+
+
+def test_freeze_names_what_is_wrong(tiny_gpt2_dir, tmp_path, capsys):
+    with pytest.raises(SettingsError) as err:
+        build(PretrainSettings, {"model": "m", "output": "o", "data": ["d"], "freeze": ["embedding", "blocks:3-1"]})
+    assert "'embedding' is not one of embeddings, head, blocks:I-J" in str(err.value)
+    assert "the first block comes first (blocks:1-3)" in str(err.value)
+    assert main(run_args(tiny_gpt2_dir, tmp_path / "r", "--max-steps", "1", "--freeze", "blocks:2-9")) == 2
+    assert "freeze: blocks:2-9 asks for block 9, and the model has blocks 0-3" in capsys.readouterr().err
+
+
+def test_freeze_on_untied_heads_and_when_nothing_is_left():
+    """Mistral's head is its own tensor: `embeddings` leaves it training, `head` freezes it alone.
+    An OPT without a final norm, its embeddings and every block frozen, has nothing left to train."""
+    from conftest import TINY_CONFIGS
+
+    from lmshrink.training import freeze
+
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS["mistral"](2))
+    assert freeze(model, ["embeddings"]).startswith("frozen: embeddings (")
+    assert model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS["mistral"](2))
+    freeze(model, ["head"])
+    assert not model.lm_head.weight.requires_grad and model.model.embed_tokens.weight.requires_grad
+    from transformers import AutoModelForSequenceClassification  # `lmshrink finetune`'s classifiers
+
+    classifier = AutoModelForSequenceClassification.from_config(TINY_CONFIGS["gpt2"](2))
+    with pytest.raises(SettingsError, match="this GPT2ForSequenceClassification has no output head to freeze"):
+        freeze(classifier, ["head"])
+    config = TINY_CONFIGS["opt"](2)
+    config.do_layer_norm_before = False  # OPT-350m's layout: no final layer norm
+    with pytest.raises(SettingsError, match="embeddings, blocks:0-1 leaves nothing of the model to train"):
+        freeze(AutoModelForCausalLM.from_config(config), ["embeddings", "blocks:0-1"])

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -27,7 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, default_data_collator
 from transformers.trainer_utils import TrainOutput
 
-from lmshrink.architectures import check_length
+from lmshrink.architectures import blocks_of, check_length
 from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
 from lmshrink.data import DataError, mix_blocks, pack, text_dataset
 from lmshrink.errors import Stopped
@@ -115,9 +116,12 @@ class TrainArgs:
     fused_head: str = setting("auto", "LM head and loss computed together chunk by chunk, never holding the "
                                       "(batch x block x vocab) logits: auto (on CUDA), on, off")
     optim: str = setting("auto", "optimizer: auto (fused AdamW, on GPU and CPU) or a transformers optim name")
+    freeze: list[str] = setting([], "parts of the model kept fixed while the rest trains: embeddings (the token "
+                                    "embeddings, a head tied to them, and learned position embeddings), head (the "
+                                    "output head), blocks:I-J (blocks I to J, from 0); e.g. --freeze embeddings")
 
     def problems(self) -> list[str]:
-        problems = []
+        problems = [f"freeze: {p}" for p in freeze_problems(self.freeze)]
         for name in ("compile", "fused_head"):
             if getattr(self, name) not in SWITCHES:
                 problems.append(f"{name}: {getattr(self, name)!r} is not one of {', '.join(SWITCHES)}")
@@ -483,6 +487,59 @@ class Profile(TrainerCallback):
         print(f"[lmshrink] profile of {count(self.steps, 'step')}: {self.folder}/trace.json, {self.folder}/ops.txt", flush=True)
 
 
+FREEZABLE = ("embeddings", "head", "blocks:I-J")
+
+
+def _block_range(part: str) -> tuple[int, int] | None:
+    """(I, J) of `blocks:I-J` (`blocks:I`: one block), or None if `part` is not of that form."""
+    found = re.fullmatch(r"blocks:(\d+)(?:-(\d+))?", part)
+    return None if found is None else (int(found[1]), int(found[2] or found[1]))
+
+
+def freeze_problems(parts: list[str]) -> list[str]:
+    problems = []
+    for part in parts:
+        if part in ("embeddings", "head"):
+            continue
+        span = _block_range(part)
+        if span is None:
+            problems.append(f"{part!r} is not one of {', '.join(FREEZABLE)} (e.g. blocks:0-11)")
+        elif span[0] > span[1]:
+            problems.append(f"{part!r}: the first block comes first (blocks:{span[1]}-{span[0]})")
+    return problems
+
+
+def freeze(model, parts: list[str]) -> str:
+    """Turn off the gradients of `parts` of the model (see `TrainArgs.freeze`); the Trainer's optimizer
+    then holds only the rest. A line saying what is frozen and what trains."""
+    if not parts:
+        return ""
+    for part in parts:
+        if part == "embeddings":  # every table: tokens, and learned positions where the model has them
+            module = torch.nn.ModuleList(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        elif part == "head":
+            module = model.get_output_embeddings()
+            if module is None:
+                check([f"freeze: this {type(model).__name__} has no output head to freeze; leave 'head' out"])
+        else:
+            first, last = _block_range(part)
+            blocks = blocks_of(model)
+            if last >= len(blocks):
+                check([f"freeze: {part} asks for block {last}, and the model has blocks 0-{len(blocks) - 1}"])
+            module = blocks[first : last + 1]
+        module.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        check([f"freeze: {', '.join(parts)} leaves nothing of the model to train; freeze less"])
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:  # tied: one tensor, both frozen
+        said = {"embeddings": "embeddings (and the head tied to them)", "head": "head (and the embeddings tied to it)"}
+        parts = [said.get(p, p) for p in parts]
+    total = sum(p.numel() for p in model.parameters())
+    trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"frozen: {', '.join(parts)}: {(total - trains) / 1e6:.1f}M parameters; "
+            f"{trains / 1e6:.1f}M of {total / 1e6:.1f}M train")
+
+
 def fused_head_problem(model, args: TrainingArguments) -> str | None:
     """Why the fused head cannot run here, or None."""
     if args.fsdp or args.deepspeed:
@@ -788,6 +845,8 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
                "CPUs runs DDP)"])
     if settings.train.gradient_checkpointing:
         model.config.use_cache = False
+    if frozen := freeze(model, settings.train.freeze):
+        print(f"[lmshrink] {frozen}", flush=True)
     source_record = read_record(model.name_or_path) or {}  # the loaded folder (GGUF / embedded names resolved)
     base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
                        teacher=source_record.get("teacher"), origin=source_record or None, **(extra_record or {}))

@@ -402,7 +402,7 @@ def local_stage(settings: DistillSettings, student, teacher, kept: list[int] | N
     folder = Path(settings.output) / "local"
     local = dataclasses.replace(settings, output=str(folder), local_steps=0, train=dataclasses.replace(
         settings.train, max_steps=settings.local_steps, max_tokens=None, lr=settings.local_lr or settings.train.lr,
-        compile="off"))  # the stage's hooks stop the forward pass midway
+        compile="off", freeze=[]))  # the stage's hooks stop the forward pass midway; it chooses what trains
     if carry_on(local) is None:
         student.model.requires_grad_(False)
         for j in trained:

@@ -60,6 +60,7 @@ from lmshrink.training import (
     TrainArgs,
     checkpoint_step,
     drop_checkpoints,
+    freeze,
     last_checkpoint,
     save_trained,
     train_until_stopped,
@@ -221,6 +222,8 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
 
     set_seed(seed)
     model, tokenizer, source = load_classifier(s.model, task, s.trust_remote_code)
+    if frozen := freeze(model, s.train.freeze):
+        print(f"[lmshrink] {method} seed {seed}: {frozen}", flush=True)
     teacher = teacher_tokenizer = None
     if METHODS[method].needs_teacher:
         teacher, teacher_tokenizer, _ = load_classifier(s.teacher, task, s.trust_remote_code)
