@@ -219,6 +219,14 @@ def test_flops_per_token_counts_the_head_once():
     assert matmul_parameters(model) == blocks + 100 * 32  # tied head counted, embeddings not
     assert flops_per_token(model, 64) == 6 * (blocks + 3200) + 12 * 2 * 32 * 64
     assert flops_per_token(model, 64, training=False) == flops_per_token(model, 64) / 3
+    from lmshrink.training import freeze
+
+    freeze(model, ["embeddings"])  # the tied head's weight gradient is no longer computed
+    assert matmul_parameters(model, trainable=True) == blocks
+    assert flops_per_token(model, 64) == 6 * (blocks + 3200) + 12 * 2 * 32 * 64 - 2 * 3200
+    freeze(model, ["blocks:0-1"])
+    assert flops_per_token(model, 64) == 4 * (blocks + 3200) + 12 * 2 * 32 * 64 + 2 * sum(
+        p.numel() for p in model.transformer.ln_f.parameters())
 
 
 def test_the_loss_chunk_follows_the_flag_free_memory_and_its_cap():

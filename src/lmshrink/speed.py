@@ -20,23 +20,29 @@ import torch
 from torch import nn
 
 
-def matmul_parameters(model: nn.Module) -> int:
+def matmul_parameters(model: nn.Module, trainable: bool = False) -> int:
     """Parameters that cost a multiply-add per token: every parameter but the input and position
-    embeddings (lookups), plus the output head, which a tied model shares with its embedding."""
-    params = {id(p): p for p in model.parameters()}
+    embeddings (lookups), plus the output head, which a tied model shares with its embedding
+    (`trainable`: only those that train, whose weight gradients cost the same again)."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad or not trainable}
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = model.get_output_embeddings()
     total = sum(p.numel() for i, p in params.items() if i not in lookups)
-    if head is not None and id(head.weight) in lookups:  # tied: the head is a matmul too
+    if head is not None and id(head.weight) in lookups and id(head.weight) in params:  # tied: the head is a matmul too
         total += head.weight.numel()
     return total
 
 
 def flops_per_token(model: nn.Module, sequence: int, training: bool = True) -> float:
-    """Model FLOPs of one token at sequence length `sequence`: 6N + 12 L d s training, 2N + 4 L d s forward."""
+    """Model FLOPs of one token at sequence length `sequence`: 2N + 4 L d s forward; training adds
+    the backward pass, 2N + 8 L d s for the activations' gradients and 2N' for the weights' (N' the
+    matmul parameters that train: N unless some are frozen, so 6N + 12 L d s)."""
     config = model.config  # transformers maps these names onto every family's own (GPT-2: n_layer, n_embd)
-    per_token = 2 * matmul_parameters(model) + 4 * config.num_hidden_layers * config.hidden_size * sequence
-    return 3 * per_token if training else per_token
+    attention = 4 * config.num_hidden_layers * config.hidden_size * sequence
+    forward = 2 * matmul_parameters(model) + attention
+    if not training:
+        return forward
+    return forward + (2 * matmul_parameters(model) + 2 * attention) + 2 * matmul_parameters(model, trainable=True)
 
 
 @functools.cache
