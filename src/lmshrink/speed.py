@@ -38,11 +38,10 @@ def flops_per_token(model: nn.Module, sequence: int, training: bool = True) -> f
     the backward pass, 2N + 8 L d s for the activations' gradients and 2N' for the weights' (N' the
     matmul parameters that train: N unless some are frozen, so 6N + 12 L d s)."""
     config = model.config  # transformers maps these names onto every family's own (GPT-2: n_layer, n_embd)
-    attention = 4 * config.num_hidden_layers * config.hidden_size * sequence
-    forward = 2 * matmul_parameters(model) + attention
+    n, attention = matmul_parameters(model), 4 * config.num_hidden_layers * config.hidden_size * sequence
     if not training:
-        return forward
-    return forward + (2 * matmul_parameters(model) + 2 * attention) + 2 * matmul_parameters(model, trainable=True)
+        return 2 * n + attention
+    return (2 * n + attention) + (2 * n + 2 * attention) + 2 * matmul_parameters(model, trainable=True)
 
 
 @functools.cache

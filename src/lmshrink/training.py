@@ -33,6 +33,7 @@ from lmshrink.config import Settings, SettingsError, check, group, setting, to_d
 from lmshrink.data import DataError, mix_blocks, pack, text_dataset
 from lmshrink.errors import Stopped
 from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
+from lmshrink.measure import count_parameters
 from lmshrink.model_card import save_model_record
 from lmshrink.records import RECORD, count, exclusive, provenance, publish, read_record, write_json, write_text
 from lmshrink.speed import device_name, flops_per_token, peak_flops
@@ -313,9 +314,11 @@ def trainer_arguments(output_dir: str | Path, precision: str = "auto", **kwargs:
 def prepare_data(settings: DataArgs, tokenizer) -> tuple[Any, Any]:
     """Packed training and held-out blocks (split by document, so nothing leaks). With --data-weights
     each source is split and packed alone and its blocks drawn with those odds (`mix_blocks`)."""
-    weighted = [(s, w) for s, w in zip(settings.data, settings.data_weights, strict=True) if w > 0] \
-        if settings.data_weights else []  # a source of weight 0 is not read
-    sources = [[s] for s, _ in weighted] if settings.data_weights else [settings.data]
+    if settings.data_weights:  # each source alone; a source of weight 0 is not read
+        weighted = [(s, w) for s, w in zip(settings.data, settings.data_weights, strict=True) if w > 0]
+        sources, weights = [[s] for s, _ in weighted], [w for _, w in weighted]
+    else:
+        sources, weights = [settings.data], []
     packed, held = [], []
     for source in sources:
         docs = text_dataset(source, streaming=settings.streaming)
@@ -333,7 +336,7 @@ def prepare_data(settings: DataArgs, tokenizer) -> tuple[Any, Any]:
             raise DataError(f"the training data ({', '.join(source)}) holds less than one block of "
                             f"{settings.block_size} tokens")
         packed.append(train)
-    train = mix_blocks(packed, [w for _, w in weighted], settings.seed) if len(packed) > 1 else packed[0]
+    train = mix_blocks(packed, weights, settings.seed) if len(packed) > 1 else packed[0]
     if len(held) > 1:
         from datasets import concatenate_datasets
 
@@ -534,7 +537,7 @@ def freeze(model, parts: list[str]) -> str:
     if head is not None and head.weight is model.get_input_embeddings().weight:  # tied: one tensor, both frozen
         said = {"embeddings": "embeddings (and the head tied to them)", "head": "head (and the embeddings tied to it)"}
         parts = [said.get(p, p) for p in parts]
-    total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)
     trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (f"frozen: {', '.join(parts)}: {(total - trains) / 1e6:.1f}M parameters; "
             f"{trains / 1e6:.1f}M of {total / 1e6:.1f}M train")
