@@ -12,9 +12,10 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
 - `minitron+teacher-text`: `minitron` on python-docs/library mixed 1:1 (by tokens) with text
   the teacher wrote itself (`lmshrink generate`, prompted by python-docs/library pages);
 - `minitron+free-text`: the same with text the teacher wrote from nothing but its start token
-  (its own distribution: general text, not documentation); `ARM+TEXT` mixes either text into
-  any arm's corpus the same way (e.g. `clm+free-text`: the LM loss on the teacher's samples,
-  sequence-level KD);
+  (its own distribution: general text, not documentation); `nucleus-text` is that text sampled
+  at top-p 0.9 (the teacher's likelier tokens only: more fluent); `ARM+TEXT` mixes any of these
+  texts into any arm's corpus the same way (e.g. `clm+free-text`: the LM loss on the teacher's
+  samples, sequence-level KD);
 - `ARM@LR` (e.g. `minitron@1e-3`): an arm at another peak learning rate (the recipes' are tuned
   for billions of tokens; a budget of a hundred steps may want more);
 - `ARM~PART` (e.g. `clm~embeddings`, `distilgpt2~embeddings~blocks:0-5`): an arm with those parts
@@ -57,7 +58,9 @@ HEAL = ["--data", "python-docs/library", "--eval-data", "python-docs/tutorial", 
         "--block-size", "256", "--batch-size", "4", "--save-steps", "25", "--logging-steps", "5", "--report-to", "none"]
 ARMS = ["clm", "distilgpt2", "minitron", "local+minitron", "minitron+teacher-text", "minitron+free-text"]
 SEED = 42  # lmshrink's default: runs at it keep their folder names
-PROMPTS = {"teacher-text": "python-docs/library", "free-text": ""}  # what the teacher's texts continue
+# the teacher's texts: what they continue, and how they are sampled
+TEACHER_TEXTS = {"teacher-text": ["--prompts", "python-docs/library"], "free-text": ["--prompts", ""],
+                 "nucleus-text": ["--prompts", "", "--top-p", "0.9"]}
 
 
 def run(*args: str) -> None:
@@ -92,11 +95,18 @@ def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path)
         return [*common, "--recipe", "minitron", "--local-steps", str(local), "--local-lr", "1e-3",
                 "--max-tokens", str(tokens - local * TOKENS_PER_STEP)]
     base, _, text = arm.rpartition("+")
-    if text in PROMPTS and base:
+    if text in TEACHER_TEXTS and base:
         argv = arm_command(base, student, folder, tokens, texts)
         argv[argv.index("--data") + 1] = f"{texts / text},python-docs/library"
         return [*argv, "--data-weights", "1,1"]
     raise ValueError(arm)
+
+
+def text_command(name: str, out: Path, samples: int) -> list[str]:
+    """The `lmshrink generate` command of one teacher-written text (OUT/NAME): the same number of new
+    tokens for each; fp32, as the tables were made."""
+    return ["generate", "--teacher", TEACHER, "--output", str(out / name), *TEACHER_TEXTS[name], "--prompt-tokens",
+            "32", "--new-tokens", "224", "--samples", str(samples), "--batch-size", "64", "--dtype", "float32"]
 
 
 def history(folder: Path) -> tuple[list[dict[str, float]], float, float]:
@@ -220,11 +230,9 @@ def main() -> None:
         raise SystemExit(f"{student} was cut by {built['strategy']} + {built['cut']['repair']}, not {args.strategy} + "
                          f"{args.repair}: give those, or another --output")
     arms, budgets = args.arms.split(","), [int(t) for t in args.tokens.split(",")]
-    for name, prompts in PROMPTS.items():  # the same number of new tokens either way; fp32, as the tables were made
-        if any(arm.split("@")[0].endswith(f"+{name}") for arm in arms):
-            run("generate", "--teacher", TEACHER, "--output", str(out / name), "--prompts", prompts, "--prompt-tokens",
-                "32", "--new-tokens", "224", "--samples", str(args.teacher_samples), "--batch-size", "64",
-                "--dtype", "float32")
+    for name in TEACHER_TEXTS:
+        if any(arm.split("@")[0].split("~")[0].endswith(f"+{name}") for arm in arms):
+            run(*text_command(name, out, args.teacher_samples))
     rows, seeds = [], [int(s) for s in args.seeds.split(",")]
     for tokens in budgets:
         for arm in arms:

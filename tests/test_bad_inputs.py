@@ -85,6 +85,7 @@ CASES = [
     (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--block-size", "64", "--freeze", "blocks:0-9"],
      "freeze: blocks:0-9 asks for block 9"),
     (["generate", "--teacher", "{model}", "--temperature", "0"], "temperature: must be positive"),
+    (["generate", "--teacher", "{model}", "--top-p", "1.5"], "top_p: a probability mass in (0, 1]"),
     (["distill", "--model", "{model}", "--data", "python-docs/tutorial", "--recipe", "best"], "recipe: 'best' is unknown"),
     (["distill", "--model", "{model}", "--teacher-cache", "{bad}", "--local-steps", "5"],
      "the local stage needs the teacher's hidden states"),

@@ -15,18 +15,25 @@ sys.path.insert(0, str(ROOT / "bench"))
 import heal_quality  # noqa: E402
 
 
-@pytest.mark.parametrize("arm", [*heal_quality.ARMS, "clm+free-text", "local+minitron+teacher-text"])
+@pytest.mark.parametrize("arm", [*heal_quality.ARMS, "clm+free-text", "local+minitron+teacher-text", "clm+nucleus-text"])
 def test_every_heal_bench_arm_is_a_command_lmshrink_accepts(arm, tmp_path):
     argv = heal_quality.arm_command(arm, tmp_path / "student", tmp_path / "run", 25600, tmp_path)
     assert command_problems(argv, ROOT) == []
     base, _, text = arm.rpartition("+")
-    if text in heal_quality.PROMPTS:  # the teacher's text, mixed 1:1 with the corpus into the base arm's command
+    if text in heal_quality.TEACHER_TEXTS:  # the teacher's text, mixed 1:1 with the corpus into the base arm's command
         data = argv[argv.index("--data") + 1].split(",")
         assert data == [str(tmp_path / text), "python-docs/library"]
         assert argv[argv.index("--data-weights") + 1] == "1,1"
         plain = heal_quality.arm_command(base, tmp_path / "student", tmp_path / "run", 25600, tmp_path)
         assert [a for a in argv if a not in (",".join(data), "--data-weights", "1,1")] == \
             [a for a in plain if a != "python-docs/library"]
+
+
+@pytest.mark.parametrize("name", heal_quality.TEACHER_TEXTS)
+def test_every_teacher_text_of_the_heal_bench_is_a_command_lmshrink_accepts(name, tmp_path):
+    argv = heal_quality.text_command(name, tmp_path, 256)
+    assert command_problems(argv, ROOT) == []
+    assert argv[argv.index("--output") + 1] == str(tmp_path / name)
 
 
 @pytest.mark.parametrize("arm", ["clm@1e-3", "minitron@1e-3", "local+minitron@1e-3"])

@@ -73,6 +73,17 @@ def test_draw_samples_the_softmax_at_its_temperature():
         assert seen.tolist() == pytest.approx(torch.softmax(logits[0] / temperature, -1).tolist(), abs=0.01)
 
 
+def test_top_p_draws_from_the_renormalised_nucleus():
+    """Probabilities 0.5, 0.3, 0.15, 0.05 (shuffled): top-p 0.7 keeps the two most likely tokens
+    (0.5 + 0.3 reach it) in proportion 5:3; top-p 0.5 keeps the first alone."""
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    logits = probs.log()[None].repeat(40_000, 1)
+    torch.manual_seed(0)
+    seen = torch.bincount(draw(logits, 1.0, top_p=0.7), minlength=4) / len(logits)
+    assert seen.tolist() == pytest.approx([0, 0.625, 0, 0.375], abs=0.01)
+    assert torch.bincount(draw(logits, 1.0, top_p=0.5), minlength=4).tolist() == [0, len(logits), 0, 0]
+
+
 def test_sampling_with_the_kv_cache_follows_the_model_in_every_architecture(arch):
     """Near temperature 0 the sampler is greedy decoding, so it must pick exactly what transformers'
     own greedy `generate` picks: same positions, same cache (sliding windows included: 16 new

@@ -1,10 +1,12 @@
 """`lmshrink generate`: a healing corpus the teacher writes itself (sequence-level KD data).
 
-Sampling at temperature 1 with no top-k or top-p cut draws from the teacher's own distribution,
-so the text covers what the teacher knows, not only the domain of whatever corpus is at hand, and
-carries no licence of its own. A sample starts from the teacher's BOS token (no `--prompts`), or
-from the first `--prompt-tokens` tokens of a corpus document, cycling through the documents when
-more samples are asked for than there are; it ends at the teacher's EOS or after `--new-tokens`.
+Sampling at temperature 1 with no top-p cut draws from the teacher's own distribution, so the
+text covers what the teacher knows, not only the domain of whatever corpus is at hand, and
+carries no licence of its own; `--top-p` (nucleus sampling) or a lower temperature trades that
+for text a small teacher writes more fluently (its own tail at T 1 is often word salad).
+A sample starts from the teacher's BOS token (no `--prompts`), or from the first
+`--prompt-tokens` tokens of a corpus document, cycling through the documents when more samples
+are asked for than there are; it ends at the teacher's EOS or after `--new-tokens`.
 
 Written as part-NNNNN.jsonl files of `--batch-size` records each (one batched `generate` call with
 the KV cache, seeded by its index): a part is written whole or not at all, so an interrupted run
@@ -47,7 +49,9 @@ class GenerateSettings(Settings):
     prompts: str = setting("", "text whose documents' first --prompt-tokens tokens start the samples (file, folder, "
                                ".jsonl, hf:..., corpus name); empty: every sample starts from the BOS token")
     prompt_tokens: int = setting(32, "tokens of each prompt document a sample continues")
-    temperature: float = setting(1.0, "sampling temperature (1: the teacher's own distribution; no top-k or top-p)")
+    temperature: float = setting(1.0, "sampling temperature (1 with --top-p 1: the teacher's own distribution)")
+    top_p: float = setting(1.0, "nucleus sampling: draw only from the most likely tokens whose probabilities reach "
+                                "this together (1: every token)")
     batch_size: int = setting(128, "samples per generate call, and per part file (the unit of resumption)")
     seed: int = setting(0, "random seed (part i is sampled with seed + i)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
@@ -63,6 +67,8 @@ class GenerateSettings(Settings):
         if not self.temperature > 0:
             problems.append(f"temperature: must be positive (got {self.temperature:g}); 1 samples the teacher's "
                             "own distribution")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p: a probability mass in (0, 1] (got {self.top_p:g}); 1 keeps every token")
         return problems
 
 
@@ -114,7 +120,7 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
         torch.manual_seed(s.seed + part)
         started = time.perf_counter()
         ids = continue_rows(model, tokenizer, torch.tensor([p for _, p in rows]), s.new_tokens, s.temperature,
-                            stop_at_eos=True)
+                            stop_at_eos=True, top_p=s.top_p)
         seconds += time.perf_counter() - started
         lines = []
         for i, ((source, prompt), row) in enumerate(zip(rows, ids.tolist(), strict=True)):
@@ -126,7 +132,7 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
             lines.append(json.dumps({
                 "id": f"{out.name}-{part * s.batch_size + i:06d}", "prompt_source": source, "prompt": prompt_text,
                 "text": prompt_text + tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
-                "settings": {"teacher": s.teacher, "temperature": s.temperature, "seed": s.seed + part,
+                "settings": {"teacher": s.teacher, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed + part,
                              "dtype": s.dtype}}))
         write_text(path, "\n".join(lines) + "\n")
         print(f"\r  part {part + 1}/{parts}: {count(written, 'token')} sampled this run "
@@ -140,6 +146,6 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
                         device=str(model.device))
     write_json(out / RECORD, record)
     print(f"generate: {count(len(records), 'document')}, {count(record['tokens'], 'token')} sampled from "
-          f"{s.teacher} at T {s.temperature:g} in {out}"
+          f"{s.teacher} at T {s.temperature:g}{f', top-p {s.top_p:g}' if s.top_p < 1 else ''} in {out}"
           + (f" ({record['tokens_per_s']:,.0f} tokens/s)" if seconds else ""))
     return record
