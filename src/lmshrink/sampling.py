@@ -86,12 +86,26 @@ def draw(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> 
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     order = None
     if top_p < 1:
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs * (probs.cumsum(-1) - probs < top_p)  # the mass before a token is under top_p: kept
+        probs, order = nucleus(probs, top_p)
     cdf = probs.cumsum(-1, dtype=torch.float64)
     u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)  # first cdf > u
     return (picked if order is None else order.gather(-1, picked)).squeeze(-1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float, k: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's nucleus: its most likely tokens, in order, until their mass reaches `top_p`, as
+    (probabilities, zero past the nucleus; token ids). Sorting a 49k vocabulary for 64 rows takes
+    ~370 ms on a CPU core and the 256 likeliest ~20 ms, so rows whose 256 likeliest tokens reach
+    `top_p` (nearly all) are cut from those, and only the others are sorted whole."""
+    k = min(k, probs.shape[-1])
+    top, order = probs.topk(k, dim=-1)
+    wide = top.sum(-1) < top_p
+    if wide.any():  # padded with probability 0 (never drawn), then those rows sorted whole
+        width = probs.shape[-1] - k
+        top, order = torch.nn.functional.pad(top, (0, width)), torch.nn.functional.pad(order, (0, width))
+        top[wide], order[wide] = probs[wide].sort(dim=-1, descending=True)
+    return top * (top.cumsum(-1) - top < top_p), order  # kept: the mass before the token is under top_p
 
 
 def _cache(model, length: int):
