@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 from lmshrink.cli import main
 from lmshrink.data import text_dataset
 from lmshrink.models import load, native_dtype
-from lmshrink.sampling import continue_rows, draw, teacher_rows
+from lmshrink.sampling import NUCLEUS_K, continue_rows, draw, teacher_rows
 
 
 def generate(teacher, out, *extra: str) -> int:
@@ -84,22 +84,22 @@ def test_top_p_draws_from_the_renormalised_nucleus():
     assert torch.bincount(draw(logits, 1.0, top_p=0.5), minlength=4).tolist() == [0, len(logits), 0, 0]
 
 
-def test_top_p_reaches_past_the_likeliest_256_tokens_when_the_nucleus_does():
-    """Probabilities falling linearly over 1,000 tokens: the nucleus at 0.9 holds the first n tokens
-    (n past 256, so those rows are sorted whole), at 0.1 far fewer; nothing outside is ever drawn.
-    Rows in between put 0.95 on token 7: their nucleus at 0.9 is that token alone."""
-    probs = torch.arange(1000, 0, -1, dtype=torch.float64)
+def test_top_p_reaches_past_the_likeliest_k_tokens_when_the_nucleus_does():
+    """Probabilities falling linearly over 4,000 tokens: the nucleus at 0.9 holds the first n tokens
+    (n past NUCLEUS_K, so those rows are sorted whole), at 0.1 far fewer; nothing outside is ever
+    drawn. Rows in between put 0.95 on token 7: their nucleus at 0.9 is that token alone."""
+    probs = torch.arange(4000, 0, -1, dtype=torch.float64)
     probs /= probs.sum()
-    peaked = torch.full((1000,), 0.05 / 999, dtype=torch.float64)
+    peaked = torch.full((4000,), 0.05 / 3999, dtype=torch.float64)
     peaked[7] = 0.95
-    logits = torch.stack([probs, peaked]).log().float().repeat(10_000, 1)
+    logits = torch.stack([probs, peaked]).log().float().repeat(5_000, 1)
     for top_p in (0.9, 0.1):
         n = int((probs.cumsum(0) - probs < top_p).sum())
         torch.manual_seed(0)
         seen = draw(logits, 1.0, top_p=top_p)
         assert seen[0::2].max() < n and seen[0::2].max() > 0.9 * n
         assert (seen[1::2] == 7).all()
-    assert int((probs.cumsum(0) - probs < 0.9).sum()) > 256 > int((probs.cumsum(0) - probs < 0.1).sum())
+    assert int((probs.cumsum(0) - probs < 0.9).sum()) > NUCLEUS_K > int((probs.cumsum(0) - probs < 0.1).sum())
 
 
 def test_sampling_with_the_kv_cache_follows_the_model_in_every_architecture(arch):
