@@ -1,4 +1,5 @@
-"""The datatrove steps `lmshrink clean` adds to datatrove's own (filters, dedup, writers).
+"""The datatrove steps `lmshrink clean` adds to datatrove's own (filters, dedup, writers), and
+the Ray worker it runs them with.
 
 A document is datatrove's `(text, id, metadata)`. A filter returns keep or `(False, reason)`;
 every drop is counted and written, with its reason, by the filter's exclusion writer. Nothing
@@ -12,7 +13,9 @@ import gzip
 import json
 import math
 import os
+import random
 import re
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -21,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import regex
 from datatrove.data import Document, DocumentsPipeline
+from datatrove.executor.ray import RankWorker
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.readers import JsonlReader
+from datatrove.utils.stats import PipelineStats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from lmshrink.records import atomic_file
@@ -526,3 +531,39 @@ class PerplexityFilter(BaseFilter):
         if self.threshold is not None and ppl > self.threshold:
             return False, "perplexity_threshold"
         return True
+
+
+# ----------------------------------------------------------------------------- running on Ray
+
+class RankProcessWorker(RankWorker):
+    """datatrove's Ray actor, with each rank run in a forked process whose death it notices.
+
+    datatrove's own actor runs its ranks in a multiprocessing Pool, which waits forever for a rank
+    whose process was killed (the OOM killer's usual pick: the process holding the documents), and
+    the whole `clean --executor ray` waits with it. Here a rank killed by a signal ends the actor,
+    which Ray reports as a crashed worker and datatrove runs again (3 times at most); a rank that
+    raised fails the task, its log saying why."""
+
+    def run_for_rank(self, executor_ref, ranks: list[int], node_ips: list[str], node_idx: int) -> PipelineStats:
+        import multiprocess
+
+        os.environ["RAY_NODELIST"], os.environ["RAY_NODEID"] = ",".join(node_ips), str(node_idx)
+        node_rank = -1 if executor_ref.nodes_per_task == 1 else node_idx
+        first_id = 0 if executor_ref.log_first else 1
+        fork = multiprocess.get_context("fork")
+        processes = [fork.Process(target=_run_rank, args=(executor_ref, rank, first_id + i, node_rank))
+                     for i, rank in enumerate(ranks)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        if any(process.exitcode < 0 for process in processes):
+            os._exit(1)  # killed: end as a crashed worker does, so that datatrove runs the ranks again
+        if failed := [rank for rank, process in zip(ranks, processes, strict=True) if process.exitcode]:
+            raise RuntimeError(f"ranks {failed} failed; their task logs say why")
+        return PipelineStats()
+
+
+def _run_rank(executor, rank: int, rank_id: int, node_rank: int) -> None:
+    time.sleep(random.randint(0, executor.randomize_start_duration))
+    executor._run_for_rank(rank, rank_id, node_rank=node_rank)

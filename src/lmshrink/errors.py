@@ -8,8 +8,9 @@ class LmshrinkError(Exception):
 
 
 class Stopped(Exception):
-    """A run stopped on a signal (Ctrl-C, SIGTERM) after keeping its work: the CLI prints the message
-    as it is and exits with `exit_code` (128 + the signal's number: 130, 143)."""
+    """A run stopped short after keeping its work (a signal, Ctrl-C or SIGTERM; or clean's workers given
+    up): the CLI prints the message as it is and exits with `exit_code` (128 + the signal's number: 130,
+    143; 1 otherwise)."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)

@@ -50,6 +50,7 @@ from lmshrink.corpus_steps import (
     input_files,
 )
 from lmshrink.data import DataError, resolve_path
+from lmshrink.errors import Stopped
 from lmshrink.records import exclusive, provenance, save_figure, write_json, write_text
 
 EXECUTORS = ("local", "slurm", "ray")
@@ -290,9 +291,13 @@ def executor_for(s: CleanSettings, stage: Stage, logs: Path, depends):
                 raise SettingsError(f"executor_options: the Slurm executor needs {key!r} (e.g. time=04:00:00,partition=cpu)")
         return SlurmPipelineExecutor(stage.pipeline, tasks=stage.tasks, logging_dir=str(logs / stage.name),
                                      depends=depends, job_name=f"lmshrink-clean-{stage.name}", **options)
-    from datatrove.executor import RayPipelineExecutor
+    import datatrove.executor.ray as datatrove_ray
 
-    return RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, logging_dir=str(logs / stage.name), depends=depends, **options)
+    from lmshrink.corpus_steps import RankProcessWorker
+
+    datatrove_ray.RankWorker = RankProcessWorker  # the actor datatrove's task manager starts: one that sees a rank killed
+    return datatrove_ray.RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, logging_dir=str(logs / stage.name),
+                                             depends=depends, **options)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -460,13 +465,21 @@ def run(s: CleanSettings) -> dict[str, Any]:
 
 def _clean(s: CleanSettings, out: Path, files: list) -> dict[str, Any]:
     start = time.perf_counter()
-    executor = None
-    for stage in stages(s, out, files):
-        executor = executor_for(s, stage, out / "logs", executor)
-    executor.run()
-    if s.executor == "slurm":  # submitted jobs; the local and Ray executors return when the work is done
+    if s.executor == "slurm":  # submitted jobs, each stage's waiting on the one before: nothing runs here
+        executor = None
+        for stage in stages(s, out, files):
+            executor = executor_for(s, stage, out / "logs", executor)
+        executor.run()
         print(f"submitted; when the jobs finish, `lmshrink clean --report-only` with the same settings writes {out}/report.md")
         return {}
+    # One stage after the other, each checked whole before the next starts. (Chained by `depends`, a
+    # stage whose Ray task was given up would leave the next one polling for it every 2 minutes, forever.)
+    for stage in stages(s, out, files):
+        executor = executor_for(s, stage, out / "logs", None)
+        executor.run()
+        if unfinished := executor.get_incomplete_ranks(skip_completed=True):
+            raise Stopped(f"stage {stage.name}: {len(unfinished)} of {executor.world_size} tasks did not finish (why: "
+                          f"{out}/logs/{stage.name}); the finished ones are kept: run the same command to carry on", 1)
     summary = write_report(s, out, time.perf_counter() - start)
     if not summary["conserved"]:
         raise RuntimeError(f"cleaning lost documents: {summary['input']['documents']} read, "
