@@ -20,6 +20,8 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
   for billions of tokens; a budget of a hundred steps may want more);
 - `ARM~PART` (e.g. `clm~embeddings`, `distilgpt2~embeddings~blocks:0-5`): an arm with those parts
   of the student frozen (`--freeze`; the parts any `--freeze` value names).
+An arm is `BASE[+TEXT]` and then `~PART` and `@LR` in any order (`minitron+nucleus-text~embeddings@3e-4`);
+`--arms` names one that is not before anything runs.
 
 Held-out perplexity on 2,048 tokens of python-docs/tutorial is measured during training (curves
 against tokens and wall time); at the end every student is scored by `lmshrink eval` on the first
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +59,8 @@ TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
 TOKENS_PER_STEP = 4 * 256
 HEAL = ["--data", "python-docs/library", "--eval-data", "python-docs/tutorial", "--eval-tokens", "2048",
         "--block-size", "256", "--batch-size", "4", "--save-steps", "25", "--logging-steps", "5", "--report-to", "none"]
-ARMS = ["clm", "distilgpt2", "minitron", "local+minitron", "minitron+teacher-text", "minitron+free-text"]
+BASES = ["clm", "distilgpt2", "minitron", "local+minitron"]  # the recipes an arm starts from
+ARMS = [*BASES, "minitron+teacher-text", "minitron+free-text"]
 SEED = 42  # lmshrink's default: runs at it keep their folder names
 # the teacher's texts: what they continue, and how they are sampled
 TEACHER_TEXTS = {"teacher-text": ["--prompts", "python-docs/library"], "free-text": ["--prompts", ""],
@@ -67,39 +71,48 @@ def run(*args: str) -> None:
     assert lmshrink(list(args)) == 0, f"lmshrink {' '.join(args)} failed"
 
 
+def parse_arm(arm: str) -> tuple[str, str | None, list[str], str | None]:
+    """(base arm, teacher text, frozen parts, peak learning rate) of `BASE[+TEXT]` followed, in any
+    order, by `~PART` (PART of the student frozen) and `@LR` (another peak learning rate)."""
+    name, *marks = re.split(r"([~@])", arm)
+    base, _, text = name.rpartition("+")
+    if text not in TEACHER_TEXTS or not base:
+        base, text = name, None
+    pairs = list(zip(marks[::2], marks[1::2], strict=True))
+    rates = [value for mark, value in pairs if mark == "@"]
+    if base not in BASES or len(rates) > 1:
+        raise ValueError(f"{arm}: not an arm (BASE[+TEXT][~PART...][@LR], BASE one of {', '.join(BASES)})")
+    return base, text, [value for mark, value in pairs if mark == "~"], rates[0] if rates else None
+
+
 def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path) -> list[str]:
-    """The lmshrink command of one arm; `ARM@LR` is the same arm at another peak learning rate,
-    `ARM~PART` the same arm with PART of the student frozen."""
-    if "~" in arm and "@" not in arm.split("~")[-1]:
-        arm, *parts = arm.split("~")
-        return [*arm_command(arm, student, folder, tokens, texts), "--freeze", ",".join(parts)]
-    if "@" in arm:
-        arm, lr = arm.split("@")
-        argv = arm_command(arm, student, folder, tokens, texts)
-        if "--lr" not in argv:
-            return [*argv, "--lr", lr]
+    """The lmshrink command of one arm (`parse_arm`); a teacher text (TEXTS/TEXT) is half the healing tokens."""
+    base, text, frozen, lr = parse_arm(arm)
+    argv = base_command(base, student, folder, tokens)
+    if text:
+        argv[argv.index("--data") + 1] = f"{texts / text},python-docs/library"
+        argv += ["--data-weights", "1,1"]
+    if frozen:
+        argv += ["--freeze", ",".join(frozen)]
+    if lr and "--lr" in argv:
         argv[argv.index("--lr") + 1] = lr
-        return argv
+    elif lr:
+        argv += ["--lr", lr]
+    return argv
+
+
+def base_command(arm: str, student: Path, folder: Path, tokens: int) -> list[str]:
     steps = tokens // TOKENS_PER_STEP
     curve = ["--eval-steps", str(max(1, steps // 5))]
     if arm == "clm":
         return ["pretrain", "--model", str(student), "--output", str(folder), *HEAL, *curve, "--lr", "2e-4",
                 "--warmup", "0.05", "--max-tokens", str(tokens)]
     common = ["distill", "--model", str(student), "--teacher", TEACHER, "--output", str(folder), *HEAL, *curve]
-    if arm == "distilgpt2":
-        return [*common, "--recipe", "distilgpt2", "--max-tokens", str(tokens)]
-    if arm == "minitron":
-        return [*common, "--recipe", "minitron", "--max-tokens", str(tokens)]
     if arm == "local+minitron":
         local = max(1, steps // 5)
         return [*common, "--recipe", "minitron", "--local-steps", str(local), "--local-lr", "1e-3",
                 "--max-tokens", str(tokens - local * TOKENS_PER_STEP)]
-    base, _, text = arm.rpartition("+")
-    if text in TEACHER_TEXTS and base:
-        argv = arm_command(base, student, folder, tokens, texts)
-        argv[argv.index("--data") + 1] = f"{texts / text},python-docs/library"
-        return [*argv, "--data-weights", "1,1"]
-    raise ValueError(arm)
+    return [*common, "--recipe", arm, "--max-tokens", str(tokens)]  # distilgpt2, minitron
 
 
 def text_command(name: str, out: Path, samples: int) -> list[str]:
@@ -220,6 +233,12 @@ def main() -> None:
     parser.add_argument("--strategy", default="contiguous", help="how the student's 24 blocks are chosen (truncate's)")
     parser.add_argument("--repair", default="refit", help="the student's training-free repair (truncate's)")
     args = parser.parse_args()
+    arms = args.arms.split(",")
+    for arm in arms:
+        try:
+            parse_arm(arm)
+        except ValueError as err:
+            parser.error(str(err))
     out = Path(args.output).expanduser()
     student = out / "student"
     if not (student / "lmshrink.json").is_file():
@@ -229,10 +248,9 @@ def main() -> None:
     if (built["strategy"], built["cut"]["repair"]) != (args.strategy, args.repair):
         raise SystemExit(f"{student} was cut by {built['strategy']} + {built['cut']['repair']}, not {args.strategy} + "
                          f"{args.repair}: give those, or another --output")
-    arms, budgets = args.arms.split(","), [int(t) for t in args.tokens.split(",")]
-    for name in TEACHER_TEXTS:
-        if any(arm.split("@")[0].split("~")[0].endswith(f"+{name}") for arm in arms):
-            run(*text_command(name, out, args.teacher_samples))
+    budgets = [int(t) for t in args.tokens.split(",")]
+    for name in sorted({parse_arm(arm)[1] for arm in arms} - {None}):
+        run(*text_command(name, out, args.teacher_samples))
     rows, seeds = [], [int(s) for s in args.seeds.split(",")]
     for tokens in budgets:
         for arm in arms:

@@ -60,6 +60,19 @@ def test_a_heal_bench_arm_with_frozen_parts_adds_only_the_freeze(arm, tmp_path):
     assert [a for a in argv if a not in ("--freeze", ",".join(parts))] == base
 
 
+def test_a_heal_bench_arm_takes_its_marks_in_any_order_and_a_bad_one_is_named(tmp_path):
+    def command(arm):
+        return heal_quality.arm_command(arm, tmp_path / "student", tmp_path / "run", 25600, tmp_path)
+
+    argv = command("minitron+nucleus-text@3e-4~embeddings")
+    assert argv == command("minitron+nucleus-text~embeddings@3e-4") and command_problems(argv, ROOT) == []
+    assert heal_quality.parse_arm("minitron+nucleus-text@3e-4~embeddings") == ("minitron", "nucleus-text", ["embeddings"], "3e-4")
+    assert argv[argv.index("--data") + 1] == f"{tmp_path / 'nucleus-text'},python-docs/library"
+    for bad in ("sgd", "clm@1e-3@2e-3", "clm+free-text+nucleus-text", "local"):
+        with pytest.raises(ValueError, match="not an arm"):
+            heal_quality.parse_arm(bad)
+
+
 def test_the_zero_shot_table_pairs_items_with_each_reference():
     def row(per_item):  # one task, its items right (1) or wrong (0)
         return {"tasks": {"copa": {"value": sum(per_item) / len(per_item), "per_item": per_item}},
