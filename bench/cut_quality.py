@@ -7,8 +7,10 @@ repairs calibrated on the Python library reference (`docs`), on text the teacher
 (`teacher`), or on both (`mix`). Every student is built by `lmshrink truncate` and scored on three
 kinds of held-out text no calibration saw: the Python tutorial, the kernel's process documentation
 and English quotations about people and life (`fortunes/people`, from Debian's `fortunes`), 8,192
-tokens each, window 512, stride 512 (256 with --stride 256). Then the best repaired 24-block student and the plain BI cut
-are healed the same way (`lmshrink distill`, 25,600 tokens) and scored again; optionally the
+tokens each, window 512, stride 512 (256 with --stride 256). Then the plain BI cut, the same blocks
+with truncate's default repair (refit) and the best repaired 24-block student are healed the same
+way (`lmshrink distill`, 25,600 tokens; a student deleted to save disk is built again) and scored
+again; optionally the
 zero-shot `core` suite (`--tasks core --limit 200`) for the teacher, the plain BI cut and the best
 student of each depth.
 
@@ -41,6 +43,7 @@ TEACHER = "smollm2-135m"
 TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 REPAIRED = ("none", "replaceme", "refit", "bias")  # the repairs a searched cut is built with, in order
+DEFAULT_REPAIR = "refit"  # truncate's
 METHOD = {"replaceme": "ReplaceMe", "refit": "refit", "bias": "bias"}
 CALIBRATION = {"docs": ["python-docs/library"], "teacher": ["teacher"], "mix": ["teacher", "python-docs/library"]}
 
@@ -258,18 +261,23 @@ def paired_table(results: dict[str, dict[str, Any]], against: dict[str, str]) ->
 
 
 def heal_and_tasks(out: Path, done: list[dict[str, Any]], teacher: dict[str, float], streams, args) -> str:
-    """Heal the best repaired 24-block student and the plain BI cut the same way; zero-shot suite."""
+    """Heal three 24-block students the same way: the plain BI cut, the same blocks with truncate's
+    default repair, and the best repaired student; then the zero-shot suite."""
     lines = []
     k = max(r["k"] for r in done)
-    plain = next((r for r in done if r["k"] == k and r["strategy"] == "importance" and r["repair"] == "none"), None)
-    top = best(done, k)
+    by_name = {r["name"]: r for r in done}
+    plain, top = by_name.get(f"{k}-importance-none"), best(done, k)
+    repaired = by_name.get(f"{k}-importance-{DEFAULT_REPAIR}-mix")
     if args.heal_tokens and plain and top:
         lines += [f"Healed with `lmshrink distill` ({args.heal_tokens:,} tokens of python-docs/library, "
                   "the DistilGPT-2 mix, block 256, batch 4):", "",
                   "| student | " + " | ".join(TEXTS) + " |", "|---|" + "---:|" * len(TEXTS)]
-        for r in (plain, top):
+        for r in dict.fromkeys(r["name"] for r in (plain, repaired, top) if r):
+            r = by_name[r]
             file = out / "rows" / f"healed-{r['name']}.json"
             if not file.exists():
+                if not (out / "students" / r["name"] / "lmshrink.json").exists():  # removed to save disk: built again
+                    build(r, out / "students" / r["name"], args)
                 folder = out / "healed" / r["name"]
                 shutil.rmtree(folder, ignore_errors=True)
                 assert lmshrink(["distill", "--model", str(out / "students" / r["name"]), "--teacher", TEACHER,

@@ -377,9 +377,13 @@ def test_the_ray_executor_survives_killed_ranks_and_matches_the_local_one(corpus
         while not stop.is_set() and len(killed) < most:
             running = {p.pid: p.info["ppid"] for p in psutil.process_iter(["cmdline", "ppid"])
                        if "RankProcessWorker.run_for_rank" in " ".join(p.info["cmdline"] or [])}
-            for pid in [pid for pid, parent in running.items() if parent in running][:most - len(killed)]:
-                os.kill(pid, signal.SIGKILL)  # a rank's own process, forked by its Ray actor
-                killed.append(pid)
+            ranks = [pid for pid, parent in running.items() if parent in running and pid not in killed]  # not yet reaped
+            for pid in ranks[:most - len(killed)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)  # a rank's own process, forked by its Ray actor
+                    killed.append(pid)
+                except ProcessLookupError:  # it had ended
+                    pass
             stop.wait(0.02)
 
     def run_while_killing(most: int) -> tuple[int, list[int]]:
