@@ -355,13 +355,13 @@ def test_a_signal_keeps_the_finished_tasks_and_the_same_command_finishes(corpus,
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # datatrove's placement-group options, in Ray 2.60
-@pytest.mark.timeout(300)  # a killed rank once left the command waiting for it forever
 def test_the_ray_executor_survives_killed_ranks_and_matches_the_local_one(corpus, tmp_path, capsys):
     """A local Ray cluster, started here, running 2 tasks at a time. The process running a rank is
     killed with SIGKILL (as the OOM killer would): killed every time, the first stage's ranks are given
     up and the command stops with one line (exit 1) instead of waiting for them; killed once, the rank
     runs again and the same command finishes, every document kept or rejected exactly once, as with
-    the local executor."""
+    the local executor. (With datatrove's own Ray worker, a killed rank left the command waiting for it
+    forever; pytest-timeout's limit ends such a run.)"""
     ray = pytest.importorskip("ray")
     import threading
 
