@@ -149,7 +149,8 @@ def test_truncate_command_end_to_end(tiny_gpt2_dir, real_text, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("strategy", ["iterative", "contiguous"])
-def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_path, strategy):
+def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_path, strategy, monkeypatch):
+    monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path / "cache"))  # no search path kept by an earlier run
     out = tmp_path / "student"
     assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--strategy", strategy,
                  "--num-layers", "2", "--calib-data", str(real_text), "--search-tokens", "512",
@@ -205,3 +206,35 @@ def test_truncate_command_reports_bad_requests(tiny_gpt2_dir, tmp_path, capsys):
 def test_smollm3_no_rope_layers_follow_the_kept_blocks():
     student = truncate_model(tiny_model("smollm3"), [1, 2, 5])
     assert student.config.no_rope_layers == [0, 1, 0]
+
+
+def test_a_stopped_iterative_search_carries_on_and_serves_any_depth(tiny_gpt2_dir, real_text, tmp_path, monkeypatch):
+    """The iterative search keeps its path after every removal: stopped after the first, the same
+    command scores only the later removals' candidates and ends where a search never stopped ends;
+    a shallower cut reads its removals from the same path and scores nothing."""
+    from lmshrink import cut_search
+
+    def truncate(k: int, name: str, cache: str) -> dict:
+        monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path / cache))
+        code = main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / name), "--strategy",
+                     "iterative", "--num-layers", str(k), "--calib-data", str(real_text), "--search-tokens", "512",
+                     "--repair", "none"])
+        return {"code": code, **(json.loads((tmp_path / name / "lmshrink.json").read_text()) if code == 0 else {})}
+
+    never_stopped = truncate(1, "reference", "other-cache")
+    kept = cut_search.write_json
+
+    def stop_after_keeping(path, data):
+        kept(path, data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cut_search, "write_json", stop_after_keeping)
+    assert truncate(1, "student", "cache")["code"] == 130 and not (tmp_path / "student").exists()
+    monkeypatch.setattr(cut_search, "write_json", kept)
+    carried_on = truncate(1, "student", "cache")
+    assert carried_on["kept_layers"] == never_stopped["kept_layers"]
+    assert carried_on["search"]["path"] == never_stopped["search"]["path"]  # every removal, with its candidates
+    assert never_stopped["search"]["candidates_scored"] == 4 + 3 + 2 and carried_on["search"]["candidates_scored"] == 3 + 2
+    shallower = truncate(3, "shallower", "cache")
+    assert shallower["search"]["candidates_scored"] == 0 and shallower["search"]["path"] == carried_on["search"]["path"][:1]
+    assert shallower["kept_layers"] == [i for i in range(4) if i != carried_on["search"]["path"][0]["removed"]]

@@ -24,14 +24,20 @@ SmolLM2-135M at 16,384 tokens about 1.1 GB of streams, plus 1.1 GB of MLP output
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from lmshrink.architectures import blocks_of, only_blocks
 from lmshrink.model_gap import gap, log_probs
+from lmshrink.models import cache_dir
+from lmshrink.records import write_json
 from lmshrink.repair import Moments, capture, fit_span, fits_from_proj_input, heldout_split, patched, removed_spans
+from lmshrink.sampling import fingerprint
 
 
 class CutSearch:
@@ -50,6 +56,7 @@ class CutSearch:
                                               batch_size, proj_input=fits_from_proj_input(repair))
         self.teacher_logp = log_probs(teacher, rows, batch_size) if measure == "kl" else None
         self.evaluated = 0
+        self.progress: Path | None = None  # where `iterative` keeps its path, step by step (`progress_file`)
 
     def _fit(self, a: int, b: int) -> tuple[str, torch.Tensor]:
         """The repair of span a..b from the teacher's activations (cached per span)."""
@@ -71,8 +78,17 @@ class CutSearch:
         return value
 
     def iterative(self, k: int) -> tuple[list[int], list[dict]]:
-        """Remove blocks one at a time, each time the one whose removal scores best, down to k."""
+        """Remove blocks one at a time, each time the one whose removal scores best, down to k.
+
+        With `progress` set, the path is written there after every removal, and a search stopped
+        midway carries on from it; the path to k blocks begins the path to fewer, so any depth reuses
+        the removals already made."""
         keep, path = list(range(self.n)), []
+        if self.progress is not None and self.progress.is_file():
+            path = json.loads(self.progress.read_text())["path"][:self.n - k]
+            for step in path:
+                keep.remove(step["removed"])
+            print(f"  iterative: {len(path)} removals read from {self.progress}", flush=True)
         while len(keep) > k:
             started = time.perf_counter()
             candidates = {j: self.score([i for i in keep if i != j]) for j in keep}
@@ -82,6 +98,8 @@ class CutSearch:
                          "candidates": {str(j): v for j, v in candidates.items()}})
             print(f"  iterative: removed block {best:>2} ({len(keep)} left), {self.measure} {candidates[best]:.4f} "
                   f"({len(candidates)} candidates, {time.perf_counter() - started:.0f} s)", flush=True)
+            if self.progress is not None:  # longer than what it held: the loop runs only past its end
+                write_json(self.progress, {"path": path})
         return keep, path
 
     def contiguous(self, k: int) -> tuple[list[int], list[dict]]:
@@ -96,6 +114,15 @@ class CutSearch:
         print(f"  contiguous: removed blocks {best['removed']}, {self.measure} {best[self.measure]:.4f} "
               f"(best of {len(candidates)} spans)", flush=True)
         return [i for i in range(self.n) if i not in best["removed"]], candidates
+
+
+def progress_file(search: CutSearch, rows: torch.Tensor, fit_rows: torch.Tensor | None) -> Path:
+    """Where the iterative search of `search`'s teacher on these rows keeps its path: lmshrink's cache
+    (`cut-search/`), under the teacher's weights, the rows, the repair and the measure."""
+    digest = hashlib.sha256(json.dumps([fingerprint(search.teacher), search.repair, search.measure]).encode())
+    for tensor in (rows, fit_rows):
+        digest.update(b"-" if tensor is None else tensor.cpu().numpy().tobytes())
+    return cache_dir() / "cut-search" / f"{digest.hexdigest()[:32]}.json"
 
 
 SEARCHES: dict[str, Callable[[CutSearch, int], tuple[list[int], list[dict]]]] = {

@@ -15,7 +15,7 @@ from typing import Any
 
 from lmshrink.architectures import blocks_of, check_length
 from lmshrink.config import SettingsError, check, setting, to_dict
-from lmshrink.cut_search import SEARCHES, CutSearch
+from lmshrink.cut_search import SEARCHES, CutSearch, progress_file
 from lmshrink.data import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.importance import plot, score
@@ -111,6 +111,7 @@ def measured_cuts(model, rows, settings: ScoreSettings, out: Path) -> dict[str, 
         raise SettingsError(f"search_to: the model has {n} blocks; give fewer")
     print(f"measuring cuts to {k} blocks ({settings.search_measure}, each repaired by {settings.search_repair})")
     search = CutSearch(model, rows, settings.search_repair, settings.search_measure, settings.batch_size)
+    search.progress = progress_file(search, rows, None)  # a stopped search carries on
     results = {}
     for name, method in SEARCHES.items():
         keep, path = method(search, k)

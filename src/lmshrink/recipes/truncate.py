@@ -15,7 +15,7 @@ import torch
 
 from lmshrink.architectures import blocks_of, context_limit
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
-from lmshrink.cut_search import SEARCHES, CutSearch
+from lmshrink.cut_search import SEARCHES, CutSearch, progress_file
 from lmshrink.data import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.importance import METRICS, score
@@ -143,6 +143,7 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
         print(f"choosing {k} of {n} blocks by {strategy} search ({args.search_measure} on {rows.numel():,} tokens of "
               f"{calib_data}{fitted})")
         search = CutSearch(teacher, rows, args.repair, args.search_measure, fit_rows=repair_rows)
+        search.progress = progress_file(search, rows, repair_rows)  # a stopped search carries on
         captured = (search.states, search.projs) if repair_rows is not None else None
         keep, path = SEARCHES[strategy](search, k)
         record["search"] = {"strategy": strategy, "measure": args.search_measure, "tokens": rows.numel(),
