@@ -235,6 +235,8 @@ def test_a_stopped_iterative_search_carries_on_and_serves_any_depth(tiny_gpt2_di
     assert carried_on["kept_layers"] == never_stopped["kept_layers"]
     assert carried_on["search"]["path"] == never_stopped["search"]["path"]  # every removal, with its candidates
     assert never_stopped["search"]["candidates_scored"] == 4 + 3 + 2 and carried_on["search"]["candidates_scored"] == 3 + 2
+    assert (never_stopped["search"]["removals_read"], carried_on["search"]["removals_read"]) == (0, 1)
     shallower = truncate(3, "shallower", "cache")
     assert shallower["search"]["candidates_scored"] == 0 and shallower["search"]["path"] == carried_on["search"]["path"][:1]
+    assert shallower["search"]["removals_read"] == 1
     assert shallower["kept_layers"] == [i for i in range(4) if i != carried_on["search"]["path"][0]["removed"]]

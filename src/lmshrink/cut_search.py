@@ -57,6 +57,7 @@ class CutSearch:
         self.teacher_logp = log_probs(teacher, rows, batch_size) if measure == "kl" else None
         self.evaluated = 0
         self.progress: Path | None = None  # where `iterative` keeps its path, step by step (`progress_file`)
+        self.resumed = 0  # removals `iterative` read from `progress` instead of scoring them
 
     def _fit(self, a: int, b: int) -> tuple[str, torch.Tensor]:
         """The repair of span a..b from the teacher's activations (cached per span)."""
@@ -88,6 +89,7 @@ class CutSearch:
             path = json.loads(self.progress.read_text())["path"][:self.n - k]
             for step in path:
                 keep.remove(step["removed"])
+            self.resumed = len(path)
             print(f"  iterative: {len(path)} removals read from {self.progress}", flush=True)
         while len(keep) > k:
             started = time.perf_counter()

@@ -147,7 +147,8 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
         captured = (search.states, search.projs) if repair_rows is not None else None
         keep, path = SEARCHES[strategy](search, k)
         record["search"] = {"strategy": strategy, "measure": args.search_measure, "tokens": rows.numel(),
-                            "repair": args.repair, "candidates_scored": search.evaluated, "path": path,
+                            "repair": args.repair, "candidates_scored": search.evaluated,
+                            "removals_read": search.resumed, "path": path,
                             "seconds": time.perf_counter() - started - calib_seconds}
     else:
         keep = select_layers(n, strategy, k, keep, scores, metric)
