@@ -272,8 +272,7 @@ def heal_and_tasks(out: Path, done: list[dict[str, Any]], teacher: dict[str, flo
         lines += [f"Healed with `lmshrink distill` ({args.heal_tokens:,} tokens of python-docs/library, "
                   "the DistilGPT-2 mix, block 256, batch 4):", "",
                   "| student | " + " | ".join(TEXTS) + " |", "|---|" + "---:|" * len(TEXTS)]
-        for r in dict.fromkeys(r["name"] for r in (plain, repaired, top) if r):
-            r = by_name[r]
+        for r in {r["name"]: r for r in (plain, repaired, top) if r}.values():  # each student once
             file = out / "rows" / f"healed-{r['name']}.json"
             if not file.exists():
                 if not (out / "students" / r["name"] / "lmshrink.json").exists():  # removed to save disk: built again

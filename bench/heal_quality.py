@@ -233,10 +233,10 @@ def main() -> None:
     parser.add_argument("--strategy", default="contiguous", help="how the student's 24 blocks are chosen (truncate's)")
     parser.add_argument("--repair", default="refit", help="the student's training-free repair (truncate's)")
     args = parser.parse_args()
-    arms = args.arms.split(",")
+    arms, texts = args.arms.split(","), set()  # the teacher texts the arms train on
     for arm in arms:
         try:
-            parse_arm(arm)
+            texts.add(parse_arm(arm)[1])
         except ValueError as err:
             parser.error(str(err))
     out = Path(args.output).expanduser()
@@ -249,7 +249,7 @@ def main() -> None:
         raise SystemExit(f"{student} was cut by {built['strategy']} + {built['cut']['repair']}, not {args.strategy} + "
                          f"{args.repair}: give those, or another --output")
     budgets = [int(t) for t in args.tokens.split(",")]
-    for name in sorted({parse_arm(arm)[1] for arm in arms} - {None}):
+    for name in sorted(texts - {None}):
         run(*text_command(name, out, args.teacher_samples))
     rows, seeds = [], [int(s) for s in args.seeds.split(",")]
     for tokens in budgets:

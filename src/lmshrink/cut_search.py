@@ -100,7 +100,7 @@ class CutSearch:
                          "candidates": {str(j): v for j, v in candidates.items()}})
             print(f"  iterative: removed block {best:>2} ({len(keep)} left), {self.measure} {candidates[best]:.4f} "
                   f"({len(candidates)} candidates, {time.perf_counter() - started:.0f} s)", flush=True)
-            if self.progress is not None:  # longer than what it held: the loop runs only past its end
+            if self.progress is not None:  # the loop runs only past the kept path: this one is longer
                 write_json(self.progress, {"path": path})
         return keep, path
 
@@ -118,11 +118,12 @@ class CutSearch:
         return [i for i in range(self.n) if i not in best["removed"]], candidates
 
 
-def progress_file(search: CutSearch, rows: torch.Tensor, fit_rows: torch.Tensor | None) -> Path:
-    """Where the iterative search of `search`'s teacher on these rows keeps its path: lmshrink's cache
-    (`cut-search/`), under the teacher's weights, the rows, the repair and the measure."""
+def progress_file(search: CutSearch, fit_rows: torch.Tensor | None) -> Path:
+    """Where `search`'s iterative path is kept: lmshrink's cache (`cut-search/`), under the teacher's
+    weights, the search's rows, the repair's fit rows (`fit_rows`, as given to `CutSearch`), the
+    repair and the measure."""
     digest = hashlib.sha256(json.dumps([fingerprint(search.teacher), search.repair, search.measure]).encode())
-    for tensor in (rows, fit_rows):
+    for tensor in (search.rows, fit_rows):
         digest.update(b"-" if tensor is None else tensor.cpu().numpy().tobytes())
     return cache_dir() / "cut-search" / f"{digest.hexdigest()[:32]}.json"
 

@@ -111,7 +111,7 @@ def measured_cuts(model, rows, settings: ScoreSettings, out: Path) -> dict[str, 
         raise SettingsError(f"search_to: the model has {n} blocks; give fewer")
     print(f"measuring cuts to {k} blocks ({settings.search_measure}, each repaired by {settings.search_repair})")
     search = CutSearch(model, rows, settings.search_repair, settings.search_measure, settings.batch_size)
-    search.progress = progress_file(search, rows, None)  # a stopped search carries on
+    search.progress = progress_file(search, None)  # a stopped search carries on
     results = {}
     for name, method in SEARCHES.items():
         keep, path = method(search, k)

@@ -143,7 +143,7 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
         print(f"choosing {k} of {n} blocks by {strategy} search ({args.search_measure} on {rows.numel():,} tokens of "
               f"{calib_data}{fitted})")
         search = CutSearch(teacher, rows, args.repair, args.search_measure, fit_rows=repair_rows)
-        search.progress = progress_file(search, rows, repair_rows)  # a stopped search carries on
+        search.progress = progress_file(search, repair_rows)  # a stopped search carries on
         captured = (search.states, search.projs) if repair_rows is not None else None
         keep, path = SEARCHES[strategy](search, k)
         record["search"] = {"strategy": strategy, "measure": args.search_measure, "tokens": rows.numel(),
