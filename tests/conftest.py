@@ -7,6 +7,7 @@ import torch
 import transformers as T
 
 from lmshrink.assets import corpus_path, gpt2_tokenizer_path
+from lmshrink.models import cache_dir
 
 VOCAB = 128
 
@@ -50,6 +51,21 @@ TINY_CONFIGS = {
 }
 
 ARCHS = list(TINY_CONFIGS)
+
+# What a run keeps in lmshrink's cache for a later run to read back instead of computing
+RUN_STATE = ("cut-search", "teacher-text")
+
+
+@pytest.fixture(autouse=True)
+def no_kept_run_state(tmp_path_factory, monkeypatch):
+    """Each test sees the fetched assets (corpora, models, tasks, ...) but none of the run state that
+    an earlier test or a user's run kept, and keeps none of its own there: a test that searches a cut
+    or samples a teacher computes it, every time."""
+    real, cache = cache_dir(), tmp_path_factory.mktemp("cache")
+    for entry in real.iterdir() if real.is_dir() else ():
+        if entry.name not in RUN_STATE:
+            (cache / entry.name).symlink_to(entry)
+    monkeypatch.setenv("LMSHRINK_CACHE", str(cache))
 
 
 def tiny_model(kind: str, n_layers: int = 6, seed: int = 0):
