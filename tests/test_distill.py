@@ -51,7 +51,8 @@ def test_distill_recipe_end_to_end(student, tiny_gpt2_dir, tmp_path, monkeypatch
     monkeypatch.setattr(DistillTrainer, "__init__", spy)
     out = tmp_path / "run"
     assert main(["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out),
-                 *DATA, *TINY, "--max-steps", "4", "--layer-map", "kept", "--alpha-inter", "1"]) == 0
+                 *DATA, *TINY, "--max-steps", "4", "--layer-map", "stream", "--alpha-inter", "1",
+                 "--inter-loss", "nmse"]) == 0
     record = json.loads((out / "model" / "lmshrink.json").read_text())
     assert record["kept_layers"] == [0, 2] and record["distill_teacher"] == str(tiny_gpt2_dir)
     assert record["settings"]["train"]["lr"] == 2.5e-4 and record["settings"]["kd"]["temperature"] == 2.0  # DistilGPT-2 defaults
@@ -186,6 +187,11 @@ def test_layer_maps():
     rng = random.Random(0)
     assert layer_pairs("uniform", 4, 12, None, rng) == [(1, 3), (2, 6), (3, 9)]
     assert layer_pairs("kept", 3, 12, [0, 5, 11], rng) == [(1, 1), (2, 6)]
+    # the state the next kept block reads: where a removed span ends, the state the span left
+    assert layer_pairs("stream", 3, 12, [0, 5, 11], rng) == [(1, 5), (2, 11)]
+    kept = [0, 1, 2, 3, 7, 8, 10, 11]  # spans 4-6 and 9 removed: the local stage's targets, in the whole student
+    stream = dict(layer_pairs("stream", len(kept), 12, kept, rng))
+    assert all(stream[block + 1] == target for block, _, target in local_pairs(kept, 12, "before")[0])
     assert layer_pairs("1:2,2:4", 3, 6, None, rng) == [(1, 2), (2, 4)]
     draws = {tuple(layer_pairs("rail", 4, 12, None, rng)) for _ in range(50)}
     assert len(draws) > 10  # a different mapping most steps

@@ -200,3 +200,11 @@ def test_normalised_mse_is_zero_when_equal_and_one_for_a_zero_output():
     assert normalised_mse(target.clone(), target) == 0
     assert normalised_mse(torch.zeros_like(target), target).item() == pytest.approx(1.0)
     assert normalised_mse(2 * target, target).item() == pytest.approx(1.0)  # scale-free: error as large as the target
+    # masked: positions left out count for neither the error nor the norm
+    mask = torch.tensor([[1.0, 1, 0, 0, 1], [0, 1, 1, 0, 0]])
+    student = target + torch.randn_like(target)
+    wrong_elsewhere = torch.where(mask.bool()[..., None], student, torch.zeros_like(student))
+    assert normalised_mse(wrong_elsewhere, target, mask) == normalised_mse(student, target, mask)
+    assert normalised_mse(student, target, torch.ones(2, 5)) == pytest.approx(normalised_mse(student, target).item())
+    kept = mask.bool()
+    assert normalised_mse(student, target, mask).item() == pytest.approx(normalised_mse(student[kept], target[kept]).item())

@@ -179,14 +179,18 @@ def mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: t
     return (err * mask).sum() / mask.sum().clamp(min=1)
 
 
-def normalised_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
-    """Squared error over the target's squared norm, over all positions: 0 when equal, 1 for a zero
-    output (the local stage's loss: scale-free across blocks whose residual streams differ in size)."""
+def normalised_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error over the target's squared norm, over the (masked) positions: 0 when equal, 1 for
+    a zero output (the local stage's loss: scale-free across blocks whose residual streams differ in size)."""
     target = teacher_hidden.float().detach()
-    return (student_hidden.float() - target).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
+    err, norm = (student_hidden.float() - target).pow(2).sum(-1), target.pow(2).sum(-1)
+    if mask is not None:
+        err, norm = err * mask, norm * mask
+    return err.sum() / norm.sum().clamp(min=1e-12)
 
 
-HIDDEN_LOSSES = {"cosine": cosine_loss, "mse": mse_loss}
+HIDDEN_LOSSES = {"cosine": cosine_loss, "mse": mse_loss, "nmse": normalised_mse}
 
 
 # --- the fused head: the LM head and its losses chunk by chunk, logits never held whole -------------

@@ -43,7 +43,7 @@ from lmshrink.repair import StopForward, capture, removed_spans
 from lmshrink.teacher_cache import open_cache
 from lmshrink.training import HealSettings, LMTrainer, TrainArgs, cap_heldout, carry_on, prepare_data, prepare_heldout, train
 
-LAYER_MAPS = ("none", "uniform", "kept", "rail")
+LAYER_MAPS = ("none", "uniform", "kept", "stream", "rail")
 
 
 # The DistilGPT-2 optimiser (PAPER.md), distill's default in place of the plain-LM one
@@ -88,7 +88,8 @@ class KDArgs:
     alpha_clm: float = setting(2.0, "weight of the next-token cross-entropy")
     alpha_cos: float = setting(1.0, "weight of the last-hidden-state cosine loss")
     layer_map: str = setting("none", "intermediate-layer map: none, uniform, kept (the truncated blocks' "
-                                     "teacher layers), rail (RAIL-KD: a random sorted teacher subset each step), "
+                                     "teacher layers), stream (the teacher's state each next kept block reads: "
+                                     "a removed span's end), rail (RAIL-KD: a random sorted teacher subset each step), "
                                      "or explicit student:teacher pairs, e.g. 1:2,2:4")
     alpha_inter: float = setting(0.0, "weight of the intermediate hidden-state loss")
     inter_loss: str = setting("mse", f"intermediate loss: {', '.join(HIDDEN_LOSSES)}")
@@ -165,10 +166,14 @@ def layer_pairs(kind: str, n_student: int, n_teacher: int, kept: list[int] | Non
     students = list(range(1, n_student))
     if kind == "uniform":
         return [(i, round(i * n_teacher / n_student)) for i in students]
-    if kind == "kept":
+    if kind in ("kept", "stream"):
         if kept is None:
-            raise SettingsError("layer_map: 'kept' needs a student made by lmshrink truncate (kept_layers in lmshrink.json)")
-        return [(i, kept[i - 1] + 1) for i in students]
+            raise SettingsError(f"layer_map: {kind!r} needs a student made by lmshrink truncate (kept_layers in lmshrink.json)")
+        if kind == "kept":  # each block's output with that of the teacher block it was copied from
+            return [(i, kept[i - 1] + 1) for i in students]
+        # each block's output with the teacher's state where the next kept block reads it: after a
+        # removed span, the state the span left (what a repair, and the local stage, make the block before it give)
+        return [(i, kept[i]) for i in students]
     if kind == "rail":  # RAIL-KD: a fresh random sorted subset of teacher layers every step
         return rail_pairs(n_student, n_teacher, rng)
     pairs = [tuple(int(x) for x in p.split(":")) for p in kind.split(",")]
