@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as T
@@ -56,16 +58,28 @@ ARCHS = list(TINY_CONFIGS)
 RUN_STATE = ("cut-search", "teacher-text")
 
 
-@pytest.fixture(autouse=True)
-def no_kept_run_state(tmp_path_factory, monkeypatch):
-    """Each test sees the fetched assets (corpora, models, tasks, ...) but none of the run state that
-    an earlier test or a user's run kept, and keeps none of its own there: a test that searches a cut
-    or samples a teacher computes it, every time."""
+@pytest.fixture(scope="session")
+def asset_cache(tmp_path_factory) -> Path:
+    """lmshrink's cache as the tests see it: every fetched asset, linked (so a corpus fetched on first
+    use lands in the real cache, and a corpus's path, which keys `datasets`' cache, is the same all
+    session), and none of the run state."""
     real, cache = cache_dir(), tmp_path_factory.mktemp("cache")
-    for entry in real.iterdir() if real.is_dir() else ():
+    real.mkdir(parents=True, exist_ok=True)
+    for entry in real.iterdir():
         if entry.name not in RUN_STATE:
             (cache / entry.name).symlink_to(entry)
-    monkeypatch.setenv("LMSHRINK_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(autouse=True)
+def no_kept_run_state(asset_cache, tmp_path_factory, monkeypatch):
+    """Each test sees none of the run state an earlier test or a user's run kept, and keeps none of
+    its own where another can read it: a test that searches a cut or samples a teacher computes it."""
+    for name in RUN_STATE:
+        link = asset_cache / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(tmp_path_factory.mktemp(name))
+    monkeypatch.setenv("LMSHRINK_CACHE", str(asset_cache))
 
 
 def tiny_model(kind: str, n_layers: int = 6, seed: int = 0):
