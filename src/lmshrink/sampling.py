@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -34,11 +35,16 @@ def start_token(tokenizer) -> int:
 def sample_rows(model, tokenizer, rows: int, length: int, temperature: float = 1.0, seed: int = 0,
                 batch_size: int = 64) -> torch.Tensor:
     """(rows, length) token ids sampled from the model, each row starting at `start_token`."""
+    from tqdm.auto import tqdm
+
     torch.manual_seed(seed)
     out, started = [], time.perf_counter()
-    for start in range(0, rows, batch_size):
-        n = min(batch_size, rows - start)
-        out.append(continue_rows(model, tokenizer, torch.full((n, 1), start_token(tokenizer)), length - 1, temperature))
+    with tqdm(total=rows * length, unit="tok", unit_scale=True, desc="the teacher writes", leave=False) as bar:
+        for start in range(0, rows, batch_size):
+            n = min(batch_size, rows - start)
+            bar.update(n)  # the start tokens
+            out.append(continue_rows(model, tokenizer, torch.full((n, 1), start_token(tokenizer)), length - 1,
+                                     temperature, on_step=bar.update))
     sampled = torch.cat(out)[:, :length]
     seconds = time.perf_counter() - started
     print(f"  sampled {sampled.numel():,} tokens from the teacher at T {temperature:g} "
@@ -125,12 +131,13 @@ def _cache(model, length: int):
 
 @torch.inference_mode()
 def continue_rows(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temperature: float = 1.0,
-                  stop_at_eos: bool = False, top_p: float = 1.0) -> torch.Tensor:
+                  stop_at_eos: bool = False, top_p: float = 1.0,
+                  on_step: Callable[[int], object] | None = None) -> torch.Tensor:
     """`prompts` (rows, p) with `new_tokens` sampled after each, batched with a KV cache allocated
     once: (rows, p + new_tokens) on the CPU. Every row has the same prompt length, so no padding
     or attention mask is needed. With `stop_at_eos` a row ends at its first EOS and is padded with
     the pad (else EOS) token after it (sampling stops once every row has ended); else every row
-    runs to its length."""
+    runs to its length. `on_step(rows)` after each step (a progress bar's update)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, length = prompts.shape
@@ -147,6 +154,8 @@ def continue_rows(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temp
     for t in range(new_tokens):
         token = torch.where(ended, pad, draw(logits[:, -1], temperature, top_p).cpu())
         out[:, length + t] = token
+        if on_step is not None:
+            on_step(rows)
         if stop_at_eos:
             ended |= token == tokenizer.eos_token_id
             if ended.all():

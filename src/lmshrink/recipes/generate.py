@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from lmshrink.config import Settings, SettingsError, setting, to_dict
 from lmshrink.data import DataError, documents
@@ -90,6 +91,11 @@ def prompt_rows(s: GenerateSettings, tokenizer) -> list[tuple[str, list[int]]]:
     return [found[i % len(found)] for i in range(s.samples)]
 
 
+def part_file(out: Path, part: int) -> Path:
+    """The jsonl file of one batch of samples: the unit a stopped run carries on from."""
+    return out / f"part-{part:05d}.jsonl"
+
+
 def run(s: GenerateSettings) -> dict[str, Any]:
     with exclusive(s.output):  # one writer per folder
         return _run(s)
@@ -111,33 +117,33 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
     if not previous.is_file():  # what the parts are written with, once everything they need is there
         write_json(previous, provenance("generate", to_dict(s)))
     parts = math.ceil(s.samples / s.batch_size)
+    todo = [part for part in range(parts) if not part_file(out, part).is_file()]  # others: written before an interruption
     written, seconds = 0, 0.0
-    for part in range(parts):
-        path = out / f"part-{part:05d}.jsonl"
-        if path.is_file():
-            continue  # written before an interruption
-        rows = prompts[part * s.batch_size : (part + 1) * s.batch_size]
-        torch.manual_seed(s.seed + part)
-        started = time.perf_counter()
-        ids = continue_rows(model, tokenizer, torch.tensor([p for _, p in rows]), s.new_tokens, s.temperature,
-                            stop_at_eos=True, top_p=s.top_p)
-        seconds += time.perf_counter() - started
-        lines = []
-        for i, ((source, prompt), row) in enumerate(zip(rows, ids.tolist(), strict=True)):
-            new = row[len(prompt):]
-            if tokenizer.eos_token_id in new:
-                new = new[: new.index(tokenizer.eos_token_id)]
-            written += len(new)
-            prompt_text = "" if source == "bos" else tokenizer.decode(prompt)
-            lines.append(json.dumps({
-                "id": f"{out.name}-{part * s.batch_size + i:06d}", "prompt_source": source, "prompt": prompt_text,
-                "text": prompt_text + tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
-                "settings": {"teacher": s.teacher, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed + part,
-                             "dtype": s.dtype}}))
-        write_text(path, "\n".join(lines) + "\n")
-        print(f"\r  part {part + 1}/{parts}: {count(written, 'token')} sampled this run "
-              f"({written / seconds:,.0f} tokens/s)", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+    # positions to sample (rows x new tokens; a part ends early once every row has met EOS)
+    with tqdm(total=sum(len(prompts[p * s.batch_size : (p + 1) * s.batch_size]) for p in todo) * s.new_tokens,
+              unit="tok", unit_scale=True, desc=f"sampling {len(todo)} of {parts} parts", file=sys.stderr) as bar:
+        for part in todo:
+            rows = prompts[part * s.batch_size : (part + 1) * s.batch_size]
+            torch.manual_seed(s.seed + part)
+            started, bound = time.perf_counter(), bar.n + len(rows) * s.new_tokens
+            ids = continue_rows(model, tokenizer, torch.tensor([p for _, p in rows]), s.new_tokens, s.temperature,
+                                stop_at_eos=True, top_p=s.top_p, on_step=bar.update)
+            seconds += time.perf_counter() - started
+            lines = []
+            for i, ((source, prompt), row) in enumerate(zip(rows, ids.tolist(), strict=True)):
+                new = row[len(prompt):]
+                if tokenizer.eos_token_id in new:
+                    new = new[: new.index(tokenizer.eos_token_id)]
+                written += len(new)
+                prompt_text = "" if source == "bos" else tokenizer.decode(prompt)
+                lines.append(json.dumps({
+                    "id": f"{out.name}-{part * s.batch_size + i:06d}", "prompt_source": source, "prompt": prompt_text,
+                    "text": prompt_text + tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
+                    "settings": {"teacher": s.teacher, "temperature": s.temperature, "top_p": s.top_p,
+                                 "seed": s.seed + part, "dtype": s.dtype}}))
+            write_text(part_file(out, part), "\n".join(lines) + "\n")
+            bar.update(bound - bar.n)
+            bar.set_postfix_str(f"{written / seconds:,.0f} new tokens/s")
     records = [json.loads(line) for p in sorted(out.glob("part-*.jsonl")) for line in p.read_text().splitlines()]
     before = read_record(out) or {}  # a run with nothing left to sample keeps the speed measured before
     record = provenance("generate", to_dict(s), documents=len(records),
