@@ -115,6 +115,22 @@ def base_command(arm: str, student: Path, folder: Path, tokens: int) -> list[str
     return [*common, "--recipe", arm, "--max-tokens", str(tokens)]  # distilgpt2, minitron
 
 
+def student_command(student: Path, strategy: str, repair: str, repair_tokens: int, keep: str | None) -> list[str]:
+    """The `lmshrink truncate` command of the student every arm heals: 24 blocks chosen by `strategy`,
+    or the teacher blocks `keep` (e.g. a search's choice, repaired on more calibration text)."""
+    blocks = ["--keep", keep] if keep else ["--num-layers", "24", "--strategy", strategy]
+    return ["truncate", "--teacher", TEACHER, "--output", str(student), *blocks, "--repair", repair,
+            "--repair-tokens", str(repair_tokens), "--overwrite"]
+
+
+def cut_of(settings: dict) -> tuple:
+    """(blocks, repair, repair tokens) from the bench's arguments or a student's recorded settings."""
+    cut = settings.get("cut", settings)
+    keep = settings.get("keep")
+    blocks = [int(b) for b in keep.split(",")] if isinstance(keep, str) else keep or settings["strategy"]
+    return blocks, cut["repair"], cut["repair_tokens"]
+
+
 def text_command(name: str, out: Path, samples: int) -> list[str]:
     """The `lmshrink generate` command of one teacher-written text (OUT/NAME): the same number of new
     tokens for each; fp32, as the tables were made."""
@@ -232,6 +248,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--strategy", default="contiguous", help="how the student's 24 blocks are chosen (truncate's)")
     parser.add_argument("--repair", default="refit", help="the student's training-free repair (truncate's)")
+    parser.add_argument("--repair-tokens", type=int, default=16384, help="the repair's calibration tokens (truncate's)")
+    parser.add_argument("--keep", default=None, help="the student's teacher blocks, in place of --strategy")
     args = parser.parse_args()
     arms, texts = args.arms.split(","), set()  # the teacher texts the arms train on
     for arm in arms:
@@ -242,12 +260,10 @@ def main() -> None:
     out = Path(args.output).expanduser()
     student = out / "student"
     if not (student / "lmshrink.json").is_file():
-        run("truncate", "--teacher", TEACHER, "--output", str(student), "--num-layers", "24", "--strategy",
-            args.strategy, "--repair", args.repair, "--overwrite")
-    built = json.loads((student / "lmshrink.json").read_text())["settings"]
-    if (built["strategy"], built["cut"]["repair"]) != (args.strategy, args.repair):
-        raise SystemExit(f"{student} was cut by {built['strategy']} + {built['cut']['repair']}, not {args.strategy} + "
-                         f"{args.repair}: give those, or another --output")
+        run(*student_command(student, args.strategy, args.repair, args.repair_tokens, args.keep))
+    built, wanted = cut_of(json.loads((student / "lmshrink.json").read_text())["settings"]), cut_of(vars(args))
+    if built != wanted:
+        raise SystemExit(f"{student} was cut as {built}, not {wanted}: give those settings, or another --output")
     budgets = [int(t) for t in args.tokens.split(",")]
     for name in sorted(texts - {None}):
         run(*text_command(name, out, args.teacher_samples))
