@@ -149,8 +149,7 @@ def test_truncate_command_end_to_end(tiny_gpt2_dir, real_text, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("strategy", ["iterative", "contiguous"])
-def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_path, strategy, monkeypatch):
-    monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path / "cache"))  # no search path kept by an earlier run
+def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_path, strategy):
     out = tmp_path / "student"
     assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--strategy", strategy,
                  "--num-layers", "2", "--calib-data", str(real_text), "--search-tokens", "512",

@@ -117,13 +117,13 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
     if not previous.is_file():  # what the parts are written with, once everything they need is there
         write_json(previous, provenance("generate", to_dict(s)))
     parts = math.ceil(s.samples / s.batch_size)
-    todo = [part for part in range(parts) if not part_file(out, part).is_file()]  # others: written before an interruption
+    batches = {part: prompts[part * s.batch_size : (part + 1) * s.batch_size] for part in range(parts)
+               if not part_file(out, part).is_file()}  # the others were written before an interruption
     written, seconds = 0, 0.0
     # positions to sample (rows x new tokens; a part ends early once every row has met EOS)
-    with tqdm(total=sum(len(prompts[p * s.batch_size : (p + 1) * s.batch_size]) for p in todo) * s.new_tokens,
-              unit="tok", unit_scale=True, desc=f"sampling {len(todo)} of {parts} parts", file=sys.stderr) as bar:
-        for part in todo:
-            rows = prompts[part * s.batch_size : (part + 1) * s.batch_size]
+    with tqdm(total=sum(map(len, batches.values())) * s.new_tokens, unit="tok", unit_scale=True,
+              desc=f"sampling {len(batches)} of {parts} parts", file=sys.stderr) as bar:
+        for part, rows in batches.items():
             torch.manual_seed(s.seed + part)
             started, bound = time.perf_counter(), bar.n + len(rows) * s.new_tokens
             ids = continue_rows(model, tokenizer, torch.tensor([p for _, p in rows]), s.new_tokens, s.temperature,
