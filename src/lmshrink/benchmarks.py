@@ -24,6 +24,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from lmshrink.assets import AssetError, run_tool
 from lmshrink.models import cache_dir
@@ -275,12 +276,18 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
     # lm-eval logs a hint per custom-dataset task at WARNING; our own report says where data came from
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # simple_evaluate ends by adding torch's environment report to its results (`pip list`, `lscpu` and
+    # more in subprocesses: 0.7 s a call, one call a task here, with no switch to turn it off); lmshrink's
+    # records keep their own versions and never read it
+    import lm_eval.evaluator
+
     try:
-        # our cached task index: without it lm-eval re-reads its ~14,000 task YAMLs on every call (~12 s)
-        out = simple_evaluate(model=lm, tasks=specs, task_manager=_task_manager(), limit=limit, log_samples=True,
-                              bootstrap_iters=1000,
-                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                              fewshot_random_seed=seed)
+        with mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None):
+            # our cached task index: without it lm-eval re-reads its ~14,000 task YAMLs on every call (~12 s)
+            out = simple_evaluate(model=lm, tasks=specs, task_manager=_task_manager(), limit=limit, log_samples=True,
+                                  bootstrap_iters=1000,
+                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                  fewshot_random_seed=seed)
     except (OSError, ConnectionError) as err:  # the Hub's datasets, without a network
         if source != "hub":
             raise
