@@ -74,7 +74,6 @@ def test_arc_easy_accuracy_equals_an_independent_loglikelihood_comparison(tiny):
     assert score.metric == "acc_norm" and score.per_item == right  # item by item, in the set's order
 
 
-
 def test_a_task_run_skips_lm_evals_environment_report(tiny, monkeypatch):
     """lmshrink runs lm-eval once a task; its environment report (torch's, `pip list` and more in
     subprocesses, 0.7 s) would be paid each time and is never read."""
@@ -85,6 +84,7 @@ def test_a_task_run_skips_lm_evals_environment_report(tiny, monkeypatch):
     model, tokenizer = tiny
     (score,) = run_tasks(model, tokenizer, ["arc_easy"], limit=2, batch_size=4)
     assert score.task == "arc_easy" and len(score.per_item) == 2 and not reports
+
 
 def test_suites_expand_in_order_without_repeats():
     assert expand(["arc_easy", "core"]) == SUITES["core"]
