@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,23 @@ def test_a_task_run_skips_lm_evals_environment_report(tiny, monkeypatch):
     model, tokenizer = tiny
     (score,) = run_tasks(model, tokenizer, ["arc_easy"], limit=2, batch_size=4)
     assert score.task == "arc_easy" and len(score.per_item) == 2 and not reports
+
+
+def test_the_task_index_reads_only_lmshrinks_tasks_and_finds_each_one():
+    """lm-eval's full index reads ~14,000 YAMLs per process (11 s); lmshrink's holds only its tasks'
+    folders, and each task (MMLU's 57 subjects too, as the Hub source lists them) resolves there."""
+    import lm_eval.tasks
+
+    from lmshrink.benchmarks import MMLU, _hub_mmlu_subjects, _stock_config, _task_manager, mmlu_subjects
+
+    manager = _task_manager()
+    assert len(manager.all_tasks) < 500
+    root = Path(lm_eval.tasks.__file__).parent
+    for name, bench in BENCHMARKS.items():
+        assert _stock_config(manager, name)["task"] == name
+        assert manager._entry(name).yaml_path.parent.is_relative_to(root / bench.yaml_dir)
+    assert _hub_mmlu_subjects(manager) == mmlu_subjects() and len(mmlu_subjects()) == 57
+    assert _stock_config(manager, "mmlu_anatomy")["task"] == "mmlu_anatomy" and MMLU.yaml_dir == "mmlu/default"
 
 
 def test_suites_expand_in_order_without_repeats():
