@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -11,7 +13,7 @@ from conftest import tiny_model
 
 from lmshrink.cli import main
 from lmshrink.measure import count_parameters, fresh_peak_memory, speed, weight_bytes
-from lmshrink.models import load
+from lmshrink.models import embedded_gguf, load
 from lmshrink.perplexity import perplexity, sliding_nll, windows
 
 
@@ -80,6 +82,30 @@ def test_peak_memory_is_weights_plus_a_growing_activation_peak(tiny_gpt2_dir):
     large = fresh_peak_memory(str(tiny_gpt2_dir), 16, 256)  # (16, 256, 50257) fp32 logits alone are 785 MB
     assert weights <= small < large
     assert large - weights > 700
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="CPU peak memory is read from /proc")
+def test_peak_memory_is_measured_where_the_caller_stands_and_quietly(tiny_gpt2_dir, tmp_path, monkeypatch, capfd):
+    """Each measurement forks from a server started once: it must still read a relative path from the
+    caller's folder and its environment of the moment, and keep the loader's progress bars off the
+    terminal."""
+    first = fresh_peak_memory(str(tiny_gpt2_dir), 1, 16)  # the server starts here, in this folder
+    monkeypatch.chdir(tiny_gpt2_dir.parent)
+    assert fresh_peak_memory(tiny_gpt2_dir.name, 1, 16) == pytest.approx(first, rel=0.2)
+    assert "Loading" not in capfd.readouterr().err
+    # a cache whose unpacked embedded teacher is the tiny model: measured as the tiny one only if the
+    # measuring process reads the cache the caller names now
+    gguf = embedded_gguf("smollm2-135m")
+    unpacked = tmp_path / "cache" / "models" / f"{gguf.stem}-{hashlib.sha256(gguf.read_bytes()).hexdigest()[:12]}"
+    shutil.copytree(tiny_gpt2_dir, unpacked)
+    monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path / "cache"))
+    assert fresh_peak_memory("smollm2-135m", 1, 16) == pytest.approx(first, rel=0.2)
+
+
+def test_a_peak_measurement_that_fails_says_why_and_carries_on(tmp_path, capfd):
+    assert fresh_peak_memory(str(tmp_path / "missing"), 1, 16) is None
+    said = capfd.readouterr().err
+    assert "peak memory of" in said and "does not exist" in said and "Traceback" not in said
 
 
 def test_eval_command_side_by_side(tiny_gpt2_dir, real_text, tmp_path):

@@ -5,9 +5,12 @@ process).
 
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
+import io
+import multiprocessing
+import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -134,15 +137,62 @@ def peak_forward_memory(source: str, batch: int, length: int, dtype: str, trust_
     return (weight_bytes(model) + mem.extra_bytes) / 2**20 if mem.extra_bytes is not None else None
 
 
+# What a measuring process imports before it forks: torch, transformers' model loading and the two
+# families most measured; a fork of it starts in milliseconds where a new interpreter spends ~5 s
+FORK_PRELOAD = ["lmshrink.measure", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+                "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2"]
+
+
+@functools.cache
+def _fresh_processes():
+    """Where `fresh_peak_memory` starts its processes: a fork server that has imported
+    `FORK_PRELOAD` and nothing else (no model, no freed memory), so each fork starts clean; spawn
+    where there is no fork server (Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(FORK_PRELOAD)
+    return context
+
+
+def _peak_into(pipe, environ: dict[str, str], *args: Any) -> None:
+    """`peak_forward_memory(*args)` sent down `pipe` as ("ok", MB) or ("error", what went wrong),
+    in the caller's environment (the fork server keeps the one it started with; multiprocessing
+    itself gives the process the caller's folder and sys.path); the loaders' progress bars and
+    warnings kept off the user's terminal."""
+    from transformers.utils import logging as hf_logging
+
+    os.environ.clear()
+    os.environ.update(environ)
+    hf_logging.disable_progress_bar()  # tqdm's bars would also leave semaphores to the parent's resource tracker
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            pipe.send(("ok", peak_forward_memory(*args)))
+    except Exception as err:  # any failure: the parent reports it and carries on without the number
+        pipe.send(("error", f"{said.getvalue().strip()[-300:]} {type(err).__name__}: {err}".strip()))
+
+
 def fresh_peak_memory(source: str, batch: int, length: int, dtype: str = "float32",
-                      trust_remote_code: bool = False) -> float | None:
+                      trust_remote_code: bool = False, timeout: float = 900) -> float | None:
     """`peak_forward_memory` measured in a new process, so earlier work in this one does not hide it."""
-    code = ("import json, sys; from lmshrink.measure import peak_forward_memory as f; "
-            "print('PEAK_MB', json.dumps(f(*json.loads(sys.argv[1]))))")
-    args = json.dumps([source, batch, length, dtype, trust_remote_code])
-    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=900)
-    line = [x for x in proc.stdout.splitlines() if x.startswith("PEAK_MB ")]
-    if proc.returncode != 0 or not line:
-        print(f"[lmshrink] peak memory of {source} not measured: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+    context = _fresh_processes()
+    receive, send = context.Pipe(duplex=False)
+    args = (send, dict(os.environ), source, batch, length, dtype, trust_remote_code)
+    process = context.Process(target=_peak_into, args=args, daemon=True)
+    process.start()
+    send.close()
+    try:
+        status, value = receive.recv() if receive.poll(timeout) else ("error", f"no answer in {timeout:.0f} s")
+    except EOFError:  # the process died without a word: killed (out of memory?) or crashed
+        process.join()
+        status, value = "error", f"the measuring process ended with exit code {process.exitcode}"
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        receive.close()
+    if status != "ok":
+        print(f"[lmshrink] peak memory of {source} not measured: {value}", file=sys.stderr)
         return None
-    return json.loads(line[0].split(" ", 1)[1])
+    return value
