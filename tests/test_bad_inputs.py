@@ -80,6 +80,8 @@ CASES = [
     (["pretrain", "--model", "{model}", "--data", "{bad}/empty.txt", "--block-size", "64"], "empty.txt' is empty"),
     (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--lr", "-1"],
      "lr: the learning rate must be positive"),
+    (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--adam-beta2", "1"],
+     "adam_beta2: must be in [0, 1) (got 1)"),
     (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--max-steps", "2", "--max-tokens", "100"],
      "both bound the run's length"),
     (["pretrain", "--model", "{model}", "--data", "python-docs/tutorial", "--block-size", "64", "--freeze", "blocks:0-9"],

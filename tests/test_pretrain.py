@@ -272,6 +272,15 @@ def test_frozen_parts_do_not_change_and_the_rest_trains(tiny_gpt2_dir, tmp_path,
     assert json.loads((out / "lmshrink.json").read_text())["settings"]["train"]["freeze"] == ["embeddings", "blocks:1-2"]
 
 
+def test_adam_betas_reach_the_optimizer(tiny_gpt2_dir, tmp_path):
+    """--adam-beta1/--adam-beta2 are the optimizer's: read back from the checkpoint's optimizer state."""
+    out = tmp_path / "run"
+    assert main(run_args(tiny_gpt2_dir, out, "--max-steps", "1", "--save-steps", "1", "--keep-checkpoints",
+                         "--adam-beta1", "0.8", "--adam-beta2", "0.95", "--report-to", "none")) == 0
+    state = torch.load(out / "checkpoints" / "checkpoint-1" / "optimizer.pt", weights_only=True)
+    assert {tuple(group["betas"]) for group in state["param_groups"]} == {(0.8, 0.95)}
+
+
 def test_freeze_names_what_is_wrong(tiny_gpt2_dir, tmp_path, capsys):
     with pytest.raises(SettingsError) as err:
         build(PretrainSettings, {"model": "m", "output": "o", "data": ["d"], "freeze": ["embedding", "blocks:3-1"]})

@@ -94,6 +94,9 @@ class TrainArgs:
     scheduler: str = setting("linear", "learning-rate schedule (any transformers SchedulerType: linear, cosine, ...)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     adam_eps: float = setting(1e-8, "AdamW epsilon")
+    adam_beta1: float = setting(0.9, "AdamW beta1 (decay of the gradient's running mean)")
+    adam_beta2: float = setting(0.999, "AdamW beta2 (decay of the squared gradient's running mean; Llama-style "
+                                       "pre-training uses 0.95)")
     max_grad_norm: float = setting(1.0, "gradient clipping norm")
     precision: str = setting("auto", "auto (bf16 or fp16 on GPUs that have it, fp32 on CPU), fp32, bf16 or fp16")
     logging_steps: int = setting(10, "steps between progress lines and metrics.jsonl records")
@@ -142,6 +145,9 @@ class TrainArgs:
                 problems.append(f"{name}: must be 0 or more")
         if not self.adam_eps > 0:
             problems.append("adam_eps: must be positive")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name}: must be in [0, 1) (got {getattr(self, name):g})")
         if not self.epochs > 0:
             problems.append("epochs: must be positive")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -278,6 +284,8 @@ def training_arguments(settings: TrainArgs, output: str | Path, seed: int, block
         lr_scheduler_type=settings.scheduler,
         weight_decay=settings.weight_decay,
         adam_epsilon=settings.adam_eps,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
         max_grad_norm=settings.max_grad_norm,
         seed=seed,
         data_seed=seed,
