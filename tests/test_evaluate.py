@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -13,7 +12,7 @@ from conftest import tiny_model
 
 from lmshrink.cli import main
 from lmshrink.measure import count_parameters, fresh_peak_memory, speed, weight_bytes
-from lmshrink.models import embedded_gguf, load
+from lmshrink.models import embedded_gguf, load, unpacked_folder
 from lmshrink.perplexity import perplexity, sliding_nll, windows
 
 
@@ -95,10 +94,8 @@ def test_peak_memory_is_measured_where_the_caller_stands_and_quietly(tiny_gpt2_d
     assert "Loading" not in capfd.readouterr().err
     # a cache whose unpacked embedded teacher is the tiny model: measured as the tiny one only if the
     # measuring process reads the cache the caller names now
-    gguf = embedded_gguf("smollm2-135m")
-    unpacked = tmp_path / "cache" / "models" / f"{gguf.stem}-{hashlib.sha256(gguf.read_bytes()).hexdigest()[:12]}"
-    shutil.copytree(tiny_gpt2_dir, unpacked)
     monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_gpt2_dir, unpacked_folder(embedded_gguf("smollm2-135m")))
     assert fresh_peak_memory("smollm2-135m", 1, 16) == pytest.approx(first, rel=0.2)
 
 

@@ -52,18 +52,21 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
-def gguf_to_folder(gguf: Path) -> Path:
-    """Dequantise a GGUF file once into a cached safetensors folder, and return the folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-
-    # keyed by content, so every install of the same file (each venv, each clone) shares one copy
+def unpacked_folder(gguf: Path) -> Path:
+    """The cache folder of a GGUF file's dequantised copy: keyed by content, so every install of the
+    same file (each venv, each clone) shares one copy."""
     digest = hashlib.sha256()
     with gguf.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
-    key = digest.hexdigest()[:12]
-    folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    return cache_dir() / "models" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a cached safetensors folder, and return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = unpacked_folder(gguf)
     if (folder / "config.json").is_file():
         return folder
     print(f"[lmshrink] dequantising {gguf.name} once into {folder} ...", flush=True)
