@@ -8,6 +8,8 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
 - `clm`: `lmshrink pretrain` (the paper's method, the LM loss alone);
 - `distilgpt2`: `lmshrink distill --recipe distilgpt2` (KD T 2 x5 + CE x2 + cosine x1);
 - `minitron`: `lmshrink distill --recipe minitron` (logit-only forward KL at T 1, cosine decay);
+- `kl-ce`: `lmshrink distill --recipe kl-ce` (forward KL at T 1 + next-token CE, token embeddings
+  frozen, lr 3e-4 with linear decay: this bench's best distillation at 102,400 tokens);
 - `local+minitron`: the same after `--local-steps` (a fifth of the budget's steps, counted in it);
 - `minitron+teacher-text`: `minitron` on python-docs/library mixed 1:1 (by tokens) with text
   the teacher wrote itself (`lmshrink generate`, prompted by python-docs/library pages);
@@ -59,7 +61,7 @@ TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
 TOKENS_PER_STEP = 4 * 256
 HEAL = ["--data", "python-docs/library", "--eval-data", "python-docs/tutorial", "--eval-tokens", "2048",
         "--block-size", "256", "--batch-size", "4", "--save-steps", "25", "--logging-steps", "5", "--report-to", "none"]
-BASES = ["clm", "distilgpt2", "minitron", "local+minitron"]  # the recipes an arm starts from
+BASES = ["clm", "distilgpt2", "minitron", "kl-ce", "local+minitron"]  # the recipes an arm starts from
 ARMS = [*BASES, "minitron+teacher-text", "minitron+free-text"]
 SEED = 42  # lmshrink's default: runs at it keep their folder names
 # the teacher's texts: what they continue, and how they are sampled
@@ -112,7 +114,7 @@ def base_command(arm: str, student: Path, folder: Path, tokens: int) -> list[str
         local = max(1, steps // 5)
         return [*common, "--recipe", "minitron", "--local-steps", str(local), "--local-lr", "1e-3",
                 "--max-tokens", str(tokens - local * TOKENS_PER_STEP)]
-    return [*common, "--recipe", arm, "--max-tokens", str(tokens)]  # distilgpt2, minitron
+    return [*common, "--recipe", arm, "--max-tokens", str(tokens)]  # distilgpt2, minitron, kl-ce
 
 
 def student_command(student: Path, strategy: str, repair: str, repair_tokens: int, keep: str | None) -> list[str]:

@@ -25,6 +25,9 @@ def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path, capsys):
     assert "KD is logit-only forward KL at T 1 (Minitron)" in report  # the KD run heals by the recipe asked for
     kd = json.loads((out / "healed-kd" / "lmshrink.json").read_text())["settings"]
     assert kd["recipe"] == "minitron" and (kd["kd"]["temperature"], kd["kd"]["alpha_clm"], kd["kd"]["alpha_cos"]) == (1, 0, 0)
+    lm = json.loads((out / "healed-lm" / "lmshrink.json").read_text())["settings"]
+    assert kd["train"]["freeze"] == lm["train"]["freeze"] == ["embeddings"]  # both heal as the bench's best arms did
+    assert "warm-up 10%, embeddings frozen); KD is" in report
     data = json.loads((out / "report.json").read_text())
     healed = {row["model"]: row for row in data["rows"] if "heal" in row}
     assert set(healed) == {"contiguous + refit + KD", "contiguous + refit + LM"}

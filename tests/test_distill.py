@@ -247,15 +247,23 @@ def test_a_named_recipe_sets_what_it_names_and_every_setting_can_still_be_given(
     assert (default.recipe, default.kd.alpha_ce, default.kd.alpha_cos, default.train.lr) == ("distilgpt2", 5, 1, 2.5e-4)
     assert set(RECIPE_LOSSES) == set(RECIPES)  # every recipe says in words what it trains on
     assert recipe_kd("minitron", teacher="t") == dataclasses.replace(minitron.kd, teacher="t")
+    kl_ce = from_args(DistillSettings, [*base, "--recipe", "kl-ce"], "d", "")
+    assert (kl_ce.kd.temperature, kl_ce.kd.alpha_ce, kl_ce.kd.alpha_clm, kl_ce.kd.alpha_cos) == (1, 1, 1, 0)
+    assert (kl_ce.train.lr, kl_ce.train.scheduler, kl_ce.train.freeze) == (3e-4, "linear", ["embeddings"])
+    kl_ce.train.freeze.append("blocks:0-1")  # a run's list is its own, not the recipe table's
+    again = from_args(DistillSettings, [*base, "--recipe", "kl-ce"], "d", "")
+    assert again.train.freeze == ["embeddings"]
+    unfrozen = from_args(DistillSettings, [*base, "--recipe", "kl-ce", "--freeze", ""], "d", "")
+    assert unfrozen.train.freeze == []  # given beats the recipe, an empty list too
     with pytest.raises(SettingsError, match="recipe: 'best' is unknown"):
         from_args(DistillSettings, [*base, "--recipe", "best"], "d", "")
 
 
-@pytest.mark.parametrize("recipe", ["distilgpt2", "minitron"])
+@pytest.mark.parametrize("recipe", ["distilgpt2", "minitron", "kl-ce"])
 def test_each_recipe_builds_the_loss_it_names(recipe, student, tiny_gpt2_dir, tmp_path):
     """The Trainer's loss under each named recipe equals that recipe written out by hand with
-    torch's own functions: minitron = KL(p_t || p_s) at T 1 alone; distilgpt2 = 5 T^2 KL at T 2
-    + 2 next-token CE + 1 (1 - cos) of the last hidden states."""
+    torch's own functions: minitron = KL(p_t || p_s) at T 1 alone; kl-ce = that + next-token CE;
+    distilgpt2 = 5 T^2 KL at T 2 + 2 next-token CE + 1 (1 - cos) of the last hidden states."""
     import torch.nn.functional as F
 
     settings = build(DistillSettings, {"model": str(student), "output": str(tmp_path), "data": ["d"],
@@ -277,8 +285,21 @@ def test_each_recipe_builds_the_loss_it_names(recipe, student, tiny_gpt2_dir, tm
 
     ce = F.cross_entropy(s.logits[:, :-1].reshape(-1, s.logits.shape[-1]), ids[:, 1:].reshape(-1))
     cos = (1 - F.cosine_similarity(s.hidden_states[-1], t.hidden_states[-1], dim=-1)).mean()
-    expected = {"minitron": kl(1.0), "distilgpt2": 5 * 2**2 * kl(2.0) + 2 * ce + 1 * cos}[recipe]
+    expected = {"minitron": kl(1.0), "kl-ce": kl(1.0) + ce, "distilgpt2": 5 * 2**2 * kl(2.0) + 2 * ce + 1 * cos}[recipe]
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_kl_ce_recipe_heals_with_the_token_embeddings_kept_as_they_were(student, tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out), *DATA,
+                 *TINY, "--max-steps", "2", "--recipe", "kl-ce"]) == 0
+    before, after = load_file(student / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and not changed & {"transformer.wte.weight", "transformer.wpe.weight"}
+    record = json.loads((out / "lmshrink.json").read_text())
+    assert record["settings"]["recipe"] == "kl-ce" and record["settings"]["train"]["freeze"] == ["embeddings"]
+    logged = [line for line in metrics_lines(out) if "loss" in line][-1]
+    assert {"ce", "kd"} <= set(logged) and "cos" not in logged
 
 
 def test_the_local_stage_trains_only_the_blocks_before_the_cuts_then_the_whole_student(tiny_gpt2_dir, tmp_path):

@@ -12,6 +12,7 @@ override the file. Unknown keys are an error, and every validation problem is re
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -221,7 +222,7 @@ def build(cls: type, values: dict[str, Any]) -> Any:
         key, table = cls.PRESETS
         chosen = converted.get(key, all_leaves[key].field.default)
         for path, value in table.get(chosen, {}).items():
-            converted.setdefault(path, value)
+            converted.setdefault(path, copy.deepcopy(value))  # a run never shares the table's lists
     for paths in alternatives(cls):  # the one given wins over the others' defaults (a command's own included)
         given = [p for p in paths if p in converted]
         if len(given) == 1:

@@ -68,16 +68,18 @@ class DemoSettings(Settings):
                                                  "loop: minutes); contiguous + refit was the cut-quality bench's best")
     heal: bool = setting(True, "heal the repaired student (the importance one with --repair none) with KD and with "
                                "the plain LM loss")
-    recipe: str = setting("distilgpt2", f"loss of the KD healing run (distill's recipes: {', '.join(RECIPES)}); the "
-                                        "optimiser and budget are the demo's, the same for both runs")
+    recipe: str = setting("kl-ce", f"loss of the KD healing run (distill's recipes: {', '.join(RECIPES)}; kl-ce "
+                                   "was the healing bench's best); the optimiser, frozen parts and budget are the "
+                                   "demo's, the same for both runs")
     export: str = setting("q8_0", "GGUF type the best student (lowest perplexity) is exported as at the end, for "
                                   "llama.cpp; empty: no export")
     cut: CutArgs = group(CutArgs, "block search and training-free repair of the repaired student (shown beside "
                                   "the same blocks as cut; --repair none: no repaired student)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     corpus: DataArgs = group(lambda: offline_corpus(eval_data=[]), "healing text (the same for the KD and the LM run)")
-    train: TrainArgs = group(lambda: cpu_budget(max_tokens=8192, save_steps=10**6),
-                             "healing optimiser and token budget (the same for the KD and the LM run)")
+    train: TrainArgs = group(lambda: cpu_budget(max_tokens=8192, save_steps=10**6, freeze=["embeddings"]),
+                             "healing optimiser, frozen parts (the token embeddings: the healing bench's best for "
+                             "both losses) and token budget (the same for the KD and the LM run)")
     perplexity: PerplexityArgs = group(two_sources, "held-out perplexity of every model")
     benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["quick"], limit=30),
                                       "zero-shot benchmarks of every model (--tasks '' for none)")
@@ -324,7 +326,8 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         lines += ["", f"## Healing the {start} student", "",
                   f"Same student, same {healed[0]['heal']['tokens']:,} training tokens of "
                   f"{', '.join(f'`{d}`' for d in settings.corpus.data)} (block {settings.corpus.block_size}, "
-                  f"batch {train.batch_size}, lr {train.lr:g}, warm-up {train.warmup:.0%}); KD is "
+                  f"batch {train.batch_size}, lr {train.lr:g}, warm-up {train.warmup:.0%}"
+                  + (f", {', '.join(train.freeze)} frozen" if train.freeze else "") + "); KD is "
                   f"{RECIPE_LOSSES[settings.recipe]}:", "",
                   "| method | train wall time | " + " | ".join(f"ppl {h} before -> after" for h in ppl.data) + " |",
                   "|---|---|" + "---|" * len(ppl.data)]
