@@ -289,6 +289,33 @@ def test_each_recipe_builds_the_loss_it_names(recipe, student, tiny_gpt2_dir, tm
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_clm_keep_trains_the_ce_on_the_tokens_where_the_student_lags_the_teacher_most(student, tiny_gpt2_dir, tmp_path):
+    """--clm-keep 0.25 (Rho-1, the teacher as reference): the Trainer's loss is the mean CE of the quarter
+    of next tokens with the largest student-minus-teacher NLL, written out by hand; it asks for full
+    logits, so a fused head is turned off."""
+    import torch.nn.functional as F
+
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    model = T.AutoModelForCausalLM.from_pretrained(student, **no_dropout).train()
+    teacher = T.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    args = T.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    kd = dataclasses.replace(recipe_kd("kl-ce"), alpha_ce=0.0, clm_keep=0.25)
+    trainer = DistillTrainer(model=model, args=args, teacher=teacher, recipe=kd, vocab=model.config.vocab_size,
+                             fused_head=True)
+    assert not trainer.fused_head
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    got = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+
+    def nll(m):  # (2 x 15) next-token NLLs
+        logits = m(ids).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+
+    s_nll, t_nll = nll(model), nll(teacher)
+    top = sorted(range(30), key=lambda i: (s_nll[i] - t_nll[i]).item(), reverse=True)[:8]  # round(0.25 x 30)
+    assert got.item() == pytest.approx(s_nll[top].mean().item(), rel=1e-5)
+    assert got.item() != pytest.approx(s_nll.mean().item(), rel=1e-3)  # not the plain CE
+
+
 def test_the_kl_ce_recipe_heals_with_the_token_embeddings_kept_as_they_were(student, tiny_gpt2_dir, tmp_path):
     out = tmp_path / "run"
     assert main(["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out), *DATA,

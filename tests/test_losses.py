@@ -18,6 +18,7 @@ from lmshrink.losses import (
     kd_loss,
     mse_loss,
     reverse_kl,
+    selective_lm_loss,
     skew_kl,
     sparse_kd_loss,
     total_variation,
@@ -208,3 +209,33 @@ def test_normalised_mse_is_zero_when_equal_and_one_for_a_zero_output():
     assert normalised_mse(student, target, torch.ones(2, 5)) == pytest.approx(normalised_mse(student, target).item())
     kept = mask.bool()
     assert normalised_mse(student, target, mask).item() == pytest.approx(normalised_mse(student[kept], target[kept]).item())
+
+
+def test_the_selective_lm_loss_trains_on_the_tokens_where_the_student_lags_the_teacher_most(logits):
+    """Rho-1 with the teacher as reference: keep 1 is the plain CE; otherwise the mean CE of the top
+    share of tokens by (student NLL - teacher NLL), written out token by token; ignored labels are
+    never picked, and tokens left out get no gradient."""
+    student, teacher = logits
+    labels = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    labels[1, 3] = -100
+    assert selective_lm_loss(student, teacher, labels, 1.0) == pytest.approx(causal_lm_loss(student, labels).item())
+    per_token = []  # (excess, student NLL, position) of every scored next token
+    for b in range(2):
+        for t in range(4):
+            y = labels[b, t + 1]
+            if y != -100:
+                s_nll, t_nll = (-logp(x[b, t])[y].item() for x in (student, teacher))
+                per_token.append((s_nll - t_nll, s_nll, (b, t)))
+    per_token.sort(reverse=True)
+    assert len(per_token) == 7
+    student = student.clone().requires_grad_(True)
+    got = selective_lm_loss(student, teacher, labels, 0.43)  # round(0.43 x 7) = 3 tokens
+    assert got.item() == pytest.approx(sum(nll for _, nll, _ in per_token[:3]) / 3, rel=1e-6)
+    got.backward()
+    touched = {(b, t) for b in range(2) for t in range(5) if student.grad[b, t].abs().sum() > 0}
+    assert touched == {pos for _, _, pos in per_token[:3]}
+    sparse = torch.full_like(labels, -100)
+    sparse[:, 1] = 2  # one scored token a row (position 0 predicting 2): keep half picks the one lagging more
+    excess = [(-logp(student[b, 0])[2] + logp(teacher[b, 0])[2]).item() for b in range(2)]
+    lagging = max(range(2), key=lambda b: excess[b])
+    assert selective_lm_loss(student, teacher, sparse, 0.5).item() == pytest.approx(-logp(student[lagging, 0])[2].item())

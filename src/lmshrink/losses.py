@@ -167,6 +167,22 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return next_token_nll(logits, labels).sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
 
 
+def selective_lm_loss(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor,
+                      keep: float) -> torch.Tensor:
+    """Rho-1's selective language modelling (Lin et al. 2024, arXiv 2404.07965): the mean next-token
+    CE over the `keep` share of the batch's tokens where the model's NLL exceeds a reference model's
+    most (the excess loss: what the model can still learn there; a token the reference cannot predict
+    either is noise to it). A distilled student's reference is its teacher. keep 1: `causal_lm_loss`."""
+    nll = next_token_nll(logits, labels)
+    valid = labels[:, 1:] != -100
+    if keep >= 1:
+        return nll.sum() / valid.sum().clamp(min=1)
+    with torch.no_grad():
+        excess = (nll - next_token_nll(reference_logits, labels)).masked_fill(~valid, float("-inf"))
+    k = max(1, round(keep * int(valid.sum())))
+    return nll.flatten()[excess.flatten().topk(k).indices].mean()
+
+
 def cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of 1 - cos(h_s, h_t) over masked positions (DistilBERT / DistilGPT-2 alignment loss)."""
     cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float().detach(), dim=-1)

@@ -882,7 +882,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
                           data_collator=collate, processing_class=tokenizer, callbacks=callbacks,
                           fused_head=fused, flops_per_token=model_flops, **trainer_kwargs)
     print(f"[lmshrink] {command} on {device_name(args.device.type)}: compile {'on' if args.torch_compile else 'off'}, "
-          f"fused head {'on' if fused else 'off'}, optimizer {run_optimizer(args)}, {run_precision(args)}; "
+          f"fused head {'on' if trainer.fused_head else 'off'}, optimizer {run_optimizer(args)}, {run_precision(args)}; "
           f"peak {trainer.peak_flops / 1e12:.1f} TFLOP/s (measured matmul); runs to "
           f"{run_length(settings.train, settings.corpus.block_size)[1]}", flush=True)
     if resume_from:

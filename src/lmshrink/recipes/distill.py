@@ -35,6 +35,7 @@ from lmshrink.losses import (
     head_step,
     kd_loss,
     normalised_mse,
+    selective_lm_loss,
     sparse_kd_loss,
 )
 from lmshrink.models import load
@@ -93,6 +94,9 @@ class KDArgs:
     skew: float = setting(0.1, "lambda of the skew KL (skew_kl)")
     alpha_ce: float = setting(5.0, "weight of the KD term (scaled by T^2)")
     alpha_clm: float = setting(2.0, "weight of the next-token cross-entropy")
+    clm_keep: float = setting(1.0, "share of each batch's tokens the next-token CE trains on: those where the "
+                                   "student's loss exceeds the teacher's most (Rho-1's selective language "
+                                   "modelling, the teacher as reference model); 1: every token")
     alpha_cos: float = setting(1.0, "weight of the last-hidden-state cosine loss")
     layer_map: str = setting("none", "intermediate-layer map: none, uniform, kept (the truncated blocks' "
                                      "teacher layers), stream (the teacher's state each next kept block reads: "
@@ -113,6 +117,11 @@ class KDArgs:
         problems += one_of("inter_loss", self.inter_loss, HIDDEN_LOSSES)
         if self.layer_map not in LAYER_MAPS and not _is_pairs(self.layer_map):
             problems.append(f"layer_map: {self.layer_map!r} is not {', '.join(LAYER_MAPS)} or pairs like 1:2,2:4")
+        if not 0 < self.clm_keep <= 1:
+            problems.append(f"clm_keep: {self.clm_keep} is not a share of the tokens; give one in (0, 1]")
+        elif self.clm_keep < 1 and self.teacher_cache:
+            problems.append("clm_keep: the selective CE ranks tokens by the teacher's own loss on them, which a "
+                            "top-k teacher cache does not hold; give --teacher, or leave --clm-keep out")
         if self.alpha_inter > 0 and self.layer_map == "none":
             problems.append("alpha_inter: an intermediate loss needs --layer-map")
         if self.teacher_cache and (self.alpha_cos > 0 or self.alpha_inter > 0):
@@ -210,6 +219,9 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student_config, tea
 class DistillTrainer(LMTrainer):
     def __init__(self, *args: Any, teacher=None, recipe: KDArgs, vocab: int,
                  kept: list[int] | None = None, **kwargs: Any):
+        if recipe.clm_keep < 1 and kwargs.get("fused_head"):  # the selective CE ranks the tokens by both models' logits
+            print("[lmshrink] fused head off: --clm-keep ranks tokens by the teacher's loss, from full logits", flush=True)
+            kwargs["fused_head"] = False
         super().__init__(*args, kd_chunk=recipe.kd_chunk, **kwargs)
         self.recipe, self.vocab, self.kept = recipe, vocab, kept
         self.div = divergence(recipe.loss, recipe.beta, recipe.skew)
@@ -277,7 +289,7 @@ class DistillTrainer(LMTrainer):
             kd = sparse_kd_loss(self.div, logits[..., : self.vocab], inputs["teacher_idx"], inputs["teacher_logp"],
                                 mask, s.temperature, chunk)
         else:
-            ce = causal_lm_loss(logits, labels)
+            ce = selective_lm_loss(logits, t_out.logits[..., : self.vocab], labels, s.clm_keep)
             kd = kd_loss(self.div, logits[..., : self.vocab], t_out.logits[..., : self.vocab], mask, s.temperature,
                          chunk)
         return ce, {"kd": kd}
