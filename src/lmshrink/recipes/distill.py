@@ -262,7 +262,7 @@ class DistillTrainer(LMTrainer):
             parts = {"kd": kd}
         else:
             ce, parts = self.unfused_ce_and_kd(outputs.logits, labels, inputs, t_out)
-            loss = weights[0] * ce + weights[1] * parts["kd"]
+            loss = weights[0] * ce + weights[1] * parts.get("kd", 0.0)
         mask = torch.ones(ids.shape, device=ids.device)  # every position of a full block
         if s.alpha_cos > 0:
             parts["cos"] = cosine_loss(outputs.hidden_states[-1], t_out.hidden_states[-1], mask)
@@ -290,6 +290,8 @@ class DistillTrainer(LMTrainer):
                                 mask, s.temperature, chunk)
         else:
             ce = selective_lm_loss(logits, t_out.logits[..., : self.vocab], labels, s.clm_keep)
+            if not s.alpha_ce:  # no KD term: its full-vocabulary softmaxes are not computed
+                return ce, {}
             kd = kd_loss(self.div, logits[..., : self.vocab], t_out.logits[..., : self.vocab], mask, s.temperature,
                          chunk)
         return ce, {"kd": kd}
