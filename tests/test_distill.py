@@ -292,7 +292,7 @@ def test_each_recipe_builds_the_loss_it_names(recipe, student, tiny_gpt2_dir, tm
 def test_clm_keep_trains_the_ce_on_the_tokens_where_the_student_lags_the_teacher_most(student, tiny_gpt2_dir, tmp_path):
     """--clm-keep 0.25 (Rho-1, the teacher as reference): the Trainer's loss is the mean CE of the quarter
     of next tokens with the largest student-minus-teacher NLL, written out by hand; it asks for full
-    logits, so a fused head is turned off."""
+    logits, so the run turns a fused head off for it."""
     import torch.nn.functional as F
 
     no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -300,9 +300,9 @@ def test_clm_keep_trains_the_ce_on_the_tokens_where_the_student_lags_the_teacher
     teacher = T.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     args = T.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     kd = dataclasses.replace(recipe_kd("kl-ce"), alpha_ce=0.0, clm_keep=0.25)
-    trainer = DistillTrainer(model=model, args=args, teacher=teacher, recipe=kd, vocab=model.config.vocab_size,
-                             fused_head=True)
-    assert not trainer.fused_head
+    assert "--clm-keep" in DistillTrainer.head_problem(recipe=kd)  # the run turns the fused head off for it
+    assert DistillTrainer.head_problem(recipe=recipe_kd("kl-ce")) is None
+    trainer = DistillTrainer(model=model, args=args, teacher=teacher, recipe=kd, vocab=model.config.vocab_size)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     got = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
 
@@ -319,12 +319,13 @@ def test_clm_keep_trains_the_ce_on_the_tokens_where_the_student_lags_the_teacher
 def test_the_kl_ce_recipe_heals_with_the_token_embeddings_kept_as_they_were(student, tiny_gpt2_dir, tmp_path):
     out = tmp_path / "run"
     assert main(["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out), *DATA,
-                 *TINY, "--max-steps", "2", "--recipe", "kl-ce"]) == 0
+                 *TINY, "--max-steps", "2", "--recipe", "kl-ce", "--clm-keep", "0.5", "--fused-head", "on"]) == 0
     before, after = load_file(student / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and not changed & {"transformer.wte.weight", "transformer.wpe.weight"}
     record = json.loads((out / "lmshrink.json").read_text())
     assert record["settings"]["recipe"] == "kl-ce" and record["settings"]["train"]["freeze"] == ["embeddings"]
+    assert record["metrics"]["speed"]["fused_head"] is False  # --clm-keep needs full logits: turned off for it
     logged = [line for line in metrics_lines(out) if "loss" in line][-1]
     assert {"ce", "kd"} <= set(logged) and "cos" not in logged
 

@@ -173,10 +173,10 @@ def selective_lm_loss(logits: torch.Tensor, reference_logits: torch.Tensor, labe
     CE over the `keep` share of the batch's tokens where the model's NLL exceeds a reference model's
     most (the excess loss: what the model can still learn there; a token the reference cannot predict
     either is noise to it). A distilled student's reference is its teacher. keep 1: `causal_lm_loss`."""
+    if keep >= 1:
+        return causal_lm_loss(logits, labels)
     nll = next_token_nll(logits, labels)
     valid = labels[:, 1:] != -100
-    if keep >= 1:
-        return nll.sum() / valid.sum().clamp(min=1)
     with torch.no_grad():
         excess = (nll - next_token_nll(reference_logits, labels)).masked_fill(~valid, float("-inf"))
     k = max(1, round(keep * int(valid.sum())))

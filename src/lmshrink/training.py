@@ -583,6 +583,11 @@ class LMTrainer(Trainer):
     """A Trainer whose progress lines carry the loss parts, tokens/s, model TFLOP/s and MFU, and
     whose LM loss runs through the fused head where that is on (`lm_loss`)."""
 
+    @staticmethod
+    def head_problem(**trainer_kwargs: Any) -> str | None:
+        """Why this trainer's loss, with these arguments, cannot run through the fused head, or None."""
+        return None
+
     def __init__(self, *args: Any, fused_head: bool = False, flops_per_token: float = 0.0, kd_chunk: int | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -869,7 +874,8 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
         callbacks.append(Profile(out / "profile", settings.train.profile_steps))
     teacher = trainer_kwargs.get("teacher")
     fused = switched_on(settings.train.fused_head)
-    problem = next(filter(None, (fused_head_problem(m, args) for m in (model, teacher) if m is not None)), None)
+    problem = next(filter(None, (*(fused_head_problem(m, args) for m in (model, teacher) if m is not None),
+                                 trainer_cls.head_problem(**trainer_kwargs))), None)
     if fused and problem:
         print(f"[lmshrink] fused head off: {problem}; the loss is computed from full logits", flush=True)
         fused = False
@@ -882,7 +888,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
                           data_collator=collate, processing_class=tokenizer, callbacks=callbacks,
                           fused_head=fused, flops_per_token=model_flops, **trainer_kwargs)
     print(f"[lmshrink] {command} on {device_name(args.device.type)}: compile {'on' if args.torch_compile else 'off'}, "
-          f"fused head {'on' if trainer.fused_head else 'off'}, optimizer {run_optimizer(args)}, {run_precision(args)}; "
+          f"fused head {'on' if fused else 'off'}, optimizer {run_optimizer(args)}, {run_precision(args)}; "
           f"peak {trainer.peak_flops / 1e12:.1f} TFLOP/s (measured matmul); runs to "
           f"{run_length(settings.train, settings.corpus.block_size)[1]}", flush=True)
     if resume_from:

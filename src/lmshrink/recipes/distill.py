@@ -219,9 +219,6 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student_config, tea
 class DistillTrainer(LMTrainer):
     def __init__(self, *args: Any, teacher=None, recipe: KDArgs, vocab: int,
                  kept: list[int] | None = None, **kwargs: Any):
-        if recipe.clm_keep < 1 and kwargs.get("fused_head"):  # the selective CE ranks the tokens by both models' logits
-            print("[lmshrink] fused head off: --clm-keep ranks tokens by the teacher's loss, from full logits", flush=True)
-            kwargs["fused_head"] = False
         super().__init__(*args, kd_chunk=recipe.kd_chunk, **kwargs)
         self.recipe, self.vocab, self.kept = recipe, vocab, kept
         self.div = divergence(recipe.loss, recipe.beta, recipe.skew)
@@ -238,6 +235,12 @@ class DistillTrainer(LMTrainer):
             self.kd_step = head_step(kind, self.div, recipe.temperature, vocab, compiled=self.args.torch_compile)
             self.teacher_weight = teacher.get_output_embeddings().weight if teacher is not None else None
         self._teacher = teacher  # uncompiled, for its head
+
+    @staticmethod
+    def head_problem(recipe: KDArgs | None = None, **trainer_kwargs: Any) -> str | None:
+        if recipe is not None and recipe.clm_keep < 1:
+            return "--clm-keep ranks the tokens by the teacher's loss, from full logits"
+        return None
 
     def head_models(self) -> list:
         return super().head_models() + ([self._teacher] if self.fused_head and self._teacher is not None else [])
