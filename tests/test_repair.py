@@ -9,7 +9,7 @@ import transformers as T
 from conftest import ARCHS, VOCAB, tiny_model
 
 import lmshrink.repair as repair_module
-from lmshrink.architectures import architecture_of, blocks_of, get_path
+from lmshrink.architectures import architecture_of, blocks_of, get_path, only_blocks
 from lmshrink.cut_search import CutSearch
 from lmshrink.perplexity import perplexity
 from lmshrink.repair import (
@@ -267,6 +267,13 @@ def test_a_search_fits_its_repairs_on_their_own_rows_and_measures_on_others(meth
     search = CutSearch(teacher, measured, method, "kl", fit_rows=fitted)
     assert search.states[0].shape[0] == 24 and search.rows is measured
     assert search.score([0, 2]) < 1e-5 < CutSearch(teacher, measured, "none", "kl").score([0, 2])
+    # the candidate's repair, outside `score` (what a caller runs other measures with): the teacher's outputs
+    assert CutSearch(teacher, measured, "none", "kl").edits([0, 2]) == {}
+    with torch.no_grad():
+        want = teacher(input_ids=measured, use_cache=False).logits
+        with patched(teacher, search.edits([0, 2])), only_blocks(teacher, [0, 2]):
+            got = teacher(input_ids=measured, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("method", ["replaceme", "refit"])

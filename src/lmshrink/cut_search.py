@@ -67,13 +67,16 @@ class CutSearch:
             self.fits[(a, b)] = (self.repair, param)
         return self.fits[(a, b)]
 
+    def edits(self, keep: list[int]) -> dict[int, tuple[str, torch.Tensor]]:
+        """The repair of the cut that keeps `keep`, as `repair.patched` takes it (teacher block indices)."""
+        if self.repair == "none":
+            return {}
+        return {a - 1: self._fit(a, b) for a, b in removed_spans(self.n, keep) if a > 0}
+
     @torch.inference_mode()
     def score(self, keep: list[int]) -> float:
         """The measure of the student that keeps `keep` (repaired): lower is better."""
-        edits = {}
-        if self.repair != "none":
-            edits = {a - 1: self._fit(a, b) for a, b in removed_spans(self.n, keep) if a > 0}
-        with patched(self.teacher, edits), only_blocks(self.teacher, keep):  # patch by teacher index first
+        with patched(self.teacher, self.edits(keep)), only_blocks(self.teacher, keep):  # patch by teacher index first
             value = gap(self.teacher, self.rows, self.measure, self.teacher_logp, self.batch_size)
         self.evaluated += 1
         return value
