@@ -58,6 +58,9 @@ def chart(rows: dict[str, dict], teacher: dict[str, float], task: str, path: Pat
         top.plot(x, [rows[s][repair]["kl"] for s in spans], style, label="as cut" if repair == "none" else "repaired")
         bottom.plot(x, [100 * rows[s][repair]["tasks"][task] for s in spans], style)
     bottom.axhline(100 * teacher[task], color="grey", lw=1, label="teacher")
+    for name in (name for name in rows if "-" not in name):  # the other cuts (--cuts), repaired
+        bottom.axhline(100 * rows[name]["repaired"]["tasks"][task], ls=":", lw=1.5, color="green",
+                       label=f"blocks {name} removed, repaired")
     top.set_yscale("log")
     top.set_ylabel("search KL (nats, log scale)")
     bottom.set_ylabel(f"{task} accuracy (%)")
