@@ -98,6 +98,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.output).expanduser()
     tasks = args.tasks.split(",")
+    settings = {k: v for k, v in vars(args).items() if k not in ("output", "cuts")}  # what a row's scores depend on
+    recorded = out / "settings.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        parser.error(f"{out} holds rows scored with other settings ({recorded}); give another --output")
+    write_json(recorded, settings)
     loaded = load(TEACHER)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     model.config.use_cache = False  # the kept blocks keep their teacher layer numbers: no KV cache
