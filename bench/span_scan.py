@@ -25,6 +25,7 @@ from lmshrink.architectures import blocks_of, only_blocks
 from lmshrink.benchmarks import run_tasks
 from lmshrink.cut_search import CutSearch
 from lmshrink.data import calibration_rows
+from lmshrink.model_gap import gap
 from lmshrink.models import load
 from lmshrink.recipes.truncate import CutArgs, calibration_mix
 from lmshrink.records import save_figure, write_json, write_text
@@ -116,16 +117,15 @@ def main() -> None:
     if not all(path.is_file() for _, path in cuts.values()):  # the teacher's activations, once
         rows = calibration_rows(SEARCH_TEXT, tokenizer, args.search_tokens, min(512, args.search_tokens))
         fit_rows = calibration_mix(CutArgs().repair_data, model, tokenizer, args.repair_tokens, 512)
-        searches = {"none": CutSearch(model, rows, "none"),
-                    "repaired": CutSearch(model, rows, args.repair, fit_rows=fit_rows)}
+        search = CutSearch(model, rows, args.repair, fit_rows=fit_rows)  # its teacher log-probs serve both columns
     done: dict[str, dict] = {}
     for name, (removed, path) in cuts.items():
         if not path.is_file():
             started, keep, row = time.perf_counter(), [i for i in range(n) if i not in removed], {}
-            for label, search in searches.items():
-                row[label] = {"kl": search.score(keep)}
-                with patched(model, search.edits(keep)), only_blocks(model, keep):
-                    row[label]["tasks"] = task_scores(model, tokenizer, tasks, args.limit)
+            for label, edits in (("none", {}), ("repaired", search.edits(keep))):
+                with patched(model, edits), only_blocks(model, keep):
+                    row[label] = {"kl": gap(model, rows, "kl", search.teacher_logp, search.batch_size),
+                                  "tasks": task_scores(model, tokenizer, tasks, args.limit)}
             write_json(path, {"removed": removed, **row, "seconds": time.perf_counter() - started})
         done[name] = json.loads(path.read_text())
         r = done[name]
