@@ -2,7 +2,8 @@
 
 The real SmolLM2-135M cut to 24/30 and 15/30 blocks, chosen by Block Influence (`importance`),
 `iterative` and `contiguous` search, each as cut, + bias (the mean update) and + ReplaceMe (also
-with each span's strength chosen on held-out rows by the output's KL from the teacher), the
+with each span's strength chosen on held-out rows by the output's KL from the teacher) and + refit
+(also fitted further on the output: `--repair-epochs`), the
 repairs calibrated on the Python library reference (`docs`), on text the teacher writes itself
 (`teacher`), or on both (`mix`). Every student is built by `lmshrink truncate` and scored on three
 kinds of held-out text no calibration saw: the Python tutorial, the kernel's process documentation
@@ -43,6 +44,7 @@ TEACHER = "smollm2-135m"
 TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 REPAIRED = ("none", "replaceme", "refit", "bias")  # the repairs a searched cut is built with, in order
+REFINE = 4  # passes fitting the repaired projections on the output (truncate's --repair-epochs), where a row asks
 DEFAULT_REPAIR = "refit"  # truncate's
 METHOD = {"replaceme": "ReplaceMe", "refit": "refit", "bias": "bias"}
 CALIBRATION = {"docs": ["python-docs/library"], "teacher": ["teacher"], "mix": ["teacher", "python-docs/library"]}
@@ -64,6 +66,9 @@ def plan(depths: list[int]) -> list[dict[str, Any]]:
                      dict(k=k, strategy="importance", repair="replaceme", calib="mix", strength="auto")]
         for strategy in ("contiguous", "iterative"):
             rows += [dict(k=k, strategy=strategy, repair=r, calib="mix") for r in REPAIRED]
+        if first:  # the default repair, then fitted on the output, for BI's cut and the one span
+            rows += [dict(k=k, strategy=s, repair=DEFAULT_REPAIR, calib="mix", refine=REFINE)
+                     for s in ("importance", "contiguous")]
     return rows
 
 
@@ -75,6 +80,8 @@ def name_of(row: dict[str, Any]) -> str:
         parts.append(f"fit-{row['fit']}")
     if row.get("strength"):
         parts.append(f"strength-{row['strength']}")
+    if row.get("refine"):
+        parts.append(f"output-{row['refine']}")
     return "-".join(parts)
 
 
@@ -84,6 +91,7 @@ def label_of(row: dict[str, Any]) -> str:
         return f"{strategy}, as cut"
     fit = f", fit on {row['fit']}" if row.get("fit", "student") != "student" else ""
     fit += ", strength chosen" if row.get("strength") else ""
+    fit += f", + {row['refine']} passes on the output" if row.get("refine") else ""
     return f"{strategy} + {METHOD[row['repair']]} ({row['calib']}{fit})"
 
 
@@ -103,6 +111,8 @@ def build(row: dict[str, Any], folder: Path, args) -> float:
                 "--repair-fit", row.get("fit", "student")]
         if row.get("strength") == "auto":
             cmd += ["--repair-strength", ",".join(map(str, STRENGTHS))]
+        if row.get("refine"):
+            cmd += ["--repair-epochs", str(row["refine"])]
     started = time.perf_counter()
     assert lmshrink(cmd) == 0, f"lmshrink {' '.join(cmd)} failed"
     return time.perf_counter() - started

@@ -52,6 +52,8 @@ CASES = [
     (["truncate", "--teacher", "{model}", "--keep", "0,3", "--repair", "bias", "--repair-fit", "both"],
      "repair_fit: 'both' is unknown"),
     (["truncate", "--teacher", "{model}", "--keep", "0,3", "--repair-data", "{bad}/binary.txt"], "binary"),
+    (["truncate", "--teacher", "{model}", "--keep", "0,3", "--repair", "none", "--repair-epochs", "2"],
+     "--repair none fits none"),
     (["truncate", "--teacher", "{model}", "--strategy", "importance", "--num-layers", "2", "--scores",
       "{bad}/missing.json"], "run `lmshrink score-layers` first"),
     (["truncate", "--teacher", "{model}", "--strategy", "importance", "--num-layers", "2", "--scores",

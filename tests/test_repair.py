@@ -11,6 +11,7 @@ from conftest import ARCHS, VOCAB, tiny_model
 import lmshrink.repair as repair_module
 from lmshrink.architectures import architecture_of, blocks_of, get_path, only_blocks
 from lmshrink.cut_search import CutSearch
+from lmshrink.model_gap import gap, log_probs
 from lmshrink.perplexity import perplexity
 from lmshrink.repair import (
     BlockReplay,
@@ -23,6 +24,7 @@ from lmshrink.repair import (
     heldout_split,
     patched,
     projection,
+    refine,
     refit,
     removed_spans,
     repair,
@@ -312,6 +314,31 @@ def test_strength_is_chosen_by_the_output_on_held_out_rows():
     # with one strength nothing is measured, and the record says which was used
     _, plain = repair(teacher, truncate_model(teacher, [0, 2]), [0, 2], ids, "bias", "teacher")
     assert plain[0]["strength"] == 1.0 and "strength_kl" not in plain[0]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_refine_fits_only_the_repaired_projections_on_the_output(kind):
+    teacher = tiny_model(kind, 4)
+    with torch.no_grad():  # a removed block that matters
+        for p in blocks_of(teacher)[2].mlp.parameters():
+            p.mul_(8)
+    ids = rows(8, 16).repeat(2, 1)  # the held-out rows repeat fit rows: random tokens have nothing else to learn
+    student = truncate_model(teacher, [0, 1, 3])  # any cut: the plain one is furthest from its teacher
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    record = refine(teacher, student, [1], ids, epochs=3, lr=1e-2)
+    kl = record["heldout_kl"]
+    assert len(kl) == 4 and record["kept_epoch"] == min(range(4), key=kl.__getitem__)
+    assert kl[record["kept_epoch"]] < 0.9 * kl[0]  # the output fit brought the student closer
+    # the kept pass is the one in the model, and nothing but block 1's MLP output projection moved
+    held = ids[-heldout_split(ids):]
+    assert gap(student, held, "kl", log_probs(teacher, held)) == pytest.approx(kl[record["kept_epoch"]], rel=1e-5)
+    prefix = f"{'transformer.h' if kind == 'gpt2' else 'model.layers'}.1.mlp.{'c_proj' if kind == 'gpt2' else 'down_proj'}."
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(prefix) for k in changed)
+    assert all(p.requires_grad for p in student.parameters())  # as they were
+    # no passes: nothing moves
+    untouched = refine(teacher, student, [1], ids, epochs=0, lr=1e-2)
+    assert untouched["heldout_kl"] == [pytest.approx(kl[record["kept_epoch"]], rel=1e-5)]
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])

@@ -153,7 +153,8 @@ def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_pat
     out = tmp_path / "student"
     assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--strategy", strategy,
                  "--num-layers", "2", "--calib-data", str(real_text), "--search-tokens", "512",
-                 "--repair-data", f"teacher,{real_text}", "--repair-tokens", "2048"]) == 0
+                 "--repair-data", f"teacher,{real_text}", "--repair-tokens", "2048",
+                 *(["--repair-epochs", "1"] if strategy == "contiguous" else [])]) == 0
     record = json.loads((out / "lmshrink.json").read_text())
     keep = record["kept_layers"]
     search = record["search"]
@@ -172,7 +173,11 @@ def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_pat
     student = T.AutoModelForCausalLM.from_pretrained(out).eval()
     plain = truncate_model(load(str(tiny_gpt2_dir)).model, keep)
     ids = torch.tensor([[15496, 995, 11, 612]])
-    assert torch.equal(logits(student, ids), logits(plain, ids)) == all(s.get("alpha") is None for s in fitted)
+    refined = repair.get("refine", {"kept_epoch": 0})
+    if strategy == "contiguous":  # one pass fitting the repaired projection on the output
+        assert refined["blocks"] == [s["student_block"] for s in fitted] and len(refined["heldout_kl"]) == 2
+    untouched = all(s.get("alpha") is None for s in fitted) and refined["kept_epoch"] == 0
+    assert torch.equal(logits(student, ids), logits(plain, ids)) == untouched
 
 
 def test_repair_refusals_are_one_line(tiny_gpt2_dir, tmp_path, capsys):

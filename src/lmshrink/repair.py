@@ -37,11 +37,19 @@ by the one that brings the student's output closest to the teacher's on the held
 
 Every fit is computed from sufficient statistics (`Moments`), so held-out errors and refits cost
 a few H x H products, not another pass over the tokens.
+
+`refine` then fits the same projections on what the student is for, its next-token distribution:
+a few passes of Adam over the calibration rows on the forward KL from the teacher, every other
+weight frozen, the held-out rows keeping the best pass (the least-squares fit itself included).
+The stream's error is only a proxy for the output: on SmolLM2-135M cut to 24 blocks by Block
+Influence, four passes took the refit student's held-out KL from 0.350 to 0.304 and its perplexity
+8-11% lower on three held-out kinds of text (bench/cut_quality.py).
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +59,7 @@ from torch import nn
 
 from lmshrink.architectures import architecture_of, blocks_of, get_path
 from lmshrink.errors import LmshrinkError, one_of
+from lmshrink.losses import forward_kl
 from lmshrink.model_gap import gap, log_probs
 
 REPAIRS = ("none", "bias", "replaceme", "refit")
@@ -441,3 +450,58 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
         APPLY[method](projection(student, j), param * strength)
         report.append({"span": [a, b], "block": a - 1, "student_block": j, "strength": strength, **info})
     return student, report
+
+
+def refine(teacher, student, blocks: list[int], rows: torch.Tensor, epochs: int, lr: float,
+           batch_size: int = 4, seed: int = 0) -> dict:
+    """Fit the MLP output projections of the student's `blocks` (a repair's fitted blocks) further
+    on the output: `epochs` passes of Adam over the calibration rows (N, T) but the held-out ones, on
+    the mean forward KL from the teacher's next-token distribution, every other weight frozen. After
+    each pass the held-out KL is measured and the best pass's weights are kept (pass 0: as given),
+    so the held-out rows never see a student worse than the repair it started from.
+    The teacher's log-probabilities on the fit rows are computed once and kept in float16 (for
+    SmolLM2-135M at 16,384 tokens, 1.6 GB). Returns what the record keeps: the held-out KL after
+    each pass, the pass kept, the seconds."""
+    started = time.perf_counter()
+    held = heldout_split(rows)
+    fit, hold = rows[:-held], rows[-held:]
+    device = next(student.parameters()).device
+    target = None
+    with torch.no_grad():
+        for start in range(0, fit.shape[0], batch_size):
+            logits = teacher(input_ids=fit[start : start + batch_size].to(device), use_cache=False).logits
+            if target is None:
+                target = torch.empty(*fit.shape, logits.shape[-1], dtype=torch.float16, device=device)
+            target[start : start + batch_size] = torch.log_softmax(logits.float(), -1).half()
+    hold_logp = log_probs(teacher, hold, batch_size)
+    params = [p for j in sorted(set(blocks)) for p in projection(student, j).parameters()]
+    trainable = {name: p.requires_grad for name, p in student.named_parameters()}
+    student.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    heldout = [gap(student, hold, "kl", hold_logp, batch_size)]
+    best = [p.detach().clone() for p in params]
+    try:
+        for _ in range(epochs):
+            perm = torch.randperm(fit.shape[0], generator=order)
+            for start in range(0, fit.shape[0], batch_size):
+                idx = perm[start : start + batch_size]
+                logits = student(input_ids=fit[idx].to(device), use_cache=False).logits.float()
+                loss = forward_kl(torch.log_softmax(logits, -1), target[idx.to(device)].float()).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            heldout.append(gap(student, hold, "kl", hold_logp, batch_size))
+            if heldout[-1] < min(heldout[:-1]):
+                best = [p.detach().clone() for p in params]
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, best, strict=True):
+                p.copy_(b)
+        for name, p in student.named_parameters():
+            p.requires_grad_(trainable[name])
+    kept = min(range(len(heldout)), key=heldout.__getitem__)
+    return {"epochs": epochs, "lr": lr, "blocks": sorted(set(blocks)), "heldout_kl": heldout, "kept_epoch": kept,
+            "tokens": fit.numel(), "seconds": time.perf_counter() - started}

@@ -24,7 +24,7 @@ from lmshrink.model_gap import MEASURES
 from lmshrink.models import load, no_tokenizer
 from lmshrink.recipes.score_layers import read_scores
 from lmshrink.records import provenance, save_atomically
-from lmshrink.repair import FIT_ON, REPAIRS, repair, repair_problems
+from lmshrink.repair import FIT_ON, REPAIRS, refine, repair, repair_problems
 from lmshrink.sampling import TEACHER_TEXT, teacher_rows
 from lmshrink.truncation import STRATEGIES, select_layers, truncate_model
 
@@ -45,6 +45,11 @@ class CutArgs:
     repair_strength: list[float] = setting([1.0], "strengths each span's fit is tried at (scaled by each); the one "
                                                   "whose output is closest to the teacher's on held-out rows (forward "
                                                   "KL) is kept; 1: the method as published")
+    repair_epochs: int = setting(0, "passes of Adam fitting the repaired projections further on the output (forward "
+                                    "KL from the teacher's next-token distribution on the calibration rows, every "
+                                    "other weight frozen); the held-out rows keep the best pass; 0: the "
+                                    "least-squares fit alone")
+    repair_lr: float = setting(1e-3, "Adam's learning rate for --repair-epochs")
     search_measure: str = setting("kl", f"what strategies {' and '.join(SEARCHES)} minimise: {', '.join(MEASURES)} "
                                         "(kl: forward KL from the teacher)")
     search_tokens: int = setting(2048, f"calibration tokens (of --calib-data) on which {' and '.join(SEARCHES)} "
@@ -59,6 +64,11 @@ class CutArgs:
             problems.append("repair_data: name at least one calibration source (or --repair none)")
         if not self.repair_strength or any(not 0 < v <= 2 for v in self.repair_strength):
             problems.append("repair_strength: give one or more strengths in (0, 2], e.g. 0.5,0.75,1")
+        if self.repair_epochs < 0 or self.repair_lr <= 0:
+            problems.append("repair_epochs, repair_lr: give a pass count of 0 or more and a positive rate, e.g. 4 and 1e-3")
+        if self.repair_epochs and self.repair == "none":
+            problems.append("repair_epochs: fits the repaired projections further, and --repair none fits none; "
+                            "choose a repair (e.g. --repair refit) or --repair-epochs 0")
         if self.repair_tokens < 2 or self.search_tokens < 2:
             problems.append("repair_tokens, search_tokens: must be at least 2")
         return problems
@@ -161,6 +171,13 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
                             "strengths": args.repair_strength,
                             "tokens": repair_rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark,
                             "calibration_seconds": calib_seconds}
+        if args.repair_epochs:
+            blocks = [s["student_block"] for s in spans if "student_block" in s]
+            refined = refine(teacher, student, blocks, repair_rows, args.repair_epochs, args.repair_lr)
+            record["repair"]["refine"] = refined
+            kl = refined["heldout_kl"]
+            print(f"fitted on the output for {args.repair_epochs} passes in {refined['seconds']:.0f} s: held-out KL "
+                  f"{kl[0]:.4f} -> {kl[refined['kept_epoch']]:.4f} (pass {refined['kept_epoch']} kept)")
         errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}"
                            + (f" (strength {s['strength']:g})" if len(args.repair_strength) > 1 else "")
                            for s in spans if "heldout_error" in s)
