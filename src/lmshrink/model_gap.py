@@ -15,11 +15,11 @@ MEASURES = ("kl", "ppl")
 
 
 @torch.inference_mode()
-def log_probs(model, rows: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
-    """The model's next-token log-probabilities (B, T, V) for each batch of rows."""
+def log_probs(model, rows: torch.Tensor, batch_size: int = 4, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """The model's next-token log-probabilities (B, T, V) for each batch of rows, kept in `dtype`."""
     device = next(model.parameters()).device
-    return [torch.log_softmax(model(input_ids=rows[i : i + batch_size].to(device), use_cache=False).logits.float(), -1)
-            for i in range(0, rows.shape[0], batch_size)]
+    return [torch.log_softmax(model(input_ids=rows[i : i + batch_size].to(device), use_cache=False).logits.float(),
+                              -1).to(dtype) for i in range(0, rows.shape[0], batch_size)]
 
 
 @torch.inference_mode()
