@@ -336,6 +336,8 @@ def test_refine_fits_only_the_repaired_projections_on_the_output(kind):
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(prefix) for k in changed)
     assert all(p.requires_grad for p in student.parameters())  # as they were
+    # no repaired block (every span started at block 0): nothing to fit, said so
+    assert refine(teacher, student, [], ids, epochs=2, lr=1e-2)["skipped"]
     # no passes: nothing moves
     untouched = refine(teacher, student, [1], ids, epochs=0, lr=1e-2)
     assert untouched["heldout_kl"] == [pytest.approx(kl[record["kept_epoch"]], rel=1e-5)]

@@ -173,10 +173,11 @@ def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_pat
     student = T.AutoModelForCausalLM.from_pretrained(out).eval()
     plain = truncate_model(load(str(tiny_gpt2_dir)).model, keep)
     ids = torch.tensor([[15496, 995, 11, 612]])
-    refined = repair.get("refine", {"kept_epoch": 0})
+    refined = repair.get("refine", {})
     if strategy == "contiguous":  # one pass fitting the repaired projection on the output
-        assert refined["blocks"] == [s["student_block"] for s in fitted] and len(refined["heldout_kl"]) == 2
-    untouched = all(s.get("alpha") is None for s in fitted) and refined["kept_epoch"] == 0
+        assert refined["blocks"] == [s["student_block"] for s in fitted]
+        assert len(refined.get("heldout_kl", [])) == (2 if fitted else 0)
+    untouched = all(s.get("alpha") is None for s in fitted) and refined.get("kept_epoch", 0) == 0
     assert torch.equal(logits(student, ids), logits(plain, ids)) == untouched
 
 

@@ -462,6 +462,8 @@ def refine(teacher, student, blocks: list[int], rows: torch.Tensor, epochs: int,
     The teacher's log-probabilities on the fit rows are computed once and kept in float16 (for
     SmolLM2-135M at 16,384 tokens, 1.6 GB; twice that while they are gathered). Returns what the
     record keeps: the held-out KL after each pass, the pass kept, the seconds."""
+    if not blocks:  # every span started at block 0: nothing was fitted, so nothing to fit further
+        return {"epochs": 0, "lr": lr, "blocks": [], "skipped": "no repaired block to fit"}
     started = time.perf_counter()
     held = heldout_split(rows)
     fit, hold = rows[:-held], rows[-held:]

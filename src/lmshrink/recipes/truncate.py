@@ -175,9 +175,12 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
             blocks = [s["student_block"] for s in spans if "student_block" in s]
             refined = refine(teacher, student, blocks, repair_rows, args.repair_epochs, args.repair_lr)
             record["repair"]["refine"] = refined
-            kl = refined["heldout_kl"]
-            print(f"fitted on the output for {args.repair_epochs} passes in {refined['seconds']:.0f} s: held-out KL "
-                  f"{kl[0]:.4f} -> {kl[refined['kept_epoch']]:.4f} (pass {refined['kept_epoch']} kept)")
+            if "skipped" in refined:
+                print(f"not fitted on the output: {refined['skipped']}")
+            else:
+                kl = refined["heldout_kl"]
+                print(f"fitted on the output for {args.repair_epochs} passes in {refined['seconds']:.0f} s: held-out "
+                      f"KL {kl[0]:.4f} -> {kl[refined['kept_epoch']]:.4f} (pass {refined['kept_epoch']} kept)")
         errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}"
                            + (f" (strength {s['strength']:g})" if len(args.repair_strength) > 1 else "")
                            for s in spans if "heldout_error" in s)
