@@ -117,20 +117,23 @@ def base_command(arm: str, student: Path, folder: Path, tokens: int) -> list[str
     return [*common, "--recipe", arm, "--max-tokens", str(tokens)]  # distilgpt2, minitron, kl-ce
 
 
-def student_command(student: Path, strategy: str, repair: str, repair_tokens: int, keep: str | None) -> list[str]:
+def student_command(student: Path, strategy: str, repair: str, repair_tokens: int, keep: str | None,
+                    repair_epochs: int = 0) -> list[str]:
     """The `lmshrink truncate` command of the student every arm heals: 24 blocks chosen by `strategy`,
-    or the teacher blocks `keep` (e.g. a search's choice, repaired on more calibration text)."""
+    or the teacher blocks `keep` (e.g. a search's choice, repaired on more calibration text), the
+    repair fitted further on the output for `repair_epochs` passes."""
     blocks = ["--keep", keep] if keep else ["--num-layers", "24", "--strategy", strategy]
     return ["truncate", "--teacher", TEACHER, "--output", str(student), *blocks, "--repair", repair,
-            "--repair-tokens", str(repair_tokens), "--overwrite"]
+            "--repair-tokens", str(repair_tokens), "--repair-epochs", str(repair_epochs), "--overwrite"]
 
 
 def cut_of(settings: dict) -> tuple:
-    """(blocks, repair, repair tokens) from the bench's arguments or a student's recorded settings."""
+    """(blocks, repair, repair tokens, output-fit passes) from the bench's arguments or a student's
+    recorded settings."""
     cut = settings.get("cut", settings)
     keep = settings.get("keep")
     blocks = [int(b) for b in keep.split(",")] if isinstance(keep, str) else keep or settings["strategy"]
-    return blocks, cut["repair"], cut["repair_tokens"]
+    return blocks, cut["repair"], cut["repair_tokens"], cut.get("repair_epochs", 0)
 
 
 def text_command(name: str, out: Path, samples: int) -> list[str]:
@@ -251,6 +254,8 @@ def main() -> None:
     parser.add_argument("--strategy", default="contiguous", help="how the student's 24 blocks are chosen (truncate's)")
     parser.add_argument("--repair", default="refit", help="the student's training-free repair (truncate's)")
     parser.add_argument("--repair-tokens", type=int, default=16384, help="the repair's calibration tokens (truncate's)")
+    parser.add_argument("--repair-epochs", type=int, default=0,
+                        help="passes fitting the repair further on the teacher's output (truncate's)")
     parser.add_argument("--keep", default=None, help="the student's teacher blocks, in place of --strategy")
     args = parser.parse_args()
     arms, texts = args.arms.split(","), set()  # the teacher texts the arms train on
@@ -262,7 +267,7 @@ def main() -> None:
     out = Path(args.output).expanduser()
     student = out / "student"
     if not (student / "lmshrink.json").is_file():
-        run(*student_command(student, args.strategy, args.repair, args.repair_tokens, args.keep))
+        run(*student_command(student, args.strategy, args.repair, args.repair_tokens, args.keep, args.repair_epochs))
     built, wanted = cut_of(json.loads((student / "lmshrink.json").read_text())["settings"]), cut_of(vars(args))
     if built != wanted:
         raise SystemExit(f"{student} was cut as {built}, not {wanted}: give those settings, or another --output")
