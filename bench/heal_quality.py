@@ -2,7 +2,9 @@
 
 Student: the real SmolLM2-135M cut from 30 to 24 blocks, by default the best training-free student
 of bench/cut_quality.py: the `contiguous` search's span, repaired by `refit` (`--strategy
-importance --repair replaceme` rebuilds the student of the first table: Block Influence + ReplaceMe).
+importance --repair replaceme` rebuilds the student of the first table: Block Influence + ReplaceMe;
+`--repair-epochs 4` fits the refit further on the teacher's output, truncate's most exact and
+slowest repair).
 Arms, each healed on python-docs/library (block 256, batch 4) at every budget of --tokens:
 
 - `clm`: `lmshrink pretrain` (the paper's method, the LM loss alone);
@@ -38,7 +40,7 @@ and the held-out split) and prints each arm against the first, paired by seed, w
 Resumable: every run, text and score lives in OUTPUT, and the same command carries on.
 
     python bench/heal_quality.py --output ~/lmshrink-runs/heal-quality [--tokens 25600,102400] [--tasks core]
-        [--strategy importance --repair replaceme] [--seeds 42,1,2]
+        [--strategy importance --repair replaceme] [--repair-epochs 4] [--seeds 42,1,2]
 """
 
 from __future__ import annotations
