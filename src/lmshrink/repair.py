@@ -439,7 +439,7 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
             base, m = replay.run(j, stream)
         u = states[b + 1] - base
         param, info = fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
-        strength = 1.0
+        strength = strengths[0]  # one strength given: that one, measured or not
         if teacher_logp is not None:
             gaps = {}
             for s in strengths:
