@@ -44,7 +44,7 @@ class CutArgs:
                                          "repaired student's own activations)")
     repair_strength: list[float] = setting([1.0], "strengths each span's fit is tried at (scaled by each); the one "
                                                   "whose output is closest to the teacher's on held-out rows (forward "
-                                                  "KL) is kept; 1: the method as published")
+                                                  "KL) is kept (one value: applied as given); 1: the method as published")
     repair_epochs: int = setting(0, "passes of Adam fitting the repaired projections further on the output (forward "
                                     "KL from the teacher's next-token distribution on the calibration rows, every "
                                     "other weight frozen); the held-out rows keep the best pass; 0: the "
