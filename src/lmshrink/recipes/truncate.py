@@ -182,7 +182,7 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
                 print(f"fitted on the output for {args.repair_epochs} passes in {refined['seconds']:.0f} s: held-out "
                       f"KL {kl[0]:.4f} -> {kl[refined['kept_epoch']]:.4f} (pass {refined['kept_epoch']} kept)")
         errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}"
-                           + (f" (strength {s['strength']:g})" if args.repair_strength != [1.0] else "")
+                           + (f" (applied at strength {s['strength']:g})" if args.repair_strength != [1.0] else "")
                            for s in spans if "heldout_error" in s)
         print(f"repaired by {args.repair} on {repair_rows.numel():,} tokens of {', '.join(args.repair_data)} in "
               f"{record['repair']['seconds']:.0f} s (gathering the text: {calib_seconds:.0f} s); held-out error vs "
