@@ -3,7 +3,8 @@
 The real SmolLM2-135M cut to 24/30 and 15/30 blocks, chosen by Block Influence (`importance`),
 `iterative` and `contiguous` search, each as cut, + bias (the mean update) and + ReplaceMe (also
 with each span's strength chosen on held-out rows by the output's KL from the teacher) and + refit
-(also fitted further on the output: `--repair-epochs`), the
+(also fitted further on the output: `--repair-epochs`; for BI's cut also applied at half strength,
+with and without that fit: the repair's trade between LAMBADA and SciQ), the
 repairs calibrated on the Python library reference (`docs`), on text the teacher writes itself
 (`teacher`), or on both (`mix`). Every student is built by `lmshrink truncate` and scored on three
 kinds of held-out text no calibration saw: the Python tutorial, the kernel's process documentation
@@ -46,6 +47,7 @@ STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 REPAIRED = ("none", "replaceme", "refit", "bias")  # the repairs a searched cut is built with, in order
 REFINE = 4  # passes fitting the repaired projections on the output (truncate's --repair-epochs), where a row asks
 DEFAULT_REPAIR = "refit"  # truncate's
+HALF = 0.5  # a fixed strength for BI's refit (rows marked strength-0.5): a weaker repair, for zero-shot accuracy
 METHOD = {"replaceme": "ReplaceMe", "refit": "refit", "bias": "bias"}
 CALIBRATION = {"docs": ["python-docs/library"], "teacher": ["teacher"], "mix": ["teacher", "python-docs/library"]}
 
@@ -69,6 +71,8 @@ def plan(depths: list[int]) -> list[dict[str, Any]]:
         if first:  # the default repair, then fitted on the output, for BI's cut and the one span
             rows += [dict(k=k, strategy=s, repair=DEFAULT_REPAIR, calib="mix", refine=REFINE)
                      for s in ("importance", "contiguous")]
+            rows += [dict(k=k, strategy="importance", repair=DEFAULT_REPAIR, calib="mix", strength=HALF, **more)
+                     for more in ({}, {"refine": REFINE})]
     return rows
 
 
@@ -90,7 +94,8 @@ def label_of(row: dict[str, Any]) -> str:
     if row["repair"] == "none":
         return f"{strategy}, as cut"
     fit = f", fit on {row['fit']}" if row.get("fit", "student") != "student" else ""
-    fit += ", strength chosen" if row.get("strength") else ""
+    strength = row.get("strength")
+    fit += "" if not strength else ", strength chosen" if strength == "auto" else f", strength {strength:g}"
     fit += f", + {row['refine']} passes on the output" if row.get("refine") else ""
     return f"{strategy} + {METHOD[row['repair']]} ({row['calib']}{fit})"
 
@@ -101,6 +106,14 @@ def scores(model, streams: dict[str, torch.Tensor], args) -> dict[str, float]:
 
 def build(row: dict[str, Any], folder: Path, args) -> float:
     """`lmshrink truncate` for one row; wall seconds."""
+    cmd = truncate_command(row, folder, args)
+    started = time.perf_counter()
+    assert lmshrink(cmd) == 0, f"lmshrink {' '.join(cmd)} failed"
+    return time.perf_counter() - started
+
+
+def truncate_command(row: dict[str, Any], folder: Path, args) -> list[str]:
+    """The `lmshrink truncate` command that builds one row's student in `folder`."""
     cmd = ["truncate", "--teacher", TEACHER, "--output", str(folder), "--num-layers", str(row["k"]),
            "--strategy", row["strategy"], "--calib-tokens", str(args.calib_tokens), "--overwrite",
            "--search-tokens", str(args.search_tokens), "--repair", row["repair"]]
@@ -109,13 +122,11 @@ def build(row: dict[str, Any], folder: Path, args) -> float:
     if row["repair"] != "none":
         cmd += ["--repair-data", ",".join(CALIBRATION[row["calib"]]), "--repair-tokens", str(args.repair_tokens),
                 "--repair-fit", row.get("fit", "student")]
-        if row.get("strength") == "auto":
-            cmd += ["--repair-strength", ",".join(map(str, STRENGTHS))]
+        if row.get("strength"):
+            cmd += ["--repair-strength", ",".join(map(str, STRENGTHS if row["strength"] == "auto" else [row["strength"]]))]
         if row.get("refine"):
             cmd += ["--repair-epochs", str(row["refine"])]
-    started = time.perf_counter()
-    assert lmshrink(cmd) == 0, f"lmshrink {' '.join(cmd)} failed"
-    return time.perf_counter() - started
+    return cmd
 
 
 def chart(teacher: dict[str, float], done: list[dict[str, Any]], path: Path) -> None:

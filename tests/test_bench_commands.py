@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from lmshrink.manual import command_problems
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import cut_quality  # noqa: E402
 import heal_quality  # noqa: E402
 
 
@@ -117,3 +119,17 @@ def test_the_heal_bench_student_is_a_truncate_command_and_its_record_is_checked(
         assert heal_quality.cut_of({**record, "cut": {**record["cut"], **other}}) != heal_quality.cut_of(wanted)
     # a record from before the output fit existed is a student with no passes
     assert heal_quality.cut_of({**record, "cut": {"repair": "refit", "repair_tokens": 65536}})[3] == 0
+
+
+def test_every_cut_bench_row_is_a_truncate_command_lmshrink_accepts(tmp_path):
+    args = argparse.Namespace(calib_tokens=4096, search_tokens=2048, repair_tokens=16384)
+    rows = cut_quality.plan([24, 15])
+    assert len({cut_quality.name_of(r) for r in rows}) == len(rows)  # every row its own folder
+    for row in rows:
+        argv = cut_quality.truncate_command(row, tmp_path / "students" / cut_quality.name_of(row), args)
+        assert command_problems(argv, ROOT) == [], cut_quality.name_of(row)
+    half = [r for r in rows if r.get("strength") == cut_quality.HALF]
+    assert half, "the half-strength rows are planned"
+    for row in half:  # a fixed strength is passed as itself, not as the list a chosen strength tries
+        argv = cut_quality.truncate_command(row, tmp_path, args)
+        assert argv[argv.index("--repair-strength") + 1] == "0.5"
