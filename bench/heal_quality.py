@@ -3,8 +3,8 @@
 Student: the real SmolLM2-135M cut from 30 to 24 blocks, by default the best training-free student
 of bench/cut_quality.py: the `contiguous` search's span, repaired by `refit` (`--strategy
 importance --repair replaceme` rebuilds the student of the first table: Block Influence + ReplaceMe;
-`--repair-epochs 4` fits the refit further on the teacher's output, truncate's most exact and
-slowest repair).
+`--repair-epochs 4` fits the refit further on the teacher's output: the best student by
+perplexity before training, and no better after it, so not the default).
 Arms, each healed on python-docs/library (block 256, batch 4) at every budget of --tokens:
 
 - `clm`: `lmshrink pretrain` (the paper's method, the LM loss alone);
