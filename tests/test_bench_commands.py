@@ -123,13 +123,12 @@ def test_the_heal_bench_student_is_a_truncate_command_and_its_record_is_checked(
 
 def test_every_cut_bench_row_is_a_truncate_command_lmshrink_accepts(tmp_path):
     args = argparse.Namespace(calib_tokens=4096, search_tokens=2048, repair_tokens=16384)
-    rows = cut_quality.plan([24, 15])
-    assert len({cut_quality.name_of(r) for r in rows}) == len(rows)  # every row its own folder
-    for row in rows:
-        argv = cut_quality.truncate_command(row, tmp_path / "students" / cut_quality.name_of(row), args)
-        assert command_problems(argv, ROOT) == [], cut_quality.name_of(row)
-    half = [r for r in rows if r.get("strength") == cut_quality.HALF]
+    rows = {cut_quality.name_of(r): r for r in cut_quality.plan([24, 15])}
+    assert len(rows) == len(cut_quality.plan([24, 15]))  # every row its own folder
+    argvs = {name: cut_quality.truncate_command(row, tmp_path / "students" / name, args) for name, row in rows.items()}
+    for name, argv in argvs.items():
+        assert command_problems(argv, ROOT) == [], name
+    half = [name for name, row in rows.items() if row.get("strength") == cut_quality.HALF]
     assert half, "the half-strength rows are planned"
-    for row in half:  # a fixed strength is passed as itself, not as the list a chosen strength tries
-        argv = cut_quality.truncate_command(row, tmp_path, args)
-        assert argv[argv.index("--repair-strength") + 1] == "0.5"
+    for name in half:  # a fixed strength is passed as itself, not as the list a chosen strength tries
+        assert argvs[name][argvs[name].index("--repair-strength") + 1] == "0.5"

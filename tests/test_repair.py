@@ -316,9 +316,9 @@ def test_strength_is_chosen_by_the_output_on_held_out_rows():
     assert plain[0]["strength"] == 1.0 and "strength_kl" not in plain[0]
     # one strength other than 1 is the one applied: half the fit's change to the projection
     cut = projection(truncate_model(teacher, [0, 2]), 0).weight
-    full, half = (projection(repair(teacher, truncate_model(teacher, [0, 2]), [0, 2], ids, "refit", "teacher",
-                                    strengths=(s,))[0], 0).weight for s in (1.0, 0.5))
-    _, record = repair(teacher, truncate_model(teacher, [0, 2]), [0, 2], ids, "refit", "teacher", strengths=(0.5,))
+    (full, _), (half, record) = (repair(teacher, truncate_model(teacher, [0, 2]), [0, 2], ids, "refit", "teacher",
+                                        strengths=(s,)) for s in (1.0, 0.5))
+    full, half = projection(full, 0).weight, projection(half, 0).weight
     assert record[0]["strength"] == 0.5 and not torch.equal(full, cut)
     torch.testing.assert_close(half - cut, 0.5 * (full - cut))
 
