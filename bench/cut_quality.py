@@ -73,6 +73,8 @@ def plan(depths: list[int]) -> list[dict[str, Any]]:
                      for s in ("importance", "contiguous")]
             rows += [dict(k=k, strategy="importance", repair=DEFAULT_REPAIR, calib="mix", strength=HALF, **more)
                      for more in ({}, {"refine": REFINE})]
+            rows += [dict(k=k, strategy=s, repair=DEFAULT_REPAIR, calib="mix", downstream=True)  # every later block fitted
+                     for s in ("importance", "contiguous")]
     return rows
 
 
@@ -86,6 +88,8 @@ def name_of(row: dict[str, Any]) -> str:
         parts.append(f"strength-{row['strength']}")
     if row.get("refine"):
         parts.append(f"output-{row['refine']}")
+    if row.get("downstream"):
+        parts.append("downstream")
     return "-".join(parts)
 
 
@@ -97,6 +101,7 @@ def label_of(row: dict[str, Any]) -> str:
     strength = row.get("strength")
     fit += "" if not strength else ", strength chosen" if strength == "auto" else f", strength {strength:g}"
     fit += f", + {row['refine']} passes on the output" if row.get("refine") else ""
+    fit += ", + the blocks after the cut" if row.get("downstream") else ""
     return f"{strategy} + {METHOD[row['repair']]} ({row['calib']}{fit})"
 
 
@@ -126,6 +131,8 @@ def truncate_command(row: dict[str, Any], folder: Path, args) -> list[str]:
             cmd += ["--repair-strength", ",".join(map(str, STRENGTHS if row["strength"] == "auto" else [row["strength"]]))]
         if row.get("refine"):
             cmd += ["--repair-epochs", str(row["refine"])]
+        if row.get("downstream"):
+            cmd.append("--repair-downstream")
     return cmd
 
 

@@ -4,7 +4,8 @@ Student: the real SmolLM2-135M cut from 30 to 24 blocks, by default the best tra
 of bench/cut_quality.py: the `contiguous` search's span, repaired by `refit` (`--strategy
 importance --repair replaceme` rebuilds the student of the first table: Block Influence + ReplaceMe;
 `--repair-epochs 4` fits the refit further on the teacher's output: the best student by
-perplexity before training, and no better after it, so not the default).
+perplexity before training, and no better after it, so not the default; `--repair-downstream` fits
+every block after the cut to the teacher's stream as well).
 Arms, each healed on python-docs/library (block 256, batch 4) at every budget of --tokens:
 
 - `clm`: `lmshrink pretrain` (the paper's method, the LM loss alone);
@@ -40,7 +41,7 @@ and the held-out split) and prints each arm against the first, paired by seed, w
 Resumable: every run, text and score lives in OUTPUT, and the same command carries on.
 
     python bench/heal_quality.py --output ~/lmshrink-runs/heal-quality [--tokens 25600,102400] [--tasks core]
-        [--strategy importance --repair replaceme] [--repair-epochs 4] [--seeds 42,1,2]
+        [--strategy importance --repair replaceme] [--repair-epochs 4] [--repair-downstream] [--seeds 42,1,2]
 """
 
 from __future__ import annotations
@@ -120,22 +121,25 @@ def base_command(arm: str, student: Path, folder: Path, tokens: int) -> list[str
 
 
 def student_command(student: Path, strategy: str, repair: str, repair_tokens: int, keep: str | None,
-                    repair_epochs: int = 0) -> list[str]:
+                    repair_epochs: int = 0, downstream: bool = False) -> list[str]:
     """The `lmshrink truncate` command of the student every arm heals: 24 blocks chosen by `strategy`,
     or the teacher blocks `keep` (e.g. a search's choice, repaired on more calibration text), the
-    repair fitted further on the output for `repair_epochs` passes."""
+    repair fitted further on the output for `repair_epochs` passes, and (`downstream`) every block
+    after the cut fitted too."""
     blocks = ["--keep", keep] if keep else ["--num-layers", "24", "--strategy", strategy]
     return ["truncate", "--teacher", TEACHER, "--output", str(student), *blocks, "--repair", repair,
-            "--repair-tokens", str(repair_tokens), "--repair-epochs", str(repair_epochs), "--overwrite"]
+            "--repair-tokens", str(repair_tokens), "--repair-epochs", str(repair_epochs),
+            *(["--repair-downstream"] if downstream else []), "--overwrite"]
 
 
 def cut_of(settings: dict) -> tuple:
-    """(blocks, repair, repair tokens, output-fit passes) from the bench's arguments or a student's
-    recorded settings."""
+    """(blocks, repair, repair tokens, output-fit passes, downstream fits) from the bench's arguments or
+    a student's recorded settings."""
     cut = settings.get("cut", settings)
     keep = settings.get("keep")
     blocks = [int(b) for b in keep.split(",")] if isinstance(keep, str) else keep or settings["strategy"]
-    return blocks, cut["repair"], cut["repair_tokens"], cut.get("repair_epochs", 0)
+    return (blocks, cut["repair"], cut["repair_tokens"], cut.get("repair_epochs", 0),
+            cut.get("repair_downstream", False))
 
 
 def text_command(name: str, out: Path, samples: int) -> list[str]:
@@ -259,6 +263,8 @@ def main() -> None:
     parser.add_argument("--repair-epochs", type=int, default=0,
                         help="passes fitting the repair further on the teacher's output (truncate's)")
     parser.add_argument("--keep", default=None, help="the student's teacher blocks, in place of --strategy")
+    parser.add_argument("--repair-downstream", action="store_true",
+                        help="fit every block after the cut to the teacher's stream too (truncate's)")
     args = parser.parse_args()
     arms, texts = args.arms.split(","), set()  # the teacher texts the arms train on
     for arm in arms:
@@ -269,7 +275,8 @@ def main() -> None:
     out = Path(args.output).expanduser()
     student = out / "student"
     if not (student / "lmshrink.json").is_file():
-        run(*student_command(student, args.strategy, args.repair, args.repair_tokens, args.keep, args.repair_epochs))
+        run(*student_command(student, args.strategy, args.repair, args.repair_tokens, args.keep, args.repair_epochs,
+                             args.repair_downstream))
     built, wanted = cut_of(json.loads((student / "lmshrink.json").read_text())["settings"]), cut_of(vars(args))
     if built != wanted:
         raise SystemExit(f"{student} was cut as {built}, not {wanted}: give those settings, or another --output")

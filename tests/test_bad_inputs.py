@@ -54,6 +54,8 @@ CASES = [
     (["truncate", "--teacher", "{model}", "--keep", "0,3", "--repair-data", "{bad}/binary.txt"], "binary"),
     (["truncate", "--teacher", "{model}", "--keep", "0,3", "--repair", "none", "--repair-epochs", "2"],
      "--repair none fits none"),
+    (["truncate", "--teacher", "{model}", "--keep", "0,3", "--repair-downstream", "--repair-fit", "teacher"],
+     "on the student's own stream"),
     (["truncate", "--teacher", "{model}", "--strategy", "importance", "--num-layers", "2", "--scores",
       "{bad}/missing.json"], "run `lmshrink score-layers` first"),
     (["truncate", "--teacher", "{model}", "--strategy", "importance", "--num-layers", "2", "--scores",

@@ -107,18 +107,20 @@ def test_heal_bench_compares_arms_paired_by_seed():
 
 @pytest.mark.parametrize("keep", [None, "0,1,2,3,4,5,6,7,8,9,10,11,12,19,20,21,22,23,24,25,26,27,28,29"])
 def test_the_heal_bench_student_is_a_truncate_command_and_its_record_is_checked(keep, tmp_path):
-    argv = heal_quality.student_command(tmp_path / "student", "contiguous", "refit", 65536, keep, 4)
+    argv = heal_quality.student_command(tmp_path / "student", "contiguous", "refit", 65536, keep, 4, downstream=True)
     assert command_problems(argv, ROOT) == []
-    assert argv[argv.index("--repair-epochs") + 1] == "4"
+    assert argv[argv.index("--repair-epochs") + 1] == "4" and "--repair-downstream" in argv
     assert ("--keep" in argv) == bool(keep) and ("--strategy" in argv) != bool(keep)
-    wanted = {"strategy": "contiguous", "repair": "refit", "repair_tokens": 65536, "repair_epochs": 4, "keep": keep}
+    wanted = {"strategy": "contiguous", "repair": "refit", "repair_tokens": 65536, "repair_epochs": 4, "keep": keep,
+              "repair_downstream": True}
     record = {"strategy": "alt" if keep else "contiguous", "keep": keep and [int(b) for b in keep.split(",")],
-              "cut": {"repair": "refit", "repair_tokens": 65536, "repair_epochs": 4}}  # a student's lmshrink.json settings
+              "cut": {"repair": "refit", "repair_tokens": 65536, "repair_epochs": 4,
+                      "repair_downstream": True}}  # a student's lmshrink.json settings
     assert heal_quality.cut_of(record) == heal_quality.cut_of(wanted)
-    for other in ({"repair_tokens": 16384}, {"repair_epochs": 0}):
+    for other in ({"repair_tokens": 16384}, {"repair_epochs": 0}, {"repair_downstream": False}):
         assert heal_quality.cut_of({**record, "cut": {**record["cut"], **other}}) != heal_quality.cut_of(wanted)
-    # a record from before the output fit existed is a student with no passes
-    assert heal_quality.cut_of({**record, "cut": {"repair": "refit", "repair_tokens": 65536}})[3] == 0
+    # a record from before the output fit and the downstream fits existed: no passes, no downstream fits
+    assert heal_quality.cut_of({**record, "cut": {"repair": "refit", "repair_tokens": 65536}})[3:] == (0, False)
 
 
 def test_every_cut_bench_row_is_a_truncate_command_lmshrink_accepts(tmp_path):
@@ -132,3 +134,6 @@ def test_every_cut_bench_row_is_a_truncate_command_lmshrink_accepts(tmp_path):
     assert half, "the half-strength rows are planned"
     for name in half:  # a fixed strength is passed as itself, not as the list a chosen strength tries
         assert argvs[name][argvs[name].index("--repair-strength") + 1] == "0.5"
+    downstream = [name for name, row in rows.items() if row.get("downstream")]
+    assert len(downstream) == 2 and all("--repair-downstream" in argvs[name] for name in downstream)
+    assert not any("--repair-downstream" in argv for name, argv in argvs.items() if name not in downstream)

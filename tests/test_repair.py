@@ -236,6 +236,34 @@ def test_student_fit_span_by_span_equals_fitting_on_whole_forward_passes(kind, k
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_downstream_fits_each_later_block_to_the_teacher_stream_where_it_ends(kind):
+    """With `downstream`, every kept block after the first repaired one is fitted in turn, as the
+    plain recipe would: a whole forward pass of the partly repaired student, the stream leaving the
+    block fitted to the teacher's leaving the same teacher block, a fold; the span fits as without."""
+    teacher = tiny_model(kind, 8)
+    keep = [0, 1, 4, 5, 7]  # spans 2-3 and 6
+    ids = rows(64)  # enough random rows that some downstream fit beats none on the held-out ones
+    repaired, report = repair(teacher, truncate_model(teacher, keep), keep, ids, "refit", "student", downstream=True)
+    assert [(r.get("span"), r["block"], r.get("downstream", False)) for r in report] == [
+        ([2, 3], 1, False), (None, 4, True), ([6, 6], 5, False), (None, 7, True)]
+    expected, held = truncate_model(teacher, keep), heldout_split(ids)
+    target, _ = capture(teacher, ids, set(range(9)), set())
+    for j, t in [(1, 4), (2, 5), (3, 7), (4, 8)]:  # student block, the teacher stream it is fitted to
+        state, proj = capture(expected, ids, {j + 1}, {j}, proj_input=True)
+        u = target[t] - state[j + 1]
+        delta, _ = fit_span("refit", Moments.of(proj[j][:-held], u[:-held]), Moments.of(proj[j][-held:], u[-held:]))
+        refit(projection(expected, j), delta)
+    for (name, got), want in zip(repaired.state_dict().items(), expected.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
+    plain, _ = repair(teacher, truncate_model(teacher, keep), keep, ids, "refit", "student")
+    moved = [j for j in range(5) if not torch.equal(projection(plain, j).weight, projection(repaired, j).weight)]
+    fitted = [r["student_block"] for r in report if r.get("downstream") and r["heldout_error"] < 1]
+    assert fitted and set(fitted) <= set(moved) <= {2, 3, 4}  # and block 3's span fit, after a fitted block 2
+    with pytest.raises(RepairError, match="student's own stream"):
+        repair(teacher, truncate_model(teacher, keep), keep, ids, "refit", "teacher", downstream=True)
+
+
 @pytest.mark.parametrize("repair_method", ["none", "replaceme"])
 def test_iterative_removes_a_silenced_block_first(repair_method):
     teacher = tiny_model("llama", 6)

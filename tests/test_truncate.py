@@ -154,7 +154,7 @@ def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_pat
     assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--strategy", strategy,
                  "--num-layers", "2", "--calib-data", str(real_text), "--search-tokens", "512",
                  "--repair-data", f"teacher,{real_text}", "--repair-tokens", "2048",
-                 *(["--repair-epochs", "1"] if strategy == "contiguous" else [])]) == 0
+                 *(["--repair-epochs", "1"] if strategy == "contiguous" else ["--repair-downstream"])]) == 0
     record = json.loads((out / "lmshrink.json").read_text())
     keep = record["kept_layers"]
     search = record["search"]
@@ -169,6 +169,9 @@ def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_pat
     assert repair["tokens"] >= 2048 - 256 and repair["spans"]
     fitted = [s for s in repair["spans"] if "heldout_error" in s]
     assert all(s["block"] == s["span"][0] - 1 and keep[s["student_block"]] == s["block"] for s in fitted)
+    # downstream (iterative): every kept block after the first fitted one, other than the fitted ones
+    after = [b for b in keep if fitted and b > fitted[0]["block"] and b not in {s["block"] for s in fitted}]
+    assert [s["block"] for s in repair["downstream"]] == (after if strategy == "iterative" else [])
     # a plain transformers folder: loads without lmshrink, and differs from the plain cut where a fit took
     student = T.AutoModelForCausalLM.from_pretrained(out).eval()
     plain = truncate_model(load(str(tiny_gpt2_dir)).model, keep)
@@ -177,7 +180,7 @@ def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_pat
     if strategy == "contiguous":  # one pass fitting the repaired projection on the output
         assert refined["blocks"] == [s["student_block"] for s in fitted]
         assert len(refined.get("heldout_kl", [])) == (2 if fitted else 0)
-    untouched = all(s.get("alpha") is None for s in fitted) and refined.get("kept_epoch", 0) == 0
+    untouched = all(s.get("alpha") is None for s in fitted + repair["downstream"]) and refined.get("kept_epoch", 0) == 0
     assert torch.equal(logits(student, ids), logits(plain, ids)) == untouched
 
 

@@ -388,16 +388,21 @@ def heldout_split(rows: torch.Tensor) -> int:
 
 def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, fit_on: str = "student",
            strengths: tuple[float, ...] = (1.0,), batch_size: int = 4,
-           captured: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None):
+           captured: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None,
+           downstream: bool = False):
     """Repair a student cut from `teacher` (keeping blocks `keep`) on calibration rows (N, T).
 
     With several `strengths`, each span's fit is applied scaled by the one whose student (the
     earlier spans already repaired) is closest to the teacher on the held-out rows, by forward KL.
     `captured`: the teacher's streams and projection outputs on these same rows, if already at hand
     (`capture`'s result; a measured search keeps them), saving a teacher pass.
+    `downstream` (student fits only): every other kept block after the first repaired one gets the
+    same fit, in order, so that the stream leaving it matches the teacher's leaving the same
+    teacher block (the error the cut left, not one a removed span made).
     Returns the repaired student (a new object only when the bias repair had to give the model
     biases) and a record per removed span: the teacher blocks, the block the fit went into, its
-    held-out error relative to the plain cut's (and lambda's alpha for replaceme), the strength.
+    held-out error relative to the plain cut's (and lambda's alpha for replaceme), the strength;
+    then one per downstream fit (`downstream: True`, no `span`), in the student's block order.
     """
     problems = repair_problems(teacher.config, method)
     if problems:
@@ -411,20 +416,42 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     if method == "bias":
         student = with_mlp_bias(student)
     by_student = fit_on == "student" and bool(usable)
+    if downstream and not by_student:
+        raise RepairError("the downstream fits run on the student's own stream: fit on the student, and cut "
+                          "something after block 0")
     # the student's stream equals the teacher's up to the first fitted block unless block 0 was cut
     shared = by_student and spans[0][0] > 0
-    targets = {b + 1 for _, b in usable} | ({a for a, _ in usable} if fit_on == "teacher" else set())
+    span_blocks = {keep.index(a - 1) for a, _ in usable}
+    after = [i for i in range(min(span_blocks, default=0) + 1, len(keep)) if i not in span_blocks] if downstream else []
+    targets = ({b + 1 for _, b in usable} | ({a for a, _ in usable} if fit_on == "teacher" else set())
+               | {keep[i] + 1 for i in after})
     wanted = (targets | ({usable[0][0] - 1} if shared else set()), {a - 1 for a, _ in usable} if fit_on == "teacher" else set())
     if captured is not None and wanted[0] <= captured[0].keys() and wanted[1] <= captured[1].keys():
         states, projs = captured  # the teacher's activations on these rows, captured already (a search's)
     else:
         states, projs = capture(teacher, rows, *wanted, batch_size, proj_input=fits_from_proj_input(method))
     teacher_logp = log_probs(teacher, rows[-held:], batch_size) if len(strengths) > 1 and usable else None
+    report = []
     if by_student:  # one layer-by-layer pass over the student, from its first fitted block on
-        at, last = keep.index(usable[0][0] - 1), keep.index(usable[-1][0] - 1)
+        at, last = keep.index(usable[0][0] - 1), max(span_blocks | set(after))
         replay = BlockReplay(student, rows, range(at, last + 1), batch_size, proj_input=fits_from_proj_input(method))
         stream = states[usable[0][0] - 1] if shared else capture(student, rows, {at}, set(), batch_size)[0][at]
-    report = []
+
+    def walk(to: int) -> None:
+        """Carry the student's stream from block `at` to the one entering block `to`, through the
+        fits folded in so far, fitting the downstream blocks on the way."""
+        nonlocal at, stream
+        for i in range(at, to):
+            out, m = replay.run(i, stream)
+            if i in after:
+                u = states[keep[i] + 1] - out
+                param, info = fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
+                APPLY[method](projection(student, i), param)
+                out = replay.run(i, stream)[0]
+                report.append({"block": keep[i], "student_block": i, "downstream": True, **info})
+            stream = out
+        at = to
+
     for a, b in spans:
         if a == 0:
             report.append({"span": [a, b], "skipped": "no kept block before it to fold a fit into"})
@@ -433,9 +460,7 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
         if fit_on == "teacher":
             m, base = projs[a - 1], states[a]
         else:
-            for i in range(at, j):  # the blocks up to this span, with the earlier fits folded in
-                stream = replay.run(i, stream)[0]
-            at = j
+            walk(j)  # the blocks up to this span, with the earlier fits folded in
             base, m = replay.run(j, stream)
         u = states[b + 1] - base
         param, info = fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
@@ -449,6 +474,8 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
             info["strength_kl"] = {f"{s:g}": v for s, v in gaps.items()}
         APPLY[method](projection(student, j), param * strength)
         report.append({"span": [a, b], "block": a - 1, "student_block": j, "strength": strength, **info})
+    if after:
+        walk(len(keep))  # the blocks after the last span
     return student, report
 
 

@@ -50,6 +50,9 @@ class CutArgs:
                                     "other weight frozen); the held-out rows keep the best pass; 0: the "
                                     "least-squares fit alone")
     repair_lr: float = setting(1e-3, "Adam's learning rate for --repair-epochs")
+    repair_downstream: bool = setting(False, "also fit every kept block after the first cut the same way (the MLP "
+                                             "output projection, least squares on the student's own stream), each "
+                                             "to the teacher's stream where the same teacher block ends")
     search_measure: str = setting("kl", f"what strategies {' and '.join(SEARCHES)} minimise: {', '.join(MEASURES)} "
                                         "(kl: forward KL from the teacher)")
     search_tokens: int = setting(2048, f"calibration tokens (of --calib-data) on which {' and '.join(SEARCHES)} "
@@ -69,6 +72,9 @@ class CutArgs:
         if self.repair_epochs and self.repair == "none":
             problems.append("repair_epochs: fits the repaired projections further, and --repair none fits none; "
                             "choose a repair (e.g. --repair refit) or --repair-epochs 0")
+        if self.repair_downstream and (self.repair == "none" or self.repair_fit != "student"):
+            problems.append("repair_downstream: fits each block after the cut on the student's own stream; give a "
+                            "repair (e.g. --repair refit) with --repair-fit student, or leave --repair-downstream out")
         if self.repair_tokens < 2 or self.search_tokens < 2:
             problems.append("repair_tokens, search_tokens: must be at least 2")
         return problems
@@ -165,10 +171,12 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
     student = truncate_model(teacher, keep)
     if repair_rows is not None:
         mark = time.perf_counter()
-        student, spans = repair(teacher, student, keep, repair_rows, args.repair, args.repair_fit,
-                                tuple(args.repair_strength), captured=captured)
+        student, fits = repair(teacher, student, keep, repair_rows, args.repair, args.repair_fit,
+                               tuple(args.repair_strength), captured=captured, downstream=args.repair_downstream)
+        spans = [s for s in fits if not s.get("downstream")]
         record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": args.repair_data,
                             "strengths": args.repair_strength,
+                            "downstream": [s for s in fits if s.get("downstream")],
                             "tokens": repair_rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark,
                             "calibration_seconds": calib_seconds}
         if args.repair_epochs:
@@ -187,6 +195,10 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
         print(f"repaired by {args.repair} on {repair_rows.numel():,} tokens of {', '.join(args.repair_data)} in "
               f"{record['repair']['seconds']:.0f} s (gathering the text: {calib_seconds:.0f} s); held-out error vs "
               f"the plain cut per span: {errors}")
+        if args.repair_downstream:
+            fitted = [s for s in record["repair"]["downstream"] if s["heldout_error"] < 1]
+            print(f"downstream: {len(fitted)} of {len(record['repair']['downstream'])} blocks after the cut fitted; held-out "
+                  "error vs unfitted: " + ", ".join(f"{s['block']}: {s['heldout_error']:.2f}" for s in fitted))
     return student, keep, record
 
 
