@@ -5,7 +5,8 @@ of bench/cut_quality.py: the `contiguous` search's span, repaired by `refit` (`-
 importance --repair replaceme` rebuilds the student of the first table: Block Influence + ReplaceMe;
 `--repair-epochs 4` fits the refit further on the teacher's output: the best student by
 perplexity before training, and no better after it, so not the default; `--repair-downstream` fits
-every block after the cut to the teacher's stream as well).
+every block after the cut to the teacher's stream as well: better still before training, and no
+better after it either).
 Arms, each healed on python-docs/library (block 256, batch 4) at every budget of --tokens:
 
 - `clm`: `lmshrink pretrain` (the paper's method, the LM loss alone);

@@ -198,7 +198,7 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
         if args.repair_downstream:
             fitted = [s for s in record["repair"]["downstream"] if s["heldout_error"] < 1]
             print(f"downstream: {len(fitted)} of {len(record['repair']['downstream'])} blocks after the cut fitted; held-out "
-                  "error vs unfitted: " + ", ".join(f"{s['block']}: {s['heldout_error']:.2f}" for s in fitted))
+                  "error vs unfitted: " + ", ".join(f"{s['block']}: {s['heldout_error']:.3f}" for s in fitted))
     return student, keep, record
 
 
