@@ -398,7 +398,7 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     (`capture`'s result; a measured search keeps them), saving a teacher pass.
     `downstream` (student fits only): every other kept block after the first repaired one gets the
     same fit, in order, so that the stream leaving it matches the teacher's leaving the same
-    teacher block (the error the cut left, not one a removed span made).
+    teacher block (what the span fits left of the cut's error, where each later block adds to it).
     Returns the repaired student (a new object only when the bias repair had to give the model
     biases) and a record per removed span: the teacher blocks, the block the fit went into, its
     held-out error relative to the plain cut's (and lambda's alpha for replaceme), the strength;
@@ -432,6 +432,11 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
         states, projs = capture(teacher, rows, *wanted, batch_size, proj_input=fits_from_proj_input(method))
     teacher_logp = log_probs(teacher, rows[-held:], batch_size) if len(strengths) > 1 and usable else None
     report = []
+
+    def fit(m: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One fit of U from M: its parameter from the fit rows, lambda from the held-out ones."""
+        return fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
+
     if by_student:  # one layer-by-layer pass over the student, from its first fitted block on
         at, last = keep.index(usable[0][0] - 1), max(span_blocks | set(after))
         replay = BlockReplay(student, rows, range(at, last + 1), batch_size, proj_input=fits_from_proj_input(method))
@@ -444,8 +449,7 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
         for i in range(at, to):
             out, m = replay.run(i, stream)
             if i in after:
-                u = states[keep[i] + 1] - out
-                param, info = fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
+                param, info = fit(m, states[keep[i] + 1] - out)
                 APPLY[method](projection(student, i), param)
                 out = replay.run(i, stream)[0]
                 report.append({"block": keep[i], "student_block": i, "downstream": True, **info})
@@ -462,8 +466,7 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
         else:
             walk(j)  # the blocks up to this span, with the earlier fits folded in
             base, m = replay.run(j, stream)
-        u = states[b + 1] - base
-        param, info = fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
+        param, info = fit(m, states[b + 1] - base)
         strength = strengths[0]  # one strength given: that one, measured or not
         if teacher_logp is not None:
             gaps = {}
