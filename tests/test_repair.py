@@ -262,6 +262,10 @@ def test_downstream_fits_each_later_block_to_the_teacher_stream_where_it_ends(ki
     assert fitted and set(fitted) <= set(moved) <= {2, 3, 4}  # and block 3's span fit, after a fitted block 2
     with pytest.raises(RepairError, match="student's own stream"):
         repair(teacher, truncate_model(teacher, keep), keep, ids, "refit", "teacher", downstream=True)
+    # a cut only at block 0 has no repaired block to fit after: nothing downstream, nothing refused
+    _, at_start = repair(teacher, truncate_model(teacher, [2, 3, 4, 5, 6, 7]), [2, 3, 4, 5, 6, 7], ids, "refit",
+                         "student", downstream=True)
+    assert [r.get("skipped") is not None for r in at_start] == [True]
 
 
 @pytest.mark.parametrize("repair_method", ["none", "replaceme"])

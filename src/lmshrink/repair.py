@@ -396,9 +396,10 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     earlier spans already repaired) is closest to the teacher on the held-out rows, by forward KL.
     `captured`: the teacher's streams and projection outputs on these same rows, if already at hand
     (`capture`'s result; a measured search keeps them), saving a teacher pass.
-    `downstream` (student fits only): every other kept block after the first repaired one gets the
-    same fit, in order, so that the stream leaving it matches the teacher's leaving the same
-    teacher block (what the span fits left of the cut's error, where each later block adds to it).
+    `downstream` (student fits only): every other kept block after the first repaired one (none where
+    every span starts at block 0) gets the same fit, in order, so that the stream leaving it matches
+    the teacher's leaving the same teacher block (what the span fits left of the cut's error, where
+    each later block adds to it).
     Returns the repaired student (a new object only when the bias repair had to give the model
     biases) and a record per removed span: the teacher blocks, the block the fit went into, its
     held-out error relative to the plain cut's (and lambda's alpha for replaceme), the strength;
@@ -416,13 +417,12 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     if method == "bias":
         student = with_mlp_bias(student)
     by_student = fit_on == "student" and bool(usable)
-    if downstream and not by_student:
-        raise RepairError("the downstream fits run on the student's own stream: fit on the student, and cut "
-                          "something after block 0")
+    if downstream and fit_on != "student":
+        raise RepairError("the downstream fits run on the student's own stream: fit on the student")
     # the student's stream equals the teacher's up to the first fitted block unless block 0 was cut
     shared = by_student and spans[0][0] > 0
     span_blocks = {keep.index(a - 1) for a, _ in usable}
-    after = [i for i in range(min(span_blocks, default=0) + 1, len(keep)) if i not in span_blocks] if downstream else []
+    after = [i for i in range(min(span_blocks) + 1, len(keep)) if i not in span_blocks] if downstream and usable else []
     targets = ({b + 1 for _, b in usable} | ({a for a, _ in usable} if fit_on == "teacher" else set())
                | {keep[i] + 1 for i in after})
     wanted = (targets | ({usable[0][0] - 1} if shared else set()), {a - 1 for a, _ in usable} if fit_on == "teacher" else set())
