@@ -124,7 +124,7 @@ def main() -> None:
             started, keep, row = time.perf_counter(), [i for i in range(n) if i not in removed], {}
             for label, edits in (("none", {}), ("repaired", search.edits(keep))):
                 with patched(model, edits), only_blocks(model, keep):
-                    row[label] = {"kl": gap(model, rows, "kl", search.teacher_logp, search.batch_size),
+                    row[label] = {"kl": gap(model, rows, "kl", search.teacher_refs, search.batch_size),
                                   "tasks": task_scores(model, tokenizer, tasks, args.limit)}
             write_json(path, {"removed": removed, **row, "seconds": time.perf_counter() - started})
         done[name] = json.loads(path.read_text())

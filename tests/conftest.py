@@ -122,3 +122,25 @@ def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer):
     model.save_pretrained(folder)
     gpt2_tokenizer.save_pretrained(folder)
     return folder
+
+
+def framed_tokenizer(tokenizer, start: list[str], end: list[str] = ()):
+    """GPT-2's tokenizer made to add `start` tokens before every text and `end` tokens after it, as
+    Gemma's (`<bos>`), Llama 3's (`<|begin_of_text|>`) or a BERT-like tokenizer (two) do."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    framed = copy.deepcopy(tokenizer)
+    framed.add_special_tokens({"additional_special_tokens": [t for t in (*start, *end) if t not in framed.get_vocab()]})
+    ids = [(t, framed.convert_tokens_to_ids(t)) for t in dict.fromkeys((*start, *end))]
+    framed.backend_tokenizer.post_processor = TemplateProcessing(single=" ".join([*start, "$A", *end]), special_tokens=ids)
+    return framed
+
+
+@pytest.fixture(scope="session")
+def tokenizers(gpt2_tokenizer) -> dict:
+    """Three conventions: nothing added (GPT-2, SmolLM2), one start token (Gemma, Llama 3), and two
+    special tokens around each text (a start and an end)."""
+    return {"none": gpt2_tokenizer, "bos": framed_tokenizer(gpt2_tokenizer, ["<bos>"]),
+            "two": framed_tokenizer(gpt2_tokenizer, ["<s>"], ["</s>"])}

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lmshrink.data import DataError, blocks, documents, pack, token_stream
+from lmshrink.data import DataError, Framing, blocks, documents, pack, token_stream
 
 
 def test_text_folder_and_jsonl_sources(tmp_path, gpt2_tokenizer):
@@ -131,3 +131,51 @@ def test_a_weighted_source_too_small_is_named(tmp_path, gpt2_tokenizer):
         prepare_data(DataArgs(**args, heldout=0), gpt2_tokenizer)
     train, _ = prepare_data(DataArgs(**{**args, "data_weights": [1, 0]}, heldout=0), gpt2_tokenizer)
     assert train.num_rows > 0  # a source of weight 0 is not read, so not refused
+
+
+def test_framing_is_read_from_the_tokenizer(tokenizers):
+    none, bos, two = (Framing.of(tokenizers[k]) for k in ("none", "bos", "two"))
+    s, e = (tokenizers["two"].convert_tokens_to_ids(t) for t in ("<s>", "</s>"))
+    eos = tokenizers["none"].eos_token_id
+    assert (none.start, none.end) == ((), ())
+    assert bos.start == (tokenizers["bos"].convert_tokens_to_ids("<bos>"),) and bos.end == ()
+    assert (two.start, two.end) == ((s,), (e,))
+    assert none.document([7, 8]) == [7, 8, eos]
+    assert bos.document([7, 8]) == [bos.start[0], 7, 8, eos]
+    assert two.document([7, 8]) == [s, 7, 8, e, eos]
+    assert bos.record(tokenizers["bos"]) == {"start": ["<bos>"], "end": [], "eos": "<|endoftext|>"}
+
+
+def test_every_row_and_stream_starts_as_the_model_saw_text(real_text, tokenizers):
+    for name, tokenizer in tokenizers.items():
+        framing = Framing.of(tokenizer)
+        stream = token_stream(str(real_text), tokenizer)
+        text = tokenizer(real_text.read_text(), add_special_tokens=False)["input_ids"]
+        assert stream.tolist() == framing.document(text), name  # one document, framed as in training
+        rows = blocks(stream, 64, framing)
+        assert all(framing.opens(row) for row in rows), name
+        # the rows hold the stream in order: every token once, the start tokens put in front of each
+        # row that does not already begin a document
+        p = len(framing.start)
+        body = [t for i, row in enumerate(rows.tolist()) for t in (row if i == 0 else row[p:])]
+        assert body == stream.tolist()[: len(body)], name
+        assert rows.shape[1] == 64
+
+
+def test_rows_keep_a_documents_own_start_tokens():
+    framing = Framing(start=(1,), eos=2)
+    stream = [1, 5, 6, 2, 1, 7, 8, 9, 2]  # two documents, each with its own start token
+    assert framing.rows(stream, 4) == [[1, 5, 6, 2], [1, 7, 8, 9]]
+    assert framing.rows([5, 6, 7, 8, 9, 10, 11], 4) == [[1, 5, 6, 7], [1, 8, 9, 10]]
+    with pytest.raises(DataError, match="no room"):
+        framing.rows(stream, 1)
+
+
+def test_packed_training_blocks_start_with_the_start_tokens(real_text, tokenizers):
+    from lmshrink.data import text_dataset
+
+    for name, tokenizer in tokenizers.items():
+        framing = Framing.of(tokenizer)
+        packed = pack(text_dataset([str(real_text)]), tokenizer, 32)
+        assert len(packed) > 5
+        assert all(framing.opens(row) for row in packed["input_ids"]), name

@@ -11,17 +11,20 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from lmshrink.cli import main
+from lmshrink.data import Framing
 from lmshrink.measure import count_parameters, fresh_peak_memory, speed, weight_bytes
 from lmshrink.models import embedded_gguf, load, unpacked_folder
 from lmshrink.perplexity import perplexity, sliding_nll, windows
 
 
-def brute_force_nll(model, tokens, window, stride):
-    """Score every token alone, with exactly the context its sliding window gives it."""
+def brute_force_nll(model, tokens, window, stride, start=()):
+    """Score every token alone, with exactly the context its sliding window gives it (after the
+    `start` tokens, unless the window already begins with them)."""
     total, count = 0.0, 0
     for begin, end, first in windows(tokens.numel(), window, stride):
+        head = [] if tokens[begin : begin + len(start)].tolist() == list(start) else list(start)
         for pos in range(first, end):
-            context = tokens[begin:pos].unsqueeze(0)
+            context = torch.cat([torch.tensor(head, dtype=torch.long), tokens[begin:pos]]).unsqueeze(0)
             with torch.no_grad():
                 logit = model(input_ids=context, use_cache=False).logits[0, -1]
             total += F.cross_entropy(logit.unsqueeze(0), tokens[pos : pos + 1]).item()
@@ -37,6 +40,20 @@ def test_sliding_window_nll_equals_brute_force(window, stride):
     expected_total, expected_count = brute_force_nll(model, tokens, window, stride)
     assert count == expected_count
     assert total == pytest.approx(expected_total, rel=1e-5)
+
+
+@pytest.mark.parametrize("window,stride", [(8, 8), (8, 3)])
+def test_every_window_starts_with_the_start_tokens(window, stride):
+    """A tokenizer that adds a start token: each window is scored after it (not doubled where the
+    window already begins with it), the same tokens are scored as without it."""
+    model = tiny_model("llama", 2)
+    tokens = torch.randint(3, 128, (37,), generator=torch.Generator().manual_seed(0))
+    tokens[8] = 1  # a document starting where a window starts
+    for start in ((1,), (1, 2)):
+        total, count = sliding_nll(model, tokens, window, stride, batch_size=3, framing=Framing(start=start))
+        expected_total, expected_count = brute_force_nll(model, tokens, window, stride, start)
+        assert count == expected_count == sliding_nll(model, tokens, window, stride)[1]
+        assert total == pytest.approx(expected_total, rel=1e-5)
 
 
 def test_windows_score_each_token_once():

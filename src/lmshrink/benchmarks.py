@@ -27,6 +27,7 @@ from typing import Any
 from unittest import mock
 
 from lmshrink.assets import AssetError, run_tool
+from lmshrink.data import Framing
 from lmshrink.models import cache_dir
 from lmshrink.records import atomic_dir, write_json
 
@@ -285,7 +286,10 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
         spec["num_fewshot"] = shots
     # lm-eval logs a hint per custom-dataset task at WARNING; our own report says where data came from
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # every request starts as the model's training sequences did (`lmshrink.data.Framing`): with the
+    # tokenizer's start token where it adds one, read from the tokenizer, not from lm-eval's per-family list
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              add_bos_token=bool(Framing.of(tokenizer).start))
     # simple_evaluate ends by adding torch's environment report to its results (`pip list`, `lscpu` and
     # more in subprocesses: 0.7 s a call, one call a task here, with no switch to turn it off); lmshrink's
     # records keep their own versions and never read it

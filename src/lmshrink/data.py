@@ -5,7 +5,12 @@ A source is one of:
   - a `.jsonl` / `.jsonl.gz` file (the `text` field of each line);
   - `hf:NAME[:CONFIG][:SPLIT]`, a Hub dataset (streamed, `text` column);
   - a corpus name fetched by `lmshrink fetch` (see `lmshrink.assets.CORPORA`).
-Documents are joined with the tokenizer's EOS token, the usual packing for LM evaluation.
+
+Every stream, row, window and training block is framed the way the model saw text in training
+(`Framing`, read from the tokenizer, never from a per-family list): each document is encoded
+with what the tokenizer adds around a text (Gemma's and Llama 3's `<bos>` before it, nothing for
+GPT-2 and SmolLM2) and ends with EOS; each sequence the model is given starts with the
+tokenizer's start tokens (llama.cpp's perplexity tool also puts `<bos>` before every chunk).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import codecs
 import gzip
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +32,74 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".jsonl"}
 
 class DataError(LmshrinkError, ValueError):
     pass
+
+
+PROBE = "Hello world"
+
+
+@dataclass(frozen=True)
+class Framing:
+    """What a tokenizer adds around every text it encodes, and so what the model saw around
+    every document in training: `start` tokens before it (`<bos>` for Gemma and Llama 3; none for
+    GPT-2 and SmolLM2), `end` tokens after it, and the EOS that closes each packed document."""
+
+    start: tuple[int, ...] = ()
+    end: tuple[int, ...] = ()
+    eos: int | None = None
+
+    @classmethod
+    def of(cls, tokenizer) -> Framing:
+        """Read from the tokenizer itself: a probe text encoded with and without its special tokens."""
+        plain = list(tokenizer(PROBE, add_special_tokens=False)["input_ids"])
+        full = list(tokenizer(PROBE, add_special_tokens=True)["input_ids"])
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None)
+        if at is None:  # the specials change the text's own tokens: keep what precedes and follows
+            at = 0 if full[: len(plain)] == plain else max(0, len(full) - len(plain))
+        return cls(tuple(full[:at]), tuple(full[at + len(plain):]), getattr(tokenizer, "eos_token_id", None))
+
+    def document(self, ids: list[int]) -> list[int]:
+        """One document as packed: the tokenizer's start and end tokens around its text, then EOS
+        (unless the end tokens already close with it)."""
+        tail = [self.eos] if self.eos is not None and self.end[-1:] != (self.eos,) else []
+        return [*self.start, *ids, *self.end, *tail]
+
+    def opens(self, ids) -> bool:
+        """Whether a sequence already starts with the start tokens."""
+        n = len(self.start)
+        return n == 0 or (len(ids) >= n and [int(t) for t in ids[:n]] == list(self.start))
+
+    def window(self, ids: torch.Tensor) -> torch.Tensor:
+        """A 1-D window of a stream as the model is given it: the start tokens first (not doubled)."""
+        if self.opens(ids):
+            return ids
+        return torch.cat([torch.tensor(self.start, dtype=ids.dtype), ids])
+
+    def rows(self, stream: list[int], length: int) -> list[list[int]]:
+        """Full rows of `length` tokens, each starting with the start tokens: a row that begins where
+        a document begins takes its own, any other gets them in front of `length - len(start)`
+        tokens of the stream. The ragged tail is dropped."""
+        n = len(self.start)
+        if n == 0:
+            return [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]
+        if length <= n:
+            raise DataError(f"rows of {length} tokens leave no room for text after the tokenizer's "
+                            f"{n} start token(s); use a longer length")
+        rows, i = [], 0
+        while True:
+            own = self.opens(stream[i : i + n])  # a document starts here, with its own start tokens
+            take = length if own else length - n
+            row = stream[i : i + take] if own else [*self.start, *stream[i : i + take]]
+            if len(row) < length:
+                return rows
+            rows.append(row)
+            i += take
+
+    def record(self, tokenizer) -> dict:
+        """How text was framed, for `lmshrink.json`."""
+        def names(ids):
+            return tokenizer.convert_ids_to_tokens(list(ids)) if hasattr(tokenizer, "convert_ids_to_tokens") else list(ids)
+        return {"start": names(self.start), "end": names(self.end),
+                "eos": names([self.eos])[0] if self.eos is not None else None}
 
 
 def _decode(path: Path, raw: bytes, final: bool = True) -> str:
@@ -132,15 +206,14 @@ def _file_documents(path: Path, field: str) -> Iterator[str]:
 
 
 def token_stream(source: str, tokenizer, max_tokens: int | None = None, field: str = "text") -> torch.Tensor:
-    """Tokenise documents until `max_tokens` (all if None), EOS between documents; 1-D LongTensor."""
-    eos = tokenizer.eos_token_id
+    """Tokenise documents until `max_tokens` (all if None), each framed as the model saw documents
+    in training (`Framing.document`); 1-D LongTensor."""
+    framing = Framing.of(tokenizer)
     ids: list[int] = []
     for doc in documents(source, field):
         if not doc.strip():
             continue
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
+        ids.extend(framing.document(tokenizer(doc, add_special_tokens=False)["input_ids"]))
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     if len(ids) < 2:
@@ -149,16 +222,17 @@ def token_stream(source: str, tokenizer, max_tokens: int | None = None, field: s
 
 
 def calibration_rows(source: str, tokenizer, tokens: int, seq_len: int) -> torch.Tensor:
-    """(N, seq_len) rows of the first `tokens` tokens of a source: calibration text for layer scores."""
-    return blocks(token_stream(source, tokenizer, tokens), seq_len)
+    """(N, seq_len) rows of the first `tokens` tokens of a source, each starting as the model's
+    sequences start (`Framing.rows`): calibration text for layer scores, searches and repairs."""
+    return blocks(token_stream(source, tokenizer, tokens), seq_len, Framing.of(tokenizer))
 
 
-def blocks(tokens: torch.Tensor, length: int) -> torch.Tensor:
-    """Cut a token stream into full (N, length) rows, dropping the ragged tail."""
-    n = tokens.numel() // length
-    if n == 0:
+def blocks(tokens: torch.Tensor, length: int, framing: Framing = Framing()) -> torch.Tensor:
+    """Cut a token stream into full (N, length) rows framed by `framing`, dropping the ragged tail."""
+    rows = framing.rows(tokens.tolist(), length)
+    if not rows:
         raise DataError(f"only {tokens.numel()} tokens, fewer than one block of {length}")
-    return tokens[: n * length].view(n, length)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 # --- training data: `datasets` tables, tokenised and packed into fixed-length blocks --------
@@ -236,23 +310,22 @@ def _source_table(source: str, field: str, streaming: bool):
 
 
 def pack(dataset, tokenizer, block_size: int, num_proc: int | None = None):
-    """Tokenise documents (EOS after each) and cut the stream into `block_size` blocks.
+    """Tokenise documents (each framed as in training: `Framing.document`) and cut the stream
+    into `block_size` blocks, each starting with the tokenizer's start tokens (`Framing.rows`).
 
     Blocks are formed within batches of 1000 documents (the transformers `run_clm` recipe),
     so at most one partial block per batch is dropped. Returns a table with `input_ids`.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
+    framing = Framing.of(tokenizer)
 
     def tokenize(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [doc + [eos] for doc, text in zip(ids, batch["text"], strict=True) if text.strip()]}
+        return {"ids": [framing.document(doc) for doc, text in zip(ids, batch["text"], strict=True) if text.strip()]}
 
     def group(batch):
-        stream = [t for doc in batch["ids"] for t in doc]
-        n = len(stream) // block_size * block_size
-        return {"input_ids": [stream[i : i + block_size] for i in range(0, n, block_size)]}
+        return {"input_ids": framing.rows([t for doc in batch["ids"] for t in doc], block_size)}
 
     kwargs = {"num_proc": num_proc} if num_proc and num_proc > 1 and hasattr(dataset, "num_rows") else {}
     extra = {"desc": f"tokenising ({block_size}-token blocks)"} if kwargs or hasattr(dataset, "num_rows") else {}
@@ -272,5 +345,6 @@ def _fingerprints(dataset, tokenizer, block_size: int) -> tuple[dict[str, str], 
         return {}, {}
     from datasets.fingerprint import Hasher
 
-    key = Hasher.hash([dataset._fingerprint, backend.to_str(), tokenizer.eos_token_id, block_size, "lmshrink.pack/1"])
+    key = Hasher.hash([dataset._fingerprint, backend.to_str(), tokenizer.eos_token_id, block_size,
+                       Framing.of(tokenizer), "lmshrink.pack/2"])
     return {"new_fingerprint": key + "-tokenized"}, {"new_fingerprint": key + "-packed"}

@@ -91,7 +91,7 @@ def _dense_chunk(div: Divergence, temperature: float, s: torch.Tensor, t: torch.
     return (div(log_ps, log_pt) * mask).sum()
 
 
-def _chunked_mean(chunk_sum: Callable[..., torch.Tensor], along_sequence: tuple[torch.Tensor, ...],
+def chunked_mean(chunk_sum: Callable[..., torch.Tensor], along_sequence: tuple[torch.Tensor, ...],
                   mask: torch.Tensor, chunk: int) -> torch.Tensor:
     """sum over chunks of `chunk_sum(*tensors[:, chunk], mask[:, chunk])` / masked positions.
 
@@ -110,7 +110,7 @@ def _chunked_mean(chunk_sum: Callable[..., torch.Tensor], along_sequence: tuple[
 def kd_loss(div: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
             temperature: float = 1.0, chunk: int = 128) -> torch.Tensor:
     """Mean divergence over masked positions, logits (B, T, V), mask (B, T), `chunk` positions at a time."""
-    return _chunked_mean(partial(_dense_chunk, div, temperature), (student_logits, teacher_logits.detach()),
+    return chunked_mean(partial(_dense_chunk, div, temperature), (student_logits, teacher_logits.detach()),
                          mask, chunk)
 
 
@@ -133,7 +133,7 @@ def _buckets(log_ps: torch.Tensor, top_logp: torch.Tensor) -> tuple[torch.Tensor
 def sparse_kd_loss(div: Divergence, student_logits: torch.Tensor, top_idx: torch.Tensor, top_logp: torch.Tensor,
                    mask: torch.Tensor, temperature: float = 1.0, chunk: int = 128) -> torch.Tensor:
     """`kd_loss` against a cached teacher: its top-k log-probs (at `temperature`) and their indices (B, T, k)."""
-    return _chunked_mean(partial(_sparse_chunk, div, temperature), (student_logits, top_idx, top_logp), mask, chunk)
+    return chunked_mean(partial(_sparse_chunk, div, temperature), (student_logits, top_idx, top_logp), mask, chunk)
 
 
 def ce_and_sparse_kd(div: Divergence, logits: torch.Tensor, labels: torch.Tensor, top_idx: torch.Tensor,

@@ -4,7 +4,14 @@ Windows of `window` tokens start every `stride` tokens, and each token is scored
 first window that reaches it, with the context that window gives it. stride == window is plain
 chunked NLL (the first token of each chunk has no context and is not scored).
 
-`model` is a transformers model, or any function from (B, T) token ids to (B, T, V) logits
+Each window is given to the model as the model saw sequences in training: after the tokenizer's
+start tokens (`framing`, `lmshrink.data.Framing`: Gemma's and Llama 3's `<bos>`; nothing for GPT-2
+and SmolLM2), which are context only and not scored, and are not doubled where a window already
+begins with them. llama.cpp's perplexity tool puts `<bos>` before every chunk too; without it
+Gemma-3-270M scores 3x worse on the same text.
+
+`model` is a transformers model (its NLL computed a chunk of positions at a time over the
+vocabulary, `lmshrink.next_token`), or any function from (B, T) token ids to (B, T, V) logits
 (llama.cpp's, in `lmshrink.llamacpp`), so every runtime is scored by the same windows.
 """
 
@@ -12,11 +19,11 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
 
 import torch
 
-from lmshrink.losses import next_token_nll
+from lmshrink import next_token
+from lmshrink.data import Framing
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -30,35 +37,25 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return spans
 
 
-def logits_of(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(B, T) ids -> (B, T, V) logits: a transformers model's forward pass, or `model` itself if it
-    is already such a function."""
-    if not isinstance(model, torch.nn.Module):
-        return model
-    device = next(model.parameters()).device
-    return lambda ids: model(input_ids=ids.to(device), use_cache=False).logits
-
-
 @torch.inference_mode()
 def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
-                progress: str | None = None) -> tuple[float, int]:
+                progress: str | None = None, framing: Framing = Framing()) -> tuple[float, int]:
     """Summed NLL (nats) and number of scored tokens of a 1-D token stream."""
-    forward = logits_of(model)
     spans = windows(tokens.numel(), window, stride)
     total, count = 0.0, 0
-    # Group windows of equal length so they batch; only the last one can be shorter.
-    groups: dict[int, list[tuple[int, int, int]]] = {}
-    for span in spans:
-        groups.setdefault(span[1] - span[0], []).append(span)
+    # (input ids, how many start tokens were put in front, begin, first scored) per window;
+    # windows of equal input length batch together
+    groups: dict[int, list[tuple[torch.Tensor, int, int, int]]] = {}
+    for begin, end, first in spans:
+        ids = framing.window(tokens[begin:end])
+        groups.setdefault(ids.numel(), []).append((ids, ids.numel() - (end - begin), begin, first))
     done = 0
     for group in groups.values():
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
-            ids = torch.stack([tokens[b:e] for b, e, _ in chunk])  # (B, T)
-            logits = forward(ids)
-            nll = next_token_nll(logits, ids.to(logits.device))  # (B, T-1)
-            for row, (b, _, first) in enumerate(chunk):
-                scored = nll[row, first - b - 1 :]  # targets at positions first..end-1
+            nll = next_token.nll(model, torch.stack([ids for ids, *_ in chunk]))  # (B, T-1)
+            for row, (_, added, begin, first) in enumerate(chunk):
+                scored = nll[row, added + first - begin - 1 :]  # targets at stream positions first..end-1
                 total += scored.sum().item()
                 count += scored.numel()
             done += len(chunk)
@@ -71,6 +68,6 @@ def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_siz
 
 
 def perplexity(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
-               progress: str | None = None) -> float:
-    total, count = sliding_nll(model, tokens, window, stride, batch_size, progress)
+               progress: str | None = None, framing: Framing = Framing()) -> float:
+    total, count = sliding_nll(model, tokens, window, stride, batch_size, progress, framing)
     return math.exp(total / count)

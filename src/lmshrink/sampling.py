@@ -23,18 +23,24 @@ TEACHER_TEXT = "teacher"
 """The calibration source name that means: text sampled from the teacher."""
 
 
-def start_token(tokenizer) -> int:
-    """The token a sample starts from: BOS if the tokenizer has one, else EOS (GPT-2)."""
+def start_tokens(tokenizer) -> list[int]:
+    """The tokens a sample starts from: what the tokenizer puts before every text (`Framing`:
+    Gemma's and Llama 3's `<bos>`), else its BOS token (SmolLM2's `<|im_start|>`), else EOS (GPT-2)."""
+    from lmshrink.data import Framing
+
+    start = list(Framing.of(tokenizer).start)
+    if start:
+        return start
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if token is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start samples from")
-    return token
+    return [token]
 
 
 @torch.inference_mode()
 def sample_rows(model, tokenizer, rows: int, length: int, temperature: float = 1.0, seed: int = 0,
                 batch_size: int = 64) -> torch.Tensor:
-    """(rows, length) token ids sampled from the model, each row starting at `start_token`."""
+    """(rows, length) token ids sampled from the model, each row starting at `start_tokens`."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -42,8 +48,9 @@ def sample_rows(model, tokenizer, rows: int, length: int, temperature: float = 1
     with tqdm(total=rows * length, unit="tok", unit_scale=True, desc="the teacher writes", leave=False) as bar:
         for start in range(0, rows, batch_size):
             n = min(batch_size, rows - start)
-            bar.update(n)  # the start tokens
-            out.append(continue_rows(model, tokenizer, torch.full((n, 1), start_token(tokenizer)), length - 1,
+            start_ids = torch.tensor([start_tokens(tokenizer)] * n)
+            bar.update(start_ids.numel())
+            out.append(continue_rows(model, tokenizer, start_ids, length - start_ids.shape[1],
                                      temperature, on_step=bar.update))
     sampled = torch.cat(out)[:, :length]
     seconds = time.perf_counter() - started
@@ -71,7 +78,8 @@ def teacher_rows(model, tokenizer, rows: int, length: int, temperature: float = 
     from lmshrink.models import cache_dir
     from lmshrink.records import atomic_file
 
-    key = json.dumps([fingerprint(model), rows, length, temperature, seed, start_token(tokenizer)])
+    start = start_tokens(tokenizer)  # one token: the key as before, so earlier caches stay valid
+    key = json.dumps([fingerprint(model), rows, length, temperature, seed, start[0] if len(start) == 1 else start])
     path = cache_dir() / "teacher-text" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
     if path.is_file():
         ids = load_file(path)["ids"]

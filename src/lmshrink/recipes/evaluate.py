@@ -18,7 +18,7 @@ from lmshrink import llamacpp
 from lmshrink.architectures import check_length
 from lmshrink.benchmarks import TaskScore, benchmark, benchmark_root, expand, run_tasks, task_problems
 from lmshrink.config import Settings, group, setting, to_dict
-from lmshrink.data import token_stream
+from lmshrink.data import Framing, token_stream
 from lmshrink.measure import count_parameters, disk_bytes, fresh_peak_memory, speed
 from lmshrink.model_card import add_results
 from lmshrink.models import load, pick_device
@@ -167,12 +167,15 @@ def score_sources(row: dict[str, Any], model, tokenizer, ppl: PerplexityArgs, st
     Models with the same vocabulary (`row["vocab_id"]`: a teacher and its students) share one
     tokenised stream through `streams`."""
     cache = streams if streams is not None else {}
+    framing = Framing.of(tokenizer)
+    if ppl.data:
+        row["framing"] = framing.record(tokenizer)
     for source in ppl.data:
         key = (source, row["vocab_id"])
         if key not in cache:
             cache[key] = token_stream(source, tokenizer, ppl.max_tokens)
         row["perplexity"][source] = perplexity(model, cache[key], ppl.window, ppl.stride, batch_size,
-                                               progress=f"{row['model']} on {source}{runtime}")
+                                               progress=f"{row['model']} on {source}{runtime}", framing=framing)
         row.setdefault("tokens", {})[source] = cache[key].numel()
 
 
@@ -181,7 +184,8 @@ def evaluate_gguf(name: str, settings: EvalSettings, label: str | None = None,
     """One row of the report for a GGUF file run by llama.cpp: size, perplexity, speed."""
     ppl, timing = settings.perplexity, settings.timing
     about = llamacpp.describe(name)
-    llm = llamacpp.open_gguf(name, n_ctx=max(ppl.window, timing.speed_length + 16 + timing.gen_tokens))
+    # room for a window and the start tokens put before it (`lmshrink.data.Framing`)
+    llm = llamacpp.open_gguf(name, n_ctx=max(ppl.window + 16, timing.speed_length + 16 + timing.gen_tokens))
     row: dict[str, Any] = {"model": label or Path(name).name, "source": name, "runtime": "llamacpp",
                            "layers": about["layers"], "kept_layers": None, "parameters": about["parameters"],
                            "disk_mb": Path(name).stat().st_size / 2**20, "vocab_id": about["vocab_id"],
@@ -237,7 +241,7 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
     loaded = load(name, settings.dtype, settings.trust_remote_code, need_tokenizer=bool(ppl.data or bench.tasks))
     model = loaded.model.to(device)
     if ppl.data:
-        check_length(model.config, ppl.window, "window")
+        check_length(model.config, ppl.window, "window", len(Framing.of(loaded.tokenizer).start))
     if timing.speed:
         check_length(model.config, timing.speed_length, "speed_length")
     record = read_record(loaded.source) or {}

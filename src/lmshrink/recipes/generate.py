@@ -29,10 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lmshrink.config import Settings, SettingsError, setting, to_dict
-from lmshrink.data import DataError, documents
+from lmshrink.data import DataError, Framing, documents
 from lmshrink.models import load, native_dtype, pick_device
 from lmshrink.records import RECORD, count, exclusive, provenance, read_record, write_json, write_text
-from lmshrink.sampling import continue_rows, start_token
+from lmshrink.sampling import continue_rows, start_tokens
 from lmshrink.stages import changed_settings
 
 # settings that do not change the text written
@@ -74,15 +74,17 @@ class GenerateSettings(Settings):
 
 
 def prompt_rows(s: GenerateSettings, tokenizer) -> list[tuple[str, list[int]]]:
-    """(source, token ids) to start each sample from: BOS alone, or the first prompt_tokens tokens of
-    the prompt documents long enough to have them, cycled."""
+    """(source, token ids) to start each sample from: the start tokens alone (`start_tokens`), or
+    the first prompt_tokens tokens of the prompt documents long enough to have them, after the
+    tokenizer's own start tokens (`Framing`), cycled."""
     if not s.prompts:
-        return [("bos", [start_token(tokenizer)])] * s.samples
+        return [("bos", start_tokens(tokenizer))] * s.samples
+    framing = Framing.of(tokenizer)
     found = []
     for i, text in enumerate(documents(s.prompts)):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= s.prompt_tokens:
-            found.append((f"{s.prompts}#{i}", ids[: s.prompt_tokens]))
+            found.append((f"{s.prompts}#{i}", [*framing.start, *ids[: s.prompt_tokens]]))
         if len(found) == s.samples:
             break
     if not found:
@@ -135,7 +137,7 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
                 if tokenizer.eos_token_id in new:
                     new = new[: new.index(tokenizer.eos_token_id)]
                 written += len(new)
-                prompt_text = "" if source == "bos" else tokenizer.decode(prompt)
+                prompt_text = "" if source == "bos" else tokenizer.decode(prompt, skip_special_tokens=True)
                 lines.append(json.dumps({
                     "id": f"{out.name}-{part * s.batch_size + i:06d}", "prompt_source": source, "prompt": prompt_text,
                     "text": prompt_text + tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),

@@ -1,0 +1,245 @@
+"""Next-token quantities over the vocabulary (NLL, KL from a teacher), a chunk of positions at a time.
+
+A model's logits for B x T tokens are B x T x V floats: 2.1 GB in fp32 for 4 x 512 tokens of
+Gemma 3's 262,144-token vocabulary, and a log-softmax or a KL holds several such tensors at once.
+Here the model runs to its last (normed) hidden state (B, T, H), and its output head (and the final
+soft-capping Gemma 2 applies) turns `chunk_positions(V)` positions at a time into logits, so the
+vocabulary costs at most ~4 x LOGIT_BYTES of memory however long the rows or large the vocabulary.
+A teacher's reference for a KL (`Reference`) is H + 1 floats per position, not V: the head's rows
+averaged under its distribution, from which the exact KL of any model sharing its head (a cut of
+it, a repaired student) takes one head product and a log-sum-exp; else its last hidden state, its
+log-probabilities recomputed chunk by chunk.
+
+The split of a model into body and head is checked once per model against its own forward pass;
+a model whose logits come out some other way (a logit scale the split does not know) is scored
+from its full logits, with one line saying so. A runtime that is only a function from ids to
+logits (llama.cpp's) is scored from its full logits.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from lmshrink.losses import chunked_mean, forward_kl, next_token_nll
+
+LOGIT_BYTES = 1 << 26
+"""fp32 logits per chunk (64 MiB): 64 positions of a 262k vocabulary, 341 of a 49k one; a chunk's
+softmax holds a few such tensors at once (on Gemma-3-270M 256 MiB chunks put 0.9 GB on top of a search's peak)."""
+
+Split = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether its split reproduces it
+
+
+def chunk_positions(vocab: int) -> int:
+    """Positions whose fp32 logits fit LOGIT_BYTES."""
+    return max(1, LOGIT_BYTES // (4 * vocab))
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def split(model) -> Split | None:
+    """(body, head): ids (B, T) -> last hidden state (B, T, H), and hidden (..., H) -> logits (..., V),
+    so that head(body(ids)) is model(ids).logits; None where that does not hold (checked once)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    output = model.get_output_embeddings()
+    base = model.base_model
+    if output is None or base is model:
+        return None
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def body(ids: torch.Tensor) -> torch.Tensor:
+        return base(input_ids=ids.to(_device(model)), use_cache=False).last_hidden_state
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = output(hidden)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    key = model
+    if key not in _CHECKED:
+        probe = torch.arange(min(8, model.config.vocab_size), device=_device(model))[None] % model.config.vocab_size
+        with torch.inference_mode():
+            whole = model(input_ids=probe, use_cache=False).logits.float()
+            parts = head(body(probe)).float()
+        scale = whole.abs().max().clamp(min=1.0)
+        _CHECKED[key] = parts.shape == whole.shape and bool(((parts - whole).abs().max() <= 1e-3 * scale).item())
+        if not _CHECKED[key]:
+            print(f"[lmshrink] {type(model).__name__}: its logits are not its output head of its last hidden state; "
+                  "scoring from full logits (memory grows with the vocabulary)", file=sys.stderr, flush=True)
+    return (body, head) if _CHECKED[key] else None
+
+
+def full_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits: a transformers model's forward pass, or `model(ids)` for a runtime function."""
+    if isinstance(model, torch.nn.Module):
+        return model(input_ids=ids.to(_device(model)), use_cache=False).logits
+    return model(ids)
+
+
+@torch.inference_mode()
+def nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """NLL (nats) of every next token of rows `ids` (B, T): (B, T-1), position t predicting t + 1."""
+    parts = split(model)
+    if parts is None:
+        logits = full_logits(model, ids)
+        return next_token_nll(logits, ids.to(logits.device))
+    body, head = parts
+    hidden = body(ids)[:, :-1]  # (B, T-1, H): the last position predicts nothing here
+    targets = ids[:, 1:].to(hidden.device)
+    step = max(1, chunk_positions(head_size(model)) // ids.shape[0])
+    out = [F.cross_entropy(head(hidden[:, s : s + step]).float().flatten(0, 1), targets[:, s : s + step].flatten(),
+                           reduction="none").view(ids.shape[0], -1) for s in range(0, hidden.shape[1], step)]
+    return torch.cat(out, dim=1)
+
+
+def head_size(model) -> int:
+    """The number of logits the model's head produces per position."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+@dataclass
+class Reference:
+    """A teacher's next-token distributions p on rows (B, T), kept in the least memory that gives
+    the exact forward KL of another model:
+
+    - `hidden` (B, T, H), the teacher's last hidden states, and its `head`: p recomputed a chunk at
+      a time (one more head product per chunk);
+    - where the head is linear, also `expected` (B, T, H), E_p[W_v] (the head's rows averaged under
+      p), and `constant` (B, T), sum_v p_v log p_v - E_p[b_v]: for a model with the same head W, b
+      and last hidden state h, KL(p || softmax(h W^T + b)) = constant - h . expected +
+      logsumexp(h W^T + b), one head product and a log-sum-exp per position, nothing of V kept
+      (a cut of the teacher, and every repaired student, shares its head);
+    - `logp` (B, T, V) only for a model that cannot be split (`split`).
+    """
+
+    hidden: torch.Tensor | None = None
+    head: Callable | None = None
+    expected: torch.Tensor | None = None
+    constant: torch.Tensor | None = None
+    logp: torch.Tensor | None = None
+    linear: torch.nn.Linear | None = None
+
+    def rows(self, index) -> Reference:
+        """The reference of some of its rows."""
+        def take(v: torch.Tensor) -> torch.Tensor:
+            return v[index.to(v.device)] if isinstance(index, torch.Tensor) else v[index]
+
+        pick = {k: None if v is None else take(v) for k, v in self._tensors().items()}
+        return replace(self, **pick)
+
+    @classmethod
+    def cat(cls, refs: list[Reference]) -> Reference:
+        tensors = {k: None if v is None else torch.cat([r._tensors()[k] for r in refs]) for k, v in refs[0]._tensors().items()}
+        return replace(refs[0], **tensors)
+
+    def _tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"hidden": self.hidden, "expected": self.expected, "constant": self.constant, "logp": self.logp}
+
+    def shares_head(self, model) -> bool:
+        """Whether `model`'s head is this reference's linear head (same weights and bias)."""
+        if self.expected is None:
+            return False
+        out = model.get_output_embeddings()
+        if not isinstance(out, torch.nn.Linear) or out.weight.shape != self.linear.weight.shape:
+            return False
+        same = out.weight is self.linear.weight or torch.equal(out.weight, self.linear.weight)
+        if (out.bias is None) != (self.linear.bias is None):
+            return False
+        return same and (out.bias is None or torch.equal(out.bias, self.linear.bias))
+
+
+def _linear_head(model) -> torch.nn.Linear | None:
+    """The model's head where its logits are exactly h W^T + b (no soft-capping)."""
+    out = model.get_output_embeddings()
+    if isinstance(out, torch.nn.Linear) and not getattr(model.config, "final_logit_softcapping", None):
+        return out
+    return None
+
+
+@torch.no_grad()  # not inference mode: a reference is a target of `mean_kl`'s backward
+def reference(model, ids: torch.Tensor) -> Reference:
+    """What `kl` needs of a teacher on rows `ids` (see `Reference`)."""
+    parts = split(model)
+    if parts is None:
+        return Reference(logp=torch.log_softmax(full_logits(model, ids).float(), -1))
+    body, head = parts
+    hidden = body(ids)
+    linear = _linear_head(model)
+    if linear is None:
+        return Reference(hidden=hidden, head=head)
+    step = max(1, chunk_positions(head_size(model)) // ids.shape[0])
+    expected, constant = [], []
+    weight = linear.weight.float()
+    for s in range(0, hidden.shape[1], step):
+        logp = torch.log_softmax(head(hidden[:, s : s + step]).float(), -1)  # (B, c, V)
+        p = logp.exp()
+        expected.append(p @ weight)  # (B, c, H)
+        c = (p * logp).sum(-1)
+        constant.append(c - p @ linear.bias.float() if linear.bias is not None else c)
+    return Reference(hidden=hidden, head=head, expected=torch.cat(expected, 1), constant=torch.cat(constant, 1),
+                     linear=linear)
+
+
+def _kl_chunk(head: Callable, ref: Reference, hidden: torch.Tensor, index: slice) -> torch.Tensor:
+    """Forward KL at each position of a chunk (B, c) of positions `index`, from the model's last
+    hidden states there (B, c, H): through the teacher's expected head row where the model shares
+    its head, else from the teacher's hidden states through its own head."""
+    z = head(hidden).float()
+    if ref.expected is not None and ref.head is None:  # `shares_head` decided: the shared-head formula
+        e, c = ref.expected[:, index].to(hidden.device), ref.constant[:, index].to(hidden.device)
+        return c - (hidden.float() * e).sum(-1) + torch.logsumexp(z, -1)
+    log_ps = torch.log_softmax(z, -1)
+    with torch.no_grad():
+        log_pt = torch.log_softmax(ref.head(ref.hidden[:, index].to(hidden.device)).float(), -1)
+    return forward_kl(log_ps, log_pt)
+
+
+def _for(model, ref: Reference) -> Reference:
+    """`ref` as `_kl_chunk` reads it for `model`: the shared-head form (head None), or the other."""
+    if ref.shares_head(model):
+        return replace(ref, head=None)
+    if ref.hidden is None:
+        raise ValueError("this reference holds neither hidden states nor a head the model shares")
+    return replace(ref, expected=None, constant=None)
+
+
+@torch.inference_mode()
+def kl(model, ids: torch.Tensor, ref: Reference) -> torch.Tensor:
+    """Forward KL(p_teacher || p_model) at every position of rows `ids` (B, T), from the teacher's
+    `reference` on the same rows."""
+    parts = split(model)
+    if parts is None:
+        log_ps = torch.log_softmax(full_logits(model, ids).float(), -1)
+        return forward_kl(log_ps, ref.logp.to(log_ps.device))
+    body, head = parts
+    hidden, ref = body(ids), _for(model, ref)
+    step = max(1, chunk_positions(head_size(model)) // ids.shape[0])
+    return torch.cat([_kl_chunk(head, ref, hidden[:, s : s + step], slice(s, s + step))
+                      for s in range(0, hidden.shape[1], step)], dim=1)
+
+
+def mean_kl(model, ids: torch.Tensor, ref: Reference) -> torch.Tensor:
+    """The mean of `kl` over every position, differentiable in the model's weights: each chunk's
+    logits are recomputed in backward (activation checkpointing), so training holds one chunk of
+    them at a time."""
+    parts = split(model)
+    if parts is None:
+        log_ps = torch.log_softmax(full_logits(model, ids).float(), -1)
+        return forward_kl(log_ps, ref.logp.to(log_ps.device).float()).mean()
+    body, head = parts
+    hidden, ref = body(ids), _for(model, ref)
+    step = max(1, chunk_positions(head_size(model)) // ids.shape[0])
+    positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
+
+    def chunk_sum(h: torch.Tensor, at: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (_kl_chunk(head, ref, h, slice(int(at[0, 0]), int(at[0, -1]) + 1)) * mask).sum()
+
+    return chunked_mean(chunk_sum, (hidden, positions), torch.ones(hidden.shape[:2], device=hidden.device), step)
