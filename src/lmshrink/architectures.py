@@ -33,7 +33,10 @@ class Architecture:
     """Re-derives config fields that are stored in a compressed form (GPT-Neo)."""
     mlp_out: str | None = None
     """Dotted path inside a block of the MLP's output projection, whose output is added to the
-    residual stream unchanged (where `lmshrink.repair` folds its fits); None: there is none."""
+    residual stream (where `lmshrink.repair` folds its fits); None: there is none."""
+    mlp_norm: str | None = None
+    """Dotted path inside a block of the norm the MLP's output passes through before the residual
+    add (Gemma 2 and 3's `post_feedforward_layernorm`); None: it is added unchanged."""
     mlp_out_missing: str = "its blocks have no MLP output projection that feeds the residual stream directly"
     """Why a repair cannot be folded into this architecture (when `mlp_out` is None)."""
     mlp_bias: str | None = None
@@ -50,8 +53,6 @@ def _gpt_neo_attention_types(config: Any) -> None:
 
 _LLAMA_LIKE = Architecture("model.layers", "num_hidden_layers", ("self_attn.layer_idx",), ("layer_types",),
                            mlp_out="mlp.down_proj")
-_POST_NORM = ("its MLP output passes through post_feedforward_layernorm (an RMSNorm) before the residual add, "
-              "so no linear map folded into down_proj acts on the residual stream")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture("transformer.h", "n_layer", ("attn.layer_idx",), mlp_out="mlp.c_proj", mlp_out_has_bias=True),
@@ -67,9 +68,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
-    "gemma2": replace(_LLAMA_LIKE, mlp_out=None, mlp_out_missing=_POST_NORM),
+    # the MLP output passes through an RMSNorm before the residual add: repairs fit through it
+    "gemma2": replace(_LLAMA_LIKE, mlp_norm="post_feedforward_layernorm"),
     "gemma3_text": Architecture("model.layers", "num_hidden_layers", ("layer_idx", "self_attn.layer_idx"),
-                                ("layer_types",), mlp_out_missing=_POST_NORM),
+                                ("layer_types",), mlp_out="mlp.down_proj", mlp_norm="post_feedforward_layernorm"),
     "smollm3": Architecture("model.layers", "num_hidden_layers", ("self_attn.layer_idx",),
                             ("layer_types", "no_rope_layers"), mlp_out="mlp.down_proj", mlp_bias="mlp_bias"),
 }
@@ -148,9 +150,12 @@ def context_limit(config: Any) -> int | None:
     return None
 
 
-def check_length(config: Any, length: int, field: str) -> None:
-    """Refuse sequences longer than the model's context, naming the setting to lower."""
+def check_length(config: Any, length: int, field: str, reserved: int = 0) -> None:
+    """Refuse sequences longer than the model's context, naming the setting to lower; `reserved`:
+    tokens the model is given on top of `length` (a perplexity window's start tokens)."""
     limit = context_limit(config)
-    if limit is not None and length > limit:
+    if limit is not None and length + reserved > limit:
         flag = "--" + field.replace("_", "-")
-        raise SettingsError(f"{field}: {length} tokens exceed the model's context of {limit}; use {flag} {limit} or less")
+        extra = f" (+ {reserved} start token(s))" if reserved else ""
+        raise SettingsError(f"{field}: {length} tokens{extra} exceed the model's context of {limit}; "
+                            f"use {flag} {limit - reserved} or less")

@@ -17,9 +17,12 @@ measured on text its fit never saw: fitted and measured on the same 2,048 tokens
 SmolLM2-135M (where a 576 x 576 map fits a few thousand tokens closely) looked best, and held up
 worst on held-out text. The student finally built is repaired again, on the student.
 
-Memory: the teacher's streams and every block's fit features on the fit rows are kept: for
-SmolLM2-135M at 16,384 tokens about 1.1 GB of streams, plus 1.1 GB of MLP outputs (replaceme) or
-2.9 GB of MLP hidden activations (refit, 1,536 wide).
+Memory: the teacher's streams (float32) and every block's fit features (float16; a batch float16
+cannot hold stays float32) on the fit rows are kept: blocks x tokens x (4 hidden + 2 features)
+bytes. For SmolLM2-135M at 16,384 tokens about 1.1 GB of streams, plus 0.5 GB of MLP outputs
+(replaceme) or 1.4 GB of MLP hidden activations (refit, 1,536 wide); for Gemma-3-270M 0.8 GB and
+1.1 GB (2,048 wide). The teacher's distributions on the search rows are 2 hidden + 1 floats a
+token (`next_token.Reference`), never tokens x vocabulary.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ from pathlib import Path
 import torch
 
 from lmshrink.architectures import blocks_of, only_blocks
-from lmshrink.model_gap import gap, log_probs
+from lmshrink.model_gap import gap, references
 from lmshrink.models import cache_dir
 from lmshrink.records import write_json
-from lmshrink.repair import Moments, capture, fit_span, fits_from_proj_input, heldout_split, patched, removed_spans
+from lmshrink.repair import Moments, capture, fit_span, fits_from_proj_input, heldout_split, patched, removed_spans, update_target
 from lmshrink.sampling import fingerprint
 
 
@@ -53,8 +56,9 @@ class CutSearch:
             fit_rows = rows if fit_rows is None else fit_rows
             self.held = heldout_split(fit_rows)
             self.states, self.projs = capture(teacher, fit_rows, set(range(self.n + 1)), set(range(self.n - 1)),
-                                              batch_size, proj_input=fits_from_proj_input(repair))
-        self.teacher_logp = log_probs(teacher, rows, batch_size) if measure == "kl" else None
+                                              batch_size, proj_input=fits_from_proj_input(repair),
+                                              proj_dtype=torch.float16)
+        self.teacher_refs = references(teacher, rows, batch_size) if measure == "kl" else None
         self.evaluated = 0
         self.progress: Path | None = None  # where `iterative` keeps its path, step by step (`progress_file`)
         self.resumed = 0  # removals `iterative` read from `progress` instead of scoring them
@@ -62,7 +66,8 @@ class CutSearch:
     def _fit(self, a: int, b: int) -> tuple[str, torch.Tensor]:
         """The repair of span a..b from the teacher's activations (cached per span)."""
         if (a, b) not in self.fits:
-            m, u, h = self.projs[a - 1], self.states[b + 1] - self.states[a], self.held
+            m, h = self.projs[a - 1], self.held
+            u = update_target(self.teacher, a - 1, m, self.states[b + 1], self.states[a], fits_from_proj_input(self.repair))
             param, _ = fit_span(self.repair, Moments.of(m[:-h], u[:-h]), Moments.of(m[-h:], u[-h:]))
             self.fits[(a, b)] = (self.repair, param)
         return self.fits[(a, b)]
@@ -77,7 +82,7 @@ class CutSearch:
     def score(self, keep: list[int]) -> float:
         """The measure of the student that keeps `keep` (repaired): lower is better."""
         with patched(self.teacher, self.edits(keep)), only_blocks(self.teacher, keep):  # patch by teacher index first
-            value = gap(self.teacher, self.rows, self.measure, self.teacher_logp, self.batch_size)
+            value = gap(self.teacher, self.rows, self.measure, self.teacher_refs, self.batch_size)
         self.evaluated += 1
         return value
 
@@ -96,7 +101,12 @@ class CutSearch:
             print(f"  iterative: {len(path)} removals read from {self.progress}", flush=True)
         while len(keep) > k:
             started = time.perf_counter()
-            candidates = {j: self.score([i for i in keep if i != j]) for j in keep}
+            candidates = {}
+            for j in keep:
+                candidates[j] = self.score([i for i in keep if i != j])
+                if time.perf_counter() - started > 10:  # a line at least every ~10 s on slow machines
+                    print(f"    without block {j:>2}: {self.measure} {candidates[j]:.4f} "
+                          f"({len(candidates)}/{len(keep)})", flush=True)
             best = min(candidates, key=candidates.__getitem__)
             keep.remove(best)
             path.append({"removed": best, self.measure: candidates[best],
@@ -110,11 +120,16 @@ class CutSearch:
     def contiguous(self, k: int) -> tuple[list[int], list[dict]]:
         """The run of n - k consecutive blocks whose removal scores best."""
         drop = self.n - k
-        candidates = []
-        for start in range(self.n - drop + 1):
+        candidates, spans = [], self.n - drop + 1
+        for start in range(spans):
             keep = [i for i in range(self.n) if not start <= i < start + drop]
+            began = time.perf_counter()
             candidates.append({"start": start, "removed": list(range(start, start + drop)),
                                self.measure: self.score(keep)})
+            if self.repair != "none" and start > 0:  # each block's fit features serve one span here
+                self.projs.pop(start - 1, None)
+            print(f"  contiguous: span {start}-{start + drop - 1} ({start + 1}/{spans}), {self.measure} "
+                  f"{candidates[-1][self.measure]:.4f} ({time.perf_counter() - began:.0f} s)", flush=True)
         best = min(candidates, key=lambda c: c[self.measure])
         print(f"  contiguous: removed blocks {best['removed']}, {self.measure} {best[self.measure]:.4f} "
               f"(best of {len(candidates)} spans)", flush=True)

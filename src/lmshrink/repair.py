@@ -57,10 +57,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmshrink import next_token
 from lmshrink.architectures import architecture_of, blocks_of, get_path
 from lmshrink.errors import LmshrinkError, one_of
-from lmshrink.losses import forward_kl
-from lmshrink.model_gap import gap, log_probs
+from lmshrink.model_gap import gap, references
 
 REPAIRS = ("none", "bias", "replaceme", "refit")
 FIT_ON = ("student", "teacher")
@@ -117,25 +117,39 @@ def _tensor(output) -> torch.Tensor:
 
 @torch.no_grad()
 def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], batch_size: int = 4,
-            on_device: bool = False, proj_input: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+            on_device: bool = False, proj_input: bool = False,
+            proj_dtype: torch.dtype = torch.float32) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """The residual stream x_k entering block k for k in `states` (k = n: the last block's output),
     and the MLP output projection's output (`proj_input`: its input, the MLP's hidden activation) of
     each block in `projections`: (N, T, H) float32 tensors
-    on the CPU (`on_device`: as they are, where the model is). The forward pass stops after the last
-    block that anything is wanted from."""
+    on the CPU (`on_device`: as they are, where the model is); the projections in `proj_dtype`
+    (float16 halves a search's largest store; a batch whose values float16 cannot hold stays float32).
+    The forward pass stops after the last block that anything is wanted from."""
     if not states and not projections:
         return {}, {}
     blocks = blocks_of(model)
     proj_path = architecture_of(model.config).mlp_out
     device = next(model.parameters()).device
     stop_after = max([k - 1 for k in states] + list(projections))
-    got: dict[tuple[str, int], list[torch.Tensor]] = {}
+    got: dict[tuple[str, int], list[torch.Tensor]] = {}  # on the device: per batch, joined at the end
+    store: dict[tuple[str, int], torch.Tensor] = {}  # on the CPU: filled in place, never held twice
     batch_shape: list[int] = []
+    at = [0]  # the current batch's first row
 
     def keep(kind: str, k: int, value: torch.Tensor) -> None:
         # (B, T, H); OPT's fc2 runs on (B * T, H)
-        value = value.detach() if on_device else value.detach().float().cpu()
-        got.setdefault((kind, k), []).append(value.reshape(*batch_shape, -1))
+        value = value.detach().reshape(*batch_shape, -1)
+        if on_device:
+            got.setdefault((kind, k), []).append(value)
+            return
+        key = (kind, k)
+        if key not in store:
+            dtype = proj_dtype if kind == "proj" else torch.float32
+            store[key] = torch.empty((rows.shape[0], *value.shape[1:]), dtype=dtype)
+        out = store[key]
+        if out.dtype != torch.float32 and not torch.isfinite(value.to(out.dtype)).all():
+            out = store[key] = out.float()  # values float16 cannot hold: this block stays float32
+        out[at[0] : at[0] + value.shape[0]] = value.to(out.dtype)
 
     hooks = []
     if 0 in states:
@@ -156,7 +170,7 @@ def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], 
     try:
         for start in range(0, rows.shape[0], batch_size):
             batch = rows[start : start + batch_size]
-            batch_shape[:] = batch.shape
+            batch_shape[:], at[0] = batch.shape, start
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except StopForward:
@@ -164,8 +178,10 @@ def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], 
     finally:
         for hook in hooks:
             hook.remove()
-    out_states = {k: torch.cat(got[("state", k)]) for k in states}
-    out_proj = {i: torch.cat(got[("proj", i)]) for i in projections}
+    if not on_device:
+        return {k: store[("state", k)] for k in states}, {i: store[("proj", i)] for i in projections}
+    out_states = {k: torch.cat(got.pop(("state", k))) for k in sorted(states)}
+    out_proj = {i: torch.cat(got.pop(("proj", i))) for i in sorted(projections)}
     return out_states, out_proj
 
 
@@ -246,11 +262,16 @@ class Moments:
     count: int
 
     @classmethod
-    def of(cls, m: torch.Tensor, u: torch.Tensor) -> Moments:
-        """From (..., H) tensors, every position a token."""
-        m = m.reshape(-1, m.shape[-1]).double()
-        u = u.reshape(-1, u.shape[-1]).double()
-        return cls(m.T @ m, m.T @ u, u.sum(0), float((u * u).sum()), u.shape[0])
+    def of(cls, m: torch.Tensor, u: torch.Tensor, chunk: int = 2048) -> Moments:
+        """From (..., H) tensors, every position a token; summed in float64 `chunk` tokens at a
+        time (a whole float64 copy of a wide model's features would be the fit's largest tensor)."""
+        m, u = m.reshape(-1, m.shape[-1]), u.reshape(-1, u.shape[-1])
+        total = None
+        for s in range(0, max(1, m.shape[0]), chunk):
+            mc, uc = m[s : s + chunk].double(), u[s : s + chunk].double()
+            part = cls(mc.T @ mc, mc.T @ uc, uc.sum(0), float((uc * uc).sum()), uc.shape[0])
+            total = part if total is None else total + part
+        return total
 
     def __add__(self, other: Moments) -> Moments:
         return Moments(self.gram + other.gram, self.cross + other.cross, self.u_sum + other.u_sum,
@@ -272,6 +293,40 @@ class Moments:
     def bias_error(self, mean: torch.Tensor) -> float:
         """Sum over tokens of |mean - U|^2."""
         return self.u_sq - 2 * float(mean @ self.u_sum) + self.count * float(mean @ mean)
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-12)
+
+
+@torch.no_grad()
+def update_target(model, block: int, m: torch.Tensor, target: torch.Tensor, out: torch.Tensor,
+                  proj_input: bool) -> torch.Tensor:
+    """U (N, T, H), what a fit must add to the output y of block `block`'s MLP output projection so
+    that the stream leaving the block, `out` now, becomes `target` (the teacher's); `m` is the
+    projection's input (`proj_input`, refit) or its output. Where y enters the stream unchanged,
+    U = target - out. Through a norm before the residual add (Gemma 2 and 3: N(y) = g * y / rms(y)),
+    the stream can only take N's output: the MLP's part must become v = target - (out - N(y)), and N
+    reaches v's direction from any y' along v / g (its scale is the norm's to undo, so y' keeps y's
+    rms per token), so U = y' - y: the same least squares, on the norm's input. Channels whose gain
+    is ~0 cannot be moved through the norm and are asked for nothing."""
+    arch = architecture_of(model.config)
+    if arch.mlp_norm is None:
+        return target - out
+    layer = blocks_of(model)[block]
+    proj, norm = get_path(layer, arch.mlp_out), get_path(layer, arch.mlp_norm)
+    w = proj.weight
+    gain = norm(torch.ones(w.shape[0], device=w.device, dtype=w.dtype)).float().cpu()
+    live = gain.abs() > 1e-2 * gain.abs().median()
+    update = torch.empty_like(target)
+    for r in range(0, m.shape[0], 4):  # a few rows at a time: the wide features stay in their store's dtype
+        z = m[r : r + 4].to(w.device, w.dtype)
+        y = proj(z) if proj_input else z
+        normed = norm(y).float().cpu()
+        y = y.float().cpu()
+        direction = torch.where(live, (target[r : r + 4] - out[r : r + 4] + normed) / torch.where(live, gain, 1.0), 0.0)
+        update[r : r + 4] = direction * (_rms(y) / _rms(direction)) - y
+    return update
 
 
 def fit_span(method: str, fit: Moments, held: Moments) -> tuple[torch.Tensor, dict]:
@@ -414,6 +469,7 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     spans = removed_spans(n, keep)
     usable = [(a, b) for a, b in spans if a > 0]
     held = heldout_split(rows)
+    proj_input = fits_from_proj_input(method)
     if method == "bias":
         student = with_mlp_bias(student)
     by_student = fit_on == "student" and bool(usable)
@@ -429,8 +485,8 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     if captured is not None and wanted[0] <= captured[0].keys() and wanted[1] <= captured[1].keys():
         states, projs = captured  # the teacher's activations on these rows, captured already (a search's)
     else:
-        states, projs = capture(teacher, rows, *wanted, batch_size, proj_input=fits_from_proj_input(method))
-    teacher_logp = log_probs(teacher, rows[-held:], batch_size) if len(strengths) > 1 and usable else None
+        states, projs = capture(teacher, rows, *wanted, batch_size, proj_input=proj_input)
+    teacher_refs = references(teacher, rows[-held:], batch_size) if len(strengths) > 1 and usable else None
     report = []
 
     def fit(m: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -439,7 +495,7 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
 
     if by_student:  # one layer-by-layer pass over the student, from its first fitted block on
         at, last = keep.index(usable[0][0] - 1), max(span_blocks | set(after))
-        replay = BlockReplay(student, rows, range(at, last + 1), batch_size, proj_input=fits_from_proj_input(method))
+        replay = BlockReplay(student, rows, range(at, last + 1), batch_size, proj_input=proj_input)
         stream = states[usable[0][0] - 1] if shared else capture(student, rows, {at}, set(), batch_size)[0][at]
 
     def walk(to: int) -> None:
@@ -449,7 +505,7 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
         for i in range(at, to):
             out, m = replay.run(i, stream)
             if i in after:
-                param, info = fit(m, states[keep[i] + 1] - out)
+                param, info = fit(m, update_target(student, i, m, states[keep[i] + 1], out, proj_input))
                 APPLY[method](projection(student, i), param)
                 out = replay.run(i, stream)[0]
                 report.append({"block": keep[i], "student_block": i, "downstream": True, **info})
@@ -462,17 +518,19 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
             continue
         j = keep.index(a - 1)
         if fit_on == "teacher":
-            m, base = projs[a - 1], states[a]
+            m, base, fitted = projs[a - 1], states[a], teacher
         else:
             walk(j)  # the blocks up to this span, with the earlier fits folded in
             base, m = replay.run(j, stream)
-        param, info = fit(m, states[b + 1] - base)
+            fitted = student
+        param, info = fit(m, update_target(fitted, j if fitted is student else a - 1, m, states[b + 1], base,
+                                           proj_input))
         strength = strengths[0]  # one strength given: that one, measured or not
-        if teacher_logp is not None:
+        if teacher_refs is not None:
             gaps = {}
             for s in strengths:
                 with patched(student, {j: (method, param * s)}):
-                    gaps[s] = gap(student, rows[-held:], "kl", teacher_logp, batch_size)
+                    gaps[s] = gap(student, rows[-held:], "kl", teacher_refs, batch_size)
             strength = min(gaps, key=gaps.__getitem__)
             info["strength_kl"] = {f"{s:g}": v for s, v in gaps.items()}
         APPLY[method](projection(student, j), param * strength)
@@ -489,8 +547,9 @@ def refine(teacher, student, blocks: list[int], rows: torch.Tensor, epochs: int,
     the mean forward KL from the teacher's next-token distribution, every other weight frozen. After
     each pass the held-out KL is measured and the best pass's weights are kept (pass 0: as given),
     so the held-out rows never see a student worse than the repair it started from.
-    The teacher's log-probabilities on the fit rows are computed once and kept in float16 (for
-    SmolLM2-135M at 16,384 tokens, 1.6 GB; twice that while they are gathered). Returns what the
+    The teacher's distributions on the fit rows are computed once and kept as 2 H + 1 floats a
+    position (`next_token.Reference`: 76 MB for SmolLM2-135M at 16,384 tokens, where float16
+    log-probabilities took 1.6 GB). Returns what the
     record keeps: the held-out KL after each pass, the pass kept, the seconds."""
     if not blocks:  # every span started at block 0: nothing was fitted, so nothing to fit further
         return {"epochs": 0, "lr": lr, "blocks": [], "skipped": "no repaired block to fit"}
@@ -498,8 +557,8 @@ def refine(teacher, student, blocks: list[int], rows: torch.Tensor, epochs: int,
     held = heldout_split(rows)
     fit, hold = rows[:-held], rows[-held:]
     device = next(student.parameters()).device
-    target = torch.cat(log_probs(teacher, fit, batch_size, torch.float16))
-    hold_logp = log_probs(teacher, hold, batch_size)
+    target = next_token.Reference.cat(references(teacher, fit, batch_size))
+    hold_refs = references(teacher, hold, batch_size)
     params = [p for j in sorted(set(blocks)) for p in projection(student, j).parameters()]
     trainable = {name: p.requires_grad for name, p in student.named_parameters()}
     student.requires_grad_(False)
@@ -507,19 +566,18 @@ def refine(teacher, student, blocks: list[int], rows: torch.Tensor, epochs: int,
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
     order = torch.Generator().manual_seed(seed)
-    heldout = [gap(student, hold, "kl", hold_logp, batch_size)]
+    heldout = [gap(student, hold, "kl", hold_refs, batch_size)]
     best = [p.detach().clone() for p in params]
     try:
         for _ in range(epochs):
             perm = torch.randperm(fit.shape[0], generator=order)
             for start in range(0, fit.shape[0], batch_size):
                 idx = perm[start : start + batch_size]
-                logits = student(input_ids=fit[idx].to(device), use_cache=False).logits.float()
-                loss = forward_kl(torch.log_softmax(logits, -1), target[idx.to(device)].float()).mean()
+                loss = next_token.mean_kl(student, fit[idx].to(device), target.rows(idx))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            heldout.append(gap(student, hold, "kl", hold_logp, batch_size))
+            heldout.append(gap(student, hold, "kl", hold_refs, batch_size))
             if heldout[-1] < min(heldout[:-1]):
                 best = [p.detach().clone() for p in params]
     finally:
