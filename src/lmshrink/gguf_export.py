@@ -103,6 +103,53 @@ def _gpt2(writer, config) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
+def _gemma3(writer, config) -> None:
+    """Gemma 3's hyperparameters, as llama.cpp's `gemma3` reads them: the full-attention blocks'
+    RoPE base, the sliding window, and which blocks slide (`attention.sliding_window_pattern`, one
+    flag a block: a cut student's blocks keep their own kinds, not the teacher's every-sixth pattern)."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(_gemma3_rope(config)["full_attention"])
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_array(f"{writer.arch}.attention.sliding_window_pattern",
+                     [kind == "sliding_attention" for kind in config.layer_types])
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _gemma3_rope(config) -> dict[str, float]:
+    """RoPE base per attention kind (transformers 5 keeps one set of parameters per kind)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return {kind: float((rope.get(kind) or {}).get("rope_theta", default))
+            for kind, default in (("full_attention", 1_000_000.0), ("sliding_attention", 10_000.0))}
+
+
+def _gemma3_problem(config) -> str | None:
+    """What llama.cpp's `gemma3` graph fixes and this model does not have, or None."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if any((rope.get(kind) or {}).get("rope_type", "default") != "default" for kind in rope):
+        return "its RoPE is scaled, which lmshrink does not write to GGUF yet"
+    if _gemma3_rope(config)["sliding_attention"] != 10_000.0:
+        return "llama.cpp's gemma3 fixes the sliding blocks' RoPE base at 10,000"
+    if getattr(config, "query_pre_attn_scalar", config.head_dim) != config.head_dim:
+        return "llama.cpp's gemma3 scales attention by 1/sqrt(head_dim), not by query_pre_attn_scalar"
+    if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None):
+        return "llama.cpp's gemma3 has no logit soft-capping"
+    return None
+
+
+def _gemma_tensor(name: str, tensor: torch.Tensor, config) -> torch.Tensor:
+    if name.endswith("norm.weight"):  # Gemma's RMSNorm scales by 1 + weight; llama.cpp's by weight
+        return tensor + 1
+    return tensor
+
+
 def _interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Query/key rows from transformers' rotate-half order (each head: all real parts, then all
     imaginary parts) to the interleaved pairs llama.cpp's `llama` RoPE rotates."""
@@ -144,11 +191,11 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("QWEN2", _llama_like, skip=(".rotary_emb.inv_freq",)),
     "qwen3": Family("QWEN3", _llama_like, skip=(".rotary_emb.inv_freq",)),
     "gpt2": Family("GPT2", _gpt2, _gpt2_tensor, (".attn.bias", ".attn.masked_bias")),
+    "gemma3_text": Family("GEMMA3", _gemma3, _gemma_tensor, (".rotary_emb.inv_freq",)),
 }
 
 REFUSED: dict[str, str] = {
     "gemma2": "llama.cpp's gemma2 needs logit soft-capping and per-layer sliding windows that lmshrink does not write yet",
-    "gemma3_text": "llama.cpp's gemma3 needs per-layer sliding windows and norms that lmshrink does not write yet",
     "phi3": "llama.cpp's phi3 stores fused QKV and gate/up tensors that lmshrink does not write yet",
     "smollm3": "llama.cpp's smollm3 needs its no-RoPE layer list, which lmshrink does not write yet",
     "opt": "llama.cpp has no OPT architecture",
@@ -164,7 +211,8 @@ def export_problems(config) -> list[str]:
         why = REFUSED.get(kind, "lmshrink does not export it to GGUF yet")
         return [f"model: {kind} models cannot be exported to GGUF: {why}; llama.cpp's convert_hf_to_gguf.py "
                 f"may convert the folder (exported: {', '.join(FAMILIES)})"]
-    if kind != "gpt2" and (why := _rope_problem(config)):
+    why = _gemma3_problem(config) if kind == "gemma3_text" else _rope_problem(config) if kind != "gpt2" else None
+    if why:
         return [f"model: this {kind} model cannot be exported to GGUF: {why}"]
     return []
 
