@@ -312,3 +312,29 @@ def test_freeze_on_untied_heads_and_when_nothing_is_left():
     config.do_layer_norm_before = False  # OPT-350m's layout: no final layer norm
     with pytest.raises(SettingsError, match="embeddings, blocks:0-1 leaves nothing of the model to train"):
         freeze(AutoModelForCausalLM.from_config(config), ["embeddings", "blocks:0-1"])
+
+
+def test_warm_up_never_spends_a_step_at_learning_rate_zero(tmp_path):
+    from conftest import tiny_model
+    from transformers import TrainingArguments
+
+    from lmshrink.training import LMTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, warmup_steps=2, learning_rate=1e-3,
+                             lr_scheduler_type="linear", report_to=[], use_cpu=True)
+    trainer = LMTrainer(model=tiny_model("gpt2", 2), args=args)
+    trainer.create_optimizer_and_scheduler(4)
+    lrs = []
+    for _ in range(4):  # the learning rate each optimizer step runs at
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 5e-4])  # then the linear decay as before
+
+
+def test_the_fused_head_turns_on_where_the_logits_would_be_large():
+    from lmshrink.training import fused_head_on
+
+    assert not fused_head_on("auto", 4, 256, 49_152) or torch.cuda.is_available()  # SmolLM2: 200 MB of logits
+    assert fused_head_on("auto", 4, 256, 262_144)  # Gemma 3: 1 GiB
+    assert not fused_head_on("off", 4, 256, 262_144) and fused_head_on("on", 1, 8, 100)

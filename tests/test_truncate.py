@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import transformers as T
-from conftest import TINY_CONFIGS, tiny_model
+from conftest import TINY_CONFIGS, framed_tokenizer, tiny_model
 
 from lmshrink.architectures import UnsupportedArchitecture, blocks_of, only_blocks
 from lmshrink.cli import main
@@ -188,11 +188,22 @@ def test_repair_refusals_are_one_line(tiny_gpt2_dir, tmp_path, capsys):
     assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / "s"), "--keep", "0,3",
                  "--repair", "magic"]) == 2
     assert "repair: 'magic' is unknown" in capsys.readouterr().err
-    gemma = tmp_path / "gemma"
-    tiny_model("gemma3_text", 4).save_pretrained(gemma)
-    assert main(["truncate", "--teacher", str(gemma), "--output", str(tmp_path / "g"), "--keep", "0,3"]) == 2
-    err = capsys.readouterr().err
-    assert "post_feedforward_layernorm" in err and "--repair none" in err and not (tmp_path / "g").exists()
+
+
+def test_gemma_is_cut_and_repaired_with_every_default(tmp_path, gpt2_tokenizer, capsys):
+    """Gemma 3 (sub-layer outputs normed before the residual add) takes the default repair."""
+    gemma, tokenizer = tmp_path / "gemma", framed_tokenizer(gpt2_tokenizer, ["<bos>"])
+    config = T.Gemma3TextConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                intermediate_size=64, vocab_size=len(tokenizer), head_dim=16, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(gemma)
+    tokenizer.save_pretrained(gemma)
+    assert main(["truncate", "--teacher", str(gemma), "--output", str(tmp_path / "g"), "--keep", "0,3",
+                 "--repair-data", "python-docs/library", "--repair-tokens", "2048"]) == 0
+    record = json.loads((tmp_path / "g" / "lmshrink.json").read_text())
+    assert record["repair"]["method"] == "refit" and record["repair"]["spans"][0]["block"] == 0
+    assert record["framing"]["start"] == ["<bos>"]
 
 
 def test_truncate_command_reports_bad_requests(tiny_gpt2_dir, tmp_path, capsys):

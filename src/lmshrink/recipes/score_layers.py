@@ -16,7 +16,7 @@ from typing import Any
 from lmshrink.architectures import blocks_of, check_length
 from lmshrink.config import SettingsError, check, setting, to_dict
 from lmshrink.cut_search import SEARCHES, CutSearch, progress_file
-from lmshrink.data import calibration_rows
+from lmshrink.data import Framing, calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.importance import plot, score
 from lmshrink.model_gap import MEASURES
@@ -80,11 +80,14 @@ def run(settings: ScoreSettings) -> dict[str, Any]:
     loaded = load(settings.model, settings.dtype, settings.trust_remote_code)
     model = loaded.model.to(pick_device(settings.device))
     check_length(model.config, settings.seq_len, "seq_len")
+    if settings.search_to is not None:  # every setting checked before any scoring (minutes on a large model)
+        search_problems(model, settings)
     rows = calibration_rows(settings.data, loaded.tokenizer, settings.tokens, settings.seq_len)
     print(f"scoring {len(blocks_of(model))} blocks of {settings.model} on {rows.numel():,} tokens of {settings.data}")
     scores = score(model, rows, settings.batch_size, settings.ppl)
     out = Path(settings.output)
-    record = provenance("score-layers", to_dict(settings), **scores)
+    record = provenance("score-layers", to_dict(settings), framing=Framing.of(loaded.tokenizer).record(loaded.tokenizer),
+                        **scores)
     write_json(out / "scores.json", record)
     write_json(out / RECORD, record)
     plot(scores, out / "scores.png", f"{settings.model}: block importance on {settings.data}")
@@ -101,14 +104,20 @@ def run(settings: ScoreSettings) -> dict[str, Any]:
     return scores
 
 
-def measured_cuts(model, rows, settings: ScoreSettings, out: Path) -> dict[str, Any]:
-    """The iterative search's path and every contiguous span, down to `search_to` blocks (search.json)."""
+def search_problems(model, settings: ScoreSettings) -> None:
+    """Refuse a search this model cannot run, with one line (before anything is scored)."""
     problems = repair_problems(model.config, settings.search_repair)
     if problems:
         raise SettingsError(problems[0].replace("repair:", "search_repair:").replace("--repair", "--search-repair"))
-    n, k = len(blocks_of(model)), settings.search_to
-    if k >= n:
+    n = len(blocks_of(model))
+    if settings.search_to >= n:
         raise SettingsError(f"search_to: the model has {n} blocks; give fewer")
+
+
+def measured_cuts(model, rows, settings: ScoreSettings, out: Path) -> dict[str, Any]:
+    """The iterative search's path and every contiguous span, down to `search_to` blocks (search.json)."""
+    search_problems(model, settings)
+    n, k = len(blocks_of(model)), settings.search_to
     print(f"measuring cuts to {k} blocks ({settings.search_measure}, each repaired by {settings.search_repair})")
     search = CutSearch(model, rows, settings.search_repair, settings.search_measure, settings.batch_size)
     search.progress = progress_file(search, None)  # a stopped search carries on
