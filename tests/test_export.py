@@ -175,6 +175,19 @@ def test_pre_tokenizer_names_come_from_the_tokenizer_structure():
     assert pre_tokenizer_name({"pre_tokenizer": odd}) is None
 
 
+def test_a_space_before_the_text_is_written_only_where_the_tokenizer_puts_one():
+    from lmshrink.gguf_export import adds_space_prefix
+
+    gemma = {"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+             "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious"}}
+    llama2 = {"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                                 {"type": "Replace"}]}}
+    metaspace = {"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first"}}
+    never = {"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never"}}
+    assert not adds_space_prefix(gemma) and adds_space_prefix(llama2) and adds_space_prefix(metaspace)
+    assert not adds_space_prefix(never)
+
+
 def test_unknown_pre_tokenizer_asks_for_the_name(tmp_path, bpe):
     from tokenizers import Regex, pre_tokenizers
 

@@ -47,7 +47,9 @@ class CutSearch:
     """Scores candidate cuts of `teacher` on calibration rows (N, T)."""
 
     def __init__(self, teacher, rows: torch.Tensor, repair: str = "none", measure: str = "kl",
-                 batch_size: int = 4, fit_rows: torch.Tensor | None = None) -> None:
+                 batch_size: int = 4, fit_rows: torch.Tensor | None = None, fit_blocks: set[int] | None = None) -> None:
+        """`fit_blocks`: the blocks a fit may go into (default every one but the last); a contiguous
+        search to k blocks needs only blocks 0..k-1 (`fit_blocks_for`)."""
         self.teacher, self.rows, self.repair, self.measure = teacher, rows, repair, measure
         self.batch_size = batch_size
         self.n = len(blocks_of(teacher))
@@ -55,7 +57,8 @@ class CutSearch:
         if repair != "none":
             fit_rows = rows if fit_rows is None else fit_rows
             self.held = heldout_split(fit_rows)
-            self.states, self.projs = capture(teacher, fit_rows, set(range(self.n + 1)), set(range(self.n - 1)),
+            blocks = set(range(self.n - 1)) if fit_blocks is None else fit_blocks
+            self.states, self.projs = capture(teacher, fit_rows, set(range(self.n + 1)), blocks,
                                               batch_size, proj_input=fits_from_proj_input(repair),
                                               proj_dtype=torch.float16)
         self.teacher_refs = references(teacher, rows, batch_size) if measure == "kl" else None
@@ -134,6 +137,12 @@ class CutSearch:
         print(f"  contiguous: removed blocks {best['removed']}, {self.measure} {best[self.measure]:.4f} "
               f"(best of {len(candidates)} spans)", flush=True)
         return [i for i in range(self.n) if i not in best["removed"]], candidates
+
+
+def fit_blocks_for(strategy: str, n: int, k: int) -> set[int] | None:
+    """The blocks a search to k of n blocks may fold a fit into: a contiguous span that keeps k
+    blocks starts at block k at the latest, so its fit goes into one of blocks 0..k-1."""
+    return set(range(min(k, n - 1))) if strategy == "contiguous" else None
 
 
 def progress_file(search: CutSearch, fit_rows: torch.Tensor | None) -> Path:

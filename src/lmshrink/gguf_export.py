@@ -309,6 +309,16 @@ def tokenizer_kind(tokenizer_json: dict[str, Any]) -> str:
                       "fallback cannot be written to GGUF by lmshrink")
 
 
+def adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts a space before every text."""
+    norm = tokenizer_json.get("normalizer") or {}
+    norms = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    if any(n.get("type") == "Prepend" for n in norms):
+        return True
+    return any(step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never"
+               and step.get("add_prefix_space", True) for step in _steps(tokenizer_json.get("pre_tokenizer")))
+
+
 def _byte_level_vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
     types = _gguf().TokenType
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
@@ -365,6 +375,9 @@ def add_vocabulary(writer, tokenizer, n_vocab: int, pre: str | None) -> str:
                 kinds.append(g.TokenType.UNUSED)
             writer.add_tokenizer_model("llama")
             writer.add_tokenizer_pre(pre)
+            # llama.cpp's SentencePiece path puts a space before the text unless told otherwise:
+            # Llama 2's tokenizer does (a Prepend normalizer or Metaspace), Gemma's does not
+            writer.add_add_space_prefix(adds_space_prefix(spec))
             writer.add_token_list(texts)
             writer.add_token_scores(scores)
             writer.add_token_types(kinds)

@@ -40,7 +40,7 @@ def residual_stream(model, ids: torch.Tensor) -> list[torch.Tensor]:
     hooks = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
     hooks.append(blocks[-1].register_forward_hook(grab_output))
     try:
-        model(input_ids=ids, use_cache=False)
+        model.base_model(input_ids=ids, use_cache=False)  # the blocks alone: no (B, T, vocab) logits
     finally:
         for hook in hooks:
             hook.remove()

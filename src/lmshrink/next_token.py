@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -82,6 +82,20 @@ def full_logits(model, ids: torch.Tensor) -> torch.Tensor:
     if isinstance(model, torch.nn.Module):
         return model(input_ids=ids.to(_device(model)), use_cache=False).logits
     return model(ids)
+
+
+@torch.inference_mode()
+def logit_chunks(model, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The logits of rows `ids` (B, T), a chunk of positions at a time: (B, c, V) tensors in order."""
+    parts = split(model)
+    if parts is None:
+        yield full_logits(model, ids)
+        return
+    body, head = parts
+    hidden = body(ids)
+    step = max(1, chunk_positions(head_size(model)) // ids.shape[0])
+    for s in range(0, hidden.shape[1], step):
+        yield head(hidden[:, s : s + step])
 
 
 @torch.inference_mode()

@@ -441,6 +441,23 @@ def heldout_split(rows: torch.Tensor) -> int:
     return max(1, rows.shape[0] // 8)
 
 
+def needs(n: int, keep: list[int], fit_on: str = "student", downstream: bool = False) -> tuple[set[int], set[int]]:
+    """The teacher's streams and MLP features (block indices, as `capture` takes them) the repair
+    of the cut that keeps `keep` of n blocks reads: what a caller holding a search's captures keeps."""
+    spans = removed_spans(n, keep)
+    usable = [(a, b) for a, b in spans if a > 0]
+    if not usable:
+        return set(), set()
+    # the student's stream equals the teacher's up to the first fitted block unless block 0 was cut
+    shared = fit_on == "student" and spans[0][0] > 0
+    span_blocks = {keep.index(a - 1) for a, _ in usable}
+    after = [i for i in range(min(span_blocks) + 1, len(keep)) if i not in span_blocks] if downstream else []
+    targets = ({b + 1 for _, b in usable} | ({a for a, _ in usable} if fit_on == "teacher" else set())
+               | {keep[i] + 1 for i in after})
+    return (targets | ({usable[0][0] - 1} if shared else set()),
+            {a - 1 for a, _ in usable} if fit_on == "teacher" else set())
+
+
 def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, fit_on: str = "student",
            strengths: tuple[float, ...] = (1.0,), batch_size: int = 4,
            captured: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None,
@@ -475,13 +492,10 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     by_student = fit_on == "student" and bool(usable)
     if downstream and fit_on != "student":
         raise RepairError("the downstream fits run on the student's own stream: fit on the student")
-    # the student's stream equals the teacher's up to the first fitted block unless block 0 was cut
-    shared = by_student and spans[0][0] > 0
+    wanted = needs(n, keep, fit_on, downstream)
+    shared = by_student and spans[0][0] > 0  # the student's stream is the teacher's up to the first fit
     span_blocks = {keep.index(a - 1) for a, _ in usable}
     after = [i for i in range(min(span_blocks) + 1, len(keep)) if i not in span_blocks] if downstream and usable else []
-    targets = ({b + 1 for _, b in usable} | ({a for a, _ in usable} if fit_on == "teacher" else set())
-               | {keep[i] + 1 for i in after})
-    wanted = (targets | ({usable[0][0] - 1} if shared else set()), {a - 1 for a, _ in usable} if fit_on == "teacher" else set())
     if captured is not None and wanted[0] <= captured[0].keys() and wanted[1] <= captured[1].keys():
         states, projs = captured  # the teacher's activations on these rows, captured already (a search's)
     else:

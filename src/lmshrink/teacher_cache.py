@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lmshrink import next_token
 from lmshrink.config import SettingsError
 from lmshrink.records import atomic_file
 
@@ -45,13 +46,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 @torch.inference_mode()
 def teacher_top_k(model, ids: torch.Tensor, k: int, temperature: float, batch_size: int):
     """Top-k token ids (int32) and log-probs at `temperature` (fp16) for every position: (N, T, k) each."""
-    device = next(model.parameters()).device
     idx, logp = [], []
     for i in range(0, ids.shape[0], batch_size):
-        logits = model(input_ids=ids[i : i + batch_size].to(device), use_cache=False).logits
-        values, indices = F.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
-        idx.append(indices.int().cpu())
-        logp.append(values.half().cpu())
+        # a chunk of positions at a time over the vocabulary (`lmshrink.next_token`)
+        tops = [F.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
+                for logits in next_token.logit_chunks(model, ids[i : i + batch_size])]
+        idx.append(torch.cat([t.indices for t in tops], 1).int().cpu())
+        logp.append(torch.cat([t.values for t in tops], 1).half().cpu())
     return torch.cat(idx), torch.cat(logp)
 
 

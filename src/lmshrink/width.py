@@ -224,7 +224,7 @@ def width_scores(model: nn.Module, rows: torch.Tensor, batch_size: int = 4) -> d
     device = next(model.parameters()).device
     try:
         for start in range(0, rows.shape[0], batch_size):
-            model(input_ids=rows[start : start + batch_size].to(device), use_cache=False)
+            model.base_model(input_ids=rows[start : start + batch_size].to(device), use_cache=False)  # no logits
     finally:
         for hook in hooks:
             hook.remove()
