@@ -239,3 +239,18 @@ def test_the_selective_lm_loss_trains_on_the_tokens_where_the_student_lags_the_t
     excess = [(-logp(student[b, 0])[2] + logp(teacher[b, 0])[2]).item() for b in range(2)]
     lagging = max(range(2), key=lambda b: excess[b])
     assert selective_lm_loss(student, teacher, sparse, 0.5).item() == pytest.approx(-logp(student[lagging, 0])[2].item())
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_same_hidden_gradient():
+    """`--freeze embeddings` with a tied head: the fused head computes no (V, H) gradient at all."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (2, 9))
+    step = head_step("ce")
+    trained = torch.autograd.grad(fused_head_loss(step, hidden, weight, labels, chunk=5)[0], [hidden, weight])
+    frozen_weight = weight.detach()
+    loss = fused_head_loss(step, hidden, frozen_weight, labels, chunk=5)[0]
+    (frozen,) = torch.autograd.grad(loss, [hidden])
+    torch.testing.assert_close(frozen, trained[0])
+    torch.testing.assert_close(loss, causal_lm_loss(hidden @ weight.detach().T, labels))

@@ -232,10 +232,13 @@ def test_flops_per_token_counts_the_head_once():
 
 def test_the_loss_chunk_follows_the_flag_free_memory_and_its_cap():
     """Even chunks of at most: --kd-chunk positions per sequence; a quarter of free GPU memory at 32
-    bytes per logit, capped; 128 positions per sequence on a CPU."""
+    bytes per logit, capped; on a CPU 128 positions per sequence within 1 GiB at 32 bytes per logit."""
     rows, vocab, batch = 16 * 1024, 50257, 16
     assert loss_chunk_rows(rows, vocab, batch, kd_chunk=256, free_bytes=None) == 256 * batch
-    assert loss_chunk_rows(rows, vocab, batch, kd_chunk=None, free_bytes=None) == 128 * batch
+    assert loss_chunk_rows(rows, 49_152, 4, kd_chunk=None, free_bytes=None) == 128 * 4  # SmolLM2 at batch 4
+    cpu = loss_chunk_rows(rows, vocab, batch, kd_chunk=None, free_bytes=None)
+    assert cpu * 32 * vocab <= 2**30 and -(-rows // cpu) == -(-rows // (2**30 // (32 * vocab)))
+    assert loss_chunk_rows(4 * 256, 262_144, 4, kd_chunk=None, free_bytes=None) == 128  # Gemma 3: 1 GiB
     assert loss_chunk_rows(rows, vocab, batch, kd_chunk=None, free_bytes=140 * 2**30) == MAX_CHUNK_ROWS  # an H200
     small = loss_chunk_rows(rows, vocab, batch, kd_chunk=None, free_bytes=2 * 2**30)  # 2 GiB free
     fits = 2 * 2**30 // 4 // (32 * vocab)

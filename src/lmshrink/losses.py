@@ -251,16 +251,21 @@ class _FusedHead(torch.autograd.Function):
     recomputed and no (rows, V) tensor outlives its chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, grad_step, chunk, rows, fixed):
+    def forward(ctx, hidden, weight, step, chunk, rows, fixed):
+        # a frozen head (`--freeze embeddings` with a tied head) gets no (V, H) gradient at all
+        train_weight = ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight)
+        grad_weight = torch.zeros_like(weight) if train_weight else None
         total = hidden.new_zeros((), dtype=torch.float32)
         parts = hidden.new_zeros(2, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
-            (g_hidden, g_weight), (value, chunk_parts) = grad_step(
-                hidden[start : start + chunk], weight, *_rows(rows, start, chunk), *fixed)
+            args = (hidden[start : start + chunk], weight, *_rows(rows, start, chunk), *fixed)
+            if train_weight:
+                (g_hidden, g_weight), (value, chunk_parts) = step.grad(*args)
+                grad_weight += g_weight
+            else:
+                g_hidden, (value, chunk_parts) = step.grad_hidden(*args)
             grad_hidden[start : start + chunk] = g_hidden
-            grad_weight += g_weight
             total += value
             parts += chunk_parts
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -270,7 +275,8 @@ class _FusedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, grad_parts):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None, None
+        return (grad_hidden * grad_total, None if grad_weight is None else grad_weight * grad_total,
+                None, None, None, None)
 
 
 def _rows(rows: tuple[torch.Tensor | None, ...], start: int, chunk: int) -> list[torch.Tensor | None]:
@@ -284,15 +290,18 @@ class HeadStep:
 
     loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     grad: Callable[..., tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+    grad_hidden: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+    """The gradient for the hidden states alone, for a frozen head."""
 
 
 def head_step(kind: str, div: Divergence | None = None, temperature: float = 1.0, vocab: int = 0,
               compiled: bool = False) -> HeadStep:
     loss = partial(head_chunk_loss, div, temperature, vocab, kind)
     grad = torch.func.grad_and_value(loss, argnums=(0, 1), has_aux=True)
+    grad_hidden = torch.func.grad_and_value(loss, argnums=0, has_aux=True)
     if compiled:
-        loss, grad = torch.compile(loss, dynamic=False), torch.compile(grad, dynamic=False)
-    return HeadStep(loss, grad)
+        loss, grad, grad_hidden = (torch.compile(f, dynamic=False) for f in (loss, grad, grad_hidden))
+    return HeadStep(loss, grad, grad_hidden)
 
 
 def fused_head_loss(step: HeadStep, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -315,7 +324,7 @@ def fused_head_loss(step: HeadStep, hidden: torch.Tensor, weight: torch.Tensor, 
     fixed = (teacher_weight, scales)
     flat = hidden.flatten(0, 1)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        total, parts = _FusedHead.apply(flat, weight, step.grad, chunk, rows, fixed)
+        total, parts = _FusedHead.apply(flat, weight, step, chunk, rows, fixed)
     else:  # evaluation: the loss alone, chunk by chunk
         values = [step.loss(flat[s : s + chunk], weight, *_rows(rows, s, chunk), *fixed)
                   for s in range(0, flat.shape[0], chunk)]

@@ -748,16 +748,19 @@ def save_trained(trainer: Trainer, folder: Path, record: dict[str, Any], name: s
 MAX_CHUNK_ROWS = 8192
 
 
+CPU_CHUNK_BYTES = 1 << 30
+
+
 def loss_chunk_rows(rows: int, vocab: int, batch: int, kd_chunk: int | None, free_bytes: int | None) -> int:
     """Logit rows per loss chunk: `kd_chunk` positions per sequence if set; else on a GPU a quarter of
     its free memory at ~32 bytes per logit (fp32 logits, their gradient and the softmax temporaries),
-    at most MAX_CHUNK_ROWS; on a CPU 128 positions per sequence. Split into even chunks."""
+    at most MAX_CHUNK_ROWS; on a CPU 128 positions per sequence, within CPU_CHUNK_BYTES. Split into even chunks."""
     if kd_chunk:
         limit = kd_chunk * batch
     elif free_bytes is not None:
         limit = min(free_bytes // 4 // (32 * vocab), MAX_CHUNK_ROWS)
-    else:
-        limit = 128 * batch
+    else:  # at most 1 GiB of those bytes: 128 rows of Gemma 3's 262k vocabulary, 512 of a 49k one
+        limit = min(128 * batch, CPU_CHUNK_BYTES // (32 * vocab))
     pieces = math.ceil(rows / max(1, limit))
     return math.ceil(rows / pieces)
 
