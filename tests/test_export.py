@@ -188,6 +188,16 @@ def test_a_space_before_the_text_is_written_only_where_the_tokenizer_puts_one():
     assert not adds_space_prefix(never)
 
 
+def test_sentencepiece_scores_make_llama_cpp_merge_in_the_tokenizers_order():
+    """llama.cpp merges the pair whose result scores highest: minus the merge's rank, the first
+    merge making a token (string and pair forms of tokenizer.json's merges)."""
+    from lmshrink.gguf_export import merge_scores
+
+    vocab = {"a": 0, "b": 1, "ab": 2, "abb": 3, "bb": 4}
+    assert merge_scores({"model": {"vocab": vocab, "merges": ["a b", "ab b", "b b", "a bb"]}}) == {2: 0.0, 3: -1.0, 4: -2.0}
+    assert merge_scores({"model": {"vocab": vocab, "merges": [["b", "b"], ["a", "b"]]}}) == {4: 0.0, 2: -1.0}
+
+
 def test_unknown_pre_tokenizer_asks_for_the_name(tmp_path, bpe):
     from tokenizers import Regex, pre_tokenizers
 

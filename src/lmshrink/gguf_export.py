@@ -309,6 +309,19 @@ def tokenizer_kind(tokenizer_json: dict[str, Any]) -> str:
                       "fallback cannot be written to GGUF by lmshrink")
 
 
+def merge_scores(tokenizer_json: dict[str, Any]) -> dict[int, float]:
+    """Token id -> minus the rank of the first BPE merge that makes it, from a tokenizer.json."""
+    model = tokenizer_json.get("model") or {}
+    vocab = model.get("vocab") or {}
+    scores: dict[int, float] = {}
+    for rank, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token = vocab.get(left + right)
+        if token is not None and token not in scores:
+            scores[token] = -float(rank)
+    return scores
+
+
 def adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
     """Whether a SentencePiece-style tokenizer.json puts a space before every text."""
     norm = tokenizer_json.get("normalizer") or {}
@@ -369,6 +382,12 @@ def add_vocabulary(writer, tokenizer, n_vocab: int, pre: str | None) -> str:
                 texts.append(text)
                 scores.append(score)
                 kinds.append(kind_)
+            # llama.cpp's SentencePiece path merges the adjacent pair whose result scores highest;
+            # `gguf` leaves every score at -1000 (no preference: other merges than the tokenizer's),
+            # so each merge's result scores minus its rank, which makes llama.cpp merge in BPE order
+            for token_id, score in merge_scores(spec).items():
+                if token_id < len(scores):
+                    scores[token_id] = score
             for i in range(len(texts), n_vocab):
                 texts.append(f"[PAD{i}]".encode())
                 scores.append(-1000.0)
