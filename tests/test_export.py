@@ -277,3 +277,29 @@ def assert_close_ppl(row, folder, text) -> bool:
     loaded = load(str(folder))
     reference = perplexity(loaded.model, token_stream(str(text), loaded.tokenizer, 300), 64, 32)
     return abs(row["perplexity"][str(text)] / reference - 1) < 1e-3
+
+
+@needs_llamacpp
+def test_eval_perplexity_of_a_file_whose_tokenizer_adds_a_start_token_is_llama_cpps(tmp_path, bpe, real_text):
+    """A tokenizer that puts <bos> before every text: eval frames every window with it through
+    either runtime, and llama.cpp's perplexity of the f32 file is transformers' of the folder."""
+    from conftest import framed_tokenizer
+
+    from lmshrink.data import Framing, token_stream
+    from lmshrink.perplexity import perplexity
+
+    tokenizer = framed_tokenizer(bpe, ["<bos>"])
+    tokenizer.bos_token = "<bos>"
+    model = exportable("llama", len(tokenizer))
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = tmp_path / "m-f32.gguf"
+    write_gguf(model, tokenizer, path, "f32", "m")
+    llm = llamacpp.open_gguf(path, n_ctx=128, threads=1)
+    framing = Framing.of(llamacpp.Tokenizer(llm))
+    assert framing.start == Framing.of(tokenizer).start == (tokenizer.convert_tokens_to_ids("<bos>"),)
+    stream = token_stream(str(real_text), tokenizer, 300)
+    want = perplexity(model, stream, 64, 64, framing=Framing.of(tokenizer))
+    got = perplexity(llamacpp.logits(llm), stream, 64, 64, batch_size=1, framing=framing)
+    assert abs(got / want - 1) < 0.02 and want != perplexity(model, stream, 64, 64)
