@@ -41,6 +41,11 @@ def chunk_positions(vocab: int) -> int:
     return max(1, LOGIT_BYTES // (4 * vocab))
 
 
+def _row_chunk(model, ids: torch.Tensor) -> int:
+    """Positions of every row of `ids` (B, T) whose logits make one chunk."""
+    return max(1, chunk_positions(head_size(model)) // ids.shape[0])
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -65,7 +70,7 @@ def split(model) -> Split | None:
 
     key = model
     if key not in _CHECKED:
-        probe = torch.arange(min(8, model.config.vocab_size), device=_device(model))[None] % model.config.vocab_size
+        probe = torch.arange(min(8, model.config.vocab_size), device=_device(model))[None]
         with torch.inference_mode():
             whole = model(input_ids=probe, use_cache=False).logits.float()
             parts = head(body(probe)).float()
@@ -93,7 +98,7 @@ def logit_chunks(model, ids: torch.Tensor) -> Iterator[torch.Tensor]:
         return
     body, head = parts
     hidden = body(ids)
-    step = max(1, chunk_positions(head_size(model)) // ids.shape[0])
+    step = _row_chunk(model, ids)
     for s in range(0, hidden.shape[1], step):
         yield head(hidden[:, s : s + step])
 
@@ -108,7 +113,7 @@ def nll(model, ids: torch.Tensor) -> torch.Tensor:
     body, head = parts
     hidden = body(ids)[:, :-1]  # (B, T-1, H): the last position predicts nothing here
     targets = ids[:, 1:].to(hidden.device)
-    step = max(1, chunk_positions(head_size(model)) // ids.shape[0])
+    step = _row_chunk(model, ids)
     out = [F.cross_entropy(head(hidden[:, s : s + step]).float().flatten(0, 1), targets[:, s : s + step].flatten(),
                            reduction="none").view(ids.shape[0], -1) for s in range(0, hidden.shape[1], step)]
     return torch.cat(out, dim=1)
@@ -189,7 +194,7 @@ def reference(model, ids: torch.Tensor) -> Reference:
     linear = _linear_head(model)
     if linear is None:
         return Reference(hidden=hidden, head=head)
-    step = max(1, chunk_positions(head_size(model)) // ids.shape[0])
+    step = _row_chunk(model, ids)
     expected, constant = [], []
     weight = linear.weight.float()
     for s in range(0, hidden.shape[1], step):
@@ -235,7 +240,7 @@ def kl(model, ids: torch.Tensor, ref: Reference) -> torch.Tensor:
         return forward_kl(log_ps, ref.logp.to(log_ps.device))
     body, head = parts
     hidden, ref = body(ids), _for(model, ref)
-    step = max(1, chunk_positions(head_size(model)) // ids.shape[0])
+    step = _row_chunk(model, ids)
     return torch.cat([_kl_chunk(head, ref, hidden[:, s : s + step], slice(s, s + step))
                       for s in range(0, hidden.shape[1], step)], dim=1)
 
@@ -250,7 +255,7 @@ def mean_kl(model, ids: torch.Tensor, ref: Reference) -> torch.Tensor:
         return forward_kl(log_ps, ref.logp.to(log_ps.device).float()).mean()
     body, head = parts
     hidden, ref = body(ids), _for(model, ref)
-    step = max(1, chunk_positions(head_size(model)) // ids.shape[0])
+    step = _row_chunk(model, ids)
     positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
 
     def chunk_sum(h: torch.Tensor, at: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -441,6 +441,13 @@ def heldout_split(rows: torch.Tensor) -> int:
     return max(1, rows.shape[0] // 8)
 
 
+def downstream_blocks(keep: list[int], usable: list[tuple[int, int]]) -> list[int]:
+    """The student blocks `--repair-downstream` fits: every kept block after the first span's fitted
+    block that is not itself a span's fitted block."""
+    span_blocks = {keep.index(a - 1) for a, _ in usable}
+    return [i for i in range(min(span_blocks) + 1, len(keep)) if i not in span_blocks]
+
+
 def needs(n: int, keep: list[int], fit_on: str = "student", downstream: bool = False) -> tuple[set[int], set[int]]:
     """The teacher's streams and MLP features (block indices, as `capture` takes them) the repair
     of the cut that keeps `keep` of n blocks reads: what a caller holding a search's captures keeps."""
@@ -450,8 +457,7 @@ def needs(n: int, keep: list[int], fit_on: str = "student", downstream: bool = F
         return set(), set()
     # the student's stream equals the teacher's up to the first fitted block unless block 0 was cut
     shared = fit_on == "student" and spans[0][0] > 0
-    span_blocks = {keep.index(a - 1) for a, _ in usable}
-    after = [i for i in range(min(span_blocks) + 1, len(keep)) if i not in span_blocks] if downstream else []
+    after = downstream_blocks(keep, usable) if downstream else []
     targets = ({b + 1 for _, b in usable} | ({a for a, _ in usable} if fit_on == "teacher" else set())
                | {keep[i] + 1 for i in after})
     return (targets | ({usable[0][0] - 1} if shared else set()),
@@ -495,7 +501,7 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     wanted = needs(n, keep, fit_on, downstream)
     shared = by_student and spans[0][0] > 0  # the student's stream is the teacher's up to the first fit
     span_blocks = {keep.index(a - 1) for a, _ in usable}
-    after = [i for i in range(min(span_blocks) + 1, len(keep)) if i not in span_blocks] if downstream and usable else []
+    after = downstream_blocks(keep, usable) if downstream and usable else []
     if captured is not None and wanted[0] <= captured[0].keys() and wanted[1] <= captured[1].keys():
         states, projs = captured  # the teacher's activations on these rows, captured already (a search's)
     else:
