@@ -196,3 +196,19 @@ def test_an_interrupted_eval_keeps_its_finished_tasks(tiny_gpt2_dir, tmp_path, c
     assert "copa: scored before" in capsys.readouterr().err
     rows = json.loads((tmp_path / "e" / "report.json").read_text())["rows"]
     assert set(rows[0]["tasks"]) == {"copa", "piqa"}
+
+
+@pytest.mark.parametrize("convention", ["none", "bos"])
+def test_lm_eval_requests_start_as_the_tokenizers_text_does(tiny_gpt2_dir, tokenizers, convention):
+    """Every request lm-eval runs starts with the tokenizer's start token where it adds one (Gemma,
+    Llama 3) and with text where it adds none (GPT-2, SmolLM2): read from the tokenizer."""
+    tokenizer = tokenizers[convention]
+    model = load(str(tiny_gpt2_dir)).model
+    model.resize_token_embeddings(len(tokenizer))
+    start = tokenizer.convert_tokens_to_ids("<bos>") if convention == "bos" else None
+    firsts = []
+    model.register_forward_pre_hook(
+        lambda _m, args, kwargs: firsts.extend((args[0] if args else kwargs["input_ids"])[:, 0].tolist()),
+        with_kwargs=True)
+    run_tasks(model, tokenizer, ["arc_easy"], limit=2, batch_size=4)
+    assert firsts and (all(t == start for t in firsts) if start is not None else start not in firsts)

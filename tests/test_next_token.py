@@ -44,7 +44,11 @@ def test_chunked_nll_and_kl_equal_whole_logits(kind, ids, small_chunks):
 
 def test_soft_capped_logits_are_split_with_their_cap(ids, small_chunks):
     model = tiny_model("gemma2", 2)
-    assert model.config.final_logit_softcapping
+    model.config.final_logit_softcapping = 0.05  # a cap the tiny model's logits reach: capping matters
+    with torch.no_grad():
+        uncapped = model.lm_head(model.model(ids).last_hidden_state)
+    assert uncapped.abs().max() > 0.1
+    assert next_token.split(model) is not None  # the split applies the cap (else it falls back to whole logits)
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     assert torch.allclose(next_token.nll(model, ids), next_token_nll(logits, ids), atol=1e-5)
