@@ -272,16 +272,24 @@ def stages(s: CleanSettings, out: Path, files: list[tuple[str, str]]) -> list[St
     return result
 
 
+WORKER_START = "spawn" if sys.platform == "win32" else "forkserver"
+
+
 def executor_for(s: CleanSettings, stage: Stage, logs: Path, depends):
     """A datatrove executor for one stage, chained after `depends`."""
     if s.executor == "local":
+        import multiprocess
         from datatrove.executor import LocalPipelineExecutor
 
-        # fork: a worker starts in milliseconds instead of re-importing everything (seconds per stage);
-        # the parent has run no torch op, so no thread pool is forked half-made.
+        if WORKER_START == "forkserver":
+            multiprocess.get_context(WORKER_START).set_forkserver_preload(["lmshrink.corpus_steps"])
+
+        # forkserver: workers fork from a fresh server process that imported the cleaning steps once
+        # (milliseconds a worker, not seconds of imports), never from this process, whose threads
+        # (torch's, a test runner's) a plain fork would copy half-held and deadlock on.
         return LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(s.workers, stage.tasks),
                                      logging_dir=str(logs / stage.name), depends=depends,
-                                     start_method="fork" if sys.platform == "linux" else "spawn")
+                                     start_method=WORKER_START)
     options = dict(s.executor_options)
     if s.executor == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
