@@ -157,9 +157,11 @@ def test_cli_refuses_with_the_reason(tiny_gpt2_dir, tmp_path, capsys):
                      "--quant", "q4_k_m"]) == 2
     assert "llama-quantize" in capsys.readouterr().err
     folder = tmp_path / "gemma2"
-    model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS["gemma2"](2))  # soft-capping: not written yet
-    model.save_pretrained(folder)
-    T.AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(folder)
+    tokenizer = T.AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    config = TINY_CONFIGS["gemma2"](2)  # soft-capping: not written yet
+    config.vocab_size = len(tokenizer)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     assert lmshrink(["export", "--model", str(folder), "--quant", "f16"]) == 2
     err = capsys.readouterr().err
     assert "gemma2 models cannot be exported to GGUF" in err and "Traceback" not in err

@@ -8,11 +8,10 @@ from lmshrink.cli import main
 from lmshrink.models import ModelLoadError, load, resolve
 
 
-def test_local_folder_round_trip(tmp_path, gpt2_tokenizer):
+def test_local_folder_round_trip(tmp_path):
     model = tiny_model("gpt2", 2)
     model.save_pretrained(tmp_path)
-    gpt2_tokenizer.save_pretrained(tmp_path)
-    loaded = load(str(tmp_path))
+    loaded = load(str(tmp_path), need_tokenizer=False)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, model(ids).logits)
@@ -23,7 +22,7 @@ def test_corrupt_checkpoint_is_named(tmp_path, gpt2_tokenizer):
     tiny_model("gpt2", 2).save_pretrained(tmp_path)
     gpt2_tokenizer.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
-    with pytest.raises(ModelLoadError, match="corrupt"):
+    with pytest.raises(ModelLoadError, match="model.safetensors: its header claims"):
         load(str(tmp_path))
 
 
@@ -39,3 +38,30 @@ def test_folder_without_config_and_missing_gguf(tmp_path, capsys):
 def test_unknown_dtype():
     with pytest.raises(ModelLoadError, match="dtype"):
         load("smollm2-135m", dtype="int3")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma3_text", "qwen2"])
+def test_the_causality_probe_passes_decoders_in_every_dtype(kind):
+    from lmshrink.models import causal_problem
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert causal_problem(tiny_model(kind, 2).to(dtype)) is None
+
+
+def test_the_causality_probe_and_the_config_refuse_a_model_that_reads_ahead():
+    """transformers lends BERT a causal-LM head that reads the whole text unless `is_decoder` is set:
+    its perplexity would be a number that measures nothing (issue #43)."""
+    import transformers as T
+
+    from lmshrink.models import causal_problem, kind_problem
+
+    config = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64)
+    torch.manual_seed(0)
+    reads_ahead = T.BertLMHeadModel(config).eval()
+    assert "is not causal" in causal_problem(reads_ahead)
+    assert "encoder-only model (bert)" in kind_problem(config)
+    config.is_decoder = True  # BERT as a decoder: causal, and allowed
+    assert causal_problem(T.BertLMHeadModel(config).eval()) is None and kind_problem(config) is None
+    assert "encoder-decoder model (t5)" in kind_problem(T.T5Config())
+    assert "no causal language-model head" in kind_problem(T.CLIPVisionConfig())

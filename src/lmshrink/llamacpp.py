@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lmshrink.errors import LmshrinkError
+from lmshrink.integrity import gguf_problem
 
 INSTALL = "pip install llama-cpp-python (or `make llamacpp`; it compiles llama.cpp, about 9 minutes on 2 cores)"
 
@@ -40,11 +41,18 @@ def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None):
         raise LlamaCppError(f"--runtime llamacpp needs llama-cpp-python: {INSTALL}")
     from llama_cpp import Llama
 
-    if not Path(path).is_file():
-        raise LlamaCppError(f"{path} does not exist; give a .gguf file (`lmshrink export` writes them)")
+    check_file(path)
     threads = threads or torch.get_num_threads()
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
                  n_threads_batch=threads, logits_all=True, verbose=False)
+
+
+def check_file(path: str | Path) -> None:
+    """A GGUF file that exists and is whole (magic, version, every tensor inside it), else one line."""
+    if not Path(path).is_file():
+        raise LlamaCppError(f"{path} does not exist; give a .gguf file (`lmshrink export` writes them)")
+    if problem := gguf_problem(Path(path)):
+        raise LlamaCppError(f"{path}: {problem}; export it again (`lmshrink export`)")
 
 
 class Tokenizer:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lmshrink.errors import LmshrinkError
+from lmshrink.integrity import folder_problem, gguf_problem
 from lmshrink.records import save_atomically
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -140,13 +141,103 @@ def native_dtype(device: torch.device) -> str:
 
 
 def config_of(name: str, trust_remote_code: bool = False) -> Any:
-    """A model's config alone (no weights): for checks that run before anything heavy is loaded."""
+    """A model's config alone (no weights), its source checked (`check`): for checks that run
+    before anything heavy is loaded."""
+    return check(name, trust_remote_code)[1]
+
+
+def _read_config(source: str, name: str, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not read the config of {name!r}: {err}") from None
+        raise ModelLoadError(f"could not read the config of {name!r}: {str(err).splitlines()[0]}") from None
+
+
+def kind_problem(config: Any) -> str | None:
+    """Why a config is not a decoder-only causal LM (None when it is). Read from the config, before
+    any weights load: encoder-decoders (T5, BART) and encoder-only models (BERT, RoBERTa, ...:
+    transformers lends them a causal-LM head that reads the whole text unless `is_decoder` is set)
+    are refused by name."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None) or type(config).__name__
+    only = "lmshrink compresses decoder-only causal language models (GPT-2, Llama, Qwen, Gemma, ...)"
+    if getattr(config, "is_encoder_decoder", False):
+        return f"an encoder-decoder model ({kind}); {only}"
+    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not custom:
+        return f"a {kind} model, which has no causal language-model head in transformers; {only}"
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return (f"an encoder-only model ({kind}): its attention reads the whole text, so it has no next-token "
+                f"distribution to measure or compress; {only}")
+    return None
+
+
+def check(name: str, trust_remote_code: bool = False) -> tuple[str, Any]:
+    """Everything about a named model that is known without loading its weights, checked at once:
+    the folder or file exists, a GGUF file is whole (magic, version, every tensor inside it), a
+    folder's weight files are whole (safetensors headers cover their files; a shard index's shards
+    exist), and the config is a decoder-only causal LM. Returns (the source `from_pretrained`
+    loads, its config); a problem is a `ModelLoadError` naming it and the fix."""
+    gguf = embedded_gguf(name) if name in EMBEDDED else Path(name) if name.endswith(".gguf") else None
+    if gguf is not None:
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file {name} does not exist")
+        if problem := gguf_problem(gguf):
+            raise ModelLoadError(f"{name}: {problem}; download or export it again")
+    source = resolve(name)
+    local = Path(source)
+    if not local.exists() and looks_like_path(source):
+        raise ModelLoadError(f"{source} does not exist; give a model folder, a .gguf file, a Hub id, "
+                             f"or one of: {', '.join(EMBEDDED)}")
+    if local.is_file():
+        raise ModelLoadError(f"{source} is a file, not a model folder; give the folder that holds config.json "
+                             "(or a .gguf file by its name ending in .gguf)")
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(
+                f"{source} is not a model folder (no config.json); give a folder written by save_pretrained / "
+                "lmshrink truncate, a .gguf file, a Hub id, or one of: " + ", ".join(EMBEDDED))
+        if problem := folder_problem(local):
+            raise ModelLoadError(f"the files in {source} are damaged ({problem}); re-create the folder (e.g. "
+                                 "re-run the command that wrote it) or download it again")
+    config = _read_config(source, name, trust_remote_code)
+    if problem := kind_problem(config):
+        raise ModelLoadError(f"{name} is {problem}")
+    return source, config
+
+
+def vocabulary_problem(tokenizer: Any, rows: int, source: str) -> str | None:
+    """Why `tokenizer` cannot feed a model whose embedding has `rows` rows (None when every id it
+    gives is below that). A model with more rows than its tokenizer has ids (a vocabulary padded to a
+    multiple of 64 or 128) is fine."""
+    size = len(tokenizer)
+    if size <= rows:
+        return None
+    return (f"{source}: its tokenizer gives ids up to {size - 1:,} and the model's vocabulary has {rows:,} rows, so "
+            f"ids {rows:,}-{size - 1:,} would index past the embedding (a tokenizer swapped in from another model, "
+            "or a vocabulary pruned without its tokenizer); put the tokenizer the model was trained with in the "
+            "folder")
+
+
+@torch.no_grad()
+def causal_problem(model: Any) -> str | None:
+    """Why `model` is not causal (None when it is): position 0's next-token logits must not change
+    when a later token does. Two 3-token rows run one at a time (the same kernels, so a causal model
+    gives the same numbers to the last bit); a model that reads ahead fails by far."""
+    rows = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    first, second = ([[1 % rows, t % rows, (t + 1) % rows]] for t in (2, 4))
+    a, b = (model(input_ids=torch.tensor(ids, device=device)).logits[0, 0].float() for ids in (first, second))
+    if torch.allclose(a, b, rtol=1e-4, atol=1e-4 * (float(a.abs().max()) + 1)):
+        return None
+    return (f"{type(model).__name__} is not causal: its first position's next-token logits change when a later "
+            "token does, so no perplexity or next-token loss of it means anything; give a decoder-only causal LM")
 
 
 @dataclass
@@ -181,6 +272,8 @@ def load(name: str, dtype: str = "float32", trust_remote_code: bool = False, hea
          need_tokenizer: bool = True, **model_kwargs: Any) -> Loaded:
     """Load a model and its tokenizer from a Hub id, folder, GGUF file or embedded name.
 
+    Everything `check` reads is checked first, then the tokenizer (its ids must fit the model's
+    vocabulary), then the weights; a `causal-lm` model must be causal (`causal_problem`).
     `head` picks the model class: `causal-lm`, or `classifier` (sequence classification or
     regression, pooling the last real token; `model_kwargs` such as num_labels go to it).
     A model without a usable tokenizer is an error naming the fix, unless `need_tokenizer` is
@@ -191,15 +284,14 @@ def load(name: str, dtype: str = "float32", trust_remote_code: bool = False, hea
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    source = resolve(name)
+    source, config = check(name, trust_remote_code)
     local = Path(source)
-    if not local.exists() and looks_like_path(source):
-        raise ModelLoadError(f"{source} does not exist; give a model folder, a .gguf file, a Hub id, "
-                             f"or one of: {', '.join(EMBEDDED)}")
-    if local.exists() and not (local / "config.json").is_file():
-        raise ModelLoadError(
-            f"{source} is not a model folder (no config.json); give a folder written by "
-            "save_pretrained / lmshrink truncate, a .gguf file, a Hub id, or one of: " + ", ".join(EMBEDDED))
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    if tokenizer is None and need_tokenizer:
+        raise no_tokenizer(source)
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if tokenizer is not None and vocab and (problem := vocabulary_problem(tokenizer, vocab, source)):
+        raise ModelLoadError(problem)
     try:
         model = auto.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **model_kwargs)
     except OSError as err:
@@ -215,8 +307,7 @@ def load(name: str, dtype: str = "float32", trust_remote_code: bool = False, hea
             raise ModelLoadError(
                 f"the weights in {source} are corrupt ({err}); re-create or re-download the checkpoint") from err
         raise
-    tokenizer = load_tokenizer(source, trust_remote_code)
-    if tokenizer is None and need_tokenizer:
-        raise no_tokenizer(source)
     model.eval()
+    if head == "causal-lm" and (problem := causal_problem(model)):
+        raise ModelLoadError(f"{name}: {problem}")
     return Loaded(model, tokenizer, source)

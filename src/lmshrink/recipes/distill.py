@@ -38,6 +38,7 @@ from lmshrink.losses import (
     selective_lm_loss,
     sparse_kd_loss,
 )
+from lmshrink.models import check as check_model
 from lmshrink.models import load
 from lmshrink.records import count, read_record
 from lmshrink.repair import StopForward, capture, removed_spans
@@ -304,6 +305,8 @@ def run(settings: DistillSettings) -> dict[str, Any]:
     if (done := carry_on(settings)) is not None:  # before any model or data is loaded
         return done["metrics"]
     kd, corpus = settings.kd, settings.corpus
+    for name in (settings.model, *([] if kd.teacher_cache else [kd.teacher])):  # both, before either loads
+        check_model(name, settings.trust_remote_code)
     student = load(settings.model, settings.dtype, settings.trust_remote_code)
     kept = (read_record(student.source) or {}).get("kept_layers")
     if kd.teacher_cache:

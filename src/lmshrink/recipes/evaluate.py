@@ -21,6 +21,7 @@ from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data import Framing, token_stream
 from lmshrink.measure import count_parameters, disk_bytes, fresh_peak_memory, speed
 from lmshrink.model_card import add_results
+from lmshrink.models import check as check_model
 from lmshrink.models import load, pick_device
 from lmshrink.perplexity import perplexity
 from lmshrink.records import RECORD, count, provenance, read_record, save_figure, write_json, write_text
@@ -403,6 +404,11 @@ def report(rows: list[dict[str, Any]], settings: EvalSettings, out: Path) -> str
 
 def run(settings: EvalSettings) -> list[dict[str, Any]]:
     streams: dict[str, Any] = {}
+    for name in settings.models:  # every model named, checked before the first loads
+        if settings.runtime == "llamacpp":
+            llamacpp.check_file(name)
+        else:
+            check_model(name, settings.trust_remote_code)
     labels = model_labels(settings.models)
     rows = [evaluate_model(name, settings, label=label, streams=streams)
             for name, label in zip(settings.models, labels, strict=True)]

@@ -43,6 +43,7 @@ from lmshrink.kd_methods import (
     right_padded,
     task_loss,
 )
+from lmshrink.models import check as check_model
 from lmshrink.models import config_of, load, resolve
 from lmshrink.recipes.distill import DistillSettings, KDArgs
 from lmshrink.recipes.distill import run as distill
@@ -424,6 +425,8 @@ def run(s: FinetuneSettings) -> dict[str, Any]:
 def _run(s: FinetuneSettings) -> dict[str, Any]:
     out = Path(s.output)
     check_folders(s)
+    for name in filter(None, (s.model, s.teacher)):  # every model named, checked before the first loads
+        check_model(name, s.trust_remote_code)
     if s.task == "lm":
         records, teacher, main = run_lm(s), None, "perplexity"
     else:

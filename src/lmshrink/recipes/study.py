@@ -33,6 +33,7 @@ import yaml
 
 from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.kd_methods import METHODS
+from lmshrink.models import check as check_model
 from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
 from lmshrink.recipes.clean import run as clean
 from lmshrink.recipes.distill import DistillSettings, KDArgs, recipe_kd
@@ -643,6 +644,7 @@ def _run(s: StudySettings) -> dict[str, Any]:
     import time
 
     started = time.perf_counter()
+    check_model(s.teacher, s.trust_remote_code)  # before the first stage: cleaning a corpus takes minutes
     study, results = Study(s), {}
     for question in QUESTIONS:  # in order: questions 2-4 use the LM arm's chosen learning rate
         if question in s.questions:
