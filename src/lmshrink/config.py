@@ -43,13 +43,19 @@ def group(factory: Any, help: str = "") -> Any:
 
 class Settings:
     """Base of a command's settings: validated on creation, with every problem of the command
-    and of its groups (each group's `problems()`) raised at once."""
+    and of its groups (each group's `problems()`) raised at once; an `output` setting must name a
+    folder that can be written (`records.folder_problem`)."""
 
     def __post_init__(self) -> None:
         check(self.problems())
 
     def problems(self) -> list[str]:
+        from lmshrink.records import folder_problem
+
         found = []
+        output = getattr(self, "output", None)  # every command's output is a folder
+        if isinstance(output, str) and (problem := folder_problem(output)):
+            found.append(f"output: {problem}")
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             if f.metadata.get("group") and hasattr(getattr(self, f.name), "problems"):
                 found += getattr(self, f.name).problems()

@@ -126,6 +126,23 @@ def exclusive(folder: str | Path) -> Iterator[Path]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def folder_problem(path: str | Path) -> str | None:
+    """Why an output folder cannot be written (None when it can): it is an existing file, or the
+    nearest folder that exists above it cannot be written to. Checked when the setting is read, before
+    any model loads."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, and this is the folder the results are written into; give a folder"
+    above = path
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        return f"{above} is a file, so {path} cannot be made under it; give a folder"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"{above} cannot be written to (permissions); give a folder you can write"
+    return None
+
+
 def git_hash() -> str | None:
     """The commit of the lmshrink checkout in use, if it is one."""
     try:
@@ -155,7 +172,11 @@ def read_record(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / RECORD
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise LmshrinkError(f"{path} is damaged (not valid JSON); it says what made the folder, so re-create the "
+                            "folder with the command that wrote it") from None
 
 
 def save_figure(fig: Any, path: str | Path) -> None:

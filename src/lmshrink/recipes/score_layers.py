@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import blocks_of, check_length
-from lmshrink.config import SettingsError, check, setting, to_dict
+from lmshrink.config import Settings, SettingsError, setting, to_dict
 from lmshrink.cut_search import SEARCHES, CutSearch, progress_file
 from lmshrink.data import Framing, calibration_rows
 from lmshrink.errors import one_of
@@ -27,7 +27,7 @@ from lmshrink.width import WIDTH, plot_scores, width_scores
 
 
 @dataclass
-class ScoreSettings:
+class ScoreSettings(Settings):
     """Score every block of a model on calibration text; writes scores.json and scores.png."""
 
     model: str = setting("smollm2-135m", "model to score: folder, Hub id, .gguf file or smollm2-135m")
@@ -46,8 +46,8 @@ class ScoreSettings:
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
 
-    def __post_init__(self) -> None:
-        problems = []
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if self.seq_len < 2:
             problems.append("seq_len: must be at least 2")
         if self.tokens < self.seq_len:
@@ -58,7 +58,7 @@ class ScoreSettings:
             problems.append("search_to: must be at least 1")
         problems += one_of("search_repair", self.search_repair, REPAIRS)
         problems += one_of("search_measure", self.search_measure, MEASURES)
-        check(problems)
+        return problems
 
 
 def read_scores(path: str | Path, keys: Iterable[str], missing: str) -> dict[str, Any]:
