@@ -97,6 +97,26 @@ def test_a_signal_keeps_a_whole_checkpoint_and_the_same_command_ends_as_an_unint
     assert pretrain(tiny_gpt2_dir, out) == 0
     assert "resuming from checkpoint-3 (step 3 of 6)" in capsys.readouterr().out
     assert_same_run(out, uninterrupted)
+    assert sum("train_loss" in r for r in records(out)) == 1  # the stopped part's summary is not kept
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "scheduler.pt"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_whole_one_used(tiny_gpt2_dir, tmp_path, capsys,
+                                                                           monkeypatch, uninterrupted, damaged):
+    """Issue #43: a checkpoint the Trainer finished whose file was cut short afterwards (a full disk, a
+    lost node) is named, kept under another name, and the run carries on from the one before."""
+    out = tmp_path / "run"
+    assert stop_at_step_three(monkeypatch, tiny_gpt2_dir, out) == 130
+    path = out / "checkpoints" / "checkpoint-3" / damaged
+    kept = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(kept)
+    capsys.readouterr()
+    assert pretrain(tiny_gpt2_dir, out) == 0
+    said = capsys.readouterr().out
+    assert f"checkpoint-3 is damaged ({damaged}: " in said and "set aside as damaged-checkpoint-3" in said
+    assert "resuming from checkpoint-2 (step 2 of 6)" in said
+    assert (out / "checkpoints" / "damaged-checkpoint-3" / damaged).read_bytes() == kept  # nothing of it lost
+    assert_same_run(out, uninterrupted)
 
 
 def test_a_resumed_tied_model_keeps_its_head_its_clock_and_its_first_evaluation(gpt2_tokenizer, tmp_path, capsys,

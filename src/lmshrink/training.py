@@ -33,6 +33,7 @@ from lmshrink.architectures import blocks_of, check_length
 from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
 from lmshrink.data import DataError, Framing, mix_blocks, pack, text_dataset
 from lmshrink.errors import Stopped
+from lmshrink.integrity import ASIDE, folder_problem, set_aside
 from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
 from lmshrink.measure import count_parameters
 from lmshrink.model_card import save_model_record
@@ -398,15 +399,16 @@ def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 class MetricsFile(TrainerCallback):
     """Appends every log record to metrics.jsonl (main process only). A run resumed from step N keeps
-    the records up to N and drops the later ones (they are trained again), so every step is in the
-    file once; a fresh run starts a fresh file."""
+    the records up to N and drops the later ones (they are trained again) and the stopped part's
+    summary, so every step and one summary is in the file; a fresh run starts a fresh file."""
 
     def __init__(self, path: Path, keep_until: int = 0):
         self.path = path
         self.kept: list[dict[str, Any]] = []
         if path.is_file():
             records = map(json.loads, filter(str.strip, path.read_text().splitlines()))
-            self.kept = [r for r in records if keep_until and r.get("step", 0) <= keep_until]
+            # a stopped run's end-of-training summary (train_loss, ...) is not kept: the run goes on
+            self.kept = [r for r in records if keep_until and r.get("step", 0) <= keep_until and "train_loss" not in r]
             write_text(path, "".join(json.dumps(r) + "\n" for r in self.kept))
 
     def elapsed(self) -> float:
@@ -767,9 +769,13 @@ def loss_chunk_rows(rows: int, vocab: int, batch: int, kd_chunk: int | None, fre
 
 def drop_checkpoints(trainer: Trainer, folder: Path, train: TrainArgs) -> None:
     """Remove a finished run's Trainer checkpoints (GBs of optimizer state) unless asked to keep them:
-    the saved model replaces them."""
-    if trainer.is_world_process_zero() and not train.keep_checkpoints:
-        shutil.rmtree(folder, ignore_errors=True)
+    the saved model replaces them. Damaged ones set aside (`last_checkpoint`) stay for the user."""
+    if trainer.is_world_process_zero() and not train.keep_checkpoints and folder.is_dir():
+        for path in folder.iterdir():
+            if not path.name.startswith(ASIDE):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def train_until_stopped(trainer: Trainer, resume_from: str | None, stop: StopOnSignal, carry_on: str,
@@ -846,31 +852,47 @@ def checkpoint_step(checkpoint: str | Path | None) -> int:
     return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
 
 
-def whole_checkpoint(folder: Path) -> bool:
-    """A Trainer checkpoint is whole once its trainer_state.json, the last file the Trainer writes
-    into it (after the weights, optimizer, scheduler and RNG states), is there and reads."""
+def checkpoint_problem(folder: Path) -> tuple[str, str] | None:
+    """What is wrong with a Trainer checkpoint (None: every file of it is whole), as (kind, detail).
+    "incomplete": its trainer_state.json, the last file the Trainer writes into it (after the
+    weights, optimizer, scheduler and RNG states), is missing or cut short, so the run stopped while
+    writing it. "damaged": it was finished, but a file in it no longer reads whole (a disk that
+    filled, a node lost while the file system caught up, a copy cut short): `integrity.folder_problem`
+    checks every weight, optimizer, scheduler and RNG file against its own header."""
     try:
         json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError):
-        return False
-    return True
+        return "incomplete", "the run stopped while writing it"
+    if found := folder_problem(folder):
+        return "damaged", found
+    return None
 
 
 def last_checkpoint(folder: str | Path, remove: bool = True) -> str | None:
     """The newest whole `checkpoint-N` in a folder of Trainer checkpoints, if any. A newer one that is
-    not whole (the run was killed while writing it) is passed over and, if `remove`, said so and removed."""
+    not whole is passed over and, if `remove`, said so: an incomplete one (the run was killed while
+    writing it) is removed; a damaged one is set aside as `damaged-checkpoint-N` (the user may want
+    its files), by the main process of a distributed run."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
     found = sorted((p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()),
                    key=checkpoint_step, reverse=True)
     for path in found:
-        if whole_checkpoint(path):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return str(path)
-        if remove:
-            print(f"[lmshrink] {path.name} is incomplete (the run stopped while writing it): removed; "
-                  "the previous whole checkpoint is used", flush=True)
+        if not remove or int(os.environ.get("RANK", "0")) != 0:
+            continue
+        kind, detail = problem
+        if kind == "incomplete":
+            print(f"[lmshrink] {path.name} is incomplete ({detail}): removed; the previous whole checkpoint is used",
+                  flush=True)
             shutil.rmtree(path, ignore_errors=True)
+        else:
+            aside = set_aside(path)
+            print(f"[lmshrink] {path.name} is damaged ({detail}): set aside as {aside.name}; the previous whole "
+                  "checkpoint is used", flush=True)
     return None
 
 
