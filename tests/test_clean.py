@@ -347,7 +347,13 @@ def test_a_signal_keeps_the_finished_tasks_and_the_same_command_finishes(corpus,
     assert "stopped (SIGTERM)" in err and "run the same command to carry on" in err and "Traceback" not in err
     finished = sorted(p.name for p in (out / "logs" / "filter" / "completions").iterdir())
     assert finished and len(finished) < 3  # some tasks done, not all
+    # a finished task's file cut short afterwards (issue #43): moved aside and the task run again
+    written = sorted(p for p in out.rglob(f"{finished[0]}*.jsonl.gz") if "logs" not in p.parts)
+    written[0].write_bytes(written[0].read_bytes()[:20])
     assert main([*command, "--workers", "2"]) == 0  # forked workers end when the pool ends them
+    said = capsys.readouterr().out
+    assert f"of finished task {finished[0]} of stage filter is damaged (not a whole gzip stream" in said
+    assert (out / "damaged" / written[0].relative_to(out)).is_file()
     assert set(outcome(out)) == set(EXPECTED)  # every document kept or rejected once (and counts conserved)
     capsys.readouterr()
     assert main([*command, "--report-only"]) == 0  # the report again, shown

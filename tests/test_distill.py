@@ -105,7 +105,7 @@ def test_every_kd_loss_moves_the_student_towards_the_teacher(sharp, real_text, t
     assert after < 0.99 * before
 
 
-def test_cached_teacher_trains_without_the_teacher(student, tiny_gpt2_dir, tmp_path):
+def test_cached_teacher_trains_without_the_teacher(student, tiny_gpt2_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
     args = ["cache-teacher", "--teacher", str(tiny_gpt2_dir), "--output", str(cache), *DATA, "--block-size", "64",
             "--max-tokens", "2048", "--shard-blocks", "8", "--top-k", "8"]
@@ -123,6 +123,16 @@ def test_cached_teacher_trains_without_the_teacher(student, tiny_gpt2_dir, tmp_p
     assert kept_shard.stat().st_mtime_ns == before
     again = load_file(cache / "shard-00002.safetensors")
     assert torch.equal(again["top_idx"], lost["top_idx"]) and torch.equal(again["input_ids"], lost["input_ids"])
+    # a shard cut short after the cache was finished: distill names it at once, and the same
+    # cache-teacher command sets it aside and computes it again (issue #43)
+    whole = (cache / "shard-00001.safetensors").read_bytes()
+    (cache / "shard-00001.safetensors").write_bytes(whole[: len(whole) // 2])
+    assert main(["distill", "--model", str(student), "--teacher-cache", str(cache), "--output", str(tmp_path / "x"),
+                 *TINY, "--max-steps", "1", "--alpha-cos", "0"]) == 2
+    assert "shard-00001.safetensors is damaged (its tensors need" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "set aside as damaged-shard-00001.safetensors" in capsys.readouterr().out
+    assert (cache / "shard-00001.safetensors").read_bytes() == whole and kept_shard.stat().st_mtime_ns == before
 
     out = tmp_path / "run"
     assert main(["distill", "--model", str(student), "--teacher-cache", str(cache), "--output", str(out), *TINY,

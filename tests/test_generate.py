@@ -41,6 +41,11 @@ def test_prompted_samples_carry_on_and_feed_training(tiny_gpt2_dir, tmp_path, ca
     (out / "part-00001.jsonl").unlink()  # as if stopped before writing it: the same command writes it alone
     assert generate(tiny_gpt2_dir, out, "--prompts", "python-docs/tutorial", "--prompt-tokens", "6") == 0
     assert records(out) == written  # part i is seeded by seed + i: the same text
+    part = out / "part-00002.jsonl"  # cut short after it was written (issue #43): set aside, sampled again
+    part.write_text(part.read_text()[:-9])
+    assert generate(tiny_gpt2_dir, out, "--prompts", "python-docs/tutorial", "--prompt-tokens", "6") == 0
+    assert "part-00002.jsonl is damaged (its last line breaks off" in capsys.readouterr().out
+    assert records(out) == written and (out / "damaged-part-00002.jsonl").is_file()
     speed = json.loads((out / "lmshrink.json").read_text())["tokens_per_s"]
     assert generate(tiny_gpt2_dir, out, "--prompts", "python-docs/tutorial", "--prompt-tokens", "6") == 0
     assert json.loads((out / "lmshrink.json").read_text())["tokens_per_s"] == speed > 0  # nothing new: speed kept
@@ -124,6 +129,13 @@ def test_teacher_calibration_text_is_written_once_and_read_back(tiny_gpt2_dir, t
     assert "sampled 48 tokens" in capsys.readouterr().out
     again = teacher_rows(loaded.model, loaded.tokenizer, 3, 16, seed=1)
     assert "read from" in capsys.readouterr().out and torch.equal(first, again)
+    (kept,) = (tmp_path / "teacher-text").glob("*.safetensors")
+    kept.write_bytes(kept.read_bytes()[:-4])  # damaged (issue #43): set aside and written again
+    assert torch.equal(teacher_rows(loaded.model, loaded.tokenizer, 3, 16, seed=1), first)
+    assert "is damaged (its tensors need" in capsys.readouterr().out
+    assert [p.name.startswith("damaged-") for p in (tmp_path / "teacher-text").iterdir()].count(True) == 1
+    for aside in (tmp_path / "teacher-text").glob("damaged-*"):
+        aside.unlink()
     assert len(list((tmp_path / "teacher-text").glob("*.safetensors"))) == 1
     teacher_rows(loaded.model, loaded.tokenizer, 3, 16, seed=2)
     with torch.no_grad():

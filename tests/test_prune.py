@@ -241,3 +241,9 @@ def test_search_ranks_depth_width_and_both_and_resumes(tiny_llama_dir, tmp_path,
     assert main([*flags, "--lr", "1e-3"]) == 0  # a changed healing setting re-runs the healing only
     printed = capsys.readouterr().out
     assert printed.count("finished before") == 4 and printed.count("running it again") == 3
+    weights = sorted(out.rglob("model.safetensors"))[0]  # a finished stage's model, cut short (issue #43)
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main([*flags, "--lr", "1e-3"]) == 0  # that stage is set aside and made again; the rest are kept
+    printed = capsys.readouterr().out
+    assert printed.count("finished before") == 6 and printed.count("is damaged (") == 1
+    assert printed.count("running it again") == 1

@@ -259,3 +259,8 @@ def test_a_stopped_iterative_search_carries_on_and_serves_any_depth(tiny_gpt2_di
     assert shallower["search"]["candidates_scored"] == 0 and shallower["search"]["path"] == carried_on["search"]["path"][:1]
     assert shallower["search"]["removals_read"] == 1
     assert shallower["kept_layers"] == [i for i in range(4) if i != carried_on["search"]["path"][0]["removed"]]
+    (kept_path,) = (tmp_path / "cache" / "cut-search").glob("*.json")
+    kept_path.write_text(kept_path.read_text()[:40])  # cut short (issue #43): set aside, the search starts over
+    again = truncate(3, "again", "cache")
+    assert again["search"]["removals_read"] == 0 and again["kept_layers"] == shallower["kept_layers"]
+    assert any(p.name.startswith("damaged-") for p in kept_path.parent.iterdir())

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from lmshrink.architectures import blocks_of, only_blocks
+from lmshrink.integrity import kept
 from lmshrink.model_gap import gap, references
 from lmshrink.models import cache_dir
 from lmshrink.records import write_json
@@ -96,7 +97,7 @@ class CutSearch:
         midway carries on from it; the path to k blocks begins the path to fewer, so any depth reuses
         the removals already made."""
         keep, path = list(range(self.n)), []
-        if self.progress is not None and self.progress.is_file():
+        if self.progress is not None and kept(self.progress, "the search starts over"):
             path = json.loads(self.progress.read_text())["path"][:self.n - k]
             for step in path:
                 keep.remove(step["removed"])

@@ -178,6 +178,16 @@ def _hub(spec: str, field: str) -> Iterator[str]:
         yield str(record[field])
 
 
+def folder_files(path: Path) -> list[Path]:
+    """The files of a folder given as text, sorted: not hidden ones, not what a run set aside as
+    damaged (`lmshrink.integrity.set_aside`), not the `lmshrink.json` of a folder lmshrink wrote
+    (`generate`'s)."""
+    from lmshrink.integrity import ASIDE
+
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name != "lmshrink.json"
+                  and not any(part.startswith((".", ASIDE)) for part in p.relative_to(path).parts))
+
+
 def documents(source: str, field: str = "text") -> Iterator[str]:
     """Yield the documents of a source (see the module docstring for the forms)."""
     if source.startswith("hf:"):
@@ -185,7 +195,7 @@ def documents(source: str, field: str = "text") -> Iterator[str]:
         return
     path = resolve_path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.name.endswith(".jsonl.gz")))
+        files = [p for p in folder_files(path) if p.suffix in TEXT_SUFFIXES or p.name.endswith(".jsonl.gz")]
         if not files:
             raise DataError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
         for file in files:
@@ -277,9 +287,7 @@ def _source_table(source: str, field: str, streaming: bool):
     path = resolve_path(source)
     if not path.exists():
         raise DataError(f"{source!r} is not a file or folder (or hf:NAME[:CONFIG][:SPLIT], or a corpus name)")
-    # a folder's hidden files and lmshrink.json (a folder lmshrink wrote: `generate`'s) are not text
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and p.name != "lmshrink.json") if path.is_dir() else [path]
+    files = folder_files(path) if path.is_dir() else [path]
     kinds = {
         "json": [f for f in files if f.name.endswith((".jsonl", ".jsonl.gz", ".json"))],
         "parquet": [f for f in files if f.suffix == ".parquet"],

@@ -75,13 +75,14 @@ def teacher_rows(model, tokenizer, rows: int, length: int, temperature: float = 
     from it reads the same rows back (sampling is most of a repair's time on a CPU)."""
     from safetensors.torch import load_file, save_file
 
+    from lmshrink.integrity import kept
     from lmshrink.models import cache_dir
     from lmshrink.records import atomic_file
 
     start = start_tokens(tokenizer)  # one token: the key as before, so earlier caches stay valid
     key = json.dumps([fingerprint(model), rows, length, temperature, seed, start[0] if len(start) == 1 else start])
     path = cache_dir() / "teacher-text" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
-    if path.is_file():
+    if kept(path, "the teacher writes it again"):
         ids = load_file(path)["ids"]
         print(f"  {ids.numel():,} teacher-written tokens read from {path}", flush=True)
         return ids

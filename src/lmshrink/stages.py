@@ -1,7 +1,7 @@
 """Stages of a recipe that runs other recipes (search, study): each stage is an ordinary lmshrink
 run in its own folder. A finished run made with the same settings is reused; an interrupted
 training run resumes from its last checkpoint; a run made with other settings is re-run, never
-silently reused.
+silently reused; a folder with a damaged file (`lmshrink.integrity`) is set aside and run again.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.config import to_dict
-from lmshrink.records import read_record
+from lmshrink.integrity import folder_problem, set_aside
+from lmshrink.records import RECORD, read_record
 
 # settings that say how to run, not what the result is
 HOW_TO_RUN = ("overwrite", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "compile",
@@ -58,6 +59,10 @@ def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any],
     returns the folder's `lmshrink.json` record. A command that `resumes_itself` (clean,
     finetune) is handed an unfinished folder as it is."""
     folder = Path(folder)
+    # what a later stage reads must be whole (checkpoints aside: they are the resumption's to check)
+    if (folder / RECORD).is_file() and (damage := folder_problem(folder, skip=("checkpoints",))):
+        aside = set_aside(folder)
+        print(f"[{name}] {folder} is damaged ({damage}): set aside as {aside.name}; running it again")
     record = read_record(folder)
     if record and same_settings(record.get("settings"), settings):
         print(f"[{name}] finished before, with the same settings: {folder}")

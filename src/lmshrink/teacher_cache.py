@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from lmshrink import next_token
 from lmshrink.config import SettingsError
+from lmshrink.integrity import problem
 from lmshrink.records import atomic_file
 
 FORMAT = 1
@@ -96,10 +97,18 @@ def open_cache(folder: str, temperature: float) -> TeacherCache:
     meta = path / "cache.json"
     if not meta.is_file():
         raise SettingsError(f"teacher_cache: {folder} is not a teacher cache (no cache.json); run lmshrink cache-teacher")
+    if damage := problem(meta):
+        raise SettingsError(f"teacher_cache: {meta} is damaged ({damage}); make the cache again (cache-teacher into "
+                            "another folder)")
     record = json.loads(meta.read_text())
     layout = record["layout"]
     if not record.get("complete"):
         raise SettingsError(f"teacher_cache: {folder} is incomplete; re-run the same cache-teacher command to finish it")
+    shards = [shard_path(path, i) for i in range(math.ceil(layout["blocks"] / layout["shard_blocks"]))]
+    for file in [*shards, *[f for f in [path / "heldout.safetensors"] if f.exists()]]:
+        if damage := problem(file):  # found now, not steps into a training run
+            raise SettingsError(f"teacher_cache: {file} is {damage if damage == 'missing' else f'damaged ({damage})'}; "
+                                "run the same cache-teacher command again: it computes what is missing or damaged")
     if not math.isclose(layout["temperature"], temperature):
         raise SettingsError(f"temperature: the cache stores log-probs at T={layout['temperature']}; "
                             f"use --temperature {layout['temperature']} or re-cache")

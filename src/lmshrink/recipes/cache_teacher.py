@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lmshrink.config import Settings, check, group, setting, to_dict
+from lmshrink.integrity import kept, problem
 from lmshrink.models import load, pick_device
 from lmshrink.records import RECORD, exclusive, provenance, write_json
 from lmshrink.teacher_cache import FORMAT, save_tensors, shard_path, teacher_top_k
@@ -68,6 +69,9 @@ def _run(settings: CacheSettings) -> Path:
               "data": corpus.data, "eval_data": corpus.eval_data, "heldout": corpus.heldout,
               "seed": corpus.seed}
     meta = out / "cache.json"
+    if meta.is_file() and (damage := problem(meta)):
+        check([f"output: {meta} is damaged ({damage}), so what its shards were made with is unknown; give another "
+               "folder, or remove this one"])
     if meta.is_file():
         previous = json.loads(meta.read_text())
         if previous.get("layout") != layout:
@@ -75,13 +79,13 @@ def _run(settings: CacheSettings) -> Path:
     else:
         out.mkdir(parents=True, exist_ok=True)
         teacher.tokenizer.save_pretrained(out / "tokenizer")
-        if heldout is not None:
-            save_tensors({"input_ids": torch.tensor(heldout["input_ids"], dtype=torch.int32)}, out / "heldout.safetensors")
         write_json(meta, provenance("cache-teacher", to_dict(settings), layout=layout, complete=False))
+    if heldout is not None and not kept(out / "heldout.safetensors", "it is written again"):
+        save_tensors({"input_ids": torch.tensor(heldout["input_ids"], dtype=torch.int32)}, out / "heldout.safetensors")
     n_shards = math.ceil(n_blocks / settings.shard_blocks)
     for shard in range(n_shards):
         path = shard_path(out, shard)
-        if path.is_file():
+        if kept(path, "it is computed again"):
             continue  # finished before an interruption
         lo, hi = shard * settings.shard_blocks, min(n_blocks, (shard + 1) * settings.shard_blocks)
         ids = torch.tensor(train_data[lo:hi]["input_ids"], dtype=torch.long)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.assets import CORPORA
-from lmshrink.config import SettingsError, check, setting, to_dict
+from lmshrink.config import Settings, SettingsError, setting, to_dict
 from lmshrink.corpus_steps import (
     BadInputFilter,
     CorpusReader,
@@ -51,6 +51,7 @@ from lmshrink.corpus_steps import (
 )
 from lmshrink.data import DataError, resolve_path
 from lmshrink.errors import Stopped
+from lmshrink.integrity import problem
 from lmshrink.records import exclusive, provenance, save_figure, write_json, write_text
 
 EXECUTORS = ("local", "slurm", "ray")
@@ -67,7 +68,7 @@ PASS_THROUGH = dict(html_to_text=False, fix_unicode=False, normalize_whitespace=
 
 
 @dataclass(kw_only=True)
-class CleanSettings:
+class CleanSettings(Settings):
     """Clean a pre-training corpus (the paper's line filters, language, Gopher, dedup, perplexity)."""
 
     data: list[str] = setting(
@@ -114,8 +115,8 @@ class CleanSettings:
     max_perplexity: float | None = setting(None, "drop documents whose perplexity is above this")
     trust_remote_code: bool = setting(False, "allow the scoring model's own code from the Hub")
 
-    def __post_init__(self) -> None:
-        problems = []
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if not self.data:
             problems.append("data: give at least one input file, folder or hf:NAME")
         hub = [d for d in self.data if d.startswith("hf:")]
@@ -142,7 +143,7 @@ class CleanSettings:
             problems.append("perplexity_model: name the scoring model (e.g. smollm2-135m) to drop by perplexity")
         if self.minhash_buckets < 1 or self.minhash_hashes_per_bucket < 1:
             problems.append("minhash_buckets, minhash_hashes_per_bucket: must be >= 1")
-        check(problems)
+        return problems
 
     @property
     def num_tasks(self) -> int:
@@ -466,9 +467,41 @@ def run(s: CleanSettings) -> dict[str, Any]:
     files = [] if s.data[0].startswith("hf:") else input_files([str(resolve_path(d)) for d in s.data])
     if not s.data[0].startswith("hf:") and not files:
         raise DataError(f"no files found in {', '.join(s.data)}: nothing to clean")
+    if s.perplexity_model:  # here, not in a worker that would fail each task with it
+        from lmshrink.models import check
+
+        check(s.perplexity_model, s.trust_remote_code)
     _check_resumable(s, out)
     with exclusive(out):  # one run at a time per output folder
         return _clean(s, out, files)
+
+
+def writers(steps: list) -> list:
+    """The datatrove writers of a stage's steps: its output writer and each filter's rejects."""
+    found = []
+    for step in steps:
+        found += [w for w in (step, getattr(step, "exclusion_writer", None)) if hasattr(w, "output_folder")]
+    return found
+
+
+def recheck_finished(stage: Stage, out: Path) -> None:
+    """A finished task whose files no longer read whole (a disk that filled, a copy cut short) is run
+    again: its completion mark is removed and the damaged file moved to out/damaged/ (not deleted,
+    and out of the folders a later stage reads). The task runs the same way again, so what later
+    stages made from it stays true."""
+    marks = out / "logs" / stage.name / "completions"
+    if not marks.is_dir():
+        return
+    folders = {Path(w.output_folder.path) for w in writers(stage.pipeline)}
+    for mark in sorted(marks.iterdir()):
+        for path in sorted(p for folder in folders for p in folder.glob(f"{mark.name}*") if p.is_file()):
+            if damage := problem(path):
+                target = out / "damaged" / path.relative_to(out)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                path.rename(target)
+                mark.unlink(missing_ok=True)
+                print(f"[lmshrink] {path.relative_to(out)} of finished task {mark.name} of stage {stage.name} is "
+                      f"damaged ({damage}): moved to {target.relative_to(out)}; the task runs again", flush=True)
 
 
 def _clean(s: CleanSettings, out: Path, files: list) -> dict[str, Any]:
@@ -483,6 +516,7 @@ def _clean(s: CleanSettings, out: Path, files: list) -> dict[str, Any]:
     # One stage after the other, each checked whole before the next starts. (Chained by `depends`, a
     # stage whose Ray task was given up would leave the next one polling for it every 2 minutes, forever.)
     for stage in stages(s, out, files):
+        recheck_finished(stage, out)
         executor = executor_for(s, stage, out / "logs", None)
         executor.run()
         if unfinished := executor.get_incomplete_ranks(skip_completed=True):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from lmshrink.config import Settings, SettingsError, setting, to_dict
 from lmshrink.data import DataError, Framing, documents
+from lmshrink.integrity import kept, problem, set_aside
 from lmshrink.models import load, native_dtype, pick_device
 from lmshrink.records import RECORD, count, exclusive, provenance, read_record, write_json, write_text
 from lmshrink.sampling import continue_rows, start_tokens
@@ -98,6 +99,19 @@ def part_file(out: Path, part: int) -> Path:
     return out / f"part-{part:05d}.jsonl"
 
 
+def whole_part(path: Path, rows: int) -> bool:
+    """A part written before is kept when every line of it reads and it holds all its rows; a damaged
+    one is set aside (`integrity.kept`) and sampled again, with the same seed."""
+    if not kept(path, "it is sampled again"):
+        return False
+    if (lines := len(path.read_text().splitlines())) == rows:
+        return True
+    aside = set_aside(path)
+    print(f"[lmshrink] {path} holds {lines} of its {rows} samples: set aside as {aside.name}; it is sampled again",
+          flush=True)
+    return False
+
+
 def run(s: GenerateSettings) -> dict[str, Any]:
     with exclusive(s.output):  # one writer per folder
         return _run(s)
@@ -108,6 +122,9 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
     if s.dtype == "auto":  # resolved before the settings are compared: a part is only ever continued in its dtype
         s = replace(s, dtype=native_dtype(pick_device(s.device)))
     previous = out / ".settings.json"
+    if previous.is_file() and (damage := problem(previous)):
+        raise SettingsError(f"output: {previous} is damaged ({damage}), so what its parts were sampled with is "
+                            "unknown; give another --output, or remove this folder")
     if previous.is_file():  # carry on only with the same settings: other ones would mix two corpora
         changed = changed_settings(json.loads(previous.read_text()).get("settings"), s, free=HOW_TO_RUN)
         if changed:
@@ -119,8 +136,9 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
     if not previous.is_file():  # what the parts are written with, once everything they need is there
         write_json(previous, provenance("generate", to_dict(s)))
     parts = math.ceil(s.samples / s.batch_size)
-    batches = {part: prompts[part * s.batch_size : (part + 1) * s.batch_size] for part in range(parts)
-               if not part_file(out, part).is_file()}  # the others were written before an interruption
+    batches = {part: prompts[part * s.batch_size : (part + 1) * s.batch_size] for part in range(parts)}
+    batches = {part: rows for part, rows in batches.items()  # the others were written before an interruption
+               if not whole_part(part_file(out, part), len(rows))}
     written, seconds = 0, 0.0
     # positions to sample (rows x new tokens; a part ends early once every row has met EOS)
     with tqdm(total=sum(map(len, batches.values())) * s.new_tokens, unit="tok", unit_scale=True,
