@@ -36,13 +36,53 @@ def bad(tmp_path_factory, tiny_gpt2_dir, gpt2_tokenizer):
     torch.manual_seed(0)
     T.GPT2LMHeadModel(T.GPT2Config(n_layer=6, n_embd=32, n_head=2, n_positions=256)).save_pretrained(root / "deep")
     gpt2_tokenizer.save_pretrained(root / "deep")
+    # issue #43: models that are not decoder-only causal LMs, GGUF files that are not whole, a
+    # tokenizer whose ids run past the model's vocabulary, a file where a folder is written, labels
+    # that only the held-out rows have
+    small = dict(vocab_size=len(gpt2_tokenizer), hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    for name, model in (("bert", T.BertForMaskedLM(T.BertConfig(num_hidden_layers=1, **small))),
+                        ("t5", T.T5ForConditionalGeneration(T.T5Config(vocab_size=len(gpt2_tokenizer), d_model=32,
+                                                                      d_kv=16, d_ff=64, num_layers=1, num_heads=2))),
+                        ("swapped", T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=1000)))):
+        model.save_pretrained(root / name)
+        gpt2_tokenizer.save_pretrained(root / name)
+    (root / "random.gguf").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    import gguf
+
+    writer = gguf.GGUFWriter(root / "half.gguf", "gpt2")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", torch.zeros(len(gpt2_tokenizer), 32).numpy())
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    whole = (root / "half.gguf").read_bytes()
+    (root / "half.gguf").write_bytes(whole[: len(whole) // 2])
+    (root / "afile").write_text("a file, not a folder\n")
+    (root / "labels.csv").write_text("text,label\n" + "".join(f"row {i},class{i}\n" for i in range(20)))
     return root
 
 
 # (command and arguments, what the message must say); {bad}, {model}, {out} are filled in
 CASES = [
     (["truncate", "--teacher", "{bad}/missing", "--keep", "0"], "does not exist"),
-    (["truncate", "--teacher", "{bad}/corrupt", "--keep", "0"], "corrupt"),
+    (["truncate", "--teacher", "{bad}/corrupt", "--keep", "0"], "are damaged (model.safetensors: its tensors need"),
+    (["truncate", "--teacher", "{bad}/t5", "--keep", "0"], "is an encoder-decoder model (t5)"),
+    (["eval", "--models", "{bad}/t5", "--data", "python-docs/tutorial"], "is an encoder-decoder model (t5)"),
+    (["eval", "--models", "{bad}/bert", "--data", "python-docs/tutorial"], "is an encoder-only model (bert)"),
+    (["pretrain", "--model", "{bad}/bert", "--data", "python-docs/tutorial"], "is an encoder-only model (bert)"),
+    (["distill", "--model", "{model}", "--teacher", "{bad}/bert", "--data", "python-docs/tutorial"],
+     "is an encoder-only model (bert)"),
+    (["eval", "--models", "{model},{bad}/random.gguf", "--data", "python-docs/tutorial"],
+     "random.gguf: not a GGUF file (it does not start with the GGUF magic bytes)"),
+    (["truncate", "--teacher", "{bad}/half.gguf", "--keep", "0"], "half.gguf: not a whole GGUF file"),
+    (["truncate", "--teacher", "{bad}/swapped", "--keep", "0"], "ids 1,000-50,256 would index past the embedding"),
+    (["eval", "--models", "{bad}/swapped", "--data", "python-docs/tutorial"], "would index past the embedding"),
+    (["export", "--model", "{model}", "--output", "{bad}/afile"], "afile is a file, and this is the folder"),
+    (["generate", "--teacher", "{model}", "--output", "{bad}/afile"], "afile is a file, and this is the folder"),
+    (["truncate", "--teacher", "{model}", "--keep", "0", "--output", "{bad}/afile/student"],
+     "afile is a file, so"),
+    (["finetune", "--model", "{model}", "--task", "file", "--train-file", "{bad}/labels.csv"],
+     "labels.csv: labels ['class"),
     (["truncate", "--teacher", "{bad}/noconfig", "--keep", "0"], "no config.json"),
     (["truncate", "--teacher", "{model}", "--keep", "0,9"], "out of range"),
     (["truncate", "--teacher", "{model}", "--num-layers", "0"], "num_layers"),
@@ -116,6 +156,7 @@ CASES = [
     (["finetune", "--model", "{model}", "--methods", "kd"], "need a fine-tuned teacher"),
     (["clean", "--data", "{bad}/missing-folder"], "missing-folder does not exist"),
     (["clean", "--data", "{bad}/empty.txt", "--workers", "0"], "workers"),
+    (["clean", "--data", "{bad}/labels.csv", "--perplexity-model", "{bad}/bert"], "is an encoder-only model (bert)"),
     (["fetch", "--corpora", "nope", "--no-teacher", "--no-benchmarks"], "unknown corpus 'nope'"),
     (["demo", "--strategies", "nope"], "'nope' is unknown"),
     (["demo", "--repair-strategy", "alt"], "'alt' is unknown"),
@@ -137,7 +178,7 @@ CASES = [
 def test_bad_input_is_one_clear_error(bad, tiny_gpt2_dir, tmp_path, capsys, args, message):
     out = tmp_path / "out"
     filled = [a.format(bad=bad, model=tiny_gpt2_dir, out=out) for a in args]
-    if args[0] not in ("fetch",) and "--config" not in args:
+    if args[0] not in ("fetch",) and "--config" not in args and "--output" not in args:
         filled += ["--output", str(out)]
     assert main(filled) == 2
     err = capsys.readouterr().err

@@ -161,8 +161,12 @@ def load_task(s: Any) -> tuple[Task, list[dict], list[dict]]:
             names = sorted({str(v) for v in values}, key=lambda v: (not _is_number(v), float(v) if _is_number(v) else 0, v))
             index = {name: i for i, name in enumerate(names)}
             unseen = sorted({str(e["label"]) for e in test} - set(index))
-            if unseen:
-                raise DataError(f"{s.eval_file}: labels {unseen} do not occur in the training file")
+            if unseen and s.eval_file:
+                raise DataError(f"{s.eval_file}: labels {unseen} do not occur in the training file {s.train_file}")
+            if unseen:  # held out of the training file: too few rows of those labels to leave some for training
+                raise DataError(f"{s.train_file}: labels {unseen} occur only in the {len(test)} rows held out for "
+                                "evaluation, so no training row has them; add rows of those labels, or give the "
+                                "held-out rows in --eval-file")
             for e in train + test:
                 e["label"] = index[str(e["label"])]
             task = Task(columns, len(names), ("accuracy", "f1") if len(names) == 2 else ("accuracy", "macro_f1"))
