@@ -60,6 +60,17 @@ def test_the_paired_interval_on_hand_made_item_results():
         paired_bootstrap({"t": [[1.0, 0.0]]}, {"t": [[1.0]]}, True)
 
 
+def test_pairing_decides_when_the_arms_differ_on_few_items_of_many():
+    """A is B with 5 of 200 items turned right and none turned wrong, B right on half of them. Item
+    by item the evidence is plain (every item where they differ favours A: supported); judged as
+    two independent samples of 200 coin flips, a 2.5-point gap is noise (inconclusive). A bootstrap
+    that drew each arm's items on its own would say the second."""
+    b = [1.0, 0.0] * 100
+    a = [1.0 if i < 10 else v for i, v in enumerate(b)]  # items 1, 3, 5, 7, 9: wrong in B, right in A
+    paired = paired_bootstrap({"t": [a]}, {"t": [b]}, True)
+    assert paired["difference"] == pytest.approx(5 / 200) and paired["low"] > 0 and paired["verdict"] == SUPPORTED
+
+
 def test_perplexity_at_equal_wall_time_interpolates_the_curve():
     curve = [(0, 0.0, 100.0), (100, 10.0, 10.0), (200, 20.0, 5.0)]
     assert at_time(curve, 10.0) == pytest.approx(10.0)
