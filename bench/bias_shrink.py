@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from lmshrink.cut_search import CutSearch
-from lmshrink.data import calibration_rows
+from lmshrink.compress.cut_search import CutSearch
+from lmshrink.compress.repair import Moments, capture, fit_span, patched, removed_spans
+from lmshrink.data.sources import calibration_rows
 from lmshrink.models import load
-from lmshrink.repair import Moments, capture, fit_span, patched, removed_spans
 
 DROPPED = (13, 14, 15, 17, 25, 26)
 

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from lmshrink.config import build
-from lmshrink.corpus_steps import input_files
-from lmshrink.data import resolve_path
+from lmshrink.data.cleaning import input_files
+from lmshrink.data.sources import resolve_path
 from lmshrink.recipes.clean import CleanSettings, run
 
 LINE_FILTERS_ONLY = dict(html_to_text=False, fix_unicode=False, normalize_whitespace=False, languages=[],

@@ -14,9 +14,9 @@ import time
 import torch
 import transformers as T
 
-from lmshrink.assets import gpt2_tokenizer_path
-from lmshrink.data import pack, text_dataset
-from lmshrink.training import collate
+from lmshrink.data.assets import gpt2_tokenizer_path
+from lmshrink.data.sources import pack, text_dataset
+from lmshrink.heal.training import collate
 
 
 def ms_per_batch(dataset, batch_size: int, batches: int) -> float:

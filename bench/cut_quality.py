@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 from lmshrink.cli import main as lmshrink
-from lmshrink.data import token_stream
+from lmshrink.data.sources import token_stream
+from lmshrink.evaluate.perplexity import perplexity
 from lmshrink.models import load
-from lmshrink.perplexity import perplexity
 from lmshrink.recipes.study import paired_bootstrap
 from lmshrink.records import save_figure, write_json, write_text
 

@@ -1,7 +1,7 @@
 """Does an exported GGUF file run in llama.cpp as the model does in transformers?
 
 Exports a model folder (or embedded name) with `lmshrink export` at one type, then feeds the same
-token ids (the first `--tokens` of a text, framed as the model saw text: `lmshrink.data.Framing`)
+token ids (the first `--tokens` of a text, framed as the model saw text: `lmshrink.data.sources.Framing`)
 to transformers and to llama.cpp (llama-cpp-python, `make llamacpp`), and prints the share of
 positions where both predict the same next token, and each runtime's perplexity on those ids.
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from lmshrink import llamacpp
 from lmshrink.cli import main as lmshrink
-from lmshrink.data import Framing, token_stream
+from lmshrink.data.sources import Framing, token_stream
+from lmshrink.export import llamacpp
 from lmshrink.losses import next_token_nll
 from lmshrink.models import load
 

@@ -69,7 +69,7 @@ def prepare(folder: Path) -> None:
     """Tokenizers, SmolLM2-135M's config and ~1 MB of English text, from lmshrink's offline assets."""
     from transformers import AutoTokenizer
 
-    from lmshrink.assets import corpus_path, gpt2_tokenizer_path
+    from lmshrink.data.assets import corpus_path, gpt2_tokenizer_path
     from lmshrink.models import load
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def make_models(shape: str, assets: Path, out: Path) -> tuple[Path, Path]:
 BARE = """
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM
-from lmshrink.speed import flops_per_token, peak_flops
+from lmshrink.heal.speed import flops_per_token, peak_flops
 folder, block, batch, steps, compiled = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 cuda = torch.cuda.is_available()
 device = "cuda" if cuda else "cpu"

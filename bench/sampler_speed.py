@@ -12,8 +12,8 @@ import time
 import torch
 from transformers import GenerationConfig
 
+from lmshrink.data.teacher_text import continue_rows
 from lmshrink.models import DTYPES, load
-from lmshrink.sampling import continue_rows
 
 
 def seconds(work, repeat: int = 1) -> float:

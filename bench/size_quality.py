@@ -23,9 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lmshrink import llamacpp
-from lmshrink.benchmarks import SUITES
 from lmshrink.cli import main as lmshrink
+from lmshrink.evaluate.benchmarks import SUITES
+from lmshrink.export import llamacpp
 from lmshrink.recipes.export import file_name
 from lmshrink.records import save_figure, write_json, write_text
 
@@ -60,7 +60,7 @@ def heal(out: Path, name: str, student: Path, heal_tokens: int) -> str:
 
 def width_student(out: Path, name: str, like: str, heal_tokens: int) -> str:
     """Width-pruned (heads, MLP, hidden) to the parameter count of `like`, healed the same way."""
-    from lmshrink.measure import count_parameters
+    from lmshrink.evaluate.measure import count_parameters
     from lmshrink.models import load
 
     pruned = out / "students" / f"{name}-cut"

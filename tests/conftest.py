@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as T
 
-from lmshrink.assets import corpus_path, gpt2_tokenizer_path
+from lmshrink.data.assets import corpus_path, gpt2_tokenizer_path
 from lmshrink.models import cache_dir
 
 VOCAB = 128

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import transformers as T
 from huggingface_hub import ModelCard
 
-from lmshrink.benchmarks import BENCHMARKS, SUITES, expand, local_dataset, run_tasks
 from lmshrink.cli import main
+from lmshrink.evaluate.benchmarks import BENCHMARKS, SUITES, expand, local_dataset, run_tasks
 from lmshrink.models import load
 from lmshrink.recipes.evaluate import model_labels
 
@@ -92,7 +92,7 @@ def test_the_task_index_reads_only_lmshrinks_tasks_and_finds_each_one():
     folders, and each task (MMLU's 57 subjects too, as the Hub source lists them) resolves there."""
     import lm_eval.tasks
 
-    from lmshrink.benchmarks import MMLU, _hub_mmlu_subjects, _stock_config, _task_manager, mmlu_subjects
+    from lmshrink.evaluate.benchmarks import MMLU, _hub_mmlu_subjects, _stock_config, _task_manager, mmlu_subjects
 
     manager = _task_manager()
     assert len(manager.all_tasks) < 500
@@ -162,7 +162,7 @@ def test_truncate_writes_a_hub_model_card_that_eval_updates(tiny_gpt2_dir, tmp_p
 def test_local_copies_have_the_fields_the_stock_tasks_read():
     """The saved BoolQ copy has google/boolq's `answer`; lm-eval's task reads super_glue's `label`
     (its doc_to_target): the loader must fill it from the answer, or every gold label is wrong."""
-    from lmshrink.benchmarks import _stock_config, _task_manager
+    from lmshrink.evaluate.benchmarks import _stock_config, _task_manager
 
     assert _stock_config(_task_manager(), "boolq")["doc_to_target"] == "label"
     docs = local_dataset(BENCHMARKS["boolq"].folder, ("validation",))["validation"]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from datatrove.data import Document
 
-from lmshrink.assets import corpus_path
 from lmshrink.config import SettingsError, build
-from lmshrink.corpus_steps import HtmlToText, NormalizeWhitespace, PaperLineFilter, non_alpha_fraction
+from lmshrink.data.assets import corpus_path
+from lmshrink.data.cleaning import HtmlToText, NormalizeWhitespace, PaperLineFilter, non_alpha_fraction
 from lmshrink.recipes.clean import CleanSettings, _records, run
 
 TUTORIAL = ["classes", "controlflow", "datastructures", "errors", "inputoutput", "modules"]
@@ -315,7 +315,7 @@ def test_executor_options_from_flags_and_slurm_needs_its_basics(tmp_path):
 
 
 def test_language_is_the_one_most_of_the_text_is_in():
-    from lmshrink.corpus_steps import LangIdFilter
+    from lmshrink.data.cleaning import LangIdFilter
 
     english = "Run the following commands as root to install the package and restart the service.\n\n"
     doc = Document(text=english * 14 + _german() * 6, id="mixed")  # ~1,200 English then ~3,000 German characters
@@ -327,7 +327,7 @@ def test_language_is_the_one_most_of_the_text_is_in():
 
 def test_a_signal_keeps_the_finished_tasks_and_the_same_command_finishes(corpus, tmp_path, capsys, monkeypatch):
     from lmshrink.cli import main
-    from lmshrink.corpus_steps import BadInputFilter
+    from lmshrink.data.cleaning import BadInputFilter
 
     out = tmp_path / "out"
     command = ["clean", "--data", str(corpus), "--output", str(out), "--workers", "1", "--tasks", "3",

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lmshrink.data import DataError, Framing, blocks, documents, pack, token_stream
+from lmshrink.data.sources import DataError, Framing, blocks, documents, pack, token_stream
 
 
 def test_text_folder_and_jsonl_sources(tmp_path, gpt2_tokenizer):
@@ -66,7 +66,7 @@ def test_hub_dataset_path_streams_a_local_dataset(tmp_path, gpt2_tokenizer):
 
 
 def test_training_sources_refuse_bad_files_by_name(tmp_path):
-    from lmshrink.data import text_dataset
+    from lmshrink.data.sources import text_dataset
 
     (tmp_path / "good.txt").write_text("fine text")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
@@ -98,7 +98,7 @@ def test_packing_is_cached_by_text_tokenizer_and_block_size(real_text, gpt2_toke
 
 
 def test_data_weights_are_shares_of_tokens_not_documents(tmp_path, gpt2_tokenizer):
-    from lmshrink.training import DataArgs, prepare_data
+    from lmshrink.heal.training import DataArgs, prepare_data
 
     long, short = tmp_path / "long.jsonl", tmp_path / "short.jsonl"  # 4 documents of 600 words, 400 of 6
     long.write_text("".join(json.dumps({"text": " apple" * 600}) + "\n" for _ in range(4)))
@@ -120,7 +120,7 @@ def test_data_weights_are_shares_of_tokens_not_documents(tmp_path, gpt2_tokenize
 
 
 def test_a_weighted_source_too_small_is_named(tmp_path, gpt2_tokenizer):
-    from lmshrink.training import DataArgs, prepare_data
+    from lmshrink.heal.training import DataArgs, prepare_data
 
     (tmp_path / "one.txt").write_text("a single short document")
     (tmp_path / "many.jsonl").write_text("".join(json.dumps({"text": "word " * 50}) + "\n" for _ in range(10)))
@@ -172,7 +172,7 @@ def test_rows_keep_a_documents_own_start_tokens():
 
 
 def test_packed_training_blocks_start_with_the_start_tokens(real_text, tokenizers):
-    from lmshrink.data import text_dataset
+    from lmshrink.data.sources import text_dataset
 
     for name, tokenizer in tokenizers.items():
         framing = Framing.of(tokenizer)

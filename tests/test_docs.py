@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lmshrink import llamacpp
 from lmshrink.cli import COMMANDS, command, main
+from lmshrink.export import llamacpp
 from lmshrink.manual import BEGIN, END, broken_links, command_problems, settings_table, shown_commands, with_table
 
 ROOT = Path(__file__).resolve().parents[1]

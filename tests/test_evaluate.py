@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from lmshrink.cli import main
-from lmshrink.data import Framing
-from lmshrink.measure import count_parameters, fresh_peak_memory, speed, weight_bytes
+from lmshrink.data.sources import Framing
+from lmshrink.evaluate.measure import count_parameters, fresh_peak_memory, speed, weight_bytes
+from lmshrink.evaluate.perplexity import perplexity, sliding_nll, windows
 from lmshrink.models import embedded_gguf, load, unpacked_folder
-from lmshrink.perplexity import perplexity, sliding_nll, windows
 
 
 def brute_force_nll(model, tokens, window, stride, start=()):

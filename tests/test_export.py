@@ -13,9 +13,9 @@ import torch
 import transformers as T
 from conftest import TINY_CONFIGS
 
-from lmshrink import llamacpp
 from lmshrink.cli import main as lmshrink
-from lmshrink.gguf_export import FAMILIES, ExportError, pre_tokenizer_name, read_metadata, read_tensors, tensors, write_gguf
+from lmshrink.export import llamacpp
+from lmshrink.export.gguf import FAMILIES, ExportError, pre_tokenizer_name, read_metadata, read_tensors, tensors, write_gguf
 from lmshrink.models import load
 
 SAMPLE = "Hello world! The export keeps 12 tokens, spaces  and\nnew lines; café costs 3.50."
@@ -178,7 +178,7 @@ def test_pre_tokenizer_names_come_from_the_tokenizer_structure():
 
 
 def test_a_space_before_the_text_is_written_only_where_the_tokenizer_puts_one():
-    from lmshrink.gguf_export import adds_space_prefix
+    from lmshrink.export.gguf import adds_space_prefix
 
     gemma = {"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
              "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious"}}
@@ -193,7 +193,7 @@ def test_a_space_before_the_text_is_written_only_where_the_tokenizer_puts_one():
 def test_sentencepiece_scores_make_llama_cpp_merge_in_the_tokenizers_order():
     """llama.cpp merges the pair whose result scores highest: minus the merge's rank, the first
     merge making a token (string and pair forms of tokenizer.json's merges)."""
-    from lmshrink.gguf_export import merge_scores
+    from lmshrink.export.gguf import merge_scores
 
     vocab = {"a": 0, "b": 1, "ab": 2, "abb": 3, "bb": 4}
     assert merge_scores({"model": {"vocab": vocab, "merges": ["a b", "ab b", "b b", "a bb"]}}) == {2: 0.0, 3: -1.0, 4: -2.0}
@@ -273,8 +273,8 @@ def test_eval_runtime_llamacpp_end_to_end(tiny_gpt2_dir, tmp_path, real_text):
 
 def assert_close_ppl(row, folder, text) -> bool:
     """llama.cpp's perplexity of the f32 file is transformers' of the folder (same windows, same tokens)."""
-    from lmshrink.data import token_stream
-    from lmshrink.perplexity import perplexity
+    from lmshrink.data.sources import token_stream
+    from lmshrink.evaluate.perplexity import perplexity
 
     loaded = load(str(folder))
     reference = perplexity(loaded.model, token_stream(str(text), loaded.tokenizer, 300), 64, 32)
@@ -287,8 +287,8 @@ def test_eval_perplexity_of_a_file_whose_tokenizer_adds_a_start_token_is_llama_c
     either runtime, and llama.cpp's perplexity of the f32 file is transformers' of the folder."""
     from conftest import framed_tokenizer
 
-    from lmshrink.data import Framing, token_stream
-    from lmshrink.perplexity import perplexity
+    from lmshrink.data.sources import Framing, token_stream
+    from lmshrink.evaluate.perplexity import perplexity
 
     tokenizer = framed_tokenizer(bpe, ["<bos>"])
     tokenizer.bos_token = "<bos>"

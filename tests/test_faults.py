@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 
 from lmshrink.cli import main
 from lmshrink.config import from_args
-from lmshrink.training import LMTrainer, StopOnSignal
+from lmshrink.heal.training import LMTrainer, StopOnSignal
 
 
 def pretrain_args(model, out, *extra: str) -> list[str]:
@@ -170,10 +170,10 @@ def test_the_same_command_carries_on_and_another_one_is_refused_by_name(tiny_gpt
 
 
 KILL_AT = {  # where the run is killed: (the owner of the function, its name, when)
-    "step": ("from lmshrink.training import LMTrainer as owner", "training_step", "args[0].state.global_step == 4"),
+    "step": ("from lmshrink.heal.training import LMTrainer as owner", "training_step", "args[0].state.global_step == 4"),
     "checkpoint": ("from transformers import Trainer as owner", "_save_optimizer_and_scheduler",
                    "args[1].endswith('checkpoint-4')"),
-    "final save": ("import lmshrink.training as owner", "save_model_record", "True"),
+    "final save": ("import lmshrink.heal.training as owner", "save_model_record", "True"),
 }
 
 
@@ -300,7 +300,7 @@ def test_distill_carried_on_ends_as_an_uninterrupted_run(tiny_gpt2_dir, student_
 
 
 def test_a_capped_cache_holds_out_its_share_of_what_it_caches(student_and_cache):
-    from lmshrink.teacher_cache import open_cache
+    from lmshrink.heal.teacher_cache import open_cache
 
     cache = open_cache(str(student_and_cache[1]), 2.0)
     assert len(cache.dataset) == 16 and cache.heldout.num_rows == 4  # 20% held out of 16 + 4 blocks, not of the corpus

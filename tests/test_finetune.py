@@ -10,8 +10,8 @@ import torch
 import transformers as T
 
 from lmshrink.config import SettingsError, build
+from lmshrink.heal.tasks import TASKS, item_scores, load_task, scores
 from lmshrink.recipes.finetune import FinetuneSettings, run
-from lmshrink.tasks import TASKS, item_scores, load_task, scores
 
 SMALL = {"max_train_examples": 32, "max_eval_examples": 24, "epochs": 1, "batch_size": 8, "max_length": 48,
          "logging_steps": 2}

@@ -11,9 +11,9 @@ from conftest import tiny_model
 from transformers import GenerationConfig
 
 from lmshrink.cli import main
-from lmshrink.data import text_dataset
+from lmshrink.data.sources import text_dataset
+from lmshrink.data.teacher_text import NUCLEUS_K, continue_rows, draw, teacher_rows
 from lmshrink.models import load, native_dtype
-from lmshrink.sampling import NUCLEUS_K, continue_rows, draw, teacher_rows
 
 
 def generate(teacher, out, *extra: str) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmshrink.kd_methods import (
+from lmshrink.heal.kd_methods import (
     METHODS,
     AnnealingKD,
     KDConfig,
@@ -147,7 +147,7 @@ def test_generator_rewrites_a_share_of_tokens_with_differentiable_log_probs(gene
 
 
 def test_mate_trains_its_generator_against_the_student(generator):
-    from lmshrink.kd_methods import MateKD
+    from lmshrink.heal.kd_methods import MateKD
 
     student, teacher = _Linear(vocab=len(generator.tokenizer)), _Linear(vocab=len(generator.tokenizer), seed=1)
 
@@ -173,7 +173,7 @@ def test_mate_trains_its_generator_against_the_student(generator):
 
 
 def test_causal_generator_resamples_from_the_prefix(tiny_gpt2_dir):
-    from lmshrink.kd_methods import CausalLMGenerator
+    from lmshrink.heal.kd_methods import CausalLMGenerator
     from lmshrink.models import load
 
     loaded = load(str(tiny_gpt2_dir))

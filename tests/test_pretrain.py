@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from lmshrink.cli import main
 from lmshrink.config import SettingsError, build
+from lmshrink.heal.training import MAX_CHUNK_ROWS, loss_chunk_rows
 from lmshrink.recipes.pretrain import PretrainSettings
-from lmshrink.training import MAX_CHUNK_ROWS, loss_chunk_rows
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # held-out text capped at 1,024 tokens: evaluating the whole 20% (~270 batches, twice a run) was most of a run's time
@@ -136,7 +136,7 @@ def test_parquet_and_streamed_sources(tiny_gpt2_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lmshrink.assets import corpus_path
+    from lmshrink.data.assets import corpus_path
 
     texts = [p.read_text() for p in sorted(corpus_path("python-docs/tutorial").glob("*.txt"))]
     pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet")
@@ -201,7 +201,7 @@ def test_fused_head_falls_back_where_it_cannot_run(tiny_gpt2_dir):
 
     from transformers import AutoModelForCausalLM
 
-    from lmshrink.training import fused_head_problem
+    from lmshrink.heal.training import fused_head_problem
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     plain = SimpleNamespace(fsdp="", deepspeed=None)
     assert fused_head_problem(model, plain) is None
@@ -213,14 +213,14 @@ def test_fused_head_falls_back_where_it_cannot_run(tiny_gpt2_dir):
 def test_flops_per_token_counts_the_head_once():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmshrink.speed import flops_per_token, matmul_parameters
+    from lmshrink.heal.speed import flops_per_token, matmul_parameters
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=100)
     model = GPT2LMHeadModel(config)
     blocks = sum(p.numel() for part in (model.transformer.h, model.transformer.ln_f) for p in part.parameters())
     assert matmul_parameters(model) == blocks + 100 * 32  # tied head counted, embeddings not
     assert flops_per_token(model, 64) == 6 * (blocks + 3200) + 12 * 2 * 32 * 64
     assert flops_per_token(model, 64, training=False) == flops_per_token(model, 64) / 3
-    from lmshrink.training import freeze
+    from lmshrink.heal.training import freeze
 
     freeze(model, ["embeddings"])  # the tied head's weight gradient is no longer computed
     assert matmul_parameters(model, trainable=True) == blocks
@@ -250,7 +250,7 @@ def test_the_loss_chunk_follows_the_flag_free_memory_and_its_cap():
 def test_the_peak_is_the_highest_measured_on_this_device(tmp_path, monkeypatch):
     """A peak measured while the machine is busy comes out low; the highest one kept is used."""
     import lmshrink.models
-    from lmshrink import speed
+    from lmshrink.heal import speed
 
     monkeypatch.setattr(lmshrink.models, "cache_dir", lambda: tmp_path)
     for measured, expected in ((2e11, 2e11), (1e11, 2e11), (3e11, 3e11)):  # first, busy, quieter
@@ -298,7 +298,7 @@ def test_freeze_on_untied_heads_and_when_nothing_is_left():
     An OPT without a final norm, its embeddings and every block frozen, has nothing left to train."""
     from conftest import TINY_CONFIGS
 
-    from lmshrink.training import freeze
+    from lmshrink.heal.training import freeze
 
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS["mistral"](2))
     assert freeze(model, ["embeddings"]).startswith("frozen: embeddings: ")  # the head is not tied to them
@@ -321,7 +321,7 @@ def test_warm_up_never_spends_a_step_at_learning_rate_zero(tmp_path):
     from conftest import tiny_model
     from transformers import TrainingArguments
 
-    from lmshrink.training import LMTrainer
+    from lmshrink.heal.training import LMTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, warmup_steps=2, learning_rate=1e-3,
                              lr_scheduler_type="linear", report_to=[], use_cpu=True)
@@ -336,7 +336,7 @@ def test_warm_up_never_spends_a_step_at_learning_rate_zero(tmp_path):
 
 
 def test_the_fused_head_turns_on_where_the_logits_would_be_large():
-    from lmshrink.training import fused_head_on
+    from lmshrink.heal.training import fused_head_on
 
     assert not fused_head_on("auto", 4, 256, 49_152) or torch.cuda.is_available()  # SmolLM2: 200 MB of logits
     assert fused_head_on("auto", 4, 256, 262_144)  # Gemma 3: 1 GiB

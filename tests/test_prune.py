@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 from lmshrink.cli import main
-from lmshrink.width import (
+from lmshrink.compress.width import (
     WIDTH,
     check_target,
     count_parameters_of,

@@ -1,5 +1,5 @@
-"""Training-free repair of a cut (`lmshrink.repair`) and block choice that measures the cut
-(`lmshrink.cut_search`), on tiny random models."""
+"""Training-free repair of a cut (`lmshrink.compress.repair`) and block choice that measures the cut
+(`lmshrink.compress.cut_search`), on tiny random models."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import torch
 import transformers as T
 from conftest import ARCHS, VOCAB, tiny_model
 
-import lmshrink.repair as repair_module
+import lmshrink.compress.repair as repair_module
 from lmshrink.architectures import architecture_of, blocks_of, get_path, only_blocks
-from lmshrink.cut_search import CutSearch
-from lmshrink.model_gap import gap, references
-from lmshrink.perplexity import perplexity
-from lmshrink.repair import (
+from lmshrink.compress.cut_search import CutSearch
+from lmshrink.compress.model_gap import gap, references
+from lmshrink.compress.repair import (
     BlockReplay,
     Moments,
     RepairError,
@@ -31,7 +30,8 @@ from lmshrink.repair import (
     repair_problems,
     update_target,
 )
-from lmshrink.truncation import truncate_model
+from lmshrink.compress.truncation import truncate_model
+from lmshrink.evaluate.perplexity import perplexity
 
 
 def rows(n: int = 16, length: int = 24, seed: int = 0) -> torch.Tensor:

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from lmshrink.cli import main
-from lmshrink.importance import residual_stream, score
-from lmshrink.perplexity import perplexity
-from lmshrink.truncation import truncate_model
+from lmshrink.compress.importance import residual_stream, score
+from lmshrink.compress.truncation import truncate_model
+from lmshrink.evaluate.perplexity import perplexity
 
 
 @pytest.fixture

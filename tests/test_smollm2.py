@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from lmshrink.architectures import blocks_of
-from lmshrink.data import calibration_rows, token_stream
-from lmshrink.importance import score
-from lmshrink.measure import count_parameters
-from lmshrink.perplexity import perplexity
-from lmshrink.truncation import select_layers, truncate_model
+from lmshrink.compress.importance import score
+from lmshrink.compress.truncation import select_layers, truncate_model
+from lmshrink.data.sources import calibration_rows, token_stream
+from lmshrink.evaluate.measure import count_parameters
+from lmshrink.evaluate.perplexity import perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from conftest import TINY_CONFIGS, framed_tokenizer, tiny_model
 
 from lmshrink.architectures import UnsupportedArchitecture, blocks_of, only_blocks
 from lmshrink.cli import main
+from lmshrink.compress.truncation import LayerSelectionError, importance_keep, select_layers, truncate_model
 from lmshrink.models import load
-from lmshrink.truncation import LayerSelectionError, importance_keep, select_layers, truncate_model
 
 
 def logits(model, ids):
@@ -231,7 +231,7 @@ def test_a_stopped_iterative_search_carries_on_and_serves_any_depth(tiny_gpt2_di
     """The iterative search keeps its path after every removal: stopped after the first, the same
     command scores only the later removals' candidates and ends where a search never stopped ends;
     a shallower cut reads its removals from the same path and scores nothing."""
-    from lmshrink import cut_search
+    from lmshrink.compress import cut_search
 
     def truncate(k: int, name: str, cache: str) -> dict:
         monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path / cache))

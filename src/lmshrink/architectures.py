@@ -33,7 +33,7 @@ class Architecture:
     """Re-derives config fields that are stored in a compressed form (GPT-Neo)."""
     mlp_out: str | None = None
     """Dotted path inside a block of the MLP's output projection, whose output is added to the
-    residual stream (where `lmshrink.repair` folds its fits); None: there is none."""
+    residual stream (where `lmshrink.compress.repair` folds its fits); None: there is none."""
     mlp_norm: str | None = None
     """Dotted path inside a block of the norm the MLP's output passes through before the residual
     add (Gemma 2 and 3's `post_feedforward_layernorm`); None: it is added unchanged."""

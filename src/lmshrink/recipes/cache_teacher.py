@@ -1,5 +1,5 @@
 """`lmshrink cache-teacher`: store a teacher's top-k next-token log-probs once (the format is in
-`lmshrink.teacher_cache`), so that many students train without the teacher."""
+`lmshrink.heal.teacher_cache`), so that many students train without the teacher."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from lmshrink.config import Settings, check, group, setting, to_dict
+from lmshrink.heal.teacher_cache import FORMAT, save_tensors, shard_path, teacher_top_k
+from lmshrink.heal.training import DataArgs, needs_data, prepare_data
 from lmshrink.integrity import kept, problem
 from lmshrink.models import load, pick_device
 from lmshrink.records import RECORD, exclusive, provenance, write_json
-from lmshrink.teacher_cache import FORMAT, save_tensors, shard_path, teacher_top_k
-from lmshrink.training import DataArgs, needs_data, prepare_data
 
 
 @dataclass(kw_only=True)

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmshrink.assets import CORPORA
 from lmshrink.config import Settings, SettingsError, setting, to_dict
-from lmshrink.corpus_steps import (
+from lmshrink.data.assets import CORPORA
+from lmshrink.data.cleaning import (
     BadInputFilter,
     CorpusReader,
     HtmlToText,
@@ -49,7 +49,7 @@ from lmshrink.corpus_steps import (
     exact_content,
     input_files,
 )
-from lmshrink.data import DataError, resolve_path
+from lmshrink.data.sources import DataError, resolve_path
 from lmshrink.errors import Stopped
 from lmshrink.integrity import problem
 from lmshrink.records import exclusive, provenance, save_figure, write_json, write_text
@@ -283,7 +283,7 @@ def executor_for(s: CleanSettings, stage: Stage, logs: Path, depends):
         from datatrove.executor import LocalPipelineExecutor
 
         if WORKER_START == "forkserver":
-            multiprocess.get_context(WORKER_START).set_forkserver_preload(["lmshrink.corpus_steps"])
+            multiprocess.get_context(WORKER_START).set_forkserver_preload(["lmshrink.data.cleaning"])
 
         # forkserver: workers fork from a fresh server process that imported the cleaning steps once
         # (milliseconds a worker, not seconds of imports), never from this process, whose threads
@@ -302,7 +302,7 @@ def executor_for(s: CleanSettings, stage: Stage, logs: Path, depends):
                                      depends=depends, job_name=f"lmshrink-clean-{stage.name}", **options)
     import datatrove.executor.ray as datatrove_ray
 
-    from lmshrink.corpus_steps import RankProcessWorker
+    from lmshrink.data.cleaning import RankProcessWorker
 
     datatrove_ray.RankWorker = RankProcessWorker  # the actor datatrove's task manager starts: one that sees a rank killed
     return datatrove_ray.RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, logging_dir=str(logs / stage.name),

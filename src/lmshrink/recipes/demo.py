@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import context_limit
+from lmshrink.compress.cut_search import SEARCHES
+from lmshrink.compress.importance import plot, score
+from lmshrink.compress.truncation import STRATEGIES
 from lmshrink.config import Settings, group, setting, to_dict
-from lmshrink.cut_search import SEARCHES
-from lmshrink.data import calibration_rows
+from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
-from lmshrink.importance import plot, score
+from lmshrink.heal.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.models import load, pick_device
 from lmshrink.recipes.distill import RECIPE_LOSSES, RECIPES, DistillSettings, recipe_kd
 from lmshrink.recipes.distill import run as distill
@@ -45,8 +47,6 @@ from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.recipes.truncate import CutArgs, TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
 from lmshrink.records import RECORD, count, provenance, read_record, save_figure, write_json, write_text
-from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
-from lmshrink.truncation import STRATEGIES
 
 REPAIR_STRATEGIES = ("importance", *SEARCHES)
 

@@ -21,9 +21,12 @@ from typing import Any, ClassVar
 import torch
 
 from lmshrink.architectures import blocks_of
+from lmshrink.compress.repair import StopForward, capture, removed_spans
 from lmshrink.config import SettingsError, check, group, setting
 from lmshrink.errors import one_of
-from lmshrink.kd_methods import rail_pairs
+from lmshrink.heal.kd_methods import rail_pairs
+from lmshrink.heal.teacher_cache import open_cache
+from lmshrink.heal.training import HealSettings, LMTrainer, TrainArgs, cap_heldout, carry_on, prepare_data, prepare_heldout, train
 from lmshrink.losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,
@@ -41,9 +44,6 @@ from lmshrink.losses import (
 from lmshrink.models import check as check_model
 from lmshrink.models import load
 from lmshrink.records import count, read_record
-from lmshrink.repair import StopForward, capture, removed_spans
-from lmshrink.teacher_cache import open_cache
-from lmshrink.training import HealSettings, LMTrainer, TrainArgs, cap_heldout, carry_on, prepare_data, prepare_heldout, train
 
 LAYER_MAPS = ("none", "uniform", "kept", "stream", "rail")
 

@@ -1,5 +1,5 @@
 """`lmshrink eval`: perplexity, zero-shot benchmarks, speed and size, teacher and students side
-by side (perplexity: `lmshrink.perplexity`; benchmarks: `lmshrink.benchmarks`)."""
+by side (perplexity: `lmshrink.evaluate.perplexity`; benchmarks: `lmshrink.evaluate.benchmarks`)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmshrink import llamacpp
 from lmshrink.architectures import check_length
-from lmshrink.benchmarks import TaskScore, benchmark, benchmark_root, expand, run_tasks, task_problems
 from lmshrink.config import Settings, group, setting, to_dict
-from lmshrink.data import Framing, token_stream
-from lmshrink.measure import count_parameters, disk_bytes, fresh_peak_memory, speed
-from lmshrink.model_card import add_results
+from lmshrink.data.sources import Framing, token_stream
+from lmshrink.evaluate.benchmarks import TaskScore, benchmark, benchmark_root, expand, run_tasks, task_problems
+from lmshrink.evaluate.measure import count_parameters, disk_bytes, fresh_peak_memory, speed
+from lmshrink.evaluate.perplexity import perplexity
+from lmshrink.export import llamacpp
+from lmshrink.export.model_card import add_results
 from lmshrink.models import check as check_model
 from lmshrink.models import load, pick_device
-from lmshrink.perplexity import perplexity
 from lmshrink.records import RECORD, count, provenance, read_record, save_figure, write_json, write_text
 
 RUNTIMES = ("transformers", "llamacpp")
@@ -185,7 +185,7 @@ def evaluate_gguf(name: str, settings: EvalSettings, label: str | None = None,
     """One row of the report for a GGUF file run by llama.cpp: size, perplexity, speed."""
     ppl, timing = settings.perplexity, settings.timing
     about = llamacpp.describe(name)
-    # room for a window and the start tokens put before it (`lmshrink.data.Framing`)
+    # room for a window and the start tokens put before it (`lmshrink.data.sources.Framing`)
     llm = llamacpp.open_gguf(name, n_ctx=max(ppl.window + 16, timing.speed_length + 16 + timing.gen_tokens))
     row: dict[str, Any] = {"model": label or Path(name).name, "source": name, "runtime": "llamacpp",
                            "layers": about["layers"], "kept_layers": None, "parameters": about["parameters"],

@@ -1,5 +1,5 @@
 """`lmshrink export`: a model folder as GGUF files for llama.cpp, one per quantization type
-(`lmshrink.gguf_export`), with a model card and a record of what each file holds."""
+(`lmshrink.export.gguf`), with a model card and a record of what each file holds."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 from lmshrink.config import Settings, SettingsError, setting, to_dict
 from lmshrink.errors import one_of
-from lmshrink.gguf_export import LLAMA_QUANTIZE_ONLY, QUANTS, export_problems, sliding_window_note, write_gguf
-from lmshrink.model_card import card_name, origin
+from lmshrink.export.gguf import LLAMA_QUANTIZE_ONLY, QUANTS, export_problems, sliding_window_note, write_gguf
+from lmshrink.export.model_card import card_name, origin
 from lmshrink.models import load, no_tokenizer
 from lmshrink.records import provenance, read_record, write_json, write_text
 

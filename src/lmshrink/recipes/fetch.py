@@ -8,10 +8,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from lmshrink.assets import CORPORA, corpus_path, gpt2_tokenizer_path, sentiment_path
-from lmshrink.benchmarks import fetch_benchmarks
 from lmshrink.config import Settings, setting
+from lmshrink.data.assets import CORPORA, corpus_path, gpt2_tokenizer_path, sentiment_path
 from lmshrink.errors import one_of
+from lmshrink.evaluate.benchmarks import fetch_benchmarks
 from lmshrink.models import EMBEDDED, EMBEDDED_ORIGIN, ModelLoadError, resolve
 
 

@@ -2,7 +2,7 @@
 
 The paper's first direction: a fine-tuned teacher helps a small student learn a task. The
 teacher is fine-tuned by this same command (method `none`); students then train with any of
-`lmshrink.kd_methods.METHODS` against it, over several seeds, and the report gives each
+`lmshrink.heal.kd_methods.METHODS` against it, over several seeds, and the report gives each
 method's metric as mean and spread, with training time.
 
 Tasks: GLUE (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) and SuperGLUE (boolq, cb,
@@ -34,7 +34,7 @@ import torch
 
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.errors import one_of
-from lmshrink.kd_methods import (
+from lmshrink.heal.kd_methods import (
     METHODS,
     CausalLMGenerator,
     KDConfig,
@@ -43,16 +43,9 @@ from lmshrink.kd_methods import (
     right_padded,
     task_loss,
 )
-from lmshrink.models import check as check_model
-from lmshrink.models import config_of, load, resolve
-from lmshrink.recipes.distill import DistillSettings, KDArgs
-from lmshrink.recipes.distill import run as distill
-from lmshrink.recipes.pretrain import PretrainSettings
-from lmshrink.recipes.pretrain import run as pretrain
-from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
-from lmshrink.stages import HOW_TO_RUN, changed_settings
-from lmshrink.tasks import TASKS, Collator, Task, item_scores, load_task, scores
-from lmshrink.training import (
+from lmshrink.heal.stages import HOW_TO_RUN, changed_settings
+from lmshrink.heal.tasks import TASKS, Collator, Task, item_scores, load_task, scores
+from lmshrink.heal.training import (
     DataArgs,
     LMTrainer,
     MetricsFile,
@@ -68,6 +61,13 @@ from lmshrink.training import (
     trainer_arguments,
     training_arguments,
 )
+from lmshrink.models import check as check_model
+from lmshrink.models import config_of, load, resolve
+from lmshrink.recipes.distill import DistillSettings, KDArgs
+from lmshrink.recipes.distill import run as distill
+from lmshrink.recipes.pretrain import PretrainSettings
+from lmshrink.recipes.pretrain import run as pretrain
+from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
 
 # ----------------------------------------------------------------------------- tasks
 

@@ -29,12 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from lmshrink.config import Settings, SettingsError, setting, to_dict
-from lmshrink.data import DataError, Framing, documents
+from lmshrink.data.sources import DataError, Framing, documents
+from lmshrink.data.teacher_text import continue_rows, start_tokens
+from lmshrink.heal.stages import changed_settings
 from lmshrink.integrity import kept, problem, set_aside
 from lmshrink.models import load, native_dtype, pick_device
 from lmshrink.records import RECORD, count, exclusive, provenance, read_record, write_json, write_text
-from lmshrink.sampling import continue_rows, start_tokens
-from lmshrink.stages import changed_settings
 
 # settings that do not change the text written
 HOW_TO_RUN = ("output", "device")

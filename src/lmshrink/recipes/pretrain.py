@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lmshrink.heal.training import HealSettings, LMTrainer, carry_on, prepare_data, train
 from lmshrink.models import load
-from lmshrink.training import HealSettings, LMTrainer, carry_on, prepare_data, train
 
 
 @dataclass(kw_only=True)

@@ -1,5 +1,5 @@
 """`lmshrink prune`: a student narrower (heads, MLP channels, hidden size) and optionally shallower
-than its teacher, the units kept chosen by activation importance (`lmshrink.width`, Minitron),
+than its teacher, the units kept chosen by activation importance (`lmshrink.compress.width`, Minitron),
 saved as a plain transformers folder that loads with no lmshrink code.
 
 Give the target width (`--hidden-size`, `--intermediate-size`, `--num-heads`, `--num-kv-heads`,
@@ -18,17 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import context_limit
-from lmshrink.config import Settings, SettingsError, group, setting, to_dict
-from lmshrink.data import calibration_rows
-from lmshrink.errors import one_of
-from lmshrink.importance import METRICS, score
-from lmshrink.measure import count_parameters
-from lmshrink.model_card import save_model_record
-from lmshrink.models import load, no_tokenizer
-from lmshrink.recipes.score_layers import read_scores
-from lmshrink.recipes.truncate import CHOICES, CutArgs, cut
-from lmshrink.records import provenance, save_atomically, write_json
-from lmshrink.width import (
+from lmshrink.compress.importance import METRICS, score
+from lmshrink.compress.width import (
     SCORE_KEYS,
     check_target,
     count_parameters_of,
@@ -40,6 +31,15 @@ from lmshrink.width import (
     split_target,
     width_scores,
 )
+from lmshrink.config import Settings, SettingsError, group, setting, to_dict
+from lmshrink.data.sources import calibration_rows
+from lmshrink.errors import one_of
+from lmshrink.evaluate.measure import count_parameters
+from lmshrink.export.model_card import save_model_record
+from lmshrink.models import load, no_tokenizer
+from lmshrink.recipes.score_layers import read_scores
+from lmshrink.recipes.truncate import CHOICES, CutArgs, cut
+from lmshrink.records import provenance, save_atomically, write_json
 
 AXES = ("width", "depth", "both")
 

@@ -1,8 +1,8 @@
-"""`lmshrink score-layers`: score every block of a model on calibration text (`lmshrink.importance`)
+"""`lmshrink score-layers`: score every block of a model on calibration text (`lmshrink.compress.importance`)
 and write scores.json, scores.png and lmshrink.json; for architectures that `lmshrink prune`
-can narrow, also every head, MLP channel and hidden channel (`lmshrink.width`):
+can narrow, also every head, MLP channel and hidden channel (`lmshrink.compress.width`):
 width_scores.json and width_scores.png; with `--search-to K`, also the cuts measured down to K
-blocks (`lmshrink.cut_search`): the iterative search's path and every contiguous span, search.json.
+blocks (`lmshrink.compress.cut_search`): the iterative search's path and every contiguous span, search.json.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import blocks_of, check_length
+from lmshrink.compress.cut_search import SEARCHES, CutSearch, progress_file
+from lmshrink.compress.importance import plot, score
+from lmshrink.compress.model_gap import MEASURES
+from lmshrink.compress.repair import REPAIRS, repair_problems
+from lmshrink.compress.width import WIDTH, plot_scores, width_scores
 from lmshrink.config import Settings, SettingsError, setting, to_dict
-from lmshrink.cut_search import SEARCHES, CutSearch, progress_file
-from lmshrink.data import Framing, calibration_rows
+from lmshrink.data.sources import Framing, calibration_rows
 from lmshrink.errors import one_of
-from lmshrink.importance import plot, score
-from lmshrink.model_gap import MEASURES
 from lmshrink.models import load, pick_device
 from lmshrink.records import RECORD, provenance, write_json
-from lmshrink.repair import REPAIRS, repair_problems
-from lmshrink.width import WIDTH, plot_scores, width_scores
 
 
 @dataclass

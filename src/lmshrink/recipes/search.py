@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.config import Settings, group, setting, to_dict
+from lmshrink.heal.stages import run_stage
+from lmshrink.heal.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.recipes.distill import DistillSettings, KDArgs
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.prune import AXES, PruneSettings
@@ -30,8 +32,6 @@ from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers
 from lmshrink.recipes.truncate import CHOICES, CutArgs
 from lmshrink.records import RECORD, exclusive, provenance, save_figure, write_json, write_text
-from lmshrink.stages import run_stage
-from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 
 
 @dataclass(kw_only=True)

@@ -32,7 +32,10 @@ from typing import Any
 import yaml
 
 from lmshrink.config import Settings, group, setting, to_dict
-from lmshrink.kd_methods import METHODS
+from lmshrink.heal.kd_methods import METHODS
+from lmshrink.heal.stages import run_stage
+from lmshrink.heal.tasks import TASKS
+from lmshrink.heal.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.models import check as check_model
 from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
 from lmshrink.recipes.clean import run as clean
@@ -49,9 +52,6 @@ from lmshrink.recipes.score_layers import run as score_layers
 from lmshrink.recipes.truncate import CHOICES, CutArgs, TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
 from lmshrink.records import RECORD, count, exclusive, provenance, read_record, save_figure, write_json, write_text
-from lmshrink.stages import run_stage
-from lmshrink.tasks import TASKS
-from lmshrink.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 
 QUESTIONS = ("healing", "strategies", "finetune_kd", "cleaning")
 

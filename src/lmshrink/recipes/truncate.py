@@ -1,6 +1,6 @@
-"""`lmshrink truncate`: a student made of a subset of the teacher's blocks (`lmshrink.truncation`),
-chosen by a fixed strategy, by block scores or by measuring cuts (`lmshrink.cut_search`), repaired
-without training (`lmshrink.repair`), and saved as a plain transformers folder with its tokenizer,
+"""`lmshrink truncate`: a student made of a subset of the teacher's blocks (`lmshrink.compress.truncation`),
+chosen by a fixed strategy, by block scores or by measuring cuts (`lmshrink.compress.cut_search`), repaired
+without training (`lmshrink.compress.repair`), and saved as a plain transformers folder with its tokenizer,
 lmshrink.json and model card.
 """
 
@@ -15,20 +15,20 @@ from typing import Any
 import torch
 
 from lmshrink.architectures import blocks_of, context_limit
+from lmshrink.compress.cut_search import SEARCHES, CutSearch, fit_blocks_for, progress_file
+from lmshrink.compress.importance import METRICS, score
+from lmshrink.compress.model_gap import MEASURES
+from lmshrink.compress.repair import FIT_ON, REPAIRS, needs, refine, repair, repair_problems
+from lmshrink.compress.truncation import STRATEGIES, select_layers, truncate_model
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
-from lmshrink.cut_search import SEARCHES, CutSearch, fit_blocks_for, progress_file
-from lmshrink.data import Framing, calibration_rows
+from lmshrink.data.sources import Framing, calibration_rows
+from lmshrink.data.teacher_text import TEACHER_TEXT, teacher_rows
 from lmshrink.errors import one_of
-from lmshrink.importance import METRICS, score
-from lmshrink.measure import count_parameters
-from lmshrink.model_card import save_model_record
-from lmshrink.model_gap import MEASURES
+from lmshrink.evaluate.measure import count_parameters
+from lmshrink.export.model_card import save_model_record
 from lmshrink.models import load, no_tokenizer
 from lmshrink.recipes.score_layers import read_scores
 from lmshrink.records import provenance, save_atomically
-from lmshrink.repair import FIT_ON, REPAIRS, needs, refine, repair, repair_problems
-from lmshrink.sampling import TEACHER_TEXT, teacher_rows
-from lmshrink.truncation import STRATEGIES, select_layers, truncate_model
 
 CHOICES = (*STRATEGIES, *SEARCHES)
 

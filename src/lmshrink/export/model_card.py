@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from lmshrink.benchmarks import benchmark
 from lmshrink.config import recorded
+from lmshrink.evaluate.benchmarks import benchmark
 from lmshrink.models import EMBEDDED_ORIGIN, looks_like_path
 from lmshrink.records import RECORD, count, read_record, write_json, write_text
 

@@ -1,7 +1,7 @@
 """llama.cpp as an evaluation runtime: a GGUF file scored by llama.cpp itself, through llama-cpp-python.
 
 llama-cpp-python is an optional extra (`make llamacpp`; it compiles llama.cpp, about 9 minutes
-on 2 cores). Perplexity uses lmshrink's own windows (`lmshrink.perplexity`) over llama.cpp's
+on 2 cores). Perplexity uses lmshrink's own windows (`lmshrink.evaluate.perplexity`) over llama.cpp's
 logits and llama.cpp's own tokenizer, so the numbers are those of the file as users run it.
 Speed is llama.cpp's: prompt processing (tokens/s over one prompt of `length` tokens) and greedy
 generation (tokens/s, one token at a time with its KV cache).
@@ -56,7 +56,7 @@ def check_file(path: str | Path) -> None:
 
 
 class Tokenizer:
-    """llama.cpp's tokenizer with the slice of the transformers interface `lmshrink.data` uses."""
+    """llama.cpp's tokenizer with the slice of the transformers interface `lmshrink.data.sources` uses."""
 
     def __init__(self, llm) -> None:
         self.llm = llm

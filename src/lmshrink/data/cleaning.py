@@ -213,7 +213,7 @@ class CorpusReader(PipelineStep):
         from datasets import load_dataset
         from datasets.distributed import split_dataset_by_node
 
-        from lmshrink.data import parse_hub
+        from lmshrink.data.sources import parse_hub
 
         name, config, split = parse_hub(self.hub)
         dataset = split_dataset_by_node(load_dataset(name, config, split=split, streaming=True), rank, world_size)

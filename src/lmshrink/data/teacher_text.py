@@ -26,7 +26,7 @@ TEACHER_TEXT = "teacher"
 def start_tokens(tokenizer) -> list[int]:
     """The tokens a sample starts from: what the tokenizer puts before every text (`Framing`:
     Gemma's and Llama 3's `<bos>`), else its BOS token (SmolLM2's `<|im_start|>`), else EOS (GPT-2)."""
-    from lmshrink.data import Framing
+    from lmshrink.data.sources import Framing
 
     start = list(Framing.of(tokenizer).start)
     if start:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from lmshrink.assets import sentiment_path
-from lmshrink.data import DataError, json_objects, read_text_file
+from lmshrink.data.assets import sentiment_path
+from lmshrink.data.sources import DataError, json_objects, read_text_file
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -122,7 +122,7 @@ def _split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def _boolq_local() -> tuple[list[dict], list[dict]]:
-    from lmshrink.benchmarks import BENCHMARKS, local_dataset
+    from lmshrink.evaluate.benchmarks import BENCHMARKS, local_dataset
 
     rows = list(local_dataset(BENCHMARKS["boolq"].folder, ("validation",))["validation"])
     return _split(_as_examples(rows, TASKS["boolq-local"].columns, "label", "the BoolQ copy"))

@@ -9,7 +9,7 @@ Strategies (n teacher blocks, k kept), as in the paper's code and generalised to
   alt        every (n/k)-th block from the bottom: 12 -> 6 keeps 0,2,4,6,8,10
   distil     evenly spread, first and last kept (DistilGPT-2's init): 0,2,4,7,9,11
   bottom     the first k blocks            top   the last k blocks
-  importance drop the least important blocks by a score of `lmshrink.importance`
+  importance drop the least important blocks by a score of `lmshrink.compress.importance`
   keep       an explicit list
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from lmshrink.architectures import architecture_of, blocks_of, get_path
+from lmshrink.compress.importance import METRICS
 from lmshrink.errors import LmshrinkError
-from lmshrink.importance import METRICS
 
 
 class LayerSelectionError(LmshrinkError, ValueError):

@@ -86,7 +86,7 @@ def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any],
 
 
 def _checkpoint(folder: Path) -> Path | None:
-    from lmshrink.training import last_checkpoint
+    from lmshrink.heal.training import last_checkpoint
 
     found = last_checkpoint(folder / "checkpoints")
     return Path(found) if found else None

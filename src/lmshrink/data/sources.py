@@ -4,7 +4,7 @@ A source is one of:
   - a text file, or a folder of them (read recursively, in sorted order);
   - a `.jsonl` / `.jsonl.gz` file (the `text` field of each line);
   - `hf:NAME[:CONFIG][:SPLIT]`, a Hub dataset (streamed, `text` column);
-  - a corpus name fetched by `lmshrink fetch` (see `lmshrink.assets.CORPORA`).
+  - a corpus name fetched by `lmshrink fetch` (see `lmshrink.data.assets.CORPORA`).
 
 Every stream, row, window and training block is framed the way the model saw text in training
 (`Framing`, read from the tokenizer, never from a per-family list): each document is encoded
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lmshrink.assets import CORPORA, corpus_path
+from lmshrink.data.assets import CORPORA, corpus_path
 from lmshrink.errors import LmshrinkError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".jsonl"}

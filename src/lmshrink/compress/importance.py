@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink.architectures import blocks_of, only_blocks
-from lmshrink.perplexity import perplexity
+from lmshrink.evaluate.perplexity import perplexity
 from lmshrink.records import save_figure
 
 METRICS = ("block_influence", "angular_distance", "ppl_increase")

@@ -59,8 +59,8 @@ from torch import nn
 
 from lmshrink import next_token
 from lmshrink.architectures import architecture_of, blocks_of, get_path
+from lmshrink.compress.model_gap import gap, references
 from lmshrink.errors import LmshrinkError, one_of
-from lmshrink.model_gap import gap, references
 
 REPAIRS = ("none", "bias", "replaceme", "refit")
 FIT_ON = ("student", "teacher")

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from lmshrink.assets import AssetError, run_tool
-from lmshrink.data import Framing
+from lmshrink.data.assets import AssetError, run_tool
+from lmshrink.data.sources import Framing
 from lmshrink.models import cache_dir
 from lmshrink.records import atomic_dir, write_json
 
@@ -286,7 +286,7 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
         spec["num_fewshot"] = shots
     # lm-eval logs a hint per custom-dataset task at WARNING; our own report says where data came from
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    # every request starts as the model's training sequences did (`lmshrink.data.Framing`): with the
+    # every request starts as the model's training sequences did (`lmshrink.data.sources.Framing`): with the
     # tokenizer's start token where it adds one, read from the tokenizer, not from lm-eval's per-family list
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               add_bos_token=bool(Framing.of(tokenizer).start))

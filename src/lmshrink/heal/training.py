@@ -31,15 +31,15 @@ from transformers.trainer_utils import TrainOutput
 
 from lmshrink.architectures import blocks_of, check_length
 from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
-from lmshrink.data import DataError, Framing, mix_blocks, pack, text_dataset
+from lmshrink.data.sources import DataError, Framing, mix_blocks, pack, text_dataset
 from lmshrink.errors import Stopped
+from lmshrink.evaluate.measure import count_parameters
+from lmshrink.export.model_card import save_model_record
+from lmshrink.heal.speed import device_name, flops_per_token, peak_flops
+from lmshrink.heal.stages import changed_settings
 from lmshrink.integrity import ASIDE, folder_problem, set_aside
 from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
-from lmshrink.measure import count_parameters
-from lmshrink.model_card import save_model_record
 from lmshrink.records import RECORD, count, exclusive, provenance, publish, read_record, write_json, write_text
-from lmshrink.speed import device_name, flops_per_token, peak_flops
-from lmshrink.stages import changed_settings
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SWITCHES = ("auto", "on", "off")

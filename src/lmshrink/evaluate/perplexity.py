@@ -5,14 +5,14 @@ first window that reaches it, with the context that window gives it. stride == w
 chunked NLL (the first token of each chunk has no context and is not scored).
 
 Each window is given to the model as the model saw sequences in training: after the tokenizer's
-start tokens (`framing`, `lmshrink.data.Framing`: Gemma's and Llama 3's `<bos>`; nothing for GPT-2
+start tokens (`framing`, `lmshrink.data.sources.Framing`: Gemma's and Llama 3's `<bos>`; nothing for GPT-2
 and SmolLM2), which are context only and not scored, and are not doubled where a window already
 begins with them. llama.cpp's perplexity tool puts `<bos>` before every chunk too; without it
 Gemma-3-270M scores 3x worse on the same text.
 
 `model` is a transformers model (its NLL computed a chunk of positions at a time over the
 vocabulary, `lmshrink.next_token`), or any function from (B, T) token ids to (B, T, V) logits
-(llama.cpp's, in `lmshrink.llamacpp`), so every runtime is scored by the same windows.
+(llama.cpp's, in `lmshrink.export.llamacpp`), so every runtime is scored by the same windows.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import torch
 
 from lmshrink import next_token
-from lmshrink.data import Framing
+from lmshrink.data.sources import Framing
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:

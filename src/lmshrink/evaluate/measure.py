@@ -139,7 +139,7 @@ def peak_forward_memory(source: str, batch: int, length: int, dtype: str, trust_
 
 # What a measuring process imports before it forks: torch, transformers' model loading and the two
 # families most measured; a fork of it starts in milliseconds where a new interpreter spends ~5 s
-FORK_PRELOAD = ["lmshrink.measure", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+FORK_PRELOAD = ["lmshrink.evaluate.measure", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
                 "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2"]
 
 

@@ -1,7 +1,7 @@
 """How far a model's next-token predictions are from a teacher's, on calibration rows (N, T):
 the mean forward KL per token (`kl`), or the model's own perplexity (`ppl`). Lower is better.
-Used to rank candidate cuts (`lmshrink.cut_search`) and to choose a repair's strength
-(`lmshrink.repair`). Both run a chunk of positions at a time over the vocabulary
+Used to rank candidate cuts (`lmshrink.compress.cut_search`) and to choose a repair's strength
+(`lmshrink.compress.repair`). Both run a chunk of positions at a time over the vocabulary
 (`lmshrink.next_token`): the teacher is kept as 2 H + 1 floats a position (`next_token.Reference`),
 never as N x T x V log-probabilities."""
 

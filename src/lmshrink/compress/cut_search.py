@@ -36,12 +36,21 @@ from pathlib import Path
 import torch
 
 from lmshrink.architectures import blocks_of, only_blocks
+from lmshrink.compress.model_gap import gap, references
+from lmshrink.compress.repair import (
+    Moments,
+    capture,
+    fit_span,
+    fits_from_proj_input,
+    heldout_split,
+    patched,
+    removed_spans,
+    update_target,
+)
+from lmshrink.data.teacher_text import fingerprint
 from lmshrink.integrity import kept
-from lmshrink.model_gap import gap, references
 from lmshrink.models import cache_dir
 from lmshrink.records import write_json
-from lmshrink.repair import Moments, capture, fit_span, fits_from_proj_input, heldout_split, patched, removed_spans, update_target
-from lmshrink.sampling import fingerprint
 
 
 class CutSearch:
