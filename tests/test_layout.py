@@ -1,0 +1,54 @@
+"""The package's shape: imports run one way along the pipeline, and every module is on the map."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "lmshrink"
+# each wing may import itself and any wing later in this list; top-level modules are the core
+ORDER = ["recipes", "heal", "compress", "export", "evaluate", "data", "core"]
+
+
+def modules() -> dict[str, Path]:
+    """Dotted name under lmshrink -> file, for every module but the empty package markers."""
+    return {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in sorted(PACKAGE.rglob("*.py"))
+            if p.name != "__init__.py"}
+
+
+def wing(name: str) -> str:
+    head = name.split(".")[0]
+    return head if head in ORDER else "core"
+
+
+def imported(path: Path) -> set[str]:
+    """The lmshrink modules a file imports (at the top or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lmshrink":
+            inner = node.module.split(".", 1)[1] if "." in node.module else ""
+            found |= {f"{inner}.{a.name}".strip(".") for a in node.names} if inner in ("", *ORDER) else {inner}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("lmshrink.")}
+    return {name for name in found if name and name != "__version__"}
+
+
+def test_imports_run_one_way_along_the_pipeline():
+    wrong = [f"{name} imports {other}" for name, path in modules().items() for other in imported(path)
+             if ORDER.index(wing(other)) < ORDER.index(wing(name))]
+    assert wrong == []
+
+
+def test_the_check_catches_an_import_against_the_grain(tmp_path):
+    backwards = tmp_path / "x.py"
+    backwards.write_text("def f():\n    from lmshrink.heal.training import train\n")
+    assert imported(backwards) == {"heal.training"} and ORDER.index("heal") < ORDER.index("data")
+
+
+def test_every_module_is_on_the_architecture_page():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    # recipes are listed by file name in the page's table of recipes
+    listed = {name: name.rsplit(".", 1)[-1] if wing(name) == "recipes" else name.replace(".", "/") for name in modules()}
+    missing = [name for name, shown in listed.items() if f"`{shown}.py`" not in page]
+    assert missing == []
