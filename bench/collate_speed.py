@@ -16,7 +16,7 @@ import transformers as T
 
 from lmshrink.data.assets import gpt2_tokenizer_path
 from lmshrink.data.sources import pack, text_dataset
-from lmshrink.heal.training import collate
+from lmshrink.heal.corpus import collate
 
 
 def ms_per_batch(dataset, batch_size: int, batches: int) -> float:

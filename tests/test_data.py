@@ -98,7 +98,7 @@ def test_packing_is_cached_by_text_tokenizer_and_block_size(real_text, gpt2_toke
 
 
 def test_data_weights_are_shares_of_tokens_not_documents(tmp_path, gpt2_tokenizer):
-    from lmshrink.heal.training import DataArgs, prepare_data
+    from lmshrink.heal.corpus import DataArgs, prepare_data
 
     long, short = tmp_path / "long.jsonl", tmp_path / "short.jsonl"  # 4 documents of 600 words, 400 of 6
     long.write_text("".join(json.dumps({"text": " apple" * 600}) + "\n" for _ in range(4)))
@@ -120,7 +120,7 @@ def test_data_weights_are_shares_of_tokens_not_documents(tmp_path, gpt2_tokenize
 
 
 def test_a_weighted_source_too_small_is_named(tmp_path, gpt2_tokenizer):
-    from lmshrink.heal.training import DataArgs, prepare_data
+    from lmshrink.heal.corpus import DataArgs, prepare_data
 
     (tmp_path / "one.txt").write_text("a single short document")
     (tmp_path / "many.jsonl").write_text("".join(json.dumps({"text": "word " * 50}) + "\n" for _ in range(10)))

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 
 from lmshrink.cli import main
 from lmshrink.config import from_args
-from lmshrink.heal.training import LMTrainer, StopOnSignal
+from lmshrink.heal.callbacks import StopOnSignal
+from lmshrink.heal.training import LMTrainer
 
 
 def pretrain_args(model, out, *extra: str) -> list[str]:

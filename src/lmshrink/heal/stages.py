@@ -8,49 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmshrink.config import to_dict
+from lmshrink.heal.runs import last_checkpoint, same_settings
 from lmshrink.integrity import folder_problem, set_aside
 from lmshrink.records import RECORD, read_record
-
-# settings that say how to run, not what the result is
-HOW_TO_RUN = ("overwrite", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "compile",
-              "fused_head", "kd_chunk", "keep_checkpoints", "save_models", "profile_steps")
-
-
-def leaves(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Resolved settings (as in `lmshrink.json`) as {dotted path: value}, groups flattened."""
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(leaves(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _what(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings that decide a run's result, as plain JSON data."""
-    return {path: value for path, value in leaves(json.loads(json.dumps(settings))).items()
-            if path.rsplit(".", 1)[-1] not in HOW_TO_RUN}
-
-
-def same_settings(recorded: dict[str, Any] | None, settings: Any) -> bool:
-    return recorded is not None and _what(recorded) == _what(to_dict(settings))
-
-
-def changed_settings(recorded: dict[str, Any] | None, settings: Any, free: tuple[str, ...] = ()) -> list[str]:
-    """The settings that decide a run's result and differ from a run's `recorded` ones, as
-    "path old -> new" (settings the record predates, and those named in `free`, aside)."""
-    then, now = _what(recorded or {}), _what(to_dict(settings))
-    return [f"{path} {then[path]!r} -> {now[path]!r}" for path in now
-            if path in then and then[path] != now[path] and path.rsplit(".", 1)[-1] not in free]
 
 
 def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any], Any],
@@ -86,7 +52,5 @@ def run_stage(name: str, folder: str | Path, settings: Any, run: Callable[[Any],
 
 
 def _checkpoint(folder: Path) -> Path | None:
-    from lmshrink.heal.training import last_checkpoint
-
     found = last_checkpoint(folder / "checkpoints")
     return Path(found) if found else None

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from lmshrink.config import Settings, check, group, setting, to_dict
+from lmshrink.heal.corpus import DataArgs, needs_data, prepare_data
 from lmshrink.heal.teacher_cache import FORMAT, save_tensors, shard_path, teacher_top_k
-from lmshrink.heal.training import DataArgs, needs_data, prepare_data
 from lmshrink.integrity import kept, problem
 from lmshrink.models import load, pick_device
 from lmshrink.records import RECORD, exclusive, provenance, write_json

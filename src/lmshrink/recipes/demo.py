@@ -25,7 +25,8 @@ from lmshrink.compress.truncation import STRATEGIES
 from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
-from lmshrink.heal.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
+from lmshrink.heal.args import TrainArgs, cpu_budget
+from lmshrink.heal.corpus import DataArgs, offline_corpus
 from lmshrink.models import load, pick_device
 from lmshrink.recipes.distill import RECIPE_LOSSES, RECIPES, DistillSettings, recipe_kd
 from lmshrink.recipes.distill import run as distill

@@ -24,9 +24,12 @@ from lmshrink.architectures import blocks_of
 from lmshrink.compress.repair import StopForward, capture, removed_spans
 from lmshrink.config import SettingsError, check, group, setting
 from lmshrink.errors import one_of
+from lmshrink.heal.args import HealSettings, TrainArgs
+from lmshrink.heal.corpus import cap_heldout, prepare_data, prepare_heldout
 from lmshrink.heal.kd_methods import rail_pairs
+from lmshrink.heal.runs import carry_on
 from lmshrink.heal.teacher_cache import open_cache
-from lmshrink.heal.training import HealSettings, LMTrainer, TrainArgs, cap_heldout, carry_on, prepare_data, prepare_heldout, train
+from lmshrink.heal.training import LMTrainer, train
 from lmshrink.losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,

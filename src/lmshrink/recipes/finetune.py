@@ -34,6 +34,9 @@ import torch
 
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.errors import one_of
+from lmshrink.heal.args import TrainArgs, trainer_arguments, training_arguments
+from lmshrink.heal.callbacks import MetricsFile, RecordCheckpoints, StopOnSignal
+from lmshrink.heal.corpus import DataArgs
 from lmshrink.heal.kd_methods import (
     METHODS,
     CausalLMGenerator,
@@ -43,24 +46,16 @@ from lmshrink.heal.kd_methods import (
     right_padded,
     task_loss,
 )
-from lmshrink.heal.stages import HOW_TO_RUN, changed_settings
-from lmshrink.heal.tasks import TASKS, Collator, Task, item_scores, load_task, scores
-from lmshrink.heal.training import (
-    DataArgs,
-    LMTrainer,
-    MetricsFile,
-    RecordCheckpoints,
-    StopOnSignal,
-    TrainArgs,
+from lmshrink.heal.runs import (
+    HOW_TO_RUN,
+    changed_settings,
     checkpoint_step,
     drop_checkpoints,
-    freeze,
     last_checkpoint,
-    save_trained,
     train_until_stopped,
-    trainer_arguments,
-    training_arguments,
 )
+from lmshrink.heal.tasks import TASKS, Collator, Task, item_scores, load_task, scores
+from lmshrink.heal.training import LMTrainer, freeze, save_trained
 from lmshrink.models import check as check_model
 from lmshrink.models import config_of, load, resolve
 from lmshrink.recipes.distill import DistillSettings, KDArgs

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from lmshrink.config import Settings, SettingsError, setting, to_dict
 from lmshrink.data.sources import DataError, Framing, documents
 from lmshrink.data.teacher_text import continue_rows, start_tokens
-from lmshrink.heal.stages import changed_settings
+from lmshrink.heal.runs import changed_settings
 from lmshrink.integrity import kept, problem, set_aside
 from lmshrink.models import load, native_dtype, pick_device
 from lmshrink.records import RECORD, count, exclusive, provenance, read_record, write_json, write_text

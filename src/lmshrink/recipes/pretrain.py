@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmshrink.heal.training import HealSettings, LMTrainer, carry_on, prepare_data, train
+from lmshrink.heal.args import HealSettings
+from lmshrink.heal.corpus import prepare_data
+from lmshrink.heal.runs import carry_on
+from lmshrink.heal.training import LMTrainer, train
 from lmshrink.models import load
 
 

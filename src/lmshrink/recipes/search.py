@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.config import Settings, group, setting, to_dict
+from lmshrink.heal.args import TrainArgs, cpu_budget
+from lmshrink.heal.corpus import DataArgs, offline_corpus
 from lmshrink.heal.stages import run_stage
-from lmshrink.heal.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.recipes.distill import DistillSettings, KDArgs
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.prune import AXES, PruneSettings

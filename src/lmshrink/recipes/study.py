@@ -32,10 +32,11 @@ from typing import Any
 import yaml
 
 from lmshrink.config import Settings, group, setting, to_dict
+from lmshrink.heal.args import TrainArgs, cpu_budget
+from lmshrink.heal.corpus import DataArgs, offline_corpus
 from lmshrink.heal.kd_methods import METHODS
 from lmshrink.heal.stages import run_stage
 from lmshrink.heal.tasks import TASKS
-from lmshrink.heal.training import DataArgs, TrainArgs, cpu_budget, offline_corpus
 from lmshrink.models import check as check_model
 from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
 from lmshrink.recipes.clean import run as clean
