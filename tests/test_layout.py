@@ -52,3 +52,22 @@ def test_every_module_is_on_the_architecture_page():
     listed = {name: name.rsplit(".", 1)[-1] if wing(name) == "recipes" else name.replace(".", "/") for name in modules()}
     missing = [name for name, shown in listed.items() if f"`{shown}.py`" not in page]
     assert missing == []
+
+
+def test_no_module_imports_itself_round_about():
+    """No cycles, not even through imports inside functions (they hide one until it bites)."""
+    graph = {name: {other for other in imported(path) if other in modules()} for name, path in modules().items()}
+    cycles, done = [], set()
+
+    def visit(name: str, path: list[str]) -> None:
+        for other in sorted(graph[name]):
+            if other in path:
+                cycles.append(" -> ".join([*path[path.index(other):], other]))
+            elif other not in done:
+                visit(other, [*path, other])
+        done.add(name)
+
+    for name in sorted(graph):
+        if name not in done:
+            visit(name, [name])
+    assert cycles == []

@@ -18,7 +18,6 @@ from typing import Any
 from lmshrink import __version__
 from lmshrink.config import from_args
 from lmshrink.errors import Interrupted, LmshrinkError, Stopped
-from lmshrink.manual import page
 
 # name -> (module, settings class, function, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -44,6 +43,11 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "The paper's study from one config: healing, block choice, KD fine-tuning, cleaning; verdicts"),
     "fetch": ("lmshrink.recipes.fetch", "FetchSettings", "fetch", "Fetch the real assets into the cache"),
 }
+
+
+def page(command: str) -> str:
+    """A command's page, relative to the repository root."""
+    return f"docs/{command}.md"
 
 
 def command(name: str) -> tuple[type, Callable[[Any], Any]]:

@@ -111,7 +111,7 @@ def _convert(name: str, tp: Any, value: Any) -> Any:
                 raise ValueError(value)
             return base(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"{name}: {value!r} is not a valid {_type_name(tp)}") from None
+        raise SettingsError(f"{name}: {value!r} is not a valid {type_name(tp)}") from None
     return value
 
 
@@ -130,7 +130,7 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     base, optional = _base_type(tp)
     origin = typing.get_origin(base)
     if base is dict or origin is dict:
@@ -220,7 +220,7 @@ def build(cls: type, values: dict[str, Any]) -> Any:
                            f"{', '.join(sorted(n for n in known if '.' not in n or n.rsplit('.', 1)[-1] not in known))}")
     missing = [p for p, leaf in all_leaves.items() if p not in converted and _required(leaf.field)]
     if missing:
-        problems.append(f"missing required setting(s): {', '.join('--' + _flag(m) for m in missing)}")
+        problems.append(f"missing required setting(s): {', '.join('--' + flag_name(m) for m in missing)}")
     if len(problems) == 1:
         raise SettingsError(problems[0])
     check(problems)
@@ -256,7 +256,7 @@ def _instantiate(cls: type, values: dict[str, Any], prefix: str = "", default: A
     return cls(**kwargs) if default is None else dataclasses.replace(default, **kwargs)
 
 
-def _flag(path: str) -> str:
+def flag_name(path: str) -> str:
     return path.replace("_", "-")
 
 
@@ -282,16 +282,16 @@ def parser_for(cls: type, prog: str, description: str, epilog: str | None = None
     parser.add_argument("--config", help="YAML file with settings (same names as the flags)")
     short = {path: name for name, path in names(cls).items() if name != path}
     sections: dict[str, Any] = {}
-    defaults = _defaults(cls)
+    defaults = defaults_of(cls)
     for leaf in leaves(cls):
-        flags = ([f"--{_flag(short[leaf.path])}"] if leaf.path in short else []) + [f"--{_flag(leaf.path)}"]
+        flags = ([f"--{flag_name(short[leaf.path])}"] if leaf.path in short else []) + [f"--{flag_name(leaf.path)}"]
         head = leaf.path.split(".")[0] if "." in leaf.path else ""
         if head and head not in sections:
             help_text = next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == head)
             sections[head] = parser.add_argument_group(f"{head} settings", help_text)
         target = sections[head] if head else parser
         default = defaults.get(leaf.path, "required")
-        help_text = f"{leaf.field.metadata.get('help', '')} [{_type_name(leaf.hint)}; default: {default}]"
+        help_text = f"{leaf.field.metadata.get('help', '')} [{type_name(leaf.hint)}; default: {default}]"
         if _base_type(leaf.hint)[0] is bool:
             target.add_argument(*flags, dest=leaf.path, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
@@ -300,13 +300,13 @@ def parser_for(cls: type, prog: str, description: str, epilog: str | None = None
     return parser
 
 
-def _defaults(cls: type, prefix: str = "", instance: Any = None) -> dict[str, Any]:
+def defaults_of(cls: type, prefix: str = "", instance: Any = None) -> dict[str, Any]:
     """Dotted path -> the command's default (a group's default comes from its factory)."""
     found = {}
     for f in dataclasses.fields(cls):
         if f.metadata.get("group"):
             inner = f.default_factory() if instance is None else getattr(instance, f.name)
-            found.update(_defaults(type(inner), f"{prefix}{f.name}.", inner))
+            found.update(defaults_of(type(inner), f"{prefix}{f.name}.", inner))
         elif instance is not None:
             found[prefix + f.name] = getattr(instance, f.name)
         elif not _required(f):
@@ -321,8 +321,8 @@ def from_args(cls: type, argv: list[str], prog: str, description: str, epilog: s
         name = arg.removeprefix("--").split("=", 1)[0].removeprefix("no-").replace("-", "_")
         same = [p for p in paths if p.rsplit(".", 1)[-1] == name]
         if arg.startswith("--") and name not in paths and len(same) > 1:
-            raise SettingsError(f"--{_flag(name)}: this command has several; say which: "
-                                f"{', '.join('--' + _flag(p) for p in same)}")
+            raise SettingsError(f"--{flag_name(name)}: this command has several; say which: "
+                                f"{', '.join('--' + flag_name(p) for p in same)}")
     args = vars(parser_for(cls, prog, description, epilog).parse_args(argv))
     config = args.pop("config")
     values = load_yaml(config) if config else {}
