@@ -148,3 +148,22 @@ def test_setting_names_are_unique_or_grouped():
         assert len(paths) == len(set(paths))
         assert set(names(cls).values()) == set(paths)
         parser_for(cls, name, "").format_help()  # every flag registers without a clash
+
+
+def test_settings_marked_how_to_run_are_one_run_and_the_rest_decide_it():
+    """One marking on the field (`setting(..., how_to_run=True)`) is all that says a setting does not
+    change a run's result: carrying on, reusing a stage and comparing records all read it."""
+    from lmshrink.config import how_to_run_paths, to_dict
+    from lmshrink.heal.runs import changed_settings, same_settings
+    from lmshrink.recipes.clean import CleanSettings
+    from lmshrink.recipes.pretrain import PretrainSettings
+
+    run = build(PretrainSettings, {"model": "m", "data": "d", "output": "o"})
+    assert {"output", "train.logging_steps", "train.resume", "train.fused_head"} <= how_to_run_paths(PretrainSettings)
+    assert "train.lr" not in how_to_run_paths(PretrainSettings)
+    recorded = to_dict(run)
+    moved = build(PretrainSettings, {"model": "m", "data": "d", "output": "elsewhere", "logging_steps": 1})
+    assert same_settings(recorded, moved) and changed_settings(recorded, moved) == []
+    faster = build(PretrainSettings, {"model": "m", "data": "d", "output": "o", "lr": 1e-3})
+    assert not same_settings(recorded, faster) and changed_settings(recorded, faster)[0].startswith("train.lr ")
+    assert {"workers", "executor_options", "restart", "report_only"} <= how_to_run_paths(CleanSettings)

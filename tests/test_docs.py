@@ -72,3 +72,11 @@ def test_every_checked_bad_input_is_on_its_command_page():
     missing = [(args[0], message) for args, message in CASES
                if message.replace("|", "/") not in (ROOT / "docs" / f"{args[0]}.md").read_text()]
     assert missing == []
+
+
+def test_the_readme_lists_every_command_from_the_cli_table():
+    from lmshrink.manual import with_commands
+
+    readme = (ROOT / "README.md").read_text()
+    assert with_commands(readme) == readme, "README.md's commands table is stale: python -m lmshrink.manual"
+    assert all(f"[`{name}`](docs/{name}.md)" in readme for name in COMMANDS)

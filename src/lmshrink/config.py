@@ -28,11 +28,15 @@ class SettingsError(LmshrinkError, ValueError):
     """A bad setting; the message names the field and the fix."""
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
-    """A documented dataclass field (`help` is shown by `lmshrink CMD --help`)."""
+def setting(default: Any = dataclasses.MISSING, help: str = "", how_to_run: bool = False) -> Any:
+    """A documented dataclass field (`help` is shown by `lmshrink CMD --help`). `how_to_run`: the
+    setting says how to run, not what the result is (loggers, checkpoint intervals, workers, where
+    the output goes), so a run carried on or reused with another value is the same run
+    (`how_to_run_paths`)."""
+    metadata = {"help": help, "how_to_run": how_to_run}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def group(factory: Any, help: str = "") -> Any:
@@ -158,6 +162,11 @@ def leaves(cls: type, prefix: str = "") -> list[Leaf]:
         else:
             found.append(Leaf(prefix + f.name, hints[f.name], f))
     return found
+
+
+def how_to_run_paths(cls: type) -> set[str]:
+    """Dotted paths of the settings of `cls` marked `how_to_run`: the ones a run's identity ignores."""
+    return {leaf.path for leaf in leaves(cls) if leaf.field.metadata.get("how_to_run")}
 
 
 def alternatives(cls: type, prefix: str = "") -> list[tuple[str, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -141,6 +142,17 @@ def folder_problem(path: str | Path) -> str | None:
     if not os.access(above, os.W_OK | os.X_OK):
         return f"{above} cannot be written to (permissions); give a folder you can write"
     return None
+
+
+def holding_output(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A command's `run(settings)` that holds `settings.output` for itself while it runs
+    (`exclusive`): a second run into the same folder stops at once."""
+    @functools.wraps(run)
+    def held(settings: Any) -> Any:
+        with exclusive(settings.output):
+            return run(settings)
+
+    return held
 
 
 def git_hash() -> str | None:

@@ -43,27 +43,28 @@ class TrainArgs:
                                        "pre-training uses 0.95)")
     max_grad_norm: float = setting(1.0, "gradient clipping norm")
     precision: str = setting("auto", "auto (bf16 or fp16 on GPUs that have it, fp32 on CPU), fp32, bf16 or fp16")
-    logging_steps: int = setting(10, "steps between progress lines and metrics.jsonl records")
-    save_steps: int = setting(500, "steps between checkpoints")
+    logging_steps: int = setting(10, "steps between progress lines and metrics.jsonl records", how_to_run=True)
+    save_steps: int = setting(500, "steps between checkpoints", how_to_run=True)
     eval_steps: int | None = setting(None, "steps between held-out evaluations (default: before and after only)")
-    save_total_limit: int = setting(2, "checkpoints kept")
+    save_total_limit: int = setting(2, "checkpoints kept", how_to_run=True)
     resume: bool = setting(True, "carry on from the last whole checkpoint in output/checkpoints when the settings are "
-                                 "the same (--no-resume refuses to, and starts over only with --overwrite)")
+                                 "the same (--no-resume refuses to, and starts over only with --overwrite)", how_to_run=True)
     overwrite: bool = setting(False, "start over: remove the run already in the output folder (checkpoints, "
-                                     "metrics.jsonl, model/) first")
+                                     "metrics.jsonl, model/) first", how_to_run=True)
     keep_checkpoints: bool = setting(False, "keep the Trainer's checkpoints (optimizer state, to train on later) once "
-                                            "the finished model is saved; by default they are removed")
+                                            "the finished model is saved; by default they are removed", how_to_run=True)
     deepspeed: str | None = setting(None, "DeepSpeed JSON config (e.g. configs/deepspeed-zero2.json)")
     fsdp: str = setting("", "FSDP2 under torchrun / accelerate launch: 'on', or a JSON file of transformers' "
                             "fsdp_config (e.g. configs/fsdp.json)")
-    report_to: list[str] = setting(["tensorboard"], "loggers (tensorboard, wandb, none)")
+    report_to: list[str] = setting(["tensorboard"], "loggers (tensorboard, wandb, none)", how_to_run=True)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
     profile_steps: int = setting(0, "trace this many optimizer steps (after 3 to warm up and compile) with "
-                                    "torch.profiler: output/profile/ gets a Perfetto trace and a table of the costliest ops")
-    compile: str = setting("auto", "torch.compile the student (and a frozen teacher): auto (on CUDA), on, off")
+                                    "torch.profiler: output/profile/ gets a Perfetto trace and a table of the costliest ops",
+                                 how_to_run=True)
+    compile: str = setting("auto", "torch.compile the student (and a frozen teacher): auto (on CUDA), on, off", how_to_run=True)
     fused_head: str = setting("auto", "LM head and loss computed together chunk by chunk, never holding the "
                                       "(batch x block x vocab) logits: auto (on CUDA, and on a CPU once those "
-                                      "logits reach 512 MiB), on, off")
+                                      "logits reach 512 MiB), on, off", how_to_run=True)
     optim: str = setting("auto", "optimizer: auto (fused AdamW, on GPU and CPU) or a transformers optim name")
     freeze: list[str] = setting([], "parts of the model kept fixed while the rest trains: embeddings (the token "
                                     "embeddings, a head tied to them, and learned position embeddings), head (the "
@@ -124,7 +125,8 @@ class HealSettings(Settings):
     """A student, its training text and its optimiser: what pretrain and distill share."""
 
     model: str = setting(help="student to train: folder (e.g. from lmshrink truncate), Hub id or .gguf file")
-    output: str = setting(help="run folder: checkpoints/, metrics.jsonl, tensorboard/, and the trained model in model/")
+    output: str = setting(help="run folder: checkpoints/, metrics.jsonl, tensorboard/, and the trained model in model/",
+                          how_to_run=True)
     dtype: str = setting("float32", "dtype the student is loaded in (weights); mixed precision is --precision")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
     corpus: DataArgs = group(DataArgs, "training and held-out text")

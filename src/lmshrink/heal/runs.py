@@ -14,45 +14,43 @@ from typing import Any
 from transformers import Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput
 
-from lmshrink.config import check, to_dict
+from lmshrink.config import check, how_to_run_paths, to_dict
 from lmshrink.errors import Stopped
 from lmshrink.heal.args import HealSettings, TrainArgs
 from lmshrink.heal.callbacks import StopOnSignal
 from lmshrink.integrity import ASIDE, folder_problem, set_aside
 from lmshrink.records import RECORD, read_record
 
-# settings that say how to run, not what the result is
-HOW_TO_RUN = ("overwrite", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "compile",
-              "fused_head", "kd_chunk", "keep_checkpoints", "save_models", "profile_steps")
 
-
-def leaves(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Resolved settings (as in `lmshrink.json`) as {dotted path: value}, groups flattened."""
-    flat = {}
+    found = {}
     for key, value in settings.items():
         if isinstance(value, dict):
-            flat.update(leaves(value, f"{prefix}{key}."))
+            found.update(flat(value, f"{prefix}{key}."))
         else:
-            flat[prefix + key] = value
-    return flat
+            found[prefix + key] = value
+    return found
 
 
-def _what(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings that decide a run's result, as plain JSON data."""
-    return {path: value for path, value in leaves(json.loads(json.dumps(settings))).items()
-            if path.rsplit(".", 1)[-1] not in HOW_TO_RUN}
+def _what(values: dict[str, Any], settings: Any, free: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings that decide a run's result, as plain JSON data: every one but those marked
+    `how_to_run` on `settings`' class (`config.setting`) and the dotted paths in `free`."""
+    ignored = how_to_run_paths(type(settings)) | set(free)
+    return {path: value for path, value in flat(json.loads(json.dumps(values, default=str))).items()
+            if not any(path == i or path.startswith(i + ".") for i in ignored)}  # a mapping's keys with it
 
 
 def same_settings(recorded: dict[str, Any] | None, settings: Any) -> bool:
-    return recorded is not None and _what(recorded) == _what(to_dict(settings))
+    """Whether a run recorded with `recorded` settings is the run `settings` ask for."""
+    return recorded is not None and _what(recorded, settings) == _what(to_dict(settings), settings)
 
 
 def changed_settings(recorded: dict[str, Any] | None, settings: Any, free: tuple[str, ...] = ()) -> list[str]:
     """The settings that decide a run's result and differ from a run's `recorded` ones, as
-    "path old -> new" (settings the record predates, and those named in `free`, aside)."""
-    then, now = _what(recorded or {}), _what(to_dict(settings))
-    return [f"{path} {then[path]!r} -> {now[path]!r}" for path in now
-            if path in then and then[path] != now[path] and path.rsplit(".", 1)[-1] not in free]
+    "path old -> new" (settings the record predates, and the dotted paths in `free`, aside)."""
+    then, now = _what(recorded or {}, settings, free), _what(to_dict(settings), settings, free)
+    return [f"{path} {then[path]!r} -> {now[path]!r}" for path in now if path in then and then[path] != now[path]]
 
 
 def drop_checkpoints(trainer: Trainer, folder: Path, train: TrainArgs) -> None:

@@ -16,7 +16,7 @@ from lmshrink.heal.corpus import DataArgs, needs_data, prepare_data
 from lmshrink.heal.teacher_cache import FORMAT, save_tensors, shard_path, teacher_top_k
 from lmshrink.integrity import kept, problem
 from lmshrink.models import load, pick_device
-from lmshrink.records import RECORD, exclusive, provenance, write_json
+from lmshrink.records import RECORD, holding_output, provenance, write_json
 
 
 @dataclass(kw_only=True)
@@ -46,12 +46,8 @@ class CacheSettings(Settings):
         return problems
 
 
+@holding_output
 def run(settings: CacheSettings) -> Path:
-    with exclusive(settings.output):  # one writer per cache folder
-        return _run(settings)
-
-
-def _run(settings: CacheSettings) -> Path:
     out = Path(settings.output)
     teacher = load(settings.teacher, settings.dtype, settings.trust_remote_code)
     model = teacher.model.to(pick_device(settings.device))

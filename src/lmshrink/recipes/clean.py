@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmshrink.config import Settings, SettingsError, setting, to_dict
+from lmshrink.config import Settings, SettingsError, how_to_run_paths, setting, to_dict
 from lmshrink.data.assets import CORPORA
 from lmshrink.data.cleaning import (
     BadInputFilter,
@@ -56,8 +56,6 @@ from lmshrink.records import exclusive, provenance, save_figure, write_json, wri
 
 EXECUTORS = ("local", "slurm", "ray")
 FORMATS = ("jsonl", "parquet")
-# Settings that may change between a run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = {"workers", "executor_options", "restart", "report_only"}
 
 
 # every cleaning step off: the corpus as read, with only what cannot be text at all set aside
@@ -73,17 +71,17 @@ class CleanSettings(Settings):
 
     data: list[str] = setting(
         help="input files or folders (text, jsonl(.gz), parquet; every file is read) or one hf:NAME[:CONFIG][:SPLIT]")
-    output: str = setting("runs/clean", "output folder (kept/, rejected/, report.md); re-running resumes it")
+    output: str = setting("runs/clean", "output folder (kept/, rejected/, report.md); re-running resumes it", how_to_run=True)
     text_key: str = setting("text", "field holding the text in jsonl/parquet/Hub records")
-    workers: int = setting(2, "local worker processes")
+    workers: int = setting(2, "local worker processes", how_to_run=True)
     tasks: int | None = setting(None, "shards of work per stage (default 4 x workers; more = finer resumption)")
     executor: str = setting("local", f"where the stages run: {', '.join(EXECUTORS)}")
     executor_options: dict[str, Any] = setting(
-        {}, "extra arguments of datatrove's Slurm/Ray executor (partition, time, cpus_per_task, ...)")
+        {}, "extra arguments of datatrove's Slurm/Ray executor (partition, time, cpus_per_task, ...)", how_to_run=True)
     output_format: str = setting("jsonl", f"kept shards as: {', '.join(FORMATS)}")
     max_shard_mb: int = setting(256, "start a new output shard past this size")
-    restart: bool = setting(False, "delete an existing output folder and start again instead of resuming")
-    report_only: bool = setting(False, "only (re)write the report of a finished run (after Slurm/Ray jobs end)")
+    restart: bool = setting(False, "delete an existing output folder and start again instead of resuming", how_to_run=True)
+    report_only: bool = setting(False, "only (re)write the report of a finished run (after Slurm/Ray jobs end)", how_to_run=True)
     # bad input
     max_doc_mb: int = setting(64, "documents (files, records) above this size are rejected as too_large")
     max_line_chars: int = setting(65536, "a line longer than this rejects its document as giant_line")
@@ -435,10 +433,11 @@ def write_report(s: CleanSettings, out: Path, seconds: float | None = None) -> d
 def _check_resumable(s: CleanSettings, out: Path) -> None:
     """A re-run resumes only the same cleaning: other settings would mix two corpora in one folder."""
     path = out / "clean-settings.json"
-    mine = {k: v for k, v in to_dict(s).items() if k not in RESUMABLE_CHANGES}
+    free = how_to_run_paths(CleanSettings)  # may change between a run and its resumption
+    mine = {k: v for k, v in to_dict(s).items() if k not in free}
     mine["tasks"] = s.num_tasks  # the split of the input into tasks is fixed for a run
     if path.exists():
-        theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in RESUMABLE_CHANGES}
+        theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in free}
         if s.tasks is None and theirs.get("tasks"):
             # resumed with other --workers: keep the run's task split, or files would be read twice or never
             s.tasks = mine["tasks"] = theirs["tasks"]

@@ -109,7 +109,7 @@ class KDArgs:
     alpha_inter: float = setting(0.0, "weight of the intermediate hidden-state loss")
     inter_loss: str = setting("mse", f"intermediate loss: {', '.join(HIDDEN_LOSSES)}")
     kd_chunk: int | None = setting(None, "sequence positions per loss chunk, bounding its fp32 batch x chunk x vocab "
-                                         "memory (default: from free GPU memory; 128 on CPU)")
+                                         "memory (default: from free GPU memory; 128 on CPU)", how_to_run=True)
 
     def problems(self) -> list[str]:
         problems = []

@@ -33,7 +33,7 @@ class ExportSettings(Settings):
     pre_tokenizer: str | None = setting(None, "llama.cpp's pre-tokenizer name, where lmshrink cannot tell it "
                                               "from the tokenizer (e.g. llama-bpe, qwen2)")
     overwrite: bool = setting(False, "rewrite files that already exist (default: keep them, so a re-run "
-                                     "only writes what is missing)")
+                                     "only writes what is missing)", how_to_run=True)
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
 
     def problems(self) -> list[str]:

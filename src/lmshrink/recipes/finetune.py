@@ -47,7 +47,6 @@ from lmshrink.heal.kd_methods import (
     task_loss,
 )
 from lmshrink.heal.runs import (
-    HOW_TO_RUN,
     changed_settings,
     checkpoint_step,
     drop_checkpoints,
@@ -62,7 +61,7 @@ from lmshrink.recipes.distill import DistillSettings, KDArgs
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
-from lmshrink.records import RECORD, exclusive, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.records import RECORD, holding_output, provenance, read_record, save_figure, write_json, write_text
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -79,7 +78,7 @@ class FinetuneSettings(Settings):
     """Fine-tune a teacher or student on a downstream task, with KD methods over several seeds."""
 
     model: str = setting(help="model to fine-tune: folder (e.g. from lmshrink truncate), Hub id, .gguf or smollm2-135m")
-    output: str = setting(help="output folder: METHOD/seed-N/model and report.md")
+    output: str = setting(help="output folder: METHOD/seed-N/model and report.md", how_to_run=True)
     task: str = setting("sentiment", f"task: {', '.join(TASKS)}, file (local CSV/JSONL) or lm")
     methods: list[str] = setting(["none"], f"methods to run: {', '.join(METHODS)}")
     seeds: list[int] = setting([42], "seeds; each method runs once per seed")
@@ -97,7 +96,7 @@ class FinetuneSettings(Settings):
     max_eval_examples: int | None = setting(None, "evaluate on at most this many examples")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
     save_models: bool = setting(True, "save each fine-tuned model in METHOD/seed-N/model (off: keep its scores "
-                                      "and record only, in METHOD/seed-N/lmshrink.json)")
+                                      "and record only, in METHOD/seed-N/lmshrink.json)", how_to_run=True)
     train: TrainArgs = group(lambda: TrainArgs(**FINETUNE_OPTIMISER),
                              "optimiser, schedule, precision and checkpoints (defaults: run_glue's)")
     corpus: DataArgs = group(DataArgs, "task lm: training and test text (test perplexity is the metric)")
@@ -269,8 +268,9 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     return record
 
 
-# settings that do not change a run's result
-RUN_INDEPENDENT = (*HOW_TO_RUN, "methods", "seeds", "output")
+# which runs the command makes, not what each one computes: a method's or seed's own folder is
+# checked without them
+RUN_INDEPENDENT = ("methods", "seeds")
 
 
 def refuse_changed(s: FinetuneSettings, done: dict[str, Any], folder: Path, what: str = "a finished run") -> None:
@@ -412,12 +412,8 @@ def plot(summary: dict[str, Any], main: str, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+@holding_output
 def run(s: FinetuneSettings) -> dict[str, Any]:
-    with exclusive(s.output):  # one run at a time per output folder
-        return _run(s)
-
-
-def _run(s: FinetuneSettings) -> dict[str, Any]:
     out = Path(s.output)
     check_folders(s)
     for name in filter(None, (s.model, s.teacher)):  # every model named, checked before the first loads

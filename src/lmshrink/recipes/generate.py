@@ -34,17 +34,14 @@ from lmshrink.data.teacher_text import continue_rows, start_tokens
 from lmshrink.heal.runs import changed_settings
 from lmshrink.integrity import kept, problem, set_aside
 from lmshrink.models import load, native_dtype, pick_device
-from lmshrink.records import RECORD, count, exclusive, provenance, read_record, write_json, write_text
-
-# settings that do not change the text written
-HOW_TO_RUN = ("output", "device")
+from lmshrink.records import RECORD, count, holding_output, provenance, read_record, write_json, write_text
 
 
 @dataclass(kw_only=True)
 class GenerateSettings(Settings):
     """Write a healing corpus sampled from a teacher: jsonl records with id, prompt source, settings and text."""
 
-    output: str = setting(help="folder for the samples (part-NNNNN.jsonl) and lmshrink.json; a --data source")
+    output: str = setting(help="folder for the samples (part-NNNNN.jsonl) and lmshrink.json; a --data source", how_to_run=True)
     teacher: str = setting("smollm2-135m", "the model that writes: folder, Hub id, .gguf file or smollm2-135m")
     samples: int = setting(64, "documents to write")
     new_tokens: int = setting(512, "tokens sampled after each prompt at most (a sample ends earlier at EOS)")
@@ -56,7 +53,7 @@ class GenerateSettings(Settings):
                                 "this together (1: every token)")
     batch_size: int = setting(128, "samples per generate call, and per part file (the unit of resumption)")
     seed: int = setting(0, "random seed (part i is sampled with seed + i)")
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", how_to_run=True)
     dtype: str = setting("auto", "auto (bfloat16 where the device computes in it natively: GPUs, CPUs with "
                                  "AVX512-BF16 or AMX; else float32), float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
@@ -112,12 +109,8 @@ def whole_part(path: Path, rows: int) -> bool:
     return False
 
 
+@holding_output
 def run(s: GenerateSettings) -> dict[str, Any]:
-    with exclusive(s.output):  # one writer per folder
-        return _run(s)
-
-
-def _run(s: GenerateSettings) -> dict[str, Any]:
     out = Path(s.output)
     if s.dtype == "auto":  # resolved before the settings are compared: a part is only ever continued in its dtype
         s = replace(s, dtype=native_dtype(pick_device(s.device)))
@@ -126,7 +119,7 @@ def _run(s: GenerateSettings) -> dict[str, Any]:
         raise SettingsError(f"output: {previous} is damaged ({damage}), so what its parts were sampled with is "
                             "unknown; give another --output, or remove this folder")
     if previous.is_file():  # carry on only with the same settings: other ones would mix two corpora
-        changed = changed_settings(json.loads(previous.read_text()).get("settings"), s, free=HOW_TO_RUN)
+        changed = changed_settings(json.loads(previous.read_text()).get("settings"), s)
         if changed:
             raise SettingsError(f"output: {out} holds samples written with other settings ({'; '.join(changed)}); "
                                 "give another --output, or run it with those values to carry on")

@@ -48,7 +48,7 @@ AXES = ("width", "depth", "both")
 class PruneSettings(Settings):
     """Prune a teacher's width (heads, MLP channels, hidden size) and depth by activation importance."""
 
-    output: str = setting(help="folder to write the student to (save_pretrained format + lmshrink.json)")
+    output: str = setting(help="folder to write the student to (save_pretrained format + lmshrink.json)", how_to_run=True)
     teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
     hidden_size: int | None = setting(None, "hidden (embedding) channels to keep")
     intermediate_size: int | None = setting(None, "MLP channels to keep in every layer")
@@ -68,7 +68,7 @@ class PruneSettings(Settings):
     calib_tokens: int = setting(4096, "calibration tokens")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
-    overwrite: bool = setting(False, "replace the output folder if it exists")
+    overwrite: bool = setting(False, "replace the output folder if it exists", how_to_run=True)
     cut: CutArgs = group(CutArgs, "measured block choice and training-free repair of a shallower student")
 
     def sizes(self) -> dict[str, int | None]:

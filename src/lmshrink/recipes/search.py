@@ -32,7 +32,7 @@ from lmshrink.recipes.prune import run as prune
 from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers
 from lmshrink.recipes.truncate import CHOICES, CutArgs
-from lmshrink.records import RECORD, exclusive, provenance, save_figure, write_json, write_text
+from lmshrink.records import RECORD, holding_output, provenance, save_figure, write_json, write_text
 
 
 @dataclass(kw_only=True)
@@ -72,12 +72,8 @@ class SearchSettings(Settings):
         return problems
 
 
-def run(settings: SearchSettings) -> dict[str, Any]:
-    with exclusive(settings.output):
-        return _run(settings)
-
-
-def _run(s: SearchSettings) -> dict[str, Any]:
+@holding_output
+def run(s: SearchSettings) -> dict[str, Any]:
     out, teacher = Path(s.output), s.kd.teacher
     scores = ScoreSettings(model=teacher, data=s.calib_data, output=str(out / "scores"), tokens=s.calib_tokens,
                            seq_len=min(512, s.calib_tokens), ppl=False, width=True, dtype=s.dtype,

@@ -52,7 +52,7 @@ from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers
 from lmshrink.recipes.truncate import CHOICES, CutArgs, TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
-from lmshrink.records import RECORD, count, exclusive, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.records import RECORD, count, holding_output, provenance, read_record, save_figure, write_json, write_text
 
 QUESTIONS = ("healing", "strategies", "finetune_kd", "cleaning")
 
@@ -636,12 +636,8 @@ def charts(s: StudySettings, results: dict[str, Any], out: Path) -> None:
         plt.close(fig)
 
 
-def run(settings: StudySettings) -> dict[str, Any]:
-    with exclusive(settings.output):
-        return _run(settings)
-
-
-def _run(s: StudySettings) -> dict[str, Any]:
+@holding_output
+def run(s: StudySettings) -> dict[str, Any]:
     import time
 
     started = time.perf_counter()

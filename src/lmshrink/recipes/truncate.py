@@ -86,7 +86,7 @@ class CutArgs:
 class TruncateSettings(Settings):
     """Build a student from a subset of the teacher's blocks, repaired without training."""
 
-    output: str = setting(help="folder to write the student to (save_pretrained format + lmshrink.json)")
+    output: str = setting(help="folder to write the student to (save_pretrained format + lmshrink.json)", how_to_run=True)
     teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
     strategy: str = setting("alt", f"one of {', '.join(CHOICES)} (ignored when --keep is given)")
     keep: list[int] | None = setting(None, "explicit teacher blocks to keep, e.g. 0,2,5")
@@ -98,7 +98,7 @@ class TruncateSettings(Settings):
     calib_tokens: int = setting(4096, "calibration tokens for computing scores")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
-    overwrite: bool = setting(False, "replace the output folder if it exists")
+    overwrite: bool = setting(False, "replace the output folder if it exists", how_to_run=True)
     cut: CutArgs = group(CutArgs, "measured block choice and training-free repair")
 
     def problems(self) -> list[str]:
