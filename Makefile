@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # index. A plain PyPI torch on Linux would be a multi-GB CUDA build.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup fetch demo test lint clean llamacpp
+.PHONY: setup fetch demo test test-fast durations lint clean llamacpp
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ $(BIN)/.ray: $(BIN)/.installed
 
 test: fetch $(BIN)/.ray
 	$(BIN)/python -m pytest -q
+
+# the edit-test loop: every test but the whole-command runs (e2e: 1.5 s or more when last recorded)
+test-fast: fetch
+	$(BIN)/python -m pytest -q -m "not e2e and not slow"
+
+# record each test's time in tests/durations.json (what test-fast reads)
+durations: fetch $(BIN)/.ray
+	$(BIN)/python -m pytest -q --record-durations
 
 # Optional, not part of `make test`: llama.cpp itself (compiled from source by pip, ~9 minutes on
 # 2 cores) for `lmshrink eval --runtime llamacpp` and the llama.cpp checks of tests/test_export.py.

@@ -144,3 +144,42 @@ def tokenizers(gpt2_tokenizer) -> dict:
     special tokens around each text (a start and an end)."""
     return {"none": gpt2_tokenizer, "bos": framed_tokenizer(gpt2_tokenizer, ["<bos>"]),
             "two": framed_tokenizer(gpt2_tokenizer, ["<s>"], ["</s>"])}
+
+
+# --- the fast loop ------------------------------------------------------------------------------
+# `make test-fast` runs the tests that took under E2E_SECONDS in the last recorded run
+# (tests/durations.json, rewritten by `make durations`): every unit and numerical test, none of the
+# whole-command runs. CI runs everything.
+DURATIONS = Path(__file__).with_name("durations.json")
+E2E_SECONDS = 1.5
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", action="store_true",
+                     help="write each test's setup + call + teardown seconds to tests/durations.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    import json
+
+    recorded = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    for item in items:
+        if recorded.get(item.nodeid, 0) >= E2E_SECONDS:
+            item.add_marker(pytest.mark.e2e)
+
+
+_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if session.config.getoption("--record-durations") and _seconds:
+        import json
+
+        from lmshrink.records import write_json
+
+        recorded = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+        write_json(DURATIONS, dict(sorted({**recorded, **{k: round(v, 2) for k, v in _seconds.items()}}.items())))
