@@ -37,8 +37,8 @@ import torch
 from lmshrink.cli import main as lmshrink
 from lmshrink.data.sources import token_stream
 from lmshrink.evaluate.perplexity import perplexity
+from lmshrink.evaluate.verdicts import paired_bootstrap
 from lmshrink.models import load
-from lmshrink.recipes.study import paired_bootstrap
 from lmshrink.records import save_figure, write_json, write_text
 
 TEACHER = "smollm2-135m"

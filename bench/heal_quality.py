@@ -57,7 +57,7 @@ from typing import Any
 from cut_quality import paired_table, suite
 
 from lmshrink.cli import main as lmshrink
-from lmshrink.recipes.study import interval
+from lmshrink.evaluate.verdicts import interval
 from lmshrink.records import save_figure, write_json, write_text
 
 TEACHER = "smollm2-135m"

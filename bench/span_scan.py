@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 from lmshrink.architectures import blocks_of, only_blocks
+from lmshrink.compress.cut import CutArgs, calibration_mix
 from lmshrink.compress.cut_search import CutSearch
 from lmshrink.compress.model_gap import gap
 from lmshrink.compress.repair import patched
 from lmshrink.data.sources import calibration_rows
 from lmshrink.evaluate.benchmarks import run_tasks
 from lmshrink.models import load
-from lmshrink.recipes.truncate import CutArgs, calibration_mix
 from lmshrink.records import save_figure, write_json, write_text
 
 TEACHER = "smollm2-135m"

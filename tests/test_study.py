@@ -9,15 +9,8 @@ import pytest
 
 from lmshrink.cli import main
 from lmshrink.config import load_yaml
-from lmshrink.recipes.study import (
-    CONTRADICTED,
-    INCONCLUSIVE,
-    SUPPORTED,
-    StudySettings,
-    at_time,
-    paired_bootstrap,
-    verdict,
-)
+from lmshrink.evaluate.verdicts import CONTRADICTED, INCONCLUSIVE, SUPPORTED, paired_bootstrap, verdict
+from lmshrink.recipes.study import StudySettings, at_time
 
 ROOT = Path(__file__).parent.parent
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import context_limit
+from lmshrink.compress.cut import CutArgs
 from lmshrink.compress.cut_search import SEARCHES
 from lmshrink.compress.importance import plot, score
 from lmshrink.compress.truncation import STRATEGIES
@@ -45,7 +46,7 @@ from lmshrink.recipes.export import ExportSettings, file_name
 from lmshrink.recipes.export import run as export
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
-from lmshrink.recipes.truncate import CutArgs, TruncateSettings
+from lmshrink.recipes.truncate import TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
 from lmshrink.records import RECORD, count, provenance, read_record, save_figure, write_json, write_text
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import context_limit
+from lmshrink.compress.cut import CHOICES, CutArgs, cut
 from lmshrink.compress.importance import METRICS, score
 from lmshrink.compress.width import (
     SCORE_KEYS,
@@ -38,7 +39,6 @@ from lmshrink.evaluate.measure import count_parameters
 from lmshrink.export.model_card import save_model_record
 from lmshrink.models import load, no_tokenizer
 from lmshrink.recipes.score_layers import read_scores
-from lmshrink.recipes.truncate import CHOICES, CutArgs, cut
 from lmshrink.records import provenance, save_atomically, write_json
 
 AXES = ("width", "depth", "both")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmshrink.compress.cut import CHOICES, CutArgs
 from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.heal.args import TrainArgs, cpu_budget
 from lmshrink.heal.corpus import DataArgs, offline_corpus
@@ -31,7 +32,6 @@ from lmshrink.recipes.prune import AXES, PruneSettings
 from lmshrink.recipes.prune import run as prune
 from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers
-from lmshrink.recipes.truncate import CHOICES, CutArgs
 from lmshrink.records import RECORD, holding_output, provenance, save_figure, write_json, write_text
 
 

@@ -6,80 +6,20 @@ lmshrink.json and model card.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmshrink.architectures import blocks_of, context_limit
-from lmshrink.compress.cut_search import SEARCHES, CutSearch, fit_blocks_for, progress_file
+from lmshrink.compress.cut import CHOICES, CutArgs, cut, kept_count
 from lmshrink.compress.importance import METRICS, score
-from lmshrink.compress.model_gap import MEASURES
-from lmshrink.compress.repair import FIT_ON, REPAIRS, needs, refine, repair, repair_problems
-from lmshrink.compress.truncation import STRATEGIES, select_layers, truncate_model
-from lmshrink.config import Settings, SettingsError, group, setting, to_dict
-from lmshrink.data.sources import Framing, calibration_rows
-from lmshrink.data.teacher_text import TEACHER_TEXT, teacher_rows
+from lmshrink.config import Settings, group, setting, to_dict
+from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
-from lmshrink.evaluate.measure import count_parameters
 from lmshrink.export.model_card import save_model_record
 from lmshrink.models import load, no_tokenizer
 from lmshrink.recipes.score_layers import read_scores
 from lmshrink.records import provenance, save_atomically
-
-CHOICES = (*STRATEGIES, *SEARCHES)
-
-
-@dataclass
-class CutArgs:
-    """How blocks are chosen by measuring cuts, and how the cut is repaired before any training."""
-
-    repair: str = setting("refit", f"training-free repair of each removed span: {', '.join(REPAIRS)}")
-    repair_data: list[str] = setting([TEACHER_TEXT, "python-docs/library"],
-                                     f"calibration text of the repair, mixed in equal parts: sources, or "
-                                     f"{TEACHER_TEXT!r} for text sampled from the teacher at T 1")
-    repair_tokens: int = setting(16384, "calibration tokens of the repair (1/8 of the rows held out to choose lambda)")
-    repair_fit: str = setting("student", f"inputs of each span's fit: {', '.join(FIT_ON)} (student: the partly "
-                                         "repaired student's own activations)")
-    repair_strength: list[float] = setting([1.0], "strengths each span's fit is tried at (scaled by each); the one "
-                                                  "whose output is closest to the teacher's on held-out rows (forward "
-                                                  "KL) is kept (one value: applied as given); 1: the method as published")
-    repair_epochs: int = setting(0, "passes of Adam fitting the repaired projections further on the output (forward "
-                                    "KL from the teacher's next-token distribution on the calibration rows, every "
-                                    "other weight frozen); the held-out rows keep the best pass; 0: the "
-                                    "least-squares fit alone")
-    repair_lr: float = setting(1e-3, "Adam's learning rate for --repair-epochs")
-    repair_downstream: bool = setting(False, "also fit every kept block after the first cut the same way (the MLP "
-                                             "output projection, least squares on the student's own stream), each "
-                                             "to the teacher's stream where the same teacher block ends")
-    search_measure: str = setting("kl", f"what strategies {' and '.join(SEARCHES)} minimise: {', '.join(MEASURES)} "
-                                        "(kl: forward KL from the teacher)")
-    search_tokens: int = setting(2048, f"calibration tokens (of --calib-data) on which {' and '.join(SEARCHES)} "
-                                       "measure each candidate cut")
-
-    def problems(self) -> list[str]:
-        problems = []
-        problems += one_of("repair", self.repair, REPAIRS)
-        problems += one_of("repair_fit", self.repair_fit, FIT_ON)
-        problems += one_of("search_measure", self.search_measure, MEASURES)
-        if self.repair != "none" and not self.repair_data:
-            problems.append("repair_data: name at least one calibration source (or --repair none)")
-        if not self.repair_strength or any(not 0 < v <= 2 for v in self.repair_strength):
-            problems.append("repair_strength: give one or more strengths in (0, 2], e.g. 0.5,0.75,1")
-        if self.repair_epochs < 0 or self.repair_lr <= 0:
-            problems.append("repair_epochs, repair_lr: give a pass count of 0 or more and a positive rate, e.g. 4 and 1e-3")
-        if self.repair_epochs and self.repair == "none":
-            problems.append("repair_epochs: fits the repaired projections further, and --repair none fits none; "
-                            "choose a repair (e.g. --repair refit) or --repair-epochs 0")
-        if self.repair_downstream and (self.repair == "none" or self.repair_fit != "student"):
-            problems.append("repair_downstream: fits each block after the cut on the student's own stream; give a "
-                            "repair (e.g. --repair refit) with --repair-fit student, or leave --repair-downstream out")
-        if self.repair_tokens < 2 or self.search_tokens < 2:
-            problems.append("repair_tokens, search_tokens: must be at least 2")
-        return problems
 
 
 @dataclass(kw_only=True)
@@ -119,114 +59,9 @@ class TruncateSettings(Settings):
         return problems
 
 
-def kept_count(n: int, ratio: float) -> int:
-    """Blocks kept by --ratio: n x ratio rounded half up (0.75 of 18 = 13.5 keeps 14), at least one."""
-    return max(1, math.floor(n * ratio + 0.5))
-
-
 def load_scores(path: str) -> dict[str, Any]:
     return read_scores(path, ("block_influence", "num_layers"),
                        f"{path} does not exist; run `lmshrink score-layers` first")
-
-
-def calibration_mix(sources: list[str], model, tokenizer, tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """(N, seq_len) calibration rows, an equal share of `tokens` from each source (`teacher`:
-    sampled from `model` once, then read from the cache), shuffled together so held-out rows come
-    from every source."""
-    share = max(seq_len, tokens // len(sources))
-    parts = [teacher_rows(model, tokenizer, max(1, share // seq_len), seq_len, seed=seed) if source == TEACHER_TEXT
-             else calibration_rows(source, tokenizer, share, seq_len) for source in sources]
-    rows = torch.cat(parts)
-    return rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))]
-
-
-def removal_share(model, n: int, k: int) -> str:
-    """What cutting n - k of n blocks removes, said before the cut: on Gemma-3-270M a quarter of the
-    blocks is under a tenth of the parameters (the 262k-token embedding is most of the model)."""
-    total = count_parameters(model)
-    per_block = [count_parameters(block) for block in blocks_of(model)]
-    least, most = sum(sorted(per_block)[: n - k]), sum(sorted(per_block)[k:])
-    share = f"{least / total:.1%}" if least == most else f"{least / total:.1%}-{most / total:.1%}"
-    outside = total - sum(per_block)
-    return (f"cutting {n - k} of {n} blocks removes {share} of the {total / 1e6:,.1f}M parameters "
-            f"({outside / 1e6:,.1f}M are outside the blocks: embeddings, head, final norm)")
-
-
-def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | None, scores: dict | None,
-        metric: str, args: CutArgs, calib_data: str, calib_tokens: int):
-    """Choose the blocks, cut and repair: the student and what its record says about the cut."""
-    problems = repair_problems(teacher.config, args.repair)
-    if problems:
-        raise SettingsError(problems[0])
-    if keep is None and strategy in SEARCHES and tokenizer is None:
-        raise no_tokenizer(teacher.name_or_path)
-    if args.repair != "none" and tokenizer is None:  # the repair reads calibration text
-        raise SettingsError(f"repair: {no_tokenizer(teacher.name_or_path)}; or cut without a repair: --repair none")
-    length = min(512, context_limit(teacher.config) or 512)
-    record: dict[str, Any] = {"framing": Framing.of(tokenizer).record(tokenizer)} if tokenizer is not None else {}
-    print(removal_share(teacher, n, k))
-    started = time.perf_counter()
-    repair_rows = None  # the repair's calibration rows: the search's fits and the student's repair
-    calib_seconds, captured = 0.0, None
-    if args.repair != "none":
-        repair_rows = calibration_mix(args.repair_data, teacher, tokenizer, args.repair_tokens,
-                                      min(length, args.repair_tokens))
-        calib_seconds = time.perf_counter() - started
-    if keep is None and strategy in SEARCHES:
-        rows = calibration_rows(calib_data, tokenizer, args.search_tokens, min(length, args.search_tokens))
-        fitted = (f", each candidate repaired by {args.repair} fitted on {repair_rows.numel():,} tokens of "
-                  f"{', '.join(args.repair_data)}" if repair_rows is not None else "")
-        print(f"choosing {k} of {n} blocks by {strategy} search ({args.search_measure} on {rows.numel():,} tokens of "
-              f"{calib_data}{fitted})")
-        search = CutSearch(teacher, rows, args.repair, args.search_measure, fit_rows=repair_rows,
-                           fit_blocks=fit_blocks_for(strategy, n, k))
-        search.progress = progress_file(search, repair_rows)  # a stopped search carries on
-        keep, path = SEARCHES[strategy](search, k)
-        record["search"] = {"strategy": strategy, "measure": args.search_measure, "tokens": rows.numel(),
-                            "repair": args.repair, "candidates_scored": search.evaluated,
-                            "removals_read": search.resumed, "path": path,
-                            "seconds": time.perf_counter() - started - calib_seconds}
-        # what of the search's captures the student's repair reads is kept, the rest let go before
-        # the student is built (on Gemma-3-270M 1.8 GB: every block's stream and fit features)
-        if repair_rows is not None:
-            states, projs = needs(n, keep, args.repair_fit, args.repair_downstream)
-            captured = ({i: search.states[i] for i in states if i in search.states},
-                        {i: search.projs[i] for i in projs if i in search.projs})
-        del search
-    else:
-        keep = select_layers(n, strategy, k, keep, scores, metric)
-    student = truncate_model(teacher, keep)
-    if repair_rows is not None:
-        mark = time.perf_counter()
-        student, fits = repair(teacher, student, keep, repair_rows, args.repair, args.repair_fit,
-                               tuple(args.repair_strength), captured=captured, downstream=args.repair_downstream)
-        spans = [s for s in fits if not s.get("downstream")]
-        record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": args.repair_data,
-                            "strengths": args.repair_strength,
-                            "downstream": [s for s in fits if s.get("downstream")],
-                            "tokens": repair_rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark,
-                            "calibration_seconds": calib_seconds}
-        if args.repair_epochs:
-            blocks = [s["student_block"] for s in spans if "student_block" in s]
-            refined = refine(teacher, student, blocks, repair_rows, args.repair_epochs, args.repair_lr)
-            record["repair"]["refine"] = refined
-            if "skipped" in refined:
-                print(f"not fitted on the output: {refined['skipped']}")
-            else:
-                kl = refined["heldout_kl"]
-                print(f"fitted on the output for {args.repair_epochs} passes in {refined['seconds']:.0f} s: held-out "
-                      f"KL {kl[0]:.4f} -> {kl[refined['kept_epoch']]:.4f} (pass {refined['kept_epoch']} kept)")
-        errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}"
-                           + (f" (applied at strength {s['strength']:g})" if args.repair_strength != [1.0] else "")
-                           for s in spans if "heldout_error" in s)
-        print(f"repaired by {args.repair} on {repair_rows.numel():,} tokens of {', '.join(args.repair_data)} in "
-              f"{record['repair']['seconds']:.0f} s (gathering the text: {calib_seconds:.0f} s); held-out error vs "
-              f"the plain cut per span: {errors}")
-        if args.repair_downstream:
-            fitted = [s for s in record["repair"]["downstream"] if s["heldout_error"] < 1]
-            print(f"downstream: {len(fitted)} of {len(record['repair']['downstream'])} blocks after the cut fitted; held-out "
-                  "error vs unfitted: " + ", ".join(f"{s['block']}: {s['heldout_error']:.3f}" for s in fitted))
-    return student, keep, record
 
 
 def run(settings: TruncateSettings) -> Path:
