@@ -11,17 +11,9 @@ from safetensors.torch import load_file
 
 from lmshrink.cli import main
 from lmshrink.config import SettingsError, build
+from lmshrink.heal.distill import RECIPE_LOSSES, RECIPES, DistillTrainer, check_vocabularies, layer_pairs, local_pairs, recipe_kd
 from lmshrink.losses import divergence
-from lmshrink.recipes.distill import (
-    RECIPE_LOSSES,
-    RECIPES,
-    DistillSettings,
-    DistillTrainer,
-    check_vocabularies,
-    layer_pairs,
-    local_pairs,
-    recipe_kd,
-)
+from lmshrink.recipes.distill import DistillSettings
 
 TINY = ["--block-size", "64", "--batch-size", "2", "--logging-steps", "2", "--report-to", "none"]
 DATA = ["--data", "python-docs/tutorial", "--heldout", "0.2", "--eval-tokens", "1024"]  # held-out text capped: a tiny run's cost

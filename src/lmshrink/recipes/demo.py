@@ -28,8 +28,9 @@ from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.heal.args import TrainArgs, cpu_budget
 from lmshrink.heal.corpus import DataArgs, offline_corpus
+from lmshrink.heal.distill import RECIPE_LOSSES, RECIPES, recipe_kd
 from lmshrink.models import load, pick_device
-from lmshrink.recipes.distill import RECIPE_LOSSES, RECIPES, DistillSettings, recipe_kd
+from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.evaluate import (
     BenchmarkArgs,

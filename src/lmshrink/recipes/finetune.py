@@ -37,6 +37,7 @@ from lmshrink.errors import one_of
 from lmshrink.heal.args import TrainArgs, trainer_arguments, training_arguments
 from lmshrink.heal.callbacks import MetricsFile, RecordCheckpoints, StopOnSignal
 from lmshrink.heal.corpus import DataArgs
+from lmshrink.heal.distill import KDArgs
 from lmshrink.heal.kd_methods import (
     METHODS,
     CausalLMGenerator,
@@ -57,7 +58,7 @@ from lmshrink.heal.tasks import TASKS, Collator, Task, item_scores, load_task, s
 from lmshrink.heal.training import LMTrainer, freeze, save_trained
 from lmshrink.models import check as check_model
 from lmshrink.models import config_of, load, resolve
-from lmshrink.recipes.distill import DistillSettings, KDArgs
+from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain

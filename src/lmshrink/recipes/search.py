@@ -25,8 +25,9 @@ from lmshrink.compress.cut import CHOICES, CutArgs
 from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.heal.args import TrainArgs, cpu_budget
 from lmshrink.heal.corpus import DataArgs, offline_corpus
+from lmshrink.heal.distill import KDArgs
 from lmshrink.heal.stages import run_stage
-from lmshrink.recipes.distill import DistillSettings, KDArgs
+from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.prune import AXES, PruneSettings
 from lmshrink.recipes.prune import run as prune

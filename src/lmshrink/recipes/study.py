@@ -41,13 +41,14 @@ from lmshrink.evaluate.verdicts import (
 )
 from lmshrink.heal.args import TrainArgs, cpu_budget
 from lmshrink.heal.corpus import DataArgs, offline_corpus
+from lmshrink.heal.distill import KDArgs, recipe_kd
 from lmshrink.heal.kd_methods import METHODS
 from lmshrink.heal.stages import run_stage
 from lmshrink.heal.tasks import TASKS
 from lmshrink.models import check as check_model
 from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
 from lmshrink.recipes.clean import run as clean
-from lmshrink.recipes.distill import DistillSettings, KDArgs, recipe_kd
+from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.evaluate import BenchmarkArgs, EvalSettings, PerplexityArgs, TimingArgs, two_sources
 from lmshrink.recipes.evaluate import run as evaluate
