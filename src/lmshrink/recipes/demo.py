@@ -26,23 +26,14 @@ from lmshrink.compress.truncation import STRATEGIES
 from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
+from lmshrink.evaluate.args import BenchmarkArgs, PerplexityArgs, two_sources
 from lmshrink.heal.args import TrainArgs, cpu_budget
 from lmshrink.heal.corpus import DataArgs, offline_corpus
 from lmshrink.heal.distill import RECIPE_LOSSES, RECIPES, recipe_kd
 from lmshrink.models import load, pick_device
 from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
-from lmshrink.recipes.evaluate import (
-    BenchmarkArgs,
-    EvalSettings,
-    PerplexityArgs,
-    evaluate_model,
-    markdown_table,
-    tasks_chart,
-    tasks_note,
-    tasks_table,
-    two_sources,
-)
+from lmshrink.recipes.evaluate import EvalSettings, evaluate_model, markdown_table, tasks_chart, tasks_note, tasks_table
 from lmshrink.recipes.export import ExportSettings, file_name
 from lmshrink.recipes.export import run as export
 from lmshrink.recipes.pretrain import PretrainSettings

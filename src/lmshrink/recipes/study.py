@@ -32,6 +32,7 @@ import yaml
 
 from lmshrink.compress.cut import CHOICES, CutArgs
 from lmshrink.config import Settings, group, setting, to_dict
+from lmshrink.evaluate.args import BenchmarkArgs, PerplexityArgs, TimingArgs, two_sources
 from lmshrink.evaluate.verdicts import (
     RULE,
     Items,
@@ -50,7 +51,7 @@ from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
 from lmshrink.recipes.clean import run as clean
 from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
-from lmshrink.recipes.evaluate import BenchmarkArgs, EvalSettings, PerplexityArgs, TimingArgs, two_sources
+from lmshrink.recipes.evaluate import EvalSettings
 from lmshrink.recipes.evaluate import run as evaluate
 from lmshrink.recipes.finetune import FINETUNE_OPTIMISER, FinetuneSettings
 from lmshrink.recipes.finetune import run as finetune
