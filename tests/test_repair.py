@@ -437,3 +437,20 @@ def test_refit_adds_its_correction_to_the_weights(kind):
         expected = proj(x) + x @ delta.float()
         refit(proj, delta)
         assert torch.allclose(proj(x), expected, atol=1e-5)
+
+
+def test_the_ridge_fit_is_the_closed_form_and_meets_its_limits():
+    """D = (M^T M + lambda I)^-1 M^T U with lambda = alpha tr(M^T M) / F (so alpha means the same at
+    any width), from moments summed in chunks; alpha -> 0 is least squares, alpha -> inf no change."""
+    from lmshrink.compress.repair import Moments
+
+    torch.manual_seed(0)
+    m, u = torch.randn(300, 12, dtype=torch.float64), torch.randn(300, 5, dtype=torch.float64)
+    moments = Moments.of(m, u, chunk=64)
+    for alpha in (0.01, 0.3):
+        lam = alpha * float((m * m).sum()) / m.shape[1]
+        direct = torch.linalg.solve(m.T @ m + lam * torch.eye(12, dtype=torch.float64), m.T @ u)
+        torch.testing.assert_close(moments.ridge(alpha), direct)
+    torch.testing.assert_close(moments.ridge(1e-12), torch.linalg.lstsq(m, u).solution)
+    assert moments.ridge(1e9).abs().max() < 1e-6
+    assert moments.error(torch.zeros(12, 5, dtype=torch.float64)) == pytest.approx(float((u * u).sum()))
