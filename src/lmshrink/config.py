@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from lmshrink.errors import LmshrinkError
+from lmshrink.records import output_problem
 
 
 class SettingsError(LmshrinkError, ValueError):
@@ -48,17 +49,15 @@ def group(factory: Any, help: str = "") -> Any:
 class Settings:
     """Base of a command's settings: validated on creation, with every problem of the command
     and of its groups (each group's `problems()`) raised at once; an `output` setting must name a
-    folder that can be written (`records.folder_problem`)."""
+    folder that can be written (`records.output_problem`)."""
 
     def __post_init__(self) -> None:
         check(self.problems())
 
     def problems(self) -> list[str]:
-        from lmshrink.records import folder_problem
-
         found = []
         output = getattr(self, "output", None)  # every command's output is a folder
-        if isinstance(output, str) and (problem := folder_problem(output)):
+        if isinstance(output, str) and (problem := output_problem(output)):
             found.append(f"output: {problem}")
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             if f.metadata.get("group") and hasattr(getattr(self, f.name), "problems"):

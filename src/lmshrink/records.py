@@ -127,7 +127,7 @@ def exclusive(folder: str | Path) -> Iterator[Path]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def folder_problem(path: str | Path) -> str | None:
+def output_problem(path: str | Path) -> str | None:
     """Why an output folder cannot be written (None when it can): it is an existing file, or the
     nearest folder that exists above it cannot be written to. Checked when the setting is read, before
     any model loads."""
