@@ -122,13 +122,25 @@ def test_a_peak_measurement_that_fails_says_why_and_carries_on(tmp_path, capfd):
     assert "peak memory of" in said and "does not exist" in said and "Traceback" not in said
 
 
-def test_eval_command_side_by_side(tiny_gpt2_dir, real_text, tmp_path):
+def test_eval_command_side_by_side(tiny_gpt2_dir, real_text, tmp_path, monkeypatch):
+    import lmshrink.models
+    import lmshrink.recipes.evaluate
+
     student = tmp_path / "student"
     assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(student), "--keep", "0,3", "--repair", "none"]) == 0
+    checks, real_check = [], lmshrink.models.check
+
+    def counted(name, *args):
+        checks.append(name)
+        return real_check(name, *args)
+
+    for module, attr in ((lmshrink.models, "check"), (lmshrink.recipes.evaluate, "check_model")):
+        monkeypatch.setattr(module, attr, counted)
     out = tmp_path / "eval"
     assert main(["eval", "--models", f"{tiny_gpt2_dir},{student}", "--data", str(real_text),
                  "--output", str(out), "--window", "64", "--stride", "32", "--max-tokens", "600",
                  "--speed-length", "16", "--gen-tokens", "4", "--repeats", "2"]) == 0
+    assert checks == [str(tiny_gpt2_dir), str(student)]  # both checked before the first loads, each once
     report = json.loads((out / "report.json").read_text())
     teacher_row, student_row = report["rows"]
     assert student_row["layers"] == 2 and student_row["kept_layers"] == [0, 3]

@@ -269,7 +269,7 @@ def no_tokenizer(source: str) -> ModelLoadError:
 
 
 def load(name: str, dtype: str = "float32", trust_remote_code: bool = False, head: str = "causal-lm",
-         need_tokenizer: bool = True, **model_kwargs: Any) -> Loaded:
+         need_tokenizer: bool = True, checked: tuple[str, Any] | None = None, **model_kwargs: Any) -> Loaded:
     """Load a model and its tokenizer from a Hub id, folder, GGUF file or embedded name.
 
     Everything `check` reads is checked first, then the tokenizer (its ids must fit the model's
@@ -277,14 +277,15 @@ def load(name: str, dtype: str = "float32", trust_remote_code: bool = False, hea
     `head` picks the model class: `causal-lm`, or `classifier` (sequence classification or
     regression, pooling the last real token; `model_kwargs` such as num_labels go to it).
     A model without a usable tokenizer is an error naming the fix, unless `need_tokenizer` is
-    False (then `tokenizer` is None)."""
+    False (then `tokenizer` is None). `checked`: what `check(name)` returned, for a command that
+    checked every model it names before loading the first (not read again)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}[head]
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    source, config = check(name, trust_remote_code)
+    source, config = checked or check(name, trust_remote_code)
     local = Path(source)
     tokenizer = load_tokenizer(source, trust_remote_code)
     if tokenizer is None and need_tokenizer:

@@ -80,9 +80,10 @@ def run(settings: DistillSettings) -> dict[str, Any]:
     if (done := carry_on(settings)) is not None:  # before any model or data is loaded
         return done["metrics"]
     kd, corpus = settings.kd, settings.corpus
-    for name in (settings.model, *([] if kd.teacher_cache else [kd.teacher])):  # both, before either loads
-        check_model(name, settings.trust_remote_code)
-    student = load(settings.model, settings.dtype, settings.trust_remote_code)
+    # both models checked before either loads (each check read once: handed to its load)
+    checked = {name: check_model(name, settings.trust_remote_code)
+               for name in (settings.model, *([] if kd.teacher_cache else [kd.teacher]))}
+    student = load(settings.model, settings.dtype, settings.trust_remote_code, checked=checked[settings.model])
     kept = (read_record(student.source) or {}).get("kept_layers")
     if kd.teacher_cache:
         cache = open_cache(kd.teacher_cache, kd.temperature)
@@ -99,7 +100,7 @@ def run(settings: DistillSettings) -> dict[str, Any]:
                   "so held-out perplexity is not measured", flush=True)
         teacher_name = cache.record.get("teacher")
     else:
-        loaded = load(kd.teacher, settings.dtype, settings.trust_remote_code)
+        loaded = load(kd.teacher, settings.dtype, settings.trust_remote_code, checked=checked[kd.teacher])
         teacher, teacher_name = loaded.model, kd.teacher
         vocab = check_vocabularies(student.tokenizer, loaded.tokenizer, student.model.config, teacher.config)
         if kd.alpha_cos > 0 or kd.alpha_inter > 0:

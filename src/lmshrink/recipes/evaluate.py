@@ -161,14 +161,16 @@ def safe_name(label: str) -> str:
 
 
 def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
-                   streams: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One row of the report: size, perplexity per source, speed, benchmark scores."""
+                   streams: dict[str, Any] | None = None, checked: tuple[str, Any] | None = None) -> dict[str, Any]:
+    """One row of the report: size, perplexity per source, speed, benchmark scores (`checked`: the
+    model's `models.check`, when the caller made it)."""
     if settings.runtime == "llamacpp":
         return evaluate_gguf(name, settings, label, streams)
     device = pick_device(settings.device)
     ppl, bench, timing = settings.perplexity, settings.benchmarks, settings.timing
     # speed and size need no tokenizer; perplexity and benchmarks do
-    loaded = load(name, settings.dtype, settings.trust_remote_code, need_tokenizer=bool(ppl.data or bench.tasks))
+    loaded = load(name, settings.dtype, settings.trust_remote_code, need_tokenizer=bool(ppl.data or bench.tasks),
+                  checked=checked)
     model = loaded.model.to(device)
     if ppl.data:
         check_length(model.config, ppl.window, "window", len(Framing.of(loaded.tokenizer).start))
@@ -333,13 +335,14 @@ def report(rows: list[dict[str, Any]], settings: EvalSettings, out: Path) -> str
 
 def run(settings: EvalSettings) -> list[dict[str, Any]]:
     streams: dict[str, Any] = {}
+    checked: dict[str, Any] = {}
     for name in settings.models:  # every model named, checked before the first loads
         if settings.runtime == "llamacpp":
             llamacpp.check_file(name)
         else:
-            check_model(name, settings.trust_remote_code)
+            checked[name] = check_model(name, settings.trust_remote_code)
     labels = model_labels(settings.models)
-    rows = [evaluate_model(name, settings, label=label, streams=streams)
+    rows = [evaluate_model(name, settings, label=label, streams=streams, checked=checked.get(name))
             for name, label in zip(settings.models, labels, strict=True)]
     out = Path(settings.output)
     text = report(rows, settings, out)
