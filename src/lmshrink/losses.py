@@ -318,8 +318,11 @@ def fused_head_loss(step: HeadStep, hidden: torch.Tensor, weight: torch.Tensor, 
     """
     batch, length = labels.shape
     target = torch.cat([labels[:, 1:], labels.new_full((batch, 1), -100)], dim=1).flatten()
-    counts = torch.stack([(target != -100).sum().clamp(min=1), target.new_tensor(batch * length)]).float()
-    scales = torch.tensor(weights, device=hidden.device, dtype=torch.float32) / counts
+    # built on the device from Python numbers: a tensor made from a list would be copied from the
+    # host, and such a copy waits for every queued kernel (a GPU sync per step)
+    labelled = (target != -100).sum().clamp(min=1).float()
+    counts = torch.stack([labelled, torch.full_like(labelled, batch * length)])
+    scales = torch.stack([weights[0] / counts[0], weights[1] / counts[1]])
     rows = (target, *(None if x is None else x.flatten(0, 1) for x in teacher))
     fixed = (teacher_weight, scales)
     flat = hidden.flatten(0, 1)

@@ -231,7 +231,6 @@ def training_arguments(settings: TrainArgs, output: str | Path, seed: int, block
         eval_strategy="steps" if settings.eval_steps else "no",
         eval_steps=settings.eval_steps,
         report_to=report_to or "none",
-        activation_checkpointing=settings.gradient_checkpointing,
         torch_compile=switched_on(settings.compile),
         optim="adamw_torch_fused" if settings.optim == "auto" else settings.optim,  # one fused kernel, GPU or CPU
         deepspeed=settings.deepspeed,
@@ -240,7 +239,13 @@ def training_arguments(settings: TrainArgs, output: str | Path, seed: int, block
         dataloader_drop_last=True,
         disable_tqdm=False,
     )
+    # transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x: either name
+    kwargs[CHECKPOINTING] = settings.gradient_checkpointing
     return trainer_arguments(out / "checkpoints", settings.precision, **{**kwargs, **overrides})
+
+
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                 else "gradient_checkpointing")
 
 
 def trainer_arguments(output_dir: str | Path, precision: str = "auto", **kwargs: Any) -> TrainingArguments:
@@ -250,6 +255,9 @@ def trainer_arguments(output_dir: str | Path, precision: str = "auto", **kwargs:
     common: dict[str, Any] = dict(
         output_dir=str(output_dir), report_to="none", remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=torch.cuda.is_available(),
+        # batches copied to the GPU without waiting: a blocking copy waits for the previous step's
+        # kernels, so the GPU would idle while the host prepares each step
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         include_num_input_tokens_seen=True, logging_nan_inf_filter=False,  # its per-step isnan() syncs the GPU
         **precision_flags(precision))
     return TrainingArguments(**{**common, **kwargs})

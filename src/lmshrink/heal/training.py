@@ -183,6 +183,13 @@ class LMTrainer(Trainer):
         return fused_head_loss(self.ce_step, logits, self.head_weight, labels,
                                chunk=self.chunk_rows(rows, self.head_weight.shape[0]))[0]
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's FLOP count of a batch (its `total_flos`) from this run's count per token: the
+        Trainer's own walks every module of the model at every step."""
+        if not self.flops_per_token:
+            return super().floating_point_ops(inputs)
+        return int(inputs["input_ids"].numel() * self.flops_per_token)
+
     def _track_num_input_tokens(self, inputs):
         """Full blocks on every process: count them without the Trainer's per-step gather and .item(),
         a GPU sync that stalls the next step's launch."""
