@@ -196,6 +196,31 @@ def test_fused_head_equals_the_full_logits_loss_and_gradient(kind, name, tempera
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["ce", "dense"])
+def test_the_fused_head_computes_in_the_runs_mixed_precision(kind):
+    """A bf16 run's fused head multiplies in bf16, as autocast does the full-logits head (autocast does
+    not reach into torch.func's transforms): its loss is the one of bf16 logits, not of fp32 ones, and
+    the head's gradient stays in the weight's fp32."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    t_hidden, t_weight = torch.randn(2, 9, 16), torch.randn(40, 16).bfloat16()
+    labels = torch.randint(0, 40, (2, 9))
+    div = divergence("forward_kl")
+    teacher, t_w, weights = ((t_hidden, None), t_weight, (1.0, 0.5)) if kind == "dense" else ((None, None), None, (1.0, 0.0))
+    loss = fused_head_loss(head_step(kind, div, 2.0, 40, dtype=torch.bfloat16), hidden, weight, labels, teacher, t_w,
+                           weights, chunk=7)[0]
+    bf16_logits = (hidden.bfloat16() @ weight.bfloat16().T).float()
+    reference = causal_lm_loss(bf16_logits, labels)
+    if kind == "dense":
+        t_logits = (t_hidden.bfloat16() @ t_weight.T).float()
+        reference = reference + 0.5 * kd_loss(div, bf16_logits, t_logits, torch.ones(2, 9), 2.0, 4)
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+    fp32 = fused_head_loss(head_step(kind, div, 2.0, 40), hidden, weight, labels, teacher, t_w, weights, chunk=7)[0]
+    assert abs(fp32.item() - loss.item()) > 1e-4  # the products really ran in bf16
+    assert torch.autograd.grad(loss, weight)[0].dtype == torch.float32
+
+
 def test_normalised_mse_is_zero_when_equal_and_one_for_a_zero_output():
     from lmshrink.losses import normalised_mse
 

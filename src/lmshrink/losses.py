@@ -214,8 +214,8 @@ HIDDEN_LOSSES = {"cosine": cosine_loss, "mse": mse_loss, "nmse": normalised_mse}
 HEAD_KINDS = ("ce", "dense", "sparse")
 
 
-def head_chunk_loss(div: Divergence | None, temperature: float, vocab: int, kind: str, hidden: torch.Tensor,
-                    weight: torch.Tensor, target: torch.Tensor, teacher_a: torch.Tensor | None,
+def head_chunk_loss(div: Divergence | None, temperature: float, vocab: int, kind: str, dtype: torch.dtype | None,
+                    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, teacher_a: torch.Tensor | None,
                     teacher_b: torch.Tensor | None, teacher_weight: torch.Tensor | None,
                     scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of rows of `fused_head_loss`: logits = hidden @ weight.T (rows, V), then
@@ -228,7 +228,12 @@ def head_chunk_loss(div: Divergence | None, temperature: float, vocab: int, kind
 
     KD runs over the first `vocab` columns (padding rows dropped), at `temperature`, through the
     same chunk functions as `kd_loss` / `sparse_kd_loss`. Returns (scales . (ce, kd), (ce, kd)).
+    With `dtype` (a run's autocast precision, e.g. bf16) the head's matrix products run in it, as
+    autocast runs the full-logits head: autocast does not reach into torch.func's transforms, and
+    an fp32 head ran its three products as TF32 at under half bf16's speed on an H200.
     """
+    if dtype is not None:
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     logits = hidden @ weight.t()
     ce = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
     if kind == "ce":
@@ -237,7 +242,8 @@ def head_chunk_loss(div: Divergence | None, temperature: float, vocab: int, kind
         ones = torch.ones(logits.shape[:-1], device=logits.device)
         if kind == "dense":
             with torch.no_grad():
-                t_logits = teacher_a @ teacher_weight[:vocab].t()
+                t_dtype = dtype or teacher_weight.dtype
+                t_logits = teacher_a.to(t_dtype) @ teacher_weight[:vocab].to(t_dtype).t()
             kd = _dense_chunk(div, temperature, logits[..., :vocab], t_logits, ones)
         else:
             kd = _sparse_chunk(div, temperature, logits[..., :vocab], teacher_a, teacher_b, ones)
@@ -295,8 +301,9 @@ class HeadStep:
 
 
 def head_step(kind: str, div: Divergence | None = None, temperature: float = 1.0, vocab: int = 0,
-              compiled: bool = False) -> HeadStep:
-    loss = partial(head_chunk_loss, div, temperature, vocab, kind)
+              compiled: bool = False, dtype: torch.dtype | None = None) -> HeadStep:
+    """The chunk step of `fused_head_loss` (see `head_chunk_loss`; `dtype`: the head's compute precision)."""
+    loss = partial(head_chunk_loss, div, temperature, vocab, kind, dtype)
     grad = torch.func.grad_and_value(loss, argnums=(0, 1), has_aux=True)
     grad_hidden = torch.func.grad_and_value(loss, argnums=0, has_aux=True)
     if compiled:

@@ -190,7 +190,8 @@ class DistillTrainer(LMTrainer):
                 self.teacher = torch.compile(teacher)
         if self.fused_head:
             kind = "dense" if teacher is not None else "sparse"
-            self.kd_step = head_step(kind, self.div, recipe.temperature, vocab, compiled=self.args.torch_compile)
+            self.kd_step = head_step(kind, self.div, recipe.temperature, vocab, compiled=self.args.torch_compile,
+                                     dtype=self.head_dtype)
             self.teacher_weight = teacher.get_output_embeddings().weight if teacher is not None else None
         self._teacher = teacher  # uncompiled, for its head
 

@@ -145,10 +145,12 @@ class LMTrainer(Trainer):
         self.fused_head = fused_head  # then model(...).logits are hidden states (hidden_states_as_logits)
         self.kd_chunk = kd_chunk
         self._chunk: dict[int, int] = {}
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[run_precision(self.args)]
+        # the fused head computes its products in the run's mixed precision, as autocast would
+        self.head_dtype = None if dtype == torch.float32 else dtype
         if fused_head:
             self.head_weight = self.model.get_output_embeddings().weight
-            self.ce_step = head_step("ce", compiled=self.args.torch_compile)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[run_precision(self.args)]
+            self.ce_step = head_step("ce", compiled=self.args.torch_compile, dtype=self.head_dtype)
         self.peak_flops = peak_flops(self.args.device.type, dtype)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
