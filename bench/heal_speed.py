@@ -103,7 +103,7 @@ def make_models(shape: str, assets: Path, out: Path) -> tuple[Path, Path]:
         T.AutoModelForCausalLM.from_config(config).save_pretrained(teacher)
         T.AutoTokenizer.from_pretrained(tokenizer).save_pretrained(teacher)
         lmshrink("truncate", "--teacher", str(teacher), "--strategy", "alt", "--num-layers",
-                 str(SHAPES[shape]["layers"]), "--output", str(student), "--overwrite")
+                 str(SHAPES[shape]["layers"]), "--repair", "none", "--output", str(student), "--overwrite")
     return teacher, student
 
 
@@ -112,6 +112,7 @@ import json, sys, time, torch
 from transformers import AutoModelForCausalLM
 from lmshrink.heal.speed import flops_per_token, peak_flops
 folder, block, batch, steps, compiled = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+profile_steps, profile_to = int(sys.argv[6]), sys.argv[7]
 cuda = torch.cuda.is_available()
 device = "cuda" if cuda else "cpu"
 model = AutoModelForCausalLM.from_pretrained(folder).to(device).train()
@@ -134,6 +135,18 @@ for _ in range(steps):
 if cuda:
     torch.cuda.synchronize()
 tps = steps * batch * block / (time.perf_counter() - started)
+if profile_steps:  # after the timing: the same ops table lmshrink's --profile-steps writes
+    from pathlib import Path
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(profile_steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    Path(profile_to).mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(profile_to + "/trace.json")
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    Path(profile_to, "ops.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
 peak = peak_flops(device, torch.bfloat16 if cuda else torch.float32)
 print("BENCH " + json.dumps({"tokens_per_s": tps, "mfu": tps * flops_per_token(model, block) / peak,
                              "peak_tflops": peak / 1e12,
@@ -141,9 +154,13 @@ print("BENCH " + json.dumps({"tokens_per_s": tps, "mfu": tps * flops_per_token(m
 """
 
 
-def bare_loop(student: Path, shape: dict, steps: int, compiled: bool) -> dict:
+def bare_loop(student: Path, shape: dict, steps: int, compiled: bool, profile_steps: int = 0) -> dict:
+    """The bare loop in its own process; with `profile_steps`, a profile of that many more steps is
+    written beside the student (bare-compiled/ or bare-eager/: trace.json, ops.txt)."""
+    profile_to = student.parent / ("bare-compiled" if compiled else "bare-eager") / "profile"
     proc = subprocess.run([sys.executable, "-c", BARE, str(student), str(shape["block"]), str(shape["batch"]),
-                           str(steps), "1" if compiled else "0"], capture_output=True, text=True)
+                           str(steps), "1" if compiled else "0", str(profile_steps), str(profile_to)],
+                          capture_output=True, text=True)
     line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
     if proc.returncode != 0 or not line:
         raise RuntimeError(proc.stderr[-2000:])
@@ -177,8 +194,9 @@ def loss_bench(rows: int = 16384, width: int = 768, vocab: int = 50257, repeats:
     t_hidden = torch.randn_like(hidden).detach()
     t_weight = (torch.randn(vocab, width, device=device, generator=g) * 0.02).to(dtype)
     div = divergence("forward_kl")
-    ce_eager, ce_compiled = head_step("ce"), head_step("ce", compiled=True)
-    kd_compiled = head_step("dense", div, 2.0, vocab, compiled=True)
+    head_dtype = torch.bfloat16 if device == "cuda" else None  # as a bf16 run builds its fused head
+    ce_eager, ce_compiled = head_step("ce", dtype=head_dtype), head_step("ce", compiled=True, dtype=head_dtype)
+    kd_compiled = head_step("dense", div, 2.0, vocab, compiled=True, dtype=head_dtype)
     chunk = 8192
 
     def full_ce():
@@ -268,7 +286,7 @@ def modes_for(shape_name: str, args: argparse.Namespace) -> dict:
     data = ["--data", str(assets / "data"), "--heldout", "0"]
     run = ["--block-size", str(shape["block"]), "--batch-size", str(shape["batch"]), "--max-steps", str(args.steps),
            "--logging-steps", str(args.log_every), "--save-steps", "100000", "--report-to", "none", "--seed", "0",
-           *args.extra.split()]
+           *args.extra.split(), *(["--profile-steps", str(args.profile_steps)] if args.profile_steps else [])]
     cache = out / shape_name / "cache"
 
     def cached():
@@ -280,8 +298,8 @@ def modes_for(shape_name: str, args: argparse.Namespace) -> dict:
                             str(cache), "--alpha-cos", "0", *run)
 
     return {
-        "bare loop, eager": lambda: bare_loop(student, shape, args.bare_steps, compiled=False),
-        "bare loop, torch.compile": lambda: bare_loop(student, shape, args.bare_steps, compiled=True),
+        "bare loop, eager": lambda: bare_loop(student, shape, args.bare_steps, False, args.profile_steps),
+        "bare loop, torch.compile": lambda: bare_loop(student, shape, args.bare_steps, True, args.profile_steps),
         "lmshrink pretrain": lambda: lmshrink_run(out / shape_name / "pretrain", "pretrain", "--model", str(student),
                                                   *data, *run),
         "lmshrink distill (online)": lambda: lmshrink_run(
@@ -388,6 +406,9 @@ def main() -> None:
     parser.add_argument("--only", help="GPU bench: comma-separated parts of the mode names to run")
     parser.add_argument("--loss-rows", type=int, default=16384, help="GPU bench: rows of the head + loss bench (0: skip)")
     parser.add_argument("--extra", default="", help="GPU bench: extra flags for every lmshrink run, one string")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="GPU bench: profile this many steps of every path (lmshrink's after 3 warm-up steps, the "
+                             "bare loops' after their timing) into RUN/profile/ops.txt and trace.json")
     args = parser.parse_args()
     if args.prepare:
         return prepare(Path(args.prepare))

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import cut_quality  # noqa: E402
+import engines_resume  # noqa: E402
 import heal_quality  # noqa: E402
 
 
@@ -137,3 +138,12 @@ def test_every_cut_bench_row_is_a_truncate_command_lmshrink_accepts(tmp_path):
     downstream = [name for name, row in rows.items() if row.get("downstream")]
     assert len(downstream) == 2 and all("--repair-downstream" in argvs[name] for name in downstream)
     assert not any("--repair-downstream" in argv for name, argv in argvs.items() if name not in downstream)
+
+
+@pytest.mark.parametrize("engine", engines_resume.ENGINES)
+@pytest.mark.parametrize("command", ["pretrain", "distill"])
+def test_every_engine_check_is_a_command_lmshrink_accepts(engine, command, tmp_path):
+    argv = engines_resume.lmshrink_args(engine, command, (tmp_path / "teacher", tmp_path / "student"), tmp_path / "data",
+                                        tmp_path / "run", 6)
+    assert command_problems(argv, ROOT) == []
+    assert argv[argv.index("--save-steps") + 1] == "3"  # the checkpoint the second run carries on from
