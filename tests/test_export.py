@@ -15,7 +15,17 @@ from conftest import TINY_CONFIGS
 
 from lmshrink.cli import main as lmshrink
 from lmshrink.export import llamacpp
-from lmshrink.export.gguf import FAMILIES, ExportError, pre_tokenizer_name, read_metadata, read_tensors, tensors, write_gguf
+from lmshrink.export.gguf import (
+    FAMILIES,
+    ExportError,
+    export_problems,
+    pre_tokenizer_name,
+    read_metadata,
+    read_tensors,
+    sliding_window_note,
+    tensors,
+    write_gguf,
+)
 from lmshrink.models import load
 
 SAMPLE = "Hello world! The export keeps 12 tokens, spaces  and\nnew lines; café costs 3.50."
@@ -37,10 +47,10 @@ def exportable(kind: str, vocab: int, n_layers: int = 2):
         config.n_positions = 1024
     if kind == "qwen3":
         config.head_dim = 128
-    if kind in ("mistral", "qwen2", "gemma3_text"):
+    if kind in ("mistral", "qwen2", "gemma2", "gemma3_text"):
         config.sliding_window = 4096
-    if kind == "gemma3_text":  # llama.cpp's gemma3 scales attention by 1/sqrt(head_dim), as the real models do;
-        config.head_dim = config.query_pre_attn_scalar = 256  # transformers' reader assumes 256
+    if kind in ("gemma2", "gemma3_text"):  # llama.cpp's gemma graphs scale attention by 1/sqrt(head_dim), as the
+        config.head_dim = config.query_pre_attn_scalar = 256  # real models do; transformers' reader assumes 256
         # transformers' GGUF reader knows only the every-sixth pattern (llama.cpp reads each block's
         # kind: `test_llamacpp_runs_gemma3_with_each_blocks_own_attention_kind`)
         config.layer_types = ["sliding_attention"] * n_layers
@@ -88,10 +98,14 @@ def test_each_family_reads_back_with_its_logits(kind, tmp_path, bpe, sample_ids)
         path = tmp_path / f"m-{quant}.gguf"
         write_gguf(model, bpe, path, quant, "m")
         got = read_back_logits(path, sample_ids)
-        # Gemma 3's random 32-wide model: each sub-layer's output is normed, so 4-bit noise in a
-        # small weight is scaled up to the size of a large one (f32 is exact, q8_0 within its bound)
-        bound = 0.3 if (kind, quant) == ("gemma3_text", "q4_0") else TOLERANCE[quant]
-        assert relative_error(want, got) < bound, (kind, quant, relative_error(want, got))
+        assert relative_error(want, got) < bound(kind, quant), (kind, quant, relative_error(want, got))
+
+
+def bound(kind: str, quant: str) -> float:
+    """The tolerance of a file type; Gemma's random 32-wide models: each sub-layer's output is normed,
+    so 4-bit noise in a small weight is scaled up to the size of a large one (f32 is exact, q8_0
+    within its bound)."""
+    return 0.3 if kind.startswith("gemma") and quant == "q4_0" else TOLERANCE[quant]
 
 
 def test_every_type_is_within_its_tolerance_and_f32_is_exact_by_the_gguf_reader(tmp_path, bpe,
@@ -156,15 +170,15 @@ def test_cli_refuses_with_the_reason(tiny_gpt2_dir, tmp_path, capsys):
     assert lmshrink(["export", "--model", str(tiny_gpt2_dir), "--output", str(tmp_path / "o"),
                      "--quant", "q4_k_m"]) == 2
     assert "llama-quantize" in capsys.readouterr().err
-    folder = tmp_path / "gemma2"
+    folder = tmp_path / "smollm3"
     tokenizer = T.AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    config = TINY_CONFIGS["gemma2"](2)  # soft-capping: not written yet
+    config = TINY_CONFIGS["smollm3"](2)  # its no-RoPE layer list: not written yet
     config.vocab_size = len(tokenizer)
     T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     assert lmshrink(["export", "--model", str(folder), "--quant", "f16"]) == 2
     err = capsys.readouterr().err
-    assert "gemma2 models cannot be exported to GGUF" in err and "Traceback" not in err
+    assert "smollm3 models cannot be exported to GGUF" in err and "Traceback" not in err
     assert not (folder / "gguf").exists()
 
 
@@ -224,7 +238,7 @@ needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2", "gemma2"])
 def test_llamacpp_runs_the_file_with_the_source_logits_and_tokens(kind, tmp_path, bpe, sample_ids):
     model = exportable(kind, len(bpe))
     with torch.no_grad():
@@ -236,7 +250,7 @@ def test_llamacpp_runs_the_file_with_the_source_logits_and_tokens(kind, tmp_path
         assert llamacpp.Tokenizer(llm)(SAMPLE)["input_ids"] == sample_ids[0].tolist()
         got = llamacpp.logits(llm)(sample_ids)
         # llama.cpp keeps its KV cache in f16: an f32 file agrees to 1e-3, not exactly
-        assert relative_error(want, got) < max(TOLERANCE[quant], 1e-3), (kind, quant, relative_error(want, got))
+        assert relative_error(want, got) < max(bound(kind, quant), 1e-3), (kind, quant, relative_error(want, got))
 
 
 @needs_llamacpp
@@ -255,6 +269,46 @@ def test_llamacpp_runs_gemma3_with_each_blocks_own_attention_kind(tmp_path, bpe,
     assert read_metadata(path)["gemma3.attention.sliding_window_pattern"] == [False, True]
     got = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=64, threads=1))(sample_ids)
     assert sample_ids.shape[1] > 4 and relative_error(want, got) < 1e-3, relative_error(want, got)
+
+
+def tiny_gemma2(vocab: int, kinds: list[str]):
+    """A Gemma 2 whose soft caps bite: attention scores capped at 1, logits at 2 (the real model's are
+    50 and 30); its sliding window covers 4 tokens."""
+    config = TINY_CONFIGS["gemma2"](len(kinds))
+    config.vocab_size, config.sliding_window, config.layer_types = vocab, 4, kinds
+    config.query_pre_attn_scalar = config.head_dim
+    config.attn_logit_softcapping, config.final_logit_softcapping = 1.0, 2.0
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config).eval()
+
+
+@needs_llamacpp
+def test_llamacpp_runs_gemma2_with_its_soft_caps_and_windows(tmp_path, bpe, sample_ids):
+    model = tiny_gemma2(len(bpe), ["sliding_attention", "full_attention"])
+    with torch.no_grad():
+        want = model(sample_ids).logits
+    assert want.abs().max() < 2 and want.std() > 0.1  # the final cap shapes these logits
+    path = tmp_path / "g.gguf"
+    write_gguf(model, bpe, path, "f32", "g")
+    meta = read_metadata(path)
+    assert (meta["gemma2.attn_logit_softcapping"], meta["gemma2.final_logit_softcapping"]) == (1.0, 2.0)
+    got = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=64, threads=1))(sample_ids)
+    assert sample_ids.shape[1] > 4 and relative_error(want, got) < 1e-3, relative_error(want, got)
+
+
+def test_a_cut_gemma2_whose_blocks_do_not_alternate_is_exported_with_a_note(tmp_path, bpe):
+    """llama.cpp's gemma2 slides blocks 0, 2, ...: a cut that kept two full-attention blocks in a row
+    runs there as the source model only up to the window; the export says so. A model llama.cpp
+    would scale or cap differently is refused."""
+    assert sliding_window_note(tiny_gemma2(len(bpe), ["sliding_attention", "full_attention"]).config) is None
+    config = tiny_gemma2(len(bpe), ["full_attention", "full_attention"]).config
+    note = sliding_window_note(config)
+    assert "blocks 0 are of the other kind" in note and "up to 4 tokens" in note
+    assert export_problems(config) == []
+    config.query_pre_attn_scalar = 144
+    assert "query_pre_attn_scalar" in export_problems(config)[0]
+    config.query_pre_attn_scalar, config.final_logit_softcapping = config.head_dim, None
+    assert "soft-caps" in export_problems(config)[0]
 
 
 @needs_llamacpp

@@ -103,10 +103,8 @@ def _gpt2(writer, config) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def _gemma3(writer, config) -> None:
-    """Gemma 3's hyperparameters, as llama.cpp's `gemma3` reads them: the full-attention blocks'
-    RoPE base, the sliding window, and which blocks slide (`attention.sliding_window_pattern`, one
-    flag a block: a cut student's blocks keep their own kinds, not the teacher's every-sixth pattern)."""
+def _gemma_shape(writer, config) -> None:
+    """What every Gemma generation writes alike: sizes, heads, the norms' epsilon, the sliding window."""
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -116,11 +114,40 @@ def _gemma3(writer, config) -> None:
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(_gemma3_rope(config)["full_attention"])
     writer.add_sliding_window(config.sliding_window)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _gemma2(writer, config) -> None:
+    """Gemma 2's hyperparameters, as llama.cpp's `gemma2` reads them: the RoPE base and the
+    soft-capping of attention scores and of the final logits (tanh(x / c) * c). llama.cpp slides
+    every other block from the first, whatever the file says (see `sliding_window_note`)."""
+    _gemma_shape(writer, config)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+def _gemma2_problem(config) -> str | None:
+    """What llama.cpp's `gemma2` graph fixes and this model does not have, or None."""
+    if why := _rope_problem(config):
+        return why
+    if getattr(config, "query_pre_attn_scalar", config.head_dim) != config.head_dim:
+        # llama.cpp takes 1/sqrt(hidden / heads) for a 46-block model (Gemma 2 27B), else 1/sqrt(head_dim)
+        return "llama.cpp's gemma2 scales attention by 1/sqrt(head_dim) for a cut model, not by query_pre_attn_scalar"
+    if not config.attn_logit_softcapping or not config.final_logit_softcapping:
+        return "llama.cpp's gemma2 always soft-caps attention scores and logits, and this model does not"
+    return None
+
+
+def _gemma3(writer, config) -> None:
+    """Gemma 3's hyperparameters, as llama.cpp's `gemma3` reads them: the full-attention blocks'
+    RoPE base, the sliding window, and which blocks slide (`attention.sliding_window_pattern`, one
+    flag a block: a cut student's blocks keep their own kinds, not the teacher's every-sixth pattern)."""
+    _gemma_shape(writer, config)
+    writer.add_rope_freq_base(_gemma3_rope(config)["full_attention"])
     writer.add_array(f"{writer.arch}.attention.sliding_window_pattern",
                      [kind == "sliding_attention" for kind in config.layer_types])
-    writer.add_vocab_size(config.vocab_size)
 
 
 def _gemma3_rope(config) -> dict[str, float]:
@@ -191,11 +218,11 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("QWEN2", _llama_like, skip=(".rotary_emb.inv_freq",)),
     "qwen3": Family("QWEN3", _llama_like, skip=(".rotary_emb.inv_freq",)),
     "gpt2": Family("GPT2", _gpt2, _gpt2_tensor, (".attn.bias", ".attn.masked_bias")),
+    "gemma2": Family("GEMMA2", _gemma2, _gemma_tensor, (".rotary_emb.inv_freq",)),
     "gemma3_text": Family("GEMMA3", _gemma3, _gemma_tensor, (".rotary_emb.inv_freq",)),
 }
 
 REFUSED: dict[str, str] = {
-    "gemma2": "llama.cpp's gemma2 needs logit soft-capping and per-layer sliding windows that lmshrink does not write yet",
     "phi3": "llama.cpp's phi3 stores fused QKV and gate/up tensors that lmshrink does not write yet",
     "smollm3": "llama.cpp's smollm3 needs its no-RoPE layer list, which lmshrink does not write yet",
     "opt": "llama.cpp has no OPT architecture",
@@ -211,15 +238,25 @@ def export_problems(config) -> list[str]:
         why = REFUSED.get(kind, "lmshrink does not export it to GGUF yet")
         return [f"model: {kind} models cannot be exported to GGUF: {why}; llama.cpp's convert_hf_to_gguf.py "
                 f"may convert the folder (exported: {', '.join(FAMILIES)})"]
-    why = _gemma3_problem(config) if kind == "gemma3_text" else _rope_problem(config) if kind != "gpt2" else None
+    problem = {"gemma2": _gemma2_problem, "gemma3_text": _gemma3_problem, "gpt2": lambda config: None}.get(kind, _rope_problem)
+    why = problem(config)
     if why:
         return [f"model: this {kind} model cannot be exported to GGUF: {why}"]
     return []
 
 
 def sliding_window_note(config) -> str | None:
-    """llama.cpp's llama and qwen2 graphs attend to the whole context: say so where the model would not."""
+    """llama.cpp's llama and qwen2 graphs attend to the whole context, and its gemma2 graph slides
+    every other block from the first: say so where the model would not."""
     window = getattr(config, "sliding_window", None)
+    if config.model_type == "gemma2":
+        kinds = getattr(config, "layer_types", None) or []
+        differ = [i for i, kind in enumerate(kinds) if (kind == "sliding_attention") != (i % 2 == 0)]
+        if differ:
+            return (f"gemma2: llama.cpp slides blocks 0, 2, 4, ... over {window} tokens; this model's blocks "
+                    f"{', '.join(map(str, differ))} are of the other kind (a cut keeps each block's own): outputs "
+                    f"agree for contexts up to {window} tokens")
+        return None
     used = config.model_type == "mistral" or getattr(config, "use_sliding_window", False)
     if window and used:
         return (f"{config.model_type}: llama.cpp attends to the whole context, the model to {window} tokens; "
