@@ -14,7 +14,8 @@ with truncate's default repair (refit) and the best repaired 24-block student ar
 way (`lmshrink distill`, 25,600 tokens; a student deleted to save disk is built again) and scored
 again; optionally the
 zero-shot `core` suite (`--tasks core --limit 200`) for the teacher, the plain BI cut and the best
-student of each depth.
+student of each depth. `--teacher` takes another model (the rows of docs/bench-cut-quality.md for
+Gemma-3-270M: `--teacher gemma-3-270m --depths 14` with `--only` naming the rows).
 
 Resumable: every finished row is a JSON file in OUTPUT/rows; a re-run skips it. Students are
 deleted after scoring except those a later stage needs.
@@ -119,7 +120,7 @@ def build(row: dict[str, Any], folder: Path, args) -> float:
 
 def truncate_command(row: dict[str, Any], folder: Path, args) -> list[str]:
     """The `lmshrink truncate` command that builds one row's student in `folder`."""
-    cmd = ["truncate", "--teacher", TEACHER, "--output", str(folder), "--num-layers", str(row["k"]),
+    cmd = ["truncate", "--teacher", args.teacher, "--output", str(folder), "--num-layers", str(row["k"]),
            "--strategy", row["strategy"], "--calib-tokens", str(args.calib_tokens), "--overwrite",
            "--search-tokens", str(args.search_tokens), "--repair", row["repair"]]
     if row["strategy"] == "importance":
@@ -136,7 +137,7 @@ def truncate_command(row: dict[str, Any], folder: Path, args) -> list[str]:
     return cmd
 
 
-def chart(teacher: dict[str, float], done: list[dict[str, Any]], path: Path) -> None:
+def chart(teacher: dict[str, float], done: list[dict[str, Any]], path: Path, name: str, blocks: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,17 +155,17 @@ def chart(teacher: dict[str, float], done: list[dict[str, Any]], path: Path) -> 
         ax.invert_yaxis()
         ax.axvline(1, color="black", lw=0.8)
         ax.set_xscale("log")
-        ax.set(xlabel="perplexity / teacher's (log; 1 = the teacher)", title=f"SmolLM2-135M, {k}/30 blocks, no training")
+        ax.set(xlabel="perplexity / teacher's (log; 1 = the teacher)", title=f"{name}, {k}/{blocks} blocks, no training")
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(TEXTS))
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 
 
-def table(teacher: dict[str, float], done: list[dict[str, Any]]) -> str:
+def table(teacher: dict[str, float], done: list[dict[str, Any]], blocks: int) -> str:
     head = "| depth | student | build s | " + " | ".join(f"{t}" for t in TEXTS) + " |"
     lines = [head, "|---|---|---:|" + "---:|" * len(TEXTS),
-             "| 30 | teacher | | " + " | ".join(f"{teacher[t]:.2f}" for t in TEXTS) + " |"]
+             f"| {blocks} | teacher | | " + " | ".join(f"{teacher[t]:.2f}" for t in TEXTS) + " |"]
     for r in done:
         cells = [f"{r['perplexity'][t]:.2f} ({r['perplexity'][t] / teacher[t]:.2f}x)" for t in TEXTS]
         lines.append(f"| {r['k']} | {r['label']} | {r['seconds']:.0f} | " + " | ".join(cells) + " |")
@@ -174,6 +175,7 @@ def table(teacher: dict[str, float], done: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(Path.home() / "lmshrink-runs" / "cut-quality"))
+    parser.add_argument("--teacher", default=TEACHER, help="the model cut (a name, folder, Hub id or .gguf)")
     parser.add_argument("--depths", default="24,15")
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens of each text")
     parser.add_argument("--window", type=int, default=512)
@@ -188,7 +190,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.output).expanduser()
     (out / "rows").mkdir(parents=True, exist_ok=True)
-    teacher = load(TEACHER)
+    teacher = load(args.teacher)
+    blocks = teacher.model.config.num_hidden_layers
     streams = {t: token_stream(t, teacher.tokenizer, args.tokens) for t in TEXTS}
     teacher_file = out / "rows" / "teacher.json"
     if not teacher_file.exists():
@@ -196,7 +199,7 @@ def main() -> None:
     teacher_ppl = json.loads(teacher_file.read_text())["perplexity"]
     del teacher
     if not (out / "scores" / "scores.json").exists():  # Block Influence, once for every importance row
-        assert lmshrink(["score-layers", "--model", TEACHER, "--output", str(out / "scores"), "--tokens",
+        assert lmshrink(["score-layers", "--model", args.teacher, "--output", str(out / "scores"), "--tokens",
                          str(args.calib_tokens), "--no-ppl", "--no-width"]) == 0
     depths = [int(d) for d in args.depths.split(",")]
     only = set(filter(None, args.only.split(",")))
@@ -220,8 +223,8 @@ def main() -> None:
         print(json.dumps({k: result[k] for k in ("name", "seconds", "perplexity")}), flush=True)
     done = [json.loads((out / "rows" / f"{name_of(r)}.json").read_text()) for r in plan(depths)
             if (out / "rows" / f"{name_of(r)}.json").exists()]
-    chart(teacher_ppl, done, out / "cut_quality.png")
-    text = table(teacher_ppl, done)
+    chart(teacher_ppl, done, out / "cut_quality.png", Path(args.teacher).name, blocks)
+    text = table(teacher_ppl, done, blocks)
     text += "\n\n" + heal_and_tasks(out, done, teacher_ppl, streams, args)
     write_text(out / "report.md", text)
     print(text)
@@ -240,13 +243,13 @@ def zero_shot(out: Path, done: list[dict[str, Any]], plain: dict[str, Any] | Non
               if (b := best(done, d)) is not None}
     if plain:
         models[f"{plain['k']}: {plain['label']}"] = plain["name"]
-    models["30: teacher"] = "teacher"
-    results = suite({label: (TEACHER if name == "teacher" else str(out / "students" / name), out / "zero-shot" / name)
+    models["teacher"] = "teacher"
+    results = suite({label: (args.teacher if name == "teacher" else str(out / "students" / name), out / "zero-shot" / name)
                      for label, name in models.items()}, args.tasks, args.limit)
     intro = (f"Zero-shot `{args.tasks}` (lm-evaluation-harness, the first {args.limit} items of each task, %; "
              "one `lmshrink eval` per model, in OUTPUT/zero-shot; the last column: the difference of the task "
              "averages from the teacher's, with its 95% interval from a paired bootstrap over the items):")
-    return intro + "\n\n" + paired_table(results, {"the teacher": "30: teacher"})
+    return intro + "\n\n" + paired_table(results, {"the teacher": "teacher"})
 
 
 def suite(models: dict[str, tuple[str, Path]], tasks: str, limit: int) -> dict[str, dict[str, Any]]:
@@ -307,7 +310,7 @@ def heal_and_tasks(out: Path, done: list[dict[str, Any]], teacher: dict[str, flo
                     build(r, out / "students" / r["name"], args)
                 folder = out / "healed" / r["name"]
                 shutil.rmtree(folder, ignore_errors=True)
-                assert lmshrink(["distill", "--model", str(out / "students" / r["name"]), "--teacher", TEACHER,
+                assert lmshrink(["distill", "--model", str(out / "students" / r["name"]), "--teacher", args.teacher,
                                  "--data", "python-docs/library",
                                  "--output", str(folder), "--max-tokens", str(args.heal_tokens), "--block-size", "256",
                                  "--batch-size", "4", "--eval-tokens", "2048", "--save-steps", "1000000"]) == 0

@@ -125,7 +125,7 @@ def test_the_heal_bench_student_is_a_truncate_command_and_its_record_is_checked(
 
 
 def test_every_cut_bench_row_is_a_truncate_command_lmshrink_accepts(tmp_path):
-    args = argparse.Namespace(calib_tokens=4096, search_tokens=2048, repair_tokens=16384)
+    args = argparse.Namespace(teacher="smollm2-135m", calib_tokens=4096, search_tokens=2048, repair_tokens=16384)
     rows = {cut_quality.name_of(r): r for r in cut_quality.plan([24, 15])}
     assert len(rows) == len(cut_quality.plan([24, 15]))  # every row its own folder
     argvs = {name: cut_quality.truncate_command(row, tmp_path / "students" / name, args) for name, row in rows.items()}
