@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from lmshrink.cli import main as lmshrink
-from lmshrink.data.sources import token_stream
+from lmshrink.data.sources import Framing, token_stream
 from lmshrink.evaluate.perplexity import perplexity
 from lmshrink.evaluate.verdicts import paired_bootstrap
 from lmshrink.models import load
@@ -107,7 +107,9 @@ def label_of(row: dict[str, Any]) -> str:
 
 
 def scores(model, streams: dict[str, torch.Tensor], args) -> dict[str, float]:
-    return {text: perplexity(model, stream, args.window, args.stride, progress=text) for text, stream in streams.items()}
+    """Perplexity on each held-out text, each window after the start tokens the tokenizer adds (`eval`'s rule)."""
+    return {text: perplexity(model, stream, args.window, args.stride, progress=text, framing=args.framing)
+            for text, stream in streams.items()}
 
 
 def build(row: dict[str, Any], folder: Path, args) -> float:
@@ -193,6 +195,7 @@ def main() -> None:
     teacher = load(args.teacher)
     blocks = teacher.model.config.num_hidden_layers
     streams = {t: token_stream(t, teacher.tokenizer, args.tokens) for t in TEXTS}
+    args.framing = Framing.of(teacher.tokenizer)
     teacher_file = out / "rows" / "teacher.json"
     if not teacher_file.exists():
         write_json(teacher_file, {"perplexity": scores(teacher.model, streams, args)})

@@ -36,7 +36,7 @@ def brute_force_nll(model, tokens, window, stride, start=()):
 def test_sliding_window_nll_equals_brute_force(window, stride):
     model = tiny_model("gpt2", 2)
     tokens = torch.randint(0, 128, (37,), generator=torch.Generator().manual_seed(0))
-    total, count = sliding_nll(model, tokens, window, stride, batch_size=3)
+    total, count = sliding_nll(model, tokens, window, stride, batch_size=3, framing=Framing())
     expected_total, expected_count = brute_force_nll(model, tokens, window, stride)
     assert count == expected_count
     assert total == pytest.approx(expected_total, rel=1e-5)
@@ -52,7 +52,7 @@ def test_every_window_starts_with_the_start_tokens(window, stride):
     for start in ((1,), (1, 2)):
         total, count = sliding_nll(model, tokens, window, stride, batch_size=3, framing=Framing(start=start))
         expected_total, expected_count = brute_force_nll(model, tokens, window, stride, start)
-        assert count == expected_count == sliding_nll(model, tokens, window, stride)[1]
+        assert count == expected_count == sliding_nll(model, tokens, window, stride, framing=Framing())[1]
         assert total == pytest.approx(expected_total, rel=1e-5)
 
 
@@ -69,7 +69,7 @@ def test_perplexity_limits():
     with torch.no_grad():
         model.lm_head.weight.zero_()  # uniform predictions over 128 tokens (tied: embeddings zero too)
     tokens = torch.randint(0, 128, (50,), generator=torch.Generator().manual_seed(0))
-    assert perplexity(model, tokens, 16, 8) == pytest.approx(128, rel=1e-4)
+    assert perplexity(model, tokens, 16, 8, framing=Framing()) == pytest.approx(128, rel=1e-4)
 
 
 def test_parameters_count_tied_weights_once():

@@ -327,11 +327,12 @@ def test_eval_runtime_llamacpp_end_to_end(tiny_gpt2_dir, tmp_path, real_text):
 
 def assert_close_ppl(row, folder, text) -> bool:
     """llama.cpp's perplexity of the f32 file is transformers' of the folder (same windows, same tokens)."""
-    from lmshrink.data.sources import token_stream
+    from lmshrink.data.sources import Framing, token_stream
     from lmshrink.evaluate.perplexity import perplexity
 
     loaded = load(str(folder))
-    reference = perplexity(loaded.model, token_stream(str(text), loaded.tokenizer, 300), 64, 32)
+    reference = perplexity(loaded.model, token_stream(str(text), loaded.tokenizer, 300), 64, 32,
+                           framing=Framing.of(loaded.tokenizer))
     return abs(row["perplexity"][str(text)] / reference - 1) < 1e-3
 
 
@@ -358,4 +359,4 @@ def test_eval_perplexity_of_a_file_whose_tokenizer_adds_a_start_token_is_llama_c
     stream = token_stream(str(real_text), tokenizer, 300)
     want = perplexity(model, stream, 64, 64, framing=Framing.of(tokenizer))
     got = perplexity(llamacpp.logits(llm), stream, 64, 64, batch_size=1, framing=framing)
-    assert abs(got / want - 1) < 0.02 and want != perplexity(model, stream, 64, 64)
+    assert abs(got / want - 1) < 0.02 and want != perplexity(model, stream, 64, 64, framing=Framing())

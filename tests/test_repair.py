@@ -31,6 +31,7 @@ from lmshrink.compress.repair import (
     update_target,
 )
 from lmshrink.compress.truncation import truncate_model
+from lmshrink.data.sources import Framing
 from lmshrink.evaluate.perplexity import perplexity
 
 
@@ -362,7 +363,7 @@ def test_perplexity_measure_is_the_perplexity():
     teacher = tiny_model("gpt2", 4)
     ids = rows(4)
     measured = CutSearch(teacher, ids, "none", "ppl").score([0, 1, 2, 3])
-    assert measured == pytest.approx(perplexity(teacher, ids.flatten(), 24, 24), rel=1e-5)
+    assert measured == pytest.approx(perplexity(teacher, ids.flatten(), 24, 24, framing=Framing()), rel=1e-5)
 
 
 def test_strength_is_chosen_by_the_output_on_held_out_rows():

@@ -10,6 +10,7 @@ from conftest import tiny_model
 from lmshrink.cli import main
 from lmshrink.compress.importance import residual_stream, score
 from lmshrink.compress.truncation import truncate_model
+from lmshrink.data.sources import Framing
 from lmshrink.evaluate.perplexity import perplexity
 
 
@@ -43,10 +44,10 @@ def test_perplexity_increase_is_the_truncated_models_perplexity(rows):
     model = tiny_model("qwen2", 4)
     scores = score(model, rows, batch_size=2)
     stream = rows.flatten()
-    assert scores["perplexity"] == pytest.approx(perplexity(model, stream, 16, 16))
+    assert scores["perplexity"] == pytest.approx(perplexity(model, stream, 16, 16, framing=Framing()))
     for i in range(4):
         student = truncate_model(model, [j for j in range(4) if j != i])
-        assert scores["ppl_without_block"][i] == pytest.approx(perplexity(student, stream, 16, 16), rel=1e-5)
+        assert scores["ppl_without_block"][i] == pytest.approx(perplexity(student, stream, 16, 16, framing=Framing()), rel=1e-5)
         assert scores["ppl_increase"][i] == pytest.approx(scores["ppl_without_block"][i] - scores["perplexity"])
 
 

@@ -8,7 +8,7 @@ import torch
 from lmshrink.architectures import blocks_of
 from lmshrink.compress.importance import score
 from lmshrink.compress.truncation import select_layers, truncate_model
-from lmshrink.data.sources import calibration_rows, token_stream
+from lmshrink.data.sources import Framing, calibration_rows, token_stream
 from lmshrink.evaluate.measure import count_parameters
 from lmshrink.evaluate.perplexity import perplexity
 
@@ -43,5 +43,6 @@ def test_importance_beats_alt_and_bottom_before_training(teacher):
     ppl = {}
     for strategy in ("importance", "alt", "bottom"):
         keep = select_layers(30, strategy, 24, scores=scores)
-        ppl[strategy] = perplexity(truncate_model(teacher.model, keep), heldout, 512, 512, 2)
+        ppl[strategy] = perplexity(truncate_model(teacher.model, keep), heldout, 512, 512, 2,
+                                   framing=Framing.of(teacher.tokenizer))
     assert ppl["importance"] < ppl["alt"] / 5 and ppl["importance"] < ppl["bottom"] / 5, ppl

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink.architectures import blocks_of, only_blocks
+from lmshrink.data.sources import Framing
 from lmshrink.evaluate.perplexity import perplexity
 from lmshrink.records import save_figure
 
@@ -78,8 +79,8 @@ def removal_perplexities(model, rows: torch.Tensor, batch_size: int) -> tuple[fl
     stream = rows.flatten()
     length = rows.shape[1]
 
-    def ppl() -> float:
-        return perplexity(model, stream, length, length, batch_size)
+    def ppl() -> float:  # one window a row, and each row already starts with the start tokens
+        return perplexity(model, stream, length, length, batch_size, framing=Framing())
 
     base = ppl()
     without = []

@@ -39,8 +39,10 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
 
 @torch.inference_mode()
 def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
-                progress: str | None = None, framing: Framing = Framing()) -> tuple[float, int]:
-    """Summed NLL (nats) and number of scored tokens of a 1-D token stream."""
+                progress: str | None = None, *, framing: Framing) -> tuple[float, int]:
+    """Summed NLL (nats) and number of scored tokens of a 1-D token stream, each window after the
+    `framing`'s start tokens (`Framing.of(tokenizer)`; required: a tokenizer that adds `<bos>` gives a
+    model scored without it a perplexity several times too high)."""
     spans = windows(tokens.numel(), window, stride)
     total, count = 0.0, 0
     # (input ids, how many start tokens were put in front, begin, first scored) per window;
@@ -68,6 +70,6 @@ def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_siz
 
 
 def perplexity(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
-               progress: str | None = None, framing: Framing = Framing()) -> float:
-    total, count = sliding_nll(model, tokens, window, stride, batch_size, progress, framing)
+               progress: str | None = None, *, framing: Framing) -> float:
+    total, count = sliding_nll(model, tokens, window, stride, batch_size, progress, framing=framing)
     return math.exp(total / count)
