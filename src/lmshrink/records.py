@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,19 @@ def holding_output(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
             return run(settings)
 
     return held
+
+
+def md_table(header: Sequence[Any], rows: Iterable[Sequence[Any]] = (), align: str = "") -> list[str]:
+    """A markdown table's lines: the header, its alignment row (`align`: a letter a column, `l` for
+    text, `r` for numbers; every column `l` if not given) and a line a row, each cell as str() gives it."""
+    align = align or "l" * len(header)
+    if len(align) != len(header):
+        raise ValueError(f"md_table: {len(header)} columns and {len(align)} alignments")
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(map(str, cells)) + " |"
+
+    return [line(header), "|" + "".join("---:|" if a == "r" else "---|" for a in align), *map(line, rows)]
 
 
 def git_hash() -> str | None:

@@ -16,7 +16,7 @@ import yaml
 from lmshrink.config import recorded
 from lmshrink.evaluate.benchmarks import benchmark
 from lmshrink.models import EMBEDDED_ORIGIN, looks_like_path
-from lmshrink.records import RECORD, count, read_record, write_json, write_text
+from lmshrink.records import RECORD, count, md_table, read_record, write_json, write_text
 
 CARD = "README.md"
 TAGS = {"truncate": "layer-pruning", "prune": "width-pruning", "pretrain": "continued-pretraining",
@@ -140,11 +140,12 @@ def render(name: str, record: dict[str, Any], results: list[dict[str, Any]] | No
     lines += [f"- {line}" for line in _how(record)]
     lines += ["", "## Results", ""]
     if results:
-        lines += ["| benchmark | metric | score (%) | items | split | shots |", "|---|---|---:|---:|---|---:|"]
-        for r in results:
-            err = f" ± {100 * r['stderr']:.1f}" if r.get("stderr") is not None else ""
-            lines.append(f"| {r['task']} | {r['metric']} | {100 * r['value']:.1f}{err} | {r['items']:,} | "
-                         f"{r['split']} | {r.get('num_fewshot', 0)} |")
+        def score(r: dict[str, Any]) -> str:
+            return f"{100 * r['value']:.1f}" + (f" ± {100 * r['stderr']:.1f}" if r.get("stderr") is not None else "")
+
+        lines += md_table(("benchmark", "metric", "score (%)", "items", "split", "shots"), [
+            (r["task"], r["metric"], score(r), f"{r['items']:,}", r["split"], r.get("num_fewshot", 0)) for r in results],
+            "llrrlr")
         lines += ["", "Measured with lm-evaluation-harness by `lmshrink eval --tasks ...` (mean ± standard error)."]
     else:
         lines.append("Not evaluated yet: `lmshrink eval --models THIS_FOLDER --tasks core` adds the scores here.")

@@ -52,7 +52,7 @@ from lmshrink.data.cleaning import (
 from lmshrink.data.sources import DataError, resolve_path
 from lmshrink.errors import Stopped
 from lmshrink.integrity import problem
-from lmshrink.records import exclusive, provenance, save_figure, write_json, write_text
+from lmshrink.records import exclusive, md_table, provenance, save_figure, write_json, write_text
 
 EXECUTORS = ("local", "slurm", "ray")
 FORMATS = ("jsonl", "parquet")
@@ -379,16 +379,15 @@ def markdown(summary: dict[str, Any], seconds: float | None) -> str:
            f"Every document accounted for: {'yes' if summary['conserved'] else 'NO'} "
            f"({kept['documents']:,} kept + {summary['rejected_documents']:,} rejected)."
            + (f" Took {seconds:,.1f} s." if seconds else ""), "",
-           "## Documents rejected, by step and reason", "",
-           "| step | reason | documents | % of input | input MB |", "|---|---|---:|---:|---:|"]
-    for r in sorted(summary["rejected"], key=lambda r: -r["documents"]):
-        share = pct(r["documents"], inp["documents"])
-        out.append(f"| {r['step']} | {r['reason']} | {r['documents']:,} | {share} | {_mb(r['input_bytes'])} |")
+           "## Documents rejected, by step and reason", ""]
+    out += md_table(("step", "reason", "documents", "% of input", "input MB"),
+                    [(r["step"], r["reason"], f"{r['documents']:,}", pct(r["documents"], inp["documents"]),
+                      _mb(r["input_bytes"])) for r in sorted(summary["rejected"], key=lambda r: -r["documents"])], "llrrr")
     if summary["lines_removed"]:
-        out += ["", "## Lines removed inside kept and rejected documents (the paper's line filters)", "",
-                "| reason | lines | MB |", "|---|---:|---:|"]
-        for reason, count in sorted(summary["lines_removed"].items(), key=lambda kv: -kv[1]):
-            out.append(f"| {reason} | {count:,} | {_mb(summary['line_bytes_removed'].get(reason, 0))} |")
+        out += ["", "## Lines removed inside kept and rejected documents (the paper's line filters)", ""]
+        out += md_table(("reason", "lines", "MB"),
+                        [(reason, f"{count:,}", _mb(summary["line_bytes_removed"].get(reason, 0)))
+                         for reason, count in sorted(summary["lines_removed"].items(), key=lambda kv: -kv[1])], "lrr")
     if summary["html_documents"]:
         out += ["", f"{summary['html_documents']:,} HTML documents were turned into text."]
     return "\n".join(out) + "\n"

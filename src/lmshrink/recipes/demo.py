@@ -40,7 +40,7 @@ from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
 from lmshrink.recipes.truncate import TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
-from lmshrink.records import RECORD, count, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.records import RECORD, count, md_table, provenance, read_record, save_figure, write_json, write_text
 
 REPAIR_STRATEGIES = ("importance", *SEARCHES)
 
@@ -282,12 +282,9 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         "",
         markdown_table(table, "(1x256)"),
         "",
-        "| student | kept blocks | dropped blocks |",
-        "|---|---|---|",
+        *md_table(("student", "kept blocks", "dropped blocks"),
+                  [(row["model"], row["kept_layers"], dropped(row, n)) for row in table[1:] if "heal" not in row]),
     ]
-    for row in table[1:]:
-        if "heal" not in row:
-            lines.append(f"| {row['model']} | {row['kept_layers']} | {dropped(row, n)} |")
     if "importance" in fixed and len(fixed) > 1:
         imp = by_name["importance"]["perplexity"]
         lines += ["", "## Does the choice of blocks matter?", ""]
@@ -307,12 +304,13 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
                   f"The same blocks (chosen {chosen}: drops {dropped(by_name[repaired], n)}) as cut and repaired by "
                   f"`{repair.repair}` ({repair.repair_tokens:,} calibration tokens of "
                   f"{', '.join(f'`{d}`' for d in repair.repair_data)}; fits on the {repair.repair_fit}'s activations), "
-                  "perplexity and ratio to the teacher:", "",
-                  "| source | teacher | as cut | repaired | change |", "|---|---:|---:|---:|---:|"]
+                  "perplexity and ratio to the teacher:", ""]
+        rows = []
         for source in ppl.data:
             t, c, r = (by_name[m]["perplexity"][source] for m in ("teacher", twin, repaired))
-            lines.append(f"| `{source}` | {t:,.2f} | {c:,.2f} ({c / t:.2f}x) | **{r:,.2f}** ({r / t:.2f}x) | "
-                         f"{r / c - 1:+.0%} |")
+            rows.append((f"`{source}`", f"{t:,.2f}", f"{c:,.2f} ({c / t:.2f}x)", f"**{r:,.2f}** ({r / t:.2f}x)",
+                         f"{r / c - 1:+.0%}"))
+        lines += md_table(("source", "teacher", "as cut", "repaired", "change"), rows, "lrrrr")
     healed = [row for row in table if "heal" in row]
     if healed:
         start = repaired if repaired in by_name else "importance"
@@ -322,13 +320,11 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
                   f"{', '.join(f'`{d}`' for d in settings.corpus.data)} (block {settings.corpus.block_size}, "
                   f"batch {train.batch_size}, lr {train.lr:g}, warm-up {train.warmup:.0%}"
                   + (f", {', '.join(train.freeze)} frozen" if train.freeze else "") + "); KD is "
-                  f"{RECIPE_LOSSES[settings.recipe]}:", "",
-                  "| method | train wall time | " + " | ".join(f"ppl {h} before -> after" for h in ppl.data) + " |",
-                  "|---|---|" + "---|" * len(ppl.data)]
-        for row in healed:
-            cells = [f"{before[h]:,.1f} -> **{row['perplexity'][h]:,.1f}** ({row['perplexity'][h] / before[h] - 1:+.0%})"
-                     for h in ppl.data]
-            lines.append(f"| {row['model']} | {row['heal']['train_seconds']:.0f} s | " + " | ".join(cells) + " |")
+                  f"{RECIPE_LOSSES[settings.recipe]}:", ""]
+        lines += md_table(("method", "train wall time", *(f"ppl {h} before -> after" for h in ppl.data)), [
+            (row["model"], f"{row['heal']['train_seconds']:.0f} s",
+             *(f"{before[h]:,.1f} -> **{row['perplexity'][h]:,.1f}** ({row['perplexity'][h] / before[h] - 1:+.0%})"
+               for h in ppl.data)) for row in healed])
     if settings.benchmarks.tasks:
         lines += ["", "## Zero-shot benchmarks", "", tasks_table(table), "", tasks_note(table, ev), "",
                   "![zero-shot scores](tasks.png)"]
@@ -348,10 +344,8 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         "",
         "## Time",
         "",
-        "| step | wall time |",
-        "|---|---:|",
-        *(f"| {step} | {sec:,.0f} s |" for step, sec in steps.items()),
-        f"| **total** | **{seconds / 60:.1f} min** |",
+        *md_table(("step", "wall time"), [*((step, f"{sec:,.0f} s") for step, sec in steps.items()),
+                                          ("**total**", f"**{seconds / 60:.1f} min**")], "lr"),
         "",
         "Reproduce with `lmshrink demo` (settings in report.json).",
         "",

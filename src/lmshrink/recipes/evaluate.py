@@ -25,7 +25,7 @@ from lmshrink.export import llamacpp
 from lmshrink.export.model_card import add_results
 from lmshrink.models import check as check_model
 from lmshrink.models import load, pick_device
-from lmshrink.records import RECORD, count, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.records import RECORD, count, md_table, provenance, read_record, save_figure, write_json, write_text
 
 RUNTIMES = ("transformers", "llamacpp")
 
@@ -229,8 +229,7 @@ def markdown_table(rows: list[dict[str, Any]], speed_shape: str = "") -> str:
     has_speed = "latency_ms" in rows[0]
     if has_speed:
         head += [f"latency ms {speed_shape}".strip(), "tokens/s", "speed-up", "gen tok/s", "peak MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ref = rows[0]
+    ref, table = rows[0], []
     for row in rows:
         cells = [row["model"], _fmt(row["layers"]), _fmt(row["parameters"] / 1e6, 1), _fmt(row["disk_mb"], 1)]
         cells += [_fmt(row["perplexity"].get(s)) for s in sources]
@@ -238,8 +237,8 @@ def markdown_table(rows: list[dict[str, Any]], speed_shape: str = "") -> str:
             cells += [_fmt(row["latency_ms"], 1), _fmt(row["tokens_per_s"], 0),
                       f"{ref['latency_ms'] / row['latency_ms']:.2f}x", _fmt(row["generate_tokens_per_s"], 1),
                       _fmt(row["peak_memory_mb"], 0)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return "\n".join(md_table(head, table))
 
 
 def tasks_table(rows: list[dict[str, Any]]) -> str:
@@ -248,8 +247,7 @@ def tasks_table(rows: list[dict[str, Any]]) -> str:
     tasks = list(rows[0]["tasks"])
     head = ["model", "params (M)"] + [f"{t} ({rows[0]['tasks'][t]['metric']})" for t in tasks]
     head += ["average", "share of reference"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    ref = rows[0]["task_average"]
+    ref, table = rows[0]["task_average"], []
     for row in rows:
         cells = [row["model"], _fmt(row["parameters"] / 1e6, 1)]
         for t in tasks:
@@ -257,8 +255,8 @@ def tasks_table(rows: list[dict[str, Any]]) -> str:
             cells.append(f"{100 * s['value']:.1f} ± {100 * s['stderr']:.1f}" if s["stderr"] is not None
                          else f"{100 * s['value']:.1f}")
         cells += [f"{100 * row['task_average']:.1f}", f"{row['task_average'] / ref:.0%}" if ref else "n/a"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return "\n".join(md_table(head, table, "l" + "r" * (len(head) - 1)))
 
 
 def tasks_note(rows: list[dict[str, Any]], settings: EvalSettings) -> str:

@@ -14,7 +14,7 @@ from lmshrink.errors import one_of
 from lmshrink.export.gguf import LLAMA_QUANTIZE_ONLY, QUANTS, export_problems, sliding_window_note, write_gguf
 from lmshrink.export.model_card import card_name, origin
 from lmshrink.models import load, no_tokenizer
-from lmshrink.records import provenance, read_record, write_json, write_text
+from lmshrink.records import md_table, provenance, read_record, write_json, write_text
 
 FORMATS = ("gguf",)
 EXPORT_RECORD = "export.json"
@@ -75,10 +75,11 @@ def card(name: str, base_model: str | None, license: str | None, files: dict[str
     lines = [*meta, "---", "", f"# {name} (GGUF)", "",
              "Written by `lmshrink export`; run with llama.cpp, e.g. "
              f"`llama-cli -m {next(iter(files))} -p \"Hello\"`, or load in Ollama, LM Studio or llama-cpp-python.",
-             "", "| file | type | MB | tensors by type | sha256 |", "|---|---|---:|---|---|"]
-    for file, info in files.items():
-        types = ", ".join(f"{k} {v}" for k, v in sorted(info["tensor_types"].items()))
-        lines.append(f"| {file} | {info['quant']} | {info['bytes'] / 2**20:,.1f} | {types} | {info['sha256'][:16]} |")
+             ""]
+    lines += md_table(("file", "type", "MB", "tensors by type", "sha256"), [
+        (file, info["quant"], f"{info['bytes'] / 2**20:,.1f}",
+         ", ".join(f"{k} {v}" for k, v in sorted(info["tensor_types"].items())), info["sha256"][:16])
+        for file, info in files.items()], "llrll")
     lines += ["", f"Provenance (teacher, kept blocks, every setting) is in each file's `lmshrink.record` metadata "
                   f"and in `{EXPORT_RECORD}`."]
     return "\n".join(lines) + "\n"

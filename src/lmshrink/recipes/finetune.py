@@ -62,7 +62,7 @@ from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
-from lmshrink.records import RECORD, holding_output, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.records import RECORD, holding_output, md_table, provenance, read_record, save_figure, write_json, write_text
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -374,13 +374,12 @@ def markdown(summary: dict[str, Any], s: FinetuneSettings, main: str) -> str:
     lines = [f"# Fine-tuning `{s.model}` on `{s.task}`", "",
              f"Methods over seeds {', '.join(map(str, s.seeds))}: mean +- std (sample std over seeds); "
              f"teacher `{s.teacher}`." if s.teacher else f"Seeds {', '.join(map(str, s.seeds))}.", "",
-             "| method | " + " | ".join(names) + " | train s (mean) |", "|---|" + "---:|" * (len(names) + 1)]
-    if teacher:
-        lines.append("| teacher | " + " | ".join(f"{teacher[n]:.4f}" if n in teacher else "-" for n in names) + " | - |")
+]
+    table = [("teacher", *(f"{teacher[n]:.4f}" if n in teacher else "-" for n in names), "-")] if teacher else []
+    table += [(r["method"], *(f"{r[n]['mean']:.4f} +- {r[n]['std']:.4f}" for n in names), f"{r['train_seconds']:.0f}")
+              for r in rows]
+    lines += md_table(("method", *names, "train s (mean)"), table, "l" + "r" * (len(names) + 1))
     best_none = next((r[main]["mean"] for r in rows if r["method"] == "none"), None)
-    for r in rows:
-        cells = [f"{r[n]['mean']:.4f} +- {r[n]['std']:.4f}" for n in names]
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} |")
     if best_none is not None and len(rows) > 1:
         lower_better = main == "perplexity"
         better = [r["method"] for r in rows if r["method"] != "none"

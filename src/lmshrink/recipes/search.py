@@ -33,7 +33,7 @@ from lmshrink.recipes.prune import AXES, PruneSettings
 from lmshrink.recipes.prune import run as prune
 from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers
-from lmshrink.records import RECORD, holding_output, provenance, save_figure, write_json, write_text
+from lmshrink.records import RECORD, holding_output, md_table, provenance, save_figure, write_json, write_text
 
 
 @dataclass(kw_only=True)
@@ -116,12 +116,12 @@ def report(s: SearchSettings, rows: list[dict[str, Any]], teacher_params: int) -
              f"of {', '.join(s.corpus.data)}, block {s.corpus.block_size}, batch {s.train.batch_size}, lr "
              f"{s.train.lr:g}; KD {s.kd.loss} at T = {s.kd.temperature:g}, alpha_ce {s.kd.alpha_ce:g}, alpha_clm "
              f"{s.kd.alpha_clm:g}), ranked by perplexity on {', '.join(s.corpus.eval_data) or 'held-out documents'}.",
-             "", "| rank | axis | blocks | hidden | MLP | heads (kv) | parameters | held-out ppl as cut | after healing "
-             "| healing time |", "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
-    for i, r in enumerate(rows, 1):
-        lines.append(f"| {i} | {r['axis']} | {r['layers']} | {r['hidden']} | {r['intermediate']} | {r['heads']} "
-                     f"({r['kv_heads']}) | {r['parameters'] / 1e6:.1f}M ({r['parameters'] / teacher_params:.0%}) | "
-                     f"{r['ppl_before']:,.1f} | **{r['ppl_after']:,.2f}** | {r['train_seconds']:.0f} s |")
+             ""]
+    lines += md_table(("rank", "axis", "blocks", "hidden", "MLP", "heads (kv)", "parameters", "held-out ppl as cut",
+                       "after healing", "healing time"), [
+        (i, r["axis"], r["layers"], r["hidden"], r["intermediate"], f"{r['heads']} ({r['kv_heads']})",
+         f"{r['parameters'] / 1e6:.1f}M ({r['parameters'] / teacher_params:.0%})", f"{r['ppl_before']:,.1f}",
+         f"**{r['ppl_after']:,.2f}**", f"{r['train_seconds']:.0f} s") for i, r in enumerate(rows, 1)], "rlrrrlrrrr")
     if rows:
         best = rows[0]
         lines += ["", f"Winner: **{best['axis']}** (`{best['student']}`). Heal it fully, e.g.:", "", "```bash",

@@ -61,7 +61,7 @@ from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers
 from lmshrink.recipes.truncate import TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
-from lmshrink.records import RECORD, count, holding_output, provenance, read_record, save_figure, write_json, write_text
+from lmshrink.records import RECORD, count, holding_output, md_table, provenance, read_record, save_figure, write_json, write_text
 
 QUESTIONS = ("healing", "strategies", "finetune_kd", "cleaning")
 
@@ -436,13 +436,11 @@ def _fmt(i: dict[str, Any], digits: int = 2) -> str:
 
 
 def _claims_table(claims: list[dict[str, Any]]) -> list[str]:
-    lines = ["| claim (A better than B) | A | B | difference, 95% interval | interval over | verdict |",
-             "|---|---:|---:|---:|---|---|"]
-    for c in claims:
-        span = "-" if c["low"] is None else f"{c['difference']:+,.3f} [{c['low']:+,.3f}, {c['high']:+,.3f}]"
-        over = "items and seeds (paired)" if c.get("method", "").startswith("paired") else "seeds"
-        lines.append(f"| {c['claim']} | {_fmt(c['a'], 3)} | {_fmt(c['b'], 3)} | {span} | {over} | **{c['verdict']}** |")
-    return lines
+    return md_table(("claim (A better than B)", "A", "B", "difference, 95% interval", "interval over", "verdict"), [
+        (c["claim"], _fmt(c["a"], 3), _fmt(c["b"], 3),
+         "-" if c["low"] is None else f"{c['difference']:+,.3f} [{c['low']:+,.3f}, {c['high']:+,.3f}]",
+         "items and seeds (paired)" if c.get("method", "").startswith("paired") else "seeds", f"**{c['verdict']}**")
+        for c in claims], "lrrrll")
 
 
 def report(s: StudySettings, results: dict[str, Any], commands: dict[str, str], seconds: float) -> str:
@@ -458,20 +456,18 @@ def report(s: StudySettings, results: dict[str, Any], commands: dict[str, str], 
         h = results["healing"]
         lines += ["## 1. Truncation + LM loss vs distillation", "",
                   "The paper's claim: truncation + plain LM pre-training trains far faster than distillation and "
-                  "fine-tunes better.", "",
-                  "| arm | lr (chosen from) | train s | TFLOPs | "
-                  + " | ".join(f"ppl {src}" for src in s.perplexity.data)
-                  + f" | ppl at {h['equal_time_seconds']:.0f} s | zero-shot avg | "
-                  + " | ".join(f"{t} acc" for t in s.tasks) + " |",
-                  "|---|---|---:|---:|" + "---:|" * (len(s.perplexity.data) + 2 + len(s.tasks))]
+                  "fine-tunes better.", ""]
+        rows = []
         for name, a in h["arms"].items():
             tried = ", ".join(f"{lr:g}: {ppl:.2f}" for lr, ppl in a["lr_tried"].items())
             zero = [v for v in a["zero_shot"] if v is not None]
-            cells = [_fmt(interval(a["ppl"][src])) for src in s.perplexity.data]
-            cells += [_fmt(interval(a["ppl_at_equal_time"])), _fmt(interval(zero), 3) if zero else "-"]
-            cells += [_fmt(interval(a["downstream"][t]), 3) for t in s.tasks]
-            lines.append(f"| {ARM_NAMES[name]} | {a['lr']:g} ({tried}) | {_fmt(interval(a['train_seconds']), 0)} | "
-                         f"{a['flops'] / 1e12:,.1f} | " + " | ".join(cells) + " |")
+            rows.append((ARM_NAMES[name], f"{a['lr']:g} ({tried})", _fmt(interval(a["train_seconds"]), 0),
+                         f"{a['flops'] / 1e12:,.1f}", *(_fmt(interval(a["ppl"][src])) for src in s.perplexity.data),
+                         _fmt(interval(a["ppl_at_equal_time"])), _fmt(interval(zero), 3) if zero else "-",
+                         *(_fmt(interval(a["downstream"][t]), 3) for t in s.tasks)))
+        header = ("arm", "lr (chosen from)", "train s", "TFLOPs", *(f"ppl {src}" for src in s.perplexity.data),
+                  f"ppl at {h['equal_time_seconds']:.0f} s", "zero-shot avg", *(f"{t} acc" for t in s.tasks))
+        lines += md_table(header, rows, "llrr" + "r" * (len(header) - 4))
         t = h["teacher"]
         lines += ["", "Teacher: " + ", ".join(f"ppl {src} {t['perplexity'][src]:.2f}" for src in s.perplexity.data)
                   + (f", zero-shot average {t['task_average']:.3f}" if t.get("task_average") is not None else "") + ".",
@@ -479,33 +475,32 @@ def report(s: StudySettings, results: dict[str, Any], commands: dict[str, str], 
     if "strategies" in results:
         q = results["strategies"]
         lines += ["## 2. Which blocks to keep", "",
-                  f"Each student healed with the LM arm (lr {q['lr']:g}) at the same budget.", "",
-                  "| strategy | kept blocks | ppl as cut | " + " | ".join(f"ppl {src}" for src in s.perplexity.data)
-                  + " | zero-shot avg |", "|---|---|---:|" + "---:|" * (len(s.perplexity.data) + 1)]
+                  f"Each student healed with the LM arm (lr {q['lr']:g}) at the same budget.", ""]
+        rows = []
         for name, r in q["rows"].items():
             zero = [v for v in r["zero_shot"] if v is not None]
-            lines.append(f"| {name} | {r['kept']} | {r['ppl_before']:,.1f} | "
-                         + " | ".join(_fmt(interval(r["ppl"][src])) for src in s.perplexity.data)
-                         + f" | {_fmt(interval(zero), 3) if zero else '-'} |")
+            rows.append((name, r["kept"], f"{r['ppl_before']:,.1f}",
+                         *(_fmt(interval(r["ppl"][src])) for src in s.perplexity.data),
+                         _fmt(interval(zero), 3) if zero else "-"))
+        lines += md_table(("strategy", "kept blocks", "ppl as cut", *(f"ppl {src}" for src in s.perplexity.data),
+                           "zero-shot avg"), rows, "llr" + "r" * (len(s.perplexity.data) + 1))
         lines += ["", *_claims_table(q["claims"]), "", "![perplexity by strategy](strategies.png)", ""]
     if "finetune_kd" in results:
         q = results["finetune_kd"]
         lines += ["## 3. KD during fine-tuning", "",
                   f"The healed LM-arm student fine-tuned on `{q['task']}` with each method, seeds {s.ft_seeds}; "
-                  f"the fine-tuned teacher scores {q['teacher']:.3f}.", "",
-                  f"| method | {q['metric']} (mean, 95% interval) | train s |", "|---|---:|---:|"]
-        lines += [f"| {m} | {_fmt(r, 3)} | {r['train_seconds']:.0f} |" for m, r in q["rows"].items()]
+                  f"the fine-tuned teacher scores {q['teacher']:.3f}.", ""]
+        lines += md_table(("method", f"{q['metric']} (mean, 95% interval)", "train s"),
+                          [(m, _fmt(r, 3), f"{r['train_seconds']:.0f}") for m, r in q["rows"].items()], "lrr")
         lines += ["", *_claims_table(q["claims"]), "", "![accuracy by KD method](finetune_kd.png)", ""]
     if "cleaning" in results:
         q = results["cleaning"]
         lines += ["## 4. Data cleaning", "",
                   f"The same student pre-trained (LM arm, lr {q['lr']:g}) on `{', '.join(s.raw_data)}` as read and "
-                  "as `lmshrink clean` left it, at the same token budget.", "",
-                  "| corpus | documents | MB | " + " | ".join(f"ppl {src}" for src in s.perplexity.data) + " |",
-                  "|---|---:|---:|" + "---:|" * len(s.perplexity.data)]
-        for name, a in q["arms"].items():
-            lines.append(f"| {name} | {a['documents']} | {a['mb']:.1f} | "
-                         + " | ".join(_fmt(interval(a["ppl"][src])) for src in s.perplexity.data) + " |")
+                  "as `lmshrink clean` left it, at the same token budget.", ""]
+        lines += md_table(("corpus", "documents", "MB", *(f"ppl {src}" for src in s.perplexity.data)),
+                          [(name, a["documents"], f"{a['mb']:.1f}", *(_fmt(interval(a["ppl"][src])) for src in s.perplexity.data))
+                           for name, a in q["arms"].items()], "lrr" + "r" * len(s.perplexity.data))
         lines += ["", *_claims_table(q["claims"]), "", "![raw vs clean](cleaning.png)", ""]
     lines += ["## Re-running one stage", "", "Every stage is an ordinary lmshrink run; its settings are in "
               "`configs/` under the study folder:", "", "```bash", *sorted(set(commands.values())), "```", ""]
