@@ -307,8 +307,55 @@ def train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], mo
 
 def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
            train_data, heldout, extra_record: dict[str, Any] | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
-    check_length(model.config, settings.corpus.block_size, "block_size")
     out = Path(settings.output)
+    checkpoint, args = _prepare(settings, model, out)
+    source_record = read_record(model.name_or_path) or {}  # the loaded folder (GGUF / embedded names resolved)
+    base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
+                       teacher=source_record.get("teacher"), origin=source_record or None,
+                       framing=Framing.of(tokenizer).record(tokenizer), **(extra_record or {}))
+    stop = StopOnSignal()
+    metrics_file = MetricsFile(out / "metrics.jsonl", checkpoint_step(checkpoint))
+    callbacks = [metrics_file, RecordCheckpoints(provenance(command, to_dict(settings), **base_record)), stop]
+    if settings.train.profile_steps:
+        callbacks.append(Profile(out / "profile", settings.train.profile_steps))
+    teacher = trainer_kwargs.get("teacher")
+    fused = _fused_head(settings, args, model, trainer_cls, trainer_kwargs)
+    # datasets tables hand rows out as tensors, not Python lists: collating a 16 x 1024 batch costs
+    # 0.3 ms instead of 2.3 ms of the host's time per step (measured on a 2-core CPU)
+    train_data, heldout = (d.with_format("torch") if hasattr(d, "with_format") else d for d in (train_data, heldout))
+    block = settings.corpus.block_size
+    model_flops = flops_per_token(model, block) + (flops_per_token(teacher, block, training=False) if teacher else 0)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=heldout,
+                          data_collator=collate, processing_class=tokenizer, callbacks=callbacks,
+                          fused_head=fused, flops_per_token=model_flops, **trainer_kwargs)
+    print(f"[lmshrink] {command} on {device_name(args.device.type)}: compile {'on' if args.torch_compile else 'off'}, "
+          f"fused head {'on' if fused else 'off'}, optimizer {run_optimizer(args)}, {run_precision(args)}; "
+          f"peak {trainer.peak_flops / 1e12:.1f} TFLOP/s (measured matmul); runs to "
+          f"{run_length(settings.train, block)[1]}", flush=True)
+    if checkpoint:
+        print(f"[lmshrink] resuming from {Path(checkpoint).name} (step {checkpoint_step(checkpoint)} "
+              f"of {args.max_steps if args.max_steps > 0 else 'the run'})", flush=True)
+    with hidden_states_as_logits(*trainer.head_models()):
+        metrics = _run(trainer, checkpoint, metrics_file, stop, heldout is not None)
+    metrics["heldout_tokens"] = heldout.num_rows * block if heldout is not None else 0
+    metrics["speed"] = trainer.speed_record(whole_run_tps=metrics["steps"] * tokens_per_step(settings.train, block)
+                                            / max(metrics["train_seconds"], 1e-9))
+    record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
+    save_trained(trainer, out / "model", record, out.name)
+    drop_checkpoints(trainer, out / "checkpoints", settings.train)
+    if trainer.is_world_process_zero():
+        write_json(out / RECORD, record)
+        print(f"{command}: {count(metrics['steps'], 'step')}, {count(metrics['tokens_seen'], 'token')} in "
+              f"{metrics['train_seconds']:.0f}s; held-out perplexity on whole {block}-token blocks (not `eval`'s "
+              f"sliding windows) {metrics['heldout_ppl_before'] or float('nan'):.2f} -> "
+              f"{metrics['heldout_ppl_after'] or float('nan'):.2f}; model in {out / 'model'}")
+    return metrics
+
+
+def _prepare(settings: HealSettings, model, out: Path) -> tuple[str | None, TrainingArguments]:
+    """Checks that need the model, the run folder started over if asked, the checkpoint to carry on
+    from (None: a fresh run), the Trainer's arguments, and the frozen parts."""
+    check_length(model.config, settings.corpus.block_size, "block_size")
     if settings.train.overwrite:
         start_over(out)
     checkpoint = last_checkpoint(out / "checkpoints")  # carry_on checked it is this run's
@@ -323,16 +370,12 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
         model.config.use_cache = False
     if frozen := freeze(model, settings.train.freeze):
         print(f"[lmshrink] {frozen}", flush=True)
-    source_record = read_record(model.name_or_path) or {}  # the loaded folder (GGUF / embedded names resolved)
-    base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
-                       teacher=source_record.get("teacher"), origin=source_record or None,
-                       framing=Framing.of(tokenizer).record(tokenizer), **(extra_record or {}))
-    resume_from = checkpoint
-    stop = StopOnSignal()
-    metrics_file = MetricsFile(out / "metrics.jsonl", checkpoint_step(resume_from))
-    callbacks = [metrics_file, RecordCheckpoints(provenance(command, to_dict(settings), **base_record)), stop]
-    if settings.train.profile_steps:
-        callbacks.append(Profile(out / "profile", settings.train.profile_steps))
+    return checkpoint, args
+
+
+def _fused_head(settings: HealSettings, args: TrainingArguments, model, trainer_cls: type[LMTrainer],
+                trainer_kwargs: dict[str, Any]) -> bool:
+    """Whether the loss runs through the fused head: the setting, unless this run cannot (one line why)."""
     teacher = trainer_kwargs.get("teacher")
     fused = fused_head_on(settings.train.fused_head, args.per_device_train_batch_size, settings.corpus.block_size,
                           model.config.vocab_size)
@@ -340,50 +383,24 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
                                  trainer_cls.head_problem(**trainer_kwargs))), None)
     if fused and problem:
         print(f"[lmshrink] fused head off: {problem}; the loss is computed from full logits", flush=True)
-        fused = False
-    # datasets tables hand rows out as tensors, not Python lists: collating a 16 x 1024 batch costs
-    # 0.3 ms instead of 2.3 ms of the host's time per step (measured on a 2-core CPU)
-    train_data, heldout = (d.with_format("torch") if hasattr(d, "with_format") else d for d in (train_data, heldout))
-    block = settings.corpus.block_size
-    model_flops = flops_per_token(model, block) + (flops_per_token(teacher, block, training=False) if teacher else 0)
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=heldout,
-                          data_collator=collate, processing_class=tokenizer, callbacks=callbacks,
-                          fused_head=fused, flops_per_token=model_flops, **trainer_kwargs)
-    print(f"[lmshrink] {command} on {device_name(args.device.type)}: compile {'on' if args.torch_compile else 'off'}, "
-          f"fused head {'on' if fused else 'off'}, optimizer {run_optimizer(args)}, {run_precision(args)}; "
-          f"peak {trainer.peak_flops / 1e12:.1f} TFLOP/s (measured matmul); runs to "
-          f"{run_length(settings.train, settings.corpus.block_size)[1]}", flush=True)
-    if resume_from:
-        print(f"[lmshrink] resuming from {Path(resume_from).name} (step {checkpoint_step(resume_from)} "
-              f"of {args.max_steps if args.max_steps > 0 else 'the run'})", flush=True)
-    with hidden_states_as_logits(*trainer.head_models()):
-        if checkpoint:  # measured before the first step of the interrupted part
-            before = metrics_file.loss_before()
-        else:
-            before = trainer.evaluate()["eval_loss"] if heldout is not None else None
-        earlier = metrics_file.elapsed()  # a resumed run counts the part before its checkpoint
-        started = time.perf_counter() - earlier
-        result = train_until_stopped(trainer, resume_from, stop, "run the same command to carry on", elapsed=earlier)
-        wall = time.perf_counter() - started
-        after = trainer.evaluate()["eval_loss"] if heldout is not None else None
-    metrics = {
-        "train_loss": result.training_loss,
-        "steps": trainer.state.global_step,
-        "tokens_seen": trainer.state.num_input_tokens_seen,
-        "train_seconds": wall,
-        "heldout_ppl_before": math.exp(before) if before is not None else None,
-        "heldout_ppl_after": math.exp(after) if after is not None else None,
-        "heldout_tokens": heldout.num_rows * settings.corpus.block_size if heldout is not None else 0,
-        "speed": trainer.speed_record(whole_run_tps=trainer.state.global_step
-                                      * tokens_per_step(settings.train, settings.corpus.block_size) / max(wall, 1e-9)),
-    }
-    record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
-    save_trained(trainer, out / "model", record, out.name)
-    drop_checkpoints(trainer, out / "checkpoints", settings.train)
-    if trainer.is_world_process_zero():
-        write_json(out / RECORD, record)
-        print(f"{command}: {count(metrics['steps'], 'step')}, {count(metrics['tokens_seen'], 'token')} in {wall:.0f}s; "
-              f"held-out perplexity on whole {settings.corpus.block_size}-token blocks (not `eval`'s sliding windows) "
-              f"{metrics['heldout_ppl_before'] or float('nan'):.2f} -> "
-              f"{metrics['heldout_ppl_after'] or float('nan'):.2f}; model in {out / 'model'}")
-    return metrics
+        return False
+    return fused
+
+
+def _run(trainer: LMTrainer, checkpoint: str | None, metrics_file: MetricsFile, stop: StopOnSignal,
+         evaluated: bool) -> dict[str, Any]:
+    """Train (carrying on from `checkpoint`), the held-out loss measured before and after; the run's
+    metrics, its clock counting the part before the checkpoint."""
+    if checkpoint:  # measured before the first step of the interrupted part
+        before = metrics_file.loss_before()
+    else:
+        before = trainer.evaluate()["eval_loss"] if evaluated else None
+    earlier = metrics_file.elapsed()
+    started = time.perf_counter() - earlier
+    result = train_until_stopped(trainer, checkpoint, stop, "run the same command to carry on", elapsed=earlier)
+    wall = time.perf_counter() - started
+    after = trainer.evaluate()["eval_loss"] if evaluated else None
+    return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+            "tokens_seen": trainer.state.num_input_tokens_seen, "train_seconds": wall,
+            "heldout_ppl_before": math.exp(before) if before is not None else None,
+            "heldout_ppl_after": math.exp(after) if after is not None else None}
