@@ -109,13 +109,7 @@ def removal_share(model, n: int, k: int) -> str:
 def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | None, scores: dict | None,
         metric: str, args: CutArgs, calib_data: str, calib_tokens: int):
     """Choose the blocks, cut and repair: the student and what its record says about the cut."""
-    problems = repair_problems(teacher.config, args.repair)
-    if problems:
-        raise SettingsError(problems[0])
-    if keep is None and strategy in SEARCHES and tokenizer is None:
-        raise no_tokenizer(teacher.name_or_path)
-    if args.repair != "none" and tokenizer is None:  # the repair reads calibration text
-        raise SettingsError(f"repair: {no_tokenizer(teacher.name_or_path)}; or cut without a repair: --repair none")
+    _check(teacher, tokenizer, strategy, keep, args)
     length = min(512, context_limit(teacher.config) or 512)
     record: dict[str, Any] = {"framing": Framing.of(tokenizer).record(tokenizer)} if tokenizer is not None else {}
     print(removal_share(teacher, n, k))
@@ -127,57 +121,82 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
                                       min(length, args.repair_tokens))
         calib_seconds = time.perf_counter() - started
     if keep is None and strategy in SEARCHES:
-        rows = calibration_rows(calib_data, tokenizer, args.search_tokens, min(length, args.search_tokens))
-        fitted = (f", each candidate repaired by {args.repair} fitted on {repair_rows.numel():,} tokens of "
-                  f"{', '.join(args.repair_data)}" if repair_rows is not None else "")
-        print(f"choosing {k} of {n} blocks by {strategy} search ({args.search_measure} on {rows.numel():,} tokens of "
-              f"{calib_data}{fitted})")
-        search = CutSearch(teacher, rows, args.repair, args.search_measure, fit_rows=repair_rows,
-                           fit_blocks=fit_blocks_for(strategy, n, k))
-        search.progress = progress_file(search, repair_rows)  # a stopped search carries on
-        keep, path = SEARCHES[strategy](search, k)
-        record["search"] = {"strategy": strategy, "measure": args.search_measure, "tokens": rows.numel(),
-                            "repair": args.repair, "candidates_scored": search.evaluated,
-                            "removals_read": search.resumed, "path": path,
-                            "seconds": time.perf_counter() - started - calib_seconds}
-        # what of the search's captures the student's repair reads is kept, the rest let go before
-        # the student is built (on Gemma-3-270M 1.8 GB: every block's stream and fit features)
-        if repair_rows is not None:
-            states, projs = needs(n, keep, args.repair_fit, args.repair_downstream)
-            captured = ({i: search.states[i] for i in states if i in search.states},
-                        {i: search.projs[i] for i in projs if i in search.projs})
-        del search
+        keep, record["search"], captured = _search(teacher, tokenizer, n, k, strategy, args, calib_data, length,
+                                                   repair_rows)
+        record["search"]["seconds"] = time.perf_counter() - started - calib_seconds
     else:
         keep = select_layers(n, strategy, k, keep, scores, metric)
     student = truncate_model(teacher, keep)
     if repair_rows is not None:
-        mark = time.perf_counter()
-        student, fits = repair(teacher, student, keep, repair_rows, args.repair, args.repair_fit,
-                               tuple(args.repair_strength), captured=captured, downstream=args.repair_downstream)
-        spans = [s for s in fits if not s.get("downstream")]
-        record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": args.repair_data,
-                            "strengths": args.repair_strength,
-                            "downstream": [s for s in fits if s.get("downstream")],
-                            "tokens": repair_rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark,
-                            "calibration_seconds": calib_seconds}
-        if args.repair_epochs:
-            blocks = [s["student_block"] for s in spans if "student_block" in s]
-            refined = refine(teacher, student, blocks, repair_rows, args.repair_epochs, args.repair_lr)
-            record["repair"]["refine"] = refined
-            if "skipped" in refined:
-                print(f"not fitted on the output: {refined['skipped']}")
-            else:
-                kl = refined["heldout_kl"]
-                print(f"fitted on the output for {args.repair_epochs} passes in {refined['seconds']:.0f} s: held-out "
-                      f"KL {kl[0]:.4f} -> {kl[refined['kept_epoch']]:.4f} (pass {refined['kept_epoch']} kept)")
-        errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}"
-                           + (f" (applied at strength {s['strength']:g})" if args.repair_strength != [1.0] else "")
-                           for s in spans if "heldout_error" in s)
-        print(f"repaired by {args.repair} on {repair_rows.numel():,} tokens of {', '.join(args.repair_data)} in "
-              f"{record['repair']['seconds']:.0f} s (gathering the text: {calib_seconds:.0f} s); held-out error vs "
-              f"the plain cut per span: {errors}")
-        if args.repair_downstream:
-            fitted = [s for s in record["repair"]["downstream"] if s["heldout_error"] < 1]
-            print(f"downstream: {len(fitted)} of {len(record['repair']['downstream'])} blocks after the cut fitted; held-out "
-                  "error vs unfitted: " + ", ".join(f"{s['block']}: {s['heldout_error']:.3f}" for s in fitted))
+        student, record["repair"] = _repair(teacher, student, keep, repair_rows, args, captured, calib_seconds)
     return student, keep, record
+
+
+def _check(teacher, tokenizer, strategy: str, keep: list[int] | None, args: CutArgs) -> None:
+    """The cut's settings against this teacher, before any text is read."""
+    problems = repair_problems(teacher.config, args.repair)
+    if problems:
+        raise SettingsError(problems[0])
+    if keep is None and strategy in SEARCHES and tokenizer is None:
+        raise no_tokenizer(teacher.name_or_path)
+    if args.repair != "none" and tokenizer is None:  # the repair reads calibration text
+        raise SettingsError(f"repair: {no_tokenizer(teacher.name_or_path)}; or cut without a repair: --repair none")
+
+
+def _search(teacher, tokenizer, n: int, k: int, strategy: str, args: CutArgs, calib_data: str, length: int,
+            repair_rows: torch.Tensor | None) -> tuple[list[int], dict[str, Any], tuple[dict, dict] | None]:
+    """The blocks a measured search keeps, its record, and the teacher's captures the student's
+    repair will read (None without a repair)."""
+    rows = calibration_rows(calib_data, tokenizer, args.search_tokens, min(length, args.search_tokens))
+    fitted = (f", each candidate repaired by {args.repair} fitted on {repair_rows.numel():,} tokens of "
+              f"{', '.join(args.repair_data)}" if repair_rows is not None else "")
+    print(f"choosing {k} of {n} blocks by {strategy} search ({args.search_measure} on {rows.numel():,} tokens of "
+          f"{calib_data}{fitted})")
+    search = CutSearch(teacher, rows, args.repair, args.search_measure, fit_rows=repair_rows,
+                       fit_blocks=fit_blocks_for(strategy, n, k))
+    search.progress = progress_file(search, repair_rows)  # a stopped search carries on
+    keep, path = SEARCHES[strategy](search, k)
+    record = {"strategy": strategy, "measure": args.search_measure, "tokens": rows.numel(), "repair": args.repair,
+              "candidates_scored": search.evaluated, "removals_read": search.resumed, "path": path}
+    # what of the search's captures the student's repair reads is kept, the rest let go before
+    # the student is built (on Gemma-3-270M 1.8 GB: every block's stream and fit features)
+    captured = None
+    if repair_rows is not None:
+        states, projs = needs(n, keep, args.repair_fit, args.repair_downstream)
+        captured = ({i: search.states[i] for i in states if i in search.states},
+                    {i: search.projs[i] for i in projs if i in search.projs})
+    return keep, record, captured
+
+
+def _repair(teacher, student, keep: list[int], repair_rows: torch.Tensor, args: CutArgs,
+            captured: tuple[dict, dict] | None, calib_seconds: float) -> tuple[Any, dict[str, Any]]:
+    """The cut repaired (and fitted on the output with --repair-epochs), with what was done, said in a line each."""
+    mark = time.perf_counter()
+    student, fits = repair(teacher, student, keep, repair_rows, args.repair, args.repair_fit,
+                           tuple(args.repair_strength), captured=captured, downstream=args.repair_downstream)
+    spans = [s for s in fits if not s.get("downstream")]
+    record = {"method": args.repair, "fit_on": args.repair_fit, "data": args.repair_data,
+              "strengths": args.repair_strength, "downstream": [s for s in fits if s.get("downstream")],
+              "tokens": repair_rows.numel(), "spans": spans, "seconds": time.perf_counter() - mark,
+              "calibration_seconds": calib_seconds}
+    if args.repair_epochs:
+        blocks = [s["student_block"] for s in spans if "student_block" in s]
+        refined = refine(teacher, student, blocks, repair_rows, args.repair_epochs, args.repair_lr)
+        record["refine"] = refined
+        if "skipped" in refined:
+            print(f"not fitted on the output: {refined['skipped']}")
+        else:
+            kl = refined["heldout_kl"]
+            print(f"fitted on the output for {args.repair_epochs} passes in {refined['seconds']:.0f} s: held-out "
+                  f"KL {kl[0]:.4f} -> {kl[refined['kept_epoch']]:.4f} (pass {refined['kept_epoch']} kept)")
+    errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}"
+                       + (f" (applied at strength {s['strength']:g})" if args.repair_strength != [1.0] else "")
+                       for s in spans if "heldout_error" in s)
+    print(f"repaired by {args.repair} on {repair_rows.numel():,} tokens of {', '.join(args.repair_data)} in "
+          f"{record['seconds']:.0f} s (gathering the text: {calib_seconds:.0f} s); held-out error vs the plain cut "
+          f"per span: {errors}")
+    if args.repair_downstream:
+        fitted = [s for s in record["downstream"] if s["heldout_error"] < 1]
+        print(f"downstream: {len(fitted)} of {len(record['downstream'])} blocks after the cut fitted; held-out "
+              "error vs unfitted: " + ", ".join(f"{s['block']}: {s['heldout_error']:.3f}" for s in fitted))
+    return student, record
