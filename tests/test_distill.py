@@ -364,3 +364,46 @@ def test_local_tasks_beside_each_removed_span():
     assert local_pairs(kept, 10, "after") == [[(3, 3, 6), (4, 6, 8)]]  # nothing after the last span
     assert local_pairs(kept, 10, "both") == [[(2, 2, 5), (3, 5, 7), (5, 8, 10)], [(3, 3, 6), (4, 6, 8)]]
     assert local_pairs([3, 4], 5, "before") == [] and local_pairs([3, 4], 5, "after") == [[(0, 0, 4)]]
+
+
+def test_the_memory_a_run_needs_is_counted_from_the_configs(tiny_gpt2_dir):
+    """Weights and gradients in the loaded dtype, AdamW's two fp32 moments for what trains, the
+    teacher in 2 bytes on a GPU run in bf16; parameters counted on the meta device, a tied head once."""
+    from lmshrink.heal.memory import parameter_counts, run_memory
+
+    config = T.AutoConfig.from_pretrained(tiny_gpt2_dir)
+    model = T.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    total = sum(p.numel() for p in model.parameters())
+    tables = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    assert parameter_counts(config) == (total, total)
+    assert parameter_counts(config, ["embeddings"]) == (total, total - tables)
+    need = run_memory(config, config, "float32", [], half_teacher=False)
+    assert (need.weights, need.gradients, need.optimizer, need.teacher) == (4 * total, 4 * total, 8 * total, 4 * total)
+    frozen = run_memory(config, config, "bfloat16", ["embeddings"], half_teacher=True)
+    assert (frozen.weights, frozen.gradients, frozen.optimizer, frozen.teacher) == (
+        2 * total, 2 * (total - tables), 8 * (total - tables), 2 * total)
+
+
+def test_a_run_that_cannot_fit_its_device_is_refused_before_loading(tiny_gpt2_dir, real_text, tmp_path, monkeypatch,
+                                                                     capsys):
+    import lmshrink.heal.memory as memory
+    from lmshrink.heal.memory import fit_problem, run_memory
+
+    config = T.AutoConfig.from_pretrained(tiny_gpt2_dir)
+    settings = build(DistillSettings, {"model": str(tiny_gpt2_dir), "output": str(tmp_path / "run"), "data": ["d"]})
+    need = run_memory(config, config, "float32", [], half_teacher=False)
+    cpu = torch.device("cpu")
+    assert fit_problem(config, config, settings, cpu, available=need.total) is None
+    short = fit_problem(config, config, settings, cpu, available=need.total - 1)
+    assert short.startswith("memory: this run needs") and "--teacher-cache" in short and "--freeze embeddings" in short
+    assert "a smaller student" in fit_problem(config, None, settings, cpu, available=need.weights)
+    # sharded or offloaded runs are the engines' to place
+    assert fit_problem(config, config, dataclasses.replace(settings, train=dataclasses.replace(
+        settings.train, fsdp="on")), cpu, available=1) is None
+    # the command: one line, exit 2, and neither model loaded
+    monkeypatch.setattr(memory, "device_memory", lambda device: need.total - 1)
+    monkeypatch.setattr("lmshrink.recipes.distill.load", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["distill", "--model", str(tiny_gpt2_dir), "--teacher", str(tiny_gpt2_dir), "--data", str(real_text),
+                 "--output", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "memory: this run needs" in err and "--teacher-cache" in err and "Traceback" not in err

@@ -341,3 +341,15 @@ def test_the_fused_head_turns_on_where_the_logits_would_be_large():
     assert not fused_head_on("auto", 4, 256, 49_152) or torch.cuda.is_available()  # SmolLM2: 200 MB of logits
     assert fused_head_on("auto", 4, 256, 262_144)  # Gemma 3: 1 GiB
     assert not fused_head_on("off", 4, 256, 262_144) and fused_head_on("on", 1, 8, 100)
+
+
+def test_a_run_that_cannot_fit_its_device_is_refused_before_the_model_loads(tiny_gpt2_dir, real_text, tmp_path,
+                                                                            monkeypatch, capsys):
+    import lmshrink.heal.memory as memory
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: 1000)
+    monkeypatch.setattr("lmshrink.recipes.pretrain.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(tmp_path / "r"),
+                 "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "memory: this run needs" in err and "the cpu device has 0.0 GB" in err and "Traceback" not in err

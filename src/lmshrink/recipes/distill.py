@@ -34,6 +34,7 @@ from lmshrink.heal.distill import (
     layer_pairs,
     local_pairs,
 )
+from lmshrink.heal.memory import check_fits
 from lmshrink.heal.runs import carry_on
 from lmshrink.heal.teacher_cache import open_cache
 from lmshrink.heal.training import train
@@ -83,6 +84,7 @@ def run(settings: DistillSettings) -> dict[str, Any]:
     # both models checked before either loads (each check read once: handed to its load)
     checked = {name: check_model(name, settings.trust_remote_code)
                for name in (settings.model, *([] if kd.teacher_cache else [kd.teacher]))}
+    check_fits(checked[settings.model][1], None if kd.teacher_cache else checked[kd.teacher][1], settings)
     student = load(settings.model, settings.dtype, settings.trust_remote_code, checked=checked[settings.model])
     kept = (read_record(student.source) or {}).get("kept_layers")
     if kd.teacher_cache:
