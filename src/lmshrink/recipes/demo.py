@@ -265,9 +265,8 @@ def dropped(row: dict[str, Any], n: int) -> list[int]:
 
 def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: float, steps: dict[str, float],
             ev: EvalSettings) -> str:
-    n, ppl, train = scores["num_layers"], settings.perplexity, settings.train
+    n, ppl = scores["num_layers"], settings.perplexity
     by_name = {row["model"]: row for row in table}
-    fixed = [name for name in settings.strategies if name in by_name]  # the paper's students, as cut
     repaired, twin = repaired_name(settings), settings.repair_strategy
     lines = [
         f"# lmshrink demo: {settings.teacher}, {n} -> {settings.num_layers} blocks",
@@ -285,46 +284,11 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         *md_table(("student", "kept blocks", "dropped blocks"),
                   [(row["model"], row["kept_layers"], dropped(row, n)) for row in table[1:] if "heal" not in row]),
     ]
-    if "importance" in fixed and len(fixed) > 1:
-        imp = by_name["importance"]["perplexity"]
-        lines += ["", "## Does the choice of blocks matter?", ""]
-        for source in ppl.data:
-            cut = {name: by_name[name] for name in fixed if name != "importance"}
-            others = ", ".join(f"{name} {row['perplexity'][source]:,.1f}" for name, row in cut.items())
-            ratio = min(row["perplexity"][source] for row in cut.values()) / imp[source]
-            lines.append(f"- `{source}`: importance-chosen student {imp[source]:,.1f} vs {others} "
-                         f"(teacher {by_name['teacher']['perplexity'][source]:,.1f}); the best other "
-                         f"strategy is {ratio:,.1f}x worse.")
+    lines += _choice_section(settings, by_name)
     if repaired in by_name:
-        repair = settings.cut
-        chosen = ("by Block Influence" if twin == "importance" else
-                  f"by the {twin} search ({repair.search_measure} from the teacher on {repair.search_tokens:,} tokens "
-                  f"of `{settings.calib_data}`, every candidate repaired)")
-        lines += ["", "## Repairing the cut, without training", "",
-                  f"The same blocks (chosen {chosen}: drops {dropped(by_name[repaired], n)}) as cut and repaired by "
-                  f"`{repair.repair}` ({repair.repair_tokens:,} calibration tokens of "
-                  f"{', '.join(f'`{d}`' for d in repair.repair_data)}; fits on the {repair.repair_fit}'s activations), "
-                  "perplexity and ratio to the teacher:", ""]
-        rows = []
-        for source in ppl.data:
-            t, c, r = (by_name[m]["perplexity"][source] for m in ("teacher", twin, repaired))
-            rows.append((f"`{source}`", f"{t:,.2f}", f"{c:,.2f} ({c / t:.2f}x)", f"**{r:,.2f}** ({r / t:.2f}x)",
-                         f"{r / c - 1:+.0%}"))
-        lines += md_table(("source", "teacher", "as cut", "repaired", "change"), rows, "lrrrr")
-    healed = [row for row in table if "heal" in row]
-    if healed:
-        start = repaired if repaired in by_name else "importance"
-        before = by_name[start]["perplexity"]
-        lines += ["", f"## Healing the {start} student", "",
-                  f"Same student, same {healed[0]['heal']['tokens']:,} training tokens of "
-                  f"{', '.join(f'`{d}`' for d in settings.corpus.data)} (block {settings.corpus.block_size}, "
-                  f"batch {train.batch_size}, lr {train.lr:g}, warm-up {train.warmup:.0%}"
-                  + (f", {', '.join(train.freeze)} frozen" if train.freeze else "") + "); KD is "
-                  f"{RECIPE_LOSSES[settings.recipe]}:", ""]
-        lines += md_table(("method", "train wall time", *(f"ppl {h} before -> after" for h in ppl.data)), [
-            (row["model"], f"{row['heal']['train_seconds']:.0f} s",
-             *(f"{before[h]:,.1f} -> **{row['perplexity'][h]:,.1f}** ({row['perplexity'][h] / before[h] - 1:+.0%})"
-               for h in ppl.data)) for row in healed])
+        lines += _repair_section(settings, by_name, n)
+    if healed := [row for row in table if "heal" in row]:
+        lines += _healing_section(settings, by_name, healed)
     if settings.benchmarks.tasks:
         lines += ["", "## Zero-shot benchmarks", "", tasks_table(table), "", tasks_note(table, ev), "",
                   "![zero-shot scores](tasks.png)"]
@@ -351,3 +315,56 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
         "",
     ]
     return "\n".join(lines)
+
+
+def _choice_section(settings: DemoSettings, by_name: dict[str, dict]) -> list[str]:
+    """The importance-chosen student against the paper's fixed strategies, text by text."""
+    fixed = [name for name in settings.strategies if name in by_name]  # the paper's students, as cut
+    if "importance" not in fixed or len(fixed) < 2:
+        return []
+    imp = by_name["importance"]["perplexity"]
+    lines = ["", "## Does the choice of blocks matter?", ""]
+    for source in settings.perplexity.data:
+        cut = {name: by_name[name] for name in fixed if name != "importance"}
+        others = ", ".join(f"{name} {row['perplexity'][source]:,.1f}" for name, row in cut.items())
+        ratio = min(row["perplexity"][source] for row in cut.values()) / imp[source]
+        lines.append(f"- `{source}`: importance-chosen student {imp[source]:,.1f} vs {others} "
+                     f"(teacher {by_name['teacher']['perplexity'][source]:,.1f}); the best other "
+                     f"strategy is {ratio:,.1f}x worse.")
+    return lines
+
+
+def _repair_section(settings: DemoSettings, by_name: dict[str, dict], n: int) -> list[str]:
+    """The same blocks as cut and repaired without training, against the teacher."""
+    repair, repaired, twin = settings.cut, repaired_name(settings), settings.repair_strategy
+    chosen = ("by Block Influence" if twin == "importance" else
+              f"by the {twin} search ({repair.search_measure} from the teacher on {repair.search_tokens:,} tokens "
+              f"of `{settings.calib_data}`, every candidate repaired)")
+    lines = ["", "## Repairing the cut, without training", "",
+             f"The same blocks (chosen {chosen}: drops {dropped(by_name[repaired], n)}) as cut and repaired by "
+             f"`{repair.repair}` ({repair.repair_tokens:,} calibration tokens of "
+             f"{', '.join(f'`{d}`' for d in repair.repair_data)}; fits on the {repair.repair_fit}'s activations), "
+             "perplexity and ratio to the teacher:", ""]
+    rows = []
+    for source in settings.perplexity.data:
+        t, c, r = (by_name[m]["perplexity"][source] for m in ("teacher", twin, repaired))
+        rows.append((f"`{source}`", f"{t:,.2f}", f"{c:,.2f} ({c / t:.2f}x)", f"**{r:,.2f}** ({r / t:.2f}x)",
+                     f"{r / c - 1:+.0%}"))
+    return lines + md_table(("source", "teacher", "as cut", "repaired", "change"), rows, "lrrrr")
+
+
+def _healing_section(settings: DemoSettings, by_name: dict[str, dict], healed: list[dict]) -> list[str]:
+    """The healed students against the one they started from."""
+    train, data = settings.train, settings.perplexity.data
+    start = repaired_name(settings) if repaired_name(settings) in by_name else "importance"
+    before = by_name[start]["perplexity"]
+    lines = ["", f"## Healing the {start} student", "",
+             f"Same student, same {healed[0]['heal']['tokens']:,} training tokens of "
+             f"{', '.join(f'`{d}`' for d in settings.corpus.data)} (block {settings.corpus.block_size}, "
+             f"batch {train.batch_size}, lr {train.lr:g}, warm-up {train.warmup:.0%}"
+             + (f", {', '.join(train.freeze)} frozen" if train.freeze else "") + "); KD is "
+             f"{RECIPE_LOSSES[settings.recipe]}:", ""]
+    return lines + md_table(("method", "train wall time", *(f"ppl {h} before -> after" for h in data)), [
+        (row["model"], f"{row['heal']['train_seconds']:.0f} s",
+         *(f"{before[h]:,.1f} -> **{row['perplexity'][h]:,.1f}** ({row['perplexity'][h] / before[h] - 1:+.0%})"
+           for h in data)) for row in healed])
