@@ -452,59 +452,71 @@ def report(s: StudySettings, results: dict[str, Any], commands: dict[str, str], 
              + f"; fine-tuning on {s.ft_examples} examples, tested on {s.ft_eval_examples} "
              f"(sentiment: Pang & Lee split 80/20 with seed 0; boolq-local: BoolQ's 3,270 validation questions "
              f"split 80/20 with seed 0). Wall time {seconds / 60:.1f} min.", "", RULE, ""]
-    if "healing" in results:
-        h = results["healing"]
-        lines += ["## 1. Truncation + LM loss vs distillation", "",
-                  "The paper's claim: truncation + plain LM pre-training trains far faster than distillation and "
-                  "fine-tunes better.", ""]
-        rows = []
-        for name, a in h["arms"].items():
-            tried = ", ".join(f"{lr:g}: {ppl:.2f}" for lr, ppl in a["lr_tried"].items())
-            zero = [v for v in a["zero_shot"] if v is not None]
-            rows.append((ARM_NAMES[name], f"{a['lr']:g} ({tried})", _fmt(interval(a["train_seconds"]), 0),
-                         f"{a['flops'] / 1e12:,.1f}", *(_fmt(interval(a["ppl"][src])) for src in s.perplexity.data),
-                         _fmt(interval(a["ppl_at_equal_time"])), _fmt(interval(zero), 3) if zero else "-",
-                         *(_fmt(interval(a["downstream"][t]), 3) for t in s.tasks)))
-        header = ("arm", "lr (chosen from)", "train s", "TFLOPs", *(f"ppl {src}" for src in s.perplexity.data),
-                  f"ppl at {h['equal_time_seconds']:.0f} s", "zero-shot avg", *(f"{t} acc" for t in s.tasks))
-        lines += md_table(header, rows, "llrr" + "r" * (len(header) - 4))
-        t = h["teacher"]
-        lines += ["", "Teacher: " + ", ".join(f"ppl {src} {t['perplexity'][src]:.2f}" for src in s.perplexity.data)
-                  + (f", zero-shot average {t['task_average']:.3f}" if t.get("task_average") is not None else "") + ".",
-                  "", *_claims_table(h["claims"]), "", "![perplexity vs tokens and wall time](healing.png)", ""]
-    if "strategies" in results:
-        q = results["strategies"]
-        lines += ["## 2. Which blocks to keep", "",
-                  f"Each student healed with the LM arm (lr {q['lr']:g}) at the same budget.", ""]
-        rows = []
-        for name, r in q["rows"].items():
-            zero = [v for v in r["zero_shot"] if v is not None]
-            rows.append((name, r["kept"], f"{r['ppl_before']:,.1f}",
-                         *(_fmt(interval(r["ppl"][src])) for src in s.perplexity.data),
-                         _fmt(interval(zero), 3) if zero else "-"))
-        lines += md_table(("strategy", "kept blocks", "ppl as cut", *(f"ppl {src}" for src in s.perplexity.data),
-                           "zero-shot avg"), rows, "llr" + "r" * (len(s.perplexity.data) + 1))
-        lines += ["", *_claims_table(q["claims"]), "", "![perplexity by strategy](strategies.png)", ""]
-    if "finetune_kd" in results:
-        q = results["finetune_kd"]
-        lines += ["## 3. KD during fine-tuning", "",
-                  f"The healed LM-arm student fine-tuned on `{q['task']}` with each method, seeds {s.ft_seeds}; "
-                  f"the fine-tuned teacher scores {q['teacher']:.3f}.", ""]
-        lines += md_table(("method", f"{q['metric']} (mean, 95% interval)", "train s"),
-                          [(m, _fmt(r, 3), f"{r['train_seconds']:.0f}") for m, r in q["rows"].items()], "lrr")
-        lines += ["", *_claims_table(q["claims"]), "", "![accuracy by KD method](finetune_kd.png)", ""]
-    if "cleaning" in results:
-        q = results["cleaning"]
-        lines += ["## 4. Data cleaning", "",
-                  f"The same student pre-trained (LM arm, lr {q['lr']:g}) on `{', '.join(s.raw_data)}` as read and "
-                  "as `lmshrink clean` left it, at the same token budget.", ""]
-        lines += md_table(("corpus", "documents", "MB", *(f"ppl {src}" for src in s.perplexity.data)),
-                          [(name, a["documents"], f"{a['mb']:.1f}", *(_fmt(interval(a["ppl"][src])) for src in s.perplexity.data))
-                           for name, a in q["arms"].items()], "lrr" + "r" * len(s.perplexity.data))
-        lines += ["", *_claims_table(q["claims"]), "", "![raw vs clean](cleaning.png)", ""]
+    for name, section in SECTIONS.items():
+        if name in results:
+            lines += section(s, results[name])
     lines += ["## Re-running one stage", "", "Every stage is an ordinary lmshrink run; its settings are in "
               "`configs/` under the study folder:", "", "```bash", *sorted(set(commands.values())), "```", ""]
     return "\n".join(lines)
+
+
+def _healing_section(s: StudySettings, h: dict[str, Any]) -> list[str]:
+    lines = ["## 1. Truncation + LM loss vs distillation", "",
+             "The paper's claim: truncation + plain LM pre-training trains far faster than distillation and "
+             "fine-tunes better.", ""]
+    rows = []
+    for name, a in h["arms"].items():
+        tried = ", ".join(f"{lr:g}: {ppl:.2f}" for lr, ppl in a["lr_tried"].items())
+        zero = [v for v in a["zero_shot"] if v is not None]
+        rows.append((ARM_NAMES[name], f"{a['lr']:g} ({tried})", _fmt(interval(a["train_seconds"]), 0),
+                     f"{a['flops'] / 1e12:,.1f}", *(_fmt(interval(a["ppl"][src])) for src in s.perplexity.data),
+                     _fmt(interval(a["ppl_at_equal_time"])), _fmt(interval(zero), 3) if zero else "-",
+                     *(_fmt(interval(a["downstream"][t]), 3) for t in s.tasks)))
+    header = ("arm", "lr (chosen from)", "train s", "TFLOPs", *(f"ppl {src}" for src in s.perplexity.data),
+              f"ppl at {h['equal_time_seconds']:.0f} s", "zero-shot avg", *(f"{t} acc" for t in s.tasks))
+    lines += md_table(header, rows, "llrr" + "r" * (len(header) - 4))
+    t = h["teacher"]
+    return lines + ["", "Teacher: " + ", ".join(f"ppl {src} {t['perplexity'][src]:.2f}" for src in s.perplexity.data)
+                    + (f", zero-shot average {t['task_average']:.3f}" if t.get("task_average") is not None else "") + ".",
+                    "", *_claims_table(h["claims"]), "", "![perplexity vs tokens and wall time](healing.png)", ""]
+
+
+def _strategies_section(s: StudySettings, q: dict[str, Any]) -> list[str]:
+    lines = ["## 2. Which blocks to keep", "",
+             f"Each student healed with the LM arm (lr {q['lr']:g}) at the same budget.", ""]
+    rows = []
+    for name, r in q["rows"].items():
+        zero = [v for v in r["zero_shot"] if v is not None]
+        rows.append((name, r["kept"], f"{r['ppl_before']:,.1f}",
+                     *(_fmt(interval(r["ppl"][src])) for src in s.perplexity.data),
+                     _fmt(interval(zero), 3) if zero else "-"))
+    lines += md_table(("strategy", "kept blocks", "ppl as cut", *(f"ppl {src}" for src in s.perplexity.data),
+                       "zero-shot avg"), rows, "llr" + "r" * (len(s.perplexity.data) + 1))
+    return lines + ["", *_claims_table(q["claims"]), "", "![perplexity by strategy](strategies.png)", ""]
+
+
+def _finetune_kd_section(s: StudySettings, q: dict[str, Any]) -> list[str]:
+    lines = ["## 3. KD during fine-tuning", "",
+             f"The healed LM-arm student fine-tuned on `{q['task']}` with each method, seeds {s.ft_seeds}; "
+             f"the fine-tuned teacher scores {q['teacher']:.3f}.", ""]
+    lines += md_table(("method", f"{q['metric']} (mean, 95% interval)", "train s"),
+                      [(m, _fmt(r, 3), f"{r['train_seconds']:.0f}") for m, r in q["rows"].items()], "lrr")
+    return lines + ["", *_claims_table(q["claims"]), "", "![accuracy by KD method](finetune_kd.png)", ""]
+
+
+def _cleaning_section(s: StudySettings, q: dict[str, Any]) -> list[str]:
+    lines = ["## 4. Data cleaning", "",
+             f"The same student pre-trained (LM arm, lr {q['lr']:g}) on `{', '.join(s.raw_data)}` as read and "
+             "as `lmshrink clean` left it, at the same token budget.", ""]
+    lines += md_table(("corpus", "documents", "MB", *(f"ppl {src}" for src in s.perplexity.data)),
+                      [(name, a["documents"], f"{a['mb']:.1f}", *(_fmt(interval(a["ppl"][src])) for src in s.perplexity.data))
+                       for name, a in q["arms"].items()], "lrr" + "r" * len(s.perplexity.data))
+    return lines + ["", *_claims_table(q["claims"]), "", "![raw vs clean](cleaning.png)", ""]
+
+
+SECTIONS = {"healing": _healing_section, "strategies": _strategies_section, "finetune_kd": _finetune_kd_section,
+            "cleaning": _cleaning_section}
+"""The report's sections, in the order the paper's findings come (each written where its stage ran)."""
 
 
 def charts(s: StudySettings, results: dict[str, Any], out: Path) -> None:
