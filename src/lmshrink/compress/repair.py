@@ -50,9 +50,11 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -507,31 +509,13 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
     else:
         states, projs = capture(teacher, rows, *wanted, batch_size, proj_input=proj_input)
     teacher_refs = references(teacher, rows[-held:], batch_size) if len(strengths) > 1 and usable else None
-    report = []
-
-    def fit(m: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """One fit of U from M: its parameter from the fit rows, lambda from the held-out ones."""
-        return fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
-
+    report: list[dict[str, Any]] = []
+    fit = partial(_fit, method, held)
     if by_student:  # one layer-by-layer pass over the student, from its first fitted block on
         at, last = keep.index(usable[0][0] - 1), max(span_blocks | set(after))
-        replay = BlockReplay(student, rows, range(at, last + 1), batch_size, proj_input=proj_input)
         stream = states[usable[0][0] - 1] if shared else capture(student, rows, {at}, set(), batch_size)[0][at]
-
-    def walk(to: int) -> None:
-        """Carry the student's stream from block `at` to the one entering block `to`, through the
-        fits folded in so far, fitting the downstream blocks on the way."""
-        nonlocal at, stream
-        for i in range(at, to):
-            out, m = replay.run(i, stream)
-            if i in after:
-                param, info = fit(m, update_target(student, i, m, states[keep[i] + 1], out, proj_input))
-                APPLY[method](projection(student, i), param)
-                out = replay.run(i, stream)[0]
-                report.append({"block": keep[i], "student_block": i, "downstream": True, **info})
-            stream = out
-        at = to
-
+        walk = _Walk(student, BlockReplay(student, rows, range(at, last + 1), batch_size, proj_input=proj_input),
+                     stream, at, after, states, keep, method, proj_input, fit, report)
     for a, b in spans:
         if a == 0:
             report.append({"span": [a, b], "skipped": "no kept block before it to fold a fit into"})
@@ -540,24 +524,67 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
         if fit_on == "teacher":
             m, base, fitted = projs[a - 1], states[a], teacher
         else:
-            walk(j)  # the blocks up to this span, with the earlier fits folded in
-            base, m = replay.run(j, stream)
+            walk.to(j)  # the blocks up to this span, with the earlier fits folded in
+            base, m = walk.replay.run(j, walk.stream)
             fitted = student
         param, info = fit(m, update_target(fitted, j if fitted is student else a - 1, m, states[b + 1], base,
                                            proj_input))
-        strength = strengths[0]  # one strength given: that one, measured or not
-        if teacher_refs is not None:
-            gaps = {}
-            for s in strengths:
-                with patched(student, {j: (method, param * s)}):
-                    gaps[s] = gap(student, rows[-held:], "kl", teacher_refs, batch_size)
-            strength = min(gaps, key=gaps.__getitem__)
-            info["strength_kl"] = {f"{s:g}": v for s, v in gaps.items()}
+        strength = _strength(student, j, method, param, strengths, rows[-held:], teacher_refs, batch_size, info)
         APPLY[method](projection(student, j), param * strength)
         report.append({"span": [a, b], "block": a - 1, "student_block": j, "strength": strength, **info})
     if after:
-        walk(len(keep))  # the blocks after the last span
+        walk.to(len(keep))  # the blocks after the last span
     return student, report
+
+
+def _fit(method: str, held: int, m: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """One fit of U from M: its parameter from the fit rows, lambda from the last `held` (held-out) ones."""
+    return fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
+
+
+def _strength(student, j: int, method: str, param: torch.Tensor, strengths: tuple[float, ...], held_rows: torch.Tensor,
+              refs, batch_size: int, info: dict[str, Any]) -> float:
+    """The strength a fit is applied at: the one given, or of several the one whose student is closest
+    to the teacher on the held-out rows by forward KL (each KL kept in `info`)."""
+    if refs is None:
+        return strengths[0]
+    gaps = {}
+    for s in strengths:
+        with patched(student, {j: (method, param * s)}):
+            gaps[s] = gap(student, held_rows, "kl", refs, batch_size)
+    info["strength_kl"] = {f"{s:g}": v for s, v in gaps.items()}
+    return min(gaps, key=gaps.__getitem__)
+
+
+@dataclass
+class _Walk:
+    """The student's stream, carried block by block through the fits folded in so far (fits on the
+    student): `to(block)` runs it from block `at` to the stream entering `block`, fitting the
+    downstream blocks (`after`) on the way, each fit reported."""
+
+    student: Any
+    replay: BlockReplay
+    stream: torch.Tensor
+    at: int
+    after: list[int]
+    states: dict[int, torch.Tensor]
+    keep: list[int]
+    method: str
+    proj_input: bool
+    fit: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+    report: list[dict[str, Any]]
+
+    def to(self, block: int) -> None:
+        for i in range(self.at, block):
+            out, m = self.replay.run(i, self.stream)
+            if i in self.after:
+                target = update_target(self.student, i, m, self.states[self.keep[i] + 1], out, self.proj_input)
+                param, info = self.fit(m, target)
+                APPLY[self.method](projection(self.student, i), param)
+                out = self.replay.run(i, self.stream)[0]
+                self.report.append({"block": self.keep[i], "student_block": i, "downstream": True, **info})
+            self.stream = out
+        self.at = block
 
 
 def refine(teacher, student, blocks: list[int], rows: torch.Tensor, epochs: int, lr: float,
