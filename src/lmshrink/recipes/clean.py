@@ -209,34 +209,37 @@ def document_steps(s: CleanSettings, out: Path, files: list[tuple[str, str]]) ->
 def stages(s: CleanSettings, out: Path, files: list[tuple[str, str]]) -> list[Stage]:
     """The whole cleaning as datatrove stages over `files` (empty for a Hub dataset); each pass
     over documents reads the previous pass's shards."""
-    from datatrove.pipeline.dedup import (
-        MinhashConfig,
-        MinhashDedupBuckets,
-        MinhashDedupCluster,
-        MinhashDedupFilter,
-        MinhashDedupSignature,
-    )
-    from datatrove.pipeline.dedup.exact_dedup import (
-        ExactDedupConfig,
-        ExactDedupFilter,
-        ExactDedupSignature,
-        ExactFindDedups,
-    )
+    passes, configs = _passes(s, out, files)
+    result: list[Stage] = []
+    previous: Path | None = None
+    for i, (name, steps) in enumerate(passes):
+        last = i == len(passes) - 1
+        folder = out / "kept" if last else out / "work" / name
+        source = [] if previous is None else [_reader(previous)]
+        result += _whole_corpus_stages(name, previous, out / "work", configs, s.num_tasks)
+        writer = _writer(folder, s.output_format if last else "jsonl", s.max_shard_mb)
+        result.append(Stage(name, source + steps + [writer], s.num_tasks))
+        previous = folder
+    return result
 
-    n, work = s.num_tasks, out / "work"
-    scoring = s.perplexity_model is not None
-    quantile = bool(s.drop_worst_perplexity)
-    # Each entry: (stage name, steps that take documents in); the last pass writes kept/.
+
+def _passes(s: CleanSettings, out: Path, files: list[tuple[str, str]]) -> tuple[list[tuple[str, list]], dict[str, Any]]:
+    """Each pass over the documents: (its name, the steps that take documents in; the last pass writes
+    kept/), and the dedup configs the passes share with their whole-corpus stages."""
+    from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupFilter
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter
+
+    work, quantile, configs = out / "work", bool(s.drop_worst_perplexity), {}
     passes: list[tuple[str, list]] = [("filter", document_steps(s, out, files))]
     if s.exact_dedup:
-        exact = ExactDedupConfig(content_getter=exact_content)
-        passes.append(("exact-dedup", [ExactDedupFilter(str(work / "exact-dups"), exact,
+        configs["exact"] = ExactDedupConfig(content_getter=exact_content)
+        passes.append(("exact-dedup", [ExactDedupFilter(str(work / "exact-dups"), configs["exact"],
                                                         exclusion_writer=_rejects(out, "exact_duplicate"))]))
     if s.minhash_dedup:
-        minhash = MinhashConfig(num_buckets=s.minhash_buckets, hashes_per_bucket=s.minhash_hashes_per_bucket)
+        configs["minhash"] = MinhashConfig(num_buckets=s.minhash_buckets, hashes_per_bucket=s.minhash_hashes_per_bucket)
         passes.append(("near-dedup", [MinhashDedupFilter(str(work / "minhash-remove"),
                                                          exclusion_writer=_rejects(out, "near_duplicate"))]))
-    if scoring:
+    if s.perplexity_model is not None:
         scorer = PerplexityScorer(s.perplexity_model, s.perplexity_tokens, s.perplexity_batch_size,
                                   threads=max(1, (os.cpu_count() or 1) // s.workers),
                                   values_folder=str(work / "perplexities"), trust_remote_code=s.trust_remote_code)
@@ -246,29 +249,27 @@ def stages(s: CleanSettings, out: Path, files: list[tuple[str, str]]) -> list[St
         if quantile:
             passes.append(("perplexity", [PerplexityFilter(s.max_perplexity, s.drop_worst_perplexity, str(work / "perplexities"),
                                                            exclusion_writer=_rejects(out, "perplexity"))]))
+    return passes, configs
 
-    result: list[Stage] = []
-    previous: Path | None = None
-    for i, (name, steps) in enumerate(passes):
-        last = i == len(passes) - 1
-        folder = out / "kept" if last else work / name
-        source = [] if previous is None else [_reader(previous)]
-        # Whole-corpus passes that must run before this one can filter.
-        if name == "exact-dedup":
-            result.append(Stage("exact-signatures", [_reader(previous), ExactDedupSignature(str(work / "exact-sigs"), exact)], n))
-            result.append(Stage("exact-matches", [
-                ExactFindDedups(str(work / "exact-sigs"), str(work / "exact-dups"), config=exact)], 1))
-        if name == "near-dedup":
-            result.append(Stage("minhash-signatures", [_reader(previous), MinhashDedupSignature(
-                str(work / "minhash-sigs"), minhash, language=WhitespaceWordTokenizer())], n))
-            result.append(Stage("minhash-buckets", [MinhashDedupBuckets(
-                str(work / "minhash-sigs"), str(work / "minhash-buckets"), config=minhash)], minhash.num_buckets))
-            result.append(Stage("minhash-clusters", [MinhashDedupCluster(
-                str(work / "minhash-buckets"), str(work / "minhash-remove"), config=minhash)], 1))
-        writer = _writer(folder, s.output_format if last else "jsonl", s.max_shard_mb)
-        result.append(Stage(name, source + steps + [writer], n))
-        previous = folder
-    return result
+
+def _whole_corpus_stages(name: str, previous: Path | None, work: Path, configs: dict[str, Any], n: int) -> list[Stage]:
+    """The whole-corpus passes a dedup pass's filter reads, which must run before it."""
+    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupSignature
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature, ExactFindDedups
+
+    if name == "exact-dedup":
+        exact = configs["exact"]
+        return [Stage("exact-signatures", [_reader(previous), ExactDedupSignature(str(work / "exact-sigs"), exact)], n),
+                Stage("exact-matches", [ExactFindDedups(str(work / "exact-sigs"), str(work / "exact-dups"), config=exact)], 1)]
+    if name == "near-dedup":
+        minhash = configs["minhash"]
+        return [Stage("minhash-signatures", [_reader(previous), MinhashDedupSignature(
+                    str(work / "minhash-sigs"), minhash, language=WhitespaceWordTokenizer())], n),
+                Stage("minhash-buckets", [MinhashDedupBuckets(
+                    str(work / "minhash-sigs"), str(work / "minhash-buckets"), config=minhash)], minhash.num_buckets),
+                Stage("minhash-clusters", [MinhashDedupCluster(
+                    str(work / "minhash-buckets"), str(work / "minhash-remove"), config=minhash)], 1)]
+    return []
 
 
 WORKER_START = "spawn" if sys.platform == "win32" else "forkserver"
