@@ -284,6 +284,21 @@ def test_adam_betas_reach_the_optimizer(tiny_gpt2_dir, tmp_path):
     assert {tuple(group["betas"]) for group in state["param_groups"]} == {(0.8, 0.95)}
 
 
+def test_the_trainers_arguments_carry_checkpointing_and_copy_batches_without_waiting(tmp_path):
+    """--gradient-checkpointing reaches the Trainer under the name its transformers version reads
+    (activation_checkpointing since 5.2x, gradient_checkpointing before); batches are copied to a
+    GPU without blocking (from pinned memory), so the host never waits for the previous step."""
+    from transformers import TrainingArguments
+
+    from lmshrink.heal.args import CHECKPOINTING, TrainArgs, training_arguments
+
+    assert CHECKPOINTING in TrainingArguments.__dataclass_fields__
+    for on in (True, False):
+        args = training_arguments(TrainArgs(gradient_checkpointing=on), tmp_path, 0, 64)
+        assert getattr(args, CHECKPOINTING) is on
+    assert args.accelerator_config.non_blocking is torch.cuda.is_available() is args.dataloader_pin_memory
+
+
 def test_freeze_names_what_is_wrong(tiny_gpt2_dir, tmp_path, capsys):
     with pytest.raises(SettingsError) as err:
         build(PretrainSettings, {"model": "m", "output": "o", "data": ["d"], "freeze": ["embedding", "blocks:3-1"]})
