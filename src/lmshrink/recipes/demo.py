@@ -27,13 +27,14 @@ from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.evaluate.args import BenchmarkArgs, PerplexityArgs, two_sources
+from lmshrink.evaluate.report import markdown_table, tasks_chart, tasks_note, tasks_table
 from lmshrink.heal.args import TrainArgs, cpu_budget
 from lmshrink.heal.corpus import DataArgs, offline_corpus
 from lmshrink.heal.distill import RECIPE_LOSSES, RECIPES, recipe_kd
 from lmshrink.models import load, pick_device
 from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
-from lmshrink.recipes.evaluate import EvalSettings, evaluate_model, markdown_table, tasks_chart, tasks_note, tasks_table
+from lmshrink.recipes.evaluate import EvalSettings, evaluate_model
 from lmshrink.recipes.export import ExportSettings, file_name
 from lmshrink.recipes.export import run as export
 from lmshrink.recipes.pretrain import PretrainSettings
@@ -290,7 +291,7 @@ def _report(settings: DemoSettings, scores: dict, table: list[dict], seconds: fl
     if healed := [row for row in table if "heal" in row]:
         lines += _healing_section(settings, by_name, healed)
     if settings.benchmarks.tasks:
-        lines += ["", "## Zero-shot benchmarks", "", tasks_table(table), "", tasks_note(table, ev), "",
+        lines += ["", "## Zero-shot benchmarks", "", tasks_table(table), "", tasks_note(table, ev.benchmarks), "",
                   "![zero-shot scores](tasks.png)"]
     order = sorted(range(n), key=lambda i: scores["block_influence"][i])
     lines += [
