@@ -12,9 +12,11 @@ under a new name (`set_aside`) rather than deleted: the user may want it.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zipfile
 from pathlib import Path
+from typing import Any
 
 
 def _safetensors(path: Path) -> str | None:
@@ -70,8 +72,6 @@ def gguf_problem(path: Path) -> str | None:
     tensor (3 s for SmolLM2-135M, 11 s for Gemma-3-270M's 262k-token vocabulary) to say the same."""
     import mmap
 
-    from gguf import GGML_QUANT_SIZES
-
     size = path.stat().st_size
     if size < 24:
         return "shorter than a GGUF header"
@@ -81,63 +81,74 @@ def gguf_problem(path: Path) -> str | None:
         (version,) = struct.unpack_from("<I", data, 4)
         if version not in (2, 3):
             return f"GGUF version {version}, where 2 and 3 are read"
-        tensors, values = struct.unpack_from("<QQ", data, 8)
-        at, alignment = 24, 32
-
-        def string() -> str:
-            nonlocal at
-            (length,) = struct.unpack_from("<Q", data, at)
-            at += 8 + length
-            if at > size:
-                raise struct.error("a string runs past the end")
-            return bytes(data[at - length : at]).decode("utf-8", "replace")
-
-        def skip(kind: int) -> None:
-            nonlocal at
-            if kind == 8:
-                string()
-            elif kind == 9:
-                inner, count = struct.unpack_from("<IQ", data, at)
-                at += 12
-                if inner in _GGUF_SCALARS:
-                    at += count * _GGUF_SCALARS[inner]
-                else:
-                    for _ in range(count):
-                        skip(inner)
-            elif kind in _GGUF_SCALARS:
-                at += _GGUF_SCALARS[kind]
-            else:
-                raise struct.error(f"unknown value type {kind}")
-
+        header = _GGUFHeader(data, size)
         try:
-            for _ in range(values):
-                key = string()
-                (kind,) = struct.unpack_from("<I", data, at)
-                at += 4
-                if key == "general.alignment" and kind == 4:
-                    (alignment,) = struct.unpack_from("<I", data, at)
-                skip(kind)
-            layout = []
-            for _ in range(tensors):
-                name = string()
-                (dims,) = struct.unpack_from("<I", data, at)
-                if dims > 8:
-                    raise ValueError(f"tensor {name} has {dims} dimensions")
-                shape = struct.unpack_from(f"<{dims}Q", data, at + 4)
-                kind, offset = struct.unpack_from("<IQ", data, at + 4 + 8 * dims)
-                at += 4 + 8 * dims + 12
-                block, nbytes = GGML_QUANT_SIZES[kind]
-                count = 1
-                for d in shape:
-                    count *= d
-                layout.append((name, offset + count // block * nbytes))
+            layout, end = header.tensor_ends()
         except (struct.error, KeyError, ValueError):
             return "not a whole GGUF file: its header breaks off or does not read (cut short or damaged)"
-        start = -(-at // alignment) * alignment
-        for name, end in layout:
-            if start + end > size:
+        for name, tensor_end in layout:
+            if end + tensor_end > size:
                 return f"not a whole GGUF file: its tensor {name} runs past the end (cut short?)"
     return None
+
+
+class _GGUFHeader:
+    """A cursor over a GGUF file's header: its values skipped (the alignment kept), its tensors' ends."""
+
+    def __init__(self, data: Any, size: int):
+        self.data, self.size, self.at = data, size, 24
+
+    def unpack(self, fmt: str) -> tuple:
+        values = struct.unpack_from(fmt, self.data, self.at)
+        self.at += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> str:
+        (length,) = self.unpack("<Q")
+        self.at += length
+        if self.at > self.size:
+            raise struct.error("a string runs past the end")
+        return bytes(self.data[self.at - length : self.at]).decode("utf-8", "replace")
+
+    def skip(self, kind: int) -> None:
+        if kind == 8:
+            self.string()
+        elif kind == 9:
+            inner, count = self.unpack("<IQ")
+            if inner in _GGUF_SCALARS:
+                self.at += count * _GGUF_SCALARS[inner]
+            else:
+                for _ in range(count):
+                    self.skip(inner)
+        elif kind in _GGUF_SCALARS:
+            self.at += _GGUF_SCALARS[kind]
+        else:
+            raise struct.error(f"unknown value type {kind}")
+
+    def tensor_ends(self) -> tuple[list[tuple[str, int]], int]:
+        """Each tensor's name and where its data ends, from the start of the data section; and
+        where that section starts (after the header, at the file's alignment)."""
+        from gguf import GGML_QUANT_SIZES
+
+        tensors, values = struct.unpack_from("<QQ", self.data, 8)
+        alignment = 32
+        for _ in range(values):
+            key = self.string()
+            (kind,) = self.unpack("<I")
+            if key == "general.alignment" and kind == 4:
+                (alignment,) = struct.unpack_from("<I", self.data, self.at)
+            self.skip(kind)
+        layout = []
+        for _ in range(tensors):
+            name = self.string()
+            (dims,) = self.unpack("<I")
+            if dims > 8:
+                raise ValueError(f"tensor {name} has {dims} dimensions")
+            shape = self.unpack(f"<{dims}Q")
+            kind, offset = self.unpack("<IQ")
+            block, nbytes = GGML_QUANT_SIZES[kind]
+            layout.append((name, offset + math.prod(shape) // block * nbytes))
+        return layout, -(-self.at // alignment) * alignment
 
 
 def _jsonl(path: Path) -> str | None:
