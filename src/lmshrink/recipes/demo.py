@@ -125,6 +125,32 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     started = time.perf_counter()
     steps: dict[str, float] = {}  # step -> wall seconds, printed in the report
     total = 4 if settings.heal else 3
+    scores = _score(settings, out, total)
+    steps["scoring the blocks"] = time.perf_counter() - started
+    mark = time.perf_counter()
+    students = _plain_students(settings, out, scores["num_layers"], total)
+    steps["cutting the students"] = time.perf_counter() - mark
+    start = students.get("importance")
+    if settings.cut.repair != "none":
+        start = repaired(settings, students, steps, total)
+    healed = heal(settings, start, steps) if settings.heal else {}
+    table, ev = _evaluate(settings, students, healed, steps, total)
+    elapsed = time.perf_counter() - started
+    text = _report(settings, scores, table, elapsed, steps, ev)
+    write_text(out / "report.md", text)
+    record = provenance("demo", to_dict(settings), rows=table, scores=scores, wall_seconds=elapsed,
+                        step_seconds=steps)
+    write_json(out / "report.json", record)
+    write_json(out / RECORD, record)
+    print(text)
+    print(f"wrote {out / 'report.md'}")
+    if settings.export:
+        export_best(settings, table, {**students, **{name: run["model"] for name, run in healed.items()}})
+    return {"rows": table, "scores": scores}
+
+
+def _score(settings: DemoSettings, out: Path, total: int) -> dict[str, Any]:
+    """Step 1: the teacher's block scores, written as score-layers writes them."""
     teacher = load(settings.teacher)
     teacher.model.to(pick_device(settings.device))
     n = teacher.model.config.num_hidden_layers
@@ -134,25 +160,22 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     scores = score(teacher.model, rows, ppl=settings.score_ppl)
     write_json(out / "scores.json", provenance("score-layers", to_dict(settings), **scores))
     plot(scores, out / "scores.png", f"{settings.teacher}: block importance on {settings.calib_data}")
-    del teacher, rows  # truncate loads the teacher itself (the embedded one again in a fraction of a second)
-    steps["scoring the blocks"] = time.perf_counter() - started
+    return scores  # the teacher is let go: truncate loads it itself (the embedded one in a fraction of a second)
 
+
+def _plain_students(settings: DemoSettings, out: Path, n: int, total: int) -> dict[str, Path]:
+    """Step 2: the paper's students, plain cuts by each strategy."""
     print(f"[2/{total}] building {n} -> {settings.num_layers} block students: {', '.join(settings.strategies)}")
-    mark = time.perf_counter()
-    students = {}
-    for strategy in settings.strategies:  # the paper's students: plain cuts
-        students[strategy] = truncate(TruncateSettings(
-            output=str(out / f"student-{strategy}"), teacher=settings.teacher, strategy=strategy,
-            num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True,
-            cut=dataclasses.replace(settings.cut, repair="none")))
-    steps["cutting the students"] = time.perf_counter() - mark
-    start = students.get("importance")
-    if settings.cut.repair != "none":
-        start = repaired(settings, students, steps, total)
+    return {strategy: truncate(TruncateSettings(
+        output=str(out / f"student-{strategy}"), teacher=settings.teacher, strategy=strategy,
+        num_layers=settings.num_layers, scores=str(out / "scores.json"), overwrite=True,
+        cut=dataclasses.replace(settings.cut, repair="none"))) for strategy in settings.strategies}
 
-    healed = heal(settings, start, steps) if settings.heal else {}
 
-    bench = settings.benchmarks
+def _evaluate(settings: DemoSettings, students: dict[str, Path], healed: dict[str, dict], steps: dict[str, float],
+              total: int) -> tuple[list[dict[str, Any]], EvalSettings]:
+    """The last step: every model side by side (the teacher first), and the charts."""
+    out, bench = Path(settings.output), settings.benchmarks
     print(f"[{total}/{total}] evaluating on {', '.join(settings.perplexity.data)}"
           + (f" and {', '.join(bench.tasks)} ({bench.limit} items per task)" if bench.tasks else ""))
     mark = time.perf_counter()
@@ -173,18 +196,7 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     if bench.tasks:
         tasks_chart(table, out / "tasks.png", "zero-shot scores" + (f", first {count(bench.limit, 'item')} per task"
                                                                    if bench.limit else ""))
-    elapsed = time.perf_counter() - started
-    text = _report(settings, scores, table, elapsed, steps, ev)
-    write_text(out / "report.md", text)
-    record = provenance("demo", to_dict(settings), rows=table, scores=scores, wall_seconds=elapsed,
-                        step_seconds=steps)
-    write_json(out / "report.json", record)
-    write_json(out / RECORD, record)
-    print(text)
-    print(f"wrote {out / 'report.md'}")
-    if settings.export:
-        export_best(settings, table, {**students, **{name: run["model"] for name, run in healed.items()}})
-    return {"rows": table, "scores": scores}
+    return table, ev
 
 
 def repaired(settings: DemoSettings, students: dict[str, Path], steps: dict[str, float], total: int) -> Path:
