@@ -274,12 +274,9 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
               batch_size: int = 8, source: str = "local", seed: int = 1234) -> list[TaskScore]:
     """Run lm-eval on an already loaded model; one `TaskScore` per reported task (MMLU pooled)."""
     try:
-        from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise AssetError("zero-shot tasks need lm-evaluation-harness: pip install 'lmshrink[eval]'") from None
-    from lm_eval.api.metrics import pooled_sample_stderr
-
     specs, members = task_configs(tasks, source)
     for spec in specs:
         shots = num_fewshot if num_fewshot is not None else (MMLU.fewshot if spec["task"].startswith("mmlu_") else 0)
@@ -290,47 +287,55 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
     # tokenizer's start token where it adds one, read from the tokenizer, not from lm-eval's per-family list
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               add_bos_token=bool(Framing.of(tokenizer).start))
+    out = _evaluate(lm, specs, limit, source, seed)
+    return [_task_score(name, subtasks, out, source) for name, subtasks in members.items()]
+
+
+def _evaluate(lm, specs: list[dict[str, Any]], limit: int | None, source: str, seed: int) -> dict[str, Any]:
+    """lm-eval's simple_evaluate over the task configs, every item's sample logged."""
     # simple_evaluate ends by adding torch's environment report to its results (`pip list`, `lscpu` and
     # more in subprocesses: 0.7 s a call, one call a task here, with no switch to turn it off); lmshrink's
     # records keep their own versions and never read it
     import lm_eval.evaluator
+    from lm_eval import simple_evaluate
 
     try:
         with mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None):
             # our cached task index: without it lm-eval re-reads its ~14,000 task YAMLs on every call (~12 s)
-            out = simple_evaluate(model=lm, tasks=specs, task_manager=_task_manager(), limit=limit, log_samples=True,
-                                  bootstrap_iters=1000,
-                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed)
+            return simple_evaluate(model=lm, tasks=specs, task_manager=_task_manager(), limit=limit, log_samples=True,
+                                   bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
+                                   torch_random_seed=seed, fewshot_random_seed=seed)
     except (OSError, ConnectionError) as err:  # the Hub's datasets, without a network
         if source != "hub":
             raise
         raise AssetError(f"could not load the benchmark data from the Hub ({str(err)[:200]}); offline, use "
                          "--benchmark-source local (after `lmshrink fetch --benchmarks`)") from None
-    results, counts = out["results"], out["n-samples"]
 
-    def per_item(subtask: str, metric: str) -> list[float]:  # for verdicts paired across models item by item
+
+def _task_score(name: str, subtasks: list[str], out: dict[str, Any], source: str) -> TaskScore:
+    """One reported task from lm-eval's results: its metric, standard error (MMLU's subjects pooled,
+    each weighted by its size) and every item's value, for verdicts paired across models."""
+    from lm_eval.api.metrics import pooled_sample_stderr
+
+    bench = benchmark(name)
+    per = [(_metrics(out["results"][t]), out["n-samples"][t]["effective"]) for t in subtasks]
+    metric = bench.metric
+    if len(per) == 1:
+        metrics, items = per[0]
+        value, stderr = metrics[metric], metrics.get(f"{metric}_stderr")
+    else:
+        items = sum(n for _, n in per)
+        value = sum(m[metric] * n for m, n in per) / items
+        if all(n > 1 for _, n in per):  # as lm-eval's own mmlu group reports it
+            stderr = pooled_sample_stderr([m[f"{metric}_stderr"] or 0.0 for m, _ in per], [n for _, n in per])
+        else:  # one item per subject (a tiny --limit): all questions as one sample
+            stderr = math.sqrt(value * (1 - value) / max(items - 1, 1))
+        metrics = {metric: value, f"{metric}_stderr": stderr}
+
+    def per_item(subtask: str) -> list[float]:
         logged = sorted((x for x in out["samples"].get(subtask, []) if x["filter"] == "none"), key=lambda x: x["doc_id"])
         return [float(x[metric]) for x in logged if isinstance(x.get(metric), (int, float))]
 
-    scores = []
-    for name, subtasks in members.items():
-        bench = benchmark(name)
-        split = bench.scored if source == "local" else bench.stock_split
-        per = [(_metrics(results[t]), counts[t]["effective"]) for t in subtasks]
-        metric = bench.metric
-        if len(per) == 1:
-            metrics, items = per[0]
-            value, stderr = metrics[metric], metrics.get(f"{metric}_stderr")
-        else:  # MMLU: one score over all questions (each subject weighted by its size), pooled stderr
-            items = sum(n for _, n in per)
-            value = sum(m[metric] * n for m, n in per) / items
-            if all(n > 1 for _, n in per):  # as lm-eval's own mmlu group reports it
-                stderr = pooled_sample_stderr([m[f"{metric}_stderr"] or 0.0 for m, _ in per], [n for _, n in per])
-            else:  # one item per subject (a tiny --limit): all questions as one sample
-                stderr = math.sqrt(value * (1 - value) / max(items - 1, 1))
-            metrics = {metric: value, f"{metric}_stderr": stderr}
-        shots = out["n-shot"].get(subtasks[0], 0)
-        scores.append(TaskScore(name, metric, value, stderr if stderr is None or math.isfinite(stderr) else None,
-                                items, split, int(shots), metrics, [v for t in subtasks for v in per_item(t, metric)]))
-    return scores
+    split = bench.scored if source == "local" else bench.stock_split
+    return TaskScore(name, metric, value, stderr if stderr is None or math.isfinite(stderr) else None, items, split,
+                     int(out["n-shot"].get(subtasks[0], 0)), metrics, [v for t in subtasks for v in per_item(t)])
