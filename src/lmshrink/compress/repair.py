@@ -133,37 +133,19 @@ def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], 
     proj_path = architecture_of(model.config).mlp_out
     device = next(model.parameters()).device
     stop_after = max([k - 1 for k in states] + list(projections))
-    got: dict[tuple[str, int], list[torch.Tensor]] = {}  # on the device: per batch, joined at the end
-    store: dict[tuple[str, int], torch.Tensor] = {}  # on the CPU: filled in place, never held twice
-    batch_shape: list[int] = []
-    at = [0]  # the current batch's first row
-
-    def keep(kind: str, k: int, value: torch.Tensor) -> None:
-        # (B, T, H); OPT's fc2 runs on (B * T, H)
-        value = value.detach().reshape(*batch_shape, -1)
-        if on_device:
-            got.setdefault((kind, k), []).append(value)
-            return
-        key = (kind, k)
-        if key not in store:
-            dtype = proj_dtype if kind == "proj" else torch.float32
-            store[key] = torch.empty((rows.shape[0], *value.shape[1:]), dtype=dtype)
-        out = store[key]
-        if out.dtype != torch.float32 and not torch.isfinite(value.to(out.dtype)).all():
-            out = store[key] = out.float()  # values float16 cannot hold: this block stays float32
-        out[at[0] : at[0] + value.shape[0]] = value.to(out.dtype)
-
+    store = _Captured(rows.shape[0], on_device, proj_dtype)
     hooks = []
     if 0 in states:
         hooks.append(blocks[0].register_forward_pre_hook(
-            lambda _m, args, kwargs: keep("state", 0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+            lambda _m, args, kwargs: store.keep("state", 0, args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True))
     for i in projections:
         hooks.append(get_path(blocks[i], proj_path).register_forward_hook(
-            lambda _m, args, out, i=i: keep("proj", i, args[0] if proj_input else _tensor(out))))
+            lambda _m, args, out, i=i: store.keep("proj", i, args[0] if proj_input else _tensor(out))))
 
     def after_block(_m, _a, out, i: int) -> None:
         if i + 1 in states:
-            keep("state", i + 1, _tensor(out))
+            store.keep("state", i + 1, _tensor(out))
         if i == stop_after:
             raise StopForward
 
@@ -172,7 +154,7 @@ def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], 
     try:
         for start in range(0, rows.shape[0], batch_size):
             batch = rows[start : start + batch_size]
-            batch_shape[:], at[0] = batch.shape, start
+            store.batch_shape, store.at = list(batch.shape), start
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except StopForward:
@@ -180,11 +162,39 @@ def capture(model, rows: torch.Tensor, states: set[int], projections: set[int], 
     finally:
         for hook in hooks:
             hook.remove()
-    if not on_device:
-        return {k: store[("state", k)] for k in states}, {i: store[("proj", i)] for i in projections}
-    out_states = {k: torch.cat(got.pop(("state", k))) for k in sorted(states)}
-    out_proj = {i: torch.cat(got.pop(("proj", i))) for i in sorted(projections)}
-    return out_states, out_proj
+    return store.result("state", states), store.result("proj", projections)
+
+
+class _Captured:
+    """What `capture` keeps: on the CPU, each tensor filled in place batch by batch (never held twice;
+    projections in `proj_dtype` unless a batch's values do not fit it); `on_device`, the batches
+    where the model is, joined at the end."""
+
+    def __init__(self, rows: int, on_device: bool, proj_dtype: torch.dtype):
+        self.rows, self.on_device, self.proj_dtype = rows, on_device, proj_dtype
+        self.batches: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.store: dict[tuple[str, int], torch.Tensor] = {}
+        self.batch_shape: list[int] = []
+        self.at = 0  # the current batch's first row
+
+    def keep(self, kind: str, k: int, value: torch.Tensor) -> None:
+        value = value.detach().reshape(*self.batch_shape, -1)  # (B, T, H); OPT's fc2 runs on (B * T, H)
+        key = (kind, k)
+        if self.on_device:
+            self.batches.setdefault(key, []).append(value)
+            return
+        if key not in self.store:
+            dtype = self.proj_dtype if kind == "proj" else torch.float32
+            self.store[key] = torch.empty((self.rows, *value.shape[1:]), dtype=dtype)
+        out = self.store[key]
+        if out.dtype != torch.float32 and not torch.isfinite(value.to(out.dtype)).all():
+            out = self.store[key] = out.float()  # values float16 cannot hold: this block stays float32
+        out[self.at : self.at + value.shape[0]] = value.to(out.dtype)
+
+    def result(self, kind: str, wanted: set[int]) -> dict[int, torch.Tensor]:
+        if self.on_device:
+            return {k: torch.cat(self.batches.pop((kind, k))) for k in sorted(wanted)}
+        return {k: self.store[(kind, k)] for k in wanted}
 
 
 class BlockReplay:
