@@ -363,6 +363,10 @@ def test_a_run_that_cannot_fit_its_device_is_refused_before_the_model_loads(tiny
     import lmshrink.heal.memory as memory
 
     monkeypatch.setattr(memory, "device_memory", lambda device: 1000)
+    # a dtype the count cannot read is left to the loader's own one line
+    assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(tmp_path / "d"),
+                 "--dtype", "float64"]) == 2
+    assert "dtype 'float64' is not one of" in capsys.readouterr().err
     monkeypatch.setattr("lmshrink.recipes.pretrain.load", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(tmp_path / "r"),
                  "--max-steps", "1"]) == 2

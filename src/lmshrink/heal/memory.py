@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from lmshrink.heal.training import freeze
+from lmshrink.models import DTYPES
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 GB = 1e9
 
 
@@ -91,7 +92,7 @@ def fit_problem(student: Any, teacher: Any | None, settings: Any, device: torch.
     memory, or `available` bytes), naming the settings with which they would; else None. Runs
     sharded or offloaded (FSDP, DeepSpeed) are not checked here."""
     train = settings.train
-    if train.fsdp or train.deepspeed:
+    if train.fsdp or train.deepspeed or settings.dtype not in BYTES:  # (an unknown dtype: load names it)
         return None
     available = device_memory(device) if available is None else available
     half = device.type == "cuda" and train.precision != "fp32"
