@@ -397,6 +397,8 @@ def test_a_run_that_cannot_fit_its_device_is_refused_before_loading(tiny_gpt2_di
     short = fit_problem(config, config, settings, cpu, available=need.total - 1)
     assert short.startswith("memory: this run needs") and "--teacher-cache" in short and "--freeze embeddings" in short
     assert "a smaller student" in fit_problem(config, None, settings, cpu, available=need.weights)
+    # a config transformers cannot build here (a model with custom code, say) is not counted: the load says why
+    assert fit_problem(T.PretrainedConfig(), None, settings, cpu, available=1) is None
     # sharded or offloaded runs are the engines' to place
     assert fit_problem(config, config, dataclasses.replace(settings, train=dataclasses.replace(
         settings.train, fsdp="on")), cpu, available=1) is None

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lmshrink.errors import LmshrinkError
 from lmshrink.heal.training import freeze
 from lmshrink.models import DTYPES
 
@@ -96,7 +97,12 @@ def fit_problem(student: Any, teacher: Any | None, settings: Any, device: torch.
         return None
     available = device_memory(device) if available is None else available
     half = device.type == "cuda" and train.precision != "fp32"
-    need = run_memory(student, teacher, settings.dtype, train.freeze, half)
+    try:
+        need = run_memory(student, teacher, settings.dtype, train.freeze, half)
+    except LmshrinkError:  # (what the run itself would refuse, e.g. a head to freeze that is not there)
+        raise
+    except Exception:  # noqa: BLE001 - a config transformers cannot build here (custom code): the load says why
+        return None
     if need.total <= available:
         return None
     options = []
