@@ -19,7 +19,7 @@ import torch
 
 from lmshrink.errors import LmshrinkError
 from lmshrink.heal.training import freeze
-from lmshrink.models import DTYPES
+from lmshrink.models import DTYPES, pick_device
 
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 GB = 1e9
@@ -74,16 +74,11 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def training_device() -> torch.device:
-    """Where the Trainer puts a run (one process): the GPU where there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def check_fits(student: Any, teacher: Any | None, settings: Any) -> None:
     """Refuse, with one line (exit 2), a run whose fixed parts cannot fit its device (`fit_problem`)."""
     from lmshrink.config import check
 
-    if problem := fit_problem(student, teacher, settings, training_device()):
+    if problem := fit_problem(student, teacher, settings, pick_device("auto")):  # where the Trainer puts a run
         check([problem])
 
 
