@@ -79,7 +79,7 @@ def test_teacher_then_every_method_over_two_seeds(models, teacher, capsys):
     stamp = (out / "kd" / "seed-1" / "model" / "lmshrink.json").stat().st_mtime
     capsys.readouterr()
     run(settings)
-    assert "done before" in capsys.readouterr().out
+    assert "holds this run already, finished; nothing to do" in capsys.readouterr().out
     assert (out / "kd" / "seed-1" / "model" / "lmshrink.json").stat().st_mtime == stamp
 
 
@@ -111,7 +111,7 @@ def test_scores_only_runs_keep_no_weights_and_are_reused(models, tmp_path, capsy
     assert not (folder / "model").exists() and json.loads((folder / "lmshrink.json").read_text())["metrics"]
     capsys.readouterr()
     assert run(build(FinetuneSettings, settings))["rows"] == first["rows"]
-    assert "finetune none seed 0: done before" in capsys.readouterr().out
+    assert f"{folder} holds this run already, finished" in capsys.readouterr().out
 
 
 def test_lm_task_reports_test_perplexity(models, real_text, tmp_path):
@@ -191,7 +191,11 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(models, tmp_path, monkeyp
     monkeypatch.setattr(Trainer, "training_step", original)
     folder = tmp_path / "resumed" / "none" / "seed-0"
     assert (folder / "checkpoints" / "checkpoint-2").is_dir() and not (folder / "model").exists()
+    logged = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    before = max(x["elapsed_s"] for x in logged if x.get("step", 0) <= 2 and "elapsed_s" in x)
     run(build(FinetuneSettings, {**common, "output": str(tmp_path / "resumed")}))
+    # heal's clock: the run's seconds count the part before the checkpoint
+    assert json.loads((folder / "lmshrink.json").read_text())["train_seconds"] >= before
     straight = load_file(tmp_path / "straight" / "none" / "seed-0" / "model" / "model.safetensors")
     resumed = load_file(folder / "model" / "model.safetensors")
     for name, tensor in straight.items():

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from transformers.trainer_utils import TrainOutput
 from lmshrink.config import check, how_to_run_paths, to_dict
 from lmshrink.errors import Stopped
 from lmshrink.heal.args import HealSettings, TrainArgs
-from lmshrink.heal.callbacks import StopOnSignal
+from lmshrink.heal.callbacks import MetricsFile, StopOnSignal
 from lmshrink.integrity import ASIDE, folder_problem, set_aside
 from lmshrink.records import RECORD, read_record
 
@@ -83,27 +84,30 @@ def train_until_stopped(trainer: Trainer, resume_from: str | None, stop: StopOnS
 RUN_FILES = ("checkpoints", "model", "metrics.jsonl", RECORD, "tensorboard", "profile")
 
 
-def carry_on(settings: HealSettings) -> dict[str, Any] | None:
-    """What the output folder already holds decides how a run starts; checked before any model or
-    data is loaded. Nothing there: a fresh run. An unfinished run with the same settings: carried on
-    from its last whole checkpoint (refused with --no-resume). A finished run with the same settings:
-    nothing to do, its record is returned. A run made with other settings: refused, naming what
-    changed. --overwrite: whatever is there is replaced (removed by `_train`)."""
-    out = Path(settings.output)
+def carry_on(settings: HealSettings, out: str | Path | None = None, free: tuple[str, ...] = (),
+             saves_model: bool = True) -> dict[str, Any] | None:
+    """What a run's folder (`out`, by default the output folder) already holds decides how the run
+    starts; checked before any model or data is loaded. Nothing there: a fresh run. An unfinished
+    run with the same settings (`free` ones aside: they choose which runs a command makes, not what
+    one computes): carried on from its last whole checkpoint (refused with --no-resume). A finished
+    run with the same settings (its record, and its model/ unless the run keeps none): nothing to do,
+    its record is returned. A run made with other settings: refused, naming what changed.
+    --overwrite: whatever is there is replaced (removed by `_train`)."""
+    out = Path(settings.output if out is None else out)
     if settings.train.overwrite:
         return None
-    done = read_record(out)
-    if done and done.get("metrics") and (out / "model").is_dir():
-        changed = changed_settings(done.get("settings"), settings)
+    done = read_record(out) or read_record(out / "model")
+    if done and done.get("metrics") and (not saves_model or (out / "model").is_dir()):
+        changed = changed_settings(done.get("settings"), settings, free)
         if changed:
             check([f"output: {out} holds a finished {done.get('command', 'training')} run made with other settings "
                    f"({'; '.join(changed)}); pass --overwrite to replace it, or give another --output"])
-        print(f"[lmshrink] {out} holds this run already, finished (model/); nothing to do "
-              "(--overwrite trains it again)", flush=True)
+        print(f"[lmshrink] {out} holds this run already, finished; nothing to do (--overwrite trains it again)",
+              flush=True)
         return done
     checkpoint = last_checkpoint(out / "checkpoints", remove=False)
     if checkpoint:
-        changed = changed_settings((read_record(checkpoint) or {}).get("settings"), settings)
+        changed = changed_settings((read_record(checkpoint) or {}).get("settings"), settings, free)
         if changed:
             check([f"output: {out} holds an unfinished run ({Path(checkpoint).name}) made with other settings "
                    f"({'; '.join(changed)}); run it with those values to carry on, pass --overwrite to start "
@@ -112,6 +116,16 @@ def carry_on(settings: HealSettings) -> dict[str, Any] | None:
             check([f"output: {out} holds an unfinished run ({Path(checkpoint).name}); leave out --no-resume to "
                    "carry on from it, or pass --overwrite to start over"])
     return None
+
+
+def trained(trainer: Trainer, checkpoint: str | None, metrics_file: MetricsFile, stop: StopOnSignal,
+            carry_on: str) -> tuple[TrainOutput, float]:
+    """`train_until_stopped` from `checkpoint`, and the run's wall seconds, counting the part before the
+    checkpoint (read from its metrics file)."""
+    earlier = metrics_file.elapsed()
+    started = time.perf_counter() - earlier
+    result = train_until_stopped(trainer, checkpoint, stop, carry_on, elapsed=earlier)
+    return result, time.perf_counter() - started
 
 
 def start_over(out: Path) -> None:

@@ -39,7 +39,7 @@ from lmshrink.heal.args import (
 )
 from lmshrink.heal.callbacks import MetricsFile, Profile, RecordCheckpoints, StopOnSignal
 from lmshrink.heal.corpus import collate
-from lmshrink.heal.runs import checkpoint_step, drop_checkpoints, last_checkpoint, start_over, train_until_stopped
+from lmshrink.heal.runs import checkpoint_step, drop_checkpoints, last_checkpoint, start_over, trained
 from lmshrink.heal.speed import device_name, flops_per_token, peak_flops
 from lmshrink.losses import causal_lm_loss, fused_head_loss, head_step
 from lmshrink.records import RECORD, count, exclusive, provenance, publish, read_record, write_json
@@ -395,10 +395,7 @@ def _run(trainer: LMTrainer, checkpoint: str | None, metrics_file: MetricsFile, 
         before = metrics_file.loss_before()
     else:
         before = trainer.evaluate()["eval_loss"] if evaluated else None
-    earlier = metrics_file.elapsed()
-    started = time.perf_counter() - earlier
-    result = train_until_stopped(trainer, checkpoint, stop, "run the same command to carry on", elapsed=earlier)
-    wall = time.perf_counter() - started
+    result, wall = trained(trainer, checkpoint, metrics_file, stop, "run the same command to carry on")
     after = trainer.evaluate()["eval_loss"] if evaluated else None
     return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
             "tokens_seen": trainer.state.num_input_tokens_seen, "train_seconds": wall,

@@ -25,7 +25,6 @@ import dataclasses
 import math
 import shutil
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,7 @@ from lmshrink.heal.kd_methods import (
     right_padded,
     task_loss,
 )
-from lmshrink.heal.runs import (
-    changed_settings,
-    checkpoint_step,
-    drop_checkpoints,
-    last_checkpoint,
-    train_until_stopped,
-)
+from lmshrink.heal.runs import carry_on, checkpoint_step, drop_checkpoints, last_checkpoint, trained
 from lmshrink.heal.tasks import TASKS, Collator, Task, item_scores, load_task, scores
 from lmshrink.heal.training import LMTrainer, freeze, save_trained
 from lmshrink.models import check as check_model
@@ -208,13 +201,28 @@ def _trainer_class():
     return FinetuneTrainer
 
 
+def _method(s: FinetuneSettings, method: str, seed: int, tokenizer, teacher_tokenizer, collate: Collator,
+            generator: MaskedLMGenerator | None):
+    """The loss of `method`; MATE-KD's gets its own copy of `generator`, so every run starts from the same one."""
+    if not getattr(METHODS[method], "needs_generator", False):
+        return METHODS[method](s.kd_config(seed), generator=None, encode=None)
+    generator = type(generator)(copy.deepcopy(generator.model), generator.tokenizer, s.max_length)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator.model.to(device)
+
+    def encode(texts: list[str]):
+        student = {k: v.to(device) for k, v in collate.encode(tokenizer, texts).items()}
+        return student, {k: v.to(device) for k, v in collate.encode(teacher_tokenizer, texts).items()}
+
+    return METHODS[method](s.kd_config(seed), generator=generator, encode=encode)
+
+
 def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dict], method: str, seed: int,
               folder: Path, generator: MaskedLMGenerator | None = None) -> dict[str, Any]:
-    """Fine-tune `s.model` with one method and seed; save model/ and return its record.
-    `generator` (MATE-KD) is copied, so every run starts from the same generator."""
+    """Fine-tune `s.model` with one method and seed (carrying on from the folder's last checkpoint,
+    as heal's runs do); save model/ and return its record."""
     from datasets import Dataset
     from transformers import set_seed
-
 
     set_seed(seed)
     model, tokenizer, source = load_classifier(s.model, task, s.trust_remote_code)
@@ -224,34 +232,23 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     if METHODS[method].needs_teacher:
         teacher, teacher_tokenizer, _ = load_classifier(s.teacher, task, s.trust_remote_code)
     collate = Collator(tokenizer, teacher_tokenizer, s.max_length, task.num_labels == 1)
-    if getattr(METHODS[method], "needs_generator", False):
-        generator = type(generator)(copy.deepcopy(generator.model), generator.tokenizer, s.max_length)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        generator.model.to(device)
-
-        def encode(texts: list[str]):
-            student = {k: v.to(device) for k, v in collate.encode(tokenizer, texts).items()}
-            return student, {k: v.to(device) for k, v in collate.encode(teacher_tokenizer, texts).items()}
-    else:
-        encode = generator = None
-    kd = METHODS[method](s.kd_config(seed), generator=generator, encode=encode)
+    kd = _method(s, method, seed, tokenizer, teacher_tokenizer, collate, generator)
     # examples are padded per batch, so no token budget; every training example is used
     args = training_arguments(s.train, folder, seed, dataloader_drop_last=False, eval_strategy="no")
     test_set = Dataset.from_list(test)
-    checkpoint = last_checkpoint(folder / "checkpoints")
-    stop = StopOnSignal()
+    checkpoint = last_checkpoint(folder / "checkpoints")  # check_folders checked it is this run's
+    stop, metrics_file = StopOnSignal(), MetricsFile(folder / "metrics.jsonl", checkpoint_step(checkpoint))
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train),
                                eval_dataset=test_set, data_collator=collate, processing_class=tokenizer,
-                               callbacks=[MetricsFile(folder / "metrics.jsonl", checkpoint_step(checkpoint)), stop,
-                                          RecordCheckpoints(provenance("finetune", to_dict(s), method=method,
-                                                                       seed=seed))],
+                               callbacks=[metrics_file, stop, RecordCheckpoints(provenance(
+                                   "finetune", to_dict(s), method=method, seed=seed))],
                                method=kd, teacher=teacher)
     if checkpoint:
-        print(f"finetune {method} seed {seed}: resuming from {Path(checkpoint).name}"
-              + (" (the MATE-KD generator restarts from its initial weights)" if generator is not None else ""))
-    started = time.perf_counter()
-    train_until_stopped(trainer, checkpoint, stop, "run the same command to carry on (finished seeds are kept)")
-    seconds = time.perf_counter() - started
+        mate = getattr(kd, "generator", None) is not None
+        restarts = " (the MATE-KD generator restarts from its initial weights)" if mate else ""
+        print(f"finetune {method} seed {seed}: resuming from {Path(checkpoint).name}{restarts}")
+    _, seconds = trained(trainer, checkpoint, metrics_file, stop, "run the same command to carry on (finished "
+                                                                  "seeds are kept)")
     prediction = trainer.predict(test_set)
     labels = [e["label"] for e in test]
     metrics = scores(task, prediction.predictions, labels)
@@ -261,8 +258,7 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
                         task_spec=to_dict(task))
     if s.save_models:
         save_trained(trainer, folder / "model", record, f"{Path(s.output).name}-{method}-seed-{seed}")
-    else:
-        write_json(folder / RECORD, record)
+    write_json(folder / RECORD, record)
     drop_checkpoints(trainer, folder / "checkpoints", s.train)
     print(f"finetune {method} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
           + f" in {seconds:.0f}s")
@@ -274,38 +270,22 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
 RUN_INDEPENDENT = ("methods", "seeds")
 
 
-def refuse_changed(s: FinetuneSettings, done: dict[str, Any], folder: Path, what: str = "a finished run") -> None:
-    """A run is re-used or carried on only if it was made with the same settings."""
-    changed = changed_settings(done.get("settings"), s, free=RUN_INDEPENDENT)
-    if changed:
-        raise SettingsError(f"output: {folder} holds {what} made with other settings ({'; '.join(changed)}); "
-                            "run it with those values, pass --overwrite to start over, or give another --output")
-
-
-def check_folders(s: FinetuneSettings) -> None:
-    """Before any work: --overwrite clears the output folder; otherwise every method's and seed's
-    finished run or checkpoint there must have been made with these settings (an unfinished one is
-    carried on, unless --no-resume). The LM task's runs are pretrain / distill runs that check
-    themselves."""
+def check_folders(s: FinetuneSettings) -> dict[tuple[str, int], dict[str, Any]]:
+    """Before any work: --overwrite clears the output folder; otherwise each method's and seed's folder
+    is a heal run's (`heal.runs.carry_on`): a finished run with these settings is kept (its record
+    returned, by (method, seed)), an unfinished one carried on, one made with other settings refused.
+    The LM task's runs are pretrain / distill runs that check themselves."""
     out = Path(s.output)
     if s.train.overwrite:
         for path in out.iterdir():
             if path.name != ".lmshrink.lock":  # held by this run
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return
+        return {}
     if s.task == "lm":
-        return
-    for method in s.methods:
-        for seed in s.seeds:
-            folder = out / method / f"seed-{seed}"
-            done = read_record(folder / "model") or read_record(folder)
-            if done and done.get("metrics"):
-                refuse_changed(s, done, folder)
-            elif checkpoint := last_checkpoint(folder / "checkpoints", remove=False):
-                refuse_changed(s, read_record(checkpoint) or {}, folder, f"an unfinished run ({Path(checkpoint).name})")
-                if not s.train.resume:
-                    raise SettingsError(f"output: {folder} holds an unfinished run ({Path(checkpoint).name}); leave "
-                                        "out --no-resume to carry on from it, or pass --overwrite to start over")
+        return {}
+    done = {(method, seed): carry_on(s, out / method / f"seed-{seed}", RUN_INDEPENDENT, s.save_models)
+            for method in s.methods for seed in s.seeds}
+    return {key: record for key, record in done.items() if record}
 
 
 def evaluate_teacher(s: FinetuneSettings, task: Task, test: list[dict]) -> dict[str, float]:
@@ -415,7 +395,7 @@ def plot(summary: dict[str, Any], main: str, path: Path, title: str) -> None:
 @holding_output
 def run(s: FinetuneSettings) -> dict[str, Any]:
     out = Path(s.output)
-    check_folders(s)
+    finished = check_folders(s)
     for name in filter(None, (s.model, s.teacher)):  # every model named, checked before the first loads
         check_model(name, s.trust_remote_code)
     if s.task == "lm":
@@ -434,13 +414,9 @@ def run(s: FinetuneSettings) -> dict[str, Any]:
         records = []
         for method in s.methods:
             for seed in s.seeds:
-                folder = out / method / f"seed-{seed}"
-                done = read_record(folder / "model") or read_record(folder)
-                if done and done.get("metrics"):  # made with these settings (check_folders)
-                    print(f"finetune {method} seed {seed}: done before, {done['metrics']}")
-                    records.append(done)
-                    continue
-                records.append(train_one(s, task, train, test, method, seed, folder, generator))
+                done = finished.get((method, seed))  # made with these settings (check_folders)
+                records.append(done or train_one(s, task, train, test, method, seed, out / method / f"seed-{seed}",
+                                                 generator))
     summary = summarize(records, teacher)
     report = markdown(summary, s, main)
     record = provenance("finetune", to_dict(s), main_metric=main, **summary)
