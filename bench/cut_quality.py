@@ -203,7 +203,7 @@ def main() -> None:
     del teacher
     if not (out / "scores" / "scores.json").exists():  # Block Influence, once for every importance row
         assert lmshrink(["score-layers", "--model", args.teacher, "--output", str(out / "scores"), "--tokens",
-                         str(args.calib_tokens), "--no-ppl", "--no-width"]) == 0
+                         str(args.calib_tokens), "--no-ppl", "--no-width", "--dtype", "float32"]) == 0
     depths = [int(d) for d in args.depths.split(",")]
     only = set(filter(None, args.only.split(",")))
     for row in plan(depths):

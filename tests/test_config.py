@@ -167,3 +167,27 @@ def test_settings_marked_how_to_run_are_one_run_and_the_rest_decide_it():
     faster = build(PretrainSettings, {"model": "m", "data": "d", "output": "o", "lr": 1e-3})
     assert not same_settings(recorded, faster) and changed_settings(recorded, faster)[0].startswith("train.lr ")
     assert {"workers", "executor_options", "restart", "report_only"} <= how_to_run_paths(CleanSettings)
+
+
+def test_a_record_made_before_a_setting_moved_into_a_group_is_the_same_run():
+    """`dtype` and `trust_remote_code` moved into the `load` group: a run recorded with them at the top
+    is carried on or reused by the same settings, and a changed dtype is still named."""
+    from lmshrink.config import to_dict
+    from lmshrink.heal.runs import changed_settings, same_settings
+    from lmshrink.recipes.pretrain import PretrainSettings
+
+    run = build(PretrainSettings, {"model": "m", "data": "d", "output": "o", "dtype": "bfloat16"})
+    old = to_dict(run)
+    old.update(old.pop("load"))  # as lmshrink.json held it before the group
+    assert old["dtype"] == "bfloat16" and "load" not in old
+    assert same_settings(old, run) and changed_settings(old, run) == []
+    other = build(PretrainSettings, {"model": "m", "data": "d", "output": "o"})
+    assert not same_settings(old, other)
+    assert changed_settings(old, other) == ["load.dtype 'bfloat16' -> 'float32'"]
+
+
+def test_the_load_group_checks_its_dtype_before_any_model_loads():
+    from lmshrink.recipes.truncate import TruncateSettings
+
+    with pytest.raises(SettingsError, match="dtype: 'int3' is unknown; choose one of auto, float32"):
+        build(TruncateSettings, {"teacher": "m", "output": "o", "dtype": "int3"})

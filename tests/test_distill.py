@@ -404,7 +404,7 @@ def test_a_run_that_cannot_fit_its_device_is_refused_before_loading(tiny_gpt2_di
         settings.train, fsdp="on")), cpu, available=1) is None
     # the command: one line, exit 2, and neither model loaded
     monkeypatch.setattr(memory, "device_memory", lambda device: need.total - 1)
-    monkeypatch.setattr("lmshrink.recipes.distill.load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("lmshrink.models.load", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["distill", "--model", str(tiny_gpt2_dir), "--teacher", str(tiny_gpt2_dir), "--data", str(real_text),
                  "--output", str(tmp_path / "run"), "--max-steps", "1"]) == 2
     err = capsys.readouterr().err

@@ -154,7 +154,7 @@ def test_auto_dtype_is_the_devices_fastest_and_kept_on_resumption(tiny_gpt2_dir,
     out, resolved = tmp_path / "teacher-text", native_dtype(torch.device("cpu"))
     assert generate(tiny_gpt2_dir, out) == 0  # --dtype auto: written in the resolved dtype, and says so
     assert {r["settings"]["dtype"] for r in records(out)} == {resolved}
-    assert json.loads((out / "lmshrink.json").read_text())["settings"]["dtype"] == resolved
+    assert json.loads((out / "lmshrink.json").read_text())["settings"]["load"]["dtype"] == resolved
     (out / "part-00002.jsonl").unlink()
     assert generate(tiny_gpt2_dir, out, "--dtype", resolved) == 0  # the same dtype named: carries on
     other = "float32" if resolved == "bfloat16" else "bfloat16"

@@ -363,12 +363,13 @@ def test_a_run_that_cannot_fit_its_device_is_refused_before_the_model_loads(tiny
     import lmshrink.heal.memory as memory
 
     monkeypatch.setattr(memory, "device_memory", lambda device: 1000)
-    # a dtype the count cannot read is left to the loader's own one line
+    # an unknown dtype is the settings' own one line, before anything is counted or loaded
     assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(tmp_path / "d"),
                  "--dtype", "float64"]) == 2
-    assert "dtype 'float64' is not one of" in capsys.readouterr().err
-    monkeypatch.setattr("lmshrink.recipes.pretrain.load", lambda *a, **k: pytest.fail("the model was loaded"))
-    assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(tmp_path / "r"),
-                 "--max-steps", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "memory: this run needs" in err and "the cpu device has 0.0 GB" in err and "Traceback" not in err
+    assert "dtype: 'float64' is unknown; choose one of auto" in capsys.readouterr().err
+    monkeypatch.setattr("lmshrink.models.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for dtype in ("float32", "auto"):  # auto is counted in the dtype it stands for
+        assert main(["pretrain", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output",
+                     str(tmp_path / "r"), "--max-steps", "1", "--dtype", dtype]) == 2
+        err = capsys.readouterr().err
+        assert "memory: this run needs" in err and "the cpu device has 0.0 GB" in err and "Traceback" not in err

@@ -12,6 +12,7 @@ from lmshrink.compress.importance import residual_stream, score
 from lmshrink.compress.truncation import truncate_model
 from lmshrink.data.sources import Framing
 from lmshrink.evaluate.perplexity import perplexity
+from lmshrink.models import native_dtype
 
 
 @pytest.fixture
@@ -56,7 +57,10 @@ def test_score_layers_command_writes_json_and_chart(tiny_gpt2_dir, real_text, tm
     assert main(["score-layers", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(out),
                  "--tokens", "512", "--seq-len", "128"]) == 0
     scores = json.loads((out / "scores.json").read_text())
-    assert json.loads((out / "lmshrink.json").read_text())["command"] == "score-layers"  # the folder describes itself
+    record = json.loads((out / "lmshrink.json").read_text())
+    assert record["command"] == "score-layers"  # the folder describes itself
+    # --dtype auto is recorded as what it ran in: bfloat16 on a CPU with bf16 instructions, else float32
+    assert record["settings"]["load"]["dtype"] == native_dtype(torch.device("cpu"))
     assert scores["num_layers"] == 4 and scores["tokens"] == 512
     assert len(scores["block_influence"]) == 4 and len(scores["ppl_increase"]) == 4
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"

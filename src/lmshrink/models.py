@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from lmshrink.errors import LmshrinkError
+from lmshrink.config import setting
+from lmshrink.errors import LmshrinkError, one_of
 from lmshrink.integrity import folder_problem, gguf_problem
 from lmshrink.records import save_atomically
 
@@ -138,6 +139,40 @@ def native_dtype(device: torch.device) -> str:
     cpu_has = [getattr(torch.cpu, probe, lambda: False) for probe in ("_is_avx512_bf16_supported",
                                                                       "_is_amx_tile_supported")]
     return "bfloat16" if any(has() for has in cpu_has) else "float32"
+
+
+AUTO_DTYPE = ("auto (bfloat16 where the device computes in it natively: GPUs, CPUs with AVX512-BF16 or AMX; "
+              "else float32), float32, bfloat16 or float16")
+"""The help of a `dtype` setting whose default is `auto` (`resolve_dtype`)."""
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`dtype`, with `auto` made the dtype the device named `device` computes fastest in (`native_dtype`)."""
+    return native_dtype(pick_device(device)) if dtype == "auto" else dtype
+
+
+@dataclass
+class LoadArgs:
+    """How every model a command names is loaded (teacher, student, scorer alike)."""
+
+    dtype: str = setting("float32", AUTO_DTYPE)
+    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub (their code runs here)")
+
+    def problems(self) -> list[str]:
+        return one_of("dtype", self.dtype, ["auto", *DTYPES])
+
+    def on(self, device: str) -> LoadArgs:
+        """These settings with `auto` resolved for `device` (what a run records)."""
+        return LoadArgs(resolve_dtype(self.dtype, device), self.trust_remote_code)
+
+    def load(self, name: str, **kwargs: Any) -> Loaded:
+        return load(name, self.dtype, self.trust_remote_code, **kwargs)
+
+    def check(self, name: str) -> tuple[str, Any]:
+        return check(name, self.trust_remote_code)
+
+    def config(self, name: str) -> Any:
+        return config_of(name, self.trust_remote_code)
 
 
 def config_of(name: str, trust_remote_code: bool = False) -> Any:
@@ -283,8 +318,9 @@ def load(name: str, dtype: str = "float32", trust_remote_code: bool = False, hea
 
     auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}[head]
 
+    dtype = resolve_dtype(dtype, "auto")
     if dtype not in DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     source, config = checked or check(name, trust_remote_code)
     local = Path(source)
     tokenizer = load_tokenizer(source, trust_remote_code)

@@ -20,6 +20,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import regex
@@ -33,6 +34,9 @@ from datatrove.utils.stats import PipelineStats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from lmshrink.records import atomic_file
+
+if TYPE_CHECKING:
+    from lmshrink.models import LoadArgs
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -445,10 +449,10 @@ class PerplexityScorer(PipelineStep):
     type = "🔢 - SCORER"
 
     def __init__(self, model: str, max_tokens: int = 256, batch_size: int = 8, threads: int = 1,
-                 values_folder: str | None = None, trust_remote_code: bool = False):
+                 values_folder: str | None = None, how: LoadArgs | None = None):
         super().__init__()
         self.model_name, self.max_tokens, self.batch_size, self.threads = model, max_tokens, batch_size, threads
-        self.values_folder, self.trust_remote_code = values_folder, trust_remote_code
+        self.values_folder, self.how = values_folder, how  # models.LoadArgs (None: its defaults)
 
     def _score(self, model, tokenizer, texts: list[str]) -> list[float]:
         import torch  # here, not at the top: the other cleaning workers never load torch
@@ -472,7 +476,7 @@ class PerplexityScorer(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         import torch
 
-        from lmshrink.models import load
+        from lmshrink.models import LoadArgs
 
         torch.set_num_threads(self.threads)
         loaded = None
@@ -491,7 +495,7 @@ class PerplexityScorer(PipelineStep):
 
         for doc in data:
             if loaded is None:
-                loaded = load(self.model_name, trust_remote_code=self.trust_remote_code)
+                loaded = (self.how or LoadArgs()).load(self.model_name)
                 loaded.model.eval()
             batch.append(doc)
             if len(batch) == self.batch_size:

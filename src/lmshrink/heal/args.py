@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 
 from lmshrink.config import Settings, SettingsError, group, setting
 from lmshrink.heal.corpus import DataArgs, needs_data
+from lmshrink.models import LoadArgs
 from lmshrink.records import count
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -127,8 +128,8 @@ class HealSettings(Settings):
     model: str = setting(help="student to train: folder (e.g. from lmshrink truncate), Hub id or .gguf file")
     output: str = setting(help="run folder: checkpoints/, metrics.jsonl, tensorboard/, and the trained model in model/",
                           how_to_run=True)
-    dtype: str = setting("float32", "dtype the student is loaded in (weights); mixed precision is --precision")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(LoadArgs, "how the student (and distill's teacher) are loaded: the weights' dtype "
+                                     "(mixed precision is --precision)")
     corpus: DataArgs = group(DataArgs, "training and held-out text")
     train: TrainArgs = group(TrainArgs, "optimiser, schedule, precision and checkpoints")
 

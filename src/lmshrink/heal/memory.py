@@ -19,7 +19,7 @@ import torch
 
 from lmshrink.errors import LmshrinkError
 from lmshrink.heal.training import freeze
-from lmshrink.models import DTYPES, pick_device
+from lmshrink.models import DTYPES, pick_device, resolve_dtype
 
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 GB = 1e9
@@ -87,13 +87,13 @@ def fit_problem(student: Any, teacher: Any | None, settings: Any, device: torch.
     """One line if this run's weights, gradients, optimizer and teacher cannot fit `device` (its
     memory, or `available` bytes), naming the settings with which they would; else None. Runs
     sharded or offloaded (FSDP, DeepSpeed) are not checked here."""
-    train = settings.train
-    if train.fsdp or train.deepspeed or settings.dtype not in BYTES:  # (an unknown dtype: load names it)
+    train, dtype = settings.train, resolve_dtype(settings.load.dtype, device.type)
+    if train.fsdp or train.deepspeed or dtype not in BYTES:  # (what else there is, the settings' check names)
         return None
     available = device_memory(device) if available is None else available
     half = device.type == "cuda" and train.precision != "fp32"
     try:
-        need = run_memory(student, teacher, settings.dtype, train.freeze, half)
+        need = run_memory(student, teacher, dtype, train.freeze, half)
     except LmshrinkError:  # (what the run itself would refuse, e.g. a head to freeze that is not there)
         raise
     except Exception:  # noqa: BLE001 - a config transformers cannot build here (custom code): the load says why
@@ -104,7 +104,7 @@ def fit_problem(student: Any, teacher: Any | None, settings: Any, device: torch.
     if teacher is not None and need.total - need.teacher <= available:
         options.append("--teacher-cache (a teacher cached by `lmshrink cache-teacher`, not held in memory)")
     if "embeddings" not in train.freeze:
-        frozen = run_memory(student, teacher, settings.dtype, [*train.freeze, "embeddings"], half)
+        frozen = run_memory(student, teacher, dtype, [*train.freeze, "embeddings"], half)
         if frozen.total <= available:
             options.append("--freeze embeddings")
     if device.type == "cuda" and need.total - need.optimizer - need.gradients <= available:

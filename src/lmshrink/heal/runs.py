@@ -15,7 +15,7 @@ from typing import Any
 from transformers import Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput
 
-from lmshrink.config import check, how_to_run_paths, to_dict
+from lmshrink.config import check, how_to_run_paths, leaves, names, to_dict
 from lmshrink.errors import Stopped
 from lmshrink.heal.args import HealSettings, TrainArgs
 from lmshrink.heal.callbacks import MetricsFile, StopOnSignal
@@ -38,7 +38,11 @@ def _what(values: dict[str, Any], settings: Any, free: tuple[str, ...] = ()) -> 
     """The settings that decide a run's result, as plain JSON data: every one but those marked
     `how_to_run` on `settings`' class (`config.setting`) and the dotted paths in `free`."""
     ignored = how_to_run_paths(type(settings)) | set(free)
-    return {path: value for path, value in flat(json.loads(json.dumps(values, default=str))).items()
+    moved = names(type(settings))  # a record made before a setting moved into a group names it by its old path
+    paths = {leaf.path for leaf in leaves(type(settings))}
+    found = {(path if path in paths else moved.get(path, path)): value
+             for path, value in flat(json.loads(json.dumps(values, default=str))).items()}
+    return {path: value for path, value in found.items()
             if not any(path == i or path.startswith(i + ".") for i in ignored)}  # a mapping's keys with it
 
 

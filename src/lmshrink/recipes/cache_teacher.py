@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -15,7 +16,7 @@ from lmshrink.config import Settings, check, group, setting, to_dict
 from lmshrink.heal.corpus import DataArgs, needs_data, prepare_data
 from lmshrink.heal.teacher_cache import FORMAT, save_tensors, shard_path, teacher_top_k
 from lmshrink.integrity import kept, problem
-from lmshrink.models import load, pick_device
+from lmshrink.models import LoadArgs, pick_device
 from lmshrink.records import RECORD, holding_output, provenance, write_json
 
 
@@ -31,8 +32,7 @@ class CacheSettings(Settings):
     batch_size: int = setting(8, "blocks per teacher forward pass")
     shard_blocks: int = setting(256, "blocks per shard file (the unit of resumption)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(LoadArgs, "how the models are loaded")
     corpus: DataArgs = group(DataArgs, "the training and held-out text the teacher is run on")
 
     def problems(self) -> list[str]:
@@ -48,8 +48,9 @@ class CacheSettings(Settings):
 
 @holding_output
 def run(settings: CacheSettings) -> Path:
+    settings = dataclasses.replace(settings, load=settings.load.on(settings.device))  # recorded as run
     out = Path(settings.output)
-    teacher = load(settings.teacher, settings.dtype, settings.trust_remote_code)
+    teacher = settings.load.load(settings.teacher)
     model = teacher.model.to(pick_device(settings.device))
     corpus = settings.corpus
     train_data, heldout = prepare_data(corpus, teacher.tokenizer)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmshrink.config import Settings, SettingsError, how_to_run_paths, setting, to_dict
+from lmshrink.config import Settings, SettingsError, group, how_to_run_paths, setting, to_dict
 from lmshrink.data.assets import CORPORA
 from lmshrink.data.cleaning import (
     BadInputFilter,
@@ -52,6 +52,7 @@ from lmshrink.data.cleaning import (
 from lmshrink.data.sources import DataError, resolve_path
 from lmshrink.errors import Stopped
 from lmshrink.integrity import problem
+from lmshrink.models import LoadArgs
 from lmshrink.records import exclusive, md_table, provenance, save_figure, write_json, write_text
 
 EXECUTORS = ("local", "slurm", "ray")
@@ -111,7 +112,7 @@ class CleanSettings(Settings):
     perplexity_batch_size: int = setting(8, "documents per scoring batch")
     drop_worst_perplexity: float | None = setting(None, "drop this share (0-1) of documents with the highest perplexity")
     max_perplexity: float | None = setting(None, "drop documents whose perplexity is above this")
-    trust_remote_code: bool = setting(False, "allow the scoring model's own code from the Hub")
+    load: LoadArgs = group(LoadArgs, "how the perplexity filter's scoring model is loaded")
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -242,7 +243,7 @@ def _passes(s: CleanSettings, out: Path, files: list[tuple[str, str]]) -> tuple[
     if s.perplexity_model is not None:
         scorer = PerplexityScorer(s.perplexity_model, s.perplexity_tokens, s.perplexity_batch_size,
                                   threads=max(1, (os.cpu_count() or 1) // s.workers),
-                                  values_folder=str(work / "perplexities"), trust_remote_code=s.trust_remote_code)
+                                  values_folder=str(work / "perplexities"), how=s.load)
         passes[-1][1].append(scorer)  # score the fewest documents: after every other filter
         if s.max_perplexity is not None and not quantile:
             passes[-1][1].append(PerplexityFilter(threshold=s.max_perplexity, exclusion_writer=_rejects(out, "perplexity")))
@@ -467,9 +468,7 @@ def run(s: CleanSettings) -> dict[str, Any]:
     if not s.data[0].startswith("hf:") and not files:
         raise DataError(f"no files found in {', '.join(s.data)}: nothing to clean")
     if s.perplexity_model:  # here, not in a worker that would fail each task with it
-        from lmshrink.models import check
-
-        check(s.perplexity_model, s.trust_remote_code)
+        s.load.check(s.perplexity_model)
     _check_resumable(s, out)
     with exclusive(out):  # one run at a time per output folder
         return _clean(s, out, files)

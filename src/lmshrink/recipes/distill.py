@@ -38,8 +38,6 @@ from lmshrink.heal.memory import check_fits
 from lmshrink.heal.runs import carry_on
 from lmshrink.heal.teacher_cache import open_cache
 from lmshrink.heal.training import train
-from lmshrink.models import check as check_model
-from lmshrink.models import load
 from lmshrink.records import count, read_record
 
 
@@ -82,10 +80,10 @@ def run(settings: DistillSettings) -> dict[str, Any]:
         return done["metrics"]
     kd, corpus = settings.kd, settings.corpus
     # both models checked before either loads (each check read once: handed to its load)
-    checked = {name: check_model(name, settings.trust_remote_code)
+    checked = {name: settings.load.check(name)
                for name in (settings.model, *([] if kd.teacher_cache else [kd.teacher]))}
     check_fits(checked[settings.model][1], None if kd.teacher_cache else checked[kd.teacher][1], settings)
-    student = load(settings.model, settings.dtype, settings.trust_remote_code, checked=checked[settings.model])
+    student = settings.load.load(settings.model, checked=checked[settings.model])
     kept = (read_record(student.source) or {}).get("kept_layers")
     if kd.teacher_cache:
         cache = open_cache(kd.teacher_cache, kd.temperature)
@@ -102,7 +100,7 @@ def run(settings: DistillSettings) -> dict[str, Any]:
                   "so held-out perplexity is not measured", flush=True)
         teacher_name = cache.record.get("teacher")
     else:
-        loaded = load(kd.teacher, settings.dtype, settings.trust_remote_code, checked=checked[kd.teacher])
+        loaded = settings.load.load(kd.teacher, checked=checked[kd.teacher])
         teacher, teacher_name = loaded.model, kd.teacher
         vocab = check_vocabularies(student.tokenizer, loaded.tokenizer, student.model.config, teacher.config)
         if kd.alpha_cos > 0 or kd.alpha_inter > 0:
@@ -145,4 +143,4 @@ def local_stage(settings: DistillSettings, student, teacher, kept: list[int] | N
               flush=True)
         train(local, "distill (local stage)", LocalTrainer, student.model, student.tokenizer, train_data, heldout,
               teacher=teacher, passes=passes)
-    return load(str(folder / "model"), settings.dtype, settings.trust_remote_code)
+    return settings.load.load(str(folder / "model"))

@@ -24,8 +24,7 @@ from lmshrink.evaluate.perplexity import perplexity
 from lmshrink.evaluate.report import markdown_table, tasks_chart, tasks_note, tasks_table
 from lmshrink.export import llamacpp
 from lmshrink.export.model_card import add_results
-from lmshrink.models import check as check_model
-from lmshrink.models import load, pick_device
+from lmshrink.models import LoadArgs, pick_device
 from lmshrink.records import RECORD, provenance, read_record, write_json, write_text
 
 RUNTIMES = ("transformers", "llamacpp")
@@ -42,8 +41,7 @@ class EvalSettings(Settings):
     runtime: str = setting("transformers", f"what runs the models: {', '.join(RUNTIMES)} (llamacpp: .gguf files "
                                            "scored by llama.cpp itself, through llama-cpp-python)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(LoadArgs, "how the models are loaded")
     perplexity: PerplexityArgs = group(PerplexityArgs, "held-out perplexity")
     benchmarks: BenchmarkArgs = group(BenchmarkArgs, "zero-shot benchmarks (lm-evaluation-harness)")
     timing: TimingArgs = group(TimingArgs, "speed and memory")
@@ -170,7 +168,7 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
     device = pick_device(settings.device)
     ppl, bench, timing = settings.perplexity, settings.benchmarks, settings.timing
     # speed and size need no tokenizer; perplexity and benchmarks do
-    loaded = load(name, settings.dtype, settings.trust_remote_code, need_tokenizer=bool(ppl.data or bench.tasks),
+    loaded = settings.load.load(name, need_tokenizer=bool(ppl.data or bench.tasks),
                   checked=checked)
     model = loaded.model.to(device)
     if ppl.data:
@@ -194,12 +192,12 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
         row.update(speed(model, timing.speed_batch, timing.speed_length, timing.gen_tokens, timing.repeats))
         if device.type == "cpu":
             row["peak_memory_mb"] = fresh_peak_memory(loaded.source, timing.speed_batch, timing.speed_length,
-                                                      settings.dtype, settings.trust_remote_code)
+                                                      settings.load.dtype, settings.load.trust_remote_code)
     if bench.tasks:
         print(f"  {row['model']}: lm-eval on {', '.join(bench.tasks)}", file=sys.stderr)
         started = time.perf_counter()
         kept = KeptScores(Path(settings.output) / "tasks" / safe_name(row["model"]),
-                          {"model": name, "weights": fingerprint(loaded.source), "dtype": settings.dtype,
+                          {"model": name, "weights": fingerprint(loaded.source), "dtype": settings.load.dtype,
                            "limit": bench.limit, "num_fewshot": bench.num_fewshot, "source": bench.benchmark_source})
         scores = [kept.get(task) or kept.put(task, run_tasks(model, loaded.tokenizer, [task], bench.limit,
                                                              bench.num_fewshot, settings.batch_size,
@@ -248,13 +246,14 @@ def report(rows: list[dict[str, Any]], settings: EvalSettings, out: Path) -> str
 
 
 def run(settings: EvalSettings) -> list[dict[str, Any]]:
+    settings = dataclasses.replace(settings, load=settings.load.on(settings.device))  # recorded as run
     streams: dict[str, Any] = {}
     checked: dict[str, Any] = {}
     for name in settings.models:  # every model named, checked before the first loads
         if settings.runtime == "llamacpp":
             llamacpp.check_file(name)
         else:
-            checked[name] = check_model(name, settings.trust_remote_code)
+            checked[name] = settings.load.check(name)
     labels = model_labels(settings.models)
     rows = [evaluate_model(name, settings, label=label, streams=streams, checked=checked.get(name))
             for name, label in zip(settings.models, labels, strict=True)]

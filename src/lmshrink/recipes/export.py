@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmshrink.config import Settings, SettingsError, setting, to_dict
+from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.errors import one_of
 from lmshrink.export.gguf import LLAMA_QUANTIZE_ONLY, QUANTS, export_problems, sliding_window_note, write_gguf
 from lmshrink.export.model_card import card_name, origin
-from lmshrink.models import load, no_tokenizer
+from lmshrink.models import LoadArgs, no_tokenizer
 from lmshrink.records import md_table, provenance, read_record, write_json, write_text
 
 FORMATS = ("gguf",)
@@ -34,7 +34,7 @@ class ExportSettings(Settings):
                                               "from the tokenizer (e.g. llama-bpe, qwen2)")
     overwrite: bool = setting(False, "rewrite files that already exist (default: keep them, so a re-run "
                                      "only writes what is missing)", how_to_run=True)
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(LoadArgs, "how the models are loaded")
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -86,7 +86,7 @@ def card(name: str, base_model: str | None, license: str | None, files: dict[str
 
 
 def run(settings: ExportSettings) -> Path:
-    loaded = load(settings.model, "float32", settings.trust_remote_code, need_tokenizer=False)
+    loaded = settings.load.load(settings.model, need_tokenizer=False)
     if loaded.tokenizer is None:
         raise no_tokenizer(loaded.source)
     problems = export_problems(loaded.model.config)

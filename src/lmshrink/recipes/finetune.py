@@ -49,8 +49,7 @@ from lmshrink.heal.kd_methods import (
 from lmshrink.heal.runs import carry_on, checkpoint_step, drop_checkpoints, last_checkpoint, trained
 from lmshrink.heal.tasks import TASKS, Collator, Task, item_scores, load_task, scores
 from lmshrink.heal.training import LMTrainer, freeze, save_trained
-from lmshrink.models import check as check_model
-from lmshrink.models import config_of, load, resolve
+from lmshrink.models import LoadArgs, load, resolve
 from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.pretrain import PretrainSettings
@@ -88,7 +87,7 @@ class FinetuneSettings(Settings):
     max_length: int = setting(128, "tokens per example (run_glue: 128)")
     max_train_examples: int | None = setting(None, "use at most this many training examples")
     max_eval_examples: int | None = setting(None, "evaluate on at most this many examples")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(LoadArgs, "how the models are loaded")
     save_models: bool = setting(True, "save each fine-tuned model in METHOD/seed-N/model (off: keep its scores "
                                       "and record only, in METHOD/seed-N/lmshrink.json)", how_to_run=True)
     train: TrainArgs = group(lambda: TrainArgs(**FINETUNE_OPTIMISER),
@@ -142,9 +141,9 @@ def with_pad_token(model, tokenizer):
     return model, tokenizer
 
 
-def load_classifier(name: str, task: Task, trust_remote_code: bool = False):
-    loaded = load(name, trust_remote_code=trust_remote_code, head="classifier", num_labels=task.num_labels,
-                  problem_type="regression" if task.num_labels == 1 else "single_label_classification")
+def load_classifier(name: str, task: Task, how: LoadArgs):
+    kind = "regression" if task.num_labels == 1 else "single_label_classification"
+    loaded = how.load(name, head="classifier", num_labels=task.num_labels, problem_type=kind)
     if loaded.model.config.num_labels != task.num_labels:
         raise SettingsError(f"{name} predicts {loaded.model.config.num_labels} classes; the task has {task.num_labels}")
     return (*with_pad_token(loaded.model, loaded.tokenizer), loaded.source)
@@ -225,12 +224,12 @@ def train_one(s: FinetuneSettings, task: Task, train: list[dict], test: list[dic
     from transformers import set_seed
 
     set_seed(seed)
-    model, tokenizer, source = load_classifier(s.model, task, s.trust_remote_code)
+    model, tokenizer, source = load_classifier(s.model, task, s.load)
     if frozen := freeze(model, s.train.freeze):
         print(f"[lmshrink] {method} seed {seed}: {frozen}", flush=True)
     teacher = teacher_tokenizer = None
     if METHODS[method].needs_teacher:
-        teacher, teacher_tokenizer, _ = load_classifier(s.teacher, task, s.trust_remote_code)
+        teacher, teacher_tokenizer, _ = load_classifier(s.teacher, task, s.load)
     collate = Collator(tokenizer, teacher_tokenizer, s.max_length, task.num_labels == 1)
     kd = _method(s, method, seed, tokenizer, teacher_tokenizer, collate, generator)
     # examples are padded per batch, so no token budget; every training example is used
@@ -292,7 +291,7 @@ def evaluate_teacher(s: FinetuneSettings, task: Task, test: list[dict]) -> dict[
     """The teacher's metrics on the same evaluation examples."""
     from datasets import Dataset
 
-    model, tokenizer, _ = load_classifier(s.teacher, task, s.trust_remote_code)
+    model, tokenizer, _ = load_classifier(s.teacher, task, s.load)
     args = trainer_arguments(Path(s.output) / ".teacher-eval", "fp32", per_device_eval_batch_size=s.train.batch_size)
     collate = Collator(tokenizer, None, s.max_length, task.num_labels == 1)
     # the fine-tuning trainer's evaluation path: the plain task loss, no method
@@ -312,7 +311,7 @@ def run_lm(s: FinetuneSettings) -> list[dict[str, Any]]:
     for method in s.methods:
         for seed in s.seeds:
             folder = Path(s.output) / method / f"seed-{seed}"
-            common = dict(model=s.model, output=str(folder), trust_remote_code=s.trust_remote_code,
+            common = dict(model=s.model, output=str(folder), load=s.load,
                           corpus=dataclasses.replace(s.corpus, seed=seed), train=s.train)
             # each run carries on or is kept if finished with the same settings, and refuses other settings
             if method == "kd":  # (1 - alpha) * CE + alpha * T^2 * KL, as the classification KD method
@@ -397,7 +396,7 @@ def run(s: FinetuneSettings) -> dict[str, Any]:
     out = Path(s.output)
     finished = check_folders(s)
     for name in filter(None, (s.model, s.teacher)):  # every model named, checked before the first loads
-        check_model(name, s.trust_remote_code)
+        s.load.check(name)
     if s.task == "lm":
         records, teacher, main = run_lm(s), None, "perplexity"
     else:
@@ -407,10 +406,10 @@ def run(s: FinetuneSettings) -> dict[str, Any]:
         # same examples) and MATE-KD's generator.
         teacher = evaluate_teacher(s, task, test) if s.teacher else None
         if "rail" in s.methods:
-            check_rail(*(config_of(name, s.trust_remote_code).num_hidden_layers for name in (s.model, s.teacher)),
-                       *(config_of(name, s.trust_remote_code).hidden_size for name in (s.model, s.teacher)))
+            check_rail(*(s.load.config(name).num_hidden_layers for name in (s.model, s.teacher)),
+                       *(s.load.config(name).hidden_size for name in (s.model, s.teacher)))
         needs_generator = any(getattr(METHODS[m], "needs_generator", False) for m in s.methods)
-        generator = load_generator(s.generator, s.trust_remote_code, s.max_length) if needs_generator else None
+        generator = load_generator(s.generator, s.load.trust_remote_code, s.max_length) if needs_generator else None
         records = []
         for method in s.methods:
             for seed in s.seeds:

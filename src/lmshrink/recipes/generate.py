@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lmshrink.config import Settings, SettingsError, setting, to_dict
+from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.data.sources import DataError, Framing, documents
 from lmshrink.data.teacher_text import continue_rows, start_tokens
 from lmshrink.heal.runs import changed_settings
 from lmshrink.integrity import kept, problem, set_aside
-from lmshrink.models import load, native_dtype, pick_device
+from lmshrink.models import LoadArgs, pick_device
 from lmshrink.records import RECORD, count, holding_output, provenance, read_record, write_json, write_text
 
 
@@ -54,9 +54,7 @@ class GenerateSettings(Settings):
     batch_size: int = setting(128, "samples per generate call, and per part file (the unit of resumption)")
     seed: int = setting(0, "random seed (part i is sampled with seed + i)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", how_to_run=True)
-    dtype: str = setting("auto", "auto (bfloat16 where the device computes in it natively: GPUs, CPUs with "
-                                 "AVX512-BF16 or AMX; else float32), float32, bfloat16 or float16")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(lambda: LoadArgs(dtype="auto"), "how the models are loaded")
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -112,8 +110,8 @@ def whole_part(path: Path, rows: int) -> bool:
 @holding_output
 def run(s: GenerateSettings) -> dict[str, Any]:
     out = Path(s.output)
-    if s.dtype == "auto":  # resolved before the settings are compared: a part is only ever continued in its dtype
-        s = replace(s, dtype=native_dtype(pick_device(s.device)))
+    # resolved before the settings are compared: a part is only ever continued in its dtype
+    s = replace(s, load=s.load.on(s.device))
     previous = out / ".settings.json"
     if previous.is_file() and (damage := problem(previous)):
         raise SettingsError(f"output: {previous} is damaged ({damage}), so what its parts were sampled with is "
@@ -123,7 +121,7 @@ def run(s: GenerateSettings) -> dict[str, Any]:
         if changed:
             raise SettingsError(f"output: {out} holds samples written with other settings ({'; '.join(changed)}); "
                                 "give another --output, or run it with those values to carry on")
-    teacher = load(s.teacher, s.dtype, s.trust_remote_code)
+    teacher = s.load.load(s.teacher)
     model, tokenizer = teacher.model.to(pick_device(s.device)).eval(), teacher.tokenizer
     prompts = prompt_rows(s, tokenizer)
     if not previous.is_file():  # what the parts are written with, once everything they need is there
@@ -153,7 +151,7 @@ def run(s: GenerateSettings) -> dict[str, Any]:
                     "id": f"{out.name}-{part * s.batch_size + i:06d}", "prompt_source": source, "prompt": prompt_text,
                     "text": prompt_text + tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
                     "settings": {"teacher": s.teacher, "temperature": s.temperature, "top_p": s.top_p,
-                                 "seed": s.seed + part, "dtype": s.dtype}}))
+                                 "seed": s.seed + part, "dtype": s.load.dtype}}))
             write_text(part_file(out, part), "\n".join(lines) + "\n")
             bar.update(bound - bar.n)
             bar.set_postfix_str(f"{written / seconds:,.0f} new tokens/s")

@@ -15,8 +15,6 @@ from lmshrink.heal.corpus import prepare_data
 from lmshrink.heal.memory import check_fits
 from lmshrink.heal.runs import carry_on
 from lmshrink.heal.training import LMTrainer, train
-from lmshrink.models import check as check_model
-from lmshrink.models import load
 
 
 @dataclass(kw_only=True)
@@ -34,8 +32,8 @@ class CausalLMTrainer(LMTrainer):
 def run(settings: PretrainSettings) -> dict[str, Any]:
     if (done := carry_on(settings)) is not None:  # before any model or data is loaded
         return done["metrics"]
-    checked = check_model(settings.model, settings.trust_remote_code)
+    checked = settings.load.check(settings.model)
     check_fits(checked[1], None, settings)  # before the model loads
-    student = load(settings.model, settings.dtype, settings.trust_remote_code, checked=checked)
+    student = settings.load.load(settings.model, checked=checked)
     train_data, heldout = prepare_data(settings.corpus, student.tokenizer)
     return train(settings, "pretrain", CausalLMTrainer, student.model, student.tokenizer, train_data, heldout)

@@ -37,7 +37,7 @@ from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.evaluate.measure import count_parameters
 from lmshrink.export.model_card import save_model_record
-from lmshrink.models import load, no_tokenizer
+from lmshrink.models import LoadArgs, no_tokenizer
 from lmshrink.recipes.score_layers import read_scores
 from lmshrink.records import provenance, save_atomically, write_json
 
@@ -66,8 +66,7 @@ class PruneSettings(Settings):
                                        "computed on --calib-data if not given")
     calib_data: str = setting("python-docs/library", "calibration text for the importance scores")
     calib_tokens: int = setting(4096, "calibration tokens")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(LoadArgs, "how the models are loaded")
     overwrite: bool = setting(False, "replace the output folder if it exists", how_to_run=True)
     cut: CutArgs = group(CutArgs, "measured block choice and training-free repair of a shallower student")
 
@@ -131,7 +130,7 @@ def load_scores(folder: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
 
 
 def run(settings: PruneSettings) -> Path:
-    teacher = load(settings.teacher, settings.dtype, settings.trust_remote_code, need_tokenizer=False)
+    teacher = settings.load.load(settings.teacher, need_tokenizer=False)
     config = teacher.model.config
     layout_of(config)  # an unsupported architecture is refused before any work
     n = config.num_hidden_layers

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,10 @@ from lmshrink.compress.importance import plot, score
 from lmshrink.compress.model_gap import MEASURES
 from lmshrink.compress.repair import REPAIRS, repair_problems
 from lmshrink.compress.width import WIDTH, plot_scores, width_scores
-from lmshrink.config import Settings, SettingsError, setting, to_dict
+from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.data.sources import Framing, calibration_rows
 from lmshrink.errors import one_of
-from lmshrink.models import load, pick_device
+from lmshrink.models import LoadArgs, pick_device
 from lmshrink.records import RECORD, provenance, write_json
 
 
@@ -43,8 +43,7 @@ class ScoreSettings(Settings):
     search_repair: str = setting("refit", f"repair applied to every measured cut: {', '.join(REPAIRS)}")
     search_measure: str = setting("kl", f"what the searches minimise: {', '.join(MEASURES)}")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(lambda: LoadArgs(dtype="auto"), "how the models are loaded")
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -77,7 +76,8 @@ def read_scores(path: str | Path, keys: Iterable[str], missing: str) -> dict[str
 
 
 def run(settings: ScoreSettings) -> dict[str, Any]:
-    loaded = load(settings.model, settings.dtype, settings.trust_remote_code)
+    settings = replace(settings, load=settings.load.on(settings.device))  # recorded as run
+    loaded = settings.load.load(settings.model)
     model = loaded.model.to(pick_device(settings.device))
     check_length(model.config, settings.seq_len, "seq_len")
     if settings.search_to is not None:  # every setting checked before any scoring (minutes on a large model)

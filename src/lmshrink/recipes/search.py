@@ -27,6 +27,7 @@ from lmshrink.heal.args import TrainArgs, cpu_budget
 from lmshrink.heal.corpus import DataArgs, offline_corpus
 from lmshrink.heal.distill import KDArgs
 from lmshrink.heal.stages import run_stage
+from lmshrink.models import LoadArgs
 from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.prune import AXES, PruneSettings
@@ -47,8 +48,7 @@ class SearchSettings(Settings):
     strategy: str = setting("importance", f"which blocks the shallower candidates keep: {', '.join(CHOICES)}")
     calib_data: str = setting("python-docs/library", "calibration text for the importance scores")
     calib_tokens: int = setting(4096, "calibration tokens")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(LoadArgs, "how the models are loaded")
     corpus: DataArgs = group(offline_corpus, "healing text, and the held-out text the candidates are ranked on")
     train: TrainArgs = group(cpu_budget, "the short healing budget, the same for every candidate")
     kd: KDArgs = group(lambda: KDArgs(temperature=1.0, alpha_ce=1.0, alpha_clm=0.0, alpha_cos=0.0),
@@ -77,18 +77,17 @@ class SearchSettings(Settings):
 def run(s: SearchSettings) -> dict[str, Any]:
     out, teacher = Path(s.output), s.kd.teacher
     scores = ScoreSettings(model=teacher, data=s.calib_data, output=str(out / "scores"), tokens=s.calib_tokens,
-                           seq_len=min(512, s.calib_tokens), ppl=False, width=True, dtype=s.dtype,
-                           trust_remote_code=s.trust_remote_code)
+                           seq_len=min(512, s.calib_tokens), ppl=False, width=True, load=s.load)
     run_stage("scores", scores.output, scores, score_layers)
     rows = []
     for axis in s.axes:
         student = PruneSettings(output=str(out / axis / "student"), teacher=teacher, target_params=s.target_params,
-                                ratio=s.ratio, axes=axis, strategy=s.strategy, scores=scores.output, dtype=s.dtype,
-                                trust_remote_code=s.trust_remote_code, overwrite=True, cut=s.cut,
+                                ratio=s.ratio, axes=axis, strategy=s.strategy, scores=scores.output, load=s.load,
+                                overwrite=True, cut=s.cut,
                                 calib_data=s.calib_data, calib_tokens=s.calib_tokens)
         pruned = run_stage(f"{axis}: prune", student.output, student, prune)
-        heal = DistillSettings(model=student.output, output=str(out / axis / "heal"), dtype=s.dtype,
-                               trust_remote_code=s.trust_remote_code, corpus=s.corpus, train=s.train,
+        heal = DistillSettings(model=student.output, output=str(out / axis / "heal"), load=s.load,
+                               corpus=s.corpus, train=s.train,
                                kd=s.kd)
         healed = run_stage(f"{axis}: heal", heal.output, heal, distill)
         metrics = healed["metrics"]

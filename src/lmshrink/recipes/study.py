@@ -46,7 +46,7 @@ from lmshrink.heal.distill import KDArgs, recipe_kd
 from lmshrink.heal.kd_methods import METHODS
 from lmshrink.heal.stages import run_stage
 from lmshrink.heal.tasks import TASKS
-from lmshrink.models import check as check_model
+from lmshrink.models import LoadArgs
 from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
 from lmshrink.recipes.clean import run as clean
 from lmshrink.recipes.distill import DistillSettings
@@ -102,8 +102,7 @@ class StudySettings(Settings):
     ft_max_length: int = setting(64, "tokens per fine-tuning example")
     generator: str | None = setting(None, "MATE-KD's generator (default: the teacher cut to 10 blocks by importance, "
                                           "a causal generator; offline there is no masked LM)")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(LoadArgs, "how the models are loaded")
     corpus: DataArgs = group(offline_corpus,
                              "healing text, and the held-out text of the learning-rate choice and the curves")
     heal: TrainArgs = group(lambda: cpu_budget(eval_steps=4),
@@ -164,7 +163,7 @@ class Study:
         s = self.s
         settings = ScoreSettings(model=s.teacher, data=s.calib_data, output=str(self.out / "scores"),
                                  tokens=s.calib_tokens, seq_len=min(512, s.calib_tokens), ppl=False, width=False,
-                                 dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+                                 load=s.load)
         self.stage("scores", "score-layers", settings, score_layers)
         return str(Path(settings.output) / "scores.json")
 
@@ -173,7 +172,7 @@ class Study:
         settings = TruncateSettings(output=str(self.out / "students" / f"{strategy}-{layers or s.num_layers}"),
                                     teacher=s.teacher, strategy=strategy, num_layers=layers or s.num_layers,
                                     scores=self.scores() if strategy == "importance" else None, overwrite=True,
-                                    dtype=s.dtype, trust_remote_code=s.trust_remote_code, cut=s.cut,
+                                    load=s.load, cut=s.cut,
                                     calib_data=s.calib_data, calib_tokens=s.calib_tokens)
         self.stage(f"student {Path(settings.output).name}", "truncate", settings, truncate)
         return settings.output
@@ -182,7 +181,7 @@ class Study:
              corpus: DataArgs | None = None) -> dict[str, Any]:
         s = self.s
         folder = self.out / "heal" / arm / Path(student).name / data / f"lr-{lr:g}" / f"seed-{seed}"
-        common = dict(model=student, output=str(folder), dtype=s.dtype, trust_remote_code=s.trust_remote_code,
+        common = dict(model=student, output=str(folder), load=s.load,
                       corpus=dataclasses.replace(corpus or s.corpus, seed=seed),
                       train=dataclasses.replace(s.heal, lr=lr))
         kd = ARMS[arm](s.teacher)
@@ -205,8 +204,8 @@ class Study:
 
     def evaluate(self, model: str, name: str) -> dict[str, Any]:
         s = self.s
-        settings = EvalSettings(models=[model], output=str(self.out / "eval" / name), dtype=s.dtype,
-                                trust_remote_code=s.trust_remote_code, perplexity=s.perplexity,
+        settings = EvalSettings(models=[model], output=str(self.out / "eval" / name), load=s.load,
+                                perplexity=s.perplexity,
                                 benchmarks=s.benchmarks, timing=TimingArgs(speed=False))
         return self.stage(f"eval/{name}", "eval", settings, evaluate)["rows"][0]
 
@@ -217,7 +216,7 @@ class Study:
                                     methods=methods, seeds=seeds, teacher=teacher,
                                     generator=generator or "distilroberta-base", max_train_examples=s.ft_examples,
                                     max_eval_examples=s.ft_eval_examples, max_length=s.ft_max_length,
-                                    trust_remote_code=s.trust_remote_code, train=s.finetune,
+                                    load=s.load, train=s.finetune,
                                     save_models=name == "teacher")  # the teacher teaches; the rest are scores
         return self.stage(f"finetune/{task}/{name}", "finetune", settings, finetune, resumes_itself=True)
 
@@ -577,7 +576,7 @@ def run(s: StudySettings) -> dict[str, Any]:
     import time
 
     started = time.perf_counter()
-    check_model(s.teacher, s.trust_remote_code)  # before the first stage: cleaning a corpus takes minutes
+    s.load.check(s.teacher)  # before the first stage: cleaning a corpus takes minutes
     study, results = Study(s), {}
     for question in QUESTIONS:  # in order: questions 2-4 use the LM arm's chosen learning rate
         if question in s.questions:

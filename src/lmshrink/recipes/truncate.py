@@ -17,7 +17,7 @@ from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.export.model_card import save_model_record
-from lmshrink.models import load, no_tokenizer
+from lmshrink.models import LoadArgs, no_tokenizer
 from lmshrink.recipes.score_layers import read_scores
 from lmshrink.records import provenance, save_atomically
 
@@ -36,8 +36,7 @@ class TruncateSettings(Settings):
     scores: str | None = setting(None, "scores.json from score-layers; computed on --calib-data if not given")
     calib_data: str = setting("python-docs/library", "calibration text for computing scores")
     calib_tokens: int = setting(4096, "calibration tokens for computing scores")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
-    trust_remote_code: bool = setting(False, "allow models with custom code from the Hub")
+    load: LoadArgs = group(LoadArgs, "how the models are loaded")
     overwrite: bool = setting(False, "replace the output folder if it exists", how_to_run=True)
     cut: CutArgs = group(CutArgs, "measured block choice and training-free repair")
 
@@ -66,7 +65,7 @@ def load_scores(path: str) -> dict[str, Any]:
 
 def run(settings: TruncateSettings) -> Path:
     """Truncate the teacher and save the student."""
-    teacher = load(settings.teacher, settings.dtype, settings.trust_remote_code, need_tokenizer=False)
+    teacher = settings.load.load(settings.teacher, need_tokenizer=False)
     n = len(blocks_of(teacher.model))
     k = settings.num_layers
     if settings.ratio is not None:
