@@ -416,3 +416,29 @@ def test_the_ray_executor_survives_killed_ranks_and_matches_the_local_one(corpus
     assert outcome(tmp_path / "ray") == outcome(tmp_path / "local")  # every document once, the same way
     ray_report, local_report = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("ray", "local"))
     assert ray_report["kept"] == local_report["kept"] and ray_report["conserved"]
+
+
+@pytest.mark.parametrize("convention", ["none", "bos", "two"])
+def test_perplexity_scoring_frames_documents_as_the_tokenizer_does(tokenizers, convention):
+    """Each document is scored after what the tokenizer puts before every text (nothing for GPT-2 and
+    SmolLM2, whatever their bos_token says; `<bos>` for Gemma): the perplexity of exactly those ids."""
+    import math
+
+    import torch
+    import transformers as T
+
+    from lmshrink.data.cleaning import PerplexityScorer
+    from lmshrink.data.sources import Framing
+    from lmshrink.losses import next_token_nll
+
+    tokenizer = tokenizers[convention]
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer))).eval()
+    text = "The interpreter reads a line, runs it and prints what it returns."
+    start = list(Framing.of(tokenizer).start)
+    ids = torch.tensor([start + tokenizer(text, add_special_tokens=False)["input_ids"][: 12 - len(start)]])
+    with torch.no_grad():
+        expected = math.exp(next_token_nll(model(ids).logits, ids).mean().item())
+    got = PerplexityScorer("unused", max_tokens=12)._score(model, tokenizer, [text])
+    assert got == pytest.approx([expected], rel=1e-5)
+    assert len(start) == {"none": 0, "bos": 1, "two": 1}[convention]

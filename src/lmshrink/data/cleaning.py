@@ -457,11 +457,12 @@ class PerplexityScorer(PipelineStep):
     def _score(self, model, tokenizer, texts: list[str]) -> list[float]:
         import torch  # here, not at the top: the other cleaning workers never load torch
 
+        from lmshrink.data.sources import Framing
         from lmshrink.losses import next_token_nll
 
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_tokens] for t in texts]
-        if tokenizer.bos_token_id is not None:
-            ids = [[tokenizer.bos_token_id] + x[: self.max_tokens - 1] for x in ids]
+        start = list(Framing.of(tokenizer).start)  # what the model saw before every document: <bos> or nothing
+        ids = [start + tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_tokens - len(start)]
+               for t in texts]
         width = max(map(len, ids))
         batch = torch.zeros(len(ids), width, dtype=torch.long)
         mask = torch.zeros(len(ids), width, dtype=torch.long)
