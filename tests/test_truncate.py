@@ -264,3 +264,15 @@ def test_a_stopped_iterative_search_carries_on_and_serves_any_depth(tiny_gpt2_di
     again = truncate(3, "again", "cache")
     assert again["search"]["removals_read"] == 0 and again["kept_layers"] == shallower["kept_layers"]
     assert any(p.name.startswith("damaged-") for p in kept_path.parent.iterdir())
+
+
+def test_the_student_shares_the_teachers_non_block_weights_and_copies_its_blocks(arch):
+    """The embeddings, final norm and head (168M of Gemma-3-270M's 268M parameters) are the teacher's
+    own tensors, not a second copy; the blocks are copies; nothing is left on the meta device."""
+    teacher = tiny_model(arch)
+    student = truncate_model(teacher, [0, 2])
+    assert student.get_input_embeddings().weight.data_ptr() == teacher.get_input_embeddings().weight.data_ptr()
+    kept = dict(blocks_of(teacher)[2].named_parameters())
+    for name, param in blocks_of(student)[1].named_parameters():
+        assert param.data_ptr() != kept[name].data_ptr() and torch.equal(param, kept[name])
+    assert not any(t.is_meta for t in (*student.parameters(), *student.buffers()))

@@ -19,7 +19,9 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from lmshrink.architectures import architecture_of, blocks_of, get_path
+import torch
+
+from lmshrink.architectures import architecture_of, blocks_of, get_path, set_path
 from lmshrink.compress.importance import METRICS
 from lmshrink.errors import LmshrinkError
 
@@ -109,8 +111,19 @@ def validate_keep(keep: list[int], n: int) -> None:
         raise LayerSelectionError(f"list the blocks in increasing order (got {keep}); reordering blocks is not supported")
 
 
+def teacher_path(path: str, keep: list[int], prefix: str) -> str:
+    """The teacher's name of a student module's dotted `path` (student block j is teacher block keep[j])."""
+    if not path.startswith(prefix):
+        return path
+    index, *rest = path[len(prefix):].split(".", 1)
+    return ".".join([f"{prefix}{keep[int(index)]}", *rest]) if index.isdigit() else path
+
+
 def truncate_model(teacher, keep: list[int]):
-    """A new model holding copies of the teacher's blocks `keep` and all its non-block weights."""
+    """A new model holding copies of the teacher's blocks `keep`, and the teacher's non-block weights
+    themselves (the embeddings, final norm and head: no repair edits them, and on a large vocabulary
+    they are most of the model: 168M of Gemma-3-270M's 268M parameters). Built on the meta device,
+    so no random weights are made only to be overwritten."""
     arch = architecture_of(teacher.config)
     n = len(blocks_of(teacher))
     validate_keep(keep, n)
@@ -122,20 +135,33 @@ def truncate_model(teacher, keep: list[int]):
             setattr(config, name, [values[i] for i in keep])
     if arch.fix_config:
         arch.fix_config(config)
-    student = type(teacher)(config).to(teacher.dtype)
+    with torch.device("meta"):
+        student = type(teacher)(config)
     student.generation_config = copy.deepcopy(teacher.generation_config)
     # Rename teacher block keep[j] -> student block j; everything else keeps its name.
     prefix = arch.blocks + "."
     new_index = {old: new for new, old in enumerate(keep)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        if key.startswith(prefix):
-            index, rest = key[len(prefix):].split(".", 1)
-            if int(index) in new_index:
-                state[f"{prefix}{new_index[int(index)]}.{rest}"] = value
-        else:
-            state[key] = value
-    student.load_state_dict(state, strict=True)
+
+    def renamed(key: str) -> str | None:
+        if not key.startswith(prefix):
+            return key
+        index, rest = key[len(prefix):].split(".", 1)
+        return f"{prefix}{new_index[int(index)]}.{rest}" if int(index) in new_index else None
+
+    state = {new: value.clone() if new.startswith(prefix) else value  # (state_dict's tensors are detached)
+             for key, value in teacher.state_dict().items() if (new := renamed(key)) is not None}
+    student.load_state_dict(state, strict=True, assign=True)
+    own = dict(student.named_buffers())  # buffers kept out of the state dict (rotary frequencies), which may be
+    for name, buffer in teacher.named_buffers():  # fewer (Gemma 3 keeps one per attention kind its blocks use)
+        if (new := renamed(name)) in own and own[new].is_meta:
+            set_path(student, new, buffer.clone())
+    for path, module in student.named_modules():  # plain tensor attributes too (a rotary's original_inv_freq)
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.is_meta and (old := teacher_path(path, keep, prefix)):
+                setattr(module, attr, getattr(get_path(teacher, old), attr).clone())
+    if meta := [name for name, t in [*student.named_parameters(), *student.named_buffers()] if t.is_meta]:
+        raise RuntimeError(f"the student's {', '.join(meta)} have no teacher counterpart")
+    student.tie_weights()
     student.eval()
     for j, block in enumerate(blocks_of(student)):
         for attr in arch.layer_index:
