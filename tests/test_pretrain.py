@@ -42,6 +42,8 @@ def test_pretrain_end_to_end(tiny_gpt2_dir, tmp_path):
     checkpoint = json.loads((out / "checkpoints" / "checkpoint-6" / "lmshrink.json").read_text())
     assert checkpoint["step"] == 6 and checkpoint["settings"]["train"]["max_steps"] == 6  # each checkpoint describes itself
     assert not (out / "model" / "training_args.bin").exists()  # no pickles in the model folder
+    saved, start = (json.loads((f / "config.json").read_text()) for f in (out / "model", tiny_gpt2_dir))
+    assert saved["use_cache"] == start["use_cache"] is True  # training turns it off; the shipped model generates with it
     assert (out / "checkpoints" / "checkpoint-3").is_dir()  # --keep-checkpoints: both kept (save_total_limit 2)
     # --profile-steps 2: steps 4 and 5 traced (after 3 to warm up): the trace, and the costliest ops
     trace = json.loads((out / "profile" / "trace.json").read_text())

@@ -308,6 +308,7 @@ def train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], mo
 def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], model, tokenizer,
            train_data, heldout, extra_record: dict[str, Any] | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
     out = Path(settings.output)
+    use_cache = getattr(model.config, "use_cache", None)  # turned off for training; a saved model generates with it
     checkpoint, args = _prepare(settings, model, out)
     source_record = read_record(model.name_or_path) or {}  # the loaded folder (GGUF / embedded names resolved)
     base_record = dict(student=settings.model, kept_layers=source_record.get("kept_layers"),
@@ -341,6 +342,8 @@ def _train(settings: HealSettings, command: str, trainer_cls: type[LMTrainer], m
     metrics["speed"] = trainer.speed_record(whole_run_tps=metrics["steps"] * tokens_per_step(settings.train, block)
                                             / max(metrics["train_seconds"], 1e-9))
     record = provenance(command, to_dict(settings), metrics=metrics, **base_record)
+    if use_cache is not None:
+        model.config.use_cache = use_cache
     save_trained(trainer, out / "model", record, out.name)
     drop_checkpoints(trainer, out / "checkpoints", settings.train)
     if trainer.is_world_process_zero():
