@@ -122,6 +122,30 @@ def test_a_peak_measurement_that_fails_says_why_and_carries_on(tmp_path, capfd):
     assert "peak memory of" in said and "does not exist" in said and "Traceback" not in said
 
 
+def test_one_architecture_is_timed_once(tiny_gpt2_dir, real_text, tmp_path, monkeypatch):
+    """Two models of the same config and dtype are the same computation: the second shares the first's
+    speed and memory (named in its row and under the table) instead of a second, noisier measurement;
+    a model of another shape is timed on its own."""
+    import lmshrink.recipes.evaluate as evaluate
+
+    twin, shallow = tmp_path / "twin", tmp_path / "shallow"
+    shutil.copytree(tiny_gpt2_dir, twin)
+    assert main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(shallow), "--keep", "0,3",
+                 "--repair", "none"]) == 0
+    calls = []
+    monkeypatch.setattr(evaluate, "speed", lambda model, *a: calls.append(model) or {
+        "latency_ms": 10.0 * len(calls), "tokens_per_s": 1.0, "generate_tokens_per_s": 1.0, "peak_memory_mb": 1.0})
+    monkeypatch.setattr(evaluate, "fresh_peak_memory", lambda *a, **k: 5.0)
+    out = tmp_path / "eval"
+    assert main(["eval", "--models", f"{tiny_gpt2_dir},{twin},{shallow}", "--data", str(real_text),
+                 "--output", str(out), "--max-tokens", "128", "--window", "64", "--stride", "64"]) == 0
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert len(calls) == 2  # the original and the shallow cut; the twin shares the original's
+    assert rows[1]["speed_of"] == rows[0]["model"] and rows[1]["latency_ms"] == rows[0]["latency_ms"] == 10.0
+    assert "speed_of" not in rows[2] and rows[2]["latency_ms"] == 20.0
+    assert f"`{rows[1]['model']}` share `{rows[0]['model']}`'s" in (out / "report.md").read_text()
+
+
 def test_eval_command_side_by_side(tiny_gpt2_dir, real_text, tmp_path, monkeypatch):
     import lmshrink.models
 

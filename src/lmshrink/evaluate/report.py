@@ -38,7 +38,16 @@ def markdown_table(rows: list[dict[str, Any]], speed_shape: str = "") -> str:
                       f"{ref['latency_ms'] / row['latency_ms']:.2f}x", _fmt(row["generate_tokens_per_s"], 1),
                       _fmt(row["peak_memory_mb"], 0)]
         table.append(cells)
-    return "\n".join(md_table(head, table))
+    lines = md_table(head, table)
+    shared: dict[str, list[str]] = {}
+    for row in rows:
+        if has_speed and row.get("speed_of", row["model"]) != row["model"]:
+            shared.setdefault(row["speed_of"], []).append(row["model"])
+    if shared:
+        lines += ["", "Speed and memory are measured once per architecture (same config and dtype: the same "
+                      "computation): " + "; ".join(f"{', '.join(f'`{m}`' for m in same)} share `{first}`'s"
+                                                  for first, same in shared.items()) + "."]
+    return "\n".join(lines)
 
 
 def tasks_table(rows: list[dict[str, Any]]) -> str:

@@ -159,17 +159,36 @@ def safe_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "model"
 
 
+def _timed(model, source: str, label: str, settings: EvalSettings, device, timed: dict[str, Any] | None) -> dict:
+    """Speed and peak memory, measured once per architecture: a model whose config and dtype match one
+    already timed in this run (`timed`) is the same computation, so it shares that model's figures
+    (`speed_of` names it) rather than adding a measurement that only differs by noise."""
+    timing = settings.timing
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    key = json.dumps([config, str(model.dtype), str(device)], sort_keys=True, default=str)
+    if timed is not None and key in timed:
+        return timed[key]
+    measured = speed(model, timing.speed_batch, timing.speed_length, timing.gen_tokens, timing.repeats)
+    if device.type == "cpu":
+        measured["peak_memory_mb"] = fresh_peak_memory(source, timing.speed_batch, timing.speed_length,
+                                                       settings.load.dtype, settings.load.trust_remote_code)
+    if timed is not None:
+        timed[key] = {**measured, "speed_of": label}
+    return measured
+
+
 def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
-                   streams: dict[str, Any] | None = None, checked: tuple[str, Any] | None = None) -> dict[str, Any]:
+                   streams: dict[str, Any] | None = None, checked: tuple[str, Any] | None = None,
+                   timed: dict[str, Any] | None = None) -> dict[str, Any]:
     """One row of the report: size, perplexity per source, speed, benchmark scores (`checked`: the
-    model's `models.check`, when the caller made it)."""
+    model's `models.check`, when the caller made it; `streams` and `timed`: what earlier rows of the
+    same run tokenised and timed, shared)."""
     if settings.runtime == "llamacpp":
         return evaluate_gguf(name, settings, label, streams)
     device = pick_device(settings.device)
     ppl, bench, timing = settings.perplexity, settings.benchmarks, settings.timing
     # speed and size need no tokenizer; perplexity and benchmarks do
-    loaded = settings.load.load(name, need_tokenizer=bool(ppl.data or bench.tasks),
-                  checked=checked)
+    loaded = settings.load.load(name, need_tokenizer=bool(ppl.data or bench.tasks), checked=checked)
     model = loaded.model.to(device)
     if ppl.data:
         check_length(model.config, ppl.window, "window", len(Framing.of(loaded.tokenizer).start))
@@ -189,10 +208,7 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
     }
     score_sources(row, model, loaded.tokenizer, ppl, streams, settings.batch_size)
     if timing.speed:
-        row.update(speed(model, timing.speed_batch, timing.speed_length, timing.gen_tokens, timing.repeats))
-        if device.type == "cpu":
-            row["peak_memory_mb"] = fresh_peak_memory(loaded.source, timing.speed_batch, timing.speed_length,
-                                                      settings.load.dtype, settings.load.trust_remote_code)
+        row.update(_timed(model, loaded.source, row["model"], settings, device, timed))
     if bench.tasks:
         print(f"  {row['model']}: lm-eval on {', '.join(bench.tasks)}", file=sys.stderr)
         started = time.perf_counter()
@@ -255,7 +271,8 @@ def run(settings: EvalSettings) -> list[dict[str, Any]]:
         else:
             checked[name] = settings.load.check(name)
     labels = model_labels(settings.models)
-    rows = [evaluate_model(name, settings, label=label, streams=streams, checked=checked.get(name))
+    timed: dict[str, Any] = {}
+    rows = [evaluate_model(name, settings, label=label, streams=streams, checked=checked.get(name), timed=timed)
             for name, label in zip(settings.models, labels, strict=True)]
     out = Path(settings.output)
     text = report(rows, settings, out)
