@@ -12,14 +12,14 @@ def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path, capsys):
     assert main(["demo", "--teacher", str(tiny_gpt2_dir), "--output", str(out), "--num-layers", "2",
                  "--calib-tokens", "256", "--perplexity.max-tokens", "300", "--window", "64", "--stride", "32",
                  "--train.max-tokens", "256", "--block-size", "64", "--batch-size", "2", "--limit", "3",
-                 "--repair-tokens", "512", "--search-tokens", "128", "--recipe", "minitron"]) == 0
+                 "--repair-tokens", "512", "--recipe", "minitron"]) == 0
     report = (out / "report.md").read_text()
     assert json.loads((out / "lmshrink.json").read_text())["command"] == "demo"
-    for text in ("| teacher |", "| importance |", "| alt |", "| bottom |", "| contiguous |", "contiguous + refit + KD",
-                 "contiguous + refit + LM", "Healing the contiguous + refit student", "Does the choice of blocks matter?",
-                 "| contiguous + refit |", "## Repairing the cut, without training", "by the contiguous search",
-                 "| building contiguous + refit |", "## Zero-shot benchmarks", "arc_easy (acc_norm)",
-                 "3 items of validation", "| zero-shot benchmarks |", "| healing: contiguous + refit + KD |",
+    for text in ("| teacher |", "| importance |", "| alt |", "| bottom |", "| angular |", "angular + refit + KD",
+                 "angular + refit + LM", "Healing the angular + refit student", "Does the choice of blocks matter?",
+                 "| angular + refit |", "## Repairing the cut, without training", "angular distance, Gromov et al.",
+                 "| building angular + refit |", "## Zero-shot benchmarks", "arc_easy (acc_norm)",
+                 "3 items of validation", "| zero-shot benchmarks |", "| healing: angular + refit + KD |",
                  "| **total** |"):
         assert text in report
     assert "KD is logit-only forward KL at T 1 (Minitron)" in report  # the KD run heals by the recipe asked for
@@ -30,15 +30,17 @@ def test_demo_end_to_end_on_a_tiny_teacher(tiny_gpt2_dir, tmp_path, capsys):
     assert "warm-up 10%, embeddings frozen); KD is" in report
     data = json.loads((out / "report.json").read_text())
     healed = {row["model"]: row for row in data["rows"] if "heal" in row}
-    assert set(healed) == {"contiguous + refit + KD", "contiguous + refit + LM"}
+    assert set(healed) == {"angular + refit + KD", "angular + refit + LM"}
     # the repaired student (the bench's best kind: a contiguous span, refitted) beside the same blocks as cut
     rows = {row["model"]: row for row in data["rows"]}
-    span = rows["contiguous + refit"]["kept_layers"]
-    assert rows["contiguous"]["kept_layers"] == span and len(span) == 2
+    span = rows["angular + refit"]["kept_layers"]
+    assert rows["angular"]["kept_layers"] == span and len(span) == 2
     dropped = sorted(set(range(4)) - set(span))
     assert dropped == list(range(dropped[0], dropped[0] + 2))  # one run of consecutive blocks
+    scores = json.loads((out / "scores.json").read_text())["angular_distance"]["2"]  # the span of least angular distance
+    assert dropped[0] == min(range(len(scores)), key=scores.__getitem__)
     record = json.loads((out / "student-repaired" / "lmshrink.json").read_text())
-    assert record["search"]["strategy"] == "contiguous" and record["repair"]["method"] == "refit"
+    assert record["repair"]["method"] == "refit"
     assert all(row["heal"]["tokens"] == 256 and row["heal"]["train_seconds"] > 0 for row in healed.values())
     # every model, healed ones included, scored on the same items of each quick task
     assert all(set(row["tasks"]) == {"arc_easy", "piqa", "winogrande"} for row in data["rows"])

@@ -2,8 +2,9 @@
 
 The real SmolLM2-135M teacher; its blocks scored on calibration text (Python manual,
 library reference); students of one depth chosen by `importance` and by the paper's
-strategies, as cut; the best training-free student of the cut-quality bench (the `contiguous`
-span, repaired by `refit`) beside the same blocks as cut, and healed; perplexity on held-out text
+strategies, as cut; the best training-free student of the cut-quality bench (the contiguous
+span 13-18, found here from the scores as the span of least angular distance, repaired by `refit`)
+beside the same blocks as cut, and healed; perplexity on held-out text
 from the same manual's tutorial and from another source (the Linux kernel's process
 documentation); speed and size side by side.
 """
@@ -43,7 +44,10 @@ from lmshrink.recipes.truncate import TruncateSettings
 from lmshrink.recipes.truncate import run as truncate
 from lmshrink.records import RECORD, count, md_table, provenance, read_record, save_figure, write_json, write_text
 
-REPAIR_STRATEGIES = ("importance", *SEARCHES)
+# how the repaired student's blocks are chosen: a strategy from the scores (no search), or a measured search;
+# each maps to truncate's (strategy, metric)
+REPAIR_STRATEGIES = {"importance": ("importance", "block_influence"), "angular": ("importance", "angular_distance"),
+                     **{name: (name, "block_influence") for name in SEARCHES}}
 
 
 @dataclass(kw_only=True)
@@ -58,9 +62,11 @@ class DemoSettings(Settings):
     calib_tokens: int = setting(2048, "calibration tokens")
     score_ppl: bool = setting(False, "also score each block by the exact perplexity without it (one pass per block: "
                                      "about 2 more minutes on 2 cores)")
-    repair_strategy: str = setting("contiguous", f"how the repaired student's blocks are chosen, from "
-                                                 f"{', '.join(REPAIR_STRATEGIES)} (a measured search, repair in the "
-                                                 "loop: minutes); contiguous + refit was the cut-quality bench's best")
+    repair_strategy: str = setting("angular", f"how the repaired student's blocks are chosen: {', '.join(REPAIR_STRATEGIES)}; "
+                                              "angular (the span of least angular distance, from the scores) drops "
+                                              "the span the measured contiguous search picks on this teacher, "
+                                              "13-18, in seconds; iterative and contiguous search with the repair in "
+                                              "the loop (minutes)")
     heal: bool = setting(True, "heal the repaired student (the importance one with --repair none) with KD and with "
                                "the plain LM loss")
     recipe: str = setting("kl-ce", f"loss of the KD healing run (distill's recipes: {', '.join(RECIPES)}; kl-ce "
@@ -68,15 +74,17 @@ class DemoSettings(Settings):
                                    "demo's, the same for both runs")
     export: str = setting("q8_0", "GGUF type the best student (lowest perplexity) is exported as at the end, for "
                                   "llama.cpp; empty: no export")
-    cut: CutArgs = group(CutArgs, "block search and training-free repair of the repaired student (shown beside "
-                                  "the same blocks as cut; --repair none: no repaired student)")
+    cut: CutArgs = group(lambda: CutArgs(repair_tokens=8192),
+                         "block search and training-free repair of the repaired student (shown beside the same blocks "
+                         "as cut; --repair none: no repaired student); half truncate's calibration text, to keep the "
+                         "demo in minutes")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     corpus: DataArgs = group(lambda: offline_corpus(eval_data=[]), "healing text (the same for the KD and the LM run)")
     train: TrainArgs = group(lambda: cpu_budget(max_tokens=8192, save_steps=10**6, freeze=["embeddings"]),
                              "healing optimiser, frozen parts (the token embeddings: the healing bench's best for "
                              "both losses) and token budget (the same for the KD and the LM run)")
     perplexity: PerplexityArgs = group(two_sources, "held-out perplexity of every model")
-    benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["quick"], limit=30),
+    benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["quick"], limit=20),
                                       "zero-shot benchmarks of every model (--tasks '' for none)")
 
     def problems(self) -> list[str]:
@@ -181,11 +189,11 @@ def _evaluate(settings: DemoSettings, students: dict[str, Path], healed: dict[st
     mark = time.perf_counter()
     ev = EvalSettings(models=[settings.teacher], output=str(out), device=settings.device,
                       perplexity=settings.perplexity, benchmarks=bench)
-    streams: dict = {}
-    table = [evaluate_model(settings.teacher, ev, label="teacher", streams=streams)]
-    table += [evaluate_model(str(path), ev, label=name, streams=streams) for name, path in students.items()]
+    shared: dict = dict(streams={}, timed={})  # texts tokenised once; each architecture timed once
+    table = [evaluate_model(settings.teacher, ev, label="teacher", **shared)]
+    table += [evaluate_model(str(path), ev, label=name, **shared) for name, path in students.items()]
     for name, run in healed.items():
-        row = evaluate_model(str(run["model"]), ev, label=name, streams=streams)
+        row = evaluate_model(str(run["model"]), ev, label=name, **shared)
         row["heal"] = {k: v for k, v in run.items() if k != "model"}
         table.append(row)
     zero_shot = sum(row.get("task_seconds", 0.0) for row in table)
@@ -200,15 +208,17 @@ def _evaluate(settings: DemoSettings, students: dict[str, Path], healed: dict[st
 
 
 def repaired(settings: DemoSettings, students: dict[str, Path], steps: dict[str, float], total: int) -> Path:
-    """The repaired student (blocks by `repair_strategy`, repair in the loop of a search) and, unless
+    """The repaired student (blocks by `repair_strategy`: from the scores, or a search with the repair in
+    the loop) and, unless
     a plain student already has them, the same blocks as cut, both added to `students`."""
     out, strategy, cut = Path(settings.output), settings.repair_strategy, settings.cut
     name = repaired_name(settings)
     mark = time.perf_counter()
     print(f"[2/{total}] the repaired student: blocks by {strategy}, repaired by {cut.repair} on "
           f"{', '.join(cut.repair_data)}")
+    chosen_by, metric = REPAIR_STRATEGIES[strategy]
     students[name] = truncate(TruncateSettings(
-        output=str(out / "student-repaired"), teacher=settings.teacher, strategy=strategy,
+        output=str(out / "student-repaired"), teacher=settings.teacher, strategy=chosen_by, metric=metric,
         num_layers=settings.num_layers, scores=str(out / "scores.json"), calib_data=settings.calib_data,
         overwrite=True, cut=cut))
     steps[f"building {name}"] = time.perf_counter() - mark
@@ -350,9 +360,11 @@ def _choice_section(settings: DemoSettings, by_name: dict[str, dict]) -> list[st
 def _repair_section(settings: DemoSettings, by_name: dict[str, dict], n: int) -> list[str]:
     """The same blocks as cut and repaired without training, against the teacher."""
     repair, repaired, twin = settings.cut, repaired_name(settings), settings.repair_strategy
-    chosen = ("by Block Influence" if twin == "importance" else
-              f"by the {twin} search ({repair.search_measure} from the teacher on {repair.search_tokens:,} tokens "
-              f"of `{settings.calib_data}`, every candidate repaired)")
+    chosen = {"importance": "by Block Influence",
+              "angular": "as the consecutive blocks whose input and output differ least (angular distance, "
+                         "Gromov et al.)"}.get(twin, f"by the {twin} search ({repair.search_measure} from the teacher "
+                                                     f"on {repair.search_tokens:,} tokens of `{settings.calib_data}`, "
+                                                     "every candidate repaired)")
     lines = ["", "## Repairing the cut, without training", "",
              f"The same blocks (chosen {chosen}: drops {dropped(by_name[repaired], n)}) as cut and repaired by "
              f"`{repair.repair}` ({repair.repair_tokens:,} calibration tokens of "
