@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmshrink.cli import main as lmshrink
 from lmshrink.config import build
-from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
+from lmshrink.recipes.clean import CleanSettings
 from lmshrink.recipes.clean import run as clean
 
 
@@ -36,7 +36,7 @@ def main() -> None:
         shutil.rmtree(out)
 
     corpora = {}
-    for name, options in (("raw", PASS_THROUGH), ("cleaned", {})):
+    for name, options in (("raw", CleanSettings.PASS_THROUGH), ("cleaned", {})):
         summary = clean(build(CleanSettings, {"data": args.data, "output": str(out / f"corpus-{name}"),
                                               "workers": args.workers, **options}))
         corpora[name] = {"documents": summary["kept"]["documents"], "mb": summary["kept"]["bytes"] / 1e6}

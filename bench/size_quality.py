@@ -26,7 +26,7 @@ from typing import Any
 from lmshrink.cli import main as lmshrink
 from lmshrink.evaluate.benchmarks import SUITES
 from lmshrink.export import llamacpp
-from lmshrink.recipes.export import file_name
+from lmshrink.export.gguf import file_name
 from lmshrink.records import save_figure, write_json, write_text
 
 TEACHER = "smollm2-135m"

@@ -71,3 +71,25 @@ def test_no_module_imports_itself_round_about():
         if name not in done:
             visit(name, [name])
     assert cycles == []
+
+
+def recipe_internals(path: Path) -> list[str]:
+    """What a file takes from a recipe besides its public face: the command's Settings class and `run`."""
+    taken = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lmshrink.recipes."):
+            taken += [f"{node.module}.{a.name}" for a in node.names if not (a.name == "run" or a.name.endswith("Settings"))]
+    return taken
+
+
+def test_no_recipe_or_bench_reaches_into_another_recipe():
+    """Recipes compose each other through their settings and `run`; library code lives in the wings, so
+    a bench or another recipe never imports a recipe's helpers."""
+    files = [*sorted((PACKAGE / "recipes").glob("*.py")), *sorted((ROOT / "bench").glob("*.py"))]
+    assert [f"{path.name}: {name}" for path in files for name in recipe_internals(path)] == []
+
+
+def test_the_recipe_check_catches_a_helper(tmp_path):
+    reaching = tmp_path / "y.py"
+    reaching.write_text("from lmshrink.recipes.evaluate import EvalSettings, evaluate_model\n")
+    assert recipe_internals(reaching) == ["lmshrink.recipes.evaluate.evaluate_model"]

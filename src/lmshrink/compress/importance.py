@@ -11,7 +11,9 @@ Three scores per model, all on the same packed calibration blocks:
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink.architectures import blocks_of, only_blocks
+from lmshrink.config import SettingsError
 from lmshrink.data.sources import Framing
 from lmshrink.evaluate.perplexity import perplexity
 from lmshrink.records import save_figure
@@ -133,3 +136,18 @@ def plot(scores: dict[str, Any], path: str | Path, title: str) -> None:
     fig.suptitle(title, y=1.04)
     save_figure(fig, path)
     plt.close(fig)
+
+
+def read_scores(path: str | Path, keys: Iterable[str], missing: str) -> dict[str, Any]:
+    """A file score-layers wrote, holding `keys`; else one line naming the problem (`missing`: what
+    to say, and do, when there is no such file)."""
+    try:
+        scores = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"scores: {missing}") from None
+    except json.JSONDecodeError as err:
+        raise SettingsError(f"scores: {path} is not valid JSON ({err})") from None
+    lacking = sorted(set(keys) - set(scores)) if isinstance(scores, dict) else sorted(keys)
+    if lacking:
+        raise SettingsError(f"scores: {path} is not a score-layers output (no {', '.join(lacking)})")
+    return scores

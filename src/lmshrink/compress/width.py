@@ -387,3 +387,7 @@ def plot_scores(scores: dict[str, Any], path: str | Path, title: str) -> None:
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+AXES = ("width", "depth", "both")
+"""What `lmshrink prune` (and `search`) can shrink: the width, the depth, or both."""

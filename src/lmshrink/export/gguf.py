@@ -505,3 +505,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     reader = g.GGUFReader(str(path))
     skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
     return {key: field.contents() for key, field in reader.fields.items() if key not in skip}
+
+
+def file_name(name: str, quant: str) -> str:
+    """The file `lmshrink export` writes for model `name` in type `quant`."""
+    return f"{name}-{quant.upper()}.gguf"

@@ -31,7 +31,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lmshrink.config import Settings, SettingsError, group, how_to_run_paths, setting, to_dict
 from lmshrink.data.assets import CORPORA
@@ -59,16 +59,16 @@ EXECUTORS = ("local", "slurm", "ray")
 FORMATS = ("jsonl", "parquet")
 
 
-# every cleaning step off: the corpus as read, with only what cannot be text at all set aside
-# (the "raw" arm of a cleaning ablation: read through the same readers as the cleaned arm)
-PASS_THROUGH = dict(html_to_text=False, fix_unicode=False, normalize_whitespace=False, line_dedup=False,
-                    drop_html_tag_lines=False, min_line_chars=None, max_non_alpha=None, languages=[],
-                    gopher_repetition=False, gopher_quality=False, exact_dedup=False, minhash_dedup=False)
-
-
 @dataclass(kw_only=True)
 class CleanSettings(Settings):
     """Clean a pre-training corpus (the paper's line filters, language, Gopher, dedup, perplexity)."""
+
+    # every cleaning step off: the corpus as read, with only what cannot be text at all set aside
+    # (the "raw" arm of a cleaning ablation: read through the same readers as the cleaned arm)
+    PASS_THROUGH: ClassVar[dict[str, Any]] = dict(
+        html_to_text=False, fix_unicode=False, normalize_whitespace=False, line_dedup=False, drop_html_tag_lines=False,
+        min_line_chars=None, max_non_alpha=None, languages=[], gopher_repetition=False, gopher_quality=False,
+        exact_dedup=False, minhash_dedup=False)
 
     data: list[str] = setting(
         help="input files or folders (text, jsonl(.gz), parquet; every file is read) or one hf:NAME[:CONFIG][:SPLIT]")

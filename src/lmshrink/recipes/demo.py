@@ -29,14 +29,16 @@ from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.evaluate.args import BenchmarkArgs, PerplexityArgs, two_sources
 from lmshrink.evaluate.report import markdown_table, tasks_chart, tasks_note, tasks_table
+from lmshrink.export.gguf import file_name
 from lmshrink.heal.args import TrainArgs, cpu_budget
 from lmshrink.heal.corpus import DataArgs, offline_corpus
 from lmshrink.heal.distill import RECIPE_LOSSES, RECIPES, recipe_kd
 from lmshrink.models import load, pick_device
 from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
-from lmshrink.recipes.evaluate import EvalSettings, evaluate_model
-from lmshrink.recipes.export import ExportSettings, file_name
+from lmshrink.recipes.evaluate import EvalSettings
+from lmshrink.recipes.evaluate import run as evaluate
+from lmshrink.recipes.export import ExportSettings
 from lmshrink.recipes.export import run as export
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
@@ -187,15 +189,14 @@ def _evaluate(settings: DemoSettings, students: dict[str, Path], healed: dict[st
     print(f"[{total}/{total}] evaluating on {', '.join(settings.perplexity.data)}"
           + (f" and {', '.join(bench.tasks)} ({bench.limit} items per task)" if bench.tasks else ""))
     mark = time.perf_counter()
-    ev = EvalSettings(models=[settings.teacher], output=str(out), device=settings.device,
-                      perplexity=settings.perplexity, benchmarks=bench)
-    shared: dict = dict(streams={}, timed={})  # texts tokenised once; each architecture timed once
-    table = [evaluate_model(settings.teacher, ev, label="teacher", **shared)]
-    table += [evaluate_model(str(path), ev, label=name, **shared) for name, path in students.items()]
-    for name, run in healed.items():
-        row = evaluate_model(str(run["model"]), ev, label=name, **shared)
-        row["heal"] = {k: v for k, v in run.items() if k != "model"}
-        table.append(row)
+    models = {"teacher": settings.teacher, **{name: str(path) for name, path in students.items()},
+              **{name: str(run["model"]) for name, run in healed.items()}}
+    ev = EvalSettings(models=list(models.values()), labels=list(models), output=str(out / "eval"),
+                      device=settings.device, perplexity=settings.perplexity, benchmarks=bench)
+    table = evaluate(ev)  # eval's own report of these models is in eval/
+    for row in table:
+        if row["model"] in healed:
+            row["heal"] = {k: v for k, v in healed[row["model"]].items() if k != "model"}
     zero_shot = sum(row.get("task_seconds", 0.0) for row in table)
     steps["perplexity, speed and size"] = time.perf_counter() - mark - zero_shot
     if bench.tasks:

@@ -36,6 +36,8 @@ class EvalSettings(Settings):
 
     models: list[str] = setting(
         help="models to compare: folders, Hub ids, .gguf files or smollm2-135m; first is the reference")
+    labels: list[str] = setting([], "the models' names in the report, in the order of --models (default: the "
+                                     "shortest path suffix that tells them apart)")
     output: str = setting("runs/eval", "folder for report.md and report.json")
     batch_size: int = setting(8, "sequences per forward pass (perplexity windows, benchmark requests)")
     runtime: str = setting("transformers", f"what runs the models: {', '.join(RUNTIMES)} (llamacpp: .gguf files "
@@ -50,6 +52,8 @@ class EvalSettings(Settings):
         problems = super().problems()
         if not self.models:
             problems.append("models: give at least one model")
+        if self.labels and len(self.labels) != len(self.models):
+            problems.append(f"labels: give one per model ({len(self.models)}), or none")
         if self.batch_size < 1:
             problems.append("batch_size: must be positive")
         if not self.perplexity.data and not self.timing.speed and not self.benchmarks.tasks:
@@ -270,7 +274,7 @@ def run(settings: EvalSettings) -> list[dict[str, Any]]:
             llamacpp.check_file(name)
         else:
             checked[name] = settings.load.check(name)
-    labels = model_labels(settings.models)
+    labels = settings.labels or model_labels(settings.models)
     timed: dict[str, Any] = {}
     rows = [evaluate_model(name, settings, label=label, streams=streams, checked=checked.get(name), timed=timed)
             for name, label in zip(settings.models, labels, strict=True)]

@@ -11,7 +11,14 @@ from typing import Any
 
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.errors import one_of
-from lmshrink.export.gguf import LLAMA_QUANTIZE_ONLY, QUANTS, export_problems, sliding_window_note, write_gguf
+from lmshrink.export.gguf import (
+    LLAMA_QUANTIZE_ONLY,
+    QUANTS,
+    export_problems,
+    file_name,
+    sliding_window_note,
+    write_gguf,
+)
 from lmshrink.export.model_card import card_name, origin
 from lmshrink.models import LoadArgs, no_tokenizer
 from lmshrink.records import md_table, provenance, read_record, write_json, write_text
@@ -51,10 +58,6 @@ class ExportSettings(Settings):
         if self.output is None and not Path(self.model).is_dir():
             problems.append(f"output: {self.model} is not a local folder; give --output")
         return problems
-
-
-def file_name(name: str, quant: str) -> str:
-    return f"{name}-{quant.upper()}.gguf"
 
 
 def sha256(path: Path) -> str:

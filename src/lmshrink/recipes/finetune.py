@@ -27,7 +27,7 @@ import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -59,16 +59,15 @@ from lmshrink.records import RECORD, holding_output, md_table, provenance, read_
 # ----------------------------------------------------------------------------- tasks
 
 
-# run_glue's recipe (3 epochs, batch 8, lr 5e-5) with 10% warm-up and weight decay 0.01; checkpoints
-# every 200 steps so that a killed run resumes; no loggers beyond metrics.jsonl
-# compile off: padded batches of varying length would make torch.compile trace again and again
-FINETUNE_OPTIMISER = dict(epochs=3.0, batch_size=8, lr=5e-5, warmup=0.1, weight_decay=0.01, save_steps=200,
-                          save_total_limit=1, report_to=["none"], compile="off")
-
-
 @dataclass(kw_only=True)
 class FinetuneSettings(Settings):
     """Fine-tune a teacher or student on a downstream task, with KD methods over several seeds."""
+
+    # run_glue's recipe (3 epochs, batch 8, lr 5e-5) with 10% warm-up and weight decay 0.01; checkpoints
+    # every 200 steps so that a killed run resumes; no loggers beyond metrics.jsonl
+    # compile off: padded batches of varying length would make torch.compile trace again and again
+    OPTIMISER: ClassVar[dict[str, Any]] = dict(epochs=3.0, batch_size=8, lr=5e-5, warmup=0.1, weight_decay=0.01,
+                                               save_steps=200, save_total_limit=1, report_to=["none"], compile="off")
 
     model: str = setting(help="model to fine-tune: folder (e.g. from lmshrink truncate), Hub id, .gguf or smollm2-135m")
     output: str = setting(help="output folder: METHOD/seed-N/model and report.md", how_to_run=True)
@@ -90,7 +89,7 @@ class FinetuneSettings(Settings):
     load: LoadArgs = group(LoadArgs, "how the models are loaded")
     save_models: bool = setting(True, "save each fine-tuned model in METHOD/seed-N/model (off: keep its scores "
                                       "and record only, in METHOD/seed-N/lmshrink.json)", how_to_run=True)
-    train: TrainArgs = group(lambda: TrainArgs(**FINETUNE_OPTIMISER),
+    train: TrainArgs = group(lambda: TrainArgs(**FinetuneSettings.OPTIMISER),
                              "optimiser, schedule, precision and checkpoints (defaults: run_glue's)")
     corpus: DataArgs = group(DataArgs, "task lm: training and test text (test perplexity is the metric)")
     # methods

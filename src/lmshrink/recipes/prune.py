@@ -19,8 +19,9 @@ from typing import Any
 
 from lmshrink.architectures import context_limit
 from lmshrink.compress.cut import CHOICES, CutArgs, cut
-from lmshrink.compress.importance import METRICS, score
+from lmshrink.compress.importance import METRICS, read_scores, score
 from lmshrink.compress.width import (
+    AXES,
     SCORE_KEYS,
     check_target,
     count_parameters_of,
@@ -38,10 +39,7 @@ from lmshrink.errors import one_of
 from lmshrink.evaluate.measure import count_parameters
 from lmshrink.export.model_card import save_model_record
 from lmshrink.models import LoadArgs, no_tokenizer
-from lmshrink.recipes.score_layers import read_scores
 from lmshrink.records import provenance, save_atomically, write_json
-
-AXES = ("width", "depth", "both")
 
 
 @dataclass(kw_only=True)

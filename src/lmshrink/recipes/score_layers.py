@@ -7,8 +7,6 @@ blocks (`lmshrink.compress.cut_search`): the iterative search's path and every c
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,21 +56,6 @@ class ScoreSettings(Settings):
         problems += one_of("search_repair", self.search_repair, REPAIRS)
         problems += one_of("search_measure", self.search_measure, MEASURES)
         return problems
-
-
-def read_scores(path: str | Path, keys: Iterable[str], missing: str) -> dict[str, Any]:
-    """A file score-layers wrote, holding `keys`; else one line naming the problem (`missing`: what
-    to say, and do, when there is no such file)."""
-    try:
-        scores = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SettingsError(f"scores: {missing}") from None
-    except json.JSONDecodeError as err:
-        raise SettingsError(f"scores: {path} is not valid JSON ({err})") from None
-    lacking = sorted(set(keys) - set(scores)) if isinstance(scores, dict) else sorted(keys)
-    if lacking:
-        raise SettingsError(f"scores: {path} is not a score-layers output (no {', '.join(lacking)})")
-    return scores
 
 
 def run(settings: ScoreSettings) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.compress.cut import CHOICES, CutArgs
+from lmshrink.compress.width import AXES
 from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.heal.args import TrainArgs, cpu_budget
 from lmshrink.heal.corpus import DataArgs, offline_corpus
@@ -30,7 +31,7 @@ from lmshrink.heal.stages import run_stage
 from lmshrink.models import LoadArgs
 from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
-from lmshrink.recipes.prune import AXES, PruneSettings
+from lmshrink.recipes.prune import PruneSettings
 from lmshrink.recipes.prune import run as prune
 from lmshrink.recipes.score_layers import ScoreSettings
 from lmshrink.recipes.score_layers import run as score_layers

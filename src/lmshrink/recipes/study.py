@@ -47,13 +47,13 @@ from lmshrink.heal.kd_methods import METHODS
 from lmshrink.heal.stages import run_stage
 from lmshrink.heal.tasks import TASKS
 from lmshrink.models import LoadArgs
-from lmshrink.recipes.clean import PASS_THROUGH, CleanSettings
+from lmshrink.recipes.clean import CleanSettings
 from lmshrink.recipes.clean import run as clean
 from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.evaluate import EvalSettings
 from lmshrink.recipes.evaluate import run as evaluate
-from lmshrink.recipes.finetune import FINETUNE_OPTIMISER, FinetuneSettings
+from lmshrink.recipes.finetune import FinetuneSettings
 from lmshrink.recipes.finetune import run as finetune
 from lmshrink.recipes.pretrain import PretrainSettings
 from lmshrink.recipes.pretrain import run as pretrain
@@ -107,7 +107,7 @@ class StudySettings(Settings):
                              "healing text, and the held-out text of the learning-rate choice and the curves")
     heal: TrainArgs = group(lambda: cpu_budget(eval_steps=4),
                             "the healing budget and optimiser, the same for every arm (lr from --lrs)")
-    finetune: TrainArgs = group(lambda: TrainArgs(**{**FINETUNE_OPTIMISER, "epochs": 1.0, "batch_size": 16}),
+    finetune: TrainArgs = group(lambda: TrainArgs(**{**FinetuneSettings.OPTIMISER, "epochs": 1.0, "batch_size": 16}),
                                 "downstream fine-tuning (questions 1 and 3)")
     perplexity: PerplexityArgs = group(two_sources, "held-out perplexity of every healed model")
     benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["core"], limit=20),
@@ -397,7 +397,7 @@ def question_cleaning(study: Study, results: dict[str, Any]) -> None:
     lr = results["healing"]["arms"]["lm"]["lr"] if "healing" in results else s.lrs[0]
     student = study.student(s.strategy)
     arms = {}
-    for name, options in (("raw", PASS_THROUGH), ("clean", {})):
+    for name, options in (("raw", CleanSettings.PASS_THROUGH), ("clean", {})):
         settings = CleanSettings(data=s.raw_data, output=str(study.out / "corpus" / name), workers=s.clean_workers,
                                  **options)
         cleaned = study.stage(f"corpus/{name}", "clean", settings, clean, resumes_itself=True)

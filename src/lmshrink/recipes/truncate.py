@@ -12,13 +12,12 @@ from typing import Any
 
 from lmshrink.architectures import blocks_of, context_limit
 from lmshrink.compress.cut import CHOICES, CutArgs, cut, kept_count
-from lmshrink.compress.importance import METRICS, score
+from lmshrink.compress.importance import METRICS, read_scores, score
 from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.export.model_card import save_model_record
 from lmshrink.models import LoadArgs, no_tokenizer
-from lmshrink.recipes.score_layers import read_scores
 from lmshrink.records import provenance, save_atomically
 
 
