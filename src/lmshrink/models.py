@@ -133,7 +133,7 @@ def pick_device(name: str) -> torch.device:
 
 def native_dtype(device: torch.device) -> str:
     """The dtype `device` computes fastest in: bfloat16 on GPUs that have it and on CPUs with bf16 instructions
-    (AVX512-BF16 or AMX; 2.4x fp32's matrix products on a 2-core AMD EPYC), else float32."""
+    (AVX512-BF16 or AMX; measured in docs/score-layers.md and docs/generate.md), else float32."""
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     cpu_has = [getattr(torch.cpu, probe, lambda: False) for probe in ("_is_avx512_bf16_supported",
