@@ -409,3 +409,29 @@ def test_a_run_that_cannot_fit_its_device_is_refused_before_loading(tiny_gpt2_di
                  "--output", str(tmp_path / "run"), "--max-steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "memory: this run needs" in err and "--teacher-cache" in err and "Traceback" not in err
+
+
+def test_a_sampled_cache_trains_on_the_forward_kl(student, tiny_gpt2_dir, tmp_path, capsys):
+    """cache-teacher --sampled K: K draws per position stored as distinct tokens with their counts and
+    the teacher's entropy; distill trains on it with the forward KL (logged as the KL from the teacher)
+    and refuses a divergence the samples cannot estimate without bias."""
+    cache = tmp_path / "sampled"
+    args = ["cache-teacher", "--teacher", str(tiny_gpt2_dir), "--output", str(cache), *DATA, "--block-size", "64",
+            "--max-tokens", "512", "--sampled", "6", "--temperature", "1"]
+    assert main(args) == 0
+    meta = json.loads((cache / "cache.json").read_text())
+    assert meta["layout"]["sampled"] == 6 and meta["bytes_per_token"] < 4 + 6 * 6 + 2 + 8
+    assert "cached the teacher's 6 samples" in capsys.readouterr().out
+    shard = load_file(cache / "shard-00000.safetensors")
+    mass = shard["top_logp"].float().exp()
+    torch.testing.assert_close(mass.sum(-1), torch.ones(mass.shape[:-1]), rtol=0, atol=2e-3)  # shares of the draws
+    counts = mass * 6
+    torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-2)  # whole counts out of 6 (fp16 log-probs)
+    assert shard["entropy"].shape == shard["input_ids"].shape and (shard["entropy"].float() > 0).all()
+    common = ["distill", "--model", str(student), "--teacher-cache", str(cache), *TINY, "--max-steps", "2",
+              "--alpha-cos", "0", "--temperature", "1"]
+    assert main([*common, "--output", str(tmp_path / "reverse"), "--loss", "reverse_kl"]) == 2
+    assert "an unbiased estimate of the teacher only for the forward KL" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main([*common, "--output", str(out)]) == 0
+    assert [line for line in metrics_lines(out) if "loss" in line][-1]["kd"] > 0

@@ -20,6 +20,7 @@ from lmshrink.losses import (
     kd_loss,
     mse_loss,
     reverse_kl,
+    sampled_kl_offset,
     selective_lm_loss,
     skew_kl,
     sparse_kd_loss,
@@ -286,3 +287,33 @@ def test_a_frozen_head_gets_no_gradient_and_the_same_hidden_gradient():
     (frozen,) = torch.autograd.grad(loss, [hidden])
     torch.testing.assert_close(frozen, trained[0])
     torch.testing.assert_close(loss, causal_lm_loss(hidden @ weight.detach().T, labels))
+
+
+def test_a_sampled_cache_is_an_unbiased_estimate_of_the_teacher():
+    """K tokens drawn per position, stored as (distinct ids, log(count / K)): averaged over many draws,
+    the stored distribution is the teacher's, the loss (bucket forward KL + `sampled_kl_offset`) is
+    the full KL(p_t || p_s), and its gradient is the full KL's. A top-k cache of the same bytes is not."""
+    from lmshrink.heal.teacher_cache import sample_counts
+
+    torch.manual_seed(0)
+    vocab, positions, k, temperature = 12, 3, 4, 2.0
+    t = torch.randn(1, positions, vocab) * 2
+    s = torch.randn(1, positions, vocab, requires_grad=True)
+    mask = torch.ones(1, positions)
+    full = kd_loss(forward_kl, s, t, mask, temperature)
+    full_grad = torch.autograd.grad(full, s)[0]
+    generator = torch.Generator().manual_seed(1)
+    draws, losses, grads = 1500, [], []
+    mean_q = torch.zeros(1, positions, vocab)
+    for _ in range(draws):
+        idx, logp, entropy = sample_counts(t, k, temperature, generator)
+        mean_q.scatter_add_(-1, idx.long(), logp.float().exp() / draws)
+        loss = sparse_kd_loss(forward_kl, s, idx, logp, mask, temperature) + sampled_kl_offset(logp, entropy)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, s)[0])
+    p_t = F.softmax(t / temperature, -1)
+    assert (mean_q - p_t).abs().max() < 0.02
+    assert torch.stack(losses).mean().item() == pytest.approx(full.item(), abs=0.02)
+    assert (torch.stack(grads).mean(0) - full_grad).abs().max() < 0.01
+    top = p_t.log().topk(k, -1)  # the top-k cache's estimate leaves out the tail: its loss is biased low
+    assert sparse_kd_loss(forward_kl, s, top.indices, top.values, mask, temperature).item() < full.item() - 0.05

@@ -136,6 +136,14 @@ def sparse_kd_loss(div: Divergence, student_logits: torch.Tensor, top_idx: torch
     return chunked_mean(partial(_sparse_chunk, div, temperature), (student_logits, top_idx, top_logp), mask, chunk)
 
 
+def sampled_kl_offset(top_logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    """What turns a sampled cache's bucket forward KL (`sparse_kd_loss`, KL(q || p_s) for the sampled
+    distribution q) into an unbiased estimate of the teacher's KL(p_t || p_s): H(q) - H(p_t), averaged
+    over positions. A constant for the student, so the gradient is untouched: E[grad] = p_s - p_t."""
+    q = top_logp.float().exp()
+    return (-(q * top_logp.float()).sum(-1) - entropy.float()).mean()
+
+
 def ce_and_sparse_kd(div: Divergence, logits: torch.Tensor, labels: torch.Tensor, top_idx: torch.Tensor,
                      top_logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token CE and `sparse_kd_loss` at T = 1 from one log-softmax and one gather.

@@ -32,6 +32,7 @@ from lmshrink.losses import (
     head_step,
     kd_loss,
     normalised_mse,
+    sampled_kl_offset,
     selective_lm_loss,
     sparse_kd_loss,
 )
@@ -235,6 +236,8 @@ class DistillTrainer(LMTrainer):
             parts["inter"] = sum(hidden(outputs.hidden_states[i], t_out.hidden_states[j], mask)
                                  for i, j in pairs) / len(pairs)
         loss = loss + s.alpha_cos * parts.get("cos", 0.0) + s.alpha_inter * parts.get("inter", 0.0)
+        if "teacher_entropy" in inputs:  # a sampled cache: log the KL from the teacher, not from its samples
+            parts["kd"] = parts["kd"] + sampled_kl_offset(inputs["teacher_logp"], inputs["teacher_entropy"])
         self.record(ce=ce, **parts)
         return (loss, outputs) if return_outputs else loss
 

@@ -1,16 +1,20 @@
-"""The teacher cache: a teacher's top-k next-token log-probs over packed training blocks, stored
+"""The teacher cache: a teacher's next-token distribution over packed training blocks, stored
 once so that many students train without the teacher (`lmshrink cache-teacher` writes it,
 `lmshrink distill --teacher-cache` reads it).
 
-The cache is self-contained: the packed training blocks, and for every position the teacher's
-k most likely tokens with their log-probabilities at the distillation temperature (the
-remaining mass is 1 - sum of those). Per token that is 4 + 6k bytes (k = 32: 196 bytes).
+The cache is self-contained: the packed training blocks, and for every position either the
+teacher's k most likely tokens with their log-probabilities at the distillation temperature (the
+remaining mass is 1 - sum of those; a biased estimate of the distribution), or (`--sampled K`)
+K tokens drawn from it, stored the same way as each distinct token with log(count / K), an
+unbiased estimate, plus the teacher's entropy. Per token that is 4 + 6k bytes (k = 32: 196
+bytes), and 6 + 6K for a sampled cache (at most K distinct tokens).
 Shards are written atomically and skipped when present, so an interrupted run resumes.
 
     <cache>/cache.json               teacher, temperature, k, block size, shard layout
     <cache>/lmshrink.json            the same record, once the cache is complete
     <cache>/tokenizer/               the teacher's tokenizer
     <cache>/shard-00000.safetensors  input_ids (R, T) int32, top_idx (R, T, k) int32, top_logp (R, T, k) fp16
+                                     (a sampled cache: also entropy (R, T) fp16)
     <cache>/heldout.safetensors      held-out input_ids, for evaluation during distillation
 """
 
@@ -57,6 +61,43 @@ def teacher_top_k(model, ids: torch.Tensor, k: int, temperature: float, batch_si
     return torch.cat(idx), torch.cat(logp)
 
 
+ZERO_MASS = torch.finfo(torch.float16).min
+"""The log-prob of a sampled cache's unused slot: exp() is 0, and unlike -inf it never makes 0 * inf."""
+
+
+def sample_counts(logits: torch.Tensor, k: int, temperature: float, generator: torch.Generator | None = None):
+    """`k` tokens per position drawn with replacement from softmax(logits / temperature) (..., V), as a
+    top-k cache stores its tokens: each distinct token drawn once, with log(count / k), so the stored
+    distribution is an unbiased estimate of the teacher's (random-sampling KD, arXiv 2503.16870);
+    unused slots repeat the first token with zero mass (`ZERO_MASS`). Also the teacher's entropy at
+    each position, from which the distillation loss is reported as the forward KL.
+    Returns ids (..., k) int32, log-probs (..., k) fp16, entropy (...) fp16."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    draws = torch.multinomial(logp.exp().flatten(0, -2), k, replacement=True, generator=generator)
+    draws = draws.view(*logits.shape[:-1], k).sort(-1).values
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[..., 1:] = draws[..., 1:] != draws[..., :-1]
+    group = new.cumsum(-1) - 1  # slot of each draw's distinct token
+    counts = torch.zeros_like(draws).scatter_add_(-1, group, torch.ones_like(draws))
+    ids = torch.zeros_like(draws).scatter_(-1, group, draws)
+    ids = torch.where(counts > 0, ids, ids[..., :1])
+    mass = torch.where(counts > 0, (counts.float() / k).log(), torch.full_like(counts, ZERO_MASS, dtype=torch.float))
+    return ids.int(), mass.half(), entropy.half()
+
+
+@torch.inference_mode()
+def teacher_samples(model, ids: torch.Tensor, k: int, temperature: float, batch_size: int, seed: int):
+    """`sample_counts` at every position of rows `ids` (N, T): ids and log-probs (N, T, k), entropy (N, T)."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    parts = []
+    for i in range(0, ids.shape[0], batch_size):
+        chunks = [sample_counts(logits, k, temperature, generator)
+                  for logits in next_token.logit_chunks(model, ids[i : i + batch_size])]
+        parts.append([torch.cat([c[j] for c in chunks], 1).cpu() for j in range(3)])
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
+
+
 class CachedBlocks(torch.utils.data.Dataset):
     """Training blocks with the teacher's top-k, read lazily from the shards (memory-mapped)."""
 
@@ -72,11 +113,14 @@ class CachedBlocks(torch.utils.data.Dataset):
         if shard not in self._open:
             self._open[shard] = safe_open(str(shard_path(self.folder, shard)), framework="pt")
         f = self._open[shard]
-        return {
+        item = {
             "input_ids": f.get_slice("input_ids")[row : row + 1][0].long(),
             "teacher_idx": f.get_slice("top_idx")[row : row + 1][0],
             "teacher_logp": f.get_slice("top_logp")[row : row + 1][0],
         }
+        if "entropy" in f.keys():  # a sampled cache
+            item["teacher_entropy"] = f.get_slice("entropy")[row : row + 1][0]
+        return item
 
 
 @dataclass

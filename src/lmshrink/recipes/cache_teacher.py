@@ -14,7 +14,7 @@ import torch
 
 from lmshrink.config import Settings, check, group, setting, to_dict
 from lmshrink.heal.corpus import DataArgs, needs_data, prepare_data
-from lmshrink.heal.teacher_cache import FORMAT, save_tensors, shard_path, teacher_top_k
+from lmshrink.heal.teacher_cache import FORMAT, save_tensors, shard_path, teacher_samples, teacher_top_k
 from lmshrink.integrity import kept, problem
 from lmshrink.models import LoadArgs, pick_device
 from lmshrink.records import RECORD, holding_output, provenance, write_json
@@ -26,7 +26,10 @@ class CacheSettings(Settings):
 
     output: str = setting(help="cache folder")
     teacher: str = setting("smollm2-135m", "teacher: folder, Hub id, .gguf file or smollm2-135m")
-    top_k: int = setting(32, "teacher tokens kept per position")
+    top_k: int = setting(32, "teacher tokens kept per position: its most likely ones")
+    sampled: int | None = setting(None, "instead of the top-k, draw this many tokens per position from the teacher's "
+                                        "distribution at --temperature: an unbiased estimate of it (random-sampling "
+                                        "KD); distill then trains on the forward KL")
     temperature: float = setting(2.0, "temperature of the stored log-probs (distill must use the same)")
     max_tokens: int | None = setting(None, "cache only the first N training tokens")
     batch_size: int = setting(8, "blocks per teacher forward pass")
@@ -39,8 +42,9 @@ class CacheSettings(Settings):
         problems = needs_data(self.corpus) + super().problems()
         if self.corpus.streaming:
             problems.append("streaming: the cache needs a map-style dataset; cap it with --max-tokens instead")
-        if self.top_k < 1 or self.batch_size < 1 or self.shard_blocks < 1:
-            problems.append("top_k, batch_size, shard_blocks: must be positive")
+        if self.top_k < 1 or self.batch_size < 1 or self.shard_blocks < 1 or (self.sampled is not None
+                                                                             and self.sampled < 1):
+            problems.append("top_k, sampled, batch_size, shard_blocks: must be positive")
         if self.temperature <= 0:
             problems.append("temperature: must be positive")
         return problems
@@ -64,7 +68,7 @@ def run(settings: CacheSettings) -> Path:
               "temperature": settings.temperature, "block_size": corpus.block_size, "blocks": n_blocks,
               "shard_blocks": settings.shard_blocks, "vocab": len(teacher.tokenizer),
               "data": corpus.data, "eval_data": corpus.eval_data, "heldout": corpus.heldout,
-              "seed": corpus.seed}
+              "seed": corpus.seed, **({"sampled": settings.sampled} if settings.sampled else {})}
     meta = out / "cache.json"
     if meta.is_file() and (damage := problem(meta)):
         check([f"output: {meta} is damaged ({damage}), so what its shards were made with is unknown; give another "
@@ -86,8 +90,14 @@ def run(settings: CacheSettings) -> Path:
             continue  # finished before an interruption
         lo, hi = shard * settings.shard_blocks, min(n_blocks, (shard + 1) * settings.shard_blocks)
         ids = torch.tensor(train_data[lo:hi]["input_ids"], dtype=torch.long)
-        top_idx, top_logp = teacher_top_k(model, ids, settings.top_k, settings.temperature, settings.batch_size)
-        save_tensors({"input_ids": ids.int(), "top_idx": top_idx, "top_logp": top_logp}, path)
+        if settings.sampled:  # drawn with the shard's own seed, so a shard made again is the same shard
+            top_idx, top_logp, entropy = teacher_samples(model, ids, settings.sampled, settings.temperature,
+                                                         settings.batch_size, corpus.seed + shard)
+            extra = {"entropy": entropy}
+        else:
+            top_idx, top_logp = teacher_top_k(model, ids, settings.top_k, settings.temperature, settings.batch_size)
+            extra = {}
+        save_tensors({"input_ids": ids.int(), "top_idx": top_idx, "top_logp": top_logp, **extra}, path)
         print(f"\r  cached shard {shard + 1}/{n_shards} ({hi:,}/{n_blocks:,} blocks)", end="", file=sys.stderr,
               flush=True)
     print(file=sys.stderr)
@@ -97,6 +107,7 @@ def run(settings: CacheSettings) -> Path:
         n_blocks * corpus.block_size)
     write_json(meta, record)
     write_json(out / RECORD, record)  # the finished cache describes itself like every output
-    print(f"cached the teacher's top-{settings.top_k} on {n_blocks * corpus.block_size:,} tokens "
+    what = f"{settings.sampled} samples" if settings.sampled else f"top-{settings.top_k}"
+    print(f"cached the teacher's {what} on {n_blocks * corpus.block_size:,} tokens "
           f"({record['bytes_per_token']:.0f} bytes/token) in {out}")
     return out

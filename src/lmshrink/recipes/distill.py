@@ -87,6 +87,9 @@ def run(settings: DistillSettings) -> dict[str, Any]:
     kept = (read_record(student.source) or {}).get("kept_layers")
     if kd.teacher_cache:
         cache = open_cache(kd.teacher_cache, kd.temperature)
+        if cache.record.get("sampled") and kd.loss != "forward_kl":
+            check([f"loss: {kd.teacher_cache} holds sampled tokens, an unbiased estimate of the teacher only for the "
+                   f"forward KL; use --loss forward_kl (not {kd.loss}), or a top-k cache"])
         teacher, vocab = None, check_vocabularies(student.tokenizer, cache.tokenizer, student.model.config,
                                                   student.model.config)
         if cache.block_size != corpus.block_size:
