@@ -26,6 +26,9 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
   for billions of tokens; a budget of a hundred steps may want more);
 - `ARM~PART` (e.g. `clm~embeddings`, `distilgpt2~embeddings~blocks:0-5`): an arm with those parts
   of the student frozen (`--freeze`; the parts any `--freeze` value names).
+- `ARM/top-K`, `ARM/sampled-K` (e.g. `kl-ce/sampled-12`): the teacher read from `lmshrink cache-teacher`'s
+  cache of the healing text (its first `--tokens`, at T 1): its top-K tokens (a biased estimate of
+  its distribution), or K tokens drawn from it (`--sampled`, an unbiased one).
 An arm is `BASE[+TEXT]` and then `~PART` and `@LR` in any order (`minitron+nucleus-text~embeddings@3e-4`);
 `--arms` names one that is not before anything runs.
 
@@ -77,16 +80,24 @@ def run(*args: str) -> None:
     assert lmshrink(list(args)) == 0, f"lmshrink {' '.join(args)} failed"
 
 
+CACHES = {"top": "--top-k", "sampled": "--sampled"}  # ARM/top-K, ARM/sampled-K: the teacher from a cache
+
+
 def parse_arm(arm: str) -> tuple[str, str | None, list[str], str | None]:
     """(base arm, teacher text, frozen parts, peak learning rate) of `BASE[+TEXT]` followed, in any
-    order, by `~PART` (PART of the student frozen) and `@LR` (another peak learning rate)."""
+    order, by `~PART` (PART of the student frozen) and `@LR` (another peak learning rate), and
+    optionally `/top-K` or `/sampled-K` (the teacher read from a cache of the healing text: its
+    top-K tokens, or K tokens drawn from it; T 1, so for kl-ce and minitron)."""
+    arm, cache = arm.split("/", 1) if "/" in arm else (arm, None)
+    if cache is not None and (cache.rpartition("-")[0] not in CACHES or not cache.rpartition("-")[2].isdigit()):
+        raise ValueError(f"{cache}: not a cache (top-K or sampled-K)")
     name, *marks = re.split(r"([~@])", arm)
     base, _, text = name.rpartition("+")
     if text not in TEACHER_TEXTS or not base:
         base, text = name, None
     pairs = list(zip(marks[::2], marks[1::2], strict=True))
     rates = [value for mark, value in pairs if mark == "@"]
-    if base not in BASES or len(rates) > 1:
+    if base not in BASES or len(rates) > 1 or (cache and base not in ("kl-ce", "minitron")):
         raise ValueError(f"{arm}: not an arm (BASE[+TEXT][~PART...][@LR], BASE one of {', '.join(BASES)})")
     return base, text, [value for mark, value in pairs if mark == "~"], rates[0] if rates else None
 
@@ -95,6 +106,8 @@ def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path)
     """The lmshrink command of one arm (`parse_arm`); a teacher text (TEXTS/TEXT) is half the healing tokens."""
     base, text, frozen, lr = parse_arm(arm)
     argv = base_command(base, student, folder, tokens)
+    if cache := cache_command(arm, tokens, texts):  # the teacher from the cache `cache_command` makes
+        argv[argv.index("--teacher"): argv.index("--teacher") + 2] = ["--teacher-cache", cache[cache.index("--output") + 1]]
     if text:
         argv[argv.index("--data") + 1] = f"{texts / text},python-docs/library"
         argv += ["--data-weights", "1,1"]
@@ -105,6 +118,17 @@ def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path)
     elif lr:
         argv += ["--lr", lr]
     return argv
+
+
+def cache_command(arm: str, tokens: int, out: Path) -> list[str] | None:
+    """The `lmshrink cache-teacher` command of an `ARM/top-K` or `ARM/sampled-K` arm (None for others): the
+    first `tokens` of the healing text, at T 1."""
+    if "/" not in arm:
+        return None
+    kind, _, k = arm.rpartition("/")[2].rpartition("-")
+    return ["cache-teacher", "--teacher", TEACHER, "--output", str(out / "caches" / f"{kind}-{k}-{tokens // 1000}k"),
+            "--data", "python-docs/library", "--block-size", "256", "--max-tokens", str(tokens), "--temperature", "1",
+            CACHES[kind], k]
 
 
 def base_command(arm: str, student: Path, folder: Path, tokens: int) -> list[str]:
@@ -288,13 +312,16 @@ def main() -> None:
     for tokens in budgets:
         for arm in arms:
             for seed in seeds:
-                folder = out / "runs" / f"{arm}-{tokens // 1000}k{'' if seed == SEED else f'-seed{seed}'}"
+                folder = out / "runs" / f"{arm.replace('/', '_')}-{tokens // 1000}k{'' if seed == SEED else f'-seed{seed}'}"
+                if cache := cache_command(arm, tokens, out):
+                    run(*cache)  # made once, carried on if interrupted
                 argv = arm_command(arm, student, folder, tokens, out)
                 run(*argv, *([] if seed == SEED else ["--seed", str(seed)]))  # finished runs: nothing to do
                 points, seen, seconds = history(folder)
                 rows.append({"arm": arm, "budget": tokens, "seed": seed, "tokens": seen, "seconds": seconds,
                              "folder": str(folder), "curve": points})
-    tag = "-".join(a.replace("+", "_") for a in arms) + ("" if seeds == [SEED] else "-seeds" + "_".join(map(str, seeds)))
+    tag = "-".join(a.replace("+", "_").replace("/", "_") for a in arms)
+    tag += "" if seeds == [SEED] else "-seeds" + "_".join(map(str, seeds))
     healed = []
     for tokens in budgets:  # one evaluation per budget (teacher and student in each), so a new budget adds one
         scores = out / f"eval-{tokens // 1000}k-{tag}"

@@ -147,3 +147,16 @@ def test_every_engine_check_is_a_command_lmshrink_accepts(engine, command, tmp_p
                                         tmp_path / "run", 6)
     assert command_problems(argv, ROOT) == []
     assert argv[argv.index("--save-steps") + 1] == "3"  # the checkpoint the second run carries on from
+
+
+@pytest.mark.parametrize("arm", ["kl-ce/top-12", "kl-ce/sampled-12", "minitron~embeddings/sampled-4"])
+def test_a_heal_bench_arm_from_a_cache_reads_it_instead_of_the_teacher(arm, tmp_path):
+    cache = heal_quality.cache_command(arm, 25600, tmp_path)
+    assert command_problems(cache, ROOT) == []
+    kind, k = arm.rpartition("/")[2].split("-")
+    assert cache[cache.index(heal_quality.CACHES[kind]) + 1] == k and cache[cache.index("--temperature") + 1] == "1"
+    argv = heal_quality.arm_command(arm, tmp_path / "student", tmp_path / "run", 25600, tmp_path)
+    assert command_problems(argv, ROOT) == []
+    assert "--teacher" not in argv and argv[argv.index("--teacher-cache") + 1] == cache[cache.index("--output") + 1]
+    with pytest.raises(ValueError, match="not an arm"):
+        heal_quality.parse_arm("clm/top-12")  # the LM loss has no teacher to read from a cache
