@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,16 +50,24 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 @torch.inference_mode()
+def per_position(model, ids: torch.Tensor, batch_size: int, of: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]):
+    """`of` applied to the teacher's logits of rows `ids` (N, T), `batch_size` rows and a chunk of positions
+    at a time over the vocabulary (`lmshrink.next_token`); its tensors (each (rows, positions, ...))
+    joined back into (N, T, ...), on the CPU."""
+    rows = []
+    for i in range(0, ids.shape[0], batch_size):
+        chunks = [of(logits) for logits in next_token.logit_chunks(model, ids[i : i + batch_size])]
+        rows.append([torch.cat(parts, 1).cpu() for parts in zip(*chunks, strict=True)])
+    return tuple(torch.cat(parts) for parts in zip(*rows, strict=True))
+
+
 def teacher_top_k(model, ids: torch.Tensor, k: int, temperature: float, batch_size: int):
     """Top-k token ids (int32) and log-probs at `temperature` (fp16) for every position: (N, T, k) each."""
-    idx, logp = [], []
-    for i in range(0, ids.shape[0], batch_size):
-        # a chunk of positions at a time over the vocabulary (`lmshrink.next_token`)
-        tops = [F.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
-                for logits in next_token.logit_chunks(model, ids[i : i + batch_size])]
-        idx.append(torch.cat([t.indices for t in tops], 1).int().cpu())
-        logp.append(torch.cat([t.values for t in tops], 1).half().cpu())
-    return torch.cat(idx), torch.cat(logp)
+    def top(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best = F.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
+        return best.indices.int(), best.values.half()
+
+    return per_position(model, ids, batch_size, top)
 
 
 ZERO_MASS = torch.finfo(torch.float16).min
@@ -86,16 +95,10 @@ def sample_counts(logits: torch.Tensor, k: int, temperature: float, generator: t
     return ids.int(), mass.half(), entropy.half()
 
 
-@torch.inference_mode()
 def teacher_samples(model, ids: torch.Tensor, k: int, temperature: float, batch_size: int, seed: int):
     """`sample_counts` at every position of rows `ids` (N, T): ids and log-probs (N, T, k), entropy (N, T)."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    parts = []
-    for i in range(0, ids.shape[0], batch_size):
-        chunks = [sample_counts(logits, k, temperature, generator)
-                  for logits in next_token.logit_chunks(model, ids[i : i + batch_size])]
-        parts.append([torch.cat([c[j] for c in chunks], 1).cpu() for j in range(3)])
-    return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
+    return per_position(model, ids, batch_size, lambda logits: sample_counts(logits, k, temperature, generator))
 
 
 class CachedBlocks(torch.utils.data.Dataset):
@@ -111,14 +114,15 @@ class CachedBlocks(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         shard, row = divmod(i, self.shard_blocks)
         if shard not in self._open:
-            self._open[shard] = safe_open(str(shard_path(self.folder, shard)), framework="pt")
-        f = self._open[shard]
+            f = safe_open(str(shard_path(self.folder, shard)), framework="pt")
+            self._open[shard] = f, "entropy" in f.keys()  # the entropy: a sampled cache
+        f, sampled = self._open[shard]
         item = {
             "input_ids": f.get_slice("input_ids")[row : row + 1][0].long(),
             "teacher_idx": f.get_slice("top_idx")[row : row + 1][0],
             "teacher_logp": f.get_slice("top_logp")[row : row + 1][0],
         }
-        if "entropy" in f.keys():  # a sampled cache
+        if sampled:
             item["teacher_entropy"] = f.get_slice("entropy")[row : row + 1][0]
         return item
 
