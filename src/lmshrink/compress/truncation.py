@@ -111,14 +111,6 @@ def validate_keep(keep: list[int], n: int) -> None:
         raise LayerSelectionError(f"list the blocks in increasing order (got {keep}); reordering blocks is not supported")
 
 
-def teacher_path(path: str, keep: list[int], prefix: str) -> str:
-    """The teacher's name of a student module's dotted `path` (student block j is teacher block keep[j])."""
-    if not path.startswith(prefix):
-        return path
-    index, *rest = path[len(prefix):].split(".", 1)
-    return ".".join([f"{prefix}{keep[int(index)]}", *rest]) if index.isdigit() else path
-
-
 def truncate_model(teacher, keep: list[int]):
     """A new model holding copies of the teacher's blocks `keep`, and the teacher's non-block weights
     themselves (the embeddings, final norm and head: no repair edits them, and on a large vocabulary
@@ -143,10 +135,11 @@ def truncate_model(teacher, keep: list[int]):
     new_index = {old: new for new, old in enumerate(keep)}
 
     def renamed(key: str) -> str | None:
+        """The student's name of a teacher's parameter, buffer or module (None: in a dropped block)."""
         if not key.startswith(prefix):
             return key
-        index, rest = key[len(prefix):].split(".", 1)
-        return f"{prefix}{new_index[int(index)]}.{rest}" if int(index) in new_index else None
+        index, *rest = key[len(prefix):].split(".", 1)
+        return ".".join([f"{prefix}{new_index[int(index)]}", *rest]) if int(index) in new_index else None
 
     state = {new: value.clone() if new.startswith(prefix) else value  # (state_dict's tensors are detached)
              for key, value in teacher.state_dict().items() if (new := renamed(key)) is not None}
@@ -155,10 +148,12 @@ def truncate_model(teacher, keep: list[int]):
     for name, buffer in teacher.named_buffers():  # fewer (Gemma 3 keeps one per attention kind its blocks use)
         if (new := renamed(name)) in own and own[new].is_meta:
             set_path(student, new, buffer.clone())
-    for path, module in student.named_modules():  # plain tensor attributes too (a rotary's original_inv_freq)
-        for attr, value in vars(module).items():
-            if isinstance(value, torch.Tensor) and value.is_meta and (old := teacher_path(path, keep, prefix)):
-                setattr(module, attr, getattr(get_path(teacher, old), attr).clone())
+    own_modules = dict(student.named_modules())
+    for path, module in teacher.named_modules():  # plain tensor attributes too (a rotary's original_inv_freq)
+        target = own_modules.get(renamed(path))
+        for attr, value in vars(target).items() if target is not None else ():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                setattr(target, attr, getattr(module, attr).clone())
     if meta := [name for name, t in [*student.named_parameters(), *student.named_buffers()] if t.is_meta]:
         raise RuntimeError(f"the student's {', '.join(meta)} have no teacher counterpart")
     student.tie_weights()
