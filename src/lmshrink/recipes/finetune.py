@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.errors import one_of
 from lmshrink.heal.args import TrainArgs, trainer_arguments, training_arguments
@@ -49,7 +47,7 @@ from lmshrink.heal.kd_methods import (
 from lmshrink.heal.runs import carry_on, checkpoint_step, drop_checkpoints, last_checkpoint, trained
 from lmshrink.heal.tasks import TASKS, Collator, Task, item_scores, load_task, scores
 from lmshrink.heal.training import LMTrainer, freeze, save_trained
-from lmshrink.models import LoadArgs, load, resolve
+from lmshrink.models import LoadArgs, load, pick_device, resolve
 from lmshrink.recipes.distill import DistillSettings
 from lmshrink.recipes.distill import run as distill
 from lmshrink.recipes.pretrain import PretrainSettings
@@ -205,7 +203,7 @@ def _method(s: FinetuneSettings, method: str, seed: int, tokenizer, teacher_toke
     if not getattr(METHODS[method], "needs_generator", False):
         return METHODS[method](s.kd_config(seed), generator=None, encode=None)
     generator = type(generator)(copy.deepcopy(generator.model), generator.tokenizer, s.max_length)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device("auto")
     generator.model.to(device)
 
     def encode(texts: list[str]):
