@@ -193,10 +193,11 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(models, tmp_path, monkeyp
     assert (folder / "checkpoints" / "checkpoint-2").is_dir() and not (folder / "model").exists()
     run(build(FinetuneSettings, {**common, "output": str(tmp_path / "resumed")}))
     # heal's clock: the run's seconds count the part before the checkpoint, as its last logged
-    # elapsed_s does (the trainer's clock, started at the time the first part had run)
+    # elapsed_s does (the trainer's clock, started at the time the first part had run; logged
+    # rounded to 0.01 s)
     logged = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     whole = max(x["elapsed_s"] for x in logged if "elapsed_s" in x)
-    assert json.loads((folder / "lmshrink.json").read_text())["train_seconds"] >= whole
+    assert json.loads((folder / "lmshrink.json").read_text())["train_seconds"] >= whole - 0.005
     straight = load_file(tmp_path / "straight" / "none" / "seed-0" / "model" / "model.safetensors")
     resumed = load_file(folder / "model" / "model.safetensors")
     for name, tensor in straight.items():
