@@ -26,10 +26,13 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
   for billions of tokens; a budget of a hundred steps may want more);
 - `ARM~PART` (e.g. `clm~embeddings`, `distilgpt2~embeddings~blocks:0-5`): an arm with those parts
   of the student frozen (`--freeze`; the parts any `--freeze` value names).
+- `ARM^SHARE` (e.g. `kl-ce^0.5`): an arm whose SHARE of the steps are on-policy (`distill --on-policy
+  SHARE`, GKD): the student continues each block's first 64 tokens by 64 of its own at T 1 and learns
+  the teacher's generalised JSD (beta 0.5) on them; its other steps as the arm's;
 - `ARM/top-K`, `ARM/sampled-K` (e.g. `kl-ce/sampled-12`): the teacher read from `lmshrink cache-teacher`'s
   cache of the healing text (its first `--tokens`, at T 1): its top-K tokens (a biased estimate of
   its distribution), or K tokens drawn from it (`--sampled`, an unbiased one).
-An arm is `BASE[+TEXT]` and then `~PART` and `@LR` in any order (`minitron+nucleus-text~embeddings@3e-4`);
+An arm is `BASE[+TEXT]` and then `~PART`, `@LR` and `^SHARE` in any order (`minitron+nucleus-text~embeddings@3e-4`);
 `--arms` names one that is not before anything runs.
 
 Held-out perplexity on 2,048 tokens of python-docs/tutorial is measured during training (curves
@@ -83,29 +86,39 @@ def run(*args: str) -> None:
 CACHES = {"top": "--top-k", "sampled": "--sampled"}  # ARM/top-K, ARM/sampled-K: the teacher from a cache
 
 
-def parse_arm(arm: str) -> tuple[str, str | None, list[str], str | None]:
-    """(base arm, teacher text, frozen parts, peak learning rate) of `BASE[+TEXT]` followed, in any
-    order, by `~PART` (PART of the student frozen) and `@LR` (another peak learning rate), and
-    optionally `/top-K` or `/sampled-K` (the teacher read from a cache of the healing text: its
-    top-K tokens, or K tokens drawn from it; T 1, so for kl-ce and minitron)."""
+ON_POLICY = ["--prompt-tokens", "64", "--new-tokens", "64", "--policy-loss", "gjsd", "--beta", "0.5",
+             "--sample-temperature", "1"]  # ARM^SHARE's on-policy steps
+
+
+def parse_arm(arm: str) -> tuple[str, str | None, list[str], str | None, str | None]:
+    """(base arm, teacher text, frozen parts, peak learning rate, on-policy share) of `BASE[+TEXT]`
+    followed, in any order, by `~PART` (PART of the student frozen), `@LR` (another peak learning
+    rate) and `^SHARE` (that share of the steps on-policy), and optionally `/top-K` or `/sampled-K`
+    (the teacher read from a cache of the healing text: its top-K tokens, or K tokens drawn from it;
+    T 1, so for kl-ce and minitron)."""
     arm, cache = arm.split("/", 1) if "/" in arm else (arm, None)
     if cache is not None and (cache.rpartition("-")[0] not in CACHES or not cache.rpartition("-")[2].isdigit()):
         raise ValueError(f"{cache}: not a cache (top-K or sampled-K)")
-    name, *marks = re.split(r"([~@])", arm)
+    name, *marks = re.split(r"([~@^])", arm)
     base, _, text = name.rpartition("+")
     if text not in TEACHER_TEXTS or not base:
         base, text = name, None
     pairs = list(zip(marks[::2], marks[1::2], strict=True))
-    rates = [value for mark, value in pairs if mark == "@"]
-    if base not in BASES or len(rates) > 1 or (cache and base not in ("kl-ce", "minitron")):
-        raise ValueError(f"{arm}: not an arm (BASE[+TEXT][~PART...][@LR], BASE one of {', '.join(BASES)})")
-    return base, text, [value for mark, value in pairs if mark == "~"], rates[0] if rates else None
+    rates, shares = ([value for mark, value in pairs if mark == m] for m in "@^")
+    if (base not in BASES or len(rates) > 1 or len(shares) > 1 or (cache and base not in ("kl-ce", "minitron"))
+            or (shares and (base == "clm" or cache))):
+        raise ValueError(f"{arm}: not an arm (BASE[+TEXT][~PART...][@LR][^SHARE], BASE one of {', '.join(BASES)}; "
+                         f"^SHARE needs a distillation arm with the teacher online)")
+    return (base, text, [value for mark, value in pairs if mark == "~"], rates[0] if rates else None,
+            shares[0] if shares else None)
 
 
 def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path) -> list[str]:
     """The lmshrink command of one arm (`parse_arm`); a teacher text (TEXTS/TEXT) is half the healing tokens."""
-    base, text, frozen, lr = parse_arm(arm)
+    base, text, frozen, lr, share = parse_arm(arm)
     argv = base_command(base, student, folder, tokens)
+    if share:
+        argv += ["--on-policy", share, *ON_POLICY]
     if cache := cache_command(arm, tokens, texts):  # the teacher from the cache `cache_command` makes
         argv[argv.index("--teacher"): argv.index("--teacher") + 2] = ["--teacher-cache", cache[cache.index("--output") + 1]]
     if text:

@@ -213,13 +213,15 @@ def test_distill_settings_are_checked():
 
 
 def test_fused_head_distils_like_full_logits(student, tiny_gpt2_dir, tmp_path):
-    """Online (with the cosine term) and cached teachers: the fused head's loss parts equal the
-    full-logits path's, step for step."""
+    """Online (with the cosine term), cached teachers and on-policy steps: the fused head's loss parts
+    equal the full-logits path's, step for step."""
     cache = tmp_path / "cache"
     assert main(["cache-teacher", "--teacher", str(tiny_gpt2_dir), "--output", str(cache), *DATA, "--block-size", "64",
                  "--max-tokens", "512", "--top-k", "8"]) == 0
     setups = {"online": ["--teacher", str(tiny_gpt2_dir), *DATA, "--loss", "gjsd"],
-              "cached": ["--teacher-cache", str(cache), "--alpha-cos", "0"]}
+              "cached": ["--teacher-cache", str(cache), "--alpha-cos", "0"],
+              "on-policy": ["--teacher", str(tiny_gpt2_dir), *DATA, "--on-policy", "1", "--prompt-tokens", "8",
+                            "--new-tokens", "12", "--policy-loss", "reverse_kl", "--alpha-cos", "0"]}
     for name, setup in setups.items():
         logged = {}
         for choice in ("off", "on"):
@@ -228,7 +230,8 @@ def test_fused_head_distils_like_full_logits(student, tiny_gpt2_dir, tmp_path):
                          "--logging-steps", "1", "--fused-head", choice]) == 0
             logged[choice] = [line for line in metrics_lines(out) if "loss" in line]
             assert json.loads((out / "lmshrink.json").read_text())["metrics"]["speed"]["fused_head"] == (choice == "on")
-        for key in ("loss", "ce", "kd") + (("cos",) if name == "online" else ()):
+        keys = {"online": ("loss", "ce", "kd", "cos"), "cached": ("loss", "ce", "kd"), "on-policy": ("loss", "on_policy_kd")}
+        for key in keys[name]:
             assert [x[key] for x in logged["on"]] == pytest.approx([x[key] for x in logged["off"]], rel=1e-4), (name, key)
 
 
@@ -435,3 +438,107 @@ def test_a_sampled_cache_trains_on_the_forward_kl(student, tiny_gpt2_dir, tmp_pa
     out = tmp_path / "run"
     assert main([*common, "--output", str(out)]) == 0
     assert [line for line in metrics_lines(out) if "loss" in line][-1]["kd"] > 0
+
+
+POLICY = ["--prompt-tokens", "8", "--new-tokens", "12"]
+
+
+def test_on_policy_steps_train_on_the_students_own_samples_scored_by_the_teacher(sharp, tmp_path, monkeypatch):
+    """--on-policy 1: every step's batch is each block's first 8 tokens and the student's own 12-token
+    continuation (at a temperature near 0: its greedy continuation, as transformers' `generate` writes
+    it), the teacher scores exactly those tokens, and the logged loss is the divergence on the student's
+    12 tokens computed here from both models; the samples are kept and the sampling time recorded."""
+    import shutil
+
+    teacher_dir, student_dir = sharp[0], tmp_path / "student"
+    shutil.copytree(sharp[1], student_dir)  # without dropout, so the trained forward pass is the one computed here
+    config = json.loads((student_dir / "config.json").read_text())
+    (student_dir / "config.json").write_text(json.dumps({**config, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}))
+    seen, fed = [], []
+    original = DistillTrainer.student_continuations
+
+    def spy(self, model, ids, seed):
+        before = {k: v.detach().clone() for k, v in self.accelerator.unwrap_model(model).state_dict().items()}
+        rows = original(self, model, ids, seed)
+        seen.append({"ids": ids.clone(), "rows": rows.clone(), "student": before})
+        return rows
+
+    def spy_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.teacher.register_forward_pre_hook(lambda _m, _a, kw: fed.append(kw["input_ids"].clone()), with_kwargs=True)
+
+    original_init = DistillTrainer.__init__
+    monkeypatch.setattr(DistillTrainer, "student_continuations", spy)
+    monkeypatch.setattr(DistillTrainer, "__init__", spy_init)
+    out = tmp_path / "run"
+    assert main(["distill", "--model", str(student_dir), "--teacher", str(teacher_dir), "--output", str(out), *DATA,
+                 *TINY, "--max-steps", "2", "--logging-steps", "1", "--on-policy", "1", *POLICY,
+                 "--sample-temperature", "1e-4", "--loss", "forward_kl", "--policy-loss", "reverse_kl",
+                 "--temperature", "1", "--alpha-cos", "0", "--fused-head", "off"]) == 0
+    assert len(seen) == 2 and [f.shape[1] for f in fed] == [20, 20]  # the teacher saw only the sampled rows
+    logged = [line for line in metrics_lines(out) if "loss" in line]
+    tokenizer = T.AutoTokenizer.from_pretrained(student_dir)
+    teacher = T.AutoModelForCausalLM.from_pretrained(teacher_dir)
+    for step, (got, to_teacher, line) in enumerate(zip(seen, fed, logged, strict=True)):
+        student = T.AutoModelForCausalLM.from_pretrained(student_dir)
+        student.load_state_dict(got["student"])
+        prompts = got["ids"][:, :8]
+        greedy = student.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                  max_new_tokens=12, min_new_tokens=12, pad_token_id=tokenizer.eos_token_id)
+        assert torch.equal(got["rows"], greedy), step  # the student's own continuation
+        assert torch.equal(to_teacher, got["rows"])  # and what the teacher scored
+        with torch.no_grad():
+            log_ps = torch.log_softmax(student(got["rows"]).logits[:, 7:-1], -1)
+            log_pt = torch.log_softmax(teacher(got["rows"]).logits[:, 7:-1], -1)
+        assert line["on_policy_kd"] == pytest.approx(divergence("reverse_kl")(log_ps, log_pt).mean().item(), rel=1e-4)
+        assert "kd" not in line and "ce" not in line  # no off-policy step ran
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 2]
+    assert samples[-1]["samples"][0]["continuation"] == tokenizer.decode(seen[-1]["rows"][0, 8:])
+    generation = json.loads((out / "lmshrink.json").read_text())["metrics"]["generation"]
+    assert generation["tokens"] == 2 * 2 * 12 and generation["seconds"] > 0
+
+
+def test_an_on_policy_run_resumes_to_the_same_samples_and_weights(student, tiny_gpt2_dir, tmp_path, monkeypatch):
+    """Half the steps on-policy (chosen from the seed and step), stopped by a signal during step 3 and
+    run again: the same steps sample the same tokens and the weights end as an uninterrupted run's."""
+    import os
+    import signal
+
+    from lmshrink.heal.callbacks import StopOnSignal
+
+    def distill(out):
+        return main(["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out), *DATA,
+                     *TINY, "--max-steps", "4", "--logging-steps", "1", "--save-steps", "1", "--on-policy", "0.5",
+                     *POLICY, "--loss", "gjsd", "--alpha-cos", "0"])
+
+    assert distill(tmp_path / "whole") == 0
+
+    def send(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StopOnSignal, "on_step_begin", send, raising=False)
+        assert distill(tmp_path / "resumed") == 130
+    assert distill(tmp_path / "resumed") == 0
+    whole, resumed = ([json.loads(x) for x in (tmp_path / o / "samples.jsonl").read_text().splitlines()]
+                      for o in ("whole", "resumed"))
+    assert resumed == whole and 0 < len(whole) < 4  # some steps on-policy, some not
+    kinds = [("on_policy_kd" in x, "kd" in x) for x in metrics_lines(tmp_path / "whole") if "loss" in x]
+    assert {(True, False), (False, True)} == set(kinds)
+    a, b = (load_file(tmp_path / o / "model" / "model.safetensors") for o in ("whole", "resumed"))
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_on_policy_settings_are_checked(tmp_path):
+    base = {"model": "m", "output": str(tmp_path / "o"), "corpus": {"data": "python-docs/tutorial", "block_size": 64}}
+    for given, says in [({"on_policy": 1.5}, "on_policy: 1.5 is not a share"),
+                        ({"on_policy": 1, "prompt_tokens": 40, "new_tokens": 40}, "longer than a training block"),
+                        ({"on_policy": 1, "policy_loss": "kl"}, "policy_loss"),
+                        ({"on_policy": 1, "kd.teacher_cache": "c"}, "no cache holds")]:
+        settings = {**base, "policy": {k: v for k, v in given.items() if "." not in k},
+                    "kd": {"teacher_cache": given["kd.teacher_cache"]} if "kd.teacher_cache" in given else {}}
+        with pytest.raises(SettingsError, match=says):
+            build(DistillSettings, settings)

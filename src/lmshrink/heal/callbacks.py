@@ -40,11 +40,21 @@ class MetricsFile(TrainerCallback):
         """The held-out loss measured before the first step, if this file kept it."""
         return next((r["eval_loss"] for r in self.kept if r.get("step") == 0 and "eval_loss" in r), None)
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every record in the file now (the kept ones and those this run added)."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Append one record (call on the main process only)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+            self.add({"step": state.global_step, "epoch": state.epoch, **logs})
 
 
 class RecordCheckpoints(TrainerCallback):

@@ -10,7 +10,9 @@ loss = alpha_ce * T^2 * KD(p_t^T, p_s^T) + alpha_clm * CE(s, next token)
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,9 +20,12 @@ import torch
 from lmshrink.architectures import blocks_of
 from lmshrink.compress.repair import StopForward, capture, removed_spans
 from lmshrink.config import SettingsError, setting
+from lmshrink.data.teacher_text import continue_rows
 from lmshrink.errors import one_of
+from lmshrink.heal.callbacks import MetricsFile
 from lmshrink.heal.kd_methods import rail_pairs
-from lmshrink.heal.training import LMTrainer
+from lmshrink.heal.runs import checkpoint_step
+from lmshrink.heal.training import LMTrainer, real_heads
 from lmshrink.losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,
@@ -124,6 +129,33 @@ class KDArgs:
         return problems
 
 
+@dataclass(kw_only=True)
+class OnPolicyArgs:
+    """On-policy distillation (GKD, arXiv 2306.13649): a share of the steps train on the student's own
+    continuations of the training text's prompts, each token of them scored by the teacher (the
+    `policy` group)."""
+
+    on_policy: float = setting(0.0, "share of the steps (GKD's lambda) that train on the student's own continuations "
+                                    "of their blocks' first --prompt-tokens tokens, scored by the teacher on every "
+                                    "token the student wrote; 0: off, 1: every step")
+    policy_loss: str | None = setting(None, f"divergence on those continuations (default: --loss): "
+                                            f"{', '.join(DIVERGENCES)}; GKD's are gjsd (with --beta) and reverse_kl")
+    prompt_tokens: int = setting(64, "tokens at the start of each training block that the student continues")
+    new_tokens: int = setting(64, "tokens the student writes after each prompt (sampled with its KV cache; EOS "
+                                  "is a token like any other, as in the packed training text)")
+    sample_temperature: float = setting(1.0, "temperature the student samples at (1: its own distribution)")
+
+    def problems(self) -> list[str]:
+        problems = one_of("policy_loss", self.policy_loss, DIVERGENCES) if self.policy_loss else []
+        if not 0 <= self.on_policy <= 1:
+            problems.append(f"on_policy: {self.on_policy:g} is not a share of the steps; give one in [0, 1]")
+        if self.prompt_tokens < 1 or self.new_tokens < 1:
+            problems.append("prompt_tokens, new_tokens: at least 1 each")
+        if not self.sample_temperature > 0:
+            problems.append("sample_temperature: must be positive")
+        return problems
+
+
 def _is_pairs(text: str) -> bool:
     try:
         return all(len(p.split(":")) == 2 and all(x.strip().isdigit() for x in p.split(":")) for p in text.split(","))
@@ -177,10 +209,18 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student_config, tea
 
 class DistillTrainer(LMTrainer):
     def __init__(self, *args: Any, teacher=None, recipe: KDArgs, vocab: int,
-                 kept: list[int] | None = None, **kwargs: Any):
+                 kept: list[int] | None = None, policy: OnPolicyArgs | None = None, **kwargs: Any):
         super().__init__(*args, kd_chunk=recipe.kd_chunk, **kwargs)
         self.recipe, self.vocab, self.kept = recipe, vocab, kept
         self.div = divergence(recipe.loss, recipe.beta, recipe.skew)
+        self.policy = policy or OnPolicyArgs()
+        self.policy_div = divergence(self.policy.policy_loss or recipe.loss, recipe.beta, recipe.skew)
+        self._micro = (-1, 0)  # (step, micro-batches of it so far): the samples' seeds
+        self._generated = [0.0, 0]  # seconds and tokens of sampling since the last log line
+        self.samples: MetricsFile | None = None
+        self._samples: dict[str, Any] | None = None  # the last on-policy batch's, until the next log line
+        if self.policy.on_policy:  # its steps train on other tokens than they read, and sample some: no
+            self.flops_per_token = 0.0  # FLOP count per token read would give a true MFU
         self.rng = random.Random(self.args.seed)
         self.teacher = teacher
         if teacher is not None:
@@ -194,6 +234,9 @@ class DistillTrainer(LMTrainer):
             self.kd_step = head_step(kind, self.div, recipe.temperature, vocab, compiled=self.args.torch_compile,
                                      dtype=self.head_dtype)
             self.teacher_weight = teacher.get_output_embeddings().weight if teacher is not None else None
+            if teacher is not None and self.policy.on_policy:
+                self.policy_step = head_step("dense", self.policy_div, recipe.temperature, vocab,
+                                             compiled=self.args.torch_compile, dtype=self.head_dtype)
         self._teacher = teacher  # uncompiled, for its head
 
     @staticmethod
@@ -208,6 +251,9 @@ class DistillTrainer(LMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         s = self.recipe
         ids, labels = inputs["input_ids"], inputs["labels"]
+        if model.training and (seed := self.on_policy_seed()) is not None:
+            loss, outputs = self.on_policy_loss(model, ids, seed)
+            return (loss, outputs) if return_outputs else loss
         want_hidden = s.alpha_cos > 0 or s.alpha_inter > 0
         outputs = model(input_ids=ids, output_hidden_states=want_hidden and model.training, use_cache=False)
         if not model.training:  # held-out evaluation reports the plain LM loss (-> perplexity)
@@ -240,6 +286,86 @@ class DistillTrainer(LMTrainer):
             parts["kd"] = parts["kd"] + sampled_kl_offset(inputs["teacher_logp"], inputs["teacher_entropy"])
         self.record(ce=ce, **parts)
         return (loss, outputs) if return_outputs else loss
+
+    # --------------------------------------------------------------------- on-policy steps (GKD)
+
+    def on_policy_seed(self) -> int | None:
+        """The seed of this micro-batch's samples if its step trains on-policy, else None. Both come
+        from the run's seed and the step (the same on every process, and in a resumed run)."""
+        share, step, seed = self.policy.on_policy, self.state.global_step, self.args.seed
+        self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
+        if not share or random.Random(f"on-policy {seed} {step}").random() >= share:
+            return None
+        return random.Random(f"samples {seed} {step} {self._micro[1]} {self.args.process_index}").getrandbits(63)
+
+    def student_continuations(self, model, ids: torch.Tensor, seed: int) -> torch.Tensor:
+        """Each block's first prompt_tokens tokens and the student's own continuation of them,
+        sampled with its KV cache at the sample temperature, from `seed`."""
+        p, student = self.policy, self.accelerator.unwrap_model(model)
+        started, training = time.perf_counter(), student.training
+        student.eval()  # no dropout; its KV cache on (gradient checkpointing is for training only)
+        devices = [ids.device] if ids.device.type == "cuda" else []
+        try:
+            with real_heads(*self.head_models()), torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                rows = continue_rows(student, self.processing_class, ids[:, : p.prompt_tokens], p.new_tokens,
+                                     p.sample_temperature)
+        finally:
+            student.train(training)
+        self._generated[0] += time.perf_counter() - started
+        self._generated[1] += rows.shape[0] * p.new_tokens
+        self._samples = {"step": self.state.global_step + 1,  # as the step's log line counts it
+                         "samples": [{"prompt": self.processing_class.decode(row[: p.prompt_tokens]),
+                                      "continuation": self.processing_class.decode(row[p.prompt_tokens:])}
+                                     for row in rows]}
+        return rows.clone().to(ids.device)  # a plain tensor (sampled in inference mode), on the batch's device
+
+    def on_policy_loss(self, model, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, Any]:
+        """alpha_ce x T^2 x the policy divergence between teacher and student on every token the student
+        wrote (GKD); no next-token CE (the tokens are the student's own), no hidden-state terms."""
+        s, start = self.recipe, self.policy.prompt_tokens - 1  # position start predicts the first sampled token
+        rows = self.student_continuations(model, ids, seed)
+        outputs = model(input_ids=rows, use_cache=False)
+        with torch.no_grad():
+            t_out = self.teacher(input_ids=rows, use_cache=False)
+        student, teacher = outputs.logits[:, start:-1], t_out.logits[:, start:-1]
+        weight = s.alpha_ce * s.temperature**2
+        chunk = self.chunk_rows(student.shape[0] * student.shape[1], self.vocab)
+        if self.fused_head:  # hidden states: the heads applied chunk by chunk
+            unlabelled = torch.full(student.shape[:2], -100, device=rows.device)
+            loss, (_, kd) = fused_head_loss(self.policy_step, student, self.head_weight, unlabelled, (teacher, None),
+                                            self.teacher_weight, (0.0, weight), chunk)
+        else:
+            kd = kd_loss(self.policy_div, student[..., : self.vocab], teacher[..., : self.vocab],
+                         torch.ones(student.shape[:2], device=rows.device), s.temperature,
+                         max(1, chunk // student.shape[0]))
+            loss = weight * kd
+        self.record(on_policy_kd=kd)
+        return loss, outputs
+
+    def train(self, resume_from_checkpoint=None, **kwargs: Any):
+        if self.policy.on_policy and self.is_world_process_zero():  # the samples kept up to the checkpoint
+            self.samples = MetricsFile(Path(self.args.output_dir).parent / "samples.jsonl",
+                                       checkpoint_step(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training log lines carry the sampling's seconds and tokens since the last one; the last
+        on-policy batch's samples go to samples.jsonl."""
+        if "loss" in logs and self.policy.on_policy:
+            logs["generation_s"], logs["generated_tokens"] = round(self._generated[0], 3), self._generated[1]
+            self._generated = [0.0, 0]
+            if self.samples is not None and self._samples:
+                self.samples.add(self._samples)
+            self._samples = None
+        super().log(logs, *args, **kwargs)
+
+    def run_metrics(self, logged: list[dict[str, Any]]) -> dict[str, Any]:
+        """An on-policy run's sampling cost beside its training time (summed over every log line)."""
+        if not self.policy.on_policy:
+            return {}
+        return {"generation": {"seconds": sum(r.get("generation_s", 0.0) for r in logged),
+                               "tokens": sum(r.get("generated_tokens", 0) for r in logged)}}
 
     def unfused_ce_and_kd(self, logits, labels, inputs, t_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CE and KD from the full (B, T, V) logits (where the fused head is off)."""

@@ -85,7 +85,7 @@ def train_until_stopped(trainer: Trainer, resume_from: str | None, stop: StopOnS
 
 # what a run writes into its output folder (removed by --overwrite; distill's local/ is a run of its own,
 # started over by the same --overwrite)
-RUN_FILES = ("checkpoints", "model", "metrics.jsonl", RECORD, "tensorboard", "profile")
+RUN_FILES = ("checkpoints", "model", "metrics.jsonl", "samples.jsonl", RECORD, "tensorboard", "profile")
 
 
 def carry_on(settings: HealSettings, out: str | Path | None = None, free: tuple[str, ...] = (),

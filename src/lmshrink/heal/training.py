@@ -119,6 +119,20 @@ def hidden_states_as_logits(*models) -> Iterator[None]:
             del head.forward
 
 
+@contextmanager
+def real_heads(*models) -> Iterator[None]:
+    """Inside `hidden_states_as_logits`, the models' own output heads back for a while (a student
+    sampling its own continuations needs its logits)."""
+    heads = [m.get_output_embeddings() for m in models]
+    for head in heads:
+        del head.forward
+    try:
+        yield
+    finally:
+        for head in heads:
+            head.forward = _identity
+
+
 def _warmup_from_first_step(schedule, warm: int, step: int) -> float:
     return (step + 1) / (warm + 1) if step < warm else schedule(step)
 
@@ -165,6 +179,10 @@ class LMTrainer(Trainer):
                                         strict=True):
                 group["lr"] = base * lam(scheduler.last_epoch)
         return scheduler
+
+    def run_metrics(self, logged: list[dict[str, Any]]) -> dict[str, Any]:
+        """What this trainer adds to the run's metrics, from every line of its metrics file."""
+        return {}
 
     def head_models(self) -> list:
         """The models whose output head the fused head replaces (see `hidden_states_as_logits`)."""
@@ -403,4 +421,5 @@ def _run(trainer: LMTrainer, checkpoint: str | None, metrics_file: MetricsFile, 
     return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
             "tokens_seen": trainer.state.num_input_tokens_seen, "train_seconds": wall,
             "heldout_ppl_before": math.exp(before) if before is not None else None,
-            "heldout_ppl_after": math.exp(after) if after is not None else None}
+            "heldout_ppl_after": math.exp(after) if after is not None else None,
+            **trainer.run_metrics(metrics_file.records())}

@@ -30,6 +30,7 @@ from lmshrink.heal.distill import (
     DistillTrainer,
     KDArgs,
     LocalTrainer,
+    OnPolicyArgs,
     check_vocabularies,
     layer_pairs,
     local_pairs,
@@ -48,6 +49,8 @@ class DistillSettings(HealSettings):
     train: TrainArgs = group(lambda: TrainArgs(**DISTILGPT2_OPTIMISER),
                              "optimiser, schedule, precision and checkpoints (defaults: DistilGPT-2's optimiser)")
     kd: KDArgs = group(KDArgs, "the teacher and the distillation loss (defaults: the DistilGPT-2 recipe)")
+    policy: OnPolicyArgs = group(OnPolicyArgs, "on-policy steps (GKD): the student's own continuations, scored by "
+                                               "the teacher")
     recipe: str = setting("distilgpt2", f"named healing recipe, setting the loss and optimiser settings it names "
                                         f"(each can still be given): {', '.join(RECIPES)}")
     local_steps: int = setting(0, "first train only the blocks beside each removed span (--local-blocks), on the "
@@ -70,6 +73,13 @@ class DistillSettings(HealSettings):
         if self.local_steps and self.kd.teacher_cache:
             problems.append("local_steps: the local stage needs the teacher's hidden states; give --teacher, "
                             "not --teacher-cache")
+        if self.policy.on_policy and self.kd.teacher_cache:
+            problems.append("on_policy: the teacher scores the student's own continuations, which no cache holds; "
+                            "give --teacher, not --teacher-cache")
+        if self.policy.on_policy and self.policy.prompt_tokens + self.policy.new_tokens > self.corpus.block_size:
+            problems.append(f"prompt_tokens + new_tokens: {self.policy.prompt_tokens} + {self.policy.new_tokens} is "
+                            f"longer than a training block ({self.corpus.block_size} tokens); shorten either, or "
+                            f"raise --block-size")
         if self.kd.teacher_cache:  # the cache holds the training blocks
             problems = [p for p in problems if not p.startswith("data:")]
         return problems
@@ -118,7 +128,7 @@ def run(settings: DistillSettings) -> dict[str, Any]:
         student = local_stage(settings, student, teacher, kept, train_data, heldout)
     return train(settings, "distill", DistillTrainer, student.model, student.tokenizer, train_data, heldout,
                  extra_record={"distill_teacher": teacher_name}, teacher=teacher, recipe=kd,
-                 vocab=vocab, kept=kept)
+                 vocab=vocab, kept=kept, policy=settings.policy)
 
 
 def local_stage(settings: DistillSettings, student, teacher, kept: list[int] | None, train_data, heldout):
