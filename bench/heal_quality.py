@@ -14,6 +14,9 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
 - `minitron`: `lmshrink distill --recipe minitron` (logit-only forward KL at T 1, cosine decay);
 - `kl-ce`: `lmshrink distill --recipe kl-ce` (forward KL at T 1 + next-token CE, token embeddings
   frozen, lr 3e-4 with linear decay: this bench's best distillation at 102,400 tokens);
+- `kl-ce<gemma`: `kl-ce`'s settings with Gemma-3-270M as the teacher, whose tokenizer is not the
+  student's: `--loss uld`, ULD's sorted-probability distance where both models have read the same
+  text (a cross-tokenizer teacher);
 - `local+minitron`: the same after `--local-steps` (a fifth of the budget's steps, counted in it);
 - `minitron+teacher-text`: `minitron` on python-docs/library mixed 1:1 (by tokens) with text
   the teacher wrote itself (`lmshrink generate`, prompted by python-docs/library pages);
@@ -71,7 +74,7 @@ TEXTS = ["python-docs/tutorial", "kernel-docs/process", "fortunes/people"]
 TOKENS_PER_STEP = 4 * 256
 HEAL = ["--data", "python-docs/library", "--eval-data", "python-docs/tutorial", "--eval-tokens", "2048",
         "--block-size", "256", "--batch-size", "4", "--save-steps", "25", "--logging-steps", "5", "--report-to", "none"]
-BASES = ["clm", "distilgpt2", "minitron", "kl-ce", "local+minitron"]  # the recipes an arm starts from
+BASES = ["clm", "distilgpt2", "minitron", "kl-ce", "local+minitron", "kl-ce<gemma"]  # the recipes an arm starts from
 ARMS = [*BASES, "minitron+teacher-text", "minitron+free-text"]
 SEED = 42  # lmshrink's default: runs at it keep their folder names
 # the teacher's texts: what they continue, and how they are sampled
@@ -106,7 +109,7 @@ def parse_arm(arm: str) -> tuple[str, str | None, list[str], str | None, str | N
     pairs = list(zip(marks[::2], marks[1::2], strict=True))
     rates, shares = ([value for mark, value in pairs if mark == m] for m in "@^")
     if (base not in BASES or len(rates) > 1 or len(shares) > 1 or (cache and base not in ("kl-ce", "minitron"))
-            or (shares and (base == "clm" or cache))):
+            or (shares and (base in ("clm", "kl-ce<gemma") or cache))):
         raise ValueError(f"{arm}: not an arm (BASE[+TEXT][~PART...][@LR][^SHARE], BASE one of {', '.join(BASES)}; "
                          f"^SHARE needs a distillation arm with the teacher online)")
     return (base, text, [value for mark, value in pairs if mark == "~"], rates[0] if rates else None,
@@ -155,6 +158,9 @@ def base_command(arm: str, student: Path, folder: Path, tokens: int) -> list[str
         local = max(1, steps // 5)
         return [*common, "--recipe", "minitron", "--local-steps", str(local), "--local-lr", "1e-3",
                 "--max-tokens", str(tokens - local * TOKENS_PER_STEP)]
+    if arm == "kl-ce<gemma":  # another tokenizer: ULD on aligned positions
+        common[common.index("--teacher") + 1] = "gemma-3-270m"
+        return [*common, "--recipe", "kl-ce", "--loss", "uld", "--max-tokens", str(tokens)]
     return [*common, "--recipe", arm, "--max-tokens", str(tokens)]  # distilgpt2, minitron, kl-ce
 
 

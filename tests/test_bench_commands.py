@@ -75,6 +75,9 @@ def test_a_heal_bench_arm_takes_its_marks_in_any_order_and_a_bad_one_is_named(tm
     on_policy = command("kl-ce^0.5~embeddings")
     assert on_policy == command("kl-ce~embeddings^0.5") and command_problems(on_policy, ROOT) == []
     assert on_policy[on_policy.index("--on-policy") + 1] == "0.5" and on_policy[on_policy.index("--recipe") + 1] == "kl-ce"
+    cross = command("kl-ce<gemma")
+    assert command_problems(cross, ROOT) == [] and cross[cross.index("--teacher") + 1] == "gemma-3-270m"
+    assert cross[cross.index("--loss") + 1] == "uld" and cross[cross.index("--recipe") + 1] == "kl-ce"
     for bad in ("sgd", "clm@1e-3@2e-3", "clm+free-text+nucleus-text", "local", "clm^0.5", "kl-ce^0.5/top-12"):
         with pytest.raises(ValueError, match="not an arm"):
             heal_quality.parse_arm(bad)

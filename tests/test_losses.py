@@ -317,3 +317,23 @@ def test_a_sampled_cache_is_an_unbiased_estimate_of_the_teacher():
     assert (torch.stack(grads).mean(0) - full_grad).abs().max() < 0.01
     top = p_t.log().topk(k, -1)  # the top-k cache's estimate leaves out the tail: its loss is biased low
     assert sparse_kd_loss(forward_kl, s, top.indices, top.values, mask, temperature).item() < full.item() - 0.05
+
+
+def test_uld_compares_distributions_over_different_vocabularies_by_their_sorted_probabilities():
+    """ULD: the sorted-probability L1 distance (the shorter vocabulary padded with zeros), blind to which
+    token is which; over the top tokens only, a lower bound that is exact once they cover the vocabulary."""
+    from lmshrink.losses import universal_logit_distance
+
+    g = torch.Generator().manual_seed(0)
+    log_ps = torch.log_softmax(torch.randn(3, 5, 40, generator=g) * 3, -1)
+    log_pt = torch.log_softmax(torch.randn(3, 5, 70, generator=g) * 3, -1)
+    a = log_ps.exp().sort(-1, descending=True).values
+    b = log_pt.exp().sort(-1, descending=True).values
+    exact = (torch.nn.functional.pad(a, (0, 30)) - b).abs().sum(-1)
+    torch.testing.assert_close(universal_logit_distance(log_ps, log_pt, top=70), exact)
+    for top in (1, 8, 39):
+        cut = universal_logit_distance(log_ps, log_pt, top=top)
+        assert (cut <= exact + 1e-6).all() and (cut >= 0).all()
+    shuffled = log_pt[..., torch.randperm(70, generator=g)]
+    torch.testing.assert_close(universal_logit_distance(log_ps, shuffled, top=70), exact)
+    assert universal_logit_distance(log_pt, shuffled).abs().max() < 1e-6  # the same distribution, tokens reordered

@@ -64,12 +64,30 @@ def total_variation(log_ps: torch.Tensor, log_pt: torch.Tensor) -> torch.Tensor:
     return 0.5 * (log_pt.exp() - log_ps.exp()).abs().sum(-1)
 
 
+ULD_TOKENS = 256
+"""Tokens of each distribution `universal_logit_distance` sorts: sorting Gemma 3's whole 262k
+vocabulary takes 5 s per 256 positions on 2 CPU cores, its 256 likeliest 0.05 s."""
+
+
+def universal_logit_distance(log_ps: torch.Tensor, log_pt: torch.Tensor, top: int = ULD_TOKENS) -> torch.Tensor:
+    """ULD (Boizard et al. 2024): sum_i |p_s(i) - p_t(i)| with each distribution sorted by probability,
+    so the two need not share a vocabulary, or even its size: (..., Vs) and (..., Vt). Over each one's
+    `top` likeliest tokens (the shorter padded with zeros) plus the difference of the masses left
+    beyond them: equal to the full sum where `top` covers both vocabularies, else a lower bound that
+    misses only what the two tails differ by token by token."""
+    a, b = (x.exp().topk(min(top, x.shape[-1]), dim=-1).values for x in (log_ps, log_pt))
+    width = max(a.shape[-1], b.shape[-1])
+    a, b = (F.pad(x, (0, width - x.shape[-1])) for x in (a, b))
+    return (a - b).abs().sum(-1) + (b.sum(-1) - a.sum(-1)).abs()
+
+
 DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "forward_kl": forward_kl,
     "reverse_kl": reverse_kl,
     "gjsd": generalized_jsd,
     "skew_kl": skew_kl,
     "tv": total_variation,
+    "uld": universal_logit_distance,
 }
 
 
@@ -105,6 +123,17 @@ def chunked_mean(chunk_sum: Callable[..., torch.Tensor], along_sequence: tuple[t
         args = [x[:, start : start + chunk] for x in (*along_sequence, mask)]
         total = total + (checkpoint(chunk_sum, *args, use_reentrant=False) if grad else chunk_sum(*args))
     return total / mask.sum().clamp(min=1)
+
+
+def aligned_kd_loss(div: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    align_student: torch.Tensor, align_teacher: torch.Tensor, temperature: float = 1.0,
+                    chunk: int = 128) -> torch.Tensor:
+    """Mean divergence between the student's logits (B, Ts, Vs) and the teacher's (B, Tt, Vt) at aligned
+    positions: align_student[b, k] and align_teacher[b, k] (B, K; -1 where row b has fewer than K)."""
+    rows, slots = (align_student >= 0).nonzero(as_tuple=True)
+    student = student_logits[rows, align_student[rows, slots]][None]
+    teacher = teacher_logits[rows, align_teacher[rows, slots]][None]
+    return kd_loss(div, student, teacher, torch.ones(student.shape[:2], device=student.device), temperature, chunk)
 
 
 def kd_loss(div: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

@@ -29,6 +29,7 @@ from lmshrink.heal.training import LMTrainer, real_heads
 from lmshrink.losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,
+    aligned_kd_loss,
     causal_lm_loss,
     ce_and_sparse_kd,
     cosine_loss,
@@ -199,7 +200,8 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student_config, tea
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise SettingsError(
             "teacher and student tokenizers differ, so their next-token distributions are over different "
-            "tokens; distil from a teacher with the same tokenizer (e.g. the model the student was truncated from)")
+            "tokens; distil from a teacher with the same tokenizer (e.g. the model the student was truncated from), "
+            "or from an online teacher (--teacher) with --loss uld")
     n = len(student_tokenizer)
     for name, config in (("student", student_config), ("teacher", teacher_config)):
         if config.vocab_size < n:
@@ -209,9 +211,11 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student_config, tea
 
 class DistillTrainer(LMTrainer):
     def __init__(self, *args: Any, teacher=None, recipe: KDArgs, vocab: int,
-                 kept: list[int] | None = None, policy: OnPolicyArgs | None = None, **kwargs: Any):
+                 kept: list[int] | None = None, policy: OnPolicyArgs | None = None, teacher_vocab: int | None = None,
+                 **kwargs: Any):
         super().__init__(*args, kd_chunk=recipe.kd_chunk, **kwargs)
         self.recipe, self.vocab, self.kept = recipe, vocab, kept
+        self.teacher_vocab = teacher_vocab  # a teacher with another tokenizer: its token count
         self.div = divergence(recipe.loss, recipe.beta, recipe.skew)
         self.policy = policy or OnPolicyArgs()
         self.policy_div = divergence(self.policy.policy_loss or recipe.loss, recipe.beta, recipe.skew)
@@ -240,9 +244,11 @@ class DistillTrainer(LMTrainer):
         self._teacher = teacher  # uncompiled, for its head
 
     @staticmethod
-    def head_problem(recipe: KDArgs | None = None, **trainer_kwargs: Any) -> str | None:
+    def head_problem(recipe: KDArgs | None = None, teacher_vocab: int | None = None, **trainer_kwargs: Any) -> str | None:
         if recipe is not None and recipe.clm_keep < 1:
             return "--clm-keep ranks the tokens by the teacher's loss, from full logits"
+        if teacher_vocab is not None:
+            return "a teacher with another tokenizer is compared at aligned positions, from full logits"
         return None
 
     def head_models(self) -> list:
@@ -253,6 +259,9 @@ class DistillTrainer(LMTrainer):
         ids, labels = inputs["input_ids"], inputs["labels"]
         if model.training and (seed := self.on_policy_seed()) is not None:
             loss, outputs = self.on_policy_loss(model, ids, seed)
+            return (loss, outputs) if return_outputs else loss
+        if model.training and "teacher_ids" in inputs:
+            loss, outputs = self.cross_tokenizer_loss(model, inputs)
             return (loss, outputs) if return_outputs else loss
         want_hidden = s.alpha_cos > 0 or s.alpha_inter > 0
         outputs = model(input_ids=ids, output_hidden_states=want_hidden and model.training, use_cache=False)
@@ -342,6 +351,23 @@ class DistillTrainer(LMTrainer):
             loss = weight * kd
         self.record(on_policy_kd=kd)
         return loss, outputs
+
+    def cross_tokenizer_loss(self, model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """A teacher with another tokenizer (`heal.cross_tokenizer`): alpha_clm x the student's next-token CE
+        + alpha_ce x T^2 x the divergence (ULD) between the two models' distributions where both have read
+        the same text."""
+        s, ids = self.recipe, inputs["input_ids"]
+        outputs = model(input_ids=ids, use_cache=False)
+        # the teacher's rows are padded to twice the block: it reads them up to the last aligned position
+        length = max(1, int(inputs["align_teacher"].max()) + 1)
+        with torch.no_grad():
+            teacher = self.teacher(input_ids=inputs["teacher_ids"][:, :length], use_cache=False).logits
+        teacher = teacher[..., : self.teacher_vocab]
+        ce = causal_lm_loss(outputs.logits, inputs["labels"])
+        kd = aligned_kd_loss(self.div, outputs.logits[..., : self.vocab], teacher, inputs["align_student"],
+                             inputs["align_teacher"], s.temperature, self.chunk_rows(ids.numel(), self.teacher_vocab))
+        self.record(ce=ce, kd=kd)
+        return s.alpha_clm * ce + s.alpha_ce * s.temperature**2 * kd, outputs
 
     def train(self, resume_from_checkpoint=None, **kwargs: Any):
         if self.policy.on_policy and self.is_world_process_zero():  # the samples kept up to the checkpoint

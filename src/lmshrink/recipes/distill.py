@@ -23,6 +23,7 @@ from lmshrink.config import SettingsError, check, group, setting
 from lmshrink.errors import one_of
 from lmshrink.heal.args import HealSettings, TrainArgs
 from lmshrink.heal.corpus import cap_heldout, prepare_data, prepare_heldout
+from lmshrink.heal.cross_tokenizer import aligned_share, pair_with_teacher
 from lmshrink.heal.distill import (
     DISTILGPT2_OPTIMISER,
     LOCAL_BLOCKS,
@@ -115,6 +116,8 @@ def run(settings: DistillSettings) -> dict[str, Any]:
     else:
         loaded = settings.load.load(kd.teacher, checked=checked[kd.teacher])
         teacher, teacher_name = loaded.model, kd.teacher
+        if student.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():  # another tokenizer: ULD on aligned text
+            return cross_tokenizer(settings, student, loaded, kept)
         vocab = check_vocabularies(student.tokenizer, loaded.tokenizer, student.model.config, teacher.config)
         if kd.alpha_cos > 0 or kd.alpha_inter > 0:
             if student.model.config.hidden_size != teacher.config.hidden_size:
@@ -129,6 +132,38 @@ def run(settings: DistillSettings) -> dict[str, Any]:
     return train(settings, "distill", DistillTrainer, student.model, student.tokenizer, train_data, heldout,
                  extra_record={"distill_teacher": teacher_name}, teacher=teacher, recipe=kd,
                  vocab=vocab, kept=kept, policy=settings.policy)
+
+
+def cross_tokenizer(settings: DistillSettings, student, teacher, kept: list[int] | None) -> dict[str, Any]:
+    """Distil from a teacher with another tokenizer: each block re-read in the teacher's tokens, ULD's
+    distance where both models have read the same text (`heal.cross_tokenizer`), beside the student's CE."""
+    kd, corpus = settings.kd, settings.corpus
+    said = "the teacher's tokenizer is not the student's"
+    problems = [] if kd.loss == "uld" else [
+        f"loss: {said}, so their next-token distributions are over different tokens and {kd.loss} cannot compare "
+        f"them; use --loss uld (ULD's sorted-probability distance, at positions where both have read the same text)"]
+    if kd.alpha_cos > 0 or kd.alpha_inter > 0:
+        problems.append(f"alpha_cos/alpha_inter: {said}, so their hidden states are at different positions; set "
+                        f"both to 0")
+    if kd.clm_keep < 1:
+        problems.append(f"clm_keep: {said}, so the teacher's loss on the student's tokens is not defined; leave "
+                        f"--clm-keep out")
+    if settings.policy.on_policy:
+        problems.append(f"on_policy: {said}; on-policy steps need a teacher with the student's tokenizer")
+    if settings.local_steps:
+        problems.append(f"local_steps: {said}; the local stage needs the teacher the student was cut from")
+    check(problems)
+    vocab = check_vocabularies(student.tokenizer, student.tokenizer, student.model.config, student.model.config)
+    teacher_vocab = check_vocabularies(teacher.tokenizer, teacher.tokenizer, teacher.model.config, teacher.model.config)
+    train_data, heldout = prepare_data(corpus, student.tokenizer)
+    train_data = pair_with_teacher(train_data, student.tokenizer, teacher.tokenizer, corpus.block_size,
+                                   corpus.num_proc)
+    print(f"[lmshrink] {said} ({teacher_vocab:,} tokens against {vocab:,}): the teacher reads each block in its own "
+          f"tokens; {aligned_share(train_data):.0%} of the student's positions have read the same text as a teacher "
+          f"position and are distilled there (ULD)", flush=True)
+    return train(settings, "distill", DistillTrainer, student.model, student.tokenizer, train_data, heldout,
+                 extra_record={"distill_teacher": settings.kd.teacher, "cross_tokenizer": True},
+                 teacher=teacher.model, recipe=kd, vocab=vocab, kept=kept, teacher_vocab=teacher_vocab)
 
 
 def local_stage(settings: DistillSettings, student, teacher, kept: list[int] | None, train_data, heldout):
