@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,20 @@ def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer):
     model.save_pretrained(folder)
     gpt2_tokenizer.save_pretrained(folder)
     return folder
+
+
+def stopped_during_step_three(monkeypatch, command, signum: int = signal.SIGINT) -> int:
+    """`command()` (a training run) with `signum` sent to this process as its step 3 begins, as a
+    scheduler or Ctrl-C would: the run finishes the step, writes a checkpoint and stops."""
+    from lmshrink.heal.callbacks import StopOnSignal
+
+    def send(self, args, state, control, **kwargs):
+        if state.global_step == 2:  # during step 3
+            os.kill(os.getpid(), signum)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StopOnSignal, "on_step_begin", send, raising=False)
+        return command()
 
 
 def framed_tokenizer(tokenizer, start: list[str], end: list[str] = ()):

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 import transformers as T
+from conftest import stopped_during_step_three
 from safetensors.torch import load_file
 
 from lmshrink.cli import main
@@ -502,25 +503,13 @@ def test_on_policy_steps_train_on_the_students_own_samples_scored_by_the_teacher
 def test_an_on_policy_run_resumes_to_the_same_samples_and_weights(student, tiny_gpt2_dir, tmp_path, monkeypatch):
     """Half the steps on-policy (chosen from the seed and step), stopped by a signal during step 3 and
     run again: the same steps sample the same tokens and the weights end as an uninterrupted run's."""
-    import os
-    import signal
-
-    from lmshrink.heal.callbacks import StopOnSignal
-
     def distill(out):
         return main(["distill", "--model", str(student), "--teacher", str(tiny_gpt2_dir), "--output", str(out), *DATA,
                      *TINY, "--max-steps", "4", "--logging-steps", "1", "--save-steps", "1", "--on-policy", "0.5",
                      *POLICY, "--loss", "gjsd", "--alpha-cos", "0"])
 
     assert distill(tmp_path / "whole") == 0
-
-    def send(self, args, state, control, **kwargs):
-        if state.global_step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(StopOnSignal, "on_step_begin", send, raising=False)
-        assert distill(tmp_path / "resumed") == 130
+    assert stopped_during_step_three(monkeypatch, lambda: distill(tmp_path / "resumed")) == 130
     assert distill(tmp_path / "resumed") == 0
     whole, resumed = ([json.loads(x) for x in (tmp_path / o / "samples.jsonl").read_text().splitlines()]
                       for o in ("whole", "resumed"))

@@ -15,12 +15,12 @@ import sys
 import pytest
 import torch
 import transformers
+from conftest import stopped_during_step_three
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer
 
 from lmshrink.cli import main
 from lmshrink.config import from_args
-from lmshrink.heal.callbacks import StopOnSignal
 from lmshrink.heal.training import LMTrainer
 
 
@@ -55,13 +55,7 @@ def assert_same_run(out, whole) -> None:
 
 
 def stop_at_step_three(monkeypatch, model, out, signum=signal.SIGINT) -> int:
-    def send(self, args, state, control, **kwargs):
-        if state.global_step == 2:  # during step 3
-            os.kill(os.getpid(), signum)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(StopOnSignal, "on_step_begin", send, raising=False)
-        return pretrain(model, out)
+    return stopped_during_step_three(monkeypatch, lambda: pretrain(model, out), signum)
 
 
 @pytest.fixture(scope="module")
@@ -286,14 +280,7 @@ def test_distill_carried_on_ends_as_an_uninterrupted_run(tiny_gpt2_dir, student_
                      "--eval-tokens", "128", "--seed", "3", "--output", str(out)])
 
     assert distill(tmp_path / "whole") == 0
-
-    def send(self, args, state, control, **kwargs):
-        if state.global_step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(StopOnSignal, "on_step_begin", send, raising=False)
-        assert distill(tmp_path / "run") == 143
+    assert stopped_during_step_three(monkeypatch, lambda: distill(tmp_path / "run"), signal.SIGTERM) == 143
     assert distill(tmp_path / "run") == 0
     assert_same_run(tmp_path / "run", tmp_path / "whole")
     # the held-out cap holds for the cache's held-out blocks too (2 blocks of 64 tokens)
