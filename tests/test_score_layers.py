@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
+from lmshrink.architectures import blocks_of
 from lmshrink.cli import main
 from lmshrink.compress.importance import residual_stream, score
 from lmshrink.compress.truncation import truncate_model
@@ -89,3 +90,44 @@ def test_score_layers_reports_the_measured_cuts(tiny_gpt2_dir, real_text, tmp_pa
     assert main(["score-layers", "--model", str(tiny_gpt2_dir), "--data", str(real_text), "--output", str(out),
                  "--tokens", "512", "--seq-len", "128", "--no-ppl", "--no-width", "--search-to", "4"]) == 2
     assert "search_to: the model has 4 blocks" in capsys.readouterr().err
+
+
+def test_one_block_at_a_time_scores_as_the_whole_model_does(arch, tmp_path):
+    """Every family, read block by block from its safetensors (sharded, with an index, for one of
+    them; the last batch smaller than the others): the same Block Influence, angular distances and
+    perplexities without each block as the whole model in memory."""
+    from lmshrink.compress.importance import score_blockwise
+    from lmshrink.compress.sequential import Blockwise, lazy_model
+
+    model = tiny_model(arch, 4)
+    model.save_pretrained(tmp_path, max_shard_size="40KB" if arch == "llama" else "1GB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (arch == "llama")
+    rows = torch.randint(3, 128, (5, 16), generator=torch.Generator().manual_seed(3))
+    whole = score(model, rows, batch_size=2)
+    lazy, weights = lazy_model(str(tmp_path), model.config, torch.device("cpu"))
+    blocks = blocks_of(lazy)
+    assert all(p.device.type == "meta" for p in blocks.parameters())  # the blocks stay in the files
+    blockwise = score_blockwise(Blockwise(lazy, weights, rows, 2))
+    assert all(p.device.type == "meta" for p in blocks.parameters())  # and each went back after its pass
+    for key in ("block_influence", "ppl_without_block"):
+        assert blockwise[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
+    assert blockwise["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+    for k, values in whole["angular_distance"].items():
+        assert blockwise["angular_distance"][k] == pytest.approx(values, rel=1e-5, abs=1e-6)
+
+
+def test_score_layers_reads_one_block_at_a_time_when_asked_or_when_the_model_would_not_fit(tmp_path, monkeypatch,
+                                                                                           capsys, tiny_gpt2_dir):
+    common = ["score-layers", "--model", str(tiny_gpt2_dir), "--data", "python-docs/tutorial", "--tokens", "256",
+              "--seq-len", "64", "--no-width", "--dtype", "float32"]
+    assert main([*common, "--output", str(tmp_path / "whole"), "--sequential", "off"]) == 0
+    assert main([*common, "--output", str(tmp_path / "on"), "--sequential", "on"]) == 0
+    whole, on = (json.loads((tmp_path / o / "scores.json").read_text()) for o in ("whole", "on"))
+    assert (whole["path"], on["path"]) == ("whole", "sequential")
+    assert on["ppl_without_block"] == pytest.approx(whole["ppl_without_block"], rel=1e-5)
+    assert on["block_influence"] == pytest.approx(whole["block_influence"], rel=1e-5, abs=1e-6)
+    monkeypatch.setattr("lmshrink.heal.memory.device_memory", lambda device: 1000)  # a tiny machine
+    assert main([*common, "--output", str(tmp_path / "auto")]) == 0
+    assert json.loads((tmp_path / "auto" / "scores.json").read_text())["path"] == "sequential"
+    assert main([*common, "--output", str(tmp_path / "search"), "--sequential", "on", "--search-to", "2"]) == 2
+    assert "the cut searches need the whole model" in capsys.readouterr().err

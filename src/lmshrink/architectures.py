@@ -43,6 +43,8 @@ class Architecture:
     """Config flag that gives the MLP projections biases (Llama's `mlp_bias`), for the bias repair."""
     mlp_out_has_bias: bool = False
     """The MLP output projection always has a bias (GPT-2, GPT-Neo(X), OPT), for the bias repair."""
+    final_norm: str = "model.norm"
+    """Dotted path from the *ForCausalLM module to the norm after the last block (before the head)."""
 
 
 def _gpt_neo_attention_types(config: Any) -> None:
@@ -55,14 +57,15 @@ _LLAMA_LIKE = Architecture("model.layers", "num_hidden_layers", ("self_attn.laye
                            mlp_out="mlp.down_proj")
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "gpt2": Architecture("transformer.h", "n_layer", ("attn.layer_idx",), mlp_out="mlp.c_proj", mlp_out_has_bias=True),
+    "gpt2": Architecture("transformer.h", "n_layer", ("attn.layer_idx",), mlp_out="mlp.c_proj", mlp_out_has_bias=True,
+                         final_norm="transformer.ln_f"),
     "gpt_neo": Architecture("transformer.h", "num_layers", ("attn.layer_id", "attn.attention.layer_id"),
                             ("attention_layers",), _gpt_neo_attention_types, mlp_out="mlp.c_proj",
-                            mlp_out_has_bias=True),
+                            mlp_out_has_bias=True, final_norm="transformer.ln_f"),
     "gpt_neox": Architecture("gpt_neox.layers", "num_hidden_layers", ("attention.layer_idx",), ("layer_types",),
-                             mlp_out="mlp.dense_4h_to_h", mlp_out_has_bias=True),
+                             mlp_out="mlp.dense_4h_to_h", mlp_out_has_bias=True, final_norm="gpt_neox.final_layer_norm"),
     "opt": Architecture("model.decoder.layers", "num_hidden_layers", ("self_attn.layer_idx",), mlp_out="fc2",
-                        mlp_out_has_bias=True),
+                        mlp_out_has_bias=True, final_norm="model.decoder.final_layer_norm"),
     "llama": replace(_LLAMA_LIKE, mlp_bias="mlp_bias"),
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,

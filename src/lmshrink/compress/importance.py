@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink.architectures import blocks_of, only_blocks
+from lmshrink.compress.sequential import Blockwise
 from lmshrink.config import SettingsError
 from lmshrink.data.sources import Framing
 from lmshrink.evaluate.perplexity import perplexity
@@ -51,28 +52,40 @@ def residual_stream(model, ids: torch.Tensor) -> list[torch.Tensor]:
     return states
 
 
+class Similarities:
+    """Block Influence per block and angular distance for every run length, summed over tokens
+    batch by batch (`add`) and averaged at the end (`result`)."""
+
+    def __init__(self, n: int):
+        # angle_sum[k - 1][l]: summed angular distance between x_l and x_{l+k}, k = 1..n
+        self.angle_sum = [torch.zeros(n - k + 1, dtype=torch.float64) for k in range(1, n + 1)]
+        self.cos_sum = torch.zeros(n, dtype=torch.float64)
+        self.tokens, self.n = 0, n
+
+    def add(self, states: list[torch.Tensor]) -> None:
+        """The n + 1 states x_0..x_n of the same tokens, (..., H) each."""
+        states = [s.float().flatten(0, -2) for s in states]
+        self.tokens += states[0].shape[0]
+        for k in range(1, self.n + 1):
+            for start in range(self.n - k + 1):
+                cos = F.cosine_similarity(states[start], states[start + k], dim=-1).clamp(-1, 1)
+                if k == 1:
+                    self.cos_sum[start] += cos.sum().double().cpu()
+                self.angle_sum[k - 1][start] += (torch.arccos(cos) / math.pi).sum().double().cpu()
+
+    def result(self) -> dict[str, Any]:
+        return {"block_influence": (1 - self.cos_sum / self.tokens).tolist(),
+                "angular_distance": {str(k + 1): (a / self.tokens).tolist() for k, a in enumerate(self.angle_sum)}}
+
+
 @torch.no_grad()
 def similarity_scores(model, rows: torch.Tensor, batch_size: int) -> dict[str, Any]:
     """Block Influence per block and angular distance for every run length n, averaged over tokens."""
     device = next(model.parameters()).device
-    n = len(blocks_of(model))
-    # angle_sum[n][l]: summed angular distance between x_l and x_{l+n}, n = 1..N.
-    angle_sum = [torch.zeros(n - k + 1, dtype=torch.float64) for k in range(1, n + 1)]
-    cos_sum = torch.zeros(n, dtype=torch.float64)
-    tokens = 0
+    sums = Similarities(len(blocks_of(model)))
     for i in range(0, rows.shape[0], batch_size):
-        states = [s.float().flatten(0, 1) for s in residual_stream(model, rows[i : i + batch_size].to(device))]
-        tokens += states[0].shape[0]
-        for k in range(1, n + 1):
-            for start in range(n - k + 1):
-                cos = F.cosine_similarity(states[start], states[start + k], dim=-1).clamp(-1, 1)
-                if k == 1:
-                    cos_sum[start] += cos.sum().double().cpu()
-                angle_sum[k - 1][start] += (torch.arccos(cos) / math.pi).sum().double().cpu()
-    return {
-        "block_influence": (1 - cos_sum / tokens).tolist(),
-        "angular_distance": {str(k + 1): (a / tokens).tolist() for k, a in enumerate(angle_sum)},
-    }
+        sums.add(residual_stream(model, rows[i : i + batch_size].to(device)))
+    return sums.result()
 
 
 @torch.no_grad()
@@ -102,6 +115,37 @@ def score(model, rows: torch.Tensor, batch_size: int = 4, ppl: bool = True) -> d
         scores.update(perplexity=base, ppl_without_block=without, ppl_increase=[w - base for w in without])
     scores["num_layers"] = len(blocks_of(model))
     scores["tokens"] = rows.numel()
+    return scores
+
+
+@torch.no_grad()
+def score_blockwise(runner: Blockwise, ppl: bool = True) -> dict[str, Any]:
+    """`score`'s scores from a model read one block at a time (`compress.sequential`): every row's
+    stream passes each block once, and so does, for each block j already passed, the stream that
+    skipped block j (the model without block j), so all n removals cost n(n - 1)/2 block passes
+    where the whole-model path runs n whole models. Holds the n + 1 states (for the angular
+    distances) and, with `ppl`, the n streams without a block: (2n + 1) x rows x T x H x 4 bytes."""
+    n = len(runner.blocks)
+    states, skipped = [runner.entering()], {}
+    for i in range(n):
+        with runner.block(i):
+            if ppl:
+                skipped = {j: runner.run(i, x) for j, x in skipped.items()}
+                skipped[i] = states[-1]  # the stream that skips block i goes on from block i + 1
+            states.append(runner.run(i, states[-1]))
+        print(f"  block {i:>2} of {n} passed", flush=True)
+    sums = Similarities(n)
+    sums.add(states)
+    scores = sums.result()
+    if ppl:
+        total, count = runner.nll(states[-1])
+        base = math.exp(total / count)
+        without = [math.exp(total / count) for total, count in (runner.nll(skipped[j]) for j in range(n))]
+        for i, value in enumerate(without):
+            print(f"  without block {i:>2}: perplexity {value:,.2f} (full model {base:,.2f})", flush=True)
+        scores.update(perplexity=base, ppl_without_block=without, ppl_increase=[w - base for w in without])
+    scores["num_layers"] = n
+    scores["tokens"] = runner.rows.numel()
     return scores
 
 

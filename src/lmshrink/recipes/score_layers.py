@@ -13,14 +13,15 @@ from typing import Any
 
 from lmshrink.architectures import blocks_of, check_length
 from lmshrink.compress.cut_search import SEARCHES, CutSearch, progress_file
-from lmshrink.compress.importance import plot, score
+from lmshrink.compress.importance import plot, score, score_blockwise
 from lmshrink.compress.model_gap import MEASURES
 from lmshrink.compress.repair import REPAIRS, repair_problems
+from lmshrink.compress.sequential import SEQUENTIAL, Blockwise, lazy_model, one_block_at_a_time
 from lmshrink.compress.width import WIDTH, plot_scores, width_scores
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.data.sources import Framing, calibration_rows
 from lmshrink.errors import one_of
-from lmshrink.models import LoadArgs, pick_device
+from lmshrink.models import LoadArgs, load_tokenizer, no_tokenizer, pick_device
 from lmshrink.records import RECORD, provenance, write_json
 
 
@@ -40,6 +41,9 @@ class ScoreSettings(Settings):
                                           "and every contiguous span (search.json)")
     search_repair: str = setting("refit", f"repair applied to every measured cut: {', '.join(REPAIRS)}")
     search_measure: str = setting("kl", f"what the searches minimise: {', '.join(MEASURES)}")
+    sequential: str = setting("auto", "read the model one block at a time from its safetensors (at most one block's "
+                                      "weights in memory, float32): on, off, or auto (on when the whole model "
+                                      "would take more than half the device's memory)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     load: LoadArgs = group(lambda: LoadArgs(dtype="auto"), "how the models are loaded")
 
@@ -55,35 +59,67 @@ class ScoreSettings(Settings):
             problems.append("search_to: must be at least 1")
         problems += one_of("search_repair", self.search_repair, REPAIRS)
         problems += one_of("search_measure", self.search_measure, MEASURES)
+        problems += one_of("sequential", self.sequential, SEQUENTIAL)
         return problems
 
 
 def run(settings: ScoreSettings) -> dict[str, Any]:
     settings = replace(settings, load=settings.load.on(settings.device))  # recorded as run
-    loaded = settings.load.load(settings.model)
+    source, config = settings.load.check(settings.model)
+    if one_block_at_a_time(settings.sequential, source, settings.load.dtype, pick_device(settings.device)):
+        return run_sequential(settings, source, config)
+    loaded = settings.load.load(settings.model, checked=(source, config))
     model = loaded.model.to(pick_device(settings.device))
     check_length(model.config, settings.seq_len, "seq_len")
     if settings.search_to is not None:  # every setting checked before any scoring (minutes on a large model)
         search_problems(model, settings)
     rows = calibration_rows(settings.data, loaded.tokenizer, settings.tokens, settings.seq_len)
     print(f"scoring {len(blocks_of(model))} blocks of {settings.model} on {rows.numel():,} tokens of {settings.data}")
-    scores = score(model, rows, settings.batch_size, settings.ppl)
+    scores = write_scores(settings, score(model, rows, settings.batch_size, settings.ppl), loaded.tokenizer, "whole")
     out = Path(settings.output)
-    record = provenance("score-layers", to_dict(settings), framing=Framing.of(loaded.tokenizer).record(loaded.tokenizer),
-                        **scores)
-    write_json(out / "scores.json", record)
-    write_json(out / RECORD, record)
-    plot(scores, out / "scores.png", f"{settings.model}: block importance on {settings.data}")
-    order = sorted(range(scores["num_layers"]), key=lambda i: scores["block_influence"][i])
-    print(f"least influential blocks (BI): {order[: max(1, len(order) // 4)]}")
     if settings.width and model.config.model_type in WIDTH:
         widths = width_scores(model, rows, settings.batch_size)
         write_json(out / "width_scores.json", provenance("width-scores", to_dict(settings), **widths))
         plot_scores(widths, out / "width_scores.png", f"{settings.model}: activation importance on {settings.data}")
         print(f"wrote {out / 'width_scores.json'} and {out / 'width_scores.png'}")
-    print(f"wrote {out / 'scores.json'} and {out / 'scores.png'}")
     if settings.search_to is not None:
         scores["search"] = measured_cuts(model, rows, settings, out)
+    return scores
+
+
+def run_sequential(settings: ScoreSettings, source: str, config) -> dict[str, Any]:
+    """score-layers with the model read one block at a time (`compress.sequential`): the block scores
+    (not the width scores or the searches, which need the whole model)."""
+    if settings.search_to is not None:
+        raise SettingsError("search_to: the cut searches need the whole model in memory; leave --search-to out "
+                            "here, or give --sequential off on a machine that holds the model")
+    device = pick_device(settings.device)
+    tokenizer = load_tokenizer(source, settings.load.trust_remote_code)
+    if tokenizer is None:
+        raise no_tokenizer(source)
+    check_length(config, settings.seq_len, "seq_len")
+    model, weights = lazy_model(source, config, device)
+    rows = calibration_rows(settings.data, tokenizer, settings.tokens, settings.seq_len)
+    n = len(blocks_of(model))
+    print(f"scoring {n} blocks of {settings.model} on {rows.numel():,} tokens of {settings.data}, one block at a "
+          f"time (float32)")
+    scores = score_blockwise(Blockwise(model, weights, rows, settings.batch_size), settings.ppl)
+    if settings.width:
+        print("width scores skipped: they need the whole model (--sequential off)")
+    return write_scores(settings, scores, tokenizer, "sequential")
+
+
+def write_scores(settings: ScoreSettings, scores: dict[str, Any], tokenizer, path: str) -> dict[str, Any]:
+    """scores.json (and lmshrink.json, the same record) and scores.png; the least influential blocks said."""
+    out = Path(settings.output)
+    record = provenance("score-layers", to_dict(settings), framing=Framing.of(tokenizer).record(tokenizer),
+                        path=path, **scores)
+    write_json(out / "scores.json", record)
+    write_json(out / RECORD, record)
+    plot(scores, out / "scores.png", f"{settings.model}: block importance on {settings.data}")
+    order = sorted(range(scores["num_layers"]), key=lambda i: scores["block_influence"][i])
+    print(f"least influential blocks (BI): {order[: max(1, len(order) // 4)]}")
+    print(f"wrote {out / 'scores.json'} and {out / 'scores.png'}")
     return scores
 
 

@@ -1,0 +1,269 @@
+"""Models bigger than memory, one block at a time (llm-compressor's sequential onloading, GPTQ's
+layer-by-layer pass): the model is built on the meta device, its weights stay in its safetensors
+files (memory-mapped, read lazily) and each block is materialised in float32 while the
+calibration rows' hidden states pass through it, then dropped again.
+
+What is held at once: the model's non-block weights (embeddings, final norm, head; fp32), one
+block's weights (fp32), and the hidden states the caller keeps (N rows x T tokens x H x 4 bytes
+each). What a block is called with besides its hidden states (masks, positions, rotary
+embeddings, per-layer attention kinds) is recorded from one lazy forward pass over the first rows,
+as `repair.BlockReplay` records it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmshrink.architectures import architecture_of, blocks_of, get_path
+from lmshrink.compress.repair import StopForward, _tensor
+from lmshrink.errors import LmshrinkError
+
+SEQUENTIAL = ("auto", "on", "off")
+
+
+class SequentialError(LmshrinkError, ValueError):
+    pass
+
+
+def checkpoint_folder(source: str) -> Path:
+    """The local folder holding a model's safetensors (a Hub id: its snapshot, weights and configs only)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    if not any(folder.glob("*.safetensors")):
+        raise SequentialError(f"{source} holds no safetensors weights, which the block-by-block path reads one block "
+                              "at a time; save the model with save_pretrained (safetensors), or use --sequential off")
+    return folder
+
+
+class LazyWeights:
+    """A checkpoint's tensors by the model's names for them (transformers' renamings on load applied:
+    GPT-NeoX's `embed_out` is the model's `lm_head`), each read from its memory-mapped safetensors
+    file when asked."""
+
+    def __init__(self, folder: Path, model):
+        from safetensors import safe_open
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        index = folder / "model.safetensors.index.json"
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                 else [p.name for p in folder.glob("*.safetensors")])
+        self.handles = {name: safe_open(folder / name, "pt", device="cpu") for name in files}
+        transforms = get_model_conversion_mapping(model)
+        if any(type(t) is not WeightRenaming for t in transforms):
+            raise SequentialError(f"a {model.config.model_type} checkpoint's tensors are converted as they load, "
+                                  "which the block-by-block path does not do; use --sequential off")
+        renames = [(pattern, t.target_patterns[min(i, len(t.target_patterns) - 1)])
+                   for t in transforms for i, pattern in enumerate(t.source_patterns)]
+        self.where: dict[str, tuple[str, str]] = {}  # the model's name: (file, the checkpoint's name)
+        for file, handle in self.handles.items():
+            for key in handle.keys():
+                name = key
+                for pattern, target in renames:
+                    name = re.sub(pattern, target, name)
+                self.where[name] = (file, key)
+        self.prefix = model.base_model_prefix  # (`model`, `transformer`): some checkpoints leave it out
+
+    def read(self, name: str) -> torch.Tensor:
+        for key in (name, name.removeprefix(f"{self.prefix}."), f"{self.prefix}.{name}"):
+            if key in self.where:
+                file, stored = self.where[key]
+                return self.handles[file].get_tensor(stored)
+        raise SequentialError(f"the checkpoint has no tensor {name!r}; it does not match the model's config "
+                              "(re-save it with save_pretrained), or use --sequential off")
+
+
+def lazy_model(source: str, config: Any, device: torch.device) -> tuple[Any, LazyWeights]:
+    """The causal LM of `config` with its parameters on the meta device (its buffers real) and its
+    non-block weights read in (float32, on `device`); the weights to read its blocks from."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    weights = LazyWeights(checkpoint_folder(source), model)
+    blocks = architecture_of(config).blocks + "."
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    head = next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings())
+    for name, _ in model.named_parameters():
+        if not name.startswith(blocks) and not (tied and name == head):  # a tied head is the embeddings
+            _materialise(model, name, weights.read(name), device)
+    if tied:
+        model.tie_weights()
+    for module in model.modules():  # the buffers (rotary frequencies, masks) where the weights go
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+    return model, weights
+
+
+def _materialise(module: torch.nn.Module, name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    *parents, leaf = name.split(".")
+    owner = get_path(module, ".".join(parents)) if parents else module
+    owner._parameters[leaf] = torch.nn.Parameter(tensor.to(device, torch.float32), requires_grad=False)
+
+
+class Blockwise:
+    """Runs a lazily loaded model block by block over calibration rows (N, T): `entering()` is the
+    stream entering block 0, `run(i, states)` block i on a stream, `nll(states)` the next-token loss
+    of a stream leaving the last block. `block(i)` holds block i's weights while inside."""
+
+    def __init__(self, model, weights: LazyWeights, rows: torch.Tensor, batch_size: int):
+        self.model, self.weights, self.rows, self.batch_size = model, weights, rows, batch_size
+        self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
+        self.arch = architecture_of(model.config)
+        self.blocks = blocks_of(model)
+        self.held: int | None = None
+        self.calls = self._record(rows[:batch_size])
+
+    @contextmanager
+    def block(self, i: int) -> Iterator[torch.nn.Module]:
+        """Block i with its weights read in (fp32), dropped again on the way out."""
+        block, prefix = self.blocks[i], f"{self.arch.blocks}.{i}"
+        for name, _ in block.named_parameters():
+            _materialise(block, name, self.weights.read(f"{prefix}.{name}"), self.device)
+        self.held = i
+        try:
+            yield block
+        finally:
+            for module in block.modules():  # the weights dropped; buffers (not in the checkpoint) kept
+                for name, param in module._parameters.items():
+                    if param is not None:
+                        module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+            self.held = None
+
+    @torch.no_grad()
+    def _record(self, batch: torch.Tensor) -> dict[int, tuple[tuple, dict]]:
+        """Each block's call (besides its hidden states) from one lazy forward pass over `batch`."""
+        calls: dict[int, tuple[tuple, dict]] = {}
+        holding: list[Any] = []
+
+        def before(_m, args, kwargs, i: int):
+            calls[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            holding.append(self.block(i))
+            holding[-1].__enter__()
+
+        def after(_m, _a, _o, i: int):
+            holding.pop().__exit__(None, None, None)
+            if i == len(self.blocks) - 1:
+                raise StopForward
+
+        hooks = [b.register_forward_pre_hook(lambda m, a, k, i=i: before(m, a, k, i), with_kwargs=True)
+                 for i, b in enumerate(self.blocks)]
+        hooks += [b.register_forward_hook(lambda m, a, o, i=i: after(m, a, o, i)) for i, b in enumerate(self.blocks)]
+        try:
+            self.model.base_model(input_ids=batch.to(self.device), use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+            while holding:
+                holding.pop().__exit__(None, None, None)
+        return calls
+
+    def _call(self, i: int, size: int) -> tuple[tuple, dict]:
+        """Block i's recorded call for a batch of `size` rows (the last batch may be smaller)."""
+        rest, kwargs = self.calls[i]
+        return _rows(rest, size, self.batch_size), _rows(kwargs, size, self.batch_size)
+
+    @torch.no_grad()
+    def entering(self) -> torch.Tensor:
+        """The stream entering block 0 for every row (N, T, H), float32 on the CPU."""
+        got: list[torch.Tensor] = []
+
+        def grab(_m, args, kwargs):
+            got.append((args[0] if args else kwargs["hidden_states"]).float().cpu())
+            raise StopForward
+
+        hook = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for start in range(0, self.rows.shape[0], self.batch_size):
+                try:
+                    self.model.base_model(input_ids=self.rows[start : start + self.batch_size].to(self.device),
+                                          use_cache=False)
+                except StopForward:
+                    pass
+        finally:
+            hook.remove()
+        return torch.cat(got)
+
+    @torch.no_grad()
+    def run(self, i: int, states: torch.Tensor) -> torch.Tensor:
+        """Block i (held by `block(i)`) on a stream entering it (N, T, H): the stream leaving it."""
+        assert self.held == i, f"block {i} is not held"
+        outs = []
+        for start in range(0, states.shape[0], self.batch_size):
+            x = states[start : start + self.batch_size].to(self.device)
+            rest, kwargs = self._call(i, x.shape[0])
+            outs.append(_tensor(self.blocks[i](x, *rest, **kwargs)).float().cpu())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def nll(self, states: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token NLL (and its token count) of the stream leaving the last block: the final
+        norm, the head (soft-capped where the model caps its logits), each row's tokens 1..T-1 scored."""
+        norm = get_path(self.model, self.arch.final_norm)
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        total, count = 0.0, 0
+        for start in range(0, states.shape[0], self.batch_size):
+            logits = head(norm(states[start : start + self.batch_size].to(self.device))).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            targets = self.rows[start : start + self.batch_size, 1:].to(self.device)
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
+            count += targets.numel()
+        return total, count
+
+
+def _rows(value: Any, size: int, full: int) -> Any:
+    """A recorded call argument for a batch of `size` rows: tensors with a batch dimension cut to it."""
+    if size == full:
+        return value
+    if torch.is_tensor(value):
+        return value[:size] if value.dim() and value.shape[0] == full and full > 1 else value
+    if isinstance(value, dict):
+        return {k: _rows(v, size, full) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, size, full) for v in value)
+    return value
+
+
+def weights_bytes(source: str) -> int:
+    """Bytes of a model's weights in float32 (what the whole-model path holds), from its checkpoint's
+    headers: every tensor's element count x 4."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in checkpoint_folder(source).glob("*.safetensors"):
+        with safe_open(path, "pt", device="cpu") as handle:
+            total += sum(math.prod(handle.get_slice(key).get_shape()) * 4 for key in handle.keys())
+    return total
+
+
+def one_block_at_a_time(choice: str, source: str, dtype: str, device: torch.device) -> bool:
+    """The `--sequential` setting: auto is on when the model's weights in the dtype it would load in
+    take more than half the device's memory (the whole-model path holds them and its activations)."""
+    if choice != "auto":
+        return choice == "on"
+    from lmshrink.heal.memory import device_memory
+
+    folder = Path(source)
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):  # a Hub id: the whole path downloads it
+        return False
+    size = weights_bytes(source) // 4 * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return size > device_memory(device) // 2
