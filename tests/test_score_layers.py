@@ -126,7 +126,7 @@ def test_score_layers_reads_one_block_at_a_time_when_asked_or_when_the_model_wou
     assert (whole["path"], on["path"]) == ("whole", "sequential")
     assert on["ppl_without_block"] == pytest.approx(whole["ppl_without_block"], rel=1e-5)
     assert on["block_influence"] == pytest.approx(whole["block_influence"], rel=1e-5, abs=1e-6)
-    monkeypatch.setattr("lmshrink.heal.memory.device_memory", lambda device: 1000)  # a tiny machine
+    monkeypatch.setattr("lmshrink.compress.sequential.device_memory", lambda device: 1000)  # a tiny machine
     assert main([*common, "--output", str(tmp_path / "auto")]) == 0
     assert json.loads((tmp_path / "auto" / "scores.json").read_text())["path"] == "sequential"
     assert main([*common, "--output", str(tmp_path / "search"), "--sequential", "on", "--search-to", "2"]) == 2

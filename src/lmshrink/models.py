@@ -132,6 +132,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_memory(device: torch.device) -> int:
+    """Total memory of the device a run trains on: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def native_dtype(device: torch.device) -> str:
     """The dtype `device` computes fastest in: bfloat16 on GPUs that have it and on CPUs with bf16 instructions
     (AVX512-BF16 or AMX; measured in docs/score-layers.md and docs/generate.md), else float32."""

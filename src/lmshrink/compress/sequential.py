@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from lmshrink.architectures import architecture_of, blocks_of, get_path
 from lmshrink.compress.repair import StopForward, _tensor
 from lmshrink.errors import LmshrinkError
+from lmshrink.models import device_memory
 
 SEQUENTIAL = ("auto", "on", "off")
 
@@ -260,10 +261,54 @@ def one_block_at_a_time(choice: str, source: str, dtype: str, device: torch.devi
     take more than half the device's memory (the whole-model path holds them and its activations)."""
     if choice != "auto":
         return choice == "on"
-    from lmshrink.heal.memory import device_memory
-
     folder = Path(source)
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):  # a Hub id: the whole path downloads it
         return False
     size = weights_bytes(source) // 4 * torch.empty((), dtype=getattr(torch, dtype)).element_size()
     return size > device_memory(device) // 2
+
+
+SHARD_BYTES = 2 << 30  # transformers' own default shard size is 5 GB; 2 GiB bounds what a writer holds
+
+
+class ShardWriter:
+    """A model folder written tensor by tensor, as `save_pretrained` lays it out: shards of at most
+    SHARD_BYTES (`model-00001-of-0000N.safetensors`), each written whole and atomically once full,
+    and the index (`model.safetensors.index.json`) last; at most one shard's tensors are held."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
+        self.folder, self.shard_bytes = Path(folder), shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.written: list[dict[str, int]] = []  # per shard: tensor name -> bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + size > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().contiguous().cpu()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        from lmshrink.records import atomic_file
+
+        with atomic_file(self.folder / f".shard-{len(self.written):05d}.safetensors") as tmp:
+            save_file(self.pending, str(tmp), metadata={"format": "pt"})
+        self.written.append({k: v.numel() * v.element_size() for k, v in self.pending.items()})
+        self.pending = {}
+
+    def close(self) -> None:
+        """Name the shards as transformers does and write the index (a single shard: model.safetensors)."""
+        if self.pending:
+            self._flush()
+        n = len(self.written)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, name in enumerate(names):
+            (self.folder / f".shard-{i:05d}.safetensors").replace(self.folder / name)
+        if n > 1:
+            from lmshrink.records import write_json
+
+            write_json(self.folder / "model.safetensors.index.json", {
+                "metadata": {"total_size": sum(sum(s.values()) for s in self.written)},
+                "weight_map": {key: name for shard, name in zip(self.written, names, strict=True) for key in shard}})

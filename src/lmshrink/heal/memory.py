@@ -11,7 +11,6 @@ the settings that would make them fit.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 
 from lmshrink.errors import LmshrinkError
 from lmshrink.heal.training import freeze
-from lmshrink.models import DTYPES, pick_device, resolve_dtype
+from lmshrink.models import DTYPES, device_memory, pick_device, resolve_dtype
 
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 GB = 1e9
@@ -65,13 +64,6 @@ def run_memory(student: Any, teacher: Any | None, dtype: str, frozen: list[str],
     if teacher is not None:
         teacher_bytes = parameter_counts(teacher)[0] * (2 if half_teacher else weight)
     return RunMemory(weights=total * weight, gradients=trains * weight, optimizer=trains * 8, teacher=teacher_bytes)
-
-
-def device_memory(device: torch.device) -> int:
-    """Total memory of the device a run trains on: the GPU's, or the machine's RAM."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_fits(student: Any, teacher: Any | None, settings: Any) -> None:

@@ -1,0 +1,201 @@
+"""How each one-shot step's cost grows with the model (issue #45): wall time and peak memory against
+parameters, on random-weight models of the shapes users bring.
+
+Each shape (from the published config.json of SmolLM2, Qwen2.5, Llama 3.x: ../shared/ASSETS.md) is
+written once to OUTPUT/models/NAME as bf16 safetensors, tensor by tensor in 2 GiB shards
+(`compress.sequential.ShardWriter`: the whole model is never in memory), with SmolLM2's tokenizer
+(its ids fit every vocabulary here). Random weights measure cost, not quality: no score, perplexity
+or choice these runs print means anything about the real models.
+
+Every step is one `lmshrink` command under `/usr/bin/time -v` (its wall time and the kernel's peak
+resident set size), at fixed token counts:
+- `score-layers`: block scores (BI, angular distances, the perplexity without each block) on 1,024
+  calibration tokens, one block at a time (`--sequential on`, float32);
+- `score-layers-whole`: the same with the whole model in memory (`--sequential off`, float32): run
+  only where its float32 weights take under 60% of the machine's memory (else recorded as not run);
+- `score-layers-bi`: Block Influence and angular distances alone (`--no-ppl`), one block at a time:
+  one pass of each block, so the part of the cost that is linear in the parameters.
+Resumable: each (model, step) result is kept in OUTPUT/results.json (a failure with its exit code,
+not tried again unless `--retry`); a re-run measures only what is missing, then writes the table,
+the log-log chart (scale.png) and the growth exponent of each step's time and memory (a least-squares
+line through log time / log memory against log parameters).
+
+    python bench/scale.py --output ~/lmshrink-runs/scale [--models smollm2-360m,qwen2.5-0.5b] [--steps score-layers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmshrink.compress.sequential import ShardWriter
+from lmshrink.models import resolve
+from lmshrink.records import save_figure, write_json, write_text
+
+# hidden, MLP, blocks, heads, kv heads, vocabulary, tied; Llama 3.x with its rope scaling, Qwen2.5 with biases
+SHAPES = {
+    "smollm2-360m": ("llama", 960, 2560, 32, 15, 5, 49152, True, {"rope_theta": 100000.0}),
+    "qwen2.5-0.5b": ("qwen2", 896, 4864, 24, 14, 2, 151936, True, {"rope_theta": 1000000.0}),
+    "llama-3.2-1b": ("llama", 2048, 8192, 16, 32, 8, 128256, True, {"rope_theta": 500000.0}),
+    "qwen2.5-1.5b": ("qwen2", 1536, 8960, 28, 12, 2, 151936, True, {"rope_theta": 1000000.0}),
+    "smollm2-1.7b": ("llama", 2048, 8192, 24, 32, 32, 49152, True, {"rope_theta": 130000.0}),
+    "llama-3.2-3b": ("llama", 3072, 8192, 28, 24, 8, 128256, True, {"rope_theta": 500000.0}),
+    "qwen2.5-3b": ("qwen2", 2048, 11008, 36, 16, 2, 151936, True, {"rope_theta": 1000000.0}),
+    "llama-3.1-8b": ("llama", 4096, 14336, 32, 32, 8, 128256, False, {"rope_theta": 500000.0}),
+}
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+               "original_max_position_embeddings": 8192}
+CALIBRATION = ["--data", "python-docs/library", "--tokens", "1024", "--seq-len", "256", "--dtype", "float32",
+               "--no-width"]
+STEPS = {
+    "score-layers": ["score-layers", *CALIBRATION, "--sequential", "on"],
+    "score-layers-whole": ["score-layers", *CALIBRATION, "--sequential", "off"],
+    "score-layers-bi": ["score-layers", *CALIBRATION, "--sequential", "on", "--no-ppl"],
+}
+WHOLE = {"score-layers-whole"}  # steps that hold the whole model in float32
+
+
+def config_of(name: str):
+    from transformers import AutoConfig
+
+    kind, hidden, mlp, blocks, heads, kv, vocab, tied, extra = SHAPES[name]
+    extra = {**extra, **({"rope_scaling": LLAMA3_ROPE} if name.startswith("llama-3") else {})}
+    return AutoConfig.for_model(kind, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=blocks,
+                                num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                                tie_word_embeddings=tied, max_position_embeddings=8192, **extra)
+
+
+def write_model(name: str, folder: Path) -> int:
+    """The random-weight bf16 checkpoint of a shape (written once; its parameter count either way)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = config_of(name)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    head = "lm_head.weight" if config.tie_word_embeddings else None
+    shapes = {k: p.shape for k, p in model.named_parameters() if k != head}
+    if (folder / "config.json").is_file():
+        return sum(math.prod(s) for s in shapes.values())
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    writer = ShardWriter(partial)
+    generator = torch.Generator().manual_seed(0)
+    for key, shape in shapes.items():  # norms at 1, everything else N(0, 0.02), as transformers initialises
+        tensor = (torch.ones(shape) if "norm" in key else torch.randn(shape, generator=generator) * 0.02)
+        writer.add(key, tensor.to(torch.bfloat16))
+    writer.close()
+    config.torch_dtype = "bfloat16"
+    config.save_pretrained(partial)
+    tokenizer = Path(resolve("smollm2-135m"))
+    for file in tokenizer.glob("*token*"):
+        shutil.copy(file, partial / file.name)
+    partial.replace(folder)
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def measure(argv: list[str], log: Path) -> dict:
+    """One lmshrink command under /usr/bin/time -v: wall seconds, peak RSS (bytes), exit code."""
+    started = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        rc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "lmshrink", *argv],
+                            stdout=out, stderr=subprocess.STDOUT).returncode
+    text = log.read_text()
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {"rc": rc, "seconds": time.perf_counter() - started, "peak_bytes": int(peak[1]) * 1024 if peak else None,
+            "command": "lmshrink " + " ".join(argv)}
+
+
+def exponent(points: list[tuple[float, float]]) -> float | None:
+    """The slope of log y against log x (least squares), or None for fewer than two points."""
+    if len(points) < 2:
+        return None
+    xs, ys = ([math.log(p[i]) for p in points] for i in (0, 1))
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
+def report(results: dict, params: dict[str, int], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["| model | parameters | step | wall | peak memory |", "|---|---:|---|---:|---:|"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    growth = []
+    for step in STEPS:
+        done = sorted((params[m], r) for key, r in results.items() for m in [key.split("/")[0]]
+                      if key.endswith("/" + step) and r.get("rc") == 0 and m in params)
+        for n, r in done:
+            name = next(m for m in params if params[m] == n)
+            lines.append(f"| {name} | {n / 1e9:.2f}B | {step} | {r['seconds'] / 60:.1f} min | "
+                         f"{r['peak_bytes'] / 2**30:.2f} GiB |")
+        if done:
+            for ax, key in zip(axes, ("seconds", "peak_bytes"), strict=True):
+                ax.loglog([n for n, _ in done], [r[key] for _, r in done], marker="o", label=step)
+            t, m = (exponent([(n, r[k]) for n, r in done]) for k in ("seconds", "peak_bytes"))
+            growth.append(f"- `{step}`: time grows as parameters^{t:.2f}, peak memory as parameters^{m:.2f}"
+                          if t is not None else f"- `{step}`: one size measured")
+    for key, r in results.items():
+        if r.get("rc") not in (0, None) or r.get("skipped"):
+            lines.append(f"| {key.split('/')[0]} | | {key.split('/')[1]} | {r.get('skipped') or 'exit ' + str(r['rc'])} | |")
+    axes[0].set_ylabel("wall seconds (2 cores)")
+    axes[1].set_ylabel("peak resident memory (bytes)")
+    for ax in axes:
+        ax.set_xlabel("parameters")
+        ax.legend(fontsize=7)
+    fig.suptitle("one-shot steps on random-weight models of real shapes (cost, not quality)")
+    save_figure(fig, out / "scale.png")
+    plt.close(fig)
+    write_text(out / "scale.md", "\n".join(lines + [""] + growth) + "\n")
+    print("\n".join(lines + [""] + growth))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(Path.home() / "lmshrink-runs" / "scale"))
+    parser.add_argument("--models", default=",".join(SHAPES))
+    parser.add_argument("--steps", default=",".join(STEPS))
+    parser.add_argument("--retry", action="store_true", help="run failed steps again")
+    args = parser.parse_args()
+    models, steps = args.models.split(","), args.steps.split(",")
+    unknown = [m for m in models if m not in SHAPES] + [s for s in steps if s not in STEPS]
+    if unknown:
+        parser.error(f"unknown model or step: {', '.join(unknown)} (models: {', '.join(SHAPES)}; steps: "
+                     f"{', '.join(STEPS)})")
+    out = Path(args.output).expanduser()
+    file = out / "results.json"
+    results = json.loads(file.read_text()) if file.is_file() else {}
+    params = {}
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for name in models:
+        folder = out / "models" / name
+        params[name] = write_model(name, folder)
+        for step in steps:
+            key = f"{name}/{step}"
+            if key in results and (results[key].get("rc") == 0 or results[key].get("skipped") or not args.retry):
+                continue
+            if step in WHOLE and params[name] * 4 > 0.6 * memory:
+                results[key] = {"skipped": f"not run: {params[name] * 4 / 2**30:.0f} GiB of float32 weights"}
+            else:
+                print(f"{key} ...", flush=True)
+                results[key] = measure([*STEPS[step], "--model", str(folder), "--output", str(out / "runs" / key)],
+                                       out / "logs" / f"{name}-{step}.log")
+            write_json(file, results)
+    report(results, params, out)
+
+
+if __name__ == "__main__":
+    main()
