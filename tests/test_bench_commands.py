@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import cut_quality  # noqa: E402
 import engines_resume  # noqa: E402
 import heal_quality  # noqa: E402
+import scale  # noqa: E402
 
 
 @pytest.mark.parametrize("arm", [*heal_quality.ARMS, "clm+free-text", "local+minitron+teacher-text", "clm+nucleus-text"])
@@ -167,3 +168,12 @@ def test_a_heal_bench_arm_from_a_cache_reads_it_instead_of_the_teacher(arm, tmp_
     assert "--teacher" not in argv and argv[argv.index("--teacher-cache") + 1] == cache[cache.index("--output") + 1]
     with pytest.raises(ValueError, match="not an arm"):
         heal_quality.parse_arm("clm/top-12")  # the LM loss has no teacher to read from a cache
+
+
+def test_the_scale_bench_steps_are_lmshrink_commands_and_its_shapes_build(tmp_path):
+    for argv in scale.STEPS.values():
+        assert command_problems([*argv, "--model", "m", "--output", "o"], ROOT) == []
+    for name in scale.SHAPES:  # every shape is a config transformers builds
+        config = scale.config_of(name)
+        assert config.num_hidden_layers == scale.SHAPES[name][3] and config.vocab_size == scale.SHAPES[name][6]
+    assert scale.exponent([(1e8, 10.0), (1e9, 100.0), (1e10, 1000.0)]) == pytest.approx(1.0)

@@ -131,3 +131,23 @@ def test_score_layers_reads_one_block_at_a_time_when_asked_or_when_the_model_wou
     assert json.loads((tmp_path / "auto" / "scores.json").read_text())["path"] == "sequential"
     assert main([*common, "--output", str(tmp_path / "search"), "--sequential", "on", "--search-to", "2"]) == 2
     assert "the cut searches need the whole model" in capsys.readouterr().err
+
+
+def test_a_model_written_shard_by_shard_loads_as_save_pretrained_wrote_it(tmp_path):
+    import transformers as T
+
+    from lmshrink.compress.sequential import ShardWriter
+
+    model = tiny_model("llama", 4)
+    writer = ShardWriter(tmp_path, shard_bytes=20_000)  # several shards
+    head = "lm_head.weight"  # tied: saved once, as the embeddings
+    for name, tensor in model.state_dict().items():
+        if name != head:
+            writer.add(name, tensor)
+    writer.close()
+    model.config.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not list(tmp_path.glob(".shard-*"))
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
