@@ -124,7 +124,7 @@ def test_every_type_is_within_its_tolerance_and_f32_is_exact_by_the_gguf_reader(
     assert errors["f32"] < errors["q8_0"] < errors["q4_0"]
     # the gguf reader: every tensor of the f32 file is the source tensor, in llama.cpp's layout
     stored = read_tensors(tmp_path / "m-f32.gguf")
-    expected = {gguf_name: data for _, gguf_name, data in tensors(model, FAMILIES["llama"])}
+    expected = {gguf_name: array() for _, gguf_name, _, array in tensors(model, FAMILIES["llama"])}
     assert stored.keys() == expected.keys()
     for name, data in expected.items():
         np.testing.assert_array_equal(stored[name], data)
@@ -360,3 +360,22 @@ def test_eval_perplexity_of_a_file_whose_tokenizer_adds_a_start_token_is_llama_c
     want = perplexity(model, stream, 64, 64, framing=Framing.of(tokenizer))
     got = perplexity(llamacpp.logits(llm), stream, 64, 64, batch_size=1, framing=framing)
     assert abs(got / want - 1) < 0.02 and want != perplexity(model, stream, 64, 64, framing=Framing())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3_text"])
+def test_a_model_read_one_tensor_at_a_time_exports_the_same_file(kind, tmp_path, bpe):
+    """--sequential on (the model on the meta device, each tensor read from its safetensors as it is
+    written): every tensor of the file is the whole-model export's, for every quantization."""
+    model = exportable(kind, len(bpe))
+    folder = tmp_path / "m"
+    model.save_pretrained(folder, max_shard_size="50KB")
+    bpe.save_pretrained(folder)
+    for mode in ("off", "on"):
+        assert lmshrink(["export", "--model", str(folder), "--output", str(tmp_path / mode), "--quant", "f32,q8_0",
+                         "--sequential", mode, "--name", "m"]) == 0
+    assert json.loads((tmp_path / "on" / "export.json").read_text())["path"] == "sequential"
+    for quant in ("F32", "Q8_0"):
+        whole, lazy = (read_tensors(tmp_path / mode / f"m-{quant}.gguf") for mode in ("off", "on"))
+        assert whole.keys() == lazy.keys()
+        for name, data in whole.items():
+            np.testing.assert_array_equal(lazy[name], data)

@@ -24,6 +24,7 @@ package does not have: export f16 and run `llama-quantize FILE-F16.gguf FILE-Q4_
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -282,8 +283,11 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str):
     return wanted if shape[-1] % block == 0 else types.F16
 
 
-def tensors(model, family: Family) -> list[tuple[str, str, np.ndarray]]:
-    """(transformers name, GGUF name, float32 array in llama.cpp's layout) of every tensor written."""
+def tensors(model, family: Family, weights=None) -> list[tuple[str, str, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """(transformers name, GGUF name, shape, a function giving the float32 array in llama.cpp's layout)
+    of every tensor written, in order; each array is made only when asked for, one at a time. A
+    tensor still on the meta device (a model read block by block, `compress.sequential`) is read
+    from `weights`."""
     g = _gguf()
     config = model.config
     names = g.get_tensor_name_map(g.MODEL_ARCH[family.arch], config.num_hidden_layers)
@@ -296,8 +300,13 @@ def tensors(model, family: Family) -> list[tuple[str, str, np.ndarray]]:
         if gguf_name is None:
             raise ExportError(f"{name}: no llama.cpp tensor name for it in {family.arch.lower()}; "
                               "the model has a tensor lmshrink does not know how to export")
-        data = family.tensor(name, tensor.detach().float().cpu(), config)
-        out.append((name, gguf_name, data.contiguous().numpy()))
+        shape = tuple(family.tensor(name, torch.empty(tensor.shape, device="meta"), config).shape)
+
+        def array(name: str = name, tensor: torch.Tensor = tensor) -> np.ndarray:
+            value = weights.read(name) if tensor.device.type == "meta" else tensor
+            return family.tensor(name, value.detach().float().cpu(), config).contiguous().numpy()
+
+        out.append((name, gguf_name, shape, array))
     return out
 
 
@@ -445,8 +454,10 @@ def add_vocabulary(writer, tokenizer, n_vocab: int, pre: str | None) -> str:
 
 
 def write_gguf(model, tokenizer, path: str | Path, quant: str, name: str, record: dict[str, Any] | None = None,
-               base_model: str | None = None, license: str | None = None, pre: str | None = None) -> dict[str, Any]:
-    """Write `model` (and its tokenizer) as one GGUF file of type `quant`, atomically.
+               base_model: str | None = None, license: str | None = None, pre: str | None = None,
+               weights=None) -> dict[str, Any]:
+    """Write `model` (and its tokenizer) as one GGUF file of type `quant`, atomically, one tensor at a
+    time (a model read block by block: its tensors from `weights`, `compress.sequential.LazyWeights`).
 
     Returns what the file holds: its types (tensors per GGML type) and pre-tokenizer."""
     g = _gguf()
@@ -457,7 +468,7 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str, name: str, record
     if quant not in QUANTS:
         raise ExportError(f"quant: {quant!r} is not one of {', '.join(QUANTS)}")
     family = FAMILIES[config.model_type]
-    arrays = tensors(model, family)
+    arrays = tensors(model, family, weights)
     with atomic_file(path) as tmp:
         writer = g.GGUFWriter(tmp, g.MODEL_ARCH_NAMES[g.MODEL_ARCH[family.arch]])
         writer.add_type("model")
@@ -479,14 +490,19 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str, name: str, record
             if record.get("teacher"):
                 writer.add_string("lmshrink.teacher", str(record["teacher"]))
         counts: dict[str, int] = {}
-        for _, gguf_name, data in arrays:
-            qtype = tensor_type(gguf_name, data.shape, quant)
+        types = [tensor_type(gguf_name, shape, quant) for _, gguf_name, shape, _ in arrays]
+        for (_, gguf_name, shape, _), qtype in zip(arrays, types, strict=True):  # the tensors' table first
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
-            stored = data if qtype == g.GGMLQuantizationType.F32 else g.quants.quantize(data, qtype)
-            writer.add_tensor(gguf_name, stored, raw_dtype=qtype)
+            stored = shape if qtype == g.GGMLQuantizationType.F32 else g.quants.quant_shape_to_byte_shape(shape, qtype)
+            itemsize = 4 if qtype == g.GGMLQuantizationType.F32 else 1
+            writer.add_tensor_info(gguf_name, stored, np.dtype(np.float32 if itemsize == 4 else np.uint8),
+                                   math.prod(stored) * itemsize, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for (_, _, _, array), qtype in zip(arrays, types, strict=True):  # then each tensor, made and written alone
+            data = array()
+            writer.write_tensor_data(data if qtype == g.GGMLQuantizationType.F32 else g.quants.quantize(data, qtype))
         writer.close()
     return {"tensor_types": counts, "pre_tokenizer": used_pre}
 

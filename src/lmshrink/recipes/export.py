@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lmshrink.compress.sequential import SEQUENTIAL, lazy_model, one_block_at_a_time
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.errors import one_of
 from lmshrink.export.gguf import (
@@ -20,7 +23,7 @@ from lmshrink.export.gguf import (
     write_gguf,
 )
 from lmshrink.export.model_card import card_name, origin
-from lmshrink.models import LoadArgs, no_tokenizer
+from lmshrink.models import LoadArgs, load_tokenizer, no_tokenizer, resolve_dtype
 from lmshrink.records import md_table, provenance, read_record, write_json, write_text
 
 FORMATS = ("gguf",)
@@ -41,10 +44,14 @@ class ExportSettings(Settings):
                                               "from the tokenizer (e.g. llama-bpe, qwen2)")
     overwrite: bool = setting(False, "rewrite files that already exist (default: keep them, so a re-run "
                                      "only writes what is missing)", how_to_run=True)
+    sequential: str = setting("auto", "read the model one tensor at a time from its safetensors (never the whole "
+                                      "model in memory): on, off, or auto (on when the whole model would take more "
+                                      "than half the machine's memory)")
     load: LoadArgs = group(LoadArgs, "how the models are loaded")
 
     def problems(self) -> list[str]:
         problems = super().problems()
+        problems += one_of("sequential", self.sequential, SEQUENTIAL)
         if self.format not in FORMATS:
             problems.append(f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
         if not self.quant:
@@ -89,18 +96,28 @@ def card(name: str, base_model: str | None, license: str | None, files: dict[str
 
 
 def run(settings: ExportSettings) -> Path:
-    loaded = settings.load.load(settings.model, need_tokenizer=False)
-    if loaded.tokenizer is None:
-        raise no_tokenizer(loaded.source)
-    problems = export_problems(loaded.model.config)
+    source, config = settings.load.check(settings.model)
+    problems = export_problems(config)
     if problems:
         raise SettingsError(problems[0])
+    weights = None
+    if one_block_at_a_time(settings.sequential, source, resolve_dtype(settings.load.dtype, "cpu"), torch.device("cpu")):
+        tokenizer = load_tokenizer(source, settings.load.trust_remote_code)
+        if tokenizer is None:
+            raise no_tokenizer(source)
+        print(f"[lmshrink] export: {settings.model} read one tensor at a time from its safetensors", flush=True)
+        model, weights = lazy_model(source, config, torch.device("cpu"))
+    else:
+        loaded = settings.load.load(settings.model, need_tokenizer=False, checked=(source, config))
+        if loaded.tokenizer is None:
+            raise no_tokenizer(loaded.source)
+        model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
     out = Path(settings.output or Path(settings.model) / "gguf")
-    name = settings.name or card_name(loaded.source if Path(loaded.source).is_dir() else settings.model)
-    record = read_record(loaded.source) or {}
+    name = settings.name or card_name(source if Path(source).is_dir() else settings.model)
+    record = read_record(source) or {}
     parent = record.get("teacher") or record.get("student")
     base_model, license = origin(settings.model if not record else parent)
-    if note := sliding_window_note(loaded.model.config):
+    if note := sliding_window_note(config):
         print(f"[lmshrink] {note}")
     previous = json.loads((out / EXPORT_RECORD).read_text()).get("files", {}) if (out / EXPORT_RECORD).is_file() else {}
     files: dict[str, dict[str, Any]] = {}
@@ -110,12 +127,13 @@ def run(settings: ExportSettings) -> Path:
             print(f"{path} exists; kept (--overwrite rewrites it)")
             files[path.name] = previous[path.name]
             continue
-        info = write_gguf(loaded.model, loaded.tokenizer, path, quant, name, record=record or None,
-                          base_model=base_model or parent, license=license, pre=settings.pre_tokenizer)
+        info = write_gguf(model, tokenizer, path, quant, name, record=record or None,
+                          base_model=base_model or parent, license=license, pre=settings.pre_tokenizer, weights=weights)
         files[path.name] = {"quant": quant, "bytes": path.stat().st_size, "sha256": sha256(path), **info}
         print(f"wrote {path} ({files[path.name]['bytes'] / 2**20:,.1f} MB, {quant})")
     files = {**{k: v for k, v in previous.items() if k not in files}, **files}
-    export = provenance("export", to_dict(settings), source=loaded.source, model_record=record or None, files=files)
+    export = provenance("export", to_dict(settings), source=source, model_record=record or None, files=files,
+                        path="sequential" if weights is not None else "whole")
     write_json(out / EXPORT_RECORD, export)
     write_text(out / "README.md", card(name, base_model or parent, license, files))
     return out
