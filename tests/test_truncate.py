@@ -276,3 +276,39 @@ def test_the_student_shares_the_teachers_non_block_weights_and_copies_its_blocks
     for name, param in blocks_of(student)[1].named_parameters():
         assert param.data_ptr() != kept[name].data_ptr() and torch.equal(param, kept[name])
     assert not any(t.is_meta for t in (*student.parameters(), *student.buffers()))
+
+
+SEQUENTIAL_CUTS = {"keep 0": ["--keep", "0,1,4,5"], "cut 0": ["--keep", "1,2,5"],
+                   "importance": ["--strategy", "importance", "--num-layers", "3", "--calib-tokens", "256"]}
+
+
+@pytest.mark.parametrize("arch, cuts", [("gemma3_text", list(SEQUENTIAL_CUTS)), ("gpt2", ["cut 0"])])
+def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_path, gpt2_tokenizer, capsys):
+    """truncate --sequential on: the teacher read block by block from a sharded checkpoint, the refit
+    repair's fits made block by block, the student written shard by shard; the same student as the
+    whole-model path (every weight), for a cut that keeps block 0 and one that removes it, and the
+    same student scores-chosen by importance."""
+    teacher = tmp_path / "teacher"
+    model = tiny_model(arch, 6)
+    model.config.vocab_size = len(gpt2_tokenizer)
+    if hasattr(model.config, "max_position_embeddings"):  # rows of 128 tokens: several calibration rows
+        model.config.max_position_embeddings = 128
+    model = T.AutoModelForCausalLM.from_config(model.config).eval()
+    model.save_pretrained(teacher, max_shard_size="2MB")
+    gpt2_tokenizer.save_pretrained(teacher)
+    common = ["truncate", "--teacher", str(teacher), "--repair-data", "python-docs/tutorial", "--repair-tokens", "512"]
+    for cut in (SEQUENTIAL_CUTS[c] for c in cuts):
+        students = {}
+        for mode in ("off", "on"):
+            out = tmp_path / f"{mode}-{len(students)}-{'_'.join(cut)}"
+            assert main([*common, *cut, "--output", str(out), "--sequential", mode]) == 0
+            students[mode] = T.AutoModelForCausalLM.from_pretrained(out).state_dict()
+            record = json.loads((out / "lmshrink.json").read_text())
+        assert record["path"] == "sequential" and record["repair"]["method"] == "refit"
+        assert students["on"].keys() == students["off"].keys()
+        for name, tensor in students["off"].items():
+            torch.testing.assert_close(students["on"][name], tensor, rtol=1e-5, atol=1e-6)
+    assert "text the teacher writes itself" not in capsys.readouterr().out  # not asked for: not said
+    assert main([*common, "--keep", "0,5", "--output", str(tmp_path / "search"), "--sequential", "on",
+                 "--repair-epochs", "2"]) == 2
+    assert "need the whole student" in capsys.readouterr().err

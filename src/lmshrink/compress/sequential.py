@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink.architectures import architecture_of, blocks_of, get_path
-from lmshrink.compress.repair import StopForward, _tensor
+from lmshrink.compress.repair import APPLY, StopForward, _tensor
 from lmshrink.errors import LmshrinkError
 from lmshrink.models import device_memory
 
@@ -128,15 +128,20 @@ class Blockwise:
         self.arch = architecture_of(model.config)
         self.blocks = blocks_of(model)
         self.held: int | None = None
-        self.calls = self._record(rows[:batch_size])
+        self.edits: dict[int, tuple[str, torch.Tensor]] = {}  # repairs folded into a block each time it is read
+        self.calls: dict[int, tuple[tuple, dict]] = {}  # recorded at the first block run (a lazy pass over all)
 
     @contextmanager
     def block(self, i: int) -> Iterator[torch.nn.Module]:
-        """Block i with its weights read in (fp32), dropped again on the way out."""
+        """Block i with its weights read in (fp32) and its repair (`edits`) folded in, dropped again on
+        the way out."""
         block, prefix = self.blocks[i], f"{self.arch.blocks}.{i}"
         for name, _ in block.named_parameters():
             _materialise(block, name, self.weights.read(f"{prefix}.{name}"), self.device)
-        self.held = i
+        if i in self.edits:
+            method, param = self.edits[i]
+            APPLY[method](get_path(block, self.arch.mlp_out), param)
+        previous, self.held = self.held, i
         try:
             yield block
         finally:
@@ -144,21 +149,24 @@ class Blockwise:
                 for name, param in module._parameters.items():
                     if param is not None:
                         module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
-            self.held = None
+            self.held = previous
 
     @torch.no_grad()
     def _record(self, batch: torch.Tensor) -> dict[int, tuple[tuple, dict]]:
         """Each block's call (besides its hidden states) from one lazy forward pass over `batch`."""
         calls: dict[int, tuple[tuple, dict]] = {}
         holding: list[Any] = []
+        outer = self.held  # a block its caller holds is already read in
 
         def before(_m, args, kwargs, i: int):
             calls[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            holding.append(self.block(i))
-            holding[-1].__enter__()
+            if i != outer:
+                holding.append(self.block(i))
+                holding[-1].__enter__()
 
         def after(_m, _a, _o, i: int):
-            holding.pop().__exit__(None, None, None)
+            if i != outer:
+                holding.pop().__exit__(None, None, None)
             if i == len(self.blocks) - 1:
                 raise StopForward
 
@@ -178,6 +186,8 @@ class Blockwise:
 
     def _call(self, i: int, size: int) -> tuple[tuple, dict]:
         """Block i's recorded call for a batch of `size` rows (the last batch may be smaller)."""
+        if not self.calls:  # the recording pass reads every block but the one held
+            self.calls = self._record(self.rows[: self.batch_size])
         rest, kwargs = self.calls[i]
         return _rows(rest, size, self.batch_size), _rows(kwargs, size, self.batch_size)
 
@@ -205,13 +215,28 @@ class Blockwise:
     @torch.no_grad()
     def run(self, i: int, states: torch.Tensor) -> torch.Tensor:
         """Block i (held by `block(i)`) on a stream entering it (N, T, H): the stream leaving it."""
+        return self.run_with_features(i, states, None)[0]
+
+    @torch.no_grad()
+    def run_with_features(self, i: int, states: torch.Tensor,
+                          proj_input: bool | None = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block i (held) on a stream: the stream leaving it, and its MLP output projection's input
+        (`proj_input`) or output (False) as a repair fits it, float32 on the CPU (None: not asked)."""
         assert self.held == i, f"block {i} is not held"
-        outs = []
-        for start in range(0, states.shape[0], self.batch_size):
-            x = states[start : start + self.batch_size].to(self.device)
-            rest, kwargs = self._call(i, x.shape[0])
-            outs.append(_tensor(self.blocks[i](x, *rest, **kwargs)).float().cpu())
-        return torch.cat(outs)
+        outs, feats = [], []
+        hook = None if proj_input is None else get_path(self.blocks[i], self.arch.mlp_out).register_forward_hook(
+            lambda _m, args, out: feats.append((args[0] if proj_input else _tensor(out)).float().cpu()))
+        try:
+            for start in range(0, states.shape[0], self.batch_size):
+                x = states[start : start + self.batch_size].to(self.device)
+                rest, kwargs = self._call(i, x.shape[0])
+                outs.append(_tensor(self.blocks[i](x, *rest, **kwargs)).float().cpu())
+                if feats:
+                    feats[-1] = feats[-1].reshape(*x.shape[:2], -1)  # OPT's fc2 runs on (B * T, H)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return torch.cat(outs), torch.cat(feats) if feats else None
 
     @torch.no_grad()
     def nll(self, states: torch.Tensor) -> tuple[float, int]:
@@ -312,3 +337,78 @@ class ShardWriter:
             write_json(self.folder / "model.safetensors.index.json", {
                 "metadata": {"total_size": sum(sum(s.values()) for s in self.written)},
                 "weight_map": {key: name for shard, name in zip(self.written, names, strict=True) for key in shard}})
+
+
+# --- a cut, repaired and written, one block at a time ------------------------------------------
+
+def repair_blockwise(runner: Blockwise, keep: list[int], method: str) -> list[dict[str, Any]]:
+    """`repair.repair` (fits on the student's own stream, one strength) on a model read one block at a
+    time: one pass of the teacher for the streams each span's fit aims at, then the student (the
+    teacher's kept blocks, each span's fit folded in as it is made) from its first fitted block. The
+    fits stay in `runner.edits` (by teacher block); the record per span is `repair.repair`'s."""
+    from lmshrink.compress.repair import _fit, fits_from_proj_input, heldout_split, removed_spans, update_target
+
+    n = len(runner.blocks)
+    spans = removed_spans(n, keep)
+    usable = [(a, b) for a, b in spans if a > 0]
+    report: list[dict[str, Any]] = []
+    if not usable:
+        return [{"span": [a, b], "skipped": "no kept block before it to fold a fit into"} for a, b in spans]
+    held, proj_input = heldout_split(runner.rows), fits_from_proj_input(method)
+    wanted, first = {b + 1 for _, b in usable}, usable[0][0] - 1
+    stream, states, entering_first = runner.entering(), {}, None
+    for i in range(max(wanted)):  # the teacher, as far as the last stream a fit aims at
+        if i == first:
+            entering_first = stream
+        with runner.block(i):
+            stream = runner.run(i, stream)
+        if i + 1 in wanted:
+            states[i + 1] = stream
+    # the student's stream is the teacher's up to its first fitted block, unless block 0 was cut
+    stream, at = (entering_first, keep.index(first)) if spans[0][0] > 0 else (runner.entering(), 0)
+    for a, b in spans:
+        if a == 0:
+            report.append({"span": [a, b], "skipped": "no kept block before it to fold a fit into"})
+            continue
+        j = keep.index(a - 1)
+        for i in range(at, j):  # the student's blocks up to this span's, earlier fits folded in
+            with runner.block(keep[i]):
+                stream = runner.run(keep[i], stream)
+        at = j
+        with runner.block(keep[j]):
+            out, m = runner.run_with_features(keep[j], stream, proj_input)
+            target = update_target(runner.model, keep[j], m, states[b + 1], out, proj_input)
+        param, info = _fit(method, held, m, target)
+        runner.edits[keep[j]] = (method, param)
+        report.append({"span": [a, b], "block": a - 1, "student_block": j, "strength": 1.0, **info})
+    return report
+
+
+def write_student(runner: Blockwise, keep: list[int], folder: Path) -> None:
+    """The student that keeps teacher blocks `keep` (with `runner.edits` folded in), written tensor by
+    tensor in the checkpoint's own dtype, shard by shard (`ShardWriter`), with its config: a folder
+    `from_pretrained` loads. Holds one shard and one block at a time."""
+    from lmshrink.compress.truncation import student_config
+
+    model, arch = runner.model, runner.arch
+    prefix = arch.blocks + "."
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    head = next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings())
+    writer = ShardWriter(folder)
+    names = [k for k in model.state_dict() if not (tied and k == head)]
+    dtypes = set()
+    for name in names:
+        if not name.startswith(prefix):
+            writer.add(name, tensor := runner.weights.read(name))
+            dtypes.add(tensor.dtype)
+    for j, i in enumerate(keep):
+        inside = {k[len(f"{prefix}{i}."):]: k for k in names if k.startswith(f"{prefix}{i}.")}
+        stored = {short: runner.weights.read(full).dtype for short, full in inside.items()}
+        with runner.block(i) as block:  # read in fp32, its fit folded in, written in the stored dtype
+            values = block.state_dict()
+            for short in inside:
+                writer.add(f"{prefix}{j}.{short}", values[short].to(stored[short]))
+    writer.close()
+    config = student_config(model.config, keep)
+    config.torch_dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
+    config.save_pretrained(folder)

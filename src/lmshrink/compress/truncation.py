@@ -111,6 +111,21 @@ def validate_keep(keep: list[int], n: int) -> None:
         raise LayerSelectionError(f"list the blocks in increasing order (got {keep}); reordering blocks is not supported")
 
 
+def student_config(config, keep: list[int]):
+    """The teacher's config for a student that keeps blocks `keep`: its depth and per-layer lists."""
+    arch = architecture_of(config)
+    n = getattr(config, arch.layer_count)
+    config = copy.deepcopy(config)
+    setattr(config, arch.layer_count, len(keep))
+    for name in arch.per_layer:
+        values = getattr(config, name, None)
+        if isinstance(values, list) and len(values) == n:
+            setattr(config, name, [values[i] for i in keep])
+    if arch.fix_config:
+        arch.fix_config(config)
+    return config
+
+
 def truncate_model(teacher, keep: list[int]):
     """A new model holding copies of the teacher's blocks `keep`, and the teacher's non-block weights
     themselves (the embeddings, final norm and head: no repair edits them, and on a large vocabulary
@@ -119,14 +134,7 @@ def truncate_model(teacher, keep: list[int]):
     arch = architecture_of(teacher.config)
     n = len(blocks_of(teacher))
     validate_keep(keep, n)
-    config = copy.deepcopy(teacher.config)
-    setattr(config, arch.layer_count, len(keep))
-    for name in arch.per_layer:
-        values = getattr(config, name, None)
-        if isinstance(values, list) and len(values) == n:
-            setattr(config, name, [values[i] for i in keep])
-    if arch.fix_config:
-        arch.fix_config(config)
+    config = student_config(teacher.config, keep)
     with torch.device("meta"):
         student = type(teacher)(config)
     student.generation_config = copy.deepcopy(teacher.generation_config)

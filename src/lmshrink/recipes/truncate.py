@@ -6,18 +6,33 @@ lmshrink.json and model card.
 
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmshrink.architectures import blocks_of, context_limit
-from lmshrink.compress.cut import CHOICES, CutArgs, cut, kept_count
-from lmshrink.compress.importance import METRICS, read_scores, score
-from lmshrink.config import Settings, group, setting, to_dict
-from lmshrink.data.sources import calibration_rows
+import torch
+
+from lmshrink.architectures import architecture_of, blocks_of, context_limit
+from lmshrink.compress.cut import CHOICES, CutArgs, calibration_mix, cut, kept_count
+from lmshrink.compress.cut_search import SEARCHES
+from lmshrink.compress.importance import METRICS, read_scores, score, score_blockwise
+from lmshrink.compress.sequential import (
+    SEQUENTIAL,
+    Blockwise,
+    lazy_model,
+    one_block_at_a_time,
+    repair_blockwise,
+    write_student,
+)
+from lmshrink.compress.truncation import select_layers
+from lmshrink.config import Settings, check, group, setting, to_dict
+from lmshrink.data.sources import Framing, calibration_rows
+from lmshrink.data.teacher_text import TEACHER_TEXT
 from lmshrink.errors import one_of
 from lmshrink.export.model_card import save_model_record
-from lmshrink.models import LoadArgs, no_tokenizer
+from lmshrink.models import LoadArgs, load_tokenizer, no_tokenizer, pick_device, resolve_dtype
 from lmshrink.records import provenance, save_atomically
 
 
@@ -35,6 +50,10 @@ class TruncateSettings(Settings):
     scores: str | None = setting(None, "scores.json from score-layers; computed on --calib-data if not given")
     calib_data: str = setting("python-docs/library", "calibration text for computing scores")
     calib_tokens: int = setting(4096, "calibration tokens for computing scores")
+    sequential: str = setting("auto", "read the teacher one block at a time from its safetensors and write the "
+                                      "student shard by shard (at most one block's weights in memory, float32): "
+                                      "on, off, or auto (on when the whole teacher would take more than half the "
+                                      "machine's memory)")
     load: LoadArgs = group(LoadArgs, "how the models are loaded")
     overwrite: bool = setting(False, "replace the output folder if it exists", how_to_run=True)
     cut: CutArgs = group(CutArgs, "measured block choice and training-free repair")
@@ -54,6 +73,7 @@ class TruncateSettings(Settings):
         problems += one_of("metric", self.metric, METRICS)
         if self.keep is not None and (self.num_layers is not None or self.ratio is not None):
             problems.append("keep: an explicit list already fixes the depth; drop num_layers/ratio")
+        problems += one_of("sequential", self.sequential, SEQUENTIAL)
         return problems
 
 
@@ -62,14 +82,23 @@ def load_scores(path: str) -> dict[str, Any]:
                        f"{path} does not exist; run `lmshrink score-layers` first")
 
 
-def run(settings: TruncateSettings) -> Path:
-    """Truncate the teacher and save the student."""
-    teacher = settings.load.load(settings.teacher, need_tokenizer=False)
-    n = len(blocks_of(teacher.model))
-    k = settings.num_layers
+def depth(settings: TruncateSettings, n: int) -> int:
+    """The student's depth: --num-layers, --ratio (said how it rounds) or half the teacher's."""
     if settings.ratio is not None:
         k = kept_count(n, settings.ratio)
         print(f"ratio {settings.ratio:g} of {n} blocks: keeping {k} ({n * settings.ratio:g}, rounded half up)")
+        return k
+    return settings.num_layers if settings.num_layers is not None else max(1, n // 2)
+
+
+def run(settings: TruncateSettings) -> Path:
+    """Truncate the teacher and save the student."""
+    source, config = settings.load.check(settings.teacher)
+    if one_block_at_a_time(settings.sequential, source, resolve_dtype(settings.load.dtype, "cpu"), pick_device("auto")):
+        return run_sequential(settings, source, config)
+    teacher = settings.load.load(settings.teacher, need_tokenizer=False, checked=(source, config))
+    n = len(blocks_of(teacher.model))
+    k = depth(settings, n)
     scores = None
     if settings.keep is None and settings.strategy == "importance":
         if settings.scores:
@@ -80,8 +109,6 @@ def run(settings: TruncateSettings) -> Path:
             length = min(512, context_limit(teacher.model.config) or 512)
             rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, length)
             scores = score(teacher.model, rows, ppl=settings.metric == "ppl_increase")
-    if k is None:
-        k = max(1, n // 2)
     student, keep, cut_record = cut(teacher.model, teacher.tokenizer, n, k, settings.strategy, settings.keep,
                                     scores, settings.metric, settings.cut, settings.calib_data, settings.calib_tokens)
     record = provenance(
@@ -102,4 +129,80 @@ def run(settings: TruncateSettings) -> Path:
     if teacher.tokenizer is None:
         print(f"[lmshrink] {teacher.source} has no tokenizer, so the student has none either: truncation needs "
               f"none, but training and evaluation will; copy the teacher's tokenizer into {out}")
+    return out
+
+
+def sequential_problems(settings: TruncateSettings) -> list[str]:
+    """What the block-by-block path does not do (each with the way on)."""
+    cut, way = settings.cut, "or --sequential off on a machine that holds the teacher"
+    problems = []
+    if settings.keep is None and settings.strategy in SEARCHES:
+        problems.append(f"strategy: the {settings.strategy} search measures whole candidate models; give --keep, a fixed "
+                        f"strategy or importance (scores computed block by block), {way}")
+    if cut.repair not in ("none", "refit", "replaceme"):
+        problems.append(f"repair: {cut.repair} is not done block by block; use refit, replaceme or none, {way}")
+    if cut.repair_epochs or cut.repair_downstream or cut.repair_fit != "student" or len(cut.repair_strength) > 1:
+        problems.append(f"repair: --repair-epochs, --repair-downstream, --repair-fit teacher and several "
+                        f"--repair-strength values need the whole student; leave them out, {way}")
+    return problems
+
+
+def run_sequential(settings: TruncateSettings, source: str, config) -> Path:
+    """The cut with the teacher read one block at a time and the student written shard by shard
+    (`compress.sequential`): block scores, the repair and the student all from one lazy teacher."""
+    check(sequential_problems(settings))
+    device = pick_device("auto")
+    tokenizer = load_tokenizer(source, settings.load.trust_remote_code)
+    n = getattr(config, architecture_of(config).layer_count)
+    k = depth(settings, n)
+    model, weights = lazy_model(source, config, device)
+    length = min(512, context_limit(config) or 512)
+    scores = None
+    needs_text = settings.cut.repair != "none" or (settings.keep is None and settings.strategy == "importance"
+                                                    and not settings.scores)
+    if needs_text and tokenizer is None:
+        raise no_tokenizer(source)
+    if settings.keep is None and settings.strategy == "importance":
+        if settings.scores:
+            scores = load_scores(settings.scores)
+        else:
+            rows = calibration_rows(settings.calib_data, tokenizer, settings.calib_tokens, length)
+            scores = score_blockwise(Blockwise(model, weights, rows, 4), ppl=settings.metric == "ppl_increase")
+    keep = select_layers(n, settings.strategy, k, settings.keep, scores, settings.metric)
+    record: dict[str, Any] = {"framing": Framing.of(tokenizer).record(tokenizer)} if tokenizer is not None else {}
+    rows = None
+    if settings.cut.repair != "none":
+        sources = [s for s in settings.cut.repair_data if s != TEACHER_TEXT] or [settings.calib_data]
+        if TEACHER_TEXT in settings.cut.repair_data:
+            print(f"[lmshrink] repair calibration: {', '.join(sources)} only; text the teacher writes itself would "
+                  f"take a whole-model pass per token, which this block-by-block run does not make", flush=True)
+        tokens = settings.cut.repair_tokens
+        rows = calibration_mix(sources, None, tokenizer, tokens, min(length, tokens))
+    runner = Blockwise(model, weights, rows if rows is not None else torch.zeros(1, 2, dtype=torch.long), 4)
+    if rows is not None:
+        started = time.perf_counter()
+        spans = repair_blockwise(runner, keep, settings.cut.repair)
+        record["repair"] = {"method": settings.cut.repair, "fit_on": "student", "data": sources,
+                            "strengths": [1.0], "downstream": [], "tokens": rows.numel(), "spans": spans,
+                            "seconds": time.perf_counter() - started, "path": "sequential"}
+        print(f"repaired by {settings.cut.repair} on {rows.numel():,} tokens of {', '.join(sources)}, one block at a "
+              f"time, in {record['repair']['seconds']:.0f} s; held-out error vs the plain cut per span: "
+              + ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}" for s in spans
+                          if "heldout_error" in s))
+    record = provenance(
+        "truncate", to_dict(settings), teacher=settings.teacher, teacher_source=source, teacher_layers=n,
+        kept_layers=keep, strategy="keep" if settings.keep is not None else settings.strategy, path="sequential",
+        scores=({m: scores[m] for m in METRICS if m in scores} if scores else None), **record)
+
+    def save(tmp: Path) -> None:
+        write_student(runner, keep, tmp)
+        generation = Path(source) / "generation_config.json"
+        if generation.is_file():
+            shutil.copy(generation, tmp / generation.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_model_record(tmp, record, Path(settings.output).name)
+
+    out = save_atomically(settings.output, save)
+    print(f"student with {len(keep)}/{n} blocks {keep} ({record['strategy']}, one block at a time) written to {out}")
     return out
