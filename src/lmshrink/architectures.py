@@ -8,6 +8,7 @@ config lists that must be re-indexed with the kept blocks.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -116,6 +117,21 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
 
 def num_blocks(model: nn.Module) -> int:
     return len(blocks_of(model))
+
+
+def student_config(config, keep: list[int]):
+    """The teacher's config for a student that keeps blocks `keep`: its depth and per-layer lists."""
+    arch = architecture_of(config)
+    n = getattr(config, arch.layer_count)
+    config = copy.deepcopy(config)
+    setattr(config, arch.layer_count, len(keep))
+    for name in arch.per_layer:
+        values = getattr(config, name, None)
+        if isinstance(values, list) and len(values) == n:
+            setattr(config, name, [values[i] for i in keep])
+    if arch.fix_config:
+        arch.fix_config(config)
+    return config
 
 
 @contextmanager

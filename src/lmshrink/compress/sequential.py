@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmshrink.architectures import architecture_of, blocks_of, get_path
+from lmshrink.architectures import architecture_of, blocks_of, get_path, student_config
 from lmshrink.compress.repair import APPLY, StopForward, _tensor
 from lmshrink.errors import LmshrinkError
 from lmshrink.models import device_memory
@@ -388,7 +388,6 @@ def write_student(runner: Blockwise, keep: list[int], folder: Path) -> None:
     """The student that keeps teacher blocks `keep` (with `runner.edits` folded in), written tensor by
     tensor in the checkpoint's own dtype, shard by shard (`ShardWriter`), with its config: a folder
     `from_pretrained` loads. Holds one shard and one block at a time."""
-    from lmshrink.compress.truncation import student_config
 
     model, arch = runner.model, runner.arch
     prefix = arch.blocks + "."

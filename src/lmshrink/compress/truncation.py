@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lmshrink.architectures import architecture_of, blocks_of, get_path, set_path
+from lmshrink.architectures import architecture_of, blocks_of, get_path, set_path, student_config
 from lmshrink.compress.importance import METRICS
 from lmshrink.errors import LmshrinkError
 
@@ -109,21 +109,6 @@ def validate_keep(keep: list[int], n: int) -> None:
         raise LayerSelectionError(f"block {dup[0]} is listed twice; list each block once")
     if keep != sorted(keep):
         raise LayerSelectionError(f"list the blocks in increasing order (got {keep}); reordering blocks is not supported")
-
-
-def student_config(config, keep: list[int]):
-    """The teacher's config for a student that keeps blocks `keep`: its depth and per-layer lists."""
-    arch = architecture_of(config)
-    n = getattr(config, arch.layer_count)
-    config = copy.deepcopy(config)
-    setattr(config, arch.layer_count, len(keep))
-    for name in arch.per_layer:
-        values = getattr(config, name, None)
-        if isinstance(values, list) and len(values) == n:
-            setattr(config, name, [values[i] for i in keep])
-    if arch.fix_config:
-        arch.fix_config(config)
-    return config
 
 
 def truncate_model(teacher, keep: list[int]):
