@@ -8,13 +8,17 @@ written once to OUTPUT/models/NAME as bf16 safetensors, tensor by tensor in 2 Gi
 or choice these runs print means anything about the real models.
 
 Every step is one `lmshrink` command under `/usr/bin/time -v` (its wall time and the kernel's peak
-resident set size), at fixed token counts:
-- `score-layers`: block scores (BI, angular distances, the perplexity without each block) on 1,024
-  calibration tokens, one block at a time (`--sequential on`, float32);
+resident set size), at fixed token counts (1,024 calibration tokens in rows of 256):
+- `score-layers`: block scores (BI, angular distances, the perplexity without each block), one block
+  at a time (`--sequential on`, float32);
 - `score-layers-whole`: the same with the whole model in memory (`--sequential off`, float32): run
   only where its float32 weights take under 60% of the machine's memory (else recorded as not run);
 - `score-layers-bi`: Block Influence and angular distances alone (`--no-ppl`), one block at a time:
-  one pass of each block, so the part of the cost that is linear in the parameters.
+  one pass of each block, so the part of the cost that is linear in the parameters;
+- `truncate`: keep 3/4 of the blocks (a quarter from the middle removed), `--repair refit` on 1,024
+  tokens of python-docs/library, one block at a time, the student written shard by shard;
+- `export`: that student as a q8_0 GGUF, one tensor at a time;
+- `score-student-bi`: `score-layers-bi` on that student.
 Resumable: each (model, step) result is kept in OUTPUT/results.json (a failure with its exit code,
 not tried again unless `--retry`); a re-run measures only what is missing, then writes the table,
 the log-log chart (scale.png) and the growth exponent of each step's time and memory (a least-squares
@@ -57,12 +61,27 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "
                "original_max_position_embeddings": 8192}
 CALIBRATION = ["--data", "python-docs/library", "--tokens", "1024", "--seq-len", "256", "--dtype", "float32",
                "--no-width"]
-STEPS = {
-    "score-layers": ["score-layers", *CALIBRATION, "--sequential", "on"],
-    "score-layers-whole": ["score-layers", *CALIBRATION, "--sequential", "off"],
-    "score-layers-bi": ["score-layers", *CALIBRATION, "--sequential", "on", "--no-ppl"],
-}
+STEPS = ("score-layers", "score-layers-whole", "score-layers-bi", "truncate", "export", "score-student-bi")
 WHOLE = {"score-layers-whole"}  # steps that hold the whole model in float32
+
+
+def step_command(step: str, model: Path, runs: Path, n: int) -> list[str]:
+    """The lmshrink command of one step on one model (n blocks); `runs` holds what the steps write.
+    The cut keeps 3/4 of the blocks (24 of 32: a quarter from the middle removed)."""
+    removed = set(range(n // 2, n // 2 + n // 4))
+    keep = ",".join(str(i) for i in range(n) if i not in removed)
+    student = runs / "student"
+    return {
+        "score-layers": ["score-layers", *CALIBRATION, "--sequential", "on", "--model", str(model)],
+        "score-layers-whole": ["score-layers", *CALIBRATION, "--sequential", "off", "--model", str(model)],
+        "score-layers-bi": ["score-layers", *CALIBRATION, "--sequential", "on", "--no-ppl", "--model", str(model)],
+        "truncate": ["truncate", "--teacher", str(model), "--keep", keep, "--repair", "refit", "--repair-data",
+                     "python-docs/library", "--repair-tokens", "1024", "--sequential", "on", "--overwrite",
+                     "--output", str(student)],
+        "export": ["export", "--model", str(student), "--quant", "q8_0", "--sequential", "on", "--overwrite",
+                   "--output", str(runs / "gguf")],
+        "score-student-bi": ["score-layers", *CALIBRATION, "--sequential", "on", "--no-ppl", "--model", str(student)],
+    }[step] + ([] if step in ("truncate", "export") else ["--output", str(runs / step)])
 
 
 def config_of(name: str):
@@ -191,8 +210,8 @@ def main() -> None:
                 results[key] = {"skipped": f"not run: {params[name] * 4 / 2**30:.0f} GiB of float32 weights"}
             else:
                 print(f"{key} ...", flush=True)
-                results[key] = measure([*STEPS[step], "--model", str(folder), "--output", str(out / "runs" / key)],
-                                       out / "logs" / f"{name}-{step}.log")
+                argv = step_command(step, folder, out / "runs" / name, SHAPES[name][3])
+                results[key] = measure(argv, out / "logs" / f"{name}-{step}.log")
             write_json(file, results)
     report(results, params, out)
 

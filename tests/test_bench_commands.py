@@ -171,8 +171,10 @@ def test_a_heal_bench_arm_from_a_cache_reads_it_instead_of_the_teacher(arm, tmp_
 
 
 def test_the_scale_bench_steps_are_lmshrink_commands_and_its_shapes_build(tmp_path):
-    for argv in scale.STEPS.values():
-        assert command_problems([*argv, "--model", "m", "--output", "o"], ROOT) == []
+    for step in scale.STEPS:
+        assert command_problems(scale.step_command(step, tmp_path / "m", tmp_path / "runs", 32), ROOT) == []
+    keep = scale.step_command("truncate", tmp_path / "m", tmp_path / "runs", 32)
+    assert len(keep[keep.index("--keep") + 1].split(",")) == 24
     for name in scale.SHAPES:  # every shape is a config transformers builds
         config = scale.config_of(name)
         assert config.num_hidden_layers == scale.SHAPES[name][3] and config.vocab_size == scale.SHAPES[name][6]
