@@ -455,3 +455,19 @@ def test_the_ridge_fit_is_the_closed_form_and_meets_its_limits():
     torch.testing.assert_close(moments.ridge(1e-12), torch.linalg.lstsq(m, u).solution)
     assert moments.ridge(1e9).abs().max() < 1e-6
     assert moments.error(torch.zeros(12, 5, dtype=torch.float64)) == pytest.approx(float((u * u).sum()))
+
+
+def test_the_dual_ridge_fit_is_the_primal_one_for_fewer_tokens_than_features():
+    """Fewer calibration tokens than MLP channels (Llama-3.1-8B's refit on 1,024 tokens): the N x N dual
+    form gives the primal F x F form's fit, lambda and held-out errors."""
+    from lmshrink.compress.repair import Moments, fit_span, fit_span_dual
+
+    g = torch.Generator().manual_seed(0)
+    for rows in (5, 7):  # 40 and 56 tokens, 64 features
+        m = torch.randn(rows, 8, 64, generator=g)
+        u = m @ torch.randn(64, 16, generator=g) + 0.1 * torch.randn(rows, 8, 16, generator=g)
+        primal, said = fit_span("refit", Moments.of(m[:-1], u[:-1]), Moments.of(m[-1:], u[-1:]))
+        dual, told = fit_span_dual(1, m, u)
+        torch.testing.assert_close(dual, primal, rtol=1e-6, atol=1e-8)  # (alpha 1e-6: conditioning)
+        assert told["alpha"] == said["alpha"] and told["heldout_error"] == pytest.approx(said["heldout_error"], rel=1e-8)
+        assert told["alpha_errors"] == pytest.approx(said["alpha_errors"], rel=1e-8)

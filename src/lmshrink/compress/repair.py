@@ -548,8 +548,44 @@ def repair(teacher, student, keep: list[int], rows: torch.Tensor, method: str, f
 
 
 def _fit(method: str, held: int, m: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """One fit of U from M: its parameter from the fit rows, lambda from the last `held` (held-out) ones."""
+    """One fit of U from M: its parameter from the fit rows, lambda from the last `held` (held-out) ones;
+    in the dual form where there are fewer tokens than features (`fit_span_dual`)."""
+    if method != "bias" and m.numel() // m.shape[-1] < m.shape[-1]:
+        return fit_span_dual(held, m, u)
     return fit_span(method, Moments.of(m[:-held], u[:-held]), Moments.of(m[-held:], u[-held:]))
+
+
+@torch.no_grad()
+def fit_span_dual(held: int, m: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """`fit_span`'s ridge fit (replaceme, refit) in its dual form, for fewer tokens N than features F
+    (a wide MLP on little calibration text): D = M^T (M M^T + lambda I)^-1 U is the primal
+    (M^T M + lambda I)^-1 M^T U, from N x N systems in place of F x F ones (Llama-3.1-8B's refit on
+    1,024 tokens: 1,024^2 where each F x F float64 matrix is 14,336^2 x 8 bytes = 1.6 GB); lambda,
+    the held-out choice and the record as `fit_span`'s. The last `held` rows are held out."""
+    features, width = m.shape[-1], u.shape[-1]
+
+    def flat(x: torch.Tensor, rows: slice) -> torch.Tensor:
+        return x[rows].reshape(-1, x.shape[-1]).double()
+
+    mf, uf, mh, uh = flat(m, slice(None, -held)), flat(u, slice(None, -held)), flat(m, slice(-held, None)), \
+        flat(u, slice(-held, None))
+    base = max(float((uh * uh).sum()), 1e-30)
+    gram, across = mf @ mf.T, mh @ mf.T
+    trace = float(gram.diagonal().sum())
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    errors = {}
+    for alpha in ALPHAS:  # the held-out prediction M_h D = (M_h M_f^T) A, no F x H matrix per alpha
+        pred = across @ torch.linalg.solve(gram + alpha * trace / features * eye, uf) if trace > 0 else 0 * uh
+        errors[alpha] = float(((pred - uh) ** 2).sum())
+    alpha = min(errors, key=errors.__getitem__)
+    info = {"alpha_errors": {f"{a:g}": e / base for a, e in errors.items()}}
+    if errors[alpha] >= base:
+        return torch.zeros(features, width, dtype=torch.float64), {"alpha": None, "heldout_error": 1.0, **info}
+    ma, ua = flat(m, slice(None)), flat(u, slice(None))
+    gram = ma @ ma.T
+    lam = alpha * float(gram.diagonal().sum()) / features
+    delta = ma.T @ torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), ua)
+    return delta, {"alpha": alpha, "heldout_error": errors[alpha] / base, **info}
 
 
 def _strength(student, j: int, method: str, param: torch.Tensor, strengths: tuple[float, ...], held_rows: torch.Tensor,

@@ -49,40 +49,64 @@ def checkpoint_folder(source: str) -> Path:
     return folder
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def safetensors_index(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """Where a safetensors file's data starts, and each tensor's dtype, shape and byte range in it."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
 class LazyWeights:
     """A checkpoint's tensors by the model's names for them (transformers' renamings on load applied:
-    GPT-NeoX's `embed_out` is the model's `lm_head`), each read from its memory-mapped safetensors
-    file when asked."""
+    GPT-NeoX's `embed_out` is the model's `lm_head`), each read from its safetensors file when asked,
+    by plain reads (a memory map would keep every page read resident, counted against the process,
+    until the run ends: the whole checkpoint, by the last block)."""
 
     def __init__(self, folder: Path, model):
-        from safetensors import safe_open
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
 
         index = folder / "model.safetensors.index.json"
         files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
                  else [p.name for p in folder.glob("*.safetensors")])
-        self.handles = {name: safe_open(folder / name, "pt", device="cpu") for name in files}
         transforms = get_model_conversion_mapping(model)
         if any(type(t) is not WeightRenaming for t in transforms):
             raise SequentialError(f"a {model.config.model_type} checkpoint's tensors are converted as they load, "
                                   "which the block-by-block path does not do; use --sequential off")
         renames = [(pattern, t.target_patterns[min(i, len(t.target_patterns) - 1)])
                    for t in transforms for i, pattern in enumerate(t.source_patterns)]
-        self.where: dict[str, tuple[str, str]] = {}  # the model's name: (file, the checkpoint's name)
-        for file, handle in self.handles.items():
-            for key in handle.keys():
+        self.where: dict[str, tuple[Path, int, dict[str, Any]]] = {}  # the model's name: (file, data start, entry)
+        for file in files:
+            start, header = safetensors_index(folder / file)
+            for key, entry in header.items():
                 name = key
                 for pattern, target in renames:
                     name = re.sub(pattern, target, name)
-                self.where[name] = (file, key)
+                self.where[name] = (folder / file, start, entry)
         self.prefix = model.base_model_prefix  # (`model`, `transformer`): some checkpoints leave it out
 
     def read(self, name: str) -> torch.Tensor:
         for key in (name, name.removeprefix(f"{self.prefix}."), f"{self.prefix}.{name}"):
             if key in self.where:
-                file, stored = self.where[key]
-                return self.handles[file].get_tensor(stored)
+                path, start, entry = self.where[key]
+                begin, end = entry["data_offsets"]
+                data = bytearray(end - begin)
+                with path.open("rb") as f:
+                    f.seek(start + begin)
+                    f.readinto(data)
+                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise SequentialError(f"{name} is stored as {entry['dtype']}, which the block-by-block path does "
+                                          "not read; use --sequential off")
+                return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"]) if data else \
+                    torch.empty(entry["shape"], dtype=dtype)
         raise SequentialError(f"the checkpoint has no tensor {name!r}; it does not match the model's config "
                               "(re-save it with save_pretrained), or use --sequential off")
 
@@ -284,13 +308,8 @@ def _rows(value: Any, size: int, full: int) -> Any:
 def weights_bytes(source: str) -> int:
     """Bytes of a model's weights in float32 (what the whole-model path holds), from its checkpoint's
     headers: every tensor's element count x 4."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in checkpoint_folder(source).glob("*.safetensors"):
-        with safe_open(path, "pt", device="cpu") as handle:
-            total += sum(math.prod(handle.get_slice(key).get_shape()) * 4 for key in handle.keys())
-    return total
+    return sum(math.prod(entry["shape"]) * 4 for path in checkpoint_folder(source).glob("*.safetensors")
+               for entry in safetensors_index(path)[1].values())
 
 
 def one_block_at_a_time(choice: str, source: str, dtype: str, device: torch.device) -> bool:
