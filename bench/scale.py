@@ -2,7 +2,7 @@
 parameters, on random-weight models of the shapes users bring.
 
 Each shape (from the published config.json of SmolLM2, Qwen2.5, Llama 3.x: ../shared/ASSETS.md) is
-written once to OUTPUT/models/NAME as bf16 safetensors, tensor by tensor in 2 GiB shards
+written once to OUTPUT/models/NAME as bf16 safetensors, tensor by tensor in 1 GiB shards
 (`compress.sequential.ShardWriter`: the whole model is never in memory), with SmolLM2's tokenizer
 (its ids fit every vocabulary here). Random weights measure cost, not quality: no score, perplexity
 or choice these runs print means anything about the real models.

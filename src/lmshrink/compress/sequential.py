@@ -113,7 +113,8 @@ class LazyWeights:
 
 def lazy_model(source: str, config: Any, device: torch.device) -> tuple[Any, LazyWeights]:
     """The causal LM of `config` with its parameters on the meta device (its buffers real) and its
-    non-block weights read in (float32, on `device`); the weights to read its blocks from."""
+    non-block weights read in (on `device`: the token embeddings in their stored dtype, the rest in
+    float32; an untied head is left to its first use); the weights to read the rest from."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -126,10 +127,11 @@ def lazy_model(source: str, config: Any, device: torch.device) -> tuple[Any, Laz
     head = next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings())
     embedding = next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_input_embeddings())
     for name, _ in model.named_parameters():
-        if not name.startswith(blocks) and not (tied and name == head):  # a tied head is the embeddings
-            # the vocabulary-sized tables stay in the checkpoint's dtype (the stream and the head's
-            # products are float32 all the same): on Llama-3.1-8B 2.1 GB instead of 4.2
-            _materialise(model, name, weights.read(name), device, keep_dtype=name in (head, embedding))
+        # a tied head is the embeddings; an untied one is read when a loss needs it (`Blockwise.nll`)
+        if not name.startswith(blocks) and name != head:
+            # the vocabulary-sized table stays in the checkpoint's dtype (the stream and the head's
+            # products are float32 all the same): on Llama-3.1-8B 1.05 GB instead of 2.1
+            _materialise(model, name, weights.read(name), device, keep_dtype=name == embedding)
     if tied:
         model.tie_weights()
     # the stream is float32 from the start, whatever the table's dtype
@@ -225,7 +227,10 @@ class Blockwise:
 
     @torch.no_grad()
     def entering(self) -> torch.Tensor:
-        """The stream entering block 0 for every row (N, T, H), float32 on the CPU."""
+        """The stream entering block 0 for every row (N, T, H), float32 on the CPU. The blocks' calls are
+        recorded first (a lazy pass over the first rows), while no block is held."""
+        if not self.calls:
+            self.calls = self._record(self.rows[: self.batch_size])
         got: list[torch.Tensor] = []
 
         def grab(_m, args, kwargs):
@@ -276,6 +281,9 @@ class Blockwise:
         norm, the head (soft-capped where the model caps its logits), each row's tokens 1..T-1 scored."""
         norm = get_path(self.model, self.arch.final_norm)
         head = self.model.get_output_embeddings()
+        if head.weight.device.type == "meta":  # an untied head, read in its stored dtype at its first use
+            name = next(f"{n}.weight" for n, m in self.model.named_modules() if m is head)
+            _materialise(self.model, name, self.weights.read(name), self.device, keep_dtype=True)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         total, count = 0.0, 0
         for start in range(0, states.shape[0], self.batch_size):
@@ -324,7 +332,7 @@ def one_block_at_a_time(choice: str, source: str, dtype: str, device: torch.devi
     return size > device_memory(device) // 2
 
 
-SHARD_BYTES = 2 << 30  # transformers' own default shard size is 5 GB; 2 GiB bounds what a writer holds
+SHARD_BYTES = 1 << 30  # 1 GiB: what a writer holds at most (transformers' own default shards are larger)
 
 
 class ShardWriter:
