@@ -312,3 +312,27 @@ def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_p
     assert main([*common, "--keep", "0,5", "--output", str(tmp_path / "search"), "--sequential", "on",
                  "--repair-epochs", "2"]) == 2
     assert "need the whole student" in capsys.readouterr().err
+
+
+def test_one_block_at_a_time_never_holds_two_blocks(tmp_path, gpt2_tokenizer, monkeypatch):
+    """Whenever the block-by-block cut reads a block in, every other block of the teacher is still on
+    the meta device (at most one block's weights in memory), through scoring, repair and writing."""
+    from lmshrink.compress import sequential
+
+    teacher = tmp_path / "teacher"
+    config = TINY_CONFIGS["llama"](6)
+    config.vocab_size, config.max_position_embeddings = len(gpt2_tokenizer), 128
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(teacher)
+    gpt2_tokenizer.save_pretrained(teacher)
+    original, seen = sequential.Blockwise.block, []
+
+    def block(self, i):
+        held = [j for j, b in enumerate(self.blocks) if any(p.device.type != "meta" for p in b.parameters())]
+        seen.append(held)
+        return original(self, i)
+
+    monkeypatch.setattr(sequential.Blockwise, "block", block)
+    assert main(["truncate", "--teacher", str(teacher), "--strategy", "importance", "--num-layers", "4",
+                 "--calib-tokens", "256", "--repair-data", "python-docs/tutorial", "--repair-tokens", "512",
+                 "--sequential", "on", "--output", str(tmp_path / "student")]) == 0
+    assert len(seen) > 12 and all(held == [] for held in seen)
