@@ -92,23 +92,31 @@ class LazyWeights:
                 self.where[name] = (folder / file, start, entry)
         self.prefix = model.base_model_prefix  # (`model`, `transformer`): some checkpoints leave it out
 
-    def read(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> tuple[Path, int, dict[str, Any]]:
         for key in (name, name.removeprefix(f"{self.prefix}."), f"{self.prefix}.{name}"):
             if key in self.where:
-                path, start, entry = self.where[key]
-                begin, end = entry["data_offsets"]
-                data = bytearray(end - begin)
-                with path.open("rb") as f:
-                    f.seek(start + begin)
-                    f.readinto(data)
-                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-                if dtype is None:
-                    raise SequentialError(f"{name} is stored as {entry['dtype']}, which the block-by-block path does "
-                                          "not read; use --sequential off")
-                return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"]) if data else \
-                    torch.empty(entry["shape"], dtype=dtype)
+                return self.where[key]
         raise SequentialError(f"the checkpoint has no tensor {name!r}; it does not match the model's config "
                               "(re-save it with save_pretrained), or use --sequential off")
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's stored dtype, from the file's header (nothing read)."""
+        return SAFETENSORS_DTYPES.get(self._entry(name)[2]["dtype"], torch.float32)
+
+    def read(self, name: str) -> torch.Tensor:
+        path, start, entry = self._entry(name)
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise SequentialError(f"{name} is stored as {entry['dtype']}, which the block-by-block path does not "
+                                  "read; use --sequential off")
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        data = bytearray(end - begin)
+        with path.open("rb") as f:
+            f.seek(start + begin)
+            f.readinto(data)
+        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
 
 
 def lazy_model(source: str, config: Any, device: torch.device) -> tuple[Any, LazyWeights]:
@@ -353,12 +361,25 @@ class ShardWriter:
         self.pending[name] = tensor.detach().contiguous().cpu()
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
+        """Write the pending tensors as one safetensors file: the header, then each tensor's bytes from
+        its own memory (safetensors' `save_file` builds the file's bytes in memory first: two more
+        copies of a shard)."""
         from lmshrink.records import atomic_file
 
-        with atomic_file(self.folder / f".shard-{len(self.written):05d}.safetensors") as tmp:
-            save_file(self.pending, str(tmp), metadata={"format": "pt"})
+        names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, tensor in self.pending.items():
+            size = tensor.numel() * tensor.element_size()
+            header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        with atomic_file(self.folder / f".shard-{len(self.written):05d}.safetensors") as tmp, tmp.open("wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for tensor in self.pending.values():
+                f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b"")
         self.written.append({k: v.numel() * v.element_size() for k, v in self.pending.items()})
         self.pending = {}
 
@@ -441,7 +462,7 @@ def write_student(runner: Blockwise, keep: list[int], folder: Path) -> None:
             dtypes.add(tensor.dtype)
     for j, i in enumerate(keep):
         inside = {k[len(f"{prefix}{i}."):]: k for k in names if k.startswith(f"{prefix}{i}.")}
-        stored = {short: runner.weights.read(full).dtype for short, full in inside.items()}
+        stored = {short: runner.weights.dtype(full) for short, full in inside.items()}
         with runner.block(i) as block:  # read in fp32, its fit folded in, written in the stored dtype
             values = block.state_dict()
             for short in inside:
