@@ -379,3 +379,29 @@ def test_a_model_read_one_tensor_at_a_time_exports_the_same_file(kind, tmp_path,
         assert whole.keys() == lazy.keys()
         for name, data in whole.items():
             np.testing.assert_array_equal(lazy[name], data)
+
+
+@needs_llamacpp
+def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path, bpe, sample_ids):
+    """Llama 3.x scale RoPE (`rope_type: llama3`): the file carries the factors as llama.cpp's
+    `rope_freqs` tensor, and llama.cpp gives the source's logits (which the unscaled RoPE does not)."""
+    config = TINY_CONFIGS["llama"](2)
+    config.vocab_size, config.max_position_embeddings, config.initializer_range = len(bpe), 256, 0.3  # sharp attention
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    plain = copy.deepcopy(config)
+    plain.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    unscaled = T.AutoModelForCausalLM.from_config(plain).eval()
+    unscaled.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want, other = model(sample_ids).logits, unscaled(sample_ids).logits
+    assert (apart := relative_error(want, other)) > 1e-2  # the scaling matters at these positions
+    assert export_problems(config) == []
+    path = tmp_path / "l3.gguf"
+    write_gguf(model, bpe, path, "f32", "l3")
+    assert read_tensors(path)["rope_freqs.weight"].shape == (config.head_dim // 2,)
+    got = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=64, threads=1))(sample_ids)
+    # llama.cpp's f16 KV cache costs these sharp logits ~2e-3; a missing or wrong scaling costs `apart`
+    assert relative_error(want, got) < min(5e-3, apart / 5), (relative_error(want, got), apart)

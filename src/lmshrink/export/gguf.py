@@ -73,9 +73,23 @@ def _rope_theta(config) -> float:
 def _rope_problem(config) -> str | None:
     rope = getattr(config, "rope_parameters", None) or {}
     kind = rope.get("rope_type", "default")
-    if kind != "default":
+    if kind not in ("default", "llama3") or (kind == "llama3" and config.model_type not in ("llama", "mistral")):
         return f"its RoPE is scaled ({kind}), which lmshrink does not write to GGUF yet"
     return None
+
+
+def rope_factors(config) -> np.ndarray | None:
+    """Llama 3's RoPE scaling as llama.cpp reads it: a `rope_freqs` tensor dividing each frequency
+    (the default frequencies over transformers' own llama3-scaled ones); None for unscaled RoPE."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "llama3":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    default = 1.0 / (_rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    return (default / scaled.double()).float().numpy()
 
 
 def _llama_like(writer, config) -> None:
@@ -307,6 +321,8 @@ def tensors(model, family: Family, weights=None) -> list[tuple[str, str, tuple[i
             return family.tensor(name, value.detach().float().cpu(), config).contiguous().numpy()
 
         out.append((name, gguf_name, shape, array))
+    if (factors := rope_factors(config)) is not None:
+        out.append(("rope_freqs", "rope_freqs.weight", factors.shape, lambda: factors))
     return out
 
 
