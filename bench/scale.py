@@ -18,7 +18,7 @@ resident set size), at fixed token counts (1,024 calibration tokens in rows of 2
 - `truncate`: keep 3/4 of the blocks (a quarter from the middle removed), `--repair refit` on 1,024
   tokens of python-docs/library, one block at a time, the student written shard by shard;
 - `export`: that student as a q8_0 GGUF, one tensor at a time;
-- `score-student-bi`: `score-layers-bi` on that student.
+- `score-student-bi`, `score-student`: `score-layers-bi` and `score-layers` on that student.
 Resumable: each (model, step) result is kept in OUTPUT/results.json (a failure with its exit code,
 not tried again unless `--retry`); a re-run measures only what is missing, then writes the table,
 the log-log chart (scale.png) and the growth exponent of each step's time and memory (a least-squares
@@ -61,7 +61,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "
                "original_max_position_embeddings": 8192}
 CALIBRATION = ["--data", "python-docs/library", "--tokens", "1024", "--seq-len", "256", "--dtype", "float32",
                "--no-width"]
-STEPS = ("score-layers", "score-layers-whole", "score-layers-bi", "truncate", "export", "score-student-bi")
+STEPS = ("score-layers", "score-layers-whole", "score-layers-bi", "truncate", "export", "score-student-bi",
+         "score-student")
 WHOLE = {"score-layers-whole"}  # steps that hold the whole model in float32
 
 
@@ -81,6 +82,7 @@ def step_command(step: str, model: Path, runs: Path, n: int) -> list[str]:
         "export": ["export", "--model", str(student), "--quant", "q8_0", "--sequential", "on", "--overwrite",
                    "--output", str(runs / "gguf")],
         "score-student-bi": ["score-layers", *CALIBRATION, "--sequential", "on", "--no-ppl", "--model", str(student)],
+        "score-student": ["score-layers", *CALIBRATION, "--sequential", "on", "--model", str(student)],
     }[step] + ([] if step in ("truncate", "export") else ["--output", str(runs / step)])
 
 

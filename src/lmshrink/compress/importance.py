@@ -136,9 +136,10 @@ def score_blockwise(runner: Blockwise, ppl: bool = True) -> dict[str, Any]:
         print(f"  block {i:>2} of {n} passed", flush=True)
     sums = Similarities(n)
     sums.add(states)
-    scores = sums.result()
+    scores, last = sums.result(), states[-1]
+    del states  # the head (an untied one is read now) needs the room more than the states
     if ppl:
-        total, count = runner.nll(states[-1])
+        total, count = runner.nll(last)
         base = math.exp(total / count)
         without = [math.exp(total / count) for total, count in (runner.nll(skipped[j]) for j in range(n))]
         for i, value in enumerate(without):
