@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,12 @@ class LazyWeights:
                 return self.where[key]
         raise SequentialError(f"the checkpoint has no tensor {name!r}; it does not match the model's config "
                               "(re-save it with save_pretrained), or use --sequential off")
+
+    def stored(self, name: str) -> Stored:
+        """Where a tensor's bytes are, to copy them as they are (`ShardWriter`)."""
+        path, start, entry = self._entry(name)
+        begin, end = entry["data_offsets"]
+        return Stored(path, start + begin, entry["dtype"], tuple(entry["shape"]), end - begin)
 
     def dtype(self, name: str) -> torch.dtype:
         """A tensor's stored dtype, from the file's header (nothing read)."""
@@ -343,44 +350,70 @@ def one_block_at_a_time(choice: str, source: str, dtype: str, device: torch.devi
 SHARD_BYTES = 1 << 30  # 1 GiB: what a writer holds at most (transformers' own default shards are larger)
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A tensor as a checkpoint stores it (its bytes at `begin` of `path`), copied into a new file
+    without being read into memory whole."""
+
+    path: Path
+    begin: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
 class ShardWriter:
     """A model folder written tensor by tensor, as `save_pretrained` lays it out: shards of at most
     SHARD_BYTES (`model-00001-of-0000N.safetensors`), each written whole and atomically once full,
-    and the index (`model.safetensors.index.json`) last; at most one shard's tensors are held."""
+    and the index (`model.safetensors.index.json`) last. A tensor is given as a tensor (held until its
+    shard is written: at most a shard's worth) or as `Stored` bytes of another checkpoint (copied 64 MiB
+    at a time when its shard is written: nothing held)."""
+
+    COPY_BYTES = 64 << 20
 
     def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
         self.folder, self.shard_bytes = Path(folder), shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, torch.Tensor | Stored] = {}
         self.written: list[dict[str, int]] = []  # per shard: tensor name -> bytes
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + size > self.shard_bytes:
+    @staticmethod
+    def _size(value: torch.Tensor | Stored) -> int:
+        return value.nbytes if isinstance(value, Stored) else value.numel() * value.element_size()
+
+    def add(self, name: str, value: torch.Tensor | Stored) -> None:
+        if self.pending and sum(map(self._size, self.pending.values())) + self._size(value) > self.shard_bytes:
             self._flush()
-        self.pending[name] = tensor.detach().contiguous().cpu()
+        self.pending[name] = value if isinstance(value, Stored) else value.detach().contiguous().cpu()
 
     def _flush(self) -> None:
         """Write the pending tensors as one safetensors file: the header, then each tensor's bytes from
-        its own memory (safetensors' `save_file` builds the file's bytes in memory first: two more
-        copies of a shard)."""
+        its own memory or its source file (safetensors' `save_file` builds the file's bytes in memory
+        first: two more copies of a shard)."""
         from lmshrink.records import atomic_file
 
         names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
-        for key, tensor in self.pending.items():
-            size = tensor.numel() * tensor.element_size()
-            header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-            offset += size
+        for key, value in self.pending.items():
+            dtype, shape = (value.dtype, list(value.shape)) if isinstance(value, Stored) else \
+                (names[value.dtype], list(value.shape))
+            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + self._size(value)]}
+            offset += self._size(value)
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
         with atomic_file(self.folder / f".shard-{len(self.written):05d}.safetensors") as tmp, tmp.open("wb") as f:
             f.write(len(encoded).to_bytes(8, "little"))
             f.write(encoded)
-            for tensor in self.pending.values():
-                f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b"")
-        self.written.append({k: v.numel() * v.element_size() for k, v in self.pending.items()})
+            for value in self.pending.values():
+                if isinstance(value, Stored):
+                    with value.path.open("rb") as source:
+                        source.seek(value.begin)
+                        for done in range(0, value.nbytes, self.COPY_BYTES):
+                            f.write(source.read(min(self.COPY_BYTES, value.nbytes - done)))
+                elif value.numel():
+                    f.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
+        self.written.append({k: self._size(v) for k, v in self.pending.items()})
         self.pending = {}
 
     def close(self) -> None:
@@ -456,12 +489,16 @@ def write_student(runner: Blockwise, keep: list[int], folder: Path) -> None:
     writer = ShardWriter(folder)
     names = [k for k in model.state_dict() if not (tied and k == head)]
     dtypes = set()
-    for name in names:
+    for name in names:  # the embeddings, final norm and head: their bytes copied as stored
         if not name.startswith(prefix):
-            writer.add(name, tensor := runner.weights.read(name))
-            dtypes.add(tensor.dtype)
+            writer.add(name, runner.weights.stored(name))
+            dtypes.add(runner.weights.dtype(name))
     for j, i in enumerate(keep):
         inside = {k[len(f"{prefix}{i}."):]: k for k in names if k.startswith(f"{prefix}{i}.")}
+        if i not in runner.edits:  # a block as the teacher has it: copied
+            for short, full in inside.items():
+                writer.add(f"{prefix}{j}.{short}", runner.weights.stored(full))
+            continue
         stored = {short: runner.weights.dtype(full) for short, full in inside.items()}
         with runner.block(i) as block:  # read in fp32, its fit folded in, written in the stored dtype
             values = block.state_dict()
