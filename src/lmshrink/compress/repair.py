@@ -381,11 +381,16 @@ def fold(proj: nn.Module, delta: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def refit(proj: nn.Module, delta: torch.Tensor) -> None:
-    """Make the projection's output y = x W become x (W + D): D (in, out) added to the weights."""
+def refit(proj: nn.Module, delta: torch.Tensor, rows: int = 1024) -> None:
+    """Make the projection's output y = x W become x (W + D): D (in, out) added to the weights, in
+    float64, `rows` rows at a time (a whole float64 copy of Llama-3.1-8B's down projection is 470 MB),
+    into new weights (a search's `patched` keeps the old ones to put back)."""
     w = proj.weight.data
     d = delta if hasattr(proj, "nf") else delta.T  # Conv1D's W is (in, out); nn.Linear's (out, in)
-    proj.weight.data = (w.double() + d.to(w.device)).to(w.dtype)
+    new = torch.empty_like(w)
+    for r in range(0, w.shape[0], rows):
+        new[r : r + rows] = (w[r : r + rows].double() + d[r : r + rows].to(w.device)).to(w.dtype)
+    proj.weight.data = new
 
 
 @torch.no_grad()
