@@ -240,20 +240,31 @@ class BlockReplay:
         """Block i on the stream entering it (N, T, H): the stream leaving it and its MLP output
         projection's output, or input (`proj_input`), None where the architecture has none;
         float32 on the CPU."""
-        outs, projs = [], []
-        hook = None if self.proj_path is None else get_path(self.blocks[i], self.proj_path).register_forward_hook(
-            lambda _m, args, out: projs.append((args[0] if self.proj_input else _tensor(out)).float().cpu()))
-        try:
-            for start in range(0, states.shape[0], self.batch_size):
-                x = states[start : start + self.batch_size].to(self.device, self.dtype)
-                rest, kwargs = self.calls[x.shape[0]][i]
-                outs.append(_tensor(self.blocks[i](x, *rest, **kwargs)).float().cpu())
-                if projs:
-                    projs[-1] = projs[-1].reshape(*x.shape[:2], -1)  # OPT's fc2 runs on (B * T, H)
-        finally:
-            if hook is not None:
-                hook.remove()
-        return torch.cat(outs), torch.cat(projs) if projs else None
+        return run_block(self.blocks[i], states, lambda size: self.calls[size][i], self.batch_size, self.device,
+                         self.dtype, self.proj_path, self.proj_input)
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, states: torch.Tensor, call: Callable[[int], tuple[tuple, dict]], batch_size: int,
+              device: torch.device, dtype: torch.dtype, feature: str | None,
+              proj_input: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A block on a stream (N, T, H), `batch_size` rows at a time, each batch called as `call(rows)`
+    gives (its arguments besides the hidden states): the stream leaving it and the output, or input
+    (`proj_input`), of its MLP output projection at path `feature` (None: not taken); float32 on the CPU."""
+    outs, feats = [], []
+    hook = None if feature is None else get_path(block, feature).register_forward_hook(
+        lambda _m, args, out: feats.append((args[0] if proj_input else _tensor(out)).float().cpu()))
+    try:
+        for start in range(0, states.shape[0], batch_size):
+            x = states[start : start + batch_size].to(device, dtype)
+            rest, kwargs = call(x.shape[0])
+            outs.append(_tensor(block(x, *rest, **kwargs)).float().cpu())
+            if feats:
+                feats[-1] = feats[-1].reshape(*x.shape[:2], -1)  # OPT's fc2 runs on (B * T, H)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return torch.cat(outs), torch.cat(feats) if feats else None
 
 
 # --- fits --------------------------------------------------------------------------------------

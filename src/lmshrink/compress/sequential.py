@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink.architectures import architecture_of, blocks_of, get_path, student_config
-from lmshrink.compress.repair import APPLY, StopForward, _tensor
+from lmshrink.compress.repair import APPLY, StopForward, run_block
 from lmshrink.errors import LmshrinkError
 from lmshrink.models import device_memory
 
@@ -275,20 +275,8 @@ class Blockwise:
         """Block i (held) on a stream: the stream leaving it, and its MLP output projection's input
         (`proj_input`) or output (False) as a repair fits it, float32 on the CPU (None: not asked)."""
         assert self.held == i, f"block {i} is not held"
-        outs, feats = [], []
-        hook = None if proj_input is None else get_path(self.blocks[i], self.arch.mlp_out).register_forward_hook(
-            lambda _m, args, out: feats.append((args[0] if proj_input else _tensor(out)).float().cpu()))
-        try:
-            for start in range(0, states.shape[0], self.batch_size):
-                x = states[start : start + self.batch_size].to(self.device)
-                rest, kwargs = self._call(i, x.shape[0])
-                outs.append(_tensor(self.blocks[i](x, *rest, **kwargs)).float().cpu())
-                if feats:
-                    feats[-1] = feats[-1].reshape(*x.shape[:2], -1)  # OPT's fc2 runs on (B * T, H)
-        finally:
-            if hook is not None:
-                hook.remove()
-        return torch.cat(outs), torch.cat(feats) if feats else None
+        return run_block(self.blocks[i], states, lambda size: self._call(i, size), self.batch_size, self.device,
+                         torch.float32, None if proj_input is None else self.arch.mlp_out, bool(proj_input))
 
     @torch.no_grad()
     def nll(self, states: torch.Tensor) -> tuple[float, int]:
