@@ -119,13 +119,19 @@ def test_one_block_at_a_time_scores_as_the_whole_model_does(arch, tmp_path):
 def test_score_layers_reads_one_block_at_a_time_when_asked_or_when_the_model_would_not_fit(tmp_path, monkeypatch,
                                                                                            capsys, tiny_gpt2_dir):
     common = ["score-layers", "--model", str(tiny_gpt2_dir), "--data", "python-docs/tutorial", "--tokens", "256",
-              "--seq-len", "64", "--no-width", "--dtype", "float32"]
+              "--seq-len", "64", "--dtype", "float32"]
     assert main([*common, "--output", str(tmp_path / "whole"), "--sequential", "off"]) == 0
     assert main([*common, "--output", str(tmp_path / "on"), "--sequential", "on"]) == 0
     whole, on = (json.loads((tmp_path / o / "scores.json").read_text()) for o in ("whole", "on"))
     assert (whole["path"], on["path"]) == ("whole", "sequential")
     assert on["ppl_without_block"] == pytest.approx(whole["ppl_without_block"], rel=1e-5)
     assert on["block_influence"] == pytest.approx(whole["block_influence"], rel=1e-5, abs=1e-6)
+    widths = [json.loads((tmp_path / o / "width_scores.json").read_text()) for o in ("whole", "on")]
+    for key in ("heads", "mlp"):  # the width scores from the same one pass over the blocks
+        for got, want in zip(widths[1][key], widths[0][key], strict=True):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-7), key
+    assert widths[1]["hidden"] == pytest.approx(widths[0]["hidden"], rel=1e-5, abs=1e-7)
+    common = [*common, "--no-width"]
     monkeypatch.setattr("lmshrink.compress.sequential.device_memory", lambda device: 1000)  # a tiny machine
     assert main([*common, "--output", str(tmp_path / "auto")]) == 0
     assert json.loads((tmp_path / "auto" / "scores.json").read_text())["path"] == "sequential"

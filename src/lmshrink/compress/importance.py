@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from lmshrink.architectures import blocks_of, only_blocks
 from lmshrink.compress.sequential import Blockwise
+from lmshrink.compress.width import WidthSums
 from lmshrink.config import SettingsError
 from lmshrink.data.sources import Framing
 from lmshrink.evaluate.perplexity import perplexity
@@ -119,20 +121,22 @@ def score(model, rows: torch.Tensor, batch_size: int = 4, ppl: bool = True) -> d
 
 
 @torch.no_grad()
-def score_blockwise(runner: Blockwise, ppl: bool = True) -> dict[str, Any]:
+def score_blockwise(runner: Blockwise, ppl: bool = True, widths: WidthSums | None = None) -> dict[str, Any]:
     """`score`'s scores from a model read one block at a time (`compress.sequential`): every row's
     stream passes each block once, and so does, for each block j already passed, the stream that
     skipped block j (the model without block j), so all n removals cost n(n - 1)/2 block passes
     where the whole-model path runs n whole models. Holds the n + 1 states (for the angular
-    distances) and, with `ppl`, the n streams without a block: (2n + 1) x rows x T x H x 4 bytes."""
+    distances) and, with `ppl`, the n streams without a block: (2n + 1) x rows x T x H x 4 bytes.
+    `widths` (the width scores' sums) watch each block on the full model's stream in the same pass."""
     n = len(runner.blocks)
     states, skipped = [runner.entering()], {}
     for i in range(n):
-        with runner.block(i):
+        with runner.block(i) as block:
             if ppl:
                 skipped = {j: runner.run(i, x) for j, x in skipped.items()}
                 skipped[i] = states[-1]  # the stream that skips block i goes on from block i + 1
-            states.append(runner.run(i, states[-1]))
+            with widths.watching(i, block) if widths is not None else nullcontext():
+                states.append(runner.run(i, states[-1]))
         print(f"  block {i:>2} of {n} passed", flush=True)
     sums = Similarities(n)
     sums.add(states)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,45 +193,73 @@ def check_target(config: Any, target: dict[str, int]) -> list[str]:
 # ----------------------------------------------------------------------------- importance
 
 
+class WidthSums:
+    """Each head's, MLP channel's and hidden channel's activation summed over the tokens that pass a
+    block while it is `watching` (the whole model at once, or one block at a time), averaged by
+    `result`."""
+
+    def __init__(self, config: Any):
+        self.layout, self.dims = layout_of(config), shape(config)
+        n = self.dims["layers"]
+        self.heads = torch.zeros(n, self.dims["heads"], dtype=torch.float64)
+        self.mlp = torch.zeros(n, self.dims["intermediate"], dtype=torch.float64)
+        self.hidden = torch.zeros(self.dims["hidden"], dtype=torch.float64)
+
+    def _head(self, i: int):
+        def hook(_module, args):
+            x = args[0].float()  # (B, T, heads * head_dim)
+            self.heads[i] += x.unflatten(-1, (-1, self.dims["head_dim"])).norm(dim=-1).flatten(0, 1).sum(0).double().cpu()
+        return hook
+
+    def _mlp(self, i: int):
+        def hook(_module, args):
+            self.mlp[i] += args[0].float().abs().flatten(0, 1).sum(0).double().cpu()  # (B, T, M) -> (M,)
+        return hook
+
+    def _norm(self, _module, _args, output):
+        self.hidden.add_(output.float().abs().flatten(0, 1).sum(0).double().cpu())  # (B, T, H) -> (H,)
+
+    @contextmanager
+    def watching(self, i: int, block: nn.Module) -> Iterator[None]:
+        """Block i's activations added up while inside."""
+        hooks = [block.get_submodule(self.layout.heads_in).register_forward_pre_hook(self._head(i)),
+                 block.get_submodule(self.layout.mlp_in).register_forward_pre_hook(self._mlp(i))]
+        hooks += [block.get_submodule(name).register_forward_hook(self._norm) for name in self.layout.norms]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def result(self, tokens: int) -> dict[str, Any]:
+        return {"tokens": tokens, "num_layers": self.dims["layers"], "shape": self.dims,
+                "heads": (self.heads / tokens).tolist(), "mlp": (self.mlp / tokens).tolist(),
+                "hidden": (self.hidden / tokens).tolist()}
+
+
 @torch.no_grad()
 def width_scores(model: nn.Module, rows: torch.Tensor, batch_size: int = 4) -> dict[str, Any]:
     """Activation importance of every head, MLP channel and hidden channel on calibration `rows` (N, T)."""
-    layout, dims = layout_of(model.config), shape(model.config)
-    blocks = blocks_of(model)
-    n, d = len(blocks), dims["head_dim"]
-    heads = torch.zeros(n, dims["heads"], dtype=torch.float64)
-    mlp = torch.zeros(n, dims["intermediate"], dtype=torch.float64)
-    hidden = torch.zeros(dims["hidden"], dtype=torch.float64)
-
-    def head_hook(i: int):
-        def hook(_module, args):
-            x = args[0].float()  # (B, T, heads * head_dim)
-            heads[i] += x.unflatten(-1, (-1, d)).norm(dim=-1).flatten(0, 1).sum(0).double().cpu()
-        return hook
-
-    def mlp_hook(i: int):
-        def hook(_module, args):
-            mlp[i] += args[0].float().abs().flatten(0, 1).sum(0).double().cpu()  # (B, T, M) -> (M,)
-        return hook
-
-    def norm_hook(_module, _args, output):
-        hidden.add_(output.float().abs().flatten(0, 1).sum(0).double().cpu())  # (B, T, H) -> (H,)
-
-    hooks = []
-    for i, block in enumerate(blocks):
-        hooks.append(block.get_submodule(layout.heads_in).register_forward_pre_hook(head_hook(i)))
-        hooks.append(block.get_submodule(layout.mlp_in).register_forward_pre_hook(mlp_hook(i)))
-        hooks += [block.get_submodule(name).register_forward_hook(norm_hook) for name in layout.norms]
+    sums = WidthSums(model.config)
     device = next(model.parameters()).device
-    try:
+    with ExitStack() as stack:
+        for i, block in enumerate(blocks_of(model)):
+            stack.enter_context(sums.watching(i, block))
         for start in range(0, rows.shape[0], batch_size):
             model.base_model(input_ids=rows[start : start + batch_size].to(device), use_cache=False)  # no logits
-    finally:
-        for hook in hooks:
-            hook.remove()
-    tokens = rows.numel()
-    return {"tokens": tokens, "num_layers": n, "shape": dims,
-            "heads": (heads / tokens).tolist(), "mlp": (mlp / tokens).tolist(), "hidden": (hidden / tokens).tolist()}
+    return sums.result(rows.numel())
+
+
+@torch.no_grad()
+def width_scores_blockwise(runner) -> dict[str, Any]:
+    """`width_scores` of a model read one block at a time (`compress.sequential.Blockwise`): the rows'
+    stream passes each block once; one stream (rows x T x H x 4 bytes) held."""
+    sums = WidthSums(runner.model.config)
+    stream = runner.entering()
+    for i in range(len(runner.blocks)):
+        with runner.block(i) as block, sums.watching(i, block):
+            stream = runner.run(i, stream)
+    return sums.result(runner.rows.numel())
 
 
 SCORE_KEYS = ("tokens", "num_layers", "shape", "heads", "mlp", "hidden")

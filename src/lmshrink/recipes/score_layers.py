@@ -17,7 +17,7 @@ from lmshrink.compress.importance import plot, score, score_blockwise
 from lmshrink.compress.model_gap import MEASURES
 from lmshrink.compress.repair import REPAIRS, repair_problems
 from lmshrink.compress.sequential import SEQUENTIAL, Blockwise, lazy_model, one_block_at_a_time
-from lmshrink.compress.width import WIDTH, plot_scores, width_scores
+from lmshrink.compress.width import WIDTH, WidthSums, plot_scores, width_scores
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.data.sources import Framing, calibration_rows
 from lmshrink.errors import one_of
@@ -78,10 +78,7 @@ def run(settings: ScoreSettings) -> dict[str, Any]:
     scores = write_scores(settings, score(model, rows, settings.batch_size, settings.ppl), loaded.tokenizer, "whole")
     out = Path(settings.output)
     if settings.width and model.config.model_type in WIDTH:
-        widths = width_scores(model, rows, settings.batch_size)
-        write_json(out / "width_scores.json", provenance("width-scores", to_dict(settings), **widths))
-        plot_scores(widths, out / "width_scores.png", f"{settings.model}: activation importance on {settings.data}")
-        print(f"wrote {out / 'width_scores.json'} and {out / 'width_scores.png'}")
+        write_widths(settings, width_scores(model, rows, settings.batch_size))
     if settings.search_to is not None:
         scores["search"] = measured_cuts(model, rows, settings, out)
     return scores
@@ -89,7 +86,7 @@ def run(settings: ScoreSettings) -> dict[str, Any]:
 
 def run_sequential(settings: ScoreSettings, source: str, config) -> dict[str, Any]:
     """score-layers with the model read one block at a time (`compress.sequential`): the block scores
-    (not the width scores or the searches, which need the whole model)."""
+    and the width scores in one pass (not the searches, which need the whole model)."""
     if settings.search_to is not None:
         raise SettingsError("search_to: the cut searches need the whole model in memory; leave --search-to out "
                             "here, or give --sequential off on a machine that holds the model")
@@ -103,10 +100,19 @@ def run_sequential(settings: ScoreSettings, source: str, config) -> dict[str, An
     n = len(blocks_of(model))
     print(f"scoring {n} blocks of {settings.model} on {rows.numel():,} tokens of {settings.data}, one block at a "
           f"time (float32)")
-    scores = score_blockwise(Blockwise(model, weights, rows, settings.batch_size), settings.ppl)
-    if settings.width:
-        print("width scores skipped: they need the whole model (--sequential off)")
+    sums = WidthSums(config) if settings.width and config.model_type in WIDTH else None
+    scores = score_blockwise(Blockwise(model, weights, rows, settings.batch_size), settings.ppl, sums)
+    if sums is not None:
+        write_widths(settings, sums.result(rows.numel()))
     return write_scores(settings, scores, tokenizer, "sequential")
+
+
+def write_widths(settings: ScoreSettings, widths: dict[str, Any]) -> None:
+    """width_scores.json and width_scores.png (what `prune --scores` reads)."""
+    out = Path(settings.output)
+    write_json(out / "width_scores.json", provenance("width-scores", to_dict(settings), **widths))
+    plot_scores(widths, out / "width_scores.png", f"{settings.model}: activation importance on {settings.data}")
+    print(f"wrote {out / 'width_scores.json'} and {out / 'width_scores.png'}")
 
 
 def write_scores(settings: ScoreSettings, scores: dict[str, Any], tokenizer, path: str) -> dict[str, Any]:
