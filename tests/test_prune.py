@@ -247,3 +247,36 @@ def test_search_ranks_depth_width_and_both_and_resumes(tiny_llama_dir, tmp_path,
     printed = capsys.readouterr().out
     assert printed.count("finished before") == 6 and printed.count("is damaged (") == 1
     assert printed.count("running it again") == 1
+
+
+@pytest.mark.parametrize("kind, depths", [("llama", [[], ["--num-layers", "3"]]), ("qwen2", [[]]), ("gpt2", [[]])])
+def test_one_block_at_a_time_prunes_the_same_student(kind, depths, tmp_path, gpt2_tokenizer):
+    """prune --sequential on: the teacher read block by block from a sharded checkpoint, its width (and
+    block) scores in one pass, the depth cut refitted block by block, every tensor sliced and written
+    shard by shard: the same student, weight for weight, as the whole-model path; width alone and
+    width with depth."""
+    config = WIDTH_CONFIGS[kind]()
+    fields = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # (rebuilt for 4 blocks)
+    config = type(config)(**{**fields, "vocab_size": len(gpt2_tokenizer), "num_hidden_layers": 4})
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(teacher, max_shard_size="2MB")
+    gpt2_tokenizer.save_pretrained(teacher)
+    sizes = ["--hidden-size", "16", "--num-heads", "2"] if kind == "gpt2" else \
+        ["--hidden-size", "24", "--intermediate-size", "40", "--num-heads", "2", "--num-kv-heads", "1"]
+    common = ["prune", "--teacher", str(teacher), "--calib-data", "python-docs/tutorial", "--calib-tokens", "256",
+              "--repair-data", "python-docs/tutorial", "--repair-tokens", "1024", *sizes]
+    for depth in depths:
+        students, records = {}, {}
+        for mode in ("off", "on"):
+            out = tmp_path / f"{mode}{len(depth)}"
+            assert main([*common, *depth, "--sequential", mode, "--output", str(out)]) == 0
+            students[mode] = T.AutoModelForCausalLM.from_pretrained(out).state_dict()
+            records[mode] = json.loads((out / "lmshrink.json").read_text())
+        assert records["on"]["path"] == "sequential" and "path" not in records["off"]
+        for key in ("kept_layers", "kept_hidden", "kept_heads", "kept_kv_heads", "kept_mlp", "parameters"):
+            assert records["on"][key] == records["off"][key], key
+        assert ("repair" in records["on"]) == bool(depth)
+        assert students["on"].keys() == students["off"].keys()
+        for name, tensor in students["off"].items():
+            torch.testing.assert_close(students["on"][name], tensor, rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ from lmshrink.architectures import blocks_of, context_limit
 from lmshrink.compress.cut_search import SEARCHES, CutSearch, fit_blocks_for, progress_file
 from lmshrink.compress.model_gap import MEASURES
 from lmshrink.compress.repair import FIT_ON, REPAIRS, needs, refine, repair, repair_problems
+from lmshrink.compress.sequential import Blockwise, repair_blockwise
 from lmshrink.compress.truncation import STRATEGIES, select_layers, truncate_model
 from lmshrink.config import SettingsError, setting
 from lmshrink.data.sources import Framing, calibration_rows
@@ -26,7 +27,6 @@ from lmshrink.evaluate.measure import count_parameters
 from lmshrink.models import no_tokenizer
 
 CHOICES = (*STRATEGIES, *SEARCHES)
-
 
 
 @dataclass
@@ -200,3 +200,45 @@ def _repair(teacher, student, keep: list[int], repair_rows: torch.Tensor, args: 
         print(f"downstream: {len(fitted)} of {len(record['downstream'])} blocks after the cut fitted; held-out "
               "error vs unfitted: " + ", ".join(f"{s['block']}: {s['heldout_error']:.3f}" for s in fitted))
     return student, record
+
+
+# --- the same cut on a teacher read one block at a time (`compress.sequential`) ------------------
+
+def sequential_problems(strategy: str, keep: list[int] | None, args: CutArgs) -> list[str]:
+    """What a cut on a teacher read one block at a time does not do (each with the way on)."""
+    way = "or --sequential off on a machine that holds the teacher"
+    problems = []
+    if keep is None and strategy in SEARCHES:
+        problems.append(f"strategy: the {strategy} search measures whole candidate models; give --keep, a fixed "
+                        f"strategy or importance (scores computed block by block), {way}")
+    if args.repair not in ("none", "refit", "replaceme"):
+        problems.append(f"repair: {args.repair} is not done block by block; use refit, replaceme or none, {way}")
+    if args.repair_epochs or args.repair_downstream or args.repair_fit != "student" or len(args.repair_strength) > 1:
+        problems.append(f"repair: --repair-epochs, --repair-downstream, --repair-fit teacher and several "
+                        f"--repair-strength values need the whole student; leave them out, {way}")
+    return problems
+
+
+def repair_sequential(model, weights, tokenizer, keep: list[int], args: CutArgs, calib_data: str,
+                      length: int) -> tuple[Blockwise, dict[str, Any]]:
+    """The repair of a cut to `keep` of a lazily read teacher (`sequential.repair_blockwise`): the
+    runner holding each span's fit (`write_student` folds them in) and the record's `repair` entry
+    (none with --repair none). The tokenizer is the caller's to check. Text the teacher writes itself
+    is left out of the calibration, said."""
+    if args.repair == "none" or len(keep) == len(blocks_of(model)):
+        return Blockwise(model, weights, torch.zeros(1, 2, dtype=torch.long), 4), {}
+    sources = [s for s in args.repair_data if s != TEACHER_TEXT] or [calib_data]
+    if TEACHER_TEXT in args.repair_data:
+        print(f"[lmshrink] repair calibration: {', '.join(sources)} only; text the teacher writes itself would "
+              f"take a whole-model pass per token, which this block-by-block run does not make", flush=True)
+    rows = calibration_mix(sources, None, tokenizer, args.repair_tokens, min(length, args.repair_tokens))
+    runner = Blockwise(model, weights, rows, 4)
+    started = time.perf_counter()
+    spans = repair_blockwise(runner, keep, args.repair)
+    record = {"method": args.repair, "fit_on": "student", "data": sources, "strengths": [1.0], "downstream": [],
+              "tokens": rows.numel(), "spans": spans, "seconds": time.perf_counter() - started, "path": "sequential"}
+    print(f"repaired by {args.repair} on {rows.numel():,} tokens of {', '.join(sources)}, one block at a time, in "
+          f"{record['seconds']:.0f} s; held-out error vs the plain cut per span: "
+          + ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}" for s in spans
+                      if "heldout_error" in s))
+    return runner, {"repair": record}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from lmshrink.architectures import architecture_of, blocks_of, get_path, student_config
 from lmshrink.compress.repair import APPLY, StopForward, run_block
+from lmshrink.compress.width import Plan, layout_of, pruned_config
 from lmshrink.errors import LmshrinkError
 from lmshrink.models import device_memory
 
@@ -83,6 +85,7 @@ class LazyWeights:
                                   "which the block-by-block path does not do; use --sequential off")
         renames = [(pattern, t.target_patterns[min(i, len(t.target_patterns) - 1)])
                    for t in transforms for i, pattern in enumerate(t.source_patterns)]
+        self.folder = folder
         self.where: dict[str, tuple[Path, int, dict[str, Any]]] = {}  # the model's name: (file, data start, entry)
         for file in files:
             start, header = safetensors_index(folder / file)
@@ -465,25 +468,29 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str) -> list[di
     return report
 
 
-def write_student(runner: Blockwise, keep: list[int], folder: Path) -> None:
+def write_student(runner: Blockwise, keep: list[int], folder: Path,
+                  narrow: tuple[Plan, dict[str, int]] | None = None) -> None:
     """The student that keeps teacher blocks `keep` (with `runner.edits` folded in), written tensor by
-    tensor in the checkpoint's own dtype, shard by shard (`ShardWriter`), with its config: a folder
-    `from_pretrained` loads. Holds one shard and one block at a time."""
-
+    tensor in the checkpoint's own dtype, shard by shard (`ShardWriter`), with its config (and the
+    teacher's generation config): a folder `from_pretrained` loads. With `narrow` (a width plan and
+    its target, `lmshrink prune`), every tensor is sliced to the kept units (`compress.width`) and the
+    config narrowed with it. Holds one shard and one block at a time."""
     model, arch = runner.model, runner.arch
     prefix = arch.blocks + "."
     tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
     head = next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings())
     writer = ShardWriter(folder)
     names = [k for k in model.state_dict() if not (tied and k == head)]
+    layout = layout_of(model.config) if narrow else None
     dtypes = set()
-    for name in names:  # the embeddings, final norm and head: their bytes copied as stored
+    for name in names:  # the embeddings, final norm and head: their bytes copied as stored (or sliced)
         if not name.startswith(prefix):
-            writer.add(name, runner.weights.stored(name))
+            writer.add(name, layout.slice(name, runner.weights.read(name), narrow[0]) if narrow
+                       else runner.weights.stored(name))
             dtypes.add(runner.weights.dtype(name))
     for j, i in enumerate(keep):
         inside = {k[len(f"{prefix}{i}."):]: k for k in names if k.startswith(f"{prefix}{i}.")}
-        if i not in runner.edits:  # a block as the teacher has it: copied
+        if i not in runner.edits and not narrow:  # a block as the teacher has it: copied
             for short, full in inside.items():
                 writer.add(f"{prefix}{j}.{short}", runner.weights.stored(full))
             continue
@@ -491,8 +498,14 @@ def write_student(runner: Blockwise, keep: list[int], folder: Path) -> None:
         with runner.block(i) as block:  # read in fp32, its fit folded in, written in the stored dtype
             values = block.state_dict()
             for short in inside:
-                writer.add(f"{prefix}{j}.{short}", values[short].to(stored[short]))
+                name, value = f"{prefix}{j}.{short}", values[short]
+                writer.add(name, (layout.slice(name, value, narrow[0]) if narrow else value).to(stored[short]))
     writer.close()
     config = student_config(model.config, keep)
+    if narrow:
+        config = pruned_config(config, narrow[1])
     config.torch_dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
     config.save_pretrained(folder)
+    generation = runner.weights.folder / "generation_config.json"
+    if generation.is_file():
+        shutil.copy(generation, folder / generation.name)

@@ -13,32 +13,39 @@ parameters) and the axes to reach it along (`--axes width|depth|both`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmshrink.architectures import context_limit
-from lmshrink.compress.cut import CHOICES, CutArgs, cut
-from lmshrink.compress.importance import METRICS, read_scores, score
+from lmshrink.architectures import context_limit, student_config
+from lmshrink.compress.cut import CHOICES, CutArgs, cut, removal_share, repair_sequential, sequential_problems
+from lmshrink.compress.importance import METRICS, read_scores, score, score_blockwise
+from lmshrink.compress.sequential import SEQUENTIAL, Blockwise, lazy_model, one_block_at_a_time, write_student
+from lmshrink.compress.truncation import select_layers
 from lmshrink.compress.width import (
     AXES,
     SCORE_KEYS,
+    Plan,
+    WidthSums,
     check_target,
     count_parameters_of,
     layout_of,
     plan,
     plot_scores,
     prune_width,
+    pruned_config,
     shape,
     split_target,
     width_scores,
+    width_scores_blockwise,
 )
-from lmshrink.config import Settings, SettingsError, group, setting, to_dict
-from lmshrink.data.sources import calibration_rows
+from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
+from lmshrink.data.sources import Framing, calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.evaluate.measure import count_parameters
 from lmshrink.export.model_card import save_model_record
-from lmshrink.models import LoadArgs, no_tokenizer
+from lmshrink.models import LoadArgs, load_tokenizer, no_tokenizer, pick_device, resolve_dtype
 from lmshrink.records import provenance, save_atomically, write_json
 
 
@@ -65,6 +72,10 @@ class PruneSettings(Settings):
     calib_data: str = setting("python-docs/library", "calibration text for the importance scores")
     calib_tokens: int = setting(4096, "calibration tokens")
     load: LoadArgs = group(LoadArgs, "how the models are loaded")
+    sequential: str = setting("auto", "read the teacher one block at a time from its safetensors and write the "
+                                      "student shard by shard (at most one block's weights in memory, float32): "
+                                      "on, off, or auto (on when the whole teacher would take more than half the "
+                                      "machine's memory)")
     overwrite: bool = setting(False, "replace the output folder if it exists", how_to_run=True)
     cut: CutArgs = group(CutArgs, "measured block choice and training-free repair of a shallower student")
 
@@ -92,6 +103,7 @@ class PruneSettings(Settings):
             problems.append(f"axes: {self.axes!r} is not one of {', '.join(AXES)}")
         problems += one_of("strategy", self.strategy, CHOICES)
         problems += one_of("metric", self.metric, METRICS)
+        problems += one_of("sequential", self.sequential, SEQUENTIAL)
         return problems
 
 
@@ -128,28 +140,20 @@ def load_scores(folder: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
 
 
 def run(settings: PruneSettings) -> Path:
-    teacher = settings.load.load(settings.teacher, need_tokenizer=False)
-    config = teacher.model.config
-    layout_of(config)  # an unsupported architecture is refused before any work
+    source, config = settings.load.check(settings.teacher)
+    layers, width = target_of(settings, config)  # every size checked before any model loads
+    if one_block_at_a_time(settings.sequential, source, resolve_dtype(settings.load.dtype, "cpu"), pick_device("auto")):
+        return run_sequential(settings, source, config, layers, width)
+    teacher = settings.load.load(settings.teacher, need_tokenizer=False, checked=(source, config))
     n = config.num_hidden_layers
-    layers, width = resolve_target(settings, config)
-    problems = check_target(config, width)
-    if layers > n:
-        problems.append(f"num_layers: the teacher has {n} blocks")
-    if problems:
-        raise SettingsError("; ".join(problems))
     need_blocks = layers < n and settings.strategy == "importance"
-    if settings.scores:
-        blocks, widths = load_scores(settings.scores)
-        if widths.get("shape") != shape(config):
-            raise SettingsError(f"scores: {settings.scores} scores a model of another shape than {settings.teacher}")
-        if need_blocks and blocks is None:
-            raise SettingsError(f"scores: {settings.scores} holds no scores.json for strategy importance")
+    given = given_scores(settings, config, need_blocks)
+    if given is not None:
+        blocks, widths = given
     else:
         if teacher.tokenizer is None:  # scoring reads calibration text
             raise no_tokenizer(teacher.source)
-        length = min(512, context_limit(config) or 512, settings.calib_tokens)
-        rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, length)
+        rows = calibration_rows(settings.calib_data, teacher.tokenizer, settings.calib_tokens, calib_length(settings, config))
         widths = width_scores(teacher.model, rows)
         blocks = score(teacher.model, rows, ppl=settings.metric == "ppl_increase") if need_blocks else None
     keep, student, cut_record = list(range(n)), teacher.model, {}
@@ -159,26 +163,100 @@ def run(settings: PruneSettings) -> Path:
     kept = plan(widths, width, keep)
     if width != {k: v for k, v in shape(config).items() if k in width}:
         student = prune_width(student, kept, width)
-    params, teacher_params = count_parameters(student), count_parameters(teacher.model)
+    return save(settings, teacher.source, teacher.tokenizer, keep, width, kept, widths, cut_record,
+                count_parameters(student), count_parameters(teacher.model), student.save_pretrained)
+
+
+def target_of(settings: PruneSettings, config: Any) -> tuple[int, dict[str, int]]:
+    """(depth, width) of the student, refused with every problem named where it cannot be built."""
+    layout_of(config)  # an unsupported architecture is refused before any work
+    layers, width = resolve_target(settings, config)
+    problems = check_target(config, width)
+    if layers > config.num_hidden_layers:
+        problems.append(f"num_layers: the teacher has {config.num_hidden_layers} blocks")
+    if problems:
+        raise SettingsError("; ".join(problems))
+    return layers, width
+
+
+def given_scores(settings: PruneSettings, config: Any, need_blocks: bool) -> tuple[dict | None, dict] | None:
+    """(block scores, width scores) from --scores, checked against the teacher (None: not given)."""
+    if not settings.scores:
+        return None
+    blocks, widths = load_scores(settings.scores)
+    if widths.get("shape") != shape(config):
+        raise SettingsError(f"scores: {settings.scores} scores a model of another shape than {settings.teacher}")
+    if need_blocks and blocks is None:
+        raise SettingsError(f"scores: {settings.scores} holds no scores.json for strategy importance")
+    return blocks, widths
+
+
+def calib_length(settings: PruneSettings, config: Any) -> int:
+    return min(512, context_limit(config) or 512, settings.calib_tokens)
+
+
+def run_sequential(settings: PruneSettings, source: str, config: Any, layers: int, width: dict[str, int]) -> Path:
+    """prune with the teacher read one block at a time (`compress.sequential`): the width scores (and
+    block scores for a shallower student) in one pass, the cut repaired block by block, and every
+    tensor sliced and written shard by shard."""
+    check(sequential_problems(settings.strategy, None, settings.cut))
+    n = config.num_hidden_layers
+    need_blocks = layers < n and settings.strategy == "importance"
+    tokenizer = load_tokenizer(source, settings.load.trust_remote_code)
+    given = given_scores(settings, config, need_blocks)
+    if tokenizer is None and (given is None or (layers < n and settings.cut.repair != "none")):
+        raise no_tokenizer(source)
+    model, weights = lazy_model(source, config, pick_device("auto"))
+    length = calib_length(settings, config)
+    if given is not None:
+        blocks, widths = given
+    else:
+        rows = calibration_rows(settings.calib_data, tokenizer, settings.calib_tokens, length)
+        print(f"scoring the width of {settings.teacher} on {rows.numel():,} tokens of {settings.calib_data}, one block "
+              "at a time (float32)", flush=True)
+        runner, sums = Blockwise(model, weights, rows, 4), WidthSums(config)
+        blocks = score_blockwise(runner, settings.metric == "ppl_increase", sums) if need_blocks else None
+        widths = sums.result(rows.numel()) if need_blocks else width_scores_blockwise(runner)
+    keep, cut_record = list(range(n)), {}
+    if tokenizer is not None:
+        cut_record["framing"] = Framing.of(tokenizer).record(tokenizer)
+    if layers < n:
+        print(removal_share(model, n, layers))
+        keep = select_layers(n, settings.strategy, layers, None, blocks, settings.metric)
+    runner, repaired = repair_sequential(model, weights, tokenizer, keep, settings.cut, settings.calib_data, length)
+    cut_record.update(repaired)
+    kept = plan(widths, width, keep)
+    narrowed = width != {k: v for k, v in shape(config).items() if k in width}
+    student_config_ = pruned_config(student_config(config, keep), width)
+    return save(settings, source, tokenizer, keep, width, kept, widths, {**cut_record, "path": "sequential"},
+                count_parameters_of(student_config_), count_parameters_of(config),
+                lambda tmp: write_student(runner, keep, tmp, (kept, width) if narrowed else None))
+
+
+def save(settings: PruneSettings, source: str, tokenizer, keep: list[int], width: dict[str, int], kept: Plan,
+         widths: dict[str, Any], cut_record: dict[str, Any], params: int, teacher_params: int,
+         write_model: Callable[[Path], None]) -> Path:
+    """The student's folder (its weights by `write_model`), its record and width scores, said in a line."""
+    n = widths["num_layers"]
     record = provenance(
-        "prune", to_dict(settings), teacher=settings.teacher, teacher_source=teacher.source,
-        teacher_layers=n, kept_layers=keep, strategy=settings.strategy if layers < n else None,
-        width=width, teacher_width={k: v for k, v in shape(config).items()},
+        "prune", to_dict(settings), teacher=settings.teacher, teacher_source=source,
+        teacher_layers=n, kept_layers=keep, strategy=settings.strategy if len(keep) < n else None,
+        width=width, teacher_width=dict(widths["shape"]),
         kept_hidden=kept.hidden, kept_heads=kept.heads, kept_kv_heads=kept.kv_heads, kept_mlp=kept.mlp,
         parameters=params, teacher_parameters=teacher_params, **cut_record)
 
-    def save(tmp: Path) -> None:
-        student.save_pretrained(tmp)
-        if teacher.tokenizer is not None:
-            teacher.tokenizer.save_pretrained(tmp)
+    def save_folder(tmp: Path) -> None:
+        write_model(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         write_json(tmp / "width_scores.json", provenance("width-scores", {}, **widths))
         plot_scores(widths, tmp / "width_scores.png", f"{settings.teacher}: activation importance")
         save_model_record(tmp, record, Path(settings.output).name)
 
-    out = save_atomically(settings.output, save)
+    out = save_atomically(settings.output, save_folder)
     print(f"student: {len(keep)}/{n} blocks, hidden {width['hidden']}, MLP {width['intermediate']}, heads "
           f"{width['heads']} (key/value {width['kv_heads']}); {params / 1e6:.1f}M of {teacher_params / 1e6:.1f}M "
           f"parameters ({params / teacher_params:.0%}); written to {out}")
-    if teacher.tokenizer is None:
-        print(f"[lmshrink] {teacher.source} has no tokenizer, so the student has none either; copy it into {out}")
+    if tokenizer is None:
+        print(f"[lmshrink] {source} has no tokenizer, so the student has none either; copy it into {out}")
     return out

@@ -6,30 +6,23 @@ lmshrink.json and model card.
 
 from __future__ import annotations
 
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmshrink.architectures import architecture_of, blocks_of, context_limit
-from lmshrink.compress.cut import CHOICES, CutArgs, calibration_mix, cut, kept_count
-from lmshrink.compress.cut_search import SEARCHES
+from lmshrink.compress.cut import CHOICES, CutArgs, cut, kept_count, removal_share, repair_sequential, sequential_problems
 from lmshrink.compress.importance import METRICS, read_scores, score, score_blockwise
 from lmshrink.compress.sequential import (
     SEQUENTIAL,
     Blockwise,
     lazy_model,
     one_block_at_a_time,
-    repair_blockwise,
     write_student,
 )
 from lmshrink.compress.truncation import select_layers
 from lmshrink.config import Settings, check, group, setting, to_dict
 from lmshrink.data.sources import Framing, calibration_rows
-from lmshrink.data.teacher_text import TEACHER_TEXT
 from lmshrink.errors import one_of
 from lmshrink.export.model_card import save_model_record
 from lmshrink.models import LoadArgs, load_tokenizer, no_tokenizer, pick_device, resolve_dtype
@@ -132,25 +125,10 @@ def run(settings: TruncateSettings) -> Path:
     return out
 
 
-def sequential_problems(settings: TruncateSettings) -> list[str]:
-    """What the block-by-block path does not do (each with the way on)."""
-    cut, way = settings.cut, "or --sequential off on a machine that holds the teacher"
-    problems = []
-    if settings.keep is None and settings.strategy in SEARCHES:
-        problems.append(f"strategy: the {settings.strategy} search measures whole candidate models; give --keep, a fixed "
-                        f"strategy or importance (scores computed block by block), {way}")
-    if cut.repair not in ("none", "refit", "replaceme"):
-        problems.append(f"repair: {cut.repair} is not done block by block; use refit, replaceme or none, {way}")
-    if cut.repair_epochs or cut.repair_downstream or cut.repair_fit != "student" or len(cut.repair_strength) > 1:
-        problems.append(f"repair: --repair-epochs, --repair-downstream, --repair-fit teacher and several "
-                        f"--repair-strength values need the whole student; leave them out, {way}")
-    return problems
-
-
 def run_sequential(settings: TruncateSettings, source: str, config) -> Path:
     """The cut with the teacher read one block at a time and the student written shard by shard
     (`compress.sequential`): block scores, the repair and the student all from one lazy teacher."""
-    check(sequential_problems(settings))
+    check(sequential_problems(settings.strategy, settings.keep, settings.cut))
     device = pick_device("auto")
     tokenizer = load_tokenizer(source, settings.load.trust_remote_code)
     n = getattr(config, architecture_of(config).layer_count)
@@ -169,26 +147,10 @@ def run_sequential(settings: TruncateSettings, source: str, config) -> Path:
             rows = calibration_rows(settings.calib_data, tokenizer, settings.calib_tokens, length)
             scores = score_blockwise(Blockwise(model, weights, rows, 4), ppl=settings.metric == "ppl_increase")
     keep = select_layers(n, settings.strategy, k, settings.keep, scores, settings.metric)
+    print(removal_share(model, n, k))
     record: dict[str, Any] = {"framing": Framing.of(tokenizer).record(tokenizer)} if tokenizer is not None else {}
-    rows = None
-    if settings.cut.repair != "none":
-        sources = [s for s in settings.cut.repair_data if s != TEACHER_TEXT] or [settings.calib_data]
-        if TEACHER_TEXT in settings.cut.repair_data:
-            print(f"[lmshrink] repair calibration: {', '.join(sources)} only; text the teacher writes itself would "
-                  f"take a whole-model pass per token, which this block-by-block run does not make", flush=True)
-        tokens = settings.cut.repair_tokens
-        rows = calibration_mix(sources, None, tokenizer, tokens, min(length, tokens))
-    runner = Blockwise(model, weights, rows if rows is not None else torch.zeros(1, 2, dtype=torch.long), 4)
-    if rows is not None:
-        started = time.perf_counter()
-        spans = repair_blockwise(runner, keep, settings.cut.repair)
-        record["repair"] = {"method": settings.cut.repair, "fit_on": "student", "data": sources,
-                            "strengths": [1.0], "downstream": [], "tokens": rows.numel(), "spans": spans,
-                            "seconds": time.perf_counter() - started, "path": "sequential"}
-        print(f"repaired by {settings.cut.repair} on {rows.numel():,} tokens of {', '.join(sources)}, one block at a "
-              f"time, in {record['repair']['seconds']:.0f} s; held-out error vs the plain cut per span: "
-              + ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}" for s in spans
-                          if "heldout_error" in s))
+    runner, repaired = repair_sequential(model, weights, tokenizer, keep, settings.cut, settings.calib_data, length)
+    record.update(repaired)
     record = provenance(
         "truncate", to_dict(settings), teacher=settings.teacher, teacher_source=source, teacher_layers=n,
         kept_layers=keep, strategy="keep" if settings.keep is not None else settings.strategy, path="sequential",
@@ -196,9 +158,6 @@ def run_sequential(settings: TruncateSettings, source: str, config) -> Path:
 
     def save(tmp: Path) -> None:
         write_student(runner, keep, tmp)
-        generation = Path(source) / "generation_config.json"
-        if generation.is_file():
-            shutil.copy(generation, tmp / generation.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_model_record(tmp, record, Path(settings.output).name)
