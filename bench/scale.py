@@ -18,7 +18,12 @@ resident set size), at fixed token counts (1,024 calibration tokens in rows of 2
 - `truncate`: keep 3/4 of the blocks (a quarter from the middle removed), `--repair refit` on 1,024
   tokens of python-docs/library, one block at a time, the student written shard by shard;
 - `export`: that student as a q8_0 GGUF, one tensor at a time;
-- `score-student-bi`, `score-student`: `score-layers-bi` and `score-layers` on that student.
+- `score-student-bi`, `score-student`: `score-layers-bi` and `score-layers` on that student;
+- `prune`: the width to 3/4 of the parameters (`--ratio 0.75 --axes width`: heads, MLP channels and
+  hidden size scored on 1,024 tokens and sliced), one block at a time;
+- `eval`: the teacher's perplexity on 1,024 tokens of python-docs/library (windows of 256), the whole
+  model loaded in bfloat16 (eval has no block-by-block path): run only where those weights take
+  under 60% of the machine's memory.
 Resumable: each (model, step) result is kept in OUTPUT/results.json (a failure with its exit code,
 not tried again unless `--retry`); a re-run measures only what is missing, then writes the table,
 the log-log chart (scale.png) and the growth exponent of each step's time and memory (a least-squares
@@ -48,6 +53,7 @@ from lmshrink.records import save_figure, write_json, write_text
 
 # hidden, MLP, blocks, heads, kv heads, vocabulary, tied; Llama 3.x with its rope scaling, Qwen2.5 with biases
 SHAPES = {
+    "smollm2-135m": ("llama", 576, 1536, 30, 9, 3, 49152, True, {"rope_theta": 100000.0}),
     "smollm2-360m": ("llama", 960, 2560, 32, 15, 5, 49152, True, {"rope_theta": 100000.0}),
     "qwen2.5-0.5b": ("qwen2", 896, 4864, 24, 14, 2, 151936, True, {"rope_theta": 1000000.0}),
     "llama-3.2-1b": ("llama", 2048, 8192, 16, 32, 8, 128256, True, {"rope_theta": 500000.0}),
@@ -62,8 +68,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "
 CALIBRATION = ["--data", "python-docs/library", "--tokens", "1024", "--seq-len", "256", "--dtype", "float32",
                "--no-width"]
 STEPS = ("score-layers", "score-layers-whole", "score-layers-bi", "truncate", "export", "score-student-bi",
-         "score-student")
-WHOLE = {"score-layers-whole"}  # steps that hold the whole model in float32
+         "score-student", "prune", "eval")
+WHOLE = {"score-layers-whole": 4, "eval": 2}  # steps that hold the whole model: bytes per parameter
 
 
 def step_command(step: str, model: Path, runs: Path, n: int) -> list[str]:
@@ -83,6 +89,10 @@ def step_command(step: str, model: Path, runs: Path, n: int) -> list[str]:
                    "--output", str(runs / "gguf")],
         "score-student-bi": ["score-layers", *CALIBRATION, "--sequential", "on", "--no-ppl", "--model", str(student)],
         "score-student": ["score-layers", *CALIBRATION, "--sequential", "on", "--model", str(student)],
+        "prune": ["prune", "--teacher", str(model), "--ratio", "0.75", "--axes", "width", "--calib-data",
+                  "python-docs/library", "--calib-tokens", "1024", "--sequential", "on", "--overwrite"],
+        "eval": ["eval", "--models", str(model), "--data", "python-docs/library", "--max-tokens", "1024", "--window",
+                 "256", "--stride", "256", "--no-speed", "--dtype", "bfloat16", "--batch-size", "4"],
     }[step] + ([] if step in ("truncate", "export") else ["--output", str(runs / step)])
 
 
@@ -90,10 +100,11 @@ def config_of(name: str):
     from transformers import AutoConfig
 
     kind, hidden, mlp, blocks, heads, kv, vocab, tied, extra = SHAPES[name]
+    context = 131072 if name.startswith("llama-3") else 32768 if kind == "qwen2" else 8192  # as published
     extra = {**extra, **({"rope_scaling": LLAMA3_ROPE} if name.startswith("llama-3") else {})}
     return AutoConfig.for_model(kind, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=blocks,
                                 num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                                tie_word_embeddings=tied, max_position_embeddings=8192, **extra)
+                                tie_word_embeddings=tied, max_position_embeddings=context, **extra)
 
 
 def write_model(name: str, folder: Path) -> int:
@@ -147,6 +158,26 @@ def exponent(points: list[tuple[float, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
+def heal_table() -> list[str]:
+    """Healing each size's 3/4-depth student against its bf16 teacher: what each engine setting holds
+    per GPU (and in CPU memory) before activations, by `heal.memory.engine_plans` (the arithmetic
+    `distill`'s refusal uses), from the configs alone."""
+    from lmshrink.architectures import student_config
+    from lmshrink.heal.memory import engine_plans, parameter_counts
+
+    lines = []
+    for name, shape in SHAPES.items():
+        teacher, n = config_of(name), shape[3]
+        removed = set(range(n // 2, n // 2 + n // 4))
+        student = student_config(teacher, [i for i in range(n) if i not in removed])
+        plans = engine_plans(student, teacher)
+        if not lines:
+            lines = ["| teacher | student | " + " | ".join(plans) + " |", "|---|---:|" + "---:|" * len(plans)]
+        cells = [f"{gpu / 1e9:.1f}" + (f" (+{cpu / 1e9:.0f} CPU)" if cpu else "") for gpu, cpu in plans.values()]
+        lines.append(f"| {name} | {parameter_counts(student)[0] / 1e9:.2f}B | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(results: dict, params: dict[str, int], out: Path) -> None:
     import matplotlib
 
@@ -180,8 +211,10 @@ def report(results: dict, params: dict[str, int], out: Path) -> None:
     fig.suptitle("one-shot steps on random-weight models of real shapes (cost, not quality)")
     save_figure(fig, out / "scale.png")
     plt.close(fig)
-    write_text(out / "scale.md", "\n".join(lines + [""] + growth) + "\n")
-    print("\n".join(lines + [""] + growth))
+    heal = ["", "Healing the 3/4-depth student (GB per GPU before activations; CPU memory in brackets):", "",
+            *heal_table()]
+    write_text(out / "scale.md", "\n".join(lines + [""] + growth + heal) + "\n")
+    print("\n".join(lines + [""] + growth + heal))
 
 
 def main() -> None:
@@ -208,8 +241,9 @@ def main() -> None:
             key = f"{name}/{step}"
             if key in results and (results[key].get("rc") == 0 or results[key].get("skipped") or not args.retry):
                 continue
-            if step in WHOLE and params[name] * 4 > 0.6 * memory:
-                results[key] = {"skipped": f"not run: {params[name] * 4 / 2**30:.0f} GiB of float32 weights"}
+            if step in WHOLE and params[name] * WHOLE[step] > 0.6 * memory:
+                results[key] = {"skipped": f"not run: {params[name] * WHOLE[step] / 2**30:.0f} GiB of weights held "
+                                           "whole"}
             else:
                 print(f"{key} ...", flush=True)
                 argv = step_command(step, folder, out / "runs" / name, SHAPES[name][3])

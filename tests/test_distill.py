@@ -373,7 +373,7 @@ def test_local_tasks_beside_each_removed_span():
 def test_the_memory_a_run_needs_is_counted_from_the_configs(tiny_gpt2_dir):
     """Weights and gradients in the loaded dtype, AdamW's two fp32 moments for what trains, the
     teacher in 2 bytes on a GPU run in bf16; parameters counted on the meta device, a tied head once."""
-    from lmshrink.heal.memory import parameter_counts, run_memory
+    from lmshrink.heal.memory import engine_plans, parameter_counts, run_memory
 
     config = T.AutoConfig.from_pretrained(tiny_gpt2_dir)
     model = T.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
@@ -386,6 +386,11 @@ def test_the_memory_a_run_needs_is_counted_from_the_configs(tiny_gpt2_dir):
     frozen = run_memory(config, config, "bfloat16", ["embeddings"], half_teacher=True)
     assert (frozen.weights, frozen.gradients, frozen.optimizer, frozen.teacher) == (
         2 * total, 2 * (total - tables), 8 * (total - tables), 2 * total)
+    plans = engine_plans(config, config, gpus=4)  # the docs' table of engine settings, same arithmetic
+    assert plans == {"one GPU": (18 * total, 0), "one GPU, --teacher-cache": (16 * total, 0),
+                     "one GPU, --freeze embeddings": (4 * total + 12 * (total - tables) + 2 * total, 0),
+                     "one GPU, ZeRO-2 + CPU optimizer": (6 * total, 16 * total),
+                     "FSDP2 over 4 GPUs": (4 * total + 2 * total, 0)}
 
 
 def test_a_run_that_cannot_fit_its_device_is_refused_before_loading(tiny_gpt2_dir, real_text, tmp_path, monkeypatch,

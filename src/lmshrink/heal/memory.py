@@ -106,3 +106,28 @@ def fit_problem(student: Any, teacher: Any | None, settings: Any, device: torch.
     fix = ("; it would fit with " + ", or ".join(options)) if options else "; a smaller student or a larger device"
     return (f"memory: this run needs {need.describe()} before any activation, and the {device.type} device has "
             f"{available / GB:.1f} GB{fix}")
+
+
+def engine_plans(student: Any, teacher: Any | None, gpus: int = 8) -> dict[str, tuple[int, int]]:
+    """What each way of running a heal holds of its fixed parts (the batch's activations come on top),
+    as (bytes per GPU, bytes of CPU memory), for a student of config `student` trained with AdamW in
+    mixed precision (fp32 weights; bf16 where DeepSpeed keeps the working copy) and a frozen bf16
+    teacher of config `teacher` (None: no teacher). P: student parameters, Pt: the teacher's.
+
+    - one GPU: weights 4P + gradients 4P + AdamW moments 8P + teacher 2Pt (the check `distill` makes);
+    - `--teacher-cache`: the teacher replaced by its cache on disk;
+    - `--freeze embeddings`: gradients and moments only for the rest;
+    - ZeRO-2 with the optimizer on the CPU (configs/deepspeed-zero2.json): bf16 weights 2P and
+      gradients 2P on the GPU; fp32 master weights, gradients and moments (16P) in CPU memory;
+    - FSDP2 over `gpus` GPUs (configs/fsdp.json): the student's 16P split over them; the teacher,
+      not wrapped, whole on each (one block's gathered weights come on top while it runs)."""
+    full = run_memory(student, teacher, "float32", [], half_teacher=True)
+    student_parts = full.total - full.teacher
+    half = run_memory(student, teacher, "bfloat16", [], half_teacher=True)
+    return {
+        "one GPU": (full.total, 0),
+        "one GPU, --teacher-cache": (student_parts, 0),
+        "one GPU, --freeze embeddings": (run_memory(student, teacher, "float32", ["embeddings"], True).total, 0),
+        "one GPU, ZeRO-2 + CPU optimizer": (half.weights + half.gradients + half.teacher, student_parts),
+        f"FSDP2 over {gpus} GPUs": (student_parts // gpus + full.teacher, 0),
+    }
