@@ -107,8 +107,8 @@ def config_of(name: str):
                                 tie_word_embeddings=tied, max_position_embeddings=context, **extra)
 
 
-def write_model(name: str, folder: Path) -> int:
-    """The random-weight bf16 checkpoint of a shape (written once; its parameter count either way)."""
+def shapes_of(name: str) -> dict[str, torch.Size]:
+    """Each stored tensor's shape (a tied head is the embeddings: not stored), from the config alone."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -116,7 +116,16 @@ def write_model(name: str, folder: Path) -> int:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     head = "lm_head.weight" if config.tie_word_embeddings else None
-    shapes = {k: p.shape for k, p in model.named_parameters() if k != head}
+    return {k: p.shape for k, p in model.named_parameters() if k != head}
+
+
+def parameters_of(name: str) -> int:
+    return sum(math.prod(s) for s in shapes_of(name).values())
+
+
+def write_model(name: str, folder: Path) -> int:
+    """The random-weight bf16 checkpoint of a shape (written once; its parameter count either way)."""
+    shapes = shapes_of(name)
     if (folder / "config.json").is_file():
         return sum(math.prod(s) for s in shapes.values())
     partial = folder.with_name(folder.name + ".partial")
@@ -127,6 +136,7 @@ def write_model(name: str, folder: Path) -> int:
         tensor = (torch.ones(shape) if "norm" in key else torch.randn(shape, generator=generator) * 0.02)
         writer.add(key, tensor.to(torch.bfloat16))
     writer.close()
+    config = config_of(name)
     config.torch_dtype = "bfloat16"
     config.save_pretrained(partial)
     tokenizer = Path(resolve("smollm2-135m"))
@@ -178,6 +188,39 @@ def heal_table() -> list[str]:
     return lines
 
 
+NEEDS = ("truncate", "export", "score-layers-bi", "prune", "eval")  # the size table's columns
+
+
+def cpu_gflops(out: Path) -> float:
+    """This machine's float32 matrix-multiply rate (2,048-square products on every core), measured once."""
+    file = out / "machine.json"
+    if not file.is_file():
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        for _ in range(3):
+            a @ b
+        started = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        write_json(file, {"cpu_gflops": 2 * 2048**3 * 20 / (time.perf_counter() - started) / 1e9,
+                          "cores": os.cpu_count()})
+    return json.loads(file.read_text())["cpu_gflops"]
+
+
+def needs_table(results: dict, params: dict[str, int]) -> list[str]:
+    """What each size needs: per step, peak memory and wall time on this machine."""
+    lines = ["| model | parameters | bf16 on disk | " + " | ".join(f"`{s}`" for s in NEEDS) + " |",
+             "|---|---:|---:|" + "---:|" * len(NEEDS)]
+    for name, n in sorted(params.items(), key=lambda item: item[1]):
+        cells = []
+        for step in NEEDS:
+            r = results.get(f"{name}/{step}", {})
+            done = r.get("rc") == 0
+            cells.append(f"{r['peak_bytes'] / 2**30:.1f} GiB, {r['seconds'] / 60:.1f} min" if done
+                         else (r.get("skipped") or "").split(":")[0])
+        lines.append(f"| {name} | {n / 1e9:.2f}B | {2 * n / 1e9:.1f} GB | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(results: dict, params: dict[str, int], out: Path) -> None:
     import matplotlib
 
@@ -211,7 +254,10 @@ def report(results: dict, params: dict[str, int], out: Path) -> None:
     fig.suptitle("one-shot steps on random-weight models of real shapes (cost, not quality)")
     save_figure(fig, out / "scale.png")
     plt.close(fig)
-    heal = ["", "Healing the 3/4-depth student (GB per GPU before activations; CPU memory in brackets):", "",
+    gflops = cpu_gflops(out)
+    heal = ["", f"What each size needs (peak memory, wall time on this machine's {os.cpu_count()} cores, float32 "
+                f"matmul at {gflops:.0f} GFLOP/s):", "", *needs_table(results, params),
+            "", "Healing the 3/4-depth student (GB per GPU before activations; CPU memory in brackets):", "",
             *heal_table()]
     write_text(out / "scale.md", "\n".join(lines + [""] + growth + heal) + "\n")
     print("\n".join(lines + [""] + growth + heal))
@@ -223,6 +269,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(SHAPES))
     parser.add_argument("--steps", default=",".join(STEPS))
     parser.add_argument("--retry", action="store_true", help="run failed steps again")
+    parser.add_argument("--report-only", action="store_true", help="write the report of what is measured, run nothing")
     args = parser.parse_args()
     models, steps = args.models.split(","), args.steps.split(",")
     unknown = [m for m in models if m not in SHAPES] + [s for s in steps if s not in STEPS]
@@ -234,7 +281,7 @@ def main() -> None:
     results = json.loads(file.read_text()) if file.is_file() else {}
     params = {}
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for name in models:
+    for name in [] if args.report_only else models:
         folder = out / "models" / name
         params[name] = write_model(name, folder)
         for step in steps:
@@ -249,7 +296,8 @@ def main() -> None:
                 argv = step_command(step, folder, out / "runs" / name, SHAPES[name][3])
                 results[key] = measure(argv, out / "logs" / f"{name}-{step}.log")
             write_json(file, results)
-    report(results, params, out)
+    measured = {key.split("/")[0] for key in results}
+    report(results, {name: params.get(name) or parameters_of(name) for name in SHAPES if name in measured}, out)
 
 
 if __name__ == "__main__":
