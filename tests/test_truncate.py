@@ -279,10 +279,12 @@ def test_the_student_shares_the_teachers_non_block_weights_and_copies_its_blocks
 
 
 SEQUENTIAL_CUTS = {"keep 0": ["--keep", "0,1,4,5"], "cut 0": ["--keep", "1,2,5"],
-                   "importance": ["--strategy", "importance", "--num-layers", "3", "--calib-tokens", "256"]}
+                   "importance": ["--strategy", "importance", "--num-layers", "3", "--calib-tokens", "256"],
+                   "contiguous": ["--strategy", "contiguous", "--num-layers", "4", "--search-tokens", "256"]}
 
 
-@pytest.mark.parametrize("arch, cuts", [("gemma3_text", list(SEQUENTIAL_CUTS)), ("gpt2", ["cut 0"])])
+@pytest.mark.parametrize("arch, cuts", [("gemma3_text", list(SEQUENTIAL_CUTS)), ("gpt2", ["cut 0"]),
+                                        ("llama", ["contiguous"])])
 def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_path, gpt2_tokenizer, capsys):
     """truncate --sequential on: the teacher read block by block from a sharded checkpoint, the refit
     repair's fits made block by block, the student written shard by shard; the same student as the
@@ -298,13 +300,19 @@ def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_p
     gpt2_tokenizer.save_pretrained(teacher)
     common = ["truncate", "--teacher", str(teacher), "--repair-data", "python-docs/tutorial", "--repair-tokens", "512"]
     for cut in (SEQUENTIAL_CUTS[c] for c in cuts):
-        students = {}
+        students, records = {}, {}
         for mode in ("off", "on"):
             out = tmp_path / f"{mode}-{len(students)}-{'_'.join(cut)}"
             assert main([*common, *cut, "--output", str(out), "--sequential", mode]) == 0
             students[mode] = T.AutoModelForCausalLM.from_pretrained(out).state_dict()
-            record = json.loads((out / "lmshrink.json").read_text())
+            records[mode] = json.loads((out / "lmshrink.json").read_text())
+        record = records["on"]
         assert record["path"] == "sequential" and record["repair"]["method"] == "refit"
+        if "search" in records["off"]:  # the contiguous search walked block by block: every span's KL, the same
+            # choice (the whole path fits from float16 features, this one from float32: close, not equal)
+            assert record["kept_layers"] == records["off"]["kept_layers"]
+            got, want = ([c["kl"] for c in r["search"]["path"]] for r in (record, records["off"]))
+            assert len(got) == len(want) == 5 and got == pytest.approx(want, rel=2e-2, abs=1e-4)
         assert students["on"].keys() == students["off"].keys()
         for name, tensor in students["off"].items():
             torch.testing.assert_close(students["on"][name], tensor, rtol=1e-5, atol=1e-6)
@@ -332,7 +340,14 @@ def test_one_block_at_a_time_never_holds_two_blocks(tmp_path, gpt2_tokenizer, mo
         return original(self, i)
 
     monkeypatch.setattr(sequential.Blockwise, "block", block)
-    assert main(["truncate", "--teacher", str(teacher), "--strategy", "importance", "--num-layers", "4",
-                 "--calib-tokens", "256", "--repair-data", "python-docs/tutorial", "--repair-tokens", "512",
-                 "--sequential", "on", "--output", str(tmp_path / "student")]) == 0
-    assert len(seen) > 12 and all(held == [] for held in seen)
+    common = ["truncate", "--teacher", str(teacher), "--repair-data", "python-docs/tutorial", "--repair-tokens", "512",
+              "--sequential", "on", "--calib-tokens", "256", "--search-tokens", "256"]
+    cuts = {"importance": ["--strategy", "importance", "--num-layers", "4"],  # block scores
+            "keep": ["--keep", "0,1,4,5"],  # a span's fit, the student walked and its fitted block written
+            "contiguous": ["--strategy", "contiguous", "--num-layers", "4"]}  # every span's fit and student walked
+    for name, cut in cuts.items():
+        seen.clear()
+        assert main([*common, *cut, "--output", str(tmp_path / name)]) == 0
+        assert len(seen) >= 12 and all(held == [] for held in seen), name
+    spans = json.loads((tmp_path / "keep" / "lmshrink.json").read_text())["repair"]["spans"]
+    assert [s["span"] for s in spans if "heldout_error" in s] == [[2, 3]]

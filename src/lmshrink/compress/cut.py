@@ -14,7 +14,14 @@ from typing import Any
 import torch
 
 from lmshrink.architectures import blocks_of, context_limit
-from lmshrink.compress.cut_search import SEARCHES, CutSearch, fit_blocks_for, progress_file
+from lmshrink.compress.cut_search import (
+    SEARCHES,
+    CutSearch,
+    contiguous_blockwise,
+    fit_blocks_for,
+    progress_file,
+    span_fits_blockwise,
+)
 from lmshrink.compress.model_gap import MEASURES
 from lmshrink.compress.repair import FIT_ON, REPAIRS, needs, refine, repair, repair_problems
 from lmshrink.compress.sequential import Blockwise, repair_blockwise
@@ -208,9 +215,10 @@ def sequential_problems(strategy: str, keep: list[int] | None, args: CutArgs) ->
     """What a cut on a teacher read one block at a time does not do (each with the way on)."""
     way = "or --sequential off on a machine that holds the teacher"
     problems = []
-    if keep is None and strategy in SEARCHES:
-        problems.append(f"strategy: the {strategy} search measures whole candidate models; give --keep, a fixed "
-                        f"strategy or importance (scores computed block by block), {way}")
+    if keep is None and strategy == "iterative":
+        problems.append(f"strategy: the iterative search re-repairs every candidate after each removal, which this "
+                        f"block-by-block run does not do; give --strategy contiguous, --keep, a fixed strategy or "
+                        f"importance (scores computed block by block), {way}")
     if args.repair not in ("none", "refit", "replaceme"):
         problems.append(f"repair: {args.repair} is not done block by block; use refit, replaceme or none, {way}")
     if args.repair_epochs or args.repair_downstream or args.repair_fit != "student" or len(args.repair_strength) > 1:
@@ -219,26 +227,46 @@ def sequential_problems(strategy: str, keep: list[int] | None, args: CutArgs) ->
     return problems
 
 
-def repair_sequential(model, weights, tokenizer, keep: list[int], args: CutArgs, calib_data: str,
-                      length: int) -> tuple[Blockwise, dict[str, Any]]:
-    """The repair of a cut to `keep` of a lazily read teacher (`sequential.repair_blockwise`): the
-    runner holding each span's fit (`write_student` folds them in) and the record's `repair` entry
-    (none with --repair none). The tokenizer is the caller's to check. Text the teacher writes itself
-    is left out of the calibration, said."""
-    if args.repair == "none" or len(keep) == len(blocks_of(model)):
-        return Blockwise(model, weights, torch.zeros(1, 2, dtype=torch.long), 4), {}
-    sources = [s for s in args.repair_data if s != TEACHER_TEXT] or [calib_data]
-    if TEACHER_TEXT in args.repair_data:
-        print(f"[lmshrink] repair calibration: {', '.join(sources)} only; text the teacher writes itself would "
-              f"take a whole-model pass per token, which this block-by-block run does not make", flush=True)
-    rows = calibration_mix(sources, None, tokenizer, args.repair_tokens, min(length, args.repair_tokens))
-    runner = Blockwise(model, weights, rows, 4)
-    started = time.perf_counter()
-    spans = repair_blockwise(runner, keep, args.repair)
-    record = {"method": args.repair, "fit_on": "student", "data": sources, "strengths": [1.0], "downstream": [],
-              "tokens": rows.numel(), "spans": spans, "seconds": time.perf_counter() - started, "path": "sequential"}
-    print(f"repaired by {args.repair} on {rows.numel():,} tokens of {', '.join(sources)}, one block at a time, in "
-          f"{record['seconds']:.0f} s; held-out error vs the plain cut per span: "
-          + ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}" for s in spans
-                      if "heldout_error" in s))
-    return runner, {"repair": record}
+def cut_sequential(model, weights, tokenizer, n: int, k: int, strategy: str, keep: list[int] | None,
+                   scores: dict | None, metric: str, args: CutArgs, calib_data: str) -> tuple[Blockwise, list[int], dict]:
+    """`cut` on a lazily read teacher (`compress.sequential`): the blocks chosen (a fixed strategy,
+    scores, or the contiguous search walked block by block), the cut repaired block by block; the
+    runner holding each span's fit (`write_student` folds them in), the kept blocks and the record.
+    The tokenizer is the caller's to check. Text the teacher writes itself is left out of the repair's
+    calibration, said: it would take a whole-model pass per token."""
+    length = min(512, context_limit(model.config) or 512)
+    record: dict[str, Any] = {"framing": Framing.of(tokenizer).record(tokenizer)} if tokenizer is not None else {}
+    if k < n:
+        print(removal_share(model, n, k))
+    rows, sources = None, [s for s in args.repair_data if s != TEACHER_TEXT] or [calib_data]
+    if args.repair != "none" and k < n:
+        if TEACHER_TEXT in args.repair_data:
+            print(f"[lmshrink] repair calibration: {', '.join(sources)} only; text the teacher writes itself would "
+                  f"take a whole-model pass per token, which this block-by-block run does not make", flush=True)
+        rows = calibration_mix(sources, None, tokenizer, args.repair_tokens, min(length, args.repair_tokens))
+    if keep is None and strategy == "contiguous":
+        started = time.perf_counter()
+        search = calibration_rows(calib_data, tokenizer, args.search_tokens, min(length, args.search_tokens))
+        print(f"choosing {k} of {n} blocks by contiguous search ({args.search_measure} on {search.numel():,} tokens of "
+              f"{calib_data}, one block at a time)", flush=True)
+        fits = span_fits_blockwise(Blockwise(model, weights, rows, 4), n - k, k, args.repair) if rows is not None else {}
+        keep, candidates = contiguous_blockwise(Blockwise(model, weights, search, 4), fits, k, args.search_measure)
+        record["search"] = {"strategy": strategy, "measure": args.search_measure, "tokens": search.numel(),
+                            "repair": args.repair, "candidates_scored": len(candidates), "path": candidates,
+                            "seconds": time.perf_counter() - started, "sequential": True}
+    elif k < n or keep is not None:
+        keep = select_layers(n, strategy, k, keep, scores, metric)
+    else:
+        keep = list(range(n))
+    runner = Blockwise(model, weights, rows if rows is not None else torch.zeros(1, 2, dtype=torch.long), 4)
+    if rows is not None:
+        started = time.perf_counter()
+        spans = repair_blockwise(runner, keep, args.repair)
+        record["repair"] = {"method": args.repair, "fit_on": "student", "data": sources, "strengths": [1.0],
+                            "downstream": [], "tokens": rows.numel(), "spans": spans,
+                            "seconds": time.perf_counter() - started, "path": "sequential"}
+        print(f"repaired by {args.repair} on {rows.numel():,} tokens of {', '.join(sources)}, one block at a time, "
+              f"in {record['repair']['seconds']:.0f} s; held-out error vs the plain cut per span: "
+              + ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}" for s in spans
+                          if "heldout_error" in s))
+    return runner, keep, record

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from lmshrink.architectures import blocks_of, only_blocks
+from lmshrink.architectures import architecture_of, blocks_of, only_blocks
 from lmshrink.compress.model_gap import gap, references
 from lmshrink.compress.repair import (
     Moments,
@@ -169,3 +170,73 @@ SEARCHES: dict[str, Callable[[CutSearch, int], tuple[list[int], list[dict]]]] = 
     "iterative": CutSearch.iterative,
     "contiguous": CutSearch.contiguous,
 }
+
+
+# --- the contiguous search on a teacher read one block at a time (`compress.sequential`) ---------
+
+def span_fits_blockwise(runner, drop: int, k: int, repair: str) -> dict[int, tuple[str, torch.Tensor]]:
+    """Each contiguous span's repair as `CutSearch` fits it (from the teacher's own activations on the
+    fit rows of `runner`), by the teacher block it folds into: the span starting at a (a = 1..k)
+    folds into block a - 1, fitted when the teacher's stream has passed block a + drop - 1. Holds
+    the features and output of the drop + 1 blocks whose spans are open."""
+    from lmshrink.compress.repair import _fit
+
+    held, proj_input = heldout_split(runner.rows), fits_from_proj_input(repair)
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block a - 1: (its features, its output)
+    fits, stream = {}, runner.entering()
+    for i in range(k + drop):  # the last span (a = k) ends at block k + drop - 1 = n - 1
+        with runner.block(i):
+            if i < k:
+                stream, m = runner.run_with_features(i, stream, proj_input)
+                pending[i] = (m, stream)
+            else:
+                stream = runner.run(i, stream)
+        a = i + 1 - drop  # the span whose target (the stream leaving block a + drop - 1) is here
+        if a >= 1:
+            m, out = pending.pop(a - 1)
+            if architecture_of(runner.model.config).mlp_norm is None:
+                u = stream - out
+            else:
+                with runner.block(a - 1):  # the norm before the residual add is the block's to apply
+                    u = update_target(runner.model, a - 1, m, stream, out, proj_input)
+            fits[a - 1] = (repair, _fit(repair, held, m, u)[0])
+    return fits
+
+
+@torch.inference_mode()
+def contiguous_blockwise(search, fits: dict[int, tuple[str, torch.Tensor]], k: int,
+                         measure: str) -> tuple[list[int], list[dict]]:
+    """`CutSearch.contiguous` on a teacher read one block at a time: every span's student (the
+    teacher with the span removed and its fit, `fits`, folded into the block before it) is walked
+    beside the teacher over the search rows of `search` (a `Blockwise`), block by block, each block
+    passed by every student that runs it while it is held; then each student's measure against
+    the teacher (`kl`) or its own perplexity. Holds one stream per span (rows x T x H x 4 bytes)."""
+    n = len(search.blocks)
+    drop = n - k
+    teacher, students = search.entering(), {}
+    if drop < n:
+        students[0] = teacher  # the span from block 0: the stream entering block 0 goes on at block drop
+    for i in range(n):
+        with search.block(i):
+            for a, stream in students.items():
+                if a + drop <= i:  # past its span
+                    students[a] = search.run(i, stream)
+            if i + 1 <= k and i + 1 + drop <= n:  # the span from block i + 1 leaves block i with its fit
+                with patched(search.model, {i: fits[i]} if i in fits else {}):
+                    students[i + 1] = search.run(i, teacher)
+            teacher = search.run(i, teacher)
+        print(f"  contiguous, one block at a time: block {i:>2} of {n} passed by the teacher and "
+              f"{sum(a + drop <= i for a in students) + (i + 1 in students)} spans", flush=True)
+    candidates = []
+    for a in sorted(students):
+        if measure == "kl":
+            value = search.kl(students[a], teacher)
+        else:
+            total, count = search.nll(students[a])
+            value = math.exp(total / count)
+        candidates.append({"start": a, "removed": list(range(a, a + drop)), measure: value})
+        print(f"  contiguous: span {a}-{a + drop - 1}, {measure} {value:.4f}", flush=True)
+    best = min(candidates, key=lambda c: c[measure])
+    print(f"  contiguous: removed blocks {best['removed']}, {measure} {best[measure]:.4f} "
+          f"(best of {len(candidates)} spans)", flush=True)
+    return [i for i in range(n) if i not in best["removed"]], candidates

@@ -29,7 +29,9 @@ from lmshrink.architectures import architecture_of, blocks_of, get_path, student
 from lmshrink.compress.repair import APPLY, StopForward, run_block
 from lmshrink.compress.width import Plan, layout_of, pruned_config
 from lmshrink.errors import LmshrinkError
+from lmshrink.losses import forward_kl
 from lmshrink.models import device_memory
+from lmshrink.next_token import chunk_positions
 
 SEQUENTIAL = ("auto", "on", "off")
 HEAD_ROWS = 16384  # rows of the output head made float32 at a time (Llama 3's 128k x 4096: 256 MB of 2.1 GB)
@@ -281,29 +283,47 @@ class Blockwise:
         return run_block(self.blocks[i], states, lambda size: self._call(i, size), self.batch_size, self.device,
                          torch.float32, None if proj_input is None else self.arch.mlp_out, bool(proj_input))
 
-    @torch.no_grad()
-    def nll(self, states: torch.Tensor) -> tuple[float, int]:
-        """Summed next-token NLL (and its token count) of the stream leaving the last block: the final
-        norm, the head (soft-capped where the model caps its logits), each row's tokens 1..T-1 scored."""
+    def _logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of a batch of streams leaving the last block: the final norm, then the head
+        in float32 a slice of the table at a time (an untied head read in its stored dtype at its first
+        use), soft-capped where the model caps its logits."""
         norm = get_path(self.model, self.arch.final_norm)
         head = self.model.get_output_embeddings()
-        if head.weight.device.type == "meta":  # an untied head, read in its stored dtype at its first use
+        if head.weight.device.type == "meta":
             name = next(f"{n}.weight" for n, m in self.model.named_modules() if m is head)
             _materialise(self.model, name, self.weights.read(name), self.device, keep_dtype=True)
+        hidden = norm(states.to(self.device)).float()
+        logits = torch.cat([hidden @ head.weight[v : v + HEAD_ROWS].float().T
+                            for v in range(0, head.weight.shape[0], HEAD_ROWS)], dim=-1)
+        if head.bias is not None:
+            logits = logits + head.bias.float()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    @torch.no_grad()
+    def nll(self, states: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token NLL (and its token count) of the stream leaving the last block, each row's
+        tokens 1..T-1 scored."""
         total, count = 0.0, 0
         for start in range(0, states.shape[0], self.batch_size):
-            hidden = norm(states[start : start + self.batch_size].to(self.device)).float()
-            logits = torch.cat([hidden @ head.weight[v : v + HEAD_ROWS].float().T  # fp32, a slice of the table at a time
-                                for v in range(0, head.weight.shape[0], HEAD_ROWS)], dim=-1)
-            if head.bias is not None:
-                logits = logits + head.bias.float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+            logits = self._logits(states[start : start + self.batch_size])
             targets = self.rows[start : start + self.batch_size, 1:].to(self.device)
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
             count += targets.numel()
         return total, count
+
+    @torch.no_grad()
+    def kl(self, states: torch.Tensor, teacher: torch.Tensor) -> float:
+        """Mean forward KL from the next-token distributions of stream `teacher` to those of `states`
+        (both leaving the last block), over every position, a chunk of one row's positions at a time
+        (`next_token.chunk_positions`: its logits in 64 MiB)."""
+        total, step = 0.0, chunk_positions(self.model.get_output_embeddings().weight.shape[0])
+        for r in range(states.shape[0]):
+            for t in range(0, states.shape[1], step):
+                log_ps = torch.log_softmax(self._logits(states[r : r + 1, t : t + step]), -1)
+                log_pt = torch.log_softmax(self._logits(teacher[r : r + 1, t : t + step]), -1)
+                total += forward_kl(log_ps, log_pt).sum().item()
+        return total / (states.shape[0] * states.shape[1])
 
 
 def _rows(value: Any, size: int, full: int) -> Any:

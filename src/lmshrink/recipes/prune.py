@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import context_limit, student_config
-from lmshrink.compress.cut import CHOICES, CutArgs, cut, removal_share, repair_sequential, sequential_problems
+from lmshrink.compress.cut import CHOICES, CutArgs, cut, cut_sequential, sequential_problems
 from lmshrink.compress.importance import METRICS, read_scores, score, score_blockwise
 from lmshrink.compress.sequential import SEQUENTIAL, Blockwise, lazy_model, one_block_at_a_time, write_student
-from lmshrink.compress.truncation import select_layers
 from lmshrink.compress.width import (
     AXES,
     SCORE_KEYS,
@@ -41,7 +40,7 @@ from lmshrink.compress.width import (
     width_scores_blockwise,
 )
 from lmshrink.config import Settings, SettingsError, check, group, setting, to_dict
-from lmshrink.data.sources import Framing, calibration_rows
+from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.evaluate.measure import count_parameters
 from lmshrink.export.model_card import save_model_record
@@ -204,7 +203,8 @@ def run_sequential(settings: PruneSettings, source: str, config: Any, layers: in
     need_blocks = layers < n and settings.strategy == "importance"
     tokenizer = load_tokenizer(source, settings.load.trust_remote_code)
     given = given_scores(settings, config, need_blocks)
-    if tokenizer is None and (given is None or (layers < n and settings.cut.repair != "none")):
+    if tokenizer is None and (given is None or (layers < n and (settings.cut.repair != "none"
+                                                                or settings.strategy == "contiguous"))):
         raise no_tokenizer(source)
     model, weights = lazy_model(source, config, pick_device("auto"))
     length = calib_length(settings, config)
@@ -217,14 +217,8 @@ def run_sequential(settings: PruneSettings, source: str, config: Any, layers: in
         runner, sums = Blockwise(model, weights, rows, 4), WidthSums(config)
         blocks = score_blockwise(runner, settings.metric == "ppl_increase", sums) if need_blocks else None
         widths = sums.result(rows.numel()) if need_blocks else width_scores_blockwise(runner)
-    keep, cut_record = list(range(n)), {}
-    if tokenizer is not None:
-        cut_record["framing"] = Framing.of(tokenizer).record(tokenizer)
-    if layers < n:
-        print(removal_share(model, n, layers))
-        keep = select_layers(n, settings.strategy, layers, None, blocks, settings.metric)
-    runner, repaired = repair_sequential(model, weights, tokenizer, keep, settings.cut, settings.calib_data, length)
-    cut_record.update(repaired)
+    runner, keep, cut_record = cut_sequential(model, weights, tokenizer, n, layers, settings.strategy, None, blocks,
+                                              settings.metric, settings.cut, settings.calib_data)
     kept = plan(widths, width, keep)
     narrowed = width != {k: v for k, v in shape(config).items() if k in width}
     student_config_ = pruned_config(student_config(config, keep), width)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import architecture_of, blocks_of, context_limit
-from lmshrink.compress.cut import CHOICES, CutArgs, cut, kept_count, removal_share, repair_sequential, sequential_problems
+from lmshrink.compress.cut import CHOICES, CutArgs, cut, cut_sequential, kept_count, sequential_problems
 from lmshrink.compress.importance import METRICS, read_scores, score, score_blockwise
 from lmshrink.compress.sequential import (
     SEQUENTIAL,
@@ -20,9 +20,8 @@ from lmshrink.compress.sequential import (
     one_block_at_a_time,
     write_student,
 )
-from lmshrink.compress.truncation import select_layers
 from lmshrink.config import Settings, check, group, setting, to_dict
-from lmshrink.data.sources import Framing, calibration_rows
+from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.export.model_card import save_model_record
 from lmshrink.models import LoadArgs, load_tokenizer, no_tokenizer, pick_device, resolve_dtype
@@ -136,8 +135,8 @@ def run_sequential(settings: TruncateSettings, source: str, config) -> Path:
     model, weights = lazy_model(source, config, device)
     length = min(512, context_limit(config) or 512)
     scores = None
-    needs_text = settings.cut.repair != "none" or (settings.keep is None and settings.strategy == "importance"
-                                                    and not settings.scores)
+    needs_text = settings.cut.repair != "none" or (settings.keep is None and settings.strategy == "contiguous") or (
+        settings.keep is None and settings.strategy == "importance" and not settings.scores)
     if needs_text and tokenizer is None:
         raise no_tokenizer(source)
     if settings.keep is None and settings.strategy == "importance":
@@ -146,11 +145,8 @@ def run_sequential(settings: TruncateSettings, source: str, config) -> Path:
         else:
             rows = calibration_rows(settings.calib_data, tokenizer, settings.calib_tokens, length)
             scores = score_blockwise(Blockwise(model, weights, rows, 4), ppl=settings.metric == "ppl_increase")
-    keep = select_layers(n, settings.strategy, k, settings.keep, scores, settings.metric)
-    print(removal_share(model, n, k))
-    record: dict[str, Any] = {"framing": Framing.of(tokenizer).record(tokenizer)} if tokenizer is not None else {}
-    runner, repaired = repair_sequential(model, weights, tokenizer, keep, settings.cut, settings.calib_data, length)
-    record.update(repaired)
+    runner, keep, record = cut_sequential(model, weights, tokenizer, n, k, settings.strategy, settings.keep, scores,
+                                          settings.metric, settings.cut, settings.calib_data)
     record = provenance(
         "truncate", to_dict(settings), teacher=settings.teacher, teacher_source=source, teacher_layers=n,
         kept_layers=keep, strategy="keep" if settings.keep is not None else settings.strategy, path="sequential",
