@@ -18,6 +18,8 @@ resident set size), at fixed token counts (1,024 calibration tokens in rows of 2
 - `truncate`: keep 3/4 of the blocks (a quarter from the middle removed), `--repair refit` on 1,024
   tokens of python-docs/library, one block at a time, the student written shard by shard;
 - `export`: that student as a q8_0 GGUF, one tensor at a time;
+- `truncate-contiguous`: the same depth chosen by the contiguous search (every span repaired by refit
+  and measured by KL on 1,024 tokens), block by block;
 - `score-student-bi`, `score-student`: `score-layers-bi` and `score-layers` on that student;
 - `prune`: the width to 3/4 of the parameters (`--ratio 0.75 --axes width`: heads, MLP channels and
   hidden size scored on 1,024 tokens and sliced), one block at a time;
@@ -68,7 +70,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "
 CALIBRATION = ["--data", "python-docs/library", "--tokens", "1024", "--seq-len", "256", "--dtype", "float32",
                "--no-width"]
 STEPS = ("score-layers", "score-layers-whole", "score-layers-bi", "truncate", "export", "score-student-bi",
-         "score-student", "prune", "eval")
+         "score-student", "prune", "eval", "truncate-contiguous")
 WHOLE = {"score-layers-whole": 4, "eval": 2}  # steps that hold the whole model: bytes per parameter
 
 
@@ -85,6 +87,10 @@ def step_command(step: str, model: Path, runs: Path, n: int) -> list[str]:
         "truncate": ["truncate", "--teacher", str(model), "--keep", keep, "--repair", "refit", "--repair-data",
                      "python-docs/library", "--repair-tokens", "1024", "--sequential", "on", "--overwrite",
                      "--output", str(student)],
+        "truncate-contiguous": ["truncate", "--teacher", str(model), "--strategy", "contiguous", "--num-layers",
+                                str(n - n // 4), "--repair", "refit", "--repair-data", "python-docs/library",
+                                "--repair-tokens", "1024", "--calib-data", "python-docs/library", "--search-tokens",
+                                "1024", "--sequential", "on", "--overwrite", "--output", str(runs / "contiguous")],
         "export": ["export", "--model", str(student), "--quant", "q8_0", "--sequential", "on", "--overwrite",
                    "--output", str(runs / "gguf")],
         "score-student-bi": ["score-layers", *CALIBRATION, "--sequential", "on", "--no-ppl", "--model", str(student)],
@@ -93,7 +99,7 @@ def step_command(step: str, model: Path, runs: Path, n: int) -> list[str]:
                   "python-docs/library", "--calib-tokens", "1024", "--sequential", "on", "--overwrite"],
         "eval": ["eval", "--models", str(model), "--data", "python-docs/library", "--max-tokens", "1024", "--window",
                  "256", "--stride", "256", "--no-speed", "--dtype", "bfloat16", "--batch-size", "4"],
-    }[step] + ([] if step in ("truncate", "export") else ["--output", str(runs / step)])
+    }[step] + ([] if step in ("truncate", "truncate-contiguous", "export") else ["--output", str(runs / step)])
 
 
 def config_of(name: str):
