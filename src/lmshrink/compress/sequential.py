@@ -30,7 +30,7 @@ from lmshrink.compress.repair import APPLY, StopForward, run_block
 from lmshrink.compress.width import Plan, layout_of, pruned_config
 from lmshrink.errors import LmshrinkError
 from lmshrink.losses import forward_kl
-from lmshrink.models import device_memory
+from lmshrink.models import device_memory, release_freed_memory
 from lmshrink.next_token import chunk_positions
 
 SEQUENTIAL = ("auto", "on", "off")
@@ -203,6 +203,7 @@ class Blockwise:
                 for name, param in module._parameters.items():
                     if param is not None:
                         module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+            release_freed_memory()
             self.held = previous
 
     @torch.no_grad()
@@ -426,6 +427,7 @@ class ShardWriter:
                     f.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
         self.written.append({k: self._size(v) for k, v in self.pending.items()})
         self.pending = {}
+        release_freed_memory()
 
     def close(self) -> None:
         """Name the shards as transformers does and write the index (a single shard: model.safetensors)."""

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lmshrink.errors import LmshrinkError
+from lmshrink.models import release_freed_memory
 from lmshrink.records import atomic_file
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -519,6 +520,8 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str, name: str, record
         for (_, _, _, array), qtype in zip(arrays, types, strict=True):  # then each tensor, made and written alone
             data = array()
             writer.write_tensor_data(data if qtype == g.GGMLQuantizationType.F32 else g.quants.quantize(data, qtype))
+            del data
+            release_freed_memory()
         writer.close()
     return {"tensor_types": counts, "pre_tokenizer": used_pre}
 
