@@ -247,8 +247,10 @@ def report(results: dict, params: dict[str, int], out: Path) -> None:
             for ax, key in zip(axes, ("seconds", "peak_bytes"), strict=True):
                 ax.loglog([n for n, _ in done], [r[key] for _, r in done], marker="o", label=step)
             t, m = (exponent([(n, r[k]) for n, r in done]) for k in ("seconds", "peak_bytes"))
-            growth.append(f"- `{step}`: time grows as parameters^{t:.2f}, peak memory as parameters^{m:.2f}"
-                          if t is not None else f"- `{step}`: one size measured")
+            large = exponent([(n, r["seconds"]) for n, r in done if n >= 1e9])  # past the fixed costs
+            growth.append(f"- `{step}`: time grows as parameters^{t:.2f}"
+                          + (f" (^{large:.2f} from 1B up)" if large is not None else "")
+                          + f", peak memory as parameters^{m:.2f}" if t is not None else f"- `{step}`: one size measured")
     for key, r in results.items():
         if r.get("rc") not in (0, None) or r.get("skipped"):
             lines.append(f"| {key.split('/')[0]} | | {key.split('/')[1]} | {r.get('skipped') or 'exit ' + str(r['rc'])} | |")
