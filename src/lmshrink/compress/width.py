@@ -256,9 +256,11 @@ def width_scores_blockwise(runner) -> dict[str, Any]:
     stream passes each block once; one stream (rows x T x H x 4 bytes) held."""
     sums = WidthSums(runner.model.config)
     stream = runner.entering()
-    for i in range(len(runner.blocks)):
+    n = len(runner.blocks)
+    for i in range(n):
         with runner.block(i) as block, sums.watching(i, block):
             stream = runner.run(i, stream)
+        print(f"  block {i:>2} of {n} scored", flush=True)
     return sums.result(runner.rows.numel())
 
 
