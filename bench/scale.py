@@ -227,6 +227,22 @@ def needs_table(results: dict, params: dict[str, int]) -> list[str]:
     return lines
 
 
+def trim_table(results: dict, params: dict[str, int], out: Path) -> list[str]:
+    """Peak memory before and after block-by-block runs gave freed memory back (`malloc_trim`): the
+    earlier figures, where kept (`results-before-trim.json`), beside the current ones."""
+    file = out / "results-before-trim.json"
+    if not file.is_file():
+        return []
+    before = json.loads(file.read_text())
+    lines = ["| model | step | peak before | peak after |", "|---|---|---:|---:|"]
+    for key, old in sorted(before.items(), key=lambda item: (params.get(item[0].split("/")[0], 0), item[0])):
+        new = results.get(key, {})
+        if old.get("rc") == 0 and new.get("rc") == 0:
+            model, step = key.split("/")
+            lines.append(f"| {model} | {step} | {old['peak_bytes'] / 2**30:.2f} GiB | {new['peak_bytes'] / 2**30:.2f} GiB |")
+    return lines if len(lines) > 2 else []
+
+
 def report(results: dict, params: dict[str, int], out: Path) -> None:
     import matplotlib
 
@@ -267,6 +283,8 @@ def report(results: dict, params: dict[str, int], out: Path) -> None:
                 f"matmul at {gflops:.0f} GFLOP/s):", "", *needs_table(results, params),
             "", "Healing the 3/4-depth student (GB per GPU before activations; CPU memory in brackets):", "",
             *heal_table()]
+    if trims := trim_table(results, params, out):
+        heal += ["", "Peak memory before and after freed memory was given back between blocks:", "", *trims]
     write_text(out / "scale.md", "\n".join(lines + [""] + growth + heal) + "\n")
     print("\n".join(lines + [""] + growth + heal))
 
