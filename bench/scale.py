@@ -212,13 +212,13 @@ def cpu_gflops(out: Path) -> float:
     return json.loads(file.read_text())["cpu_gflops"]
 
 
-def needs_table(results: dict, params: dict[str, int]) -> list[str]:
+def needs_table(results: dict, params: dict[str, int], steps: tuple[str, ...] = NEEDS) -> list[str]:
     """What each size needs: per step, peak memory and wall time on this machine."""
-    lines = ["| model | parameters | bf16 on disk | " + " | ".join(f"`{s}`" for s in NEEDS) + " |",
-             "|---|---:|---:|" + "---:|" * len(NEEDS)]
+    lines = ["| model | parameters | bf16 on disk | " + " | ".join(f"`{s}`" for s in steps) + " |",
+             "|---|---:|---:|" + "---:|" * len(steps)]
     for name, n in sorted(params.items(), key=lambda item: item[1]):
         cells = []
-        for step in NEEDS:
+        for step in steps:
             r = results.get(f"{name}/{step}", {})
             done = r.get("rc") == 0
             cells.append(f"{r['peak_bytes'] / 2**30:.1f} GiB, {r['seconds'] / 60:.1f} min" if done
@@ -283,6 +283,8 @@ def report(results: dict, params: dict[str, int], out: Path) -> None:
                 f"matmul at {gflops:.0f} GFLOP/s):", "", *needs_table(results, params),
             "", "Healing the 3/4-depth student (GB per GPU before activations; CPU memory in brackets):", "",
             *heal_table()]
+    heal += ["", "The README's table:", "", *needs_table(results, params, ("truncate", "export", "score-layers-bi",
+                                                                          "prune"))]
     if trims := trim_table(results, params, out):
         heal += ["", "Peak memory before and after freed memory was given back between blocks:", "", *trims]
     write_text(out / "scale.md", "\n".join(lines + [""] + growth + heal) + "\n")
