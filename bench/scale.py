@@ -283,7 +283,7 @@ def report(results: dict, params: dict[str, int], out: Path) -> None:
                 f"matmul at {gflops:.0f} GFLOP/s):", "", *needs_table(results, params),
             "", "Healing the 3/4-depth student (GB per GPU before activations; CPU memory in brackets):", "",
             *heal_table()]
-    heal += ["", "The README's table:", "", *needs_table(results, params, ("truncate", "export", "score-layers-bi",
+    heal += ["", "The README's table:", "", *needs_table(results, params, ("truncate", "export", "score-student-bi",
                                                                           "prune"))]
     if trims := trim_table(results, params, out):
         heal += ["", "Peak memory before and after freed memory was given back between blocks:", "", *trims]
