@@ -228,9 +228,10 @@ def contiguous_blockwise(search, fits: dict[int, tuple[str, torch.Tensor]], k: i
         print(f"  contiguous, one block at a time: block {i:>2} of {n} passed by the teacher and "
               f"{sum(a + drop <= i for a in students) + (i + 1 in students)} spans", flush=True)
     candidates = []
+    kls = search.kl(students, teacher) if measure == "kl" else {}
     for a in sorted(students):
         if measure == "kl":
-            value = search.kl(students[a], teacher)
+            value = kls[a]
         else:
             total, count = search.nll(students[a])
             value = math.exp(total / count)

@@ -314,17 +314,19 @@ class Blockwise:
         return total, count
 
     @torch.no_grad()
-    def kl(self, states: torch.Tensor, teacher: torch.Tensor) -> float:
-        """Mean forward KL from the next-token distributions of stream `teacher` to those of `states`
-        (both leaving the last block), over every position, a chunk of one row's positions at a time
-        (`next_token.chunk_positions`: its logits in 64 MiB)."""
-        total, step = 0.0, chunk_positions(self.model.get_output_embeddings().weight.shape[0])
-        for r in range(states.shape[0]):
-            for t in range(0, states.shape[1], step):
-                log_ps = torch.log_softmax(self._logits(states[r : r + 1, t : t + step]), -1)
+    def kl(self, students: dict[Any, torch.Tensor], teacher: torch.Tensor) -> dict[Any, float]:
+        """Mean forward KL from the next-token distributions of stream `teacher` to those of each stream
+        in `students` (all leaving the last block), over every position, a chunk of one row's positions
+        at a time (`next_token.chunk_positions`: its logits in 64 MiB); the teacher's log-probabilities
+        made once per chunk for all students."""
+        totals, step = dict.fromkeys(students, 0.0), chunk_positions(self.model.get_output_embeddings().weight.shape[0])
+        for r in range(teacher.shape[0]):
+            for t in range(0, teacher.shape[1], step):
                 log_pt = torch.log_softmax(self._logits(teacher[r : r + 1, t : t + step]), -1)
-                total += forward_kl(log_ps, log_pt).sum().item()
-        return total / (states.shape[0] * states.shape[1])
+                for key, states in students.items():
+                    log_ps = torch.log_softmax(self._logits(states[r : r + 1, t : t + step]), -1)
+                    totals[key] += forward_kl(log_ps, log_pt).sum().item()
+        return {key: total / (teacher.shape[0] * teacher.shape[1]) for key, total in totals.items()}
 
 
 def _rows(value: Any, size: int, full: int) -> Any:
