@@ -148,6 +148,13 @@ def test_truncate_command_end_to_end(tiny_gpt2_dir, real_text, tmp_path, capsys)
     assert torch.equal(logits(student.model, ids), logits(kept, ids))
 
 
+def test_an_explicit_keep_list_is_the_depth_said_before_the_cut(tiny_gpt2_dir, tmp_path, capsys):
+    code = main(["truncate", "--teacher", str(tiny_gpt2_dir), "--output", str(tmp_path / "s"), "--keep", "0,1,3",
+                 "--repair", "none"])
+    assert code == 0
+    assert "cutting 1 of 4 blocks" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("strategy", ["iterative", "contiguous"])
 def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_path, strategy):
     out = tmp_path / "student"

@@ -75,7 +75,10 @@ def load_scores(path: str) -> dict[str, Any]:
 
 
 def depth(settings: TruncateSettings, n: int) -> int:
-    """The student's depth: --num-layers, --ratio (said how it rounds) or half the teacher's."""
+    """The student's depth: --keep's length, --num-layers, --ratio (said how it rounds) or half the
+    teacher's."""
+    if settings.keep is not None:
+        return len(settings.keep)
     if settings.ratio is not None:
         k = kept_count(n, settings.ratio)
         print(f"ratio {settings.ratio:g} of {n} blocks: keeping {k} ({n * settings.ratio:g}, rounded half up)")
