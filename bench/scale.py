@@ -23,9 +23,10 @@ resident set size), at fixed token counts (1,024 calibration tokens in rows of 2
 - `score-student-bi`, `score-student`: `score-layers-bi` and `score-layers` on that student;
 - `prune`: the width to 3/4 of the parameters (`--ratio 0.75 --axes width`: heads, MLP channels and
   hidden size scored on 1,024 tokens and sliced), one block at a time;
-- `eval`: the teacher's perplexity on 1,024 tokens of python-docs/library (windows of 256), the whole
-  model loaded in bfloat16 (eval has no block-by-block path): run only where those weights take
-  under 60% of the machine's memory.
+- `eval`: the teacher's perplexity on 1,024 tokens of python-docs/library (windows of 256), one block
+  at a time (`--sequential on`, float32 per block);
+- `eval-whole`: the same with the whole model loaded in bfloat16 (`--sequential off`): run only where
+  those weights take under 60% of the machine's memory.
 Resumable: each (model, step) result is kept in OUTPUT/results.json (a failure with its exit code,
 not tried again unless `--retry`); a re-run measures only what is missing, then writes the table,
 the log-log chart (scale.png) and the growth exponent of each step's time and memory (a least-squares
@@ -70,8 +71,10 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "
 CALIBRATION = ["--data", "python-docs/library", "--tokens", "1024", "--seq-len", "256", "--dtype", "float32",
                "--no-width"]
 STEPS = ("score-layers", "score-layers-whole", "score-layers-bi", "truncate", "export", "score-student-bi",
-         "score-student", "prune", "eval", "truncate-contiguous")
-WHOLE = {"score-layers-whole": 4, "eval": 2}  # steps that hold the whole model: bytes per parameter
+         "score-student", "prune", "eval", "eval-whole", "truncate-contiguous")
+EVAL = ["eval", "--data", "python-docs/library", "--max-tokens", "1024", "--window", "256", "--stride", "256",
+        "--no-speed", "--batch-size", "4"]
+WHOLE = {"score-layers-whole": 4, "eval-whole": 2}  # steps that hold the whole model: bytes per parameter
 
 
 def step_command(step: str, model: Path, runs: Path, n: int) -> list[str]:
@@ -97,8 +100,8 @@ def step_command(step: str, model: Path, runs: Path, n: int) -> list[str]:
         "score-student": ["score-layers", *CALIBRATION, "--sequential", "on", "--model", str(student)],
         "prune": ["prune", "--teacher", str(model), "--ratio", "0.75", "--axes", "width", "--calib-data",
                   "python-docs/library", "--calib-tokens", "1024", "--sequential", "on", "--overwrite"],
-        "eval": ["eval", "--models", str(model), "--data", "python-docs/library", "--max-tokens", "1024", "--window",
-                 "256", "--stride", "256", "--no-speed", "--dtype", "bfloat16", "--batch-size", "4"],
+        "eval": [*EVAL, "--models", str(model), "--sequential", "on"],
+        "eval-whole": [*EVAL, "--models", str(model), "--sequential", "off", "--dtype", "bfloat16"],
     }[step] + ([] if step in ("truncate", "truncate-contiguous", "export") else ["--output", str(runs / step)])
 
 

@@ -14,6 +14,7 @@ from lmshrink.cli import main
 from lmshrink.data.sources import Framing
 from lmshrink.evaluate.measure import count_parameters, fresh_peak_memory, speed, weight_bytes
 from lmshrink.evaluate.perplexity import perplexity, sliding_nll, windows
+from lmshrink.evaluate.report import markdown_table
 from lmshrink.models import embedded_gguf, load, unpacked_folder
 
 
@@ -179,3 +180,51 @@ def test_eval_rejects_bad_settings(tmp_path, capsys):
     assert main(["eval", "--models", "x", "--stride", "0", "--window", "1"]) == 2
     err = capsys.readouterr().err
     assert "stride" in err and "window" in err  # all problems at once
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama", "gpt2"])
+def test_a_model_read_one_block_at_a_time_scores_the_same_windows_alike(kind, tmp_path):
+    """Windows of two lengths (the stream's end), each after a start token: the block-by-block NLL is
+    the whole model's, over more than one pass over the weights (a stream budget of two windows)."""
+    from lmshrink.compress import sequential
+
+    model = tiny_model(kind, 4)
+    model.save_pretrained(tmp_path)
+    tokens = torch.randint(3, 128, (150,), generator=torch.Generator().manual_seed(1))
+    framing = Framing(start=(1,))
+    whole = sliding_nll(model, tokens, 32, 20, batch_size=3, framing=framing)
+    lazy, weights = sequential.lazy_model(str(tmp_path), model.config, torch.device("cpu"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sequential, "STREAM_BYTES", 2 * 33 * model.config.get_text_config().hidden_size * 4)
+        blockwise = sequential.sliding_nll_blockwise(lazy, weights, tokens, 32, 20, 2, framing=framing)
+    assert blockwise[1] == whole[1] == 149
+    assert blockwise[0] == pytest.approx(whole[0], rel=1e-5)
+    assert all(p.device.type == "meta" for p in sequential.blocks_of(lazy).parameters())
+
+
+def test_eval_reads_a_model_one_block_at_a_time_when_asked_or_when_it_would_not_fit(tiny_gpt2_dir, real_text,
+                                                                                    tmp_path, monkeypatch, capsys):
+    common = ["eval", "--data", str(real_text), "--window", "64", "--stride", "32", "--max-tokens", "300"]
+    timed = ["--speed-length", "16", "--gen-tokens", "2", "--repeats", "1"]
+    assert main([*common, "--models", str(tiny_gpt2_dir), "--output", str(tmp_path / "off"), *timed]) == 0
+    assert main([*common, "--models", f"{tiny_gpt2_dir},{tiny_gpt2_dir}", "--labels", "whole,blocks",
+                 "--output", str(tmp_path / "on"), "--sequential", "on", *timed]) == 0
+    off, on = (json.loads((tmp_path / o / "report.json").read_text())["rows"] for o in ("off", "on"))
+    assert on[0]["perplexity"] == pytest.approx(off[0]["perplexity"], rel=1e-5)
+    assert on[0]["sequential"] and "latency_ms" not in on[0] and on[0]["parameters"] == off[0]["parameters"]
+    assert "perplexity only, no speed" in capsys.readouterr().err
+    monkeypatch.setattr("lmshrink.compress.sequential.device_memory", lambda device: 1000)  # a tiny machine
+    assert main([*common, "--models", str(tiny_gpt2_dir), "--output", str(tmp_path / "auto"), "--no-speed"]) == 0
+    assert json.loads((tmp_path / "auto" / "report.json").read_text())["rows"][0]["sequential"]
+    assert main([*common, "--models", str(tiny_gpt2_dir), "--output", str(tmp_path / "t"), "--tasks", "arc_easy",
+                 "--no-speed"]) == 2
+    assert "benchmarks run the whole model" in capsys.readouterr().err
+
+
+def test_a_report_holds_rows_with_and_without_speed():
+    timed = {"model": "a", "layers": 2, "parameters": 1e6, "disk_mb": 1.0, "perplexity": {"t": 3.0},
+             "latency_ms": 2.0, "tokens_per_s": 10.0, "generate_tokens_per_s": 5.0, "peak_memory_mb": 9.0}
+    blockwise = {"model": "b", "layers": 2, "parameters": 1e6, "disk_mb": 1.0, "perplexity": {"t": 3.5}}
+    for rows in ([timed, blockwise], [blockwise, timed]):
+        table = markdown_table(rows, "(1x16)")
+        assert "speed-up" in table and "| b | 2 | 1.0 | 1.0 | 3.50 | n/a | n/a | n/a | n/a | n/a |" in table

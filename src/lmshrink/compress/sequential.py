@@ -16,6 +16,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ import torch.nn.functional as F
 from lmshrink.architectures import architecture_of, blocks_of, get_path, student_config
 from lmshrink.compress.repair import APPLY, StopForward, run_block
 from lmshrink.compress.width import Plan, layout_of, pruned_config
+from lmshrink.data.sources import Framing
 from lmshrink.errors import LmshrinkError
+from lmshrink.evaluate.perplexity import framed_windows
 from lmshrink.losses import forward_kl
 from lmshrink.models import device_memory, release_freed_memory
 from lmshrink.next_token import chunk_positions
@@ -302,16 +305,24 @@ class Blockwise:
         return torch.tanh(logits / cap) * cap if cap else logits
 
     @torch.no_grad()
+    def token_nll(self, states: torch.Tensor) -> torch.Tensor:
+        """Next-token NLL (N, T-1) of a stream leaving the last block against its rows, float32 on the
+        CPU, a chunk of one row's positions at a time (`next_token.chunk_positions`: logits in 64 MiB)."""
+        rows, length = states.shape[0], states.shape[1]
+        step = chunk_positions(self.model.get_output_embeddings().weight.shape[0])
+        out = torch.empty(rows, length - 1)
+        for r in range(rows):
+            for t in range(0, length - 1, step):
+                targets = self.rows[r, t + 1 : t + 1 + step].to(self.device)
+                logits = self._logits(states[r : r + 1, t : t + targets.numel()])[0]
+                out[r, t : t + targets.numel()] = F.cross_entropy(logits, targets, reduction="none").cpu()
+        return out
+
     def nll(self, states: torch.Tensor) -> tuple[float, int]:
         """Summed next-token NLL (and its token count) of the stream leaving the last block, each row's
         tokens 1..T-1 scored."""
-        total, count = 0.0, 0
-        for start in range(0, states.shape[0], self.batch_size):
-            logits = self._logits(states[start : start + self.batch_size])
-            targets = self.rows[start : start + self.batch_size, 1:].to(self.device)
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
-            count += targets.numel()
-        return total, count
+        nll = self.token_nll(states)
+        return nll.sum().item(), nll.numel()
 
     @torch.no_grad()
     def kl(self, students: dict[Any, torch.Tensor], teacher: torch.Tensor) -> dict[Any, float]:
@@ -327,6 +338,40 @@ class Blockwise:
                     log_ps = torch.log_softmax(self._logits(states[r : r + 1, t : t + step]), -1)
                     totals[key] += forward_kl(log_ps, log_pt).sum().item()
         return {key: total / (teacher.shape[0] * teacher.shape[1]) for key, total in totals.items()}
+
+
+STREAM_BYTES = 1 << 30  # the float32 stream held between blocks while a model is evaluated block by block
+
+
+@torch.no_grad()
+def sliding_nll_blockwise(model, weights: LazyWeights, tokens: torch.Tensor, window: int, stride: int,
+                          batch_size: int, *, framing: Framing, progress: str | None = None) -> tuple[float, int]:
+    """`evaluate.perplexity.sliding_nll` of a model read one block at a time: the same windows, each
+    after the start tokens, every window's stream carried through each block in turn (at most
+    STREAM_BYTES of them at once: more windows are more passes over the weights). Windows shorter than
+    the longest are padded after their end, which a causal model's earlier positions never see."""
+    spans = framed_windows(tokens, window, stride, framing)
+    length = max(span.ids.numel() for span in spans)
+    per_pass = max(1, STREAM_BYTES // (length * model.config.get_text_config().hidden_size * 4))
+    total, count = 0.0, 0
+    for start in range(0, len(spans), per_pass):
+        group = spans[start : start + per_pass]
+        rows = torch.stack([F.pad(span.ids, (0, length - span.ids.numel()), value=int(span.ids[-1]))
+                            for span in group])
+        runner = Blockwise(model, weights, rows, batch_size)
+        states = runner.entering()
+        for i in range(len(runner.blocks)):
+            with runner.block(i):
+                states = runner.run(i, states)
+            if progress:
+                print(f"\r  {progress}: windows {start + 1}-{start + len(group)} of {len(spans)}, block "
+                      f"{i + 1}/{len(runner.blocks)}", end="", file=sys.stderr, flush=True)
+        for span, nll in zip(group, runner.token_nll(states), strict=True):
+            total += span.scored(nll).sum().item()
+            count += span.scored(nll).numel()
+    if progress:
+        print(f"\r  {progress}: {len(spans)} windows, ppl {math.exp(total / count):.2f}" + " " * 20, file=sys.stderr)
+    return total, count
 
 
 def _rows(value: Any, size: int, full: int) -> Any:

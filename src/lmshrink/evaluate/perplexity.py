@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -37,29 +38,50 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return spans
 
 
+@dataclass(frozen=True)
+class Window:
+    """One window as the model is given it: its input ids (after the start tokens `added` in front),
+    where it begins in the stream and the first stream position it scores."""
+
+    ids: torch.Tensor
+    added: int
+    begin: int
+    first: int
+
+    def scored(self, nll: torch.Tensor) -> torch.Tensor:
+        """This window's scored targets (stream positions first..end-1) from its row of next-token NLL
+        (what follows the window's own positions, padding, is not read)."""
+        return nll[self.added + self.first - self.begin - 1 : self.ids.numel() - 1]
+
+
+def framed_windows(tokens: torch.Tensor, window: int, stride: int, framing: Framing) -> list[Window]:
+    """Every window over a 1-D token stream, each after the `framing`'s start tokens."""
+    framed = []
+    for begin, end, first in windows(tokens.numel(), window, stride):
+        ids = framing.window(tokens[begin:end])
+        framed.append(Window(ids, ids.numel() - (end - begin), begin, first))
+    return framed
+
+
 @torch.inference_mode()
 def sliding_nll(model, tokens: torch.Tensor, window: int, stride: int, batch_size: int = 4,
                 progress: str | None = None, *, framing: Framing) -> tuple[float, int]:
     """Summed NLL (nats) and number of scored tokens of a 1-D token stream, each window after the
     `framing`'s start tokens (`Framing.of(tokenizer)`; required: a tokenizer that adds `<bos>` gives a
     model scored without it a perplexity several times too high)."""
-    spans = windows(tokens.numel(), window, stride)
+    spans = framed_windows(tokens, window, stride, framing)
     total, count = 0.0, 0
-    # (input ids, how many start tokens were put in front, begin, first scored) per window;
-    # windows of equal input length batch together
-    groups: dict[int, list[tuple[torch.Tensor, int, int, int]]] = {}
-    for begin, end, first in spans:
-        ids = framing.window(tokens[begin:end])
-        groups.setdefault(ids.numel(), []).append((ids, ids.numel() - (end - begin), begin, first))
+    groups: dict[int, list[Window]] = {}  # windows of equal input length batch together
+    for span in spans:
+        groups.setdefault(span.ids.numel(), []).append(span)
     done = 0
     for group in groups.values():
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
-            nll = next_token.nll(model, torch.stack([ids for ids, *_ in chunk]))  # (B, T-1)
-            for row, (_, added, begin, first) in enumerate(chunk):
-                scored = nll[row, added + first - begin - 1 :]  # targets at stream positions first..end-1
-                total += scored.sum().item()
-                count += scored.numel()
+            nll = next_token.nll(model, torch.stack([span.ids for span in chunk]))  # (B, T-1)
+            for row, span in zip(nll, chunk, strict=True):
+                total += span.scored(row).sum().item()
+                count += span.scored(row).numel()
             done += len(chunk)
             if progress:
                 print(f"\r  {progress}: {done}/{len(spans)} windows, ppl {math.exp(total / count):.2f}",

@@ -26,17 +26,19 @@ def markdown_table(rows: list[dict[str, Any]], speed_shape: str = "") -> str:
     """Teacher (first row) and students side by side; ratios are against the first row."""
     sources = list(rows[0]["perplexity"]) if rows else []
     head = ["model", "layers", "params (M)", "disk MB"] + [f"ppl {s}" for s in sources]
-    has_speed = "latency_ms" in rows[0]
+    has_speed = any("latency_ms" in row for row in rows)  # not for a model read one block at a time
     if has_speed:
         head += [f"latency ms {speed_shape}".strip(), "tokens/s", "speed-up", "gen tok/s", "peak MB"]
     ref, table = rows[0], []
     for row in rows:
         cells = [row["model"], _fmt(row["layers"]), _fmt(row["parameters"] / 1e6, 1), _fmt(row["disk_mb"], 1)]
         cells += [_fmt(row["perplexity"].get(s)) for s in sources]
-        if has_speed:
-            cells += [_fmt(row["latency_ms"], 1), _fmt(row["tokens_per_s"], 0),
-                      f"{ref['latency_ms'] / row['latency_ms']:.2f}x", _fmt(row["generate_tokens_per_s"], 1),
-                      _fmt(row["peak_memory_mb"], 0)]
+        if has_speed and "latency_ms" not in row:
+            cells += ["n/a"] * 5
+        elif has_speed:
+            speed_up = f"{ref['latency_ms'] / row['latency_ms']:.2f}x" if "latency_ms" in ref else "-"
+            cells += [_fmt(row["latency_ms"], 1), _fmt(row["tokens_per_s"], 0), speed_up,
+                      _fmt(row["generate_tokens_per_s"], 1), _fmt(row.get("peak_memory_mb"), 0)]
         table.append(cells)
     lines = md_table(head, table)
     shared: dict[str, list[str]] = {}

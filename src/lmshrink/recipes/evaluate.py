@@ -6,25 +6,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import check_length
+from lmshrink.compress.sequential import SEQUENTIAL, SequentialError, lazy_model, one_block_at_a_time, sliding_nll_blockwise
 from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data.sources import Framing, token_stream
+from lmshrink.errors import one_of
 from lmshrink.evaluate.args import BenchmarkArgs, PerplexityArgs, TimingArgs
 from lmshrink.evaluate.benchmarks import TaskScore, expand, run_tasks
 from lmshrink.evaluate.measure import count_parameters, disk_bytes, fresh_peak_memory, speed
-from lmshrink.evaluate.perplexity import perplexity
+from lmshrink.evaluate.perplexity import sliding_nll
 from lmshrink.evaluate.report import markdown_table, tasks_chart, tasks_note, tasks_table
 from lmshrink.export import llamacpp
 from lmshrink.export.model_card import add_results
-from lmshrink.models import LoadArgs, pick_device
+from lmshrink.models import LoadArgs, load_tokenizer, no_tokenizer, pick_device
 from lmshrink.records import RECORD, provenance, read_record, write_json, write_text
 
 RUNTIMES = ("transformers", "llamacpp")
@@ -43,6 +47,10 @@ class EvalSettings(Settings):
     runtime: str = setting("transformers", f"what runs the models: {', '.join(RUNTIMES)} (llamacpp: .gguf files "
                                            "scored by llama.cpp itself, through llama-cpp-python)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    sequential: str = setting("auto", "score perplexity reading each model one block at a time from its safetensors "
+                                      "(at most one block's weights in memory, float32; no speed or benchmarks): "
+                                      "on, off, or auto (on when the whole model would take more than half the "
+                                      "device's memory)")
     load: LoadArgs = group(LoadArgs, "how the models are loaded")
     perplexity: PerplexityArgs = group(PerplexityArgs, "held-out perplexity")
     benchmarks: BenchmarkArgs = group(BenchmarkArgs, "zero-shot benchmarks (lm-evaluation-harness)")
@@ -58,6 +66,10 @@ class EvalSettings(Settings):
             problems.append("batch_size: must be positive")
         if not self.perplexity.data and not self.timing.speed and not self.benchmarks.tasks:
             problems.append("data: give text to evaluate on or --tasks, or leave --speed on")
+        problems += one_of("sequential", self.sequential, SEQUENTIAL)
+        if self.sequential == "on" and self.benchmarks.tasks:
+            problems.append("tasks: the benchmarks run the whole model; drop --sequential on (or evaluate the "
+                            "exported GGUF through llama.cpp)")
         if self.runtime not in RUNTIMES:
             problems.append(f"runtime: {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         if self.runtime == "llamacpp":
@@ -94,11 +106,12 @@ def vocabulary_key(tokenizer) -> int:
     return hash(frozenset(tokenizer.get_vocab().items()))
 
 
-def score_sources(row: dict[str, Any], model, tokenizer, ppl: PerplexityArgs, streams: dict[str, Any] | None,
-                  batch_size: int, runtime: str = "") -> None:
-    """Perplexity of `model` (a transformers model or a logits function) on each source, into `row`.
-    Models with the same vocabulary (`row["vocab_id"]`: a teacher and its students) share one
-    tokenised stream through `streams`."""
+def score_sources(row: dict[str, Any], tokenizer, ppl: PerplexityArgs, streams: dict[str, Any] | None,
+                  nll_of: Callable[[Any, Framing, str], tuple[float, int]]) -> None:
+    """Perplexity on each source, into `row`: `nll_of(tokens, framing, progress)` is the summed NLL and
+    scored-token count of a stream over `ppl`'s windows (a transformers model's, llama.cpp's, or a model
+    read one block at a time). Models with the same vocabulary (`row["vocab_id"]`: a teacher and its
+    students) share one tokenised stream through `streams`."""
     cache = streams if streams is not None else {}
     framing = Framing.of(tokenizer)
     if ppl.data:
@@ -107,9 +120,15 @@ def score_sources(row: dict[str, Any], model, tokenizer, ppl: PerplexityArgs, st
         key = (source, row["vocab_id"])
         if key not in cache:
             cache[key] = token_stream(source, tokenizer, ppl.max_tokens)
-        row["perplexity"][source] = perplexity(model, cache[key], ppl.window, ppl.stride, batch_size,
-                                               progress=f"{row['model']} on {source}{runtime}", framing=framing)
+        total, count = nll_of(cache[key], framing, f"{row['model']} on {source}")
+        row["perplexity"][source] = math.exp(total / count)
         row.setdefault("tokens", {})[source] = cache[key].numel()
+
+
+def windows_nll(model, ppl: PerplexityArgs, batch_size: int, runtime: str = ""):
+    """`score_sources`'s NLL function of a transformers model or a logits function."""
+    return lambda tokens, framing, progress: sliding_nll(model, tokens, ppl.window, ppl.stride, batch_size,
+                                                         progress + runtime, framing=framing)
 
 
 def evaluate_gguf(name: str, settings: EvalSettings, label: str | None = None,
@@ -123,7 +142,7 @@ def evaluate_gguf(name: str, settings: EvalSettings, label: str | None = None,
                            "layers": about["layers"], "kept_layers": None, "parameters": about["parameters"],
                            "disk_mb": Path(name).stat().st_size / 2**20, "vocab_id": about["vocab_id"],
                            "perplexity": {}}
-    score_sources(row, llamacpp.logits(llm), llamacpp.Tokenizer(llm), ppl, streams, batch_size=1, runtime=" (llama.cpp)")
+    score_sources(row, llamacpp.Tokenizer(llm), ppl, streams, windows_nll(llamacpp.logits(llm), ppl, 1, " (llama.cpp)"))
     if timing.speed:
         row.update(llamacpp.speed(llm, timing.speed_length, timing.gen_tokens, timing.repeats))
     llm.close()  # now, not at interpreter exit (where llama-cpp-python's finaliser can fail)
@@ -181,6 +200,48 @@ def _timed(model, source: str, label: str, settings: EvalSettings, device, timed
     return measured
 
 
+def model_row(name: str, label: str | None, source: str, model, tokenizer) -> dict[str, Any]:
+    """A report row's size and identity: its layers (and the teacher's it kept), parameters, bytes on
+    disk, and which vocabulary it reads (equal for models that share one, in this run only)."""
+    record = read_record(source) or {}
+    return {
+        "model": label or Path(name).name or name,
+        "source": name,
+        "layers": getattr(model.config, "num_hidden_layers", None),
+        "kept_layers": record.get("kept_layers"),
+        "parameters": count_parameters(model),
+        "disk_mb": (b / 2**20) if (b := disk_bytes(source)) else None,
+        "vocab_id": vocabulary_key(tokenizer) if tokenizer is not None else None,
+        "perplexity": {},
+    }
+
+
+def evaluate_blockwise(name: str, checked: tuple[str, Any], settings: EvalSettings, label: str | None,
+                       streams: dict[str, Any] | None) -> dict[str, Any]:
+    """One row of the report for a model read one block at a time (`--sequential`,
+    `compress.sequential.sliding_nll_blockwise`): its size and perplexity, every block computed in
+    float32 whatever the stored dtype. Speed and memory would time the whole model, so they are left
+    out, said."""
+    source, config = checked
+    ppl, device = settings.perplexity, pick_device(settings.device)
+    if settings.benchmarks.tasks:  # --sequential on with tasks is refused with the settings
+        raise SequentialError(f"{name}: its weights take more than half the device's memory, so it is read one "
+                              "block at a time, and the benchmarks run the whole model; evaluate its GGUF "
+                              "(`lmshrink export`) through llama.cpp, or pass --sequential off to try")
+    tokenizer = load_tokenizer(source, settings.load.trust_remote_code) if ppl.data else None
+    if ppl.data and tokenizer is None:
+        raise no_tokenizer(source)
+    model, weights = lazy_model(source, config, device)
+    if ppl.data:
+        check_length(config, ppl.window, "window", len(Framing.of(tokenizer).start))
+    row = {**model_row(name, label, source, model, tokenizer), "sequential": True}
+    print(f"  {row['model']}: read one block at a time (float32); perplexity only, no speed or memory figures "
+          "(--sequential off times the whole model where it fits)", file=sys.stderr)
+    score_sources(row, tokenizer, ppl, streams, lambda tokens, framing, progress: sliding_nll_blockwise(
+        model, weights, tokens, ppl.window, ppl.stride, settings.batch_size, framing=framing, progress=progress))
+    return row
+
+
 def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
                    streams: dict[str, Any] | None = None, checked: tuple[str, Any] | None = None,
                    timed: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -191,6 +252,9 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
         return evaluate_gguf(name, settings, label, streams)
     device = pick_device(settings.device)
     ppl, bench, timing = settings.perplexity, settings.benchmarks, settings.timing
+    checked = checked or settings.load.check(name)
+    if one_block_at_a_time(settings.sequential, checked[0], settings.load.dtype, device):
+        return evaluate_blockwise(name, checked, settings, label, streams)
     # speed and size need no tokenizer; perplexity and benchmarks do
     loaded = settings.load.load(name, need_tokenizer=bool(ppl.data or bench.tasks), checked=checked)
     model = loaded.model.to(device)
@@ -198,19 +262,8 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
         check_length(model.config, ppl.window, "window", len(Framing.of(loaded.tokenizer).start))
     if timing.speed:
         check_length(model.config, timing.speed_length, "speed_length")
-    record = read_record(loaded.source) or {}
-    vocab_key = vocabulary_key(loaded.tokenizer) if loaded.tokenizer is not None else None
-    row: dict[str, Any] = {
-        "model": label or Path(name).name or name,
-        "source": name,
-        "layers": getattr(model.config, "num_hidden_layers", None),
-        "kept_layers": record.get("kept_layers"),
-        "parameters": count_parameters(model),
-        "disk_mb": (b / 2**20) if (b := disk_bytes(loaded.source)) else None,
-        "vocab_id": vocab_key,  # equal for models that share a vocabulary (this run only)
-        "perplexity": {},
-    }
-    score_sources(row, model, loaded.tokenizer, ppl, streams, settings.batch_size)
+    row = model_row(name, label, loaded.source, model, loaded.tokenizer)
+    score_sources(row, loaded.tokenizer, ppl, streams, windows_nll(model, ppl, settings.batch_size))
     if timing.speed:
         row.update(_timed(model, loaded.source, row["model"], settings, device, timed))
     if bench.tasks:
@@ -226,7 +279,7 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
         row["task_seconds"] = time.perf_counter() - started
         row["tasks"] = {s.task: dataclasses.asdict(s) for s in scores}
         row["task_average"] = statistics.fmean(s.value for s in scores)
-        if record and Path(loaded.source).is_dir():  # a folder lmshrink wrote: its model card gets the scores
+        if read_record(loaded.source) and Path(loaded.source).is_dir():  # a folder lmshrink wrote: its model card gets the scores
             add_results(loaded.source, row["tasks"], bench.limit)
     return row
 
