@@ -116,7 +116,7 @@ def main() -> None:
             for name, removed in cuts_of(n, args.keep, args.cuts).items()}
     if not all(path.is_file() for _, path in cuts.values()):  # the teacher's activations, once
         rows = calibration_rows(SEARCH_TEXT, tokenizer, args.search_tokens, min(512, args.search_tokens))
-        fit_rows = calibration_mix(CutArgs().repair_data, model, tokenizer, args.repair_tokens, 512)
+        fit_rows, _ = calibration_mix(CutArgs().repair_data, model, tokenizer, args.repair_tokens, 512)
         search = CutSearch(model, rows, args.repair, fit_rows=fit_rows)  # its teacher log-probs serve both columns
     done: dict[str, dict] = {}
     for name, (removed, path) in cuts.items():

@@ -155,6 +155,24 @@ def test_an_explicit_keep_list_is_the_depth_said_before_the_cut(tiny_gpt2_dir, t
     assert "cutting 1 of 4 blocks" in capsys.readouterr().out
 
 
+def test_the_teacher_writes_its_share_of_the_calibration_only_within_its_time(tiny_gpt2_dir, real_text, tmp_path,
+                                                                             capsys):
+    common = ["truncate", "--teacher", str(tiny_gpt2_dir), "--keep", "0,3", "--repair", "refit", "--repair-data",
+              f"teacher,{real_text}", "--repair-tokens", "512"]
+
+    def used(out: str) -> list[str]:
+        return json.loads((tmp_path / out / "lmshrink.json").read_text())["repair"]["data"]
+
+    assert main([*common, "--output", str(tmp_path / "a"), "--repair-teacher-minutes", "0"]) == 0
+    said = capsys.readouterr().out
+    assert f"repair calibration: {real_text} only; the teacher would take about" in said
+    assert used("a") == [str(real_text)] and f"tokens of {real_text} in" in said
+    assert main([*common, "--output", str(tmp_path / "b")]) == 0  # within 5 minutes: written, and kept
+    assert used("b") == ["teacher", str(real_text)]
+    assert main([*common, "--output", str(tmp_path / "c"), "--repair-teacher-minutes", "0"]) == 0
+    assert "teacher-written tokens read from" in capsys.readouterr().out and used("c") == used("b")  # kept: no wait
+
+
 @pytest.mark.parametrize("strategy", ["iterative", "contiguous"])
 def test_measured_choice_and_repair_end_to_end(tiny_gpt2_dir, real_text, tmp_path, strategy):
     out = tmp_path / "student"
@@ -287,7 +305,15 @@ def test_the_student_shares_the_teachers_non_block_weights_and_copies_its_blocks
 
 SEQUENTIAL_CUTS = {"keep 0": ["--keep", "0,1,4,5"], "cut 0": ["--keep", "1,2,5"],
                    "importance": ["--strategy", "importance", "--num-layers", "3", "--calib-tokens", "256"],
-                   "contiguous": ["--strategy", "contiguous", "--num-layers", "4", "--search-tokens", "256"]}
+                   "contiguous": ["--strategy", "contiguous", "--num-layers", "4", "--search-tokens", "256"],
+                   "iterative": ["--strategy", "iterative", "--num-layers", "4", "--search-tokens", "256"]}
+
+
+def searched(record: dict) -> list[float]:
+    """Every candidate's KL a search measured, in order (a contiguous span each; each removal's candidates)."""
+    path = record["search"]["path"]
+    return [v for step in path for v in step["candidates"].values()] if "candidates" in path[0] else \
+        [c["kl"] for c in path]
 
 
 @pytest.mark.parametrize("arch, cuts", [("gemma3_text", list(SEQUENTIAL_CUTS)), ("gpt2", ["cut 0"]),
@@ -315,15 +341,20 @@ def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_p
             records[mode] = json.loads((out / "lmshrink.json").read_text())
         record = records["on"]
         assert record["path"] == "sequential" and record["repair"]["method"] == "refit"
-        if "search" in records["off"]:  # the contiguous search walked block by block: every span's KL, the same
+        if "search" in records["off"]:  # the search walked block by block: every candidate's KL, the same
             # choice (the whole path fits from float16 features, this one from float32: close, not equal)
             assert record["kept_layers"] == records["off"]["kept_layers"]
-            got, want = ([c["kl"] for c in r["search"]["path"]] for r in (record, records["off"]))
-            assert len(got) == len(want) == 5 and got == pytest.approx(want, rel=2e-2, abs=1e-4)
+            got, want = (searched(r) for r in (record, records["off"]))
+            assert len(got) == len(want) == (5 if "contiguous" in cut else 6 + 5)
+            assert got == pytest.approx(want, rel=2e-2, abs=1e-4)
         assert students["on"].keys() == students["off"].keys()
         for name, tensor in students["off"].items():
             torch.testing.assert_close(students["on"][name], tensor, rtol=1e-5, atol=1e-6)
     assert "text the teacher writes itself" not in capsys.readouterr().out  # not asked for: not said
+    if "iterative" in cuts:  # a deeper cut carries on from the kept path
+        deeper = ["--strategy", "iterative", "--num-layers", "3", "--search-tokens", "256"]
+        assert main([*common, *deeper, "--output", str(tmp_path / "deeper"), "--sequential", "on"]) == 0
+        assert "iterative: 2 removals read from" in capsys.readouterr().out
     assert main([*common, "--keep", "0,5", "--output", str(tmp_path / "search"), "--sequential", "on",
                  "--repair-epochs", "2"]) == 2
     assert "need the whole student" in capsys.readouterr().err
@@ -351,7 +382,8 @@ def test_one_block_at_a_time_never_holds_two_blocks(tmp_path, gpt2_tokenizer, mo
               "--sequential", "on", "--calib-tokens", "256", "--search-tokens", "256"]
     cuts = {"importance": ["--strategy", "importance", "--num-layers", "4"],  # block scores
             "keep": ["--keep", "0,1,4,5"],  # a span's fit, the student walked and its fitted block written
-            "contiguous": ["--strategy", "contiguous", "--num-layers", "4"]}  # every span's fit and student walked
+            "contiguous": ["--strategy", "contiguous", "--num-layers", "4"],  # every span's fit and student walked
+            "iterative": ["--strategy", "iterative", "--num-layers", "4"]}
     for name, cut in cuts.items():
         seen.clear()
         assert main([*common, *cut, "--output", str(tmp_path / name)]) == 0

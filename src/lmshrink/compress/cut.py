@@ -6,6 +6,7 @@ strategy, block scores, or measured cuts by `compress.cut_search`), the cut
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ from lmshrink.compress.cut_search import (
     SEARCHES,
     CutSearch,
     contiguous_blockwise,
+    files_fingerprint,
     fit_blocks_for,
+    iterative_blockwise,
     progress_file,
-    span_fits_blockwise,
 )
 from lmshrink.compress.model_gap import MEASURES
 from lmshrink.compress.repair import FIT_ON, REPAIRS, needs, refine, repair, repair_problems
@@ -28,7 +30,7 @@ from lmshrink.compress.sequential import Blockwise, repair_blockwise
 from lmshrink.compress.truncation import STRATEGIES, select_layers, truncate_model
 from lmshrink.config import SettingsError, setting
 from lmshrink.data.sources import Framing, calibration_rows
-from lmshrink.data.teacher_text import TEACHER_TEXT, teacher_rows
+from lmshrink.data.teacher_text import PROBE_STEPS, TEACHER_TEXT, fingerprint, teacher_rows, writing_seconds
 from lmshrink.errors import one_of
 from lmshrink.evaluate.measure import count_parameters
 from lmshrink.models import no_tokenizer
@@ -45,6 +47,10 @@ class CutArgs:
                                      f"calibration text of the repair, mixed in equal parts: sources, or "
                                      f"{TEACHER_TEXT!r} for text sampled from the teacher at T 1")
     repair_tokens: int = setting(16384, "calibration tokens of the repair (1/8 of the rows held out to choose lambda)")
+    repair_teacher_minutes: float = setting(5.0, f"the longest the teacher may take writing its share of --repair-data "
+                                                 f"(projected from {PROBE_STEPS} timed steps; written once, then "
+                                                 "cached): over it the share is left out, said, where other sources "
+                                                 "remain")
     repair_fit: str = setting("student", f"inputs of each span's fit: {', '.join(FIT_ON)} (student: the partly "
                                          "repaired student's own activations)")
     repair_strength: list[float] = setting([1.0], "strengths each span's fit is tried at (scaled by each); the one "
@@ -80,6 +86,8 @@ class CutArgs:
         if self.repair_downstream and (self.repair == "none" or self.repair_fit != "student"):
             problems.append("repair_downstream: fits each block after the cut on the student's own stream; give a "
                             "repair (e.g. --repair refit) with --repair-fit student, or leave --repair-downstream out")
+        if self.repair_teacher_minutes < 0:
+            problems.append("repair_teacher_minutes: give 0 or more minutes (0: never wait for the teacher to write)")
         if self.repair_tokens < 2 or self.search_tokens < 2:
             problems.append("repair_tokens, search_tokens: must be at least 2")
         return problems
@@ -90,15 +98,26 @@ def kept_count(n: int, ratio: float) -> int:
     return max(1, math.floor(n * ratio + 0.5))
 
 
-def calibration_mix(sources: list[str], model, tokenizer, tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """(N, seq_len) calibration rows, an equal share of `tokens` from each source (`teacher`:
-    sampled from `model` once, then read from the cache), shuffled together so held-out rows come
-    from every source."""
+def calibration_mix(sources: list[str], model, tokenizer, tokens: int, seq_len: int, seed: int = 0,
+                    teacher_minutes: float = math.inf) -> tuple[torch.Tensor, list[str]]:
+    """(N, seq_len) calibration rows and the sources they came from: an equal share of `tokens` from each source (`teacher`:
+    sampled from `model` once, then read from the cache; left out, said, where writing it would take
+    over `teacher_minutes` and other sources remain), shuffled together so held-out rows come from
+    every source."""
     share = max(seq_len, tokens // len(sources))
-    parts = [teacher_rows(model, tokenizer, max(1, share // seq_len), seq_len, seed=seed) if source == TEACHER_TEXT
+    written = max(1, share // seq_len)  # the teacher's rows
+    if TEACHER_TEXT in sources and len(set(sources)) > 1 and \
+            (seconds := writing_seconds(model, tokenizer, written, seq_len, seed=seed)) > teacher_minutes * 60:
+        sources = [s for s in sources if s != TEACHER_TEXT]
+        print(f"[lmshrink] repair calibration: {', '.join(sources)} only; the teacher would take about "
+              f"{seconds / 60:,.0f} min writing its {written * seq_len:,} tokens (projected from "
+              f"{PROBE_STEPS} timed steps), over --repair-teacher-minutes {teacher_minutes:g}: raise it to have them "
+              "written (once: they are cached)", flush=True)
+        share = max(seq_len, tokens // len(sources))
+    parts = [teacher_rows(model, tokenizer, written, seq_len, seed=seed) if source == TEACHER_TEXT
              else calibration_rows(source, tokenizer, share, seq_len) for source in sources]
     rows = torch.cat(parts)
-    return rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))]
+    return rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))], sources
 
 
 def removal_share(model, n: int, k: int) -> str:
@@ -124,8 +143,9 @@ def cut(teacher, tokenizer, n: int, k: int, strategy: str, keep: list[int] | Non
     repair_rows = None  # the repair's calibration rows: the search's fits and the student's repair
     calib_seconds, captured = 0.0, None
     if args.repair != "none":
-        repair_rows = calibration_mix(args.repair_data, teacher, tokenizer, args.repair_tokens,
-                                      min(length, args.repair_tokens))
+        repair_rows, used = calibration_mix(args.repair_data, teacher, tokenizer, args.repair_tokens,
+                                            min(length, args.repair_tokens), teacher_minutes=args.repair_teacher_minutes)
+        args = dataclasses.replace(args, repair_data=used)  # what the record and the lines below name
         calib_seconds = time.perf_counter() - started
     if keep is None and strategy in SEARCHES:
         keep, record["search"], captured = _search(teacher, tokenizer, n, k, strategy, args, calib_data, length,
@@ -161,7 +181,7 @@ def _search(teacher, tokenizer, n: int, k: int, strategy: str, args: CutArgs, ca
           f"{calib_data}{fitted})")
     search = CutSearch(teacher, rows, args.repair, args.search_measure, fit_rows=repair_rows,
                        fit_blocks=fit_blocks_for(strategy, n, k))
-    search.progress = progress_file(search, repair_rows)  # a stopped search carries on
+    search.progress = progress_file(fingerprint(teacher), search.repair, search.measure, rows, repair_rows)  # carries on
     keep, path = SEARCHES[strategy](search, k)
     record = {"strategy": strategy, "measure": args.search_measure, "tokens": rows.numel(), "repair": args.repair,
               "candidates_scored": search.evaluated, "removals_read": search.resumed, "path": path}
@@ -215,10 +235,6 @@ def sequential_problems(strategy: str, keep: list[int] | None, args: CutArgs) ->
     """What a cut on a teacher read one block at a time does not do (each with the way on)."""
     way = "or --sequential off on a machine that holds the teacher"
     problems = []
-    if keep is None and strategy == "iterative":
-        problems.append(f"strategy: the iterative search re-repairs every candidate after each removal, which this "
-                        f"block-by-block run does not do; give --strategy contiguous, --keep, a fixed strategy or "
-                        f"importance (scores computed block by block), {way}")
     if args.repair not in ("none", "refit", "replaceme"):
         problems.append(f"repair: {args.repair} is not done block by block; use refit, replaceme or none, {way}")
     if args.repair_epochs or args.repair_downstream or args.repair_fit != "student" or len(args.repair_strength) > 1:
@@ -243,16 +259,21 @@ def cut_sequential(model, weights, tokenizer, n: int, k: int, strategy: str, kee
         if TEACHER_TEXT in args.repair_data:
             print(f"[lmshrink] repair calibration: {', '.join(sources)} only; text the teacher writes itself would "
                   f"take a whole-model pass per token, which this block-by-block run does not make", flush=True)
-        rows = calibration_mix(sources, None, tokenizer, args.repair_tokens, min(length, args.repair_tokens))
-    if keep is None and strategy == "contiguous":
+        rows, _ = calibration_mix(sources, None, tokenizer, args.repair_tokens, min(length, args.repair_tokens))
+    if keep is None and strategy in SEARCHES:
         started = time.perf_counter()
         search = calibration_rows(calib_data, tokenizer, args.search_tokens, min(length, args.search_tokens))
-        print(f"choosing {k} of {n} blocks by contiguous search ({args.search_measure} on {search.numel():,} tokens of "
+        print(f"choosing {k} of {n} blocks by {strategy} search ({args.search_measure} on {search.numel():,} tokens of "
               f"{calib_data}, one block at a time)", flush=True)
-        fits = span_fits_blockwise(Blockwise(model, weights, rows, 4), n - k, k, args.repair) if rows is not None else {}
-        keep, candidates = contiguous_blockwise(Blockwise(model, weights, search, 4), fits, k, args.search_measure)
+        fit_runner = Blockwise(model, weights, rows, 4) if rows is not None else None
+        searched = Blockwise(model, weights, search, 4)
+        if strategy == "contiguous":
+            keep, path, scored = contiguous_blockwise(fit_runner, searched, k, args.repair, args.search_measure)
+        else:
+            progress = progress_file(files_fingerprint(weights.folder), args.repair, args.search_measure, search, rows)
+            keep, path, scored = iterative_blockwise(fit_runner, searched, k, args.repair, args.search_measure, progress)
         record["search"] = {"strategy": strategy, "measure": args.search_measure, "tokens": search.numel(),
-                            "repair": args.repair, "candidates_scored": len(candidates), "path": candidates,
+                            "repair": args.repair, "candidates_scored": scored, "path": path,
                             "seconds": time.perf_counter() - started, "sequential": True}
     elif k < n or keep is not None:
         keep = select_layers(n, strategy, k, keep, scores, metric)

@@ -48,7 +48,6 @@ from lmshrink.compress.repair import (
     removed_spans,
     update_target,
 )
-from lmshrink.data.teacher_text import fingerprint
 from lmshrink.integrity import kept
 from lmshrink.models import cache_dir
 from lmshrink.records import write_json
@@ -156,14 +155,21 @@ def fit_blocks_for(strategy: str, n: int, k: int) -> set[int] | None:
     return set(range(min(k, n - 1))) if strategy == "contiguous" else None
 
 
-def progress_file(search: CutSearch, fit_rows: torch.Tensor | None) -> Path:
-    """Where `search`'s iterative path is kept: lmshrink's cache (`cut-search/`), under the teacher's
-    weights, the search's rows, the repair's fit rows (`fit_rows`, as given to `CutSearch`), the
-    repair and the measure."""
-    digest = hashlib.sha256(json.dumps([fingerprint(search.teacher), search.repair, search.measure]).encode())
-    for tensor in (search.rows, fit_rows):
+def progress_file(weights: str, repair: str, measure: str, rows: torch.Tensor,
+                  fit_rows: torch.Tensor | None) -> Path:
+    """Where an iterative search's path is kept: lmshrink's cache (`cut-search/`), under the teacher's
+    weights (`data.teacher_text.fingerprint`, or `files_fingerprint` of a teacher read block by block),
+    the search's rows, the repair's fit rows, the repair and the measure."""
+    digest = hashlib.sha256(json.dumps([weights, repair, measure]).encode())
+    for tensor in (rows, fit_rows):
         digest.update(b"-" if tensor is None else tensor.cpu().numpy().tobytes())
     return cache_dir() / "cut-search" / f"{digest.hexdigest()[:32]}.json"
+
+
+def files_fingerprint(folder: Path) -> str:
+    """A checkpoint's weight files by name, size and modification time: written again, searched again."""
+    files = sorted(folder.glob("*.safetensors"))
+    return "files:" + json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
 
 SEARCHES: dict[str, Callable[[CutSearch, int], tuple[list[int], list[dict]]]] = {
@@ -172,72 +178,137 @@ SEARCHES: dict[str, Callable[[CutSearch, int], tuple[list[int], list[dict]]]] = 
 }
 
 
-# --- the contiguous search on a teacher read one block at a time (`compress.sequential`) ---------
+# --- the searches on a teacher read one block at a time (`compress.sequential`) -----------------
 
-def span_fits_blockwise(runner, drop: int, k: int, repair: str) -> dict[int, tuple[str, torch.Tensor]]:
-    """Each contiguous span's repair as `CutSearch` fits it (from the teacher's own activations on the
-    fit rows of `runner`), by the teacher block it folds into: the span starting at a (a = 1..k)
-    folds into block a - 1, fitted when the teacher's stream has passed block a + drop - 1. Holds
-    the features and output of the drop + 1 blocks whose spans are open."""
+Fit = tuple[str, torch.Tensor]
+
+
+def span_fits_blockwise(runner, spans: set[tuple[int, int]], repair: str) -> dict[tuple[int, int], Fit]:
+    """Each span's repair (a, b: blocks a..b removed, a > 0) as `CutSearch` fits it, from the teacher's
+    own activations on the fit rows of `runner`, in one pass of the teacher up to the last span's end:
+    block a - 1's features and output are held from when the stream leaves it until every span from
+    a has been fitted (the stream leaving block b is each one's target)."""
     from lmshrink.compress.repair import _fit
 
     held, proj_input = heldout_split(runner.rows), fits_from_proj_input(repair)
+    starts = {a - 1 for a, _ in spans}
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block a - 1: (its features, its output)
     fits, stream = {}, runner.entering()
-    for i in range(k + drop):  # the last span (a = k) ends at block k + drop - 1 = n - 1
+    for i in range(max((b for _, b in spans), default=-1) + 1):
         with runner.block(i):
-            if i < k:
+            if i in starts:
                 stream, m = runner.run_with_features(i, stream, proj_input)
                 pending[i] = (m, stream)
             else:
                 stream = runner.run(i, stream)
-        a = i + 1 - drop  # the span whose target (the stream leaving block a + drop - 1) is here
-        if a >= 1:
-            m, out = pending.pop(a - 1)
+        for a, b in sorted(span for span in spans if span[1] == i):
+            m, out = pending[a - 1]
             if architecture_of(runner.model.config).mlp_norm is None:
                 u = stream - out
             else:
                 with runner.block(a - 1):  # the norm before the residual add is the block's to apply
                     u = update_target(runner.model, a - 1, m, stream, out, proj_input)
-            fits[a - 1] = (repair, _fit(repair, held, m, u)[0])
+            fits[(a, b)] = (repair, _fit(repair, held, m, u)[0])
+        for start in [s for s in pending if not any(a - 1 == s and b > i for a, b in spans)]:
+            del pending[start]  # every span from it fitted
     return fits
 
 
+TEACHER = "teacher"
+
+
 @torch.inference_mode()
-def contiguous_blockwise(search, fits: dict[int, tuple[str, torch.Tensor]], k: int,
-                         measure: str) -> tuple[list[int], list[dict]]:
-    """`CutSearch.contiguous` on a teacher read one block at a time: every span's student (the
-    teacher with the span removed and its fit, `fits`, folded into the block before it) is walked
-    beside the teacher over the search rows of `search` (a `Blockwise`), block by block, each block
-    passed by every student that runs it while it is held; then each student's measure against
-    the teacher (`kl`) or its own perplexity. Holds one stream per span (rows x T x H x 4 bytes)."""
+def walk_blockwise(search, students: dict, label: str) -> tuple[dict, torch.Tensor]:
+    """Every student (key: (kept teacher blocks, {teacher block: its fit})) walked beside the teacher
+    over the rows of `search` (a `Blockwise`), block by block, each block run while it is held by
+    every stream that needs it: students that have run the same blocks with the same fits so far
+    share one stream (a candidate cut costs nothing until it differs). The streams leaving the last
+    block, and the teacher's."""
+    everyone = {**students, TEACHER: (range(len(search.blocks)), {})}
+    streams: dict[tuple, torch.Tensor] = {(): search.entering()}  # what was run so far -> the stream
+    at = dict.fromkeys(everyone, ())
+    for i in range(len(search.blocks)):
+        with search.block(i):
+            moved: dict[tuple, torch.Tensor] = {}
+            for key, (keep, fits) in everyone.items():
+                if i not in keep:
+                    continue
+                step = (i, id(fits[i])) if i in fits else (i,)
+                went = (*at[key], step)
+                if went not in moved:
+                    with patched(search.model, {i: fits[i]} if i in fits else {}):
+                        moved[went] = search.run(i, streams[at[key]])
+                at[key] = went
+            streams = {path: moved[path] if path in moved else streams[path] for path in set(at.values())}
+        print(f"  {label}, one block at a time: block {i:>2} of {len(search.blocks)} ({len(streams)} streams)",
+              flush=True)
+    return {key: streams[at[key]] for key in students}, streams[at[TEACHER]]
+
+
+def measure_blockwise(search, students: dict, measure: str, label: str) -> dict:
+    """Each student's measure (`kl` from the teacher, or perplexity) over the rows of `search`."""
+    ends, teacher = walk_blockwise(search, students, label)
+    if measure == "kl":
+        return search.kl(ends, teacher)
+    return {key: math.exp(total / count) for key, (total, count) in ((k, search.nll(s)) for k, s in ends.items())}
+
+
+def contiguous_blockwise(fit_runner, search, k: int, repair: str, measure: str) -> tuple[list[int], list[dict], int]:
+    """`CutSearch.contiguous` on a teacher read one block at a time: every span's repair fitted in one
+    pass of the teacher over the fit rows of `fit_runner` (None: no repair), then every span's student
+    (the teacher without the span, its fit folded into the block before it) walked beside the teacher
+    over the search rows of `search` (`walk_blockwise`: the students share the teacher's stream up to
+    their span). Holds one stream per span (rows x T x H x 4 bytes). The kept blocks, every span's
+    measure, and how many were scored."""
     n = len(search.blocks)
     drop = n - k
-    teacher, students = search.entering(), {}
-    if drop < n:
-        students[0] = teacher  # the span from block 0: the stream entering block 0 goes on at block drop
-    for i in range(n):
-        with search.block(i):
-            for a, stream in students.items():
-                if a + drop <= i:  # past its span
-                    students[a] = search.run(i, stream)
-            if i + 1 <= k and i + 1 + drop <= n:  # the span from block i + 1 leaves block i with its fit
-                with patched(search.model, {i: fits[i]} if i in fits else {}):
-                    students[i + 1] = search.run(i, teacher)
-            teacher = search.run(i, teacher)
-        print(f"  contiguous, one block at a time: block {i:>2} of {n} passed by the teacher and "
-              f"{sum(a + drop <= i for a in students) + (i + 1 in students)} spans", flush=True)
+    spans = {a: (a, a + drop - 1) for a in range(k + 1)}
+    fits = span_fits_blockwise(fit_runner, {s for s in spans.values() if s[0] > 0}, repair) \
+        if fit_runner is not None else {}
+    students = {a: ([i for i in range(n) if not a <= i <= b], {a - 1: fits[(a, b)]} if (a, b) in fits else {})
+                for a, (a, b) in spans.items()}
+    values = measure_blockwise(search, students, measure, "contiguous")
     candidates = []
-    kls = search.kl(students, teacher) if measure == "kl" else {}
     for a in sorted(students):
-        if measure == "kl":
-            value = kls[a]
-        else:
-            total, count = search.nll(students[a])
-            value = math.exp(total / count)
-        candidates.append({"start": a, "removed": list(range(a, a + drop)), measure: value})
-        print(f"  contiguous: span {a}-{a + drop - 1}, {measure} {value:.4f}", flush=True)
+        candidates.append({"start": a, "removed": list(range(a, a + drop)), measure: values[a]})
+        print(f"  contiguous: span {a}-{a + drop - 1}, {measure} {values[a]:.4f}", flush=True)
     best = min(candidates, key=lambda c: c[measure])
     print(f"  contiguous: removed blocks {best['removed']}, {measure} {best[measure]:.4f} "
           f"(best of {len(candidates)} spans)", flush=True)
-    return [i for i in range(n) if i not in best["removed"]], candidates
+    return [i for i in range(n) if i not in best["removed"]], candidates, len(candidates)
+
+
+def iterative_blockwise(fit_runner, search, k: int, repair: str, measure: str,
+                        progress: Path | None = None) -> tuple[list[int], list[dict], int]:
+    """`CutSearch.iterative` on a teacher read one block at a time: at each removal, the repair of
+    every span a candidate would leave (those not fitted at an earlier removal) fitted in one pass of
+    the teacher over the fit rows of `fit_runner` (None: no repair), then every candidate walked beside
+    the teacher over the search rows (`walk_blockwise`: a candidate shares the current student's stream
+    up to the block where it differs). The path is kept in `progress` after every removal, and read
+    back by a search stopped midway, as the whole-model search does. The kept blocks, the path, and
+    how many candidates this run scored."""
+    n = len(search.blocks)
+    keep, path, fits, scored = list(range(n)), [], {}, 0
+    if progress is not None and kept(progress, "the search starts over"):
+        path = json.loads(progress.read_text())["path"][: n - k]
+        for step in path:
+            keep.remove(step["removed"])
+        print(f"  iterative: {len(path)} removals read from {progress}", flush=True)
+    while len(keep) > k:
+        started = time.perf_counter()
+        candidates = {j: [i for i in keep if i != j] for j in keep}
+        needed = {span for c in candidates.values() for span in removed_spans(n, c) if span[0] > 0}
+        fits = {span: fit for span, fit in fits.items() if span in needed}  # the rest are never asked again
+        if fit_runner is not None and needed - fits.keys():
+            fits.update(span_fits_blockwise(fit_runner, needed - fits.keys(), repair))
+        students = {j: (c, {a - 1: fits[(a, b)] for a, b in removed_spans(n, c) if (a, b) in fits})
+                    for j, c in candidates.items()}
+        values = measure_blockwise(search, students, measure, f"iterative, removal {len(path) + 1}")
+        best, scored = min(values, key=values.__getitem__), scored + len(values)
+        keep.remove(best)
+        path.append({"removed": best, measure: values[best], "candidates": {str(j): v for j, v in values.items()}})
+        print(f"  iterative: removed block {best:>2} ({len(keep)} left), {measure} {values[best]:.4f} "
+              f"({len(candidates)} candidates, {time.perf_counter() - started:.0f} s)", flush=True)
+        if progress is not None:
+            write_json(progress, {"path": path})
+    return keep, path, scored

@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -69,6 +71,15 @@ def fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+def _cache_path(model, tokenizer, rows: int, length: int, temperature: float, seed: int) -> tuple[Any, str]:
+    """Where `teacher_rows` keeps these rows in lmshrink's cache, and the key it is kept under."""
+    from lmshrink.models import cache_dir
+
+    start = start_tokens(tokenizer)  # one token: the key as before, so earlier caches stay valid
+    key = json.dumps([fingerprint(model), rows, length, temperature, seed, start[0] if len(start) == 1 else start])
+    return cache_dir() / "teacher-text" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors", key
+
+
 def teacher_rows(model, tokenizer, rows: int, length: int, temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
     """`sample_rows`, kept in lmshrink's cache (`teacher-text/`) under the teacher's weights and the
     sampling settings: a teacher writes its calibration text once, and every later repair of a cut
@@ -76,12 +87,9 @@ def teacher_rows(model, tokenizer, rows: int, length: int, temperature: float = 
     from safetensors.torch import load_file, save_file
 
     from lmshrink.integrity import kept
-    from lmshrink.models import cache_dir
     from lmshrink.records import atomic_file
 
-    start = start_tokens(tokenizer)  # one token: the key as before, so earlier caches stay valid
-    key = json.dumps([fingerprint(model), rows, length, temperature, seed, start[0] if len(start) == 1 else start])
-    path = cache_dir() / "teacher-text" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+    path, key = _cache_path(model, tokenizer, rows, length, temperature, seed)
     if kept(path, "the teacher writes it again"):
         ids = load_file(path)["ids"]
         print(f"  {ids.numel():,} teacher-written tokens read from {path}", flush=True)
@@ -90,6 +98,23 @@ def teacher_rows(model, tokenizer, rows: int, length: int, temperature: float = 
     with atomic_file(path) as tmp:
         save_file({"ids": ids.contiguous()}, str(tmp), metadata={"settings": key})
     return ids
+
+
+PROBE_STEPS = 8
+
+
+def writing_seconds(model, tokenizer, rows: int, length: int, temperature: float = 1.0, seed: int = 0,
+                    batch_size: int = 64) -> float:
+    """How long `teacher_rows` would take: 0 where the rows are cached, else `sample_rows`' steps
+    projected from PROBE_STEPS of them timed at its batch size (the KV cache's growth not counted:
+    a little under the real time)."""
+    if _cache_path(model, tokenizer, rows, length, temperature, seed)[0].is_file():
+        return 0.0
+    start_ids = torch.tensor([start_tokens(tokenizer)] * min(batch_size, rows))
+    started = time.perf_counter()
+    continue_rows(model, tokenizer, start_ids, PROBE_STEPS, temperature)
+    per_step = (time.perf_counter() - started) / PROBE_STEPS
+    return per_step * (length - start_ids.shape[1]) * math.ceil(rows / batch_size)
 
 
 NUCLEUS_K = 1024

@@ -20,6 +20,7 @@ from lmshrink.compress.sequential import SEQUENTIAL, Blockwise, lazy_model, one_
 from lmshrink.compress.width import WIDTH, WidthSums, plot_scores, width_scores
 from lmshrink.config import Settings, SettingsError, group, setting, to_dict
 from lmshrink.data.sources import Framing, calibration_rows
+from lmshrink.data.teacher_text import fingerprint
 from lmshrink.errors import one_of
 from lmshrink.models import LoadArgs, load_tokenizer, no_tokenizer, pick_device
 from lmshrink.records import RECORD, provenance, write_json
@@ -145,7 +146,7 @@ def measured_cuts(model, rows, settings: ScoreSettings, out: Path) -> dict[str, 
     n, k = len(blocks_of(model)), settings.search_to
     print(f"measuring cuts to {k} blocks ({settings.search_measure}, each repaired by {settings.search_repair})")
     search = CutSearch(model, rows, settings.search_repair, settings.search_measure, settings.batch_size)
-    search.progress = progress_file(search, None)  # a stopped search carries on
+    search.progress = progress_file(fingerprint(search.teacher), search.repair, search.measure, search.rows, None)
     results = {}
     for name, method in SEARCHES.items():
         keep, path = method(search, k)
