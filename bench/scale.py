@@ -65,7 +65,11 @@ SHAPES = {
     "llama-3.2-3b": ("llama", 3072, 8192, 28, 24, 8, 128256, True, {"rope_theta": 500000.0}),
     "qwen2.5-3b": ("qwen2", 2048, 11008, 36, 16, 2, 151936, True, {"rope_theta": 1000000.0}),
     "llama-3.1-8b": ("llama", 4096, 14336, 32, 32, 8, 128256, False, {"rope_theta": 500000.0}),
+    # 3M parameters, nearly all SmolLM2's vocabulary table: what each command costs whatever the model's
+    # size (Python, torch and transformers imported, tokenizer and text read, the lazy model built)
+    "startup": ("llama", 64, 128, 4, 4, 2, 49152, True, {"rope_theta": 100000.0}),
 }
+STARTUP = "startup"
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                "original_max_position_embeddings": 8192}
 CALIBRATION = ["--data", "python-docs/library", "--tokens", "1024", "--seq-len", "256", "--dtype", "float32",
@@ -186,6 +190,8 @@ def heal_table() -> list[str]:
 
     lines = []
     for name, shape in SHAPES.items():
+        if name == STARTUP:
+            continue
         teacher, n = config_of(name), shape[3]
         removed = set(range(n // 2, n // 2 + n // 4))
         student = student_config(teacher, [i for i in range(n) if i not in removed])
@@ -267,8 +273,13 @@ def report(results: dict, params: dict[str, int], out: Path) -> None:
                 ax.loglog([n for n, _ in done], [r[key] for _, r in done], marker="o", label=step)
             t, m = (exponent([(n, r[k]) for n, r in done]) for k in ("seconds", "peak_bytes"))
             large = exponent([(n, r["seconds"]) for n, r in done if n >= 1e9])  # past the fixed costs
+            fixed = results.get(f"{STARTUP}/{step}", {})
+            net = exponent([(n, r["seconds"] - fixed["seconds"]) for n, r in done]) \
+                if fixed.get("rc") == 0 and all(r["seconds"] > fixed["seconds"] for _, r in done) else None
             growth.append(f"- `{step}`: time grows as parameters^{t:.2f}"
                           + (f" (^{large:.2f} from 1B up)" if large is not None else "")
+                          + (f"; less the {fixed['seconds']:.0f} s it takes on the 3M-parameter startup shape, "
+                             f"as parameters^{net:.2f}" if net is not None else "")
                           + f", peak memory as parameters^{m:.2f}" if t is not None else f"- `{step}`: one size measured")
     for key, r in results.items():
         if r.get("rc") not in (0, None) or r.get("skipped"):
@@ -328,7 +339,8 @@ def main() -> None:
                 results[key] = measure(argv, out / "logs" / f"{name}-{step}.log")
             write_json(file, results)
     measured = {key.split("/")[0] for key in results}
-    report(results, {name: params.get(name) or parameters_of(name) for name in SHAPES if name in measured}, out)
+    report(results, {name: params.get(name) or parameters_of(name) for name in SHAPES
+                     if name in measured and name != STARTUP}, out)
 
 
 if __name__ == "__main__":

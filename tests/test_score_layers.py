@@ -135,8 +135,19 @@ def test_score_layers_reads_one_block_at_a_time_when_asked_or_when_the_model_wou
     monkeypatch.setattr("lmshrink.compress.sequential.device_memory", lambda device: 1000)  # a tiny machine
     assert main([*common, "--output", str(tmp_path / "auto")]) == 0
     assert json.loads((tmp_path / "auto" / "scores.json").read_text())["path"] == "sequential"
-    assert main([*common, "--output", str(tmp_path / "search"), "--sequential", "on", "--search-to", "2"]) == 2
-    assert "the cut searches need the whole model" in capsys.readouterr().err
+    searches = {}
+    for mode in ("off", "on"):  # the measured cuts, walked block by block: the same paths and spans
+        assert main([*common, "--output", str(tmp_path / f"search-{mode}"), "--sequential", mode, "--search-to",
+                     "2"]) == 0
+        searches[mode] = json.loads((tmp_path / f"search-{mode}" / "search.json").read_text())
+    for name in ("iterative", "contiguous"):
+        on, off = (searches[m][name] for m in ("on", "off"))
+        assert on["removed"] == off["removed"], name
+        got, want = ([step["kl"] for step in r["path"]] for r in (on, off))
+        assert got == pytest.approx(want, rel=2e-2, abs=1e-4), name
+    assert main([*common, "--output", str(tmp_path / "bias"), "--sequential", "on", "--search-to", "2",
+                 "--search-repair", "bias"]) == 2
+    assert "bias is not done block by block" in capsys.readouterr().err
 
 
 def test_a_model_written_shard_by_shard_loads_as_save_pretrained_wrote_it(tmp_path):

@@ -7,12 +7,20 @@ blocks (`lmshrink.compress.cut_search`): the iterative search's path and every c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import blocks_of, check_length
-from lmshrink.compress.cut_search import SEARCHES, CutSearch, progress_file
+from lmshrink.compress.cut_search import (
+    SEARCHES,
+    CutSearch,
+    contiguous_blockwise,
+    files_fingerprint,
+    iterative_blockwise,
+    progress_file,
+)
 from lmshrink.compress.importance import plot, score, score_blockwise
 from lmshrink.compress.model_gap import MEASURES
 from lmshrink.compress.repair import REPAIRS, repair_problems
@@ -81,22 +89,28 @@ def run(settings: ScoreSettings) -> dict[str, Any]:
     if settings.width and model.config.model_type in WIDTH:
         write_widths(settings, width_scores(model, rows, settings.batch_size))
     if settings.search_to is not None:
-        scores["search"] = measured_cuts(model, rows, settings, out)
+        search = CutSearch(model, rows, settings.search_repair, settings.search_measure, settings.batch_size)
+        search.progress = progress_file(fingerprint(model), search.repair, search.measure, rows, None)
+        scores["search"] = measured_cuts(len(blocks_of(model)), settings, out,
+                                         {name: lambda k, method=method: method(search, k)
+                                          for name, method in SEARCHES.items()})
     return scores
 
 
 def run_sequential(settings: ScoreSettings, source: str, config) -> dict[str, Any]:
     """score-layers with the model read one block at a time (`compress.sequential`): the block scores
-    and the width scores in one pass (not the searches, which need the whole model)."""
-    if settings.search_to is not None:
-        raise SettingsError("search_to: the cut searches need the whole model in memory; leave --search-to out "
-                            "here, or give --sequential off on a machine that holds the model")
+    and the width scores in one pass, then the searches walked block by block."""
+    if settings.search_to is not None and settings.search_repair not in ("none", "refit", "replaceme"):
+        raise SettingsError(f"search_repair: {settings.search_repair} is not done block by block; use refit, "
+                            "replaceme or none, or --sequential off on a machine that holds the model")
     device = pick_device(settings.device)
     tokenizer = load_tokenizer(source, settings.load.trust_remote_code)
     if tokenizer is None:
         raise no_tokenizer(source)
     check_length(config, settings.seq_len, "seq_len")
     model, weights = lazy_model(source, config, device)
+    if settings.search_to is not None:  # every setting checked before any scoring
+        search_problems(model, settings)
     rows = calibration_rows(settings.data, tokenizer, settings.tokens, settings.seq_len)
     n = len(blocks_of(model))
     print(f"scoring {n} blocks of {settings.model} on {rows.numel():,} tokens of {settings.data}, one block at a "
@@ -105,7 +119,16 @@ def run_sequential(settings: ScoreSettings, source: str, config) -> dict[str, An
     scores = score_blockwise(Blockwise(model, weights, rows, settings.batch_size), settings.ppl, sums)
     if sums is not None:
         write_widths(settings, sums.result(rows.numel()))
-    return write_scores(settings, scores, tokenizer, "sequential")
+    scores = write_scores(settings, scores, tokenizer, "sequential")
+    if settings.search_to is not None:
+        repair, measure = settings.search_repair, settings.search_measure
+        fit = Blockwise(model, weights, rows, settings.batch_size) if repair != "none" else None
+        walked = Blockwise(model, weights, rows, settings.batch_size)
+        progress = progress_file(files_fingerprint(weights.folder), repair, measure, rows, None)
+        scores["search"] = measured_cuts(n, settings, Path(settings.output), {
+            "iterative": lambda k: iterative_blockwise(fit, walked, k, repair, measure, progress)[:2],
+            "contiguous": lambda k: contiguous_blockwise(fit, walked, k, repair, measure)[:2]})
+    return scores
 
 
 def write_widths(settings: ScoreSettings, widths: dict[str, Any]) -> None:
@@ -140,16 +163,14 @@ def search_problems(model, settings: ScoreSettings) -> None:
         raise SettingsError(f"search_to: the model has {n} blocks; give fewer")
 
 
-def measured_cuts(model, rows, settings: ScoreSettings, out: Path) -> dict[str, Any]:
-    """The iterative search's path and every contiguous span, down to `search_to` blocks (search.json)."""
-    search_problems(model, settings)
-    n, k = len(blocks_of(model)), settings.search_to
+def measured_cuts(n: int, settings: ScoreSettings, out: Path, searches: dict[str, Callable]) -> dict[str, Any]:
+    """The iterative search's path and every contiguous span, down to `search_to` blocks (search.json):
+    `searches` runs each, on the whole model (`CutSearch`) or block by block."""
+    k = settings.search_to
     print(f"measuring cuts to {k} blocks ({settings.search_measure}, each repaired by {settings.search_repair})")
-    search = CutSearch(model, rows, settings.search_repair, settings.search_measure, settings.batch_size)
-    search.progress = progress_file(fingerprint(search.teacher), search.repair, search.measure, search.rows, None)
     results = {}
-    for name, method in SEARCHES.items():
-        keep, path = method(search, k)
+    for name, run_search in searches.items():
+        keep, path = run_search(k)
         results[name] = {"kept_layers": keep, "removed": [i for i in range(n) if i not in keep], "path": path}
     write_json(out / "search.json", provenance("score-layers", to_dict(settings), num_layers=n, target=k,
                                                measure=settings.search_measure, repair=settings.search_repair,
