@@ -306,7 +306,8 @@ def test_the_student_shares_the_teachers_non_block_weights_and_copies_its_blocks
 SEQUENTIAL_CUTS = {"keep 0": ["--keep", "0,1,4,5"], "cut 0": ["--keep", "1,2,5"],
                    "importance": ["--strategy", "importance", "--num-layers", "3", "--calib-tokens", "256"],
                    "contiguous": ["--strategy", "contiguous", "--num-layers", "4", "--search-tokens", "256"],
-                   "iterative": ["--strategy", "iterative", "--num-layers", "4", "--search-tokens", "256"]}
+                   "iterative": ["--strategy", "iterative", "--num-layers", "4", "--search-tokens", "256"],
+                   "fit on the teacher": ["--keep", "0,1,4,5", "--repair-fit", "teacher"]}
 
 
 def searched(record: dict) -> list[float]:

@@ -237,9 +237,9 @@ def sequential_problems(strategy: str, keep: list[int] | None, args: CutArgs) ->
     problems = []
     if args.repair not in ("none", "refit", "replaceme"):
         problems.append(f"repair: {args.repair} is not done block by block; use refit, replaceme or none, {way}")
-    if args.repair_epochs or args.repair_downstream or args.repair_fit != "student" or len(args.repair_strength) > 1:
-        problems.append(f"repair: --repair-epochs, --repair-downstream, --repair-fit teacher and several "
-                        f"--repair-strength values need the whole student; leave them out, {way}")
+    if args.repair_epochs or args.repair_downstream or len(args.repair_strength) > 1:
+        problems.append(f"repair: --repair-epochs, --repair-downstream and several --repair-strength values need "
+                        f"the whole student; leave them out, {way}")
     return problems
 
 
@@ -282,8 +282,8 @@ def cut_sequential(model, weights, tokenizer, n: int, k: int, strategy: str, kee
     runner = Blockwise(model, weights, rows if rows is not None else torch.zeros(1, 2, dtype=torch.long), 4)
     if rows is not None:
         started = time.perf_counter()
-        spans = repair_blockwise(runner, keep, args.repair)
-        record["repair"] = {"method": args.repair, "fit_on": "student", "data": sources, "strengths": [1.0],
+        spans = repair_blockwise(runner, keep, args.repair, args.repair_fit)
+        record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": sources, "strengths": [1.0],
                             "downstream": [], "tokens": rows.numel(), "spans": spans,
                             "seconds": time.perf_counter() - started, "path": "sequential"}
         print(f"repaired by {args.repair} on {rows.numel():,} tokens of {', '.join(sources)}, one block at a time, "

@@ -183,11 +183,13 @@ SEARCHES: dict[str, Callable[[CutSearch, int], tuple[list[int], list[dict]]]] = 
 Fit = tuple[str, torch.Tensor]
 
 
-def span_fits_blockwise(runner, spans: set[tuple[int, int]], repair: str) -> dict[tuple[int, int], Fit]:
+def span_fits_blockwise(runner, spans: set[tuple[int, int]], repair: str,
+                        infos: dict | None = None) -> dict[tuple[int, int], Fit]:
     """Each span's repair (a, b: blocks a..b removed, a > 0) as `CutSearch` fits it, from the teacher's
     own activations on the fit rows of `runner`, in one pass of the teacher up to the last span's end:
     block a - 1's features and output are held from when the stream leaves it until every span from
-    a has been fitted (the stream leaving block b is each one's target)."""
+    a has been fitted (the stream leaving block b is each one's target). `infos`, if given, gets each
+    fit's held-out record (`repair._fit`'s)."""
     from lmshrink.compress.repair import _fit
 
     held, proj_input = heldout_split(runner.rows), fits_from_proj_input(repair)
@@ -208,7 +210,10 @@ def span_fits_blockwise(runner, spans: set[tuple[int, int]], repair: str) -> dic
             else:
                 with runner.block(a - 1):  # the norm before the residual add is the block's to apply
                     u = update_target(runner.model, a - 1, m, stream, out, proj_input)
-            fits[(a, b)] = (repair, _fit(repair, held, m, u)[0])
+            param, info = _fit(repair, held, m, u)
+            fits[(a, b)] = (repair, param)
+            if infos is not None:
+                infos[(a, b)] = info
         for start in [s for s in pending if not any(a - 1 == s and b > i for a, b in spans)]:
             del pending[start]  # every span from it fitted
     return fits

@@ -494,11 +494,13 @@ class ShardWriter:
 
 # --- a cut, repaired and written, one block at a time ------------------------------------------
 
-def repair_blockwise(runner: Blockwise, keep: list[int], method: str) -> list[dict[str, Any]]:
-    """`repair.repair` (fits on the student's own stream, one strength) on a model read one block at a
-    time: one pass of the teacher for the streams each span's fit aims at, then the student (the
-    teacher's kept blocks, each span's fit folded in as it is made) from its first fitted block. The
+def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: str = "student") -> list[dict[str, Any]]:
+    """`repair.repair` (one strength) on a model read one block at a time. Fitted on the student: one
+    pass of the teacher for the streams each span's fit aims at, then the student (the teacher's kept
+    blocks, each span's fit folded in as it is made) from its first fitted block; on the teacher: every
+    span fitted from the teacher's own activations in one pass (`cut_search.span_fits_blockwise`). The
     fits stay in `runner.edits` (by teacher block); the record per span is `repair.repair`'s."""
+    from lmshrink.compress.cut_search import span_fits_blockwise
     from lmshrink.compress.repair import _fit, fits_from_proj_input, heldout_split, removed_spans, update_target
 
     n = len(runner.blocks)
@@ -507,6 +509,17 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str) -> list[di
     report: list[dict[str, Any]] = []
     if not usable:
         return [{"span": [a, b], "skipped": "no kept block before it to fold a fit into"} for a, b in spans]
+    if fit_on == "teacher":
+        infos: dict[tuple[int, int], dict] = {}
+        fits = span_fits_blockwise(runner, set(usable), method, infos)
+        for a, b in spans:
+            if a == 0:
+                report.append({"span": [a, b], "skipped": "no kept block before it to fold a fit into"})
+                continue
+            runner.edits[a - 1] = fits[(a, b)]
+            report.append({"span": [a, b], "block": a - 1, "student_block": keep.index(a - 1), "strength": 1.0,
+                           **infos[(a, b)]})
+        return report
     held, proj_input = heldout_split(runner.rows), fits_from_proj_input(method)
     wanted, first = {b + 1 for _, b in usable}, usable[0][0] - 1
     stream, states, entering_first = runner.entering(), {}, None
