@@ -307,7 +307,8 @@ SEQUENTIAL_CUTS = {"keep 0": ["--keep", "0,1,4,5"], "cut 0": ["--keep", "1,2,5"]
                    "importance": ["--strategy", "importance", "--num-layers", "3", "--calib-tokens", "256"],
                    "contiguous": ["--strategy", "contiguous", "--num-layers", "4", "--search-tokens", "256"],
                    "iterative": ["--strategy", "iterative", "--num-layers", "4", "--search-tokens", "256"],
-                   "fit on the teacher": ["--keep", "0,1,4,5", "--repair-fit", "teacher"]}
+                   "fit on the teacher": ["--keep", "0,1,4,5", "--repair-fit", "teacher"],
+                   "downstream": ["--keep", "0,2,3,5", "--repair-downstream"]}
 
 
 def searched(record: dict) -> list[float]:
@@ -348,6 +349,8 @@ def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_p
             got, want = (searched(r) for r in (record, records["off"]))
             assert len(got) == len(want) == (5 if "contiguous" in cut else 6 + 5)
             assert got == pytest.approx(want, rel=2e-2, abs=1e-4)
+        downstream = [[s["student_block"] for s in r["repair"]["downstream"]] for r in (record, records["off"])]
+        assert downstream[0] == downstream[1] == ([1, 3] if "--repair-downstream" in cut else [])
         assert students["on"].keys() == students["off"].keys()
         for name, tensor in students["off"].items():
             torch.testing.assert_close(students["on"][name], tensor, rtol=1e-5, atol=1e-6)

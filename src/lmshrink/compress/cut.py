@@ -237,9 +237,9 @@ def sequential_problems(strategy: str, keep: list[int] | None, args: CutArgs) ->
     problems = []
     if args.repair not in ("none", "refit", "replaceme"):
         problems.append(f"repair: {args.repair} is not done block by block; use refit, replaceme or none, {way}")
-    if args.repair_epochs or args.repair_downstream or len(args.repair_strength) > 1:
-        problems.append(f"repair: --repair-epochs, --repair-downstream and several --repair-strength values need "
-                        f"the whole student; leave them out, {way}")
+    if args.repair_epochs or len(args.repair_strength) > 1:
+        problems.append(f"repair: --repair-epochs and several --repair-strength values need the whole student; "
+                        f"leave them out, {way}")
     return problems
 
 
@@ -282,12 +282,15 @@ def cut_sequential(model, weights, tokenizer, n: int, k: int, strategy: str, kee
     runner = Blockwise(model, weights, rows if rows is not None else torch.zeros(1, 2, dtype=torch.long), 4)
     if rows is not None:
         started = time.perf_counter()
-        spans = repair_blockwise(runner, keep, args.repair, args.repair_fit)
+        fits = repair_blockwise(runner, keep, args.repair, args.repair_fit, args.repair_downstream)
+        spans = [s for s in fits if not s.get("downstream")]
         record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": sources, "strengths": [1.0],
-                            "downstream": [], "tokens": rows.numel(), "spans": spans,
-                            "seconds": time.perf_counter() - started, "path": "sequential"}
+                            "downstream": [s for s in fits if s.get("downstream")], "tokens": rows.numel(),
+                            "spans": spans, "seconds": time.perf_counter() - started, "path": "sequential"}
         print(f"repaired by {args.repair} on {rows.numel():,} tokens of {', '.join(sources)}, one block at a time, "
               f"in {record['repair']['seconds']:.0f} s; held-out error vs the plain cut per span: "
               + ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}" for s in spans
                           if "heldout_error" in s))
+        if args.repair_downstream:
+            print(f"downstream: {len(record['repair']['downstream'])} blocks after the cut fitted, one block at a time")
     return runner, keep, record

@@ -494,14 +494,24 @@ class ShardWriter:
 
 # --- a cut, repaired and written, one block at a time ------------------------------------------
 
-def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: str = "student") -> list[dict[str, Any]]:
+def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: str = "student",
+                     downstream: bool = False) -> list[dict[str, Any]]:
     """`repair.repair` (one strength) on a model read one block at a time. Fitted on the student: one
     pass of the teacher for the streams each span's fit aims at, then the student (the teacher's kept
     blocks, each span's fit folded in as it is made) from its first fitted block; on the teacher: every
     span fitted from the teacher's own activations in one pass (`cut_search.span_fits_blockwise`). The
-    fits stay in `runner.edits` (by teacher block); the record per span is `repair.repair`'s."""
+    fits stay in `runner.edits` (by teacher block); the record per span (then per downstream fit,
+    `downstream`: every kept block after the first fitted one fitted to the teacher's stream leaving
+    the same teacher block) is `repair.repair`'s."""
     from lmshrink.compress.cut_search import span_fits_blockwise
-    from lmshrink.compress.repair import _fit, fits_from_proj_input, heldout_split, removed_spans, update_target
+    from lmshrink.compress.repair import (
+        _fit,
+        downstream_blocks,
+        fits_from_proj_input,
+        heldout_split,
+        removed_spans,
+        update_target,
+    )
 
     n = len(runner.blocks)
     spans = removed_spans(n, keep)
@@ -521,32 +531,38 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
                            **infos[(a, b)]})
         return report
     held, proj_input = heldout_split(runner.rows), fits_from_proj_input(method)
-    wanted, first = {b + 1 for _, b in usable}, usable[0][0] - 1
+    spanning = {keep.index(a - 1): (a, b) for a, b in usable}  # student block -> the span fitted into it
+    after = set(downstream_blocks(keep, usable)) if downstream else set()
+    # where each fit aims: the teacher's stream after the span, or after the same teacher block
+    aims = {j: b + 1 for j, (_, b) in spanning.items()} | {j: keep[j] + 1 for j in after}
+    first = usable[0][0] - 1
     stream, states, entering_first = runner.entering(), {}, None
-    for i in range(max(wanted)):  # the teacher, as far as the last stream a fit aims at
+    for i in range(max(aims.values())):  # the teacher, as far as the last stream a fit aims at
         if i == first:
             entering_first = stream
         with runner.block(i):
             stream = runner.run(i, stream)
-        if i + 1 in wanted:
+        if i + 1 in aims.values():
             states[i + 1] = stream
     # the student's stream is the teacher's up to its first fitted block, unless block 0 was cut
-    stream, at = (entering_first, keep.index(first)) if spans[0][0] > 0 else (runner.entering(), 0)
-    for a, b in spans:
-        if a == 0:
-            report.append({"span": [a, b], "skipped": "no kept block before it to fold a fit into"})
-            continue
-        j = keep.index(a - 1)
-        for i in range(at, j):  # the student's blocks up to this span's, earlier fits folded in
-            with runner.block(keep[i]):
-                stream = runner.run(keep[i], stream)
-        at = j
-        with runner.block(keep[j]):
-            out, m = runner.run_with_features(keep[j], stream, proj_input)
-            target = update_target(runner.model, keep[j], m, states[b + 1], out, proj_input)
-        param, info = _fit(method, held, m, target)
-        runner.edits[keep[j]] = (method, param)
-        report.append({"span": [a, b], "block": a - 1, "student_block": j, "strength": 1.0, **info})
+    stream, start = (entering_first, keep.index(first)) if spans[0][0] > 0 else (runner.entering(), 0)
+    report += [{"span": [a, b], "skipped": "no kept block before it to fold a fit into"} for a, b in spans if a == 0]
+    last = max(aims)
+    for j in range(start, last + 1):  # the student's blocks, each fit made where its block is reached
+        if j in aims:
+            with runner.block(keep[j]):
+                out, m = runner.run_with_features(keep[j], stream, proj_input)
+                target = update_target(runner.model, keep[j], m, states[aims[j]], out, proj_input)
+            param, info = _fit(method, held, m, target)
+            runner.edits[keep[j]] = (method, param)
+            if j in spanning:
+                a, b = spanning[j]
+                report.append({"span": [a, b], "block": a - 1, "student_block": j, "strength": 1.0, **info})
+            else:
+                report.append({"block": keep[j], "student_block": j, "downstream": True, **info})
+        if j < last:
+            with runner.block(keep[j]):  # with its fit folded in
+                stream = runner.run(keep[j], stream)
     return report
 
 
