@@ -167,7 +167,7 @@ def test_the_teacher_writes_its_share_of_the_calibration_only_within_its_time(ti
     said = capsys.readouterr().out
     assert f"repair calibration: {real_text} only; the teacher would take about" in said
     assert used("a") == [str(real_text)] and f"tokens of {real_text} in" in said
-    assert main([*common, "--output", str(tmp_path / "b")]) == 0  # within 5 minutes: written, and kept
+    assert main([*common, "--output", str(tmp_path / "b")]) == 0  # within 15 minutes: written, and kept
     assert used("b") == ["teacher", str(real_text)]
     assert main([*common, "--output", str(tmp_path / "c"), "--repair-teacher-minutes", "0"]) == 0
     assert "teacher-written tokens read from" in capsys.readouterr().out and used("c") == used("b")  # kept: no wait

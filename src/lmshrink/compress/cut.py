@@ -47,7 +47,7 @@ class CutArgs:
                                      f"calibration text of the repair, mixed in equal parts: sources, or "
                                      f"{TEACHER_TEXT!r} for text sampled from the teacher at T 1")
     repair_tokens: int = setting(16384, "calibration tokens of the repair (1/8 of the rows held out to choose lambda)")
-    repair_teacher_minutes: float = setting(5.0, f"the longest the teacher may take writing its share of --repair-data "
+    repair_teacher_minutes: float = setting(15.0, f"the longest the teacher may take writing its share of --repair-data "
                                                  f"(projected from {PROBE_STEPS} timed steps; written once, then "
                                                  "cached): over it the share is left out, said, where other sources "
                                                  "remain")
