@@ -27,6 +27,8 @@ resident set size), at fixed token counts (1,024 calibration tokens in rows of 2
   at a time (`--sequential on`, float32 per block);
 - `eval-whole`: the same with the whole model loaded in bfloat16 (`--sequential off`): run only where
   those weights take under 60% of the machine's memory.
+The `startup` shape (3M parameters: 4 blocks 64 wide, SmolLM2's vocabulary) measures what each
+command costs whatever the model's size; the growth exponents are also fitted on the time less it.
 Resumable: each (model, step) result is kept in OUTPUT/results.json (a failure with its exit code,
 not tried again unless `--retry`); a re-run measures only what is missing, then writes the table,
 the log-log chart (scale.png) and the growth exponent of each step's time and memory (a least-squares
@@ -298,7 +300,7 @@ def report(results: dict, params: dict[str, int], out: Path) -> None:
             "", "Healing the 3/4-depth student (GB per GPU before activations; CPU memory in brackets):", "",
             *heal_table()]
     heal += ["", "The README's table:", "", *needs_table(results, params, ("truncate", "export", "score-student-bi",
-                                                                          "prune"))]
+                                                                          "prune", "eval"))]
     if trims := trim_table(results, params, out):
         heal += ["", "Peak memory before and after freed memory was given back between blocks:", "", *trims]
     write_text(out / "scale.md", "\n".join(lines + [""] + growth + heal) + "\n")
