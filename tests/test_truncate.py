@@ -308,7 +308,8 @@ SEQUENTIAL_CUTS = {"keep 0": ["--keep", "0,1,4,5"], "cut 0": ["--keep", "1,2,5"]
                    "contiguous": ["--strategy", "contiguous", "--num-layers", "4", "--search-tokens", "256"],
                    "iterative": ["--strategy", "iterative", "--num-layers", "4", "--search-tokens", "256"],
                    "fit on the teacher": ["--keep", "0,1,4,5", "--repair-fit", "teacher"],
-                   "downstream": ["--keep", "0,2,3,5", "--repair-downstream"]}
+                   "downstream": ["--keep", "0,2,3,5", "--repair-downstream"],
+                   "strengths": ["--keep", "0,2,3,5", "--repair-strength", "0.25,1"]}
 
 
 def searched(record: dict) -> list[float]:
@@ -351,6 +352,11 @@ def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_p
             assert got == pytest.approx(want, rel=2e-2, abs=1e-4)
         downstream = [[s["student_block"] for s in r["repair"]["downstream"]] for r in (record, records["off"])]
         assert downstream[0] == downstream[1] == ([1, 3] if "--repair-downstream" in cut else [])
+        chosen = [[(s.get("strength"), s.get("strength_kl")) for s in r["repair"]["spans"]] for r in (record, records["off"])]
+        assert [c[0] for c in chosen[0]] == [c[0] for c in chosen[1]]  # each span's strength, by the same KLs
+        assert ("--repair-strength" in cut) == all(kl is not None for _, kl in chosen[0])
+        for (_, got), (_, want) in zip(*chosen, strict=True):
+            assert (got is None and want is None) or got == pytest.approx(want, rel=1e-4)
         assert students["on"].keys() == students["off"].keys()
         for name, tensor in students["off"].items():
             torch.testing.assert_close(students["on"][name], tensor, rtol=1e-5, atol=1e-6)
@@ -361,7 +367,7 @@ def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_p
         assert "iterative: 2 removals read from" in capsys.readouterr().out
     assert main([*common, "--keep", "0,5", "--output", str(tmp_path / "search"), "--sequential", "on",
                  "--repair-epochs", "2"]) == 2
-    assert "need the whole student" in capsys.readouterr().err
+    assert "trains the whole student" in capsys.readouterr().err
 
 
 def test_one_block_at_a_time_never_holds_two_blocks(tmp_path, gpt2_tokenizer, monkeypatch):

@@ -237,9 +237,8 @@ def sequential_problems(strategy: str, keep: list[int] | None, args: CutArgs) ->
     problems = []
     if args.repair not in ("none", "refit", "replaceme"):
         problems.append(f"repair: {args.repair} is not done block by block; use refit, replaceme or none, {way}")
-    if args.repair_epochs or len(args.repair_strength) > 1:
-        problems.append(f"repair: --repair-epochs and several --repair-strength values need the whole student; "
-                        f"leave them out, {way}")
+    if args.repair_epochs:
+        problems.append(f"repair: --repair-epochs trains the whole student; leave it out, {way}")
     return problems
 
 
@@ -282,9 +281,11 @@ def cut_sequential(model, weights, tokenizer, n: int, k: int, strategy: str, kee
     runner = Blockwise(model, weights, rows if rows is not None else torch.zeros(1, 2, dtype=torch.long), 4)
     if rows is not None:
         started = time.perf_counter()
-        fits = repair_blockwise(runner, keep, args.repair, args.repair_fit, args.repair_downstream)
+        fits = repair_blockwise(runner, keep, args.repair, args.repair_fit, args.repair_downstream,
+                                tuple(args.repair_strength))
         spans = [s for s in fits if not s.get("downstream")]
-        record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": sources, "strengths": [1.0],
+        record["repair"] = {"method": args.repair, "fit_on": args.repair_fit, "data": sources,
+                            "strengths": args.repair_strength,
                             "downstream": [s for s in fits if s.get("downstream")], "tokens": rows.numel(),
                             "spans": spans, "seconds": time.perf_counter() - started, "path": "sequential"}
         print(f"repaired by {args.repair} on {rows.numel():,} tokens of {', '.join(sources)}, one block at a time, "

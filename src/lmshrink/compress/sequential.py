@@ -495,14 +495,16 @@ class ShardWriter:
 # --- a cut, repaired and written, one block at a time ------------------------------------------
 
 def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: str = "student",
-                     downstream: bool = False) -> list[dict[str, Any]]:
+                     downstream: bool = False, strengths: tuple[float, ...] = (1.0,)) -> list[dict[str, Any]]:
     """`repair.repair` (one strength) on a model read one block at a time. Fitted on the student: one
     pass of the teacher for the streams each span's fit aims at, then the student (the teacher's kept
     blocks, each span's fit folded in as it is made) from its first fitted block; on the teacher: every
     span fitted from the teacher's own activations in one pass (`cut_search.span_fits_blockwise`). The
     fits stay in `runner.edits` (by teacher block); the record per span (then per downstream fit,
     `downstream`: every kept block after the first fitted one fitted to the teacher's stream leaving
-    the same teacher block) is `repair.repair`'s."""
+    the same teacher block) is `repair.repair`'s. With several `strengths`, each span's fit is applied
+    at the one whose student (the earlier fits folded in) is closest to the teacher on the held-out
+    rows, by forward KL (`strength_blockwise`)."""
     from lmshrink.compress.cut_search import span_fits_blockwise
     from lmshrink.compress.repair import (
         _fit,
@@ -526,8 +528,9 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
             if a == 0:
                 report.append({"span": [a, b], "skipped": "no kept block before it to fold a fit into"})
                 continue
-            runner.edits[a - 1] = fits[(a, b)]
-            report.append({"span": [a, b], "block": a - 1, "student_block": keep.index(a - 1), "strength": 1.0,
+            strength = strength_blockwise(runner, keep, a - 1, fits[(a, b)], strengths, infos[(a, b)])
+            runner.edits[a - 1] = (method, fits[(a, b)][1] * strength)
+            report.append({"span": [a, b], "block": a - 1, "student_block": keep.index(a - 1), "strength": strength,
                            **infos[(a, b)]})
         return report
     held, proj_input = heldout_split(runner.rows), fits_from_proj_input(method)
@@ -554,16 +557,37 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
                 out, m = runner.run_with_features(keep[j], stream, proj_input)
                 target = update_target(runner.model, keep[j], m, states[aims[j]], out, proj_input)
             param, info = _fit(method, held, m, target)
-            runner.edits[keep[j]] = (method, param)
+            strength = strength_blockwise(runner, keep, keep[j], (method, param), strengths, info) \
+                if j in spanning else 1.0
+            runner.edits[keep[j]] = (method, param * strength)
             if j in spanning:
                 a, b = spanning[j]
-                report.append({"span": [a, b], "block": a - 1, "student_block": j, "strength": 1.0, **info})
+                report.append({"span": [a, b], "block": a - 1, "student_block": j, "strength": strength, **info})
             else:
                 report.append({"block": keep[j], "student_block": j, "downstream": True, **info})
         if j < last:
             with runner.block(keep[j]):  # with its fit folded in
                 stream = runner.run(keep[j], stream)
     return report
+
+
+def strength_blockwise(runner: Blockwise, keep: list[int], block: int, fit: tuple[str, torch.Tensor],
+                       strengths: tuple[float, ...], info: dict[str, Any]) -> float:
+    """`repair._strength` on a model read one block at a time: of several strengths, the one at which
+    `fit` (folded into teacher block `block`, every fit made so far in `runner.edits` with it) leaves
+    the student closest to the teacher on the held-out rows by forward KL, the students walked beside
+    the teacher (`cut_search.measure_blockwise`); each KL kept in `info`."""
+    if len(strengths) == 1:
+        return strengths[0]
+    from lmshrink.compress.cut_search import measure_blockwise
+    from lmshrink.compress.repair import heldout_split
+
+    held = Blockwise(runner.model, runner.weights, runner.rows[-heldout_split(runner.rows):], runner.batch_size)
+    method, param = fit
+    students = {s: (keep, {**runner.edits, block: (method, param * s)}) for s in strengths}
+    gaps = measure_blockwise(held, students, "kl", f"strengths of block {block}'s fit")
+    info["strength_kl"] = {f"{s:g}": v for s, v in gaps.items()}
+    return min(gaps, key=gaps.__getitem__)
 
 
 def write_student(runner: Blockwise, keep: list[int], folder: Path,
