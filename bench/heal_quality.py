@@ -261,12 +261,15 @@ def zero_shot(out: Path, rows: list[dict[str, Any]], budget: int, args) -> str:
     best = min(largest, key=lambda r: r["ratio"])
     models = {"teacher": (TEACHER, out / "zero-shot" / "teacher"),
               "as cut + repaired": (str(out / "student"), out / "zero-shot" / "student")}
-    for r in (best, *(x for x in largest if x["arm"] == "clm")):  # clm: when that budget has it
-        models[f"{r['arm']} ({budget // 1000}k)"] = (r["folder"] + "/model", Path(r["folder"]) / "zero-shot")
+    chosen = largest if args.tasks_arms == "all" else (best, *(x for x in largest if x["arm"] == "clm"))
+    for r in chosen:  # clm: when that budget has it
+        models[label_of(r)] = (r["folder"] + "/model", Path(r["folder"]) / "zero-shot")
+    against = {"the teacher": "teacher", "as cut": "as cut + repaired"}
+    if args.tasks_arms == "all":  # every arm against the first
+        against = {"the teacher": "teacher", f"`{largest[0]['arm']}`": label_of(largest[0])}
     results = suite(models, args.tasks, args.limit)
     return (f"Zero-shot `{args.tasks}` ({args.limit} items a task, %; differences of the task averages with the "
-            "95% interval of a paired bootstrap over the items):\n\n"
-            + paired_table(results, {"the teacher": "teacher", "as cut": "as cut + repaired"}))
+            "95% interval of a paired bootstrap over the items):\n\n" + paired_table(results, against))
 
 
 def chart(rows: list[dict[str, Any]], path: Path, student: str) -> None:
@@ -300,6 +303,9 @@ def main() -> None:
     parser.add_argument("--seeds", default=str(SEED), help="one run of every arm per seed (comma-separated)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--tasks", default="", help="zero-shot suite for the best arm and clm at the largest budget")
+    parser.add_argument("--tasks-arms", default="best", choices=("best", "all"),
+                        help="the arms the zero-shot suite scores at the largest budget: the best and clm, or all "
+                             "(each then compared with the first arm)")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--strategy", default="contiguous", help="how the student's 24 blocks are chosen (truncate's)")
     parser.add_argument("--repair", default="refit", help="the student's training-free repair (truncate's)")
