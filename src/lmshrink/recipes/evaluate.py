@@ -224,10 +224,6 @@ def evaluate_blockwise(name: str, checked: tuple[str, Any], settings: EvalSettin
     out, said."""
     source, config = checked
     ppl, device = settings.perplexity, pick_device(settings.device)
-    if settings.benchmarks.tasks:  # --sequential on with tasks is refused with the settings
-        raise SequentialError(f"{name}: its weights take more than half the device's memory, so it is read one "
-                              "block at a time, and the benchmarks run the whole model; evaluate its GGUF "
-                              "(`lmshrink export`) through llama.cpp, or pass --sequential off to try")
     tokenizer = load_tokenizer(source, settings.load.trust_remote_code) if ppl.data else None
     if ppl.data and tokenizer is None:
         raise no_tokenizer(source)
@@ -327,6 +323,13 @@ def run(settings: EvalSettings) -> list[dict[str, Any]]:
             llamacpp.check_file(name)
         else:
             checked[name] = settings.load.check(name)
+    if settings.benchmarks.tasks and settings.runtime != "llamacpp":  # before any model is scored
+        device = pick_device(settings.device)
+        if big := [n for n in settings.models
+                   if one_block_at_a_time(settings.sequential, checked[n][0], settings.load.dtype, device)]:
+            raise SequentialError(f"{big[0]}: its weights take more than half the device's memory, so it would be "
+                                  "read one block at a time, and the benchmarks run the whole model; evaluate its "
+                                  "GGUF (`lmshrink export`) through llama.cpp, or pass --sequential off to try")
     labels = settings.labels or model_labels(settings.models)
     timed: dict[str, Any] = {}
     rows = [evaluate_model(name, settings, label=label, streams=streams, checked=checked.get(name), timed=timed)
