@@ -353,13 +353,15 @@ def sliding_nll_blockwise(model, weights: LazyWeights, tokens: torch.Tensor, win
     spans = framed_windows(tokens, window, stride, framing)
     length = max(span.ids.numel() for span in spans)
     per_pass = max(1, STREAM_BYTES // (length * model.config.get_text_config().hidden_size * 4))
-    total, count = 0.0, 0
+    total, count, calls = 0.0, 0, {}
     for start in range(0, len(spans), per_pass):
         group = spans[start : start + per_pass]
         rows = torch.stack([F.pad(span.ids, (0, length - span.ids.numel()), value=int(span.ids[-1]))
                             for span in group])
         runner = Blockwise(model, weights, rows, batch_size)
+        runner.calls = calls  # rows of one length: the blocks' calls, recorded by the first pass, serve every pass
         states = runner.entering()
+        calls = runner.calls
         for i in range(len(runner.blocks)):
             with runner.block(i):
                 states = runner.run(i, states)
@@ -521,6 +523,8 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
     report: list[dict[str, Any]] = []
     if not usable:
         return [{"span": [a, b], "skipped": "no kept block before it to fold a fit into"} for a, b in spans]
+    held_out = Blockwise(runner.model, runner.weights, runner.rows[-heldout_split(runner.rows):],
+                         runner.batch_size) if len(strengths) > 1 else None  # where each strength is measured
     if fit_on == "teacher":
         infos: dict[tuple[int, int], dict] = {}
         fits = span_fits_blockwise(runner, set(usable), method, infos)
@@ -528,7 +532,7 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
             if a == 0:
                 report.append({"span": [a, b], "skipped": "no kept block before it to fold a fit into"})
                 continue
-            strength = strength_blockwise(runner, keep, a - 1, fits[(a, b)], strengths, infos[(a, b)])
+            strength = strength_blockwise(runner, held_out, keep, a - 1, fits[(a, b)], strengths, infos[(a, b)])
             runner.edits[a - 1] = (method, fits[(a, b)][1] * strength)
             report.append({"span": [a, b], "block": a - 1, "student_block": keep.index(a - 1), "strength": strength,
                            **infos[(a, b)]})
@@ -557,7 +561,7 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
                 out, m = runner.run_with_features(keep[j], stream, proj_input)
                 target = update_target(runner.model, keep[j], m, states[aims[j]], out, proj_input)
             param, info = _fit(method, held, m, target)
-            strength = strength_blockwise(runner, keep, keep[j], (method, param), strengths, info) \
+            strength = strength_blockwise(runner, held_out, keep, keep[j], (method, param), strengths, info) \
                 if j in spanning else 1.0
             runner.edits[keep[j]] = (method, param * strength)
             if j in spanning:
@@ -571,21 +575,20 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
     return report
 
 
-def strength_blockwise(runner: Blockwise, keep: list[int], block: int, fit: tuple[str, torch.Tensor],
-                       strengths: tuple[float, ...], info: dict[str, Any]) -> float:
+def strength_blockwise(runner: Blockwise, held_out: Blockwise | None, keep: list[int], block: int,
+                       fit: tuple[str, torch.Tensor], strengths: tuple[float, ...], info: dict[str, Any]) -> float:
     """`repair._strength` on a model read one block at a time: of several strengths, the one at which
     `fit` (folded into teacher block `block`, every fit made so far in `runner.edits` with it) leaves
     the student closest to the teacher on the held-out rows by forward KL, the students walked beside
-    the teacher (`cut_search.measure_blockwise`); each KL kept in `info`."""
-    if len(strengths) == 1:
+    the teacher (`cut_search.measure_blockwise`) over `held_out` (the held-out rows: one runner for
+    every span, its blocks' calls recorded once); each KL kept in `info`."""
+    if held_out is None:
         return strengths[0]
     from lmshrink.compress.cut_search import measure_blockwise
-    from lmshrink.compress.repair import heldout_split
 
-    held = Blockwise(runner.model, runner.weights, runner.rows[-heldout_split(runner.rows):], runner.batch_size)
     method, param = fit
     students = {s: (keep, {**runner.edits, block: (method, param * s)}) for s in strengths}
-    gaps = measure_blockwise(held, students, "kl", f"strengths of block {block}'s fit")
+    gaps = measure_blockwise(held_out, students, "kl", f"strengths of block {block}'s fit")
     info["strength_kl"] = {f"{s:g}": v for s, v in gaps.items()}
     return min(gaps, key=gaps.__getitem__)
 
