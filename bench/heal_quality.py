@@ -33,8 +33,10 @@ Arms, each healed on python-docs/library (block 256, batch 4) at every budget of
   SHARE`, GKD): the student continues each block's first 64 tokens by 64 of its own at T 1 and learns
   the teacher's generalised JSD (beta 0.5) on them; its other steps as the arm's;
 - `ARM/top-K`, `ARM/sampled-K` (e.g. `kl-ce/sampled-12`): the teacher read from `lmshrink cache-teacher`'s
-  cache of the healing text (its first `--tokens`, at T 1): its top-K tokens (a biased estimate of
-  its distribution), or K tokens drawn from it (`--sampled`, an unbiased one).
+  cache of the healing text (its first `--tokens`, at T 1; one cache per seed): its top-K tokens (a
+  biased estimate of its distribution), or K tokens drawn from it (`--sampled`, an unbiased one);
+  `ARM/online`: the teacher online on the blocks such a cache holds, in the same order (`--data-tokens`),
+  so the caches are compared with the teacher itself on the same text.
 An arm is `BASE[+TEXT]` and then `~PART`, `@LR` and `^SHARE` in any order (`minitron+nucleus-text~embeddings@3e-4`);
 `--arms` names one that is not before anything runs.
 
@@ -98,10 +100,11 @@ def parse_arm(arm: str) -> tuple[str, str | None, list[str], str | None, str | N
     followed, in any order, by `~PART` (PART of the student frozen), `@LR` (another peak learning
     rate) and `^SHARE` (that share of the steps on-policy), and optionally `/top-K` or `/sampled-K`
     (the teacher read from a cache of the healing text: its top-K tokens, or K tokens drawn from it;
-    T 1, so for kl-ce and minitron)."""
+    T 1, so for kl-ce and minitron), or `/online` (the teacher online on that cache's blocks)."""
     arm, cache = arm.split("/", 1) if "/" in arm else (arm, None)
-    if cache is not None and (cache.rpartition("-")[0] not in CACHES or not cache.rpartition("-")[2].isdigit()):
-        raise ValueError(f"{cache}: not a cache (top-K or sampled-K)")
+    if cache not in (None, "online") and (cache.rpartition("-")[0] not in CACHES
+                                          or not cache.rpartition("-")[2].isdigit()):
+        raise ValueError(f"{cache}: not a cache (top-K, sampled-K or online)")
     name, *marks = re.split(r"([~@^])", arm)
     base, _, text = name.rpartition("+")
     if text not in TEACHER_TEXTS or not base:
@@ -116,14 +119,16 @@ def parse_arm(arm: str) -> tuple[str, str | None, list[str], str | None, str | N
             shares[0] if shares else None)
 
 
-def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path) -> list[str]:
+def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path, seed: int = SEED) -> list[str]:
     """The lmshrink command of one arm (`parse_arm`); a teacher text (TEXTS/TEXT) is half the healing tokens."""
     base, text, frozen, lr, share = parse_arm(arm)
     argv = base_command(base, student, folder, tokens)
     if share:
         argv += ["--on-policy", share, *ON_POLICY]
-    if cache := cache_command(arm, tokens, texts):  # the teacher from the cache `cache_command` makes
+    if cache := cache_command(arm, tokens, texts, seed):  # the teacher from the cache `cache_command` makes
         argv[argv.index("--teacher"): argv.index("--teacher") + 2] = ["--teacher-cache", cache[cache.index("--output") + 1]]
+    if arm.endswith("/online"):  # the blocks a cache of this budget holds, the teacher online
+        argv += ["--data-tokens", str(tokens)]
     if text:
         argv[argv.index("--data") + 1] = f"{texts / text},python-docs/library"
         argv += ["--data-weights", "1,1"]
@@ -136,15 +141,16 @@ def arm_command(arm: str, student: Path, folder: Path, tokens: int, texts: Path)
     return argv
 
 
-def cache_command(arm: str, tokens: int, out: Path) -> list[str] | None:
+def cache_command(arm: str, tokens: int, out: Path, seed: int = SEED) -> list[str] | None:
     """The `lmshrink cache-teacher` command of an `ARM/top-K` or `ARM/sampled-K` arm (None for others): the
-    first `tokens` of the healing text, at T 1."""
-    if "/" not in arm:
+    first `tokens` of the healing text the arms read (HEAL's data flags), at T 1, drawn at the run's seed."""
+    if "/" not in arm or arm.endswith("/online"):
         return None
     kind, _, k = arm.rpartition("/")[2].rpartition("-")
-    return ["cache-teacher", "--teacher", TEACHER, "--output", str(out / "caches" / f"{kind}-{k}-{tokens // 1000}k"),
-            "--data", "python-docs/library", "--block-size", "256", "--max-tokens", str(tokens), "--temperature", "1",
-            CACHES[kind], k]
+    data = HEAL[: HEAL.index("--block-size") + 2]  # --data, --eval-data, --eval-tokens, --block-size
+    name = f"{kind}-{k}-{tokens // 1000}k{'' if seed == SEED else f'-seed{seed}'}"
+    return ["cache-teacher", "--teacher", TEACHER, "--output", str(out / "caches" / name), *data,
+            "--max-tokens", str(tokens), "--temperature", "1", CACHES[kind], k, "--seed", str(seed)]
 
 
 def base_command(arm: str, student: Path, folder: Path, tokens: int) -> list[str]:
@@ -338,9 +344,9 @@ def main() -> None:
         for arm in arms:
             for seed in seeds:
                 folder = out / "runs" / f"{arm.replace('/', '_')}-{tokens // 1000}k{'' if seed == SEED else f'-seed{seed}'}"
-                if cache := cache_command(arm, tokens, out):
+                if cache := cache_command(arm, tokens, out, seed):
                     run(*cache)  # made once, carried on if interrupted
-                argv = arm_command(arm, student, folder, tokens, out)
+                argv = arm_command(arm, student, folder, tokens, out, seed)
                 run(*argv, *([] if seed == SEED else ["--seed", str(seed)]))  # finished runs: nothing to do
                 points, seen, seconds = history(folder)
                 rows.append({"arm": arm, "budget": tokens, "seed": seed, "tokens": seen, "seconds": seconds,

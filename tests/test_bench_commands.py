@@ -168,6 +168,18 @@ def test_a_heal_bench_arm_from_a_cache_reads_it_instead_of_the_teacher(arm, tmp_
     assert "--teacher" not in argv and argv[argv.index("--teacher-cache") + 1] == cache[cache.index("--output") + 1]
     with pytest.raises(ValueError, match="not an arm"):
         heal_quality.parse_arm("clm/top-12")  # the LM loss has no teacher to read from a cache
+    # another seed draws its own cache (the same blocks: the arms' text has no held-out split)
+    seeded = heal_quality.cache_command(arm, 25600, tmp_path, 1)
+    assert seeded[seeded.index("--seed") + 1] == "1"
+    assert seeded[seeded.index("--output") + 1] != cache[cache.index("--output") + 1]
+    assert "--eval-data" in cache and "--heldout" not in cache
+    # the teacher online on the cache's blocks: the same text flags, the first 25,600 tokens
+    online = heal_quality.arm_command(arm.rpartition("/")[0] + "/online", tmp_path / "student", tmp_path / "run", 25600,
+                                      tmp_path)
+    assert command_problems(online, ROOT) == [] and "--teacher-cache" not in online
+    assert online[online.index("--data-tokens") + 1] == "25600"
+    assert all(cache[cache.index(flag) + 1] == online[online.index(flag) + 1]
+               for flag in ("--data", "--eval-data", "--block-size"))
 
 
 def test_the_scale_bench_steps_are_lmshrink_commands_and_its_shapes_build(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -444,6 +445,36 @@ def test_a_sampled_cache_trains_on_the_forward_kl(student, tiny_gpt2_dir, tmp_pa
     out = tmp_path / "run"
     assert main([*common, "--output", str(out)]) == 0
     assert [line for line in metrics_lines(out) if "loss" in line][-1]["kd"] > 0
+
+
+def test_an_online_run_on_the_first_blocks_reads_what_a_cache_of_them_holds(student, tiny_gpt2_dir, tmp_path,
+                                                                             monkeypatch):
+    """--data-tokens N: the online teacher's run trains on the blocks `cache-teacher --max-tokens N` holds,
+    batch for batch in the same order (a fair comparison of a cache with the teacher online); without
+    it the run draws from the whole text."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    original = DistillTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        if model.training:
+            seen.setdefault(Path(self.args.output_dir).parent.name, []).append(inputs["input_ids"].detach().clone())
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(DistillTrainer, "compute_loss", spy)
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--teacher", str(tiny_gpt2_dir), "--output", str(cache), *DATA, "--block-size", "64",
+                 "--max-tokens", "512", "--top-k", "8", "--temperature", "1", "--seed", "3"]) == 0
+    common = ["distill", "--model", str(student), *DATA, *TINY, "--max-steps", "4", "--alpha-cos", "0",
+              "--temperature", "1", "--seed", "3"]  # the seed the cache split its held-out documents with
+    runs = {name: tmp_path / name for name in ("cached", "first", "all")}
+    assert main([*common, "--teacher-cache", str(cache), "--output", str(runs["cached"])]) == 0
+    assert main([*common, "--teacher", str(tiny_gpt2_dir), "--data-tokens", "512", "--output", str(runs["first"])]) == 0
+    assert main([*common, "--teacher", str(tiny_gpt2_dir), "--output", str(runs["all"])]) == 0
+    batches = {name: seen[name] for name in runs}
+    assert len(batches["cached"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(batches["cached"], batches["first"], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(batches["cached"], batches["all"], strict=True))
+    assert json.loads((runs["first"] / "lmshrink.json").read_text())["settings"]["corpus"]["data_tokens"] == 512
 
 
 POLICY = ["--prompt-tokens", "8", "--new-tokens", "12"]

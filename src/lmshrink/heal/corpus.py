@@ -27,6 +27,9 @@ class DataArgs:
     heldout: float = setting(0.02, "fraction of training documents held out for evaluation when --eval-data is empty")
     block_size: int = setting(1024, "tokens per training sequence (the paper: 1024)")
     eval_tokens: int | None = setting(None, "cap on held-out tokens evaluated")
+    data_tokens: int | None = setting(None, "train on the first N tokens of the packed training text only (before "
+                                            "any shuffling: the blocks a cache-teacher --max-tokens N holds); "
+                                            "default: all of it")
     streaming: bool = setting(False, "stream the training data (large Hub datasets); needs max_steps or max_tokens")
     num_proc: int = setting(1, "processes for tokenisation")
     seed: int = setting(42, "random seed (held-out split, data order, initialisation)")
@@ -38,6 +41,8 @@ class DataArgs:
         for name in ("block_size", "num_proc"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be positive")
+        if self.data_tokens is not None and self.data_tokens < self.block_size:
+            problems.append(f"data_tokens: at least one block ({self.block_size} tokens); got {self.data_tokens}")
         if self.data_weights and (len(self.data_weights) != len(self.data) or min(self.data_weights) < 0
                                   or sum(self.data_weights) <= 0):
             problems.append(f"data_weights: one weight >= 0 per --data source ({len(self.data)}), not all 0; "
@@ -83,12 +88,20 @@ def prepare_data(settings: DataArgs, tokenizer) -> tuple[Any, Any]:
             raise DataError(f"the training data ({', '.join(source)}) holds less than one block of "
                             f"{settings.block_size} tokens")
         packed.append(train)
-    train = mix_blocks(packed, weights, settings.seed) if len(packed) > 1 else packed[0]
+    train = first_blocks(mix_blocks(packed, weights, settings.seed) if len(packed) > 1 else packed[0], settings)
     if len(held) > 1:
         from datasets import concatenate_datasets
 
         held = [concatenate_datasets(held)]
     return train, prepare_heldout(settings, tokenizer, held[0] if held else None)
+
+
+def first_blocks(train, settings: DataArgs):
+    """The first --data-tokens of the packed training blocks (whole blocks; all of them without it)."""
+    if settings.data_tokens is None:
+        return train
+    n = settings.data_tokens // settings.block_size
+    return train.take(n) if settings.streaming else train.select(range(min(n, train.num_rows)))
 
 
 def prepare_heldout(settings: DataArgs, tokenizer, docs=None):
