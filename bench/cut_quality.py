@@ -37,6 +37,7 @@ import torch
 
 from lmshrink.cli import main as lmshrink
 from lmshrink.data.sources import Framing, token_stream
+from lmshrink.evaluate.benchmarks import expand
 from lmshrink.evaluate.perplexity import perplexity
 from lmshrink.evaluate.verdicts import paired_bootstrap
 from lmshrink.models import load
@@ -256,14 +257,18 @@ def zero_shot(out: Path, done: list[dict[str, Any]], plain: dict[str, Any] | Non
 
 
 def suite(models: dict[str, tuple[str, Path]], tasks: str, limit: int) -> dict[str, dict[str, Any]]:
-    """Each model's `lmshrink eval --tasks` row (label -> (model, folder)): one run per model, kept in
-    its folder, so a stopped run resumes where it was."""
-    results = {}
+    """Each model's `lmshrink eval --tasks` row (label -> (model, folder)), with those tasks only: one run
+    per model, kept in its folder, so a stopped run resumes where it was; a folder scored on other
+    tasks is run again for the missing ones (eval keeps every task it finished)."""
+    results, wanted = {}, expand(tasks.split(","))
     for label, (model, folder) in models.items():
-        if not (folder / "report.json").is_file():
+        report = folder / "report.json"
+        if not report.is_file() or not set(wanted) <= set(json.loads(report.read_text())["rows"][0]["tasks"]):
             assert lmshrink(["eval", "--models", model, "--tasks", tasks, "--limit", str(limit), "--no-speed",
                              "--output", str(folder)]) == 0, f"lmshrink eval of {model} failed"
-        results[label] = json.loads((folder / "report.json").read_text())["rows"][0]
+        row = json.loads(report.read_text())["rows"][0]
+        scores = {t: row["tasks"][t] for t in wanted}  # the average as eval takes it, of these tasks
+        results[label] = {**row, "tasks": scores, "task_average": sum(s["value"] for s in scores.values()) / len(scores)}
     return results
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from lmshrink.evaluate.benchmarks import expand
 from lmshrink.manual import command_problems
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,3 +193,27 @@ def test_the_scale_bench_steps_are_lmshrink_commands_and_its_shapes_build(tmp_pa
         config = scale.config_of(name)
         assert config.num_hidden_layers == scale.SHAPES[name][3] and config.vocab_size == scale.SHAPES[name][6]
     assert scale.exponent([(1e8, 10.0), (1e9, 100.0), (1e10, 1000.0)]) == pytest.approx(1.0)
+
+
+def test_the_zero_shot_suite_scores_a_folder_again_for_tasks_it_lacks(tmp_path, monkeypatch):
+    """bench's `suite`: a model folder scored on LAMBADA alone is run again when `core` is asked (eval
+    keeps the task it has), and each row holds the asked tasks only, averaged as eval averages them."""
+    calls = []
+
+    def fake_eval(argv):  # an eval report of the asked tasks, each scored 0.5 but LAMBADA 0.25
+        calls.append(argv)
+        names = expand(argv[argv.index("--tasks") + 1].split(","))
+        tasks = {t: {"value": 0.25 if t == "lambada_openai" else 0.5, "per_item": [0.0]} for t in names}
+        out = Path(argv[argv.index("--output") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps({"rows": [{"tasks": tasks, "task_average": 0.0}]}))
+        return 0
+
+    monkeypatch.setattr(cut_quality, "lmshrink", fake_eval)
+    models = {"m": ("model", tmp_path / "m")}
+    assert cut_quality.suite(models, "lambada_openai", 10)["m"]["task_average"] == 0.25
+    core = cut_quality.suite(models, "core", 10)["m"]
+    assert len(calls) == 2 and list(core["tasks"]) == expand(["core"])
+    assert core["task_average"] == pytest.approx((0.25 + 0.5 * 9) / 10)
+    again = cut_quality.suite(models, "lambada_openai", 10)["m"]  # the folder holds it: not run again
+    assert len(calls) == 2 and list(again["tasks"]) == ["lambada_openai"] and again["task_average"] == 0.25
