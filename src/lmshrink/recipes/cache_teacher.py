@@ -42,6 +42,9 @@ class CacheSettings(Settings):
         problems = needs_data(self.corpus) + super().problems()
         if self.corpus.streaming:
             problems.append("streaming: the cache needs a map-style dataset; cap it with --max-tokens instead")
+        if self.corpus.data_tokens is not None:
+            problems.append("data_tokens: a cache's first tokens are chosen with --max-tokens (which also caps its "
+                            f"held-out share); give --max-tokens {self.corpus.data_tokens}")
         if self.top_k < 1 or self.batch_size < 1 or self.shard_blocks < 1 or (self.sampled is not None
                                                                              and self.sampled < 1):
             problems.append("top_k, sampled, batch_size, shard_blocks: must be positive")
