@@ -249,12 +249,16 @@ def test_search_ranks_depth_width_and_both_and_resumes(tiny_llama_dir, tmp_path,
     assert printed.count("running it again") == 1
 
 
-@pytest.mark.parametrize("kind, depths", [("llama", [[], ["--num-layers", "3"]]), ("qwen2", [[]]), ("gpt2", [[]])])
+ITERATIVE = ["--num-layers", "2", "--strategy", "iterative", "--search-tokens", "256"]
+
+
+@pytest.mark.parametrize("kind, depths", [("llama", [[], ["--num-layers", "3"]]), ("qwen2", [[]]), ("gpt2", [[], ITERATIVE])])
 def test_one_block_at_a_time_prunes_the_same_student(kind, depths, tmp_path, gpt2_tokenizer):
     """prune --sequential on: the teacher read block by block from a sharded checkpoint, its width (and
     block) scores in one pass, the depth cut refitted block by block, every tensor sliced and written
     shard by shard: the same student, weight for weight, as the whole-model path; width alone and
-    width with depth."""
+    width with depth (by block scores, and by the iterative search, each removal's candidates walked
+    block by block)."""
     config = WIDTH_CONFIGS[kind]()
     fields = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # (rebuilt for 4 blocks)
     config = type(config)(**{**fields, "vocab_size": len(gpt2_tokenizer), "num_hidden_layers": 4})
