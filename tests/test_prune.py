@@ -253,7 +253,7 @@ ITERATIVE = ["--num-layers", "2", "--strategy", "iterative", "--search-tokens", 
 
 
 @pytest.mark.parametrize("kind, depths", [("llama", [[], ["--num-layers", "3"]]), ("qwen2", [[]]), ("gpt2", [[], ITERATIVE])])
-def test_one_block_at_a_time_prunes_the_same_student(kind, depths, tmp_path, gpt2_tokenizer):
+def test_one_block_at_a_time_prunes_the_same_student(kind, depths, tmp_path, gpt2_tokenizer, capsys):
     """prune --sequential on: the teacher read block by block from a sharded checkpoint, its width (and
     block) scores in one pass, the depth cut refitted block by block, every tensor sliced and written
     shard by shard: the same student, weight for weight, as the whole-model path; width alone and
@@ -284,3 +284,7 @@ def test_one_block_at_a_time_prunes_the_same_student(kind, depths, tmp_path, gpt
         assert students["on"].keys() == students["off"].keys()
         for name, tensor in students["off"].items():
             torch.testing.assert_close(students["on"][name], tensor, rtol=1e-5, atol=1e-6)
+    if kind == "llama":  # the bias repair's new tensors are not sliced block by block: refused before any work
+        out = tmp_path / "bias"
+        assert main([*common, "--num-layers", "3", "--repair", "bias", "--sequential", "on", "--output", str(out)]) == 2
+        assert "the bias repair adds tensors" in capsys.readouterr().err and not (out / "model.safetensors").exists()

@@ -309,7 +309,8 @@ SEQUENTIAL_CUTS = {"keep 0": ["--keep", "0,1,4,5"], "cut 0": ["--keep", "1,2,5"]
                    "iterative": ["--strategy", "iterative", "--num-layers", "4", "--search-tokens", "256"],
                    "fit on the teacher": ["--keep", "0,1,4,5", "--repair-fit", "teacher"],
                    "downstream": ["--keep", "0,2,3,5", "--repair-downstream"],
-                   "strengths": ["--keep", "0,2,3,5", "--repair-strength", "0.25,1"]}
+                   "strengths": ["--keep", "0,2,3,5", "--repair-strength", "0.25,1"],
+                   "bias": ["--keep", "0,1,4,5", "--repair", "bias"]}
 
 
 def searched(record: dict) -> list[float]:
@@ -319,8 +320,8 @@ def searched(record: dict) -> list[float]:
         [c["kl"] for c in path]
 
 
-@pytest.mark.parametrize("arch, cuts", [("gemma3_text", list(SEQUENTIAL_CUTS)), ("gpt2", ["cut 0"]),
-                                        ("llama", ["contiguous"])])
+@pytest.mark.parametrize("arch, cuts", [("gemma3_text", [c for c in SEQUENTIAL_CUTS if c != "bias"]),
+                                        ("gpt2", ["cut 0", "bias"]), ("llama", ["contiguous", "bias"])])
 def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_path, gpt2_tokenizer, capsys):
     """truncate --sequential on: the teacher read block by block from a sharded checkpoint, the refit
     repair's fits made block by block, the student written shard by shard; the same student as the
@@ -343,7 +344,7 @@ def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_p
             students[mode] = T.AutoModelForCausalLM.from_pretrained(out).state_dict()
             records[mode] = json.loads((out / "lmshrink.json").read_text())
         record = records["on"]
-        assert record["path"] == "sequential" and record["repair"]["method"] == "refit"
+        assert record["path"] == "sequential" and record["repair"]["method"] == ("bias" if "bias" in cut else "refit")
         if "search" in records["off"]:  # the search walked block by block: every candidate's KL, the same
             # choice (the whole path fits from float16 features, this one from float32: close, not equal)
             assert record["kept_layers"] == records["off"]["kept_layers"]

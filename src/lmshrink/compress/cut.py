@@ -235,8 +235,6 @@ def sequential_problems(strategy: str, keep: list[int] | None, args: CutArgs) ->
     """What a cut on a teacher read one block at a time does not do (each with the way on)."""
     way = "or --sequential off on a machine that holds the teacher"
     problems = []
-    if args.repair not in ("none", "refit", "replaceme"):
-        problems.append(f"repair: {args.repair} is not done block by block; use refit, replaceme or none, {way}")
     if args.repair_epochs:
         problems.append(f"repair: --repair-epochs trains the whole student; leave it out, {way}")
     return problems

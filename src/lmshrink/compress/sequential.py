@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink.architectures import architecture_of, blocks_of, get_path, student_config
-from lmshrink.compress.repair import APPLY, StopForward, run_block
+from lmshrink.compress.repair import StopForward, patched, run_block
 from lmshrink.compress.width import Plan, layout_of, pruned_config
 from lmshrink.data.sources import Framing
 from lmshrink.errors import LmshrinkError
@@ -195,12 +195,10 @@ class Blockwise:
         block, prefix = self.blocks[i], f"{self.arch.blocks}.{i}"
         for name, _ in block.named_parameters():
             _materialise(block, name, self.weights.read(f"{prefix}.{name}"), self.device)
-        if i in self.edits:
-            method, param = self.edits[i]
-            APPLY[method](get_path(block, self.arch.mlp_out), param)
         previous, self.held = self.held, i
         try:
-            yield block
+            with patched(self.model, {i: self.edits[i]} if i in self.edits else {}):  # a bias repair: one added
+                yield block
         finally:
             for module in block.modules():  # the weights dropped; buffers (not in the checkpoint) kept
                 for name, param in module._parameters.items():
@@ -593,6 +591,23 @@ def strength_blockwise(runner: Blockwise, held_out: Blockwise | None, keep: list
     return min(gaps, key=gaps.__getitem__)
 
 
+def added_biases(model) -> dict[str, torch.Size]:
+    """The tensors (name within a block -> shape) that the architecture's MLP bias flag (Llama's
+    `mlp_bias`) adds to every block, as `repair.with_mlp_bias` turns it on; none where the MLP's
+    output projection has a bias already. Read off the model built again on the meta device."""
+    import copy
+
+    arch = architecture_of(model.config)
+    if get_path(blocks_of(model)[0], arch.mlp_out).bias is not None:
+        return {}
+    config = copy.deepcopy(model.config)
+    setattr(config, arch.mlp_bias, True)
+    with torch.device("meta"):
+        biased = type(model)(config)
+    before = dict(blocks_of(model)[0].named_parameters())
+    return {name: p.shape for name, p in blocks_of(biased)[0].named_parameters() if name not in before}
+
+
 def write_student(runner: Blockwise, keep: list[int], folder: Path,
                   narrow: tuple[Plan, dict[str, int]] | None = None) -> None:
     """The student that keeps teacher blocks `keep` (with `runner.edits` folded in), written tensor by
@@ -602,6 +617,10 @@ def write_student(runner: Blockwise, keep: list[int], folder: Path,
     config narrowed with it. Holds one shard and one block at a time."""
     model, arch = runner.model, runner.arch
     prefix = arch.blocks + "."
+    added = added_biases(model) if any(m == "bias" for m, _ in runner.edits.values()) else {}
+    if added and narrow:
+        raise SequentialError("a width-pruned student with the bias repair is not written block by block; use "
+                              "--repair refit, or --sequential off on a machine that holds the teacher")
     tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
     head = next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings())
     writer = ShardWriter(folder)
@@ -615,18 +634,23 @@ def write_student(runner: Blockwise, keep: list[int], folder: Path,
             dtypes.add(runner.weights.dtype(name))
     for j, i in enumerate(keep):
         inside = {k[len(f"{prefix}{i}."):]: k for k in names if k.startswith(f"{prefix}{i}.")}
+        dtype = runner.weights.dtype(f"{prefix}{i}.{arch.mlp_out}.weight")
         if i not in runner.edits and not narrow:  # a block as the teacher has it: copied
             for short, full in inside.items():
                 writer.add(f"{prefix}{j}.{short}", runner.weights.stored(full))
+            for short, shape in added.items():  # the bias flag's new tensors: zero, the same function
+                writer.add(f"{prefix}{j}.{short}", torch.zeros(shape, dtype=dtype))
             continue
-        stored = {short: runner.weights.dtype(full) for short, full in inside.items()}
+        stored = {short: runner.weights.dtype(full) for short, full in inside.items()} | dict.fromkeys(added, dtype)
         with runner.block(i) as block:  # read in fp32, its fit folded in, written in the stored dtype
             values = block.state_dict()
-            for short in inside:
-                name, value = f"{prefix}{j}.{short}", values[short]
+            for short in stored:
+                name, value = f"{prefix}{j}.{short}", values.get(short, torch.zeros(added.get(short, ())))
                 writer.add(name, (layout.slice(name, value, narrow[0]) if narrow else value).to(stored[short]))
     writer.close()
     config = student_config(model.config, keep)
+    if added:
+        setattr(config, arch.mlp_bias, True)
     if narrow:
         config = pruned_config(config, narrow[1])
     config.torch_dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmshrink.architectures import context_limit, student_config
+from lmshrink.architectures import architecture_of, context_limit, student_config
 from lmshrink.compress.cut import CHOICES, CutArgs, cut, cut_sequential, sequential_problems
 from lmshrink.compress.importance import METRICS, read_scores, score, score_blockwise
 from lmshrink.compress.sequential import SEQUENTIAL, Blockwise, lazy_model, one_block_at_a_time, write_student
@@ -198,8 +198,12 @@ def run_sequential(settings: PruneSettings, source: str, config: Any, layers: in
     """prune with the teacher read one block at a time (`compress.sequential`): the width scores (and
     block scores for a shallower student) in one pass, the cut repaired block by block, and every
     tensor sliced and written shard by shard."""
-    check(sequential_problems(settings.strategy, None, settings.cut))
     n = config.num_hidden_layers
+    flag = architecture_of(config).mlp_bias  # the bias repair turns it on: new tensors in every block
+    biased = settings.cut.repair == "bias" and layers < n and flag is not None and not getattr(config, flag, False)
+    check(sequential_problems(settings.strategy, None, settings.cut) + (
+        ["repair: the bias repair adds tensors a width-pruned student written block by block does not slice; use "
+         "--repair refit, or --sequential off on a machine that holds the teacher"] if biased else []))
     need_blocks = layers < n and settings.strategy == "importance"
     tokenizer = load_tokenizer(source, settings.load.trust_remote_code)
     given = given_scores(settings, config, need_blocks)
