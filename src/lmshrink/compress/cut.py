@@ -26,7 +26,7 @@ from lmshrink.compress.cut_search import (
 )
 from lmshrink.compress.model_gap import MEASURES
 from lmshrink.compress.repair import FIT_ON, REPAIRS, needs, refine, repair, repair_problems
-from lmshrink.compress.sequential import Blockwise, repair_blockwise
+from lmshrink.compress.sequential import Blockwise, refine_blockwise, repair_blockwise
 from lmshrink.compress.truncation import STRATEGIES, select_layers, truncate_model
 from lmshrink.config import SettingsError, setting
 from lmshrink.data.sources import Framing, calibration_rows
@@ -208,14 +208,7 @@ def _repair(teacher, student, keep: list[int], repair_rows: torch.Tensor, args: 
               "calibration_seconds": calib_seconds}
     if args.repair_epochs:
         blocks = [s["student_block"] for s in spans if "student_block" in s]
-        refined = refine(teacher, student, blocks, repair_rows, args.repair_epochs, args.repair_lr)
-        record["refine"] = refined
-        if "skipped" in refined:
-            print(f"not fitted on the output: {refined['skipped']}")
-        else:
-            kl = refined["heldout_kl"]
-            print(f"fitted on the output for {args.repair_epochs} passes in {refined['seconds']:.0f} s: held-out "
-                  f"KL {kl[0]:.4f} -> {kl[refined['kept_epoch']]:.4f} (pass {refined['kept_epoch']} kept)")
+        record["refine"] = said(refine(teacher, student, blocks, repair_rows, args.repair_epochs, args.repair_lr))
     errors = ", ".join(f"{s['span'][0]}-{s['span'][1]}: {s['heldout_error']:.2f}"
                        + (f" (applied at strength {s['strength']:g})" if args.repair_strength != [1.0] else "")
                        for s in spans if "heldout_error" in s)
@@ -229,16 +222,18 @@ def _repair(teacher, student, keep: list[int], repair_rows: torch.Tensor, args: 
     return student, record
 
 
+def said(refined: dict[str, Any]) -> dict[str, Any]:
+    """A --repair-epochs fit's record (`repair.refine`, `sequential.refine_blockwise`), said in a line."""
+    if "skipped" in refined:
+        print(f"not fitted on the output: {refined['skipped']}")
+    else:
+        kl = refined["heldout_kl"]
+        print(f"fitted on the output for {refined['epochs']} passes in {refined['seconds']:.0f} s: held-out "
+              f"KL {kl[0]:.4f} -> {kl[refined['kept_epoch']]:.4f} (pass {refined['kept_epoch']} kept)")
+    return refined
+
+
 # --- the same cut on a teacher read one block at a time (`compress.sequential`) ------------------
-
-def sequential_problems(strategy: str, keep: list[int] | None, args: CutArgs) -> list[str]:
-    """What a cut on a teacher read one block at a time does not do (each with the way on)."""
-    way = "or --sequential off on a machine that holds the teacher"
-    problems = []
-    if args.repair_epochs:
-        problems.append(f"repair: --repair-epochs trains the whole student; leave it out, {way}")
-    return problems
-
 
 def cut_sequential(model, weights, tokenizer, n: int, k: int, strategy: str, keep: list[int] | None,
                    scores: dict | None, metric: str, args: CutArgs, calib_data: str) -> tuple[Blockwise, list[int], dict]:
@@ -292,4 +287,7 @@ def cut_sequential(model, weights, tokenizer, n: int, k: int, strategy: str, kee
                           if "heldout_error" in s))
         if args.repair_downstream:
             print(f"downstream: {len(record['repair']['downstream'])} blocks after the cut fitted, one block at a time")
+        if args.repair_epochs:
+            blocks = [s["student_block"] for s in spans if "student_block" in s]
+            record["repair"]["refine"] = said(refine_blockwise(runner, keep, blocks, args.repair_epochs, args.repair_lr))
     return runner, keep, record

@@ -17,6 +17,7 @@ import math
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -186,6 +187,7 @@ class Blockwise:
         self.blocks = blocks_of(model)
         self.held: int | None = None
         self.edits: dict[int, tuple[str, torch.Tensor]] = {}  # repairs folded into a block each time it is read
+        self.trained: dict[int, dict[str, torch.Tensor]] = {}  # its MLP output projection's tensors, after the fold
         self.calls: dict[int, tuple[tuple, dict]] = {}  # recorded at the first block run (a lazy pass over all)
 
     @contextmanager
@@ -198,7 +200,13 @@ class Blockwise:
         previous, self.held = self.held, i
         try:
             with patched(self.model, {i: self.edits[i]} if i in self.edits else {}):  # a bias repair: one added
-                yield block
+                proj = get_path(block, self.arch.mlp_out)
+                folded = {name: proj._parameters[name] for name in self.trained.get(i, {})}
+                proj._parameters.update(self.trained.get(i, {}))  # `refine_blockwise`'s, in place of the fold
+                try:
+                    yield block
+                finally:
+                    proj._parameters.update(folded)
         finally:
             for module in block.modules():  # the weights dropped; buffers (not in the checkpoint) kept
                 for name, param in module._parameters.items():
@@ -571,6 +579,96 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
             with runner.block(keep[j]):  # with its fit folded in
                 stream = runner.run(keep[j], stream)
     return report
+
+
+def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epochs: int, lr: float,
+                     seed: int = 0) -> dict[str, Any]:
+    """`repair.refine` on a model read one block at a time: the MLP output projections of the student's
+    `blocks` (its fitted ones, `runner.edits` folded in) fitted further by Adam on the mean forward KL
+    from the teacher over the calibration rows but the held-out ones, `runner.batch_size` rows a step,
+    the best pass by held-out KL kept (in `runner.trained`). The same steps as the whole path: the
+    teacher's last stream is made once, the student's stream entering its first fitted block too; each
+    step walks the student's blocks from there keeping each block's input (batch x T x H floats a
+    block), then goes back block by block, each read again and run with gradients (activation
+    checkpointing at block granularity): two reads of every block after the first fitted one a step."""
+    from lmshrink.compress.repair import _tensor, heldout_split
+
+    if not blocks:
+        return {"epochs": 0, "lr": lr, "blocks": [], "skipped": "no repaired block to fit"}
+    started = time.perf_counter()
+    rows, size = runner.rows, runner.batch_size
+    held = heldout_split(rows)
+    first = min(blocks)
+    edits, trained, runner.edits, runner.trained = runner.edits, runner.trained, {}, {}
+    stream = runner.entering()
+    for i in range(len(runner.blocks)):  # the teacher, for its next-token distributions
+        with runner.block(i):
+            stream = runner.run(i, stream)
+    teacher, runner.edits, runner.trained = stream, edits, trained
+    prefix = runner.entering()
+    for j in range(first):  # the student's blocks before its first fitted one: teacher blocks, frozen
+        with runner.block(keep[j]):
+            prefix = runner.run(keep[j], prefix)
+    for j in sorted(set(blocks)):  # the trainable tensors, as the fit left them
+        with runner.block(keep[j]) as block:
+            runner.trained[keep[j]] = {name: torch.nn.Parameter(p.detach().clone())
+                                       for name, p in get_path(block, runner.arch.mlp_out).named_parameters()}
+    params = [p for j in sorted(set(blocks)) for p in runner.trained[keep[j]].values()]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    after = keep[first:]
+
+    def forward(states: torch.Tensor, inputs: list | None = None) -> torch.Tensor:
+        for i in after:
+            if inputs is not None:
+                inputs.append(states)
+            with runner.block(i):
+                states = runner.run(i, states)
+        return states
+
+    def heldout() -> float:
+        return runner.kl({0: forward(prefix[-held:])}, teacher[-held:])[0]
+
+    def step(idx: torch.Tensor) -> None:
+        inputs: list[torch.Tensor] = []
+        last = forward(prefix[idx], inputs).requires_grad_(True)
+        target, count = teacher[idx], last.shape[0] * last.shape[1]
+        chunk = chunk_positions(runner.model.get_output_embeddings().weight.shape[0])
+        for r in range(last.shape[0]):  # the loss's gradient on the last stream, a chunk of positions at a time
+            for t in range(0, last.shape[1], chunk):
+                with torch.no_grad():
+                    log_pt = torch.log_softmax(runner._logits(target[r : r + 1, t : t + chunk]), -1)
+                log_ps = torch.log_softmax(runner._logits(last[r : r + 1, t : t + chunk]), -1)
+                (forward_kl(log_ps, log_pt).sum() / count).backward()
+        grad = last.grad
+        for i, states in zip(reversed(after), reversed(inputs), strict=True):  # back through each block
+            with runner.block(i) as block, torch.enable_grad():
+                states = states.detach().to(runner.device).requires_grad_(i != after[0])
+                rest, kwargs = runner._call(i, states.shape[0])
+                torch.autograd.backward(_tensor(block(states, *rest, **kwargs)).float(), grad.to(runner.device))
+                grad = states.grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    losses = [heldout()]
+    best = [p.detach().clone() for p in params]
+    for epoch in range(epochs):
+        perm = torch.randperm(rows.shape[0] - held, generator=order)
+        for start in range(0, perm.numel(), size):
+            step(perm[start : start + size])
+        losses.append(heldout())
+        if losses[-1] < min(losses[:-1]):
+            best = [p.detach().clone() for p in params]
+        print(f"  fitting on the output, one block at a time: pass {epoch + 1} of {epochs}, held-out KL "
+              f"{losses[-1]:.4f}", flush=True)
+    with torch.no_grad():
+        for p, b in zip(params, best, strict=True):
+            p.copy_(b)
+            p.requires_grad_(False)
+    kept = min(range(len(losses)), key=losses.__getitem__)
+    return {"epochs": epochs, "lr": lr, "blocks": sorted(set(blocks)), "heldout_kl": losses, "kept_epoch": kept,
+            "tokens": (rows.shape[0] - held) * rows.shape[1], "seconds": time.perf_counter() - started,
+            "path": "sequential"}
 
 
 def strength_blockwise(runner: Blockwise, held_out: Blockwise | None, keep: list[int], block: int,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import architecture_of, context_limit, student_config
-from lmshrink.compress.cut import CHOICES, CutArgs, cut, cut_sequential, sequential_problems
+from lmshrink.compress.cut import CHOICES, CutArgs, cut, cut_sequential
 from lmshrink.compress.importance import METRICS, read_scores, score, score_blockwise
 from lmshrink.compress.sequential import SEQUENTIAL, Blockwise, lazy_model, one_block_at_a_time, write_student
 from lmshrink.compress.width import (
@@ -201,9 +201,9 @@ def run_sequential(settings: PruneSettings, source: str, config: Any, layers: in
     n = config.num_hidden_layers
     flag = architecture_of(config).mlp_bias  # the bias repair turns it on: new tensors in every block
     biased = settings.cut.repair == "bias" and layers < n and flag is not None and not getattr(config, flag, False)
-    check(sequential_problems(settings.strategy, None, settings.cut) + (
-        ["repair: the bias repair adds tensors a width-pruned student written block by block does not slice; use "
-         "--repair refit, or --sequential off on a machine that holds the teacher"] if biased else []))
+    if biased:
+        check(["repair: the bias repair adds tensors a width-pruned student written block by block does not slice; "
+               "use --repair refit, or --sequential off on a machine that holds the teacher"])
     need_blocks = layers < n and settings.strategy == "importance"
     tokenizer = load_tokenizer(source, settings.load.trust_remote_code)
     given = given_scores(settings, config, need_blocks)

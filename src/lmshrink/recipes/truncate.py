@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshrink.architectures import architecture_of, blocks_of, context_limit
-from lmshrink.compress.cut import CHOICES, CutArgs, cut, cut_sequential, kept_count, sequential_problems
+from lmshrink.compress.cut import CHOICES, CutArgs, cut, cut_sequential, kept_count
 from lmshrink.compress.importance import METRICS, read_scores, score, score_blockwise
 from lmshrink.compress.sequential import (
     SEQUENTIAL,
@@ -20,7 +20,7 @@ from lmshrink.compress.sequential import (
     one_block_at_a_time,
     write_student,
 )
-from lmshrink.config import Settings, check, group, setting, to_dict
+from lmshrink.config import Settings, group, setting, to_dict
 from lmshrink.data.sources import calibration_rows
 from lmshrink.errors import one_of
 from lmshrink.export.model_card import save_model_record
@@ -130,7 +130,6 @@ def run(settings: TruncateSettings) -> Path:
 def run_sequential(settings: TruncateSettings, source: str, config) -> Path:
     """The cut with the teacher read one block at a time and the student written shard by shard
     (`compress.sequential`): block scores, the repair and the student all from one lazy teacher."""
-    check(sequential_problems(settings.strategy, settings.keep, settings.cut))
     device = pick_device("auto")
     tokenizer = load_tokenizer(source, settings.load.trust_remote_code)
     n = getattr(config, architecture_of(config).layer_count)
