@@ -600,12 +600,11 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
     held = heldout_split(rows)
     first = min(blocks)
     edits, trained, runner.edits, runner.trained = runner.edits, runner.trained, {}, {}
-    stream = runner.entering()
+    stream = prefix = runner.entering()
     for i in range(len(runner.blocks)):  # the teacher, for its next-token distributions
         with runner.block(i):
             stream = runner.run(i, stream)
     teacher, runner.edits, runner.trained = stream, edits, trained
-    prefix = runner.entering()
     for j in range(first):  # the student's blocks before its first fitted one: teacher blocks, frozen
         with runner.block(keep[j]):
             prefix = runner.run(keep[j], prefix)
