@@ -322,7 +322,8 @@ def searched(record: dict) -> list[float]:
 
 
 @pytest.mark.parametrize("arch, cuts", [("gemma3_text", [c for c in SEQUENTIAL_CUTS if c != "bias"]),
-                                        ("gpt2", ["cut 0", "bias"]), ("llama", ["contiguous", "bias", "epochs"])])
+                                        ("gpt2", ["cut 0", "bias"]), ("llama", ["contiguous", "bias", "epochs"]),
+                                        ("gemma2", ["epochs"])])  # soft-capped logits: the teacher's kept as hidden states
 def test_one_block_at_a_time_cuts_and_repairs_the_same_student(arch, cuts, tmp_path, gpt2_tokenizer, capsys):
     """truncate --sequential on: the teacher read block by block from a sharded checkpoint, the refit
     repair's fits made block by block, the student written shard by shard; the same student as the

@@ -31,6 +31,7 @@ from lmshrink.losses import chunked_mean, forward_kl, next_token_nll
 LOGIT_BYTES = 1 << 26
 """fp32 logits per chunk (64 MiB): 64 positions of a 262k vocabulary, 341 of a 49k one; a chunk's
 softmax holds a few such tensors at once (on Gemma-3-270M 256 MiB chunks put 0.9 GB on top of a search's peak)."""
+HEAD_ROWS = 16384  # rows of an output head made float32 at a time (Llama 3's 128k x 4096: 256 MB of 2.1 GB)
 
 Split = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether its split reproduces it
@@ -175,7 +176,7 @@ class Reference:
         return same and (out.bias is None or torch.equal(out.bias, self.linear.bias))
 
 
-def _linear_head(model) -> torch.nn.Linear | None:
+def linear_head(model) -> torch.nn.Linear | None:
     """The model's head where its logits are exactly h W^T + b (no soft-capping)."""
     out = model.get_output_embeddings()
     if isinstance(out, torch.nn.Linear) and not getattr(model.config, "final_logit_softcapping", None):
@@ -190,24 +191,30 @@ def reference(model, ids: torch.Tensor) -> Reference:
     if parts is None:
         return Reference(logp=torch.log_softmax(full_logits(model, ids).float(), -1))
     body, head = parts
-    hidden = body(ids)
-    linear = _linear_head(model)
+    return reference_of(body(ids), head, linear_head(model), _row_chunk(model, ids))
+
+
+@torch.no_grad()
+def reference_of(hidden: torch.Tensor, head: Callable, linear: torch.nn.Linear | None, step: int) -> Reference:
+    """The `Reference` of last hidden states (B, T, H) under `head` (hidden -> logits), `step`
+    positions of every row at a time: with the shared-head form where `linear` is the head (no
+    soft-capping), else the hidden states alone."""
     if linear is None:
         return Reference(hidden=hidden, head=head)
-    step = _row_chunk(model, ids)
     expected, constant = [], []
-    weight = linear.weight.float()
     for s in range(0, hidden.shape[1], step):
         logp = torch.log_softmax(head(hidden[:, s : s + step]).float(), -1)  # (B, c, V)
         p = logp.exp()
-        expected.append(p @ weight)  # (B, c, H)
+        weight = linear.weight  # read after the head has run (a model read lazily makes it then)
+        expected.append(sum(p[..., v : v + HEAD_ROWS] @ weight[v : v + HEAD_ROWS].float()
+                            for v in range(0, weight.shape[0], HEAD_ROWS)))  # (B, c, H)
         c = (p * logp).sum(-1)
         constant.append(c - p @ linear.bias.float() if linear.bias is not None else c)
     return Reference(hidden=hidden, head=head, expected=torch.cat(expected, 1), constant=torch.cat(constant, 1),
                      linear=linear)
 
 
-def _kl_chunk(head: Callable, ref: Reference, hidden: torch.Tensor, index: slice) -> torch.Tensor:
+def kl_chunk(head: Callable, ref: Reference, hidden: torch.Tensor, index: slice) -> torch.Tensor:
     """Forward KL at each position of a chunk (B, c) of positions `index`, from the model's last
     hidden states there (B, c, H): through the teacher's expected head row where the model shares
     its head, else from the teacher's hidden states through its own head."""
@@ -222,7 +229,7 @@ def _kl_chunk(head: Callable, ref: Reference, hidden: torch.Tensor, index: slice
 
 
 def _for(model, ref: Reference) -> Reference:
-    """`ref` as `_kl_chunk` reads it for `model`: the shared-head form (head None), or the other."""
+    """`ref` as `kl_chunk` reads it for `model`: the shared-head form (head None), or the other."""
     if ref.shares_head(model):
         return replace(ref, head=None)
     if ref.hidden is None:
@@ -241,7 +248,7 @@ def kl(model, ids: torch.Tensor, ref: Reference) -> torch.Tensor:
     body, head = parts
     hidden, ref = body(ids), _for(model, ref)
     step = _row_chunk(model, ids)
-    return torch.cat([_kl_chunk(head, ref, hidden[:, s : s + step], slice(s, s + step))
+    return torch.cat([kl_chunk(head, ref, hidden[:, s : s + step], slice(s, s + step))
                       for s in range(0, hidden.shape[1], step)], dim=1)
 
 
@@ -259,6 +266,6 @@ def mean_kl(model, ids: torch.Tensor, ref: Reference) -> torch.Tensor:
     positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
 
     def chunk_sum(h: torch.Tensor, at: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return (_kl_chunk(head, ref, h, slice(int(at[0, 0]), int(at[0, -1]) + 1)) * mask).sum()
+        return (kl_chunk(head, ref, h, slice(int(at[0, 0]), int(at[0, -1]) + 1)) * mask).sum()
 
     return chunked_mean(chunk_sum, (hidden, positions), torch.ones(hidden.shape[:2], device=hidden.device), step)

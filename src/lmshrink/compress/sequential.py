@@ -35,10 +35,9 @@ from lmshrink.errors import LmshrinkError
 from lmshrink.evaluate.perplexity import framed_windows
 from lmshrink.losses import forward_kl
 from lmshrink.models import device_memory, release_freed_memory
-from lmshrink.next_token import chunk_positions
+from lmshrink.next_token import HEAD_ROWS, Reference, chunk_positions, kl_chunk, linear_head, reference_of
 
 SEQUENTIAL = ("auto", "on", "off")
-HEAD_ROWS = 16384  # rows of the output head made float32 at a time (Llama 3's 128k x 4096: 256 MB of 2.1 GB)
 
 
 class SequentialError(LmshrinkError, ValueError):
@@ -294,21 +293,41 @@ class Blockwise:
                          torch.float32, None if proj_input is None else self.arch.mlp_out, bool(proj_input))
 
     def _logits(self, states: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) of a batch of streams leaving the last block: the final norm, then the head
-        in float32 a slice of the table at a time (an untied head read in its stored dtype at its first
-        use), soft-capped where the model caps its logits."""
-        norm = get_path(self.model, self.arch.final_norm)
+        """Logits (B, T, V) of a batch of streams leaving the last block (`_head` of `_normed`)."""
+        return self._head(self._normed(states))
+
+    def _normed(self, states: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (float32, on the device) of streams leaving the last block: the final norm."""
+        return get_path(self.model, self.arch.final_norm)(states.to(self.device)).float()
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of last hidden states: the head in float32 a slice of the table at a time (an untied
+        head read in its stored dtype at its first use), soft-capped where the model caps its logits."""
         head = self.model.get_output_embeddings()
         if head.weight.device.type == "meta":
             name = next(f"{n}.weight" for n, m in self.model.named_modules() if m is head)
             _materialise(self.model, name, self.weights.read(name), self.device, keep_dtype=True)
-        hidden = norm(states.to(self.device)).float()
         logits = torch.cat([hidden @ head.weight[v : v + HEAD_ROWS].float().T
                             for v in range(0, head.weight.shape[0], HEAD_ROWS)], dim=-1)
         if head.bias is not None:
             logits = logits + head.bias.float()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
+
+    @torch.no_grad()
+    def reference(self, states: torch.Tensor) -> Reference:
+        """The next-token distributions of a stream leaving the last block (N, T, H) as a
+        `next_token.Reference` for a student sharing the head, made a row at a time and kept on the
+        CPU: H + 1 floats a position (the head's rows averaged under them, and a constant) where the
+        head is linear, else the last hidden states (the teacher's log-probabilities made again
+        wherever they are read)."""
+        step = chunk_positions(self.model.get_output_embeddings().weight.shape[0])
+        linear = linear_head(self.model)
+        refs = [reference_of(self._normed(states[r : r + 1]), self._head, linear, step) for r in range(states.shape[0])]
+        ref = Reference.cat(refs)
+        if linear is None:
+            return Reference(hidden=ref.hidden.cpu(), head=self._head)
+        return Reference(expected=ref.expected.cpu(), constant=ref.constant.cpu())
 
     @torch.no_grad()
     def token_nll(self, states: torch.Tensor) -> torch.Tensor:
@@ -587,10 +606,12 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
     `blocks` (its fitted ones, `runner.edits` folded in) fitted further by Adam on the mean forward KL
     from the teacher over the calibration rows but the held-out ones, `runner.batch_size` rows a step,
     the best pass by held-out KL kept (in `runner.trained`). The same steps as the whole path: the
-    teacher's last stream is made once, the student's stream entering its first fitted block too; each
-    step walks the student's blocks from there keeping each block's input (batch x T x H floats a
-    block), then goes back block by block, each read again and run with gradients (activation
-    checkpointing at block granularity): two reads of every block after the first fitted one a step."""
+    teacher's distributions on the fit rows are made once (`Blockwise.reference`: H + 1 floats a
+    position where the head is linear, as the whole path keeps them), the student's stream entering
+    its first fitted block too; each step walks the student's blocks from there keeping each block's
+    input (batch x T x H floats a block), then goes back block by block, each read again and run with
+    gradients (activation checkpointing at block granularity): two reads of every block after the
+    first fitted one a step."""
     from lmshrink.compress.repair import _tensor, heldout_split
 
     if not blocks:
@@ -604,7 +625,9 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
     for i in range(len(runner.blocks)):  # the teacher, for its next-token distributions
         with runner.block(i):
             stream = runner.run(i, stream)
-    teacher, runner.edits, runner.trained = stream, edits, trained
+    teacher, runner.edits, runner.trained = stream[-held:], edits, trained
+    target = runner.reference(stream[:-held])  # the teacher's distributions on the fit rows, made once
+    del stream
     for j in range(first):  # the student's blocks before its first fitted one: teacher blocks, frozen
         with runner.block(keep[j]):
             prefix = runner.run(keep[j], prefix)
@@ -626,19 +649,18 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
         return states
 
     def heldout() -> float:
-        return runner.kl({0: forward(prefix[-held:])}, teacher[-held:])[0]
+        return runner.kl({0: forward(prefix[-held:])}, teacher)[0]
 
     def step(idx: torch.Tensor) -> None:
         inputs: list[torch.Tensor] = []
         last = forward(prefix[idx], inputs).requires_grad_(True)
-        target, count = teacher[idx], last.shape[0] * last.shape[1]
+        count = last.shape[0] * last.shape[1]
         chunk = chunk_positions(runner.model.get_output_embeddings().weight.shape[0])
         for r in range(last.shape[0]):  # the loss's gradient on the last stream, a chunk of positions at a time
+            row = target.rows(idx[r : r + 1])
             for t in range(0, last.shape[1], chunk):
-                with torch.no_grad():
-                    log_pt = torch.log_softmax(runner._logits(target[r : r + 1, t : t + chunk]), -1)
-                log_ps = torch.log_softmax(runner._logits(last[r : r + 1, t : t + chunk]), -1)
-                (forward_kl(log_ps, log_pt).sum() / count).backward()
+                hidden = runner._normed(last[r : r + 1, t : t + chunk])
+                (kl_chunk(runner._head, row, hidden, slice(t, t + chunk)).sum() / count).backward()
         grad = last.grad
         for i, states in zip(reversed(after), reversed(inputs), strict=True):  # back through each block
             with runner.block(i) as block, torch.enable_grad():
