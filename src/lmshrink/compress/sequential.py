@@ -323,11 +323,14 @@ class Blockwise:
         wherever they are read)."""
         step = chunk_positions(self.model.get_output_embeddings().weight.shape[0])
         linear = linear_head(self.model)
-        refs = [reference_of(self._normed(states[r : r + 1]), self._head, linear, step) for r in range(states.shape[0])]
-        ref = Reference.cat(refs)
-        if linear is None:
-            return Reference(hidden=ref.hidden.cpu(), head=self._head)
-        return Reference(expected=ref.expected.cpu(), constant=ref.constant.cpu())
+
+        def row(r: int) -> Reference:  # one row's, moved off the device before the next is made
+            ref = reference_of(self._normed(states[r : r + 1]), self._head, linear, step)
+            if linear is None:
+                return Reference(hidden=ref.hidden.cpu(), head=self._head)
+            return Reference(expected=ref.expected.cpu(), constant=ref.constant.cpu())
+
+        return Reference.cat([row(r) for r in range(states.shape[0])])
 
     @torch.no_grad()
     def token_nll(self, states: torch.Tensor) -> torch.Tensor:
