@@ -39,12 +39,13 @@ $(BIN)/.ray: $(BIN)/.installed
 	$(BIN)/pip install -e '.[ray]'
 	touch $@
 
+# one pytest-xdist worker per core, each with its share of the cores as threads (tests/conftest.py)
 test: fetch $(BIN)/.ray
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # the edit-test loop: every test but the whole-command runs (e2e: 1.5 s or more when last recorded)
 test-fast: fetch
-	$(BIN)/python -m pytest -q -m "not e2e and not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not e2e and not slow"
 
 # record each test's time in tests/durations.json (what test-fast reads)
 durations: fetch $(BIN)/.ray

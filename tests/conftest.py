@@ -166,8 +166,29 @@ def tokenizers(gpt2_tokenizer) -> dict:
 # `make test-fast` runs the tests that took under E2E_SECONDS in the last recorded run
 # (tests/durations.json, rewritten by `make durations`): every unit and numerical test, none of the
 # whole-command runs. CI runs everything.
+#
+# `make test` runs one pytest-xdist worker per core. Each worker (and every process a test starts)
+# gets its share of the cores as torch threads, since a worker per core each on every core thrashes;
+# and the workers take the modules with the most recorded seconds first, each module's longest tests
+# first, so no long test is left to run alone at the end (a module stays together: its fixtures are
+# built once per worker).
 DURATIONS = Path(__file__).with_name("durations.json")
 E2E_SECONDS = 1.5
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
+
+
+def longest_first(items: list, seconds: dict[str, float]) -> list:
+    """`items` with the modules of most recorded `seconds` first, each module's own longest first
+    (sorts are stable: ties keep the collected order)."""
+    module = {}
+    for item in items:
+        name = item.nodeid.split("::")[0]
+        module[name] = module.get(name, 0.0) + seconds.get(item.nodeid, 0.0)
+    return sorted(items, key=lambda item: (-module[item.nodeid.split("::")[0]], -seconds.get(item.nodeid, 0.0)))
 
 
 def pytest_addoption(parser):
@@ -182,6 +203,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if recorded.get(item.nodeid, 0) >= E2E_SECONDS:
             item.add_marker(pytest.mark.e2e)
+    if WORKERS > 1:
+        items[:] = longest_first(items, recorded)
 
 
 _seconds: dict[str, float] = {}
@@ -192,7 +215,8 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session):
-    if session.config.getoption("--record-durations") and _seconds:
+    worker = hasattr(session.config, "workerinput")  # under xdist the controller hears every report
+    if session.config.getoption("--record-durations") and _seconds and not worker:
         import json
 
         from lmshrink.records import write_json
