@@ -176,7 +176,8 @@ DURATIONS = Path(__file__).with_name("durations.json")
 E2E_SECONDS = 1.5
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
-    THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+    CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
+    THREADS = max(1, CORES // WORKERS)
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)
 
