@@ -609,7 +609,7 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
     `blocks` (its fitted ones, `runner.edits` folded in) fitted further by Adam on the mean forward KL
     from the teacher over the calibration rows but the held-out ones, `runner.batch_size` rows a step,
     the best pass by held-out KL kept (in `runner.trained`). The same steps as the whole path: the
-    teacher's distributions on the fit rows are made once (`Blockwise.reference`: H + 1 floats a
+    teacher's distributions on the fit and held-out rows are made once (`Blockwise.reference`: H + 1 floats a
     position where the head is linear, as the whole path keeps them), the student's stream entering
     its first fitted block too; each step walks the student's blocks from there keeping each block's
     input (batch x T x H floats a block), then goes back block by block, each read again and run with
@@ -628,8 +628,9 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
     for i in range(len(runner.blocks)):  # the teacher, for its next-token distributions
         with runner.block(i):
             stream = runner.run(i, stream)
-    teacher, runner.edits, runner.trained = stream[-held:], edits, trained
+    runner.edits, runner.trained = edits, trained
     target = runner.reference(stream[:-held])  # the teacher's distributions on the fit rows, made once
+    held_target = runner.reference(stream[-held:])  # and on the held-out rows
     del stream
     for j in range(first):  # the student's blocks before its first fitted one: teacher blocks, frozen
         with runner.block(keep[j]):
@@ -651,19 +652,29 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
                 states = runner.run(i, states)
         return states
 
+    chunk = chunk_positions(runner.model.get_output_embeddings().weight.shape[0])
+
+    def kl_sum(last: torch.Tensor, ref: Reference, idx: torch.Tensor, backward: bool = False) -> float:
+        """The summed forward KL of a last stream (rows `idx` of `ref`), a chunk of one row's positions
+        at a time; with `backward`, each chunk's share of the mean's gradient left in `last.grad`."""
+        total, count = 0.0, last.shape[0] * last.shape[1]
+        for r in range(last.shape[0]):
+            row = ref.rows(idx[r : r + 1])
+            for t in range(0, last.shape[1], chunk):
+                part = kl_chunk(runner._head, row, runner._normed(last[r : r + 1, t : t + chunk]), slice(t, t + chunk))
+                if backward:
+                    (part.sum() / count).backward()
+                total += part.sum().item()
+        return total
+
     def heldout() -> float:
-        return runner.kl({0: forward(prefix[-held:])}, teacher)[0]
+        with torch.no_grad():
+            return kl_sum(forward(prefix[-held:]), held_target, torch.arange(held)) / (held * rows.shape[1])
 
     def step(idx: torch.Tensor) -> None:
         inputs: list[torch.Tensor] = []
         last = forward(prefix[idx], inputs).requires_grad_(True)
-        count = last.shape[0] * last.shape[1]
-        chunk = chunk_positions(runner.model.get_output_embeddings().weight.shape[0])
-        for r in range(last.shape[0]):  # the loss's gradient on the last stream, a chunk of positions at a time
-            row = target.rows(idx[r : r + 1])
-            for t in range(0, last.shape[1], chunk):
-                hidden = runner._normed(last[r : r + 1, t : t + chunk])
-                (kl_chunk(runner._head, row, hidden, slice(t, t + chunk)).sum() / count).backward()
+        kl_sum(last, target, idx, backward=True)
         grad = last.grad
         for i, states in zip(reversed(after), reversed(inputs), strict=True):  # back through each block
             with runner.block(i) as block, torch.enable_grad():
