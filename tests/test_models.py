@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -65,3 +67,26 @@ def test_the_causality_probe_and_the_config_refuse_a_model_that_reads_ahead():
     assert causal_problem(T.BertLMHeadModel(config).eval()) is None and kind_problem(config) is None
     assert "encoder-decoder model (t5)" in kind_problem(T.T5Config())
     assert "no causal language-model head" in kind_problem(T.CLIPVisionConfig())
+
+
+def test_a_tokenizer_is_loaded_once_a_process_and_its_users_change_copies(tmp_path, gpt2_tokenizer):
+    import copy
+
+    from lmshrink.heal.kd_methods import right_padded
+    from lmshrink.models import load_tokenizer
+
+    teacher, student, other = (tmp_path / name for name in ("teacher", "student", "other"))
+    for folder, layers, tokenizer in ((teacher, 4, gpt2_tokenizer), (student, 2, gpt2_tokenizer),
+                                      (other, 2, copy.deepcopy(gpt2_tokenizer))):
+        tiny_model("gpt2", layers).save_pretrained(folder)  # the configs differ, not what the tokenizer reads
+        tokenizer.save_pretrained(folder)
+    settings = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 512}))
+    shared = load_tokenizer(str(teacher))
+    assert load_tokenizer(str(student)) is shared  # the same files: parsed once
+    own = load_tokenizer(str(other))  # one setting differs: its own
+    assert own is not shared and own.model_max_length == 512 != shared.model_max_length
+    padded = right_padded(shared)  # a user that changes it changes a copy
+    assert (padded.pad_token, padded.padding_side) == (shared.eos_token, "right")
+    assert shared.pad_token is None and shared.padding_side == gpt2_tokenizer.padding_side
+    assert load_tokenizer(str(teacher)).pad_token is None

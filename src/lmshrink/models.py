@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,17 +314,59 @@ class Loaded:
     """The folder or Hub id actually loaded (GGUF and embedded names resolved)."""
 
 
+# What a model folder holds besides its tokenizer: left out of the tokenizer's fingerprint
+NOT_TOKENIZER_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx",
+                          ".jsonl", ".md", ".png")
+NOT_TOKENIZER_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "lmshrink.json")
+KEPT_TOKENIZERS = 4
+_tokenizers: dict[tuple[str, bool], Any] = {}  # fingerprint -> tokenizer, the last KEPT_TOKENIZERS loaded
+
+
+def tokenizer_fingerprint(source: str) -> str | None:
+    """A digest of what AutoTokenizer reads from a local folder (every file but the weights, the
+    configs and lmshrink's own records; the config's model type and tokenizer class, from which it
+    picks a class when the tokenizer's files name none), or None for anything else (a Hub id)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.name not in NOT_TOKENIZER_FILES and not file.name.endswith(NOT_TOKENIZER_SUFFIXES):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError):
+            return None
+        digest.update(repr([config.get("model_type"), config.get("tokenizer_class")]).encode())
+    return digest.hexdigest()
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any | None:
     """A model's tokenizer, or None when it has none that works: no tokenizer files (transformers
     then builds an *empty* tokenizer without a word), or files that need a missing library
-    (a Llama `tokenizer.model` without `sentencepiece`)."""
+    (a Llama `tokenizer.model` without `sentencepiece`).
+
+    One object per tokenizer per process: a folder whose tokenizer files match one loaded before
+    (a student's and its teacher's, say) gets that one back, since transformers parses the whole
+    `tokenizer.json` in Python on each load (~0.3 s for GPT-2's 50k tokens, ~3 s for Gemma's 262k).
+    It is shared: copy it (`copy.deepcopy`) before changing it."""
     from transformers import AutoTokenizer
 
+    key = (fingerprint, trust_remote_code) if (fingerprint := tokenizer_fingerprint(source)) else None
+    if key in _tokenizers:
+        return _tokenizers[key]
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError, TypeError, AttributeError):
         return None
-    return tokenizer if len(tokenizer) > 1 else None
+    if len(tokenizer) <= 1:
+        return None
+    if key is not None:
+        if len(_tokenizers) >= KEPT_TOKENIZERS:
+            del _tokenizers[next(iter(_tokenizers))]
+        _tokenizers[key] = tokenizer
+    return tokenizer
 
 
 def no_tokenizer(source: str) -> ModelLoadError:

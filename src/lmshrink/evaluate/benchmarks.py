@@ -13,6 +13,7 @@ lm-eval is an optional dependency (`pip install lmshrink[eval]`); `make` install
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import json
@@ -285,7 +286,8 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     # every request starts as the model's training sequences did (`lmshrink.data.sources.Framing`): with the
     # tokenizer's start token where it adds one, read from the tokenizer, not from lm-eval's per-family list
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+    # a copy: lm-eval sets a pad token on the tokenizer it is given, and `load_tokenizer` shares it
+    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
               add_bos_token=bool(Framing.of(tokenizer).start))
     out = _evaluate(lm, specs, limit, source, seed)
     return [_task_score(name, subtasks, out, source) for name, subtasks in members.items()]

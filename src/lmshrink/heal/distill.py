@@ -191,13 +191,19 @@ def layer_pairs(kind: str, n_student: int, n_teacher: int, kept: list[int] | Non
     return pairs  # type: ignore[return-value]
 
 
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map the same tokens to the same ids (one object, as `load_tokenizer`
+    gives for the same files, without building both maps)."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
 def check_vocabularies(student_tokenizer, teacher_tokenizer, student_config, teacher_config) -> int:
     """The number of real tokens both share; refuses different tokenizers.
 
     Vocabularies that differ only by padding rows (e.g. 50257 vs 50304) are fine: KD runs over
     the tokenizer's tokens only.
     """
-    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+    if not same_vocabulary(student_tokenizer, teacher_tokenizer):
         raise SettingsError(
             "teacher and student tokenizers differ, so their next-token distributions are over different "
             "tokens; distil from a teacher with the same tokenizer (e.g. the model the student was truncated from), "

@@ -14,6 +14,7 @@ terms themselves are pure functions below, each citing what it implements.
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -108,8 +109,10 @@ def reinforce_loss(log_probs: torch.Tensor, reward: torch.Tensor) -> torch.Tenso
 
 
 def right_padded(tokenizer):
-    """A decoder tokenizer padding on the right, with EOS as its pad token where it has none
-    (so the last real token of each row is found after the padding is added)."""
+    """A copy of a decoder tokenizer padding on the right, with EOS as its pad token where it has
+    none (so the last real token of each row is found after the padding is added); the tokenizer
+    given is left as it was (`models.load_tokenizer` shares one per process)."""
+    tokenizer = copy.deepcopy(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

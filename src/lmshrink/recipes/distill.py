@@ -35,6 +35,7 @@ from lmshrink.heal.distill import (
     check_vocabularies,
     layer_pairs,
     local_pairs,
+    same_vocabulary,
 )
 from lmshrink.heal.memory import check_fits
 from lmshrink.heal.runs import carry_on
@@ -116,7 +117,7 @@ def run(settings: DistillSettings) -> dict[str, Any]:
     else:
         loaded = settings.load.load(kd.teacher, checked=checked[kd.teacher])
         teacher, teacher_name = loaded.model, kd.teacher
-        if student.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():  # another tokenizer: ULD on aligned text
+        if not same_vocabulary(student.tokenizer, loaded.tokenizer):  # another tokenizer: ULD on aligned text
             return cross_tokenizer(settings, student, loaded, kept)
         vocab = check_vocabularies(student.tokenizer, loaded.tokenizer, student.model.config, teacher.config)
         if kd.alpha_cos > 0 or kd.alpha_inter > 0:

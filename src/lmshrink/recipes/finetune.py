@@ -134,7 +134,8 @@ class FinetuneSettings(Settings):
 
 def with_pad_token(model, tokenizer):
     """Decoder tokenizers often lack a pad token: use EOS, so the classifier finds the last real token."""
-    model.config.pad_token_id = right_padded(tokenizer).pad_token_id
+    tokenizer = right_padded(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
