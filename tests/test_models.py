@@ -69,9 +69,10 @@ def test_the_causality_probe_and_the_config_refuse_a_model_that_reads_ahead():
     assert "no causal language-model head" in kind_problem(T.CLIPVisionConfig())
 
 
-def test_a_tokenizer_is_loaded_once_a_process_and_its_users_change_copies(tmp_path, gpt2_tokenizer):
+def test_a_tokenizer_is_loaded_once_a_process_and_its_users_change_copies(tmp_path, gpt2_tokenizer, monkeypatch):
     import copy
 
+    from lmshrink import models
     from lmshrink.heal.kd_methods import right_padded
     from lmshrink.models import load_tokenizer
 
@@ -82,11 +83,25 @@ def test_a_tokenizer_is_loaded_once_a_process_and_its_users_change_copies(tmp_pa
         tokenizer.save_pretrained(folder)
     settings = json.loads((other / "tokenizer_config.json").read_text())
     (other / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 512}))
+    monkeypatch.setattr(models, "_tokenizers", {})  # what earlier tests of this process loaded, out of sight
     shared = load_tokenizer(str(teacher))
     assert load_tokenizer(str(student)) is shared  # the same files: parsed once
     own = load_tokenizer(str(other))  # one setting differs: its own
     assert own is not shared and own.model_max_length == 512 != shared.model_max_length
-    padded = right_padded(shared)  # a user that changes it changes a copy
+    padded = right_padded(shared)  # a user that changes it changes a copy, made once a process
     assert (padded.pad_token, padded.padding_side) == (shared.eos_token, "right")
     assert shared.pad_token is None and shared.padding_side == gpt2_tokenizer.padding_side
     assert load_tokenizer(str(teacher)).pad_token is None
+    assert right_padded(load_tokenizer(str(student))) is padded and right_padded(own) is not padded
+
+
+def test_a_file_found_whole_is_checked_again_once_it_changes(tmp_path):
+    from lmshrink.integrity import problem
+
+    file = tmp_path / "tokenizer.json"
+    file.write_text(json.dumps({"model": {"vocab": {"a": 0}}}))
+    assert problem(file) is None and problem(file) is None
+    file.write_text(file.read_text()[:-3])  # cut short in place
+    assert problem(file) == "not valid JSON (cut short?)"
+    file.unlink()
+    assert problem(file) == "missing"

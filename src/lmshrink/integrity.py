@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import struct
 import zipfile
 from pathlib import Path
@@ -191,16 +192,31 @@ CHECKS = {".safetensors": _safetensors, ".pt": _zip, ".pth": _zip, ".bin": _zip,
           ".jsonl": _jsonl, ".gguf": gguf_problem, ".gz": _gzip, ".parquet": _parquet}
 
 
+_whole: set[tuple[int, int, int, int]] = set()  # files found whole in this process: device, inode, size, mtime
+
+
 def problem(path: str | Path) -> str | None:
-    """What is wrong with one file, read from its headers (None: whole, or a format not checked)."""
+    """What is wrong with one file, read from its headers (None: whole, or a format not checked).
+    A file found whole is not read again while its inode, size and modification time stay the same
+    (a teacher's 33 MB tokenizer.json parses once a process, not once a command)."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        info = path.stat()
+    except OSError:
         return "missing"
+    if not stat.S_ISREG(info.st_mode):
+        return "missing"
+    version = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if version in _whole:
+        return None
     check = CHECKS.get(path.suffix)
     try:
-        return check(path) if check else None
+        found = check(path) if check else None
     except OSError as err:
         return f"unreadable ({err.strerror or err})"
+    if found is None:
+        _whole.add(version)
+    return found
 
 
 def folder_problem(folder: str | Path, needed: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> str | None:

@@ -14,7 +14,6 @@ terms themselves are pure functions below, each citing what it implements.
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from lmshrink.config import SettingsError
 from lmshrink.losses import forward_kl
+from lmshrink.models import own_copy
 
 # ----------------------------------------------------------------------------- pure losses
 
@@ -112,7 +112,7 @@ def right_padded(tokenizer):
     """A copy of a decoder tokenizer padding on the right, with EOS as its pad token where it has
     none (so the last real token of each row is found after the padding is added); the tokenizer
     given is left as it was (`models.load_tokenizer` shares one per process)."""
-    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer = own_copy(tokenizer, "right-padded")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
