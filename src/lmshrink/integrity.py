@@ -192,7 +192,7 @@ CHECKS = {".safetensors": _safetensors, ".pt": _zip, ".pth": _zip, ".bin": _zip,
           ".jsonl": _jsonl, ".gguf": gguf_problem, ".gz": _gzip, ".parquet": _parquet}
 
 
-_whole: set[tuple[int, int, int, int]] = set()  # files found whole in this process: device, inode, size, mtime
+_whole: set[tuple[int, int, int, int, str]] = set()  # found whole in this process: device, inode, size, mtime, check
 
 
 def problem(path: str | Path) -> str | None:
@@ -206,7 +206,7 @@ def problem(path: str | Path) -> str | None:
         return "missing"
     if not stat.S_ISREG(info.st_mode):
         return "missing"
-    version = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    version = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, path.suffix)  # a link's name picks its check
     if version in _whole:
         return None
     check = CHECKS.get(path.suffix)

@@ -657,15 +657,15 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
     def kl_sum(last: torch.Tensor, ref: Reference, idx: torch.Tensor, backward: bool = False) -> float:
         """The summed forward KL of a last stream (rows `idx` of `ref`), a chunk of one row's positions
         at a time; with `backward`, each chunk's share of the mean's gradient left in `last.grad`."""
-        total, count = 0.0, last.shape[0] * last.shape[1]
+        total, count = torch.zeros((), device=last.device), last.shape[0] * last.shape[1]
         for r in range(last.shape[0]):
             row = ref.rows(idx[r : r + 1])
             for t in range(0, last.shape[1], chunk):
                 part = kl_chunk(runner._head, row, runner._normed(last[r : r + 1, t : t + chunk]), slice(t, t + chunk))
                 if backward:
                     (part.sum() / count).backward()
-                total += part.sum().item()
-        return total
+                total += part.detach().sum()
+        return total.item()  # one wait for the device a call, not one a chunk
 
     def heldout() -> float:
         with torch.no_grad():
