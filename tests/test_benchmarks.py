@@ -23,9 +23,16 @@ def tiny(tiny_gpt2_dir):
     return loaded.model, loaded.tokenizer
 
 
-def test_every_core_task_loads_from_the_local_data_and_runs(tiny):
+def test_every_core_task_loads_from_the_local_data_and_runs(tiny, monkeypatch):
+    import multiprocessing
+
+    def no_fork(*args, **kwargs):
+        raise AssertionError("lm-eval forked a pool (its bootstrap): a child can hang on a lock a thread held")
+
     model, tokenizer = tiny
+    monkeypatch.setattr(multiprocessing, "Pool", no_fork)
     scores = run_tasks(model, tokenizer, ["core"], limit=3, batch_size=4)
+    assert tokenizer.pad_token is None  # lm-eval set a pad token on its own copy, not on the shared tokenizer
     assert [s.task for s in scores] == SUITES["core"]
     for s in scores:
         assert s.items == 3
