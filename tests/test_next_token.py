@@ -12,8 +12,32 @@ from lmshrink.losses import forward_kl, next_token_nll
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 3 positions (128-token vocabulary), so every test crosses chunk boundaries."""
+    """Chunks of 3 positions (128-token vocabulary), and pieces of 5 positions x 24 tokens of it (the
+    last rows' slices wider), so every test crosses chunk, piece and slice boundaries."""
     monkeypatch.setattr(next_token, "LOGIT_BYTES", 4 * 128 * 6)
+    monkeypatch.setattr(next_token, "PIECE_ROWS", 5)
+    monkeypatch.setattr(next_token, "PIECE_BYTES", {"cpu": 4 * 5 * 24})
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_vocabulary_slices_give_the_whole_log_sum_exp_and_target_logits(small_chunks, cap):
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(13, 8, generator=gen), torch.randn(128, 8, generator=gen), torch.randn(128, generator=gen)
+    targets = torch.randint(0, 128, (13,), generator=gen)
+    targets[:3] = torch.tensor([0, 127, 24])  # the first and last token, and a slice's first
+    logits = x @ weight.T + bias
+    logits = torch.tanh(logits / cap) * cap if cap else logits
+    lse, picked = next_token.vocab_logsumexp(x, weight, bias, cap, targets)
+    assert torch.allclose(lse, torch.logsumexp(logits, -1), atol=1e-5)
+    assert torch.allclose(picked, logits.gather(1, targets[:, None])[:, 0], atol=1e-6)
+    assert next_token.vocab_logsumexp(x, weight)[1] is None
+    # a head stored in bfloat16, computed in float32 a slice at a time, as `compress.sequential` reads it
+    linear = torch.nn.Linear(8, 128, bias=False).to(torch.bfloat16)
+    head = next_token.Head(linear, cap, torch.float32)
+    whole = x @ linear.weight.float().T
+    whole = torch.tanh(whole / cap) * cap if cap else whole
+    assert torch.allclose(head(x), whole, atol=1e-5)
+    assert torch.allclose(head.logsumexp(x.view(1, 13, 8))[0], torch.logsumexp(whole, -1).view(1, 13), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ARCHS)

@@ -5,6 +5,9 @@ Gemma 3's 262,144-token vocabulary, and a log-softmax or a KL holds several such
 Here the model runs to its last (normed) hidden state (B, T, H), and its output head (and the final
 soft-capping Gemma 2 applies) turns `chunk_positions(V)` positions at a time into logits, so the
 vocabulary costs at most ~4 x LOGIT_BYTES of memory however long the rows or large the vocabulary.
+Where only a log-sum-exp over the vocabulary is needed (an NLL, a KL against a `Reference`), no
+position's logits are made whole: `vocab_logsumexp` takes PIECE_ROWS positions against one slice
+of the vocabulary at a time (`Head.logsumexp`), a tall product that runs near the machine's peak.
 A teacher's reference for a KL (`Reference`) is H + 1 floats per position, not V: the head's rows
 averaged under its distribution, from which the exact KL of any model sharing its head (a cut of
 it, a repaired student) takes one head product and a log-sum-exp; else its last hidden state, its
@@ -32,6 +35,14 @@ LOGIT_BYTES = 1 << 26
 """fp32 logits per chunk (64 MiB): 64 positions of a 262k vocabulary, 341 of a 49k one; a chunk's
 softmax holds a few such tensors at once (on Gemma-3-270M 256 MiB chunks put 0.9 GB on top of a search's peak)."""
 HEAD_ROWS = 16384  # rows of an output head made float32 at a time (Llama 3's 128k x 4096: 256 MB of 2.1 GB)
+PIECE_ROWS = 512
+"""Positions whose logits `vocab_logsumexp` makes together, a slice of the vocabulary at a time. On Gemma-3-270M's
+262k x 640 head (2 cores, float32) the product of 512 positions ran at 130 GFLOP/s where chunks of 64 whole-vocabulary
+positions ran at 44 (the tall product is efficient; the short one re-reads the whole table per 64 positions)."""
+PIECE_BYTES = {"cpu": 1 << 23}
+"""float32 logits of one piece (positions x vocabulary slice) per device type, LOGIT_BYTES elsewhere: on a CPU 8 MiB,
+which glibc's malloc serves from its heap again and again, where each 64 MiB tensor is mapped and page-faulted afresh
+(48 million minor faults, 138 s of system time, in one Gemma-3-270M score-layers run)."""
 
 Split = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether its split reproduces it
@@ -51,6 +62,84 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def vocab_slices(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 cap: float | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first token id, float32 logits) of positions x (N, H) against one slice of the vocabulary after
+    another: x W^T + b computed in x's dtype (a table stored otherwise converted a slice at a time),
+    soft-capped by `cap` where the model caps its logits; each slice's logits `PIECE_BYTES`."""
+    budget = PIECE_BYTES.get(x.device.type, LOGIT_BYTES)
+    step = max(1, budget // (4 * max(1, x.shape[0])))
+    for v in range(0, weight.shape[0], step):
+        part = None if bias is None else bias[v : v + step].to(x.dtype)
+        logits = F.linear(x, weight[v : v + step].to(x.dtype), part).float()
+        yield v, torch.tanh(logits / cap) * cap if cap else logits
+
+
+def vocab_logsumexp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, cap: float | None = None,
+                    targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For each of N positions x (N, H): the log-sum-exp over the vocabulary of its logits x W^T + b
+    (soft-capped by `cap`), and the logit of its token in `targets` (N,) where given (else None),
+    float32; PIECE_ROWS positions against a slice of the vocabulary at a time (`vocab_slices`), so
+    no position's V logits are ever held together."""
+    lse = torch.empty(x.shape[0], device=x.device)
+    picked = None if targets is None else torch.empty(x.shape[0], device=x.device)
+    for s in range(0, x.shape[0], PIECE_ROWS):
+        rows, parts = x[s : s + PIECE_ROWS], []
+        wanted = None if targets is None else targets[s : s + PIECE_ROWS].to(x.device)
+        for v, logits in vocab_slices(rows, weight, bias, cap):
+            parts.append(torch.logsumexp(logits, -1))
+            if wanted is not None:
+                at = wanted - v
+                inside = (at >= 0) & (at < logits.shape[1])
+                got = logits.gather(1, at.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
+                picked[s : s + PIECE_ROWS] = torch.where(inside, got, picked[s : s + PIECE_ROWS]) if v else got
+        lse[s : s + PIECE_ROWS] = torch.logsumexp(torch.stack(parts, -1), -1)
+    return lse, picked
+
+
+class Head:
+    """A model's output head: `head(hidden)` the logits (..., V) of last hidden states (..., H),
+    soft-capped where the model caps them; `head.logsumexp(hidden, targets)` their log-sum-exp over
+    the vocabulary (and the targets' logits) without making them (`vocab_logsumexp`), where the head
+    is a linear layer. `dtype` None: the head computes in its own dtype; float32: its table is made
+    float32 HEAD_ROWS rows at a time (a head read lazily in its stored dtype, `compress.sequential`)."""
+
+    def __init__(self, output: torch.nn.Module, cap: float | None = None, dtype: torch.dtype | None = None):
+        self.output, self.cap, self.dtype = output, cap, dtype
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.dtype is None:
+            logits = self.output(hidden)
+        else:
+            weight, x = self.output.weight, hidden.to(self.dtype)
+            logits = torch.cat([x @ weight[v : v + HEAD_ROWS].to(self.dtype).T
+                                for v in range(0, weight.shape[0], HEAD_ROWS)], dim=-1)
+            if self.output.bias is not None:
+                logits = logits + self.output.bias.to(self.dtype)
+        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
+
+    def logsumexp(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-sum-exp over the vocabulary (...), float32; the logits of `targets` (...) or None) of
+        last hidden states (..., H). Not for a loss to differentiate (its pieces would all be kept)."""
+        shape = hidden.shape[:-1]
+        if not isinstance(self.output, torch.nn.Linear):
+            logits = self(hidden).float()
+            picked = None if targets is None else logits.gather(-1, targets.to(logits.device)[..., None])[..., 0]
+            return torch.logsumexp(logits, -1), picked
+        x = hidden.reshape(-1, hidden.shape[-1])
+        lse, picked = vocab_logsumexp(x if self.dtype is None else x.to(self.dtype), self.output.weight,
+                                      self.output.bias, self.cap, None if targets is None else targets.reshape(-1))
+        return lse.view(shape), None if picked is None else picked.view(shape)
+
+
+def logsumexp_of(head: Callable, hidden: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp over the vocabulary of head(hidden), float32: by `Head.logsumexp` where no gradient is
+    wanted, else from the logits (a loss's backward needs them)."""
+    if isinstance(head, Head) and not torch.is_grad_enabled():
+        return head.logsumexp(hidden)[0]
+    return torch.logsumexp(head(hidden).float(), -1)
+
+
 def split(model) -> Split | None:
     """(body, head): ids (B, T) -> last hidden state (B, T, H), and hidden (..., H) -> logits (..., V),
     so that head(body(ids)) is model(ids).logits; None where that does not hold (checked once)."""
@@ -60,14 +149,10 @@ def split(model) -> Split | None:
     base = model.base_model
     if output is None or base is model:
         return None
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    head = Head(output, getattr(model.config, "final_logit_softcapping", None))
 
     def body(ids: torch.Tensor) -> torch.Tensor:
         return base(input_ids=ids.to(_device(model)), use_cache=False).last_hidden_state
-
-    def head(hidden: torch.Tensor) -> torch.Tensor:
-        logits = output(hidden)
-        return torch.tanh(logits / cap) * cap if cap else logits
 
     key = model
     if key not in _CHECKED:
@@ -112,12 +197,8 @@ def nll(model, ids: torch.Tensor) -> torch.Tensor:
         logits = full_logits(model, ids)
         return next_token_nll(logits, ids.to(logits.device))
     body, head = parts
-    hidden = body(ids)[:, :-1]  # (B, T-1, H): the last position predicts nothing here
-    targets = ids[:, 1:].to(hidden.device)
-    step = _row_chunk(model, ids)
-    out = [F.cross_entropy(head(hidden[:, s : s + step]).float().flatten(0, 1), targets[:, s : s + step].flatten(),
-                           reduction="none").view(ids.shape[0], -1) for s in range(0, hidden.shape[1], step)]
-    return torch.cat(out, dim=1)
+    lse, picked = head.logsumexp(body(ids)[:, :-1], ids[:, 1:])  # the last position predicts nothing here
+    return lse - picked
 
 
 def head_size(model) -> int:
@@ -191,38 +272,42 @@ def reference(model, ids: torch.Tensor) -> Reference:
     if parts is None:
         return Reference(logp=torch.log_softmax(full_logits(model, ids).float(), -1))
     body, head = parts
-    return reference_of(body(ids), head, linear_head(model), _row_chunk(model, ids))
+    return reference_of(body(ids), head, linear_head(model))
 
 
 @torch.no_grad()
-def reference_of(hidden: torch.Tensor, head: Callable, linear: torch.nn.Linear | None, step: int) -> Reference:
-    """The `Reference` of last hidden states (B, T, H) under `head` (hidden -> logits), `step`
-    positions of every row at a time: with the shared-head form where `linear` is the head (no
-    soft-capping), else the hidden states alone."""
+def reference_of(hidden: torch.Tensor, head: Callable, linear: torch.nn.Linear | None) -> Reference:
+    """The `Reference` of last hidden states (B, T, H) under `head` (hidden -> logits): the shared-head
+    form where `linear` is the head (no soft-capping), made PIECE_ROWS positions against a slice of
+    the vocabulary at a time (`vocab_slices`: the log-sum-exp first, then p's averages), in the
+    hidden states' dtype; else the hidden states alone."""
     if linear is None:
         return Reference(hidden=hidden, head=head)
-    expected, constant = [], []
-    for s in range(0, hidden.shape[1], step):
-        logp = torch.log_softmax(head(hidden[:, s : s + step]).float(), -1)  # (B, c, V)
-        p = logp.exp()
-        weight = linear.weight  # read after the head has run (a model read lazily makes it then)
-        expected.append(sum(p[..., v : v + HEAD_ROWS] @ weight[v : v + HEAD_ROWS].float()
-                            for v in range(0, weight.shape[0], HEAD_ROWS)))  # (B, c, H)
-        c = (p * logp).sum(-1)
-        constant.append(c - p @ linear.bias.float() if linear.bias is not None else c)
-    return Reference(hidden=hidden, head=head, expected=torch.cat(expected, 1), constant=torch.cat(constant, 1),
-                     linear=linear)
+    x = hidden.reshape(-1, hidden.shape[-1])
+    lse, _ = vocab_logsumexp(x, linear.weight, linear.bias)
+    expected = torch.zeros(x.shape, device=x.device)
+    constant = torch.zeros(x.shape[0], device=x.device)
+    for s in range(0, x.shape[0], PIECE_ROWS):
+        rows = slice(s, s + PIECE_ROWS)
+        for v, logits in vocab_slices(x[rows], linear.weight, linear.bias, None):
+            logp = logits - lse[rows, None]
+            p = logp.exp()
+            expected[rows] += p @ linear.weight[v : v + p.shape[1]].float()
+            constant[rows] += (p * logp).sum(-1)
+            if linear.bias is not None:
+                constant[rows] -= p @ linear.bias[v : v + p.shape[1]].float()
+    return Reference(hidden=hidden, head=head, expected=expected.view(hidden.shape[:-1] + (-1,)),
+                     constant=constant.view(hidden.shape[:-1]), linear=linear)
 
 
 def kl_chunk(head: Callable, ref: Reference, hidden: torch.Tensor, index: slice) -> torch.Tensor:
     """Forward KL at each position of a chunk (B, c) of positions `index`, from the model's last
     hidden states there (B, c, H): through the teacher's expected head row where the model shares
     its head, else from the teacher's hidden states through its own head."""
-    z = head(hidden).float()
     if ref.expected is not None and ref.head is None:  # `shares_head` decided: the shared-head formula
         e, c = ref.expected[:, index].to(hidden.device), ref.constant[:, index].to(hidden.device)
-        return c - (hidden.float() * e).sum(-1) + torch.logsumexp(z, -1)
-    log_ps = torch.log_softmax(z, -1)
+        return c - (hidden.float() * e).sum(-1) + logsumexp_of(head, hidden)
+    log_ps = torch.log_softmax(head(hidden).float(), -1)
     with torch.no_grad():
         log_pt = torch.log_softmax(ref.head(ref.hidden[:, index].to(hidden.device)).float(), -1)
     return forward_kl(log_ps, log_pt)
@@ -247,6 +332,8 @@ def kl(model, ids: torch.Tensor, ref: Reference) -> torch.Tensor:
         return forward_kl(log_ps, ref.logp.to(log_ps.device))
     body, head = parts
     hidden, ref = body(ids), _for(model, ref)
+    if ref.head is None:  # the shared-head formula: one log-sum-exp a position, by slices of the vocabulary
+        return kl_chunk(head, ref, hidden, slice(None))
     step = _row_chunk(model, ids)
     return torch.cat([kl_chunk(head, ref, hidden[:, s : s + step], slice(s, s + step))
                       for s in range(0, hidden.shape[1], step)], dim=1)

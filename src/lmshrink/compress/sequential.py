@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from lmshrink.errors import LmshrinkError
 from lmshrink.evaluate.perplexity import framed_windows
 from lmshrink.losses import forward_kl
 from lmshrink.models import device_memory, release_freed_memory
-from lmshrink.next_token import HEAD_ROWS, Reference, chunk_positions, kl_chunk, linear_head, reference_of
+from lmshrink.next_token import Head, Reference, chunk_positions, kl_chunk, linear_head, reference_of
 
 SEQUENTIAL = ("auto", "on", "off")
 
@@ -293,26 +293,22 @@ class Blockwise:
                          torch.float32, None if proj_input is None else self.arch.mlp_out, bool(proj_input))
 
     def _logits(self, states: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) of a batch of streams leaving the last block (`_head` of `_normed`)."""
-        return self._head(self._normed(states))
+        """Logits (B, T, V) of a batch of streams leaving the last block (`head` of `_normed`)."""
+        return self.head(self._normed(states))
 
     def _normed(self, states: torch.Tensor) -> torch.Tensor:
         """The last hidden states (float32, on the device) of streams leaving the last block: the final norm."""
         return get_path(self.model, self.arch.final_norm)(states.to(self.device)).float()
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of last hidden states: the head in float32 a slice of the table at a time (an untied
-        head read in its stored dtype at its first use), soft-capped where the model caps its logits."""
+    @property
+    def head(self) -> Head:
+        """The output head in float32 a slice of the table at a time (an untied head read in its stored
+        dtype at its first use), soft-capped where the model caps its logits."""
         head = self.model.get_output_embeddings()
         if head.weight.device.type == "meta":
             name = next(f"{n}.weight" for n, m in self.model.named_modules() if m is head)
             _materialise(self.model, name, self.weights.read(name), self.device, keep_dtype=True)
-        logits = torch.cat([hidden @ head.weight[v : v + HEAD_ROWS].float().T
-                            for v in range(0, head.weight.shape[0], HEAD_ROWS)], dim=-1)
-        if head.bias is not None:
-            logits = logits + head.bias.float()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return Head(head, getattr(self.model.config, "final_logit_softcapping", None), torch.float32)
 
     @torch.no_grad()
     def reference(self, states: torch.Tensor) -> Reference:
@@ -321,13 +317,13 @@ class Blockwise:
         CPU: H + 1 floats a position (the head's rows averaged under them, and a constant) where the
         head is linear, else the last hidden states (the teacher's log-probabilities made again
         wherever they are read)."""
-        step = chunk_positions(self.model.get_output_embeddings().weight.shape[0])
+        head = self.head
         linear = linear_head(self.model)
 
         def row(r: int) -> Reference:  # one row's, moved off the device before the next is made
-            ref = reference_of(self._normed(states[r : r + 1]), self._head, linear, step)
+            ref = reference_of(self._normed(states[r : r + 1]), head, linear)
             if linear is None:
-                return Reference(hidden=ref.hidden.cpu(), head=self._head)
+                return Reference(hidden=ref.hidden.cpu(), head=head)
             return Reference(expected=ref.expected.cpu(), constant=ref.constant.cpu())
 
         return Reference.cat([row(r) for r in range(states.shape[0])])
@@ -335,15 +331,11 @@ class Blockwise:
     @torch.no_grad()
     def token_nll(self, states: torch.Tensor) -> torch.Tensor:
         """Next-token NLL (N, T-1) of a stream leaving the last block against its rows, float32 on the
-        CPU, a chunk of one row's positions at a time (`next_token.chunk_positions`: logits in 64 MiB)."""
-        rows, length = states.shape[0], states.shape[1]
-        step = chunk_positions(self.model.get_output_embeddings().weight.shape[0])
-        out = torch.empty(rows, length - 1)
-        for r in range(rows):
-            for t in range(0, length - 1, step):
-                targets = self.rows[r, t + 1 : t + 1 + step].to(self.device)
-                logits = self._logits(states[r : r + 1, t : t + targets.numel()])[0]
-                out[r, t : t + targets.numel()] = F.cross_entropy(logits, targets, reduction="none").cpu()
+        CPU, a row at a time (`next_token.Head.logsumexp`: a slice of the vocabulary at a time)."""
+        head, out = self.head, torch.empty(states.shape[0], states.shape[1] - 1)
+        for r in range(states.shape[0]):
+            lse, picked = head.logsumexp(self._normed(states[r : r + 1, :-1])[0], self.rows[r, 1:])
+            out[r] = (lse - picked).cpu()
         return out
 
     def nll(self, states: torch.Tensor) -> tuple[float, int]:
@@ -355,11 +347,19 @@ class Blockwise:
     @torch.no_grad()
     def kl(self, students: dict[Any, torch.Tensor], teacher: torch.Tensor) -> dict[Any, float]:
         """Mean forward KL from the next-token distributions of stream `teacher` to those of each stream
-        in `students` (all leaving the last block), over every position, a chunk of one row's positions
-        at a time (`next_token.chunk_positions`: its logits in 64 MiB); the teacher's log-probabilities
-        made once per chunk for all students."""
-        totals, step = dict.fromkeys(students, 0.0), chunk_positions(self.model.get_output_embeddings().weight.shape[0])
+        in `students` (all leaving the last block), over every position, a row at a time: through the
+        teacher's `reference` (made once a row for all students, one log-sum-exp a position for each)
+        where the head is linear; else a chunk of one row's positions at a time
+        (`next_token.chunk_positions`: its logits in 64 MiB), the teacher's log-probabilities made once
+        per chunk for all students."""
+        totals, head, linear = dict.fromkeys(students, 0.0), self.head, linear_head(self.model)
+        step = chunk_positions(self.model.get_output_embeddings().weight.shape[0])
         for r in range(teacher.shape[0]):
+            if linear is not None:
+                ref = replace(reference_of(self._normed(teacher[r : r + 1]), head, linear), head=None)
+                for key, states in students.items():
+                    totals[key] += kl_chunk(head, ref, self._normed(states[r : r + 1]), slice(None)).sum().item()
+                continue
             for t in range(0, teacher.shape[1], step):
                 log_pt = torch.log_softmax(self._logits(teacher[r : r + 1, t : t + step]), -1)
                 for key, states in students.items():
@@ -661,7 +661,7 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
         for r in range(last.shape[0]):
             row = ref.rows(idx[r : r + 1])
             for t in range(0, last.shape[1], chunk):
-                part = kl_chunk(runner._head, row, runner._normed(last[r : r + 1, t : t + chunk]), slice(t, t + chunk))
+                part = kl_chunk(runner.head, row, runner._normed(last[r : r + 1, t : t + chunk]), slice(t, t + chunk))
                 if backward:
                     (part.sum() / count).backward()
                 total += part.detach().sum()
