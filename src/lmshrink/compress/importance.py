@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lmshrink.architectures import blocks_of, only_blocks
+from lmshrink import next_token
+from lmshrink.architectures import architecture_of, blocks_of, get_path, only_blocks
 from lmshrink.compress.sequential import Blockwise
 from lmshrink.compress.width import WidthSums
 from lmshrink.config import SettingsError
-from lmshrink.data.sources import Framing
-from lmshrink.evaluate.perplexity import perplexity
 from lmshrink.records import save_figure
 
 METRICS = ("block_influence", "angular_distance", "ppl_increase")
@@ -80,42 +79,67 @@ class Similarities:
                 "angular_distance": {str(k + 1): (a / self.tokens).tolist() for k, a in enumerate(self.angle_sum)}}
 
 
-@torch.no_grad()
-def similarity_scores(model, rows: torch.Tensor, batch_size: int) -> dict[str, Any]:
-    """Block Influence per block and angular distance for every run length n, averaged over tokens."""
-    device = next(model.parameters()).device
-    sums = Similarities(len(blocks_of(model)))
-    for i in range(0, rows.shape[0], batch_size):
-        sums.add(residual_stream(model, rows[i : i + batch_size].to(device)))
-    return sums.result()
+@contextmanager
+def entering(module: torch.nn.Module, stream: torch.Tensor) -> Iterator[None]:
+    """`module`'s input (its hidden states) replaced by `stream` while inside: a forward pre-hook."""
+    def swap(_module, args, kwargs):
+        return ((stream, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": stream})
+
+    hook = module.register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 @torch.no_grad()
-def removal_perplexities(model, rows: torch.Tensor, batch_size: int) -> tuple[float, list[float]]:
-    """Perplexity of the full model and of the model with each single block removed."""
-    n = len(blocks_of(model))
-    stream = rows.flatten()
-    length = rows.shape[1]
+def removal_perplexities(model, rows: torch.Tensor, batch_size: int,
+                         streams: list[list[torch.Tensor]]) -> tuple[float, list[float]]:
+    """Perplexity of the full model and of the model with each single block removed, each row scored
+    as one window (`next_token.nll`; each row already starts with the start tokens). `streams`: each
+    batch's `residual_stream`. Without block i, the stream entering block i goes on from block i + 1
+    (the blocks before it are the full model's, not run again), through the model's own forward with
+    only the later blocks (`only_blocks`) and its input replaced; the full model's, and the one
+    without the last block, enter its final norm."""
+    blocks, n = blocks_of(model), len(blocks_of(model))
+    norm = get_path(model, architecture_of(model.config).final_norm)
+    next_token.split(model)  # its body/head split checked on the whole model, before any block is skipped
 
-    def ppl() -> float:  # one window a row, and each row already starts with the start tokens
-        return perplexity(model, stream, length, length, batch_size, framing=Framing())
+    def ppl(first: int, at: int) -> float:
+        """Perplexity with blocks first..n-1 run on the stream `at` (an index into each batch's states)."""
+        total, count = 0.0, 0
+        for start, states in zip(range(0, rows.shape[0], batch_size), streams, strict=True):
+            ids = rows[start : start + batch_size].to(states[at].device)
+            with only_blocks(model, list(range(first, n))), entering(blocks[first] if first < n else norm, states[at]):
+                nll = next_token.nll(model, ids)
+            total, count = total + nll.sum().item(), count + nll.numel()
+        return math.exp(total / count)
 
-    base = ppl()
+    base = ppl(n, n)
     without = []
     for i in range(n):
-        with only_blocks(model, [j for j in range(n) if j != i]):
-            without.append(ppl())
+        without.append(ppl(i + 1, i))
         print(f"  without block {i:>2}: perplexity {without[-1]:,.2f} (full model {base:,.2f})", flush=True)
     return base, without
 
 
+@torch.no_grad()
 def score(model, rows: torch.Tensor, batch_size: int = 4, ppl: bool = True) -> dict[str, Any]:
-    """All importance scores of a model's blocks on packed calibration rows (N, T)."""
-    scores = similarity_scores(model, rows, batch_size)
+    """All importance scores of a model's blocks on packed calibration rows (N, T): one pass of the
+    model for the similarities, whose states (with `ppl`: kept, (n + 1) x N x T x H in the model's dtype)
+    then give each removal's perplexity from the removed block on."""
+    device, n = next(model.parameters()).device, len(blocks_of(model))
+    sums, streams = Similarities(n), []
+    for i in range(0, rows.shape[0], batch_size):
+        states = residual_stream(model, rows[i : i + batch_size].to(device))
+        sums.add(states)
+        if ppl:
+            streams.append(states)
+    scores = sums.result()
     if ppl:
-        base, without = removal_perplexities(model, rows, batch_size)
+        base, without = removal_perplexities(model, rows, batch_size, streams)
         scores.update(perplexity=base, ppl_without_block=without, ppl_increase=[w - base for w in without])
-    scores["num_layers"] = len(blocks_of(model))
+    scores["num_layers"] = n
     scores["tokens"] = rows.numel()
     return scores
 
