@@ -312,6 +312,31 @@ def test_iterative_removes_a_silenced_block_first(repair_method):
     assert len(path) == 2 and all(len(step["candidates"]) == 6 - i for i, step in enumerate(path))
 
 
+def test_a_candidate_runs_from_its_first_changed_block_on_the_teachers_stream(monkeypatch):
+    """A candidate's measure equals the student's own, built whole; its blocks before the first
+    one the cut changes are not run again (the teacher's stream enters there); and the teacher's
+    body/head split is checked on the whole teacher, not under a skipped prefix (where its probe
+    would be given the batch's stream: tokens x vocabulary logits)."""
+    from lmshrink import architectures, next_token
+    from lmshrink.compress import cut_search
+    from lmshrink.compress.model_gap import gap, references
+
+    teacher, ids = tiny_model("llama", 6), rows(8)
+    firsts, original = [], architectures.from_block
+
+    def watched(model, keep, first, stream):
+        assert model in next_token._CHECKED
+        firsts.append(first)
+        return original(model, keep, first, stream)
+
+    monkeypatch.setattr(cut_search, "from_block", watched)
+    search = CutSearch(teacher, ids, "none", "kl")
+    keep = [0, 1, 2, 5]
+    student = truncate_model(teacher, keep)
+    assert search.score(keep) == pytest.approx(gap(student, ids, "kl", references(teacher, ids)), rel=1e-5)
+    assert firsts[-1] == 3 and set(firsts[:-2]) == {6}  # the teacher's references: its last stream into the final norm
+
+
 def test_contiguous_picks_the_silent_span():
     teacher = tiny_model("gpt2", 6)
     with torch.no_grad():

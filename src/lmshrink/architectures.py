@@ -160,6 +160,31 @@ def only_blocks(model: nn.Module, keep: list[int]) -> Iterator[nn.Module]:
             setattr(config, name, value)
 
 
+@contextmanager
+def entering(module: nn.Module, stream) -> Iterator[None]:
+    """`module`'s input (its hidden states) replaced by `stream` while inside: a forward pre-hook."""
+    def swap(_module, args, kwargs):
+        return ((stream, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": stream})
+
+    hook = module.register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+@contextmanager
+def from_block(model: nn.Module, keep: list[int], first: int, stream) -> Iterator[nn.Module]:
+    """Run the model with only the blocks of `keep` from block `first` on (`only_blocks`), `stream`
+    (what enters block `first`, e.g. the teacher's own stream where the blocks before `first` are
+    the teacher's) given to the first of them, or to the final norm where none is left, in place of
+    the embedded ids: what the blocks before `first` would compute is not computed again."""
+    arch, later = architecture_of(model.config), [i for i in keep if i >= first]
+    target = get_path(model, arch.blocks)[later[0]] if later else get_path(model, arch.final_norm)
+    with only_blocks(model, later), entering(target, stream):
+        yield model
+
+
 def context_limit(config: Any) -> int | None:
     """Longest sequence the model's position embeddings allow (None if unbounded or unknown)."""
     for name in ("n_positions", "max_position_embeddings"):

@@ -36,8 +36,10 @@ from pathlib import Path
 
 import torch
 
-from lmshrink.architectures import architecture_of, blocks_of, only_blocks
-from lmshrink.compress.model_gap import gap, references
+from lmshrink import next_token
+from lmshrink.architectures import architecture_of, blocks_of, from_block
+from lmshrink.compress.importance import residual_stream
+from lmshrink.compress.model_gap import batch_gap, mean_gap
 from lmshrink.compress.repair import (
     Moments,
     capture,
@@ -71,7 +73,16 @@ class CutSearch:
             self.states, self.projs = capture(teacher, fit_rows, set(range(self.n + 1)), blocks,
                                               batch_size, proj_input=fits_from_proj_input(repair),
                                               proj_dtype=torch.float16)
-        self.teacher_refs = references(teacher, rows, batch_size) if measure == "kl" else None
+        # the teacher's stream entering each block on the search rows: a candidate runs from its first
+        # changed block on (`from_block`), and the teacher's distributions come from the last one
+        device = next(teacher.parameters()).device
+        next_token.split(teacher)  # its body/head split checked on the whole teacher, before any block is skipped
+        self.streams = [residual_stream(teacher, rows[i : i + batch_size].to(device))
+                        for i in range(0, rows.shape[0], batch_size)]
+        self.teacher_refs = None
+        if measure == "kl":
+            self.teacher_refs = [self._from(list(range(self.n)), self.n, i, next_token.reference)
+                                 for i in range(len(self.streams))]
         self.evaluated = 0
         self.progress: Path | None = None  # where `iterative` keeps its path, step by step (`progress_file`)
         self.resumed = 0  # removals `iterative` read from `progress` instead of scoring them
@@ -91,13 +102,26 @@ class CutSearch:
             return {}
         return {a - 1: self._fit(a, b) for a, b in removed_spans(self.n, keep) if a > 0}
 
+    def _from(self, keep: list[int], first: int, batch: int, measure: Callable):
+        """`measure(teacher, ids)` of one batch of the search rows with the blocks of `keep` from block
+        `first` on, the teacher's own stream entering block `first` given to them."""
+        ids = self.rows[batch * self.batch_size : (batch + 1) * self.batch_size]
+        with from_block(self.teacher, keep, first, self.streams[batch][first]):
+            return measure(self.teacher, ids.to(self.streams[batch][first].device))
+
     @torch.inference_mode()
     def score(self, keep: list[int]) -> float:
-        """The measure of the student that keeps `keep` (repaired): lower is better."""
-        with patched(self.teacher, self.edits(keep)), only_blocks(self.teacher, keep):  # patch by teacher index first
-            value = gap(self.teacher, self.rows, self.measure, self.teacher_refs, self.batch_size)
+        """The measure of the student that keeps `keep` (repaired): lower is better. The blocks before
+        the first one the cut changes (removed, or a fit folded in) are the teacher's: the candidate
+        runs from there on the teacher's stream."""
+        edits = self.edits(keep)
+        first = min([i for i in range(self.n) if i not in keep] + list(edits), default=self.n)
+        with patched(self.teacher, edits):
+            sums = [self._from(keep, first, batch, lambda model, ids, batch=batch: batch_gap(
+                model, ids, self.measure, self.teacher_refs[batch] if self.teacher_refs else None))
+                for batch in range(len(self.streams))]
         self.evaluated += 1
-        return value
+        return mean_gap(self.measure, sums)
 
     def iterative(self, k: int) -> tuple[list[int], list[dict]]:
         """Remove blocks one at a time, each time the one whose removal scores best, down to k.

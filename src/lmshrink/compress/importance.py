@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink import next_token
-from lmshrink.architectures import architecture_of, blocks_of, get_path, only_blocks
+from lmshrink.architectures import blocks_of, from_block
 from lmshrink.compress.sequential import Blockwise
 from lmshrink.compress.width import WidthSums
 from lmshrink.config import SettingsError
@@ -79,19 +79,6 @@ class Similarities:
                 "angular_distance": {str(k + 1): (a / self.tokens).tolist() for k, a in enumerate(self.angle_sum)}}
 
 
-@contextmanager
-def entering(module: torch.nn.Module, stream: torch.Tensor) -> Iterator[None]:
-    """`module`'s input (its hidden states) replaced by `stream` while inside: a forward pre-hook."""
-    def swap(_module, args, kwargs):
-        return ((stream, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": stream})
-
-    hook = module.register_forward_pre_hook(swap, with_kwargs=True)
-    try:
-        yield
-    finally:
-        hook.remove()
-
-
 @torch.no_grad()
 def removal_perplexities(model, rows: torch.Tensor, batch_size: int,
                          streams: list[list[torch.Tensor]]) -> tuple[float, list[float]]:
@@ -101,8 +88,7 @@ def removal_perplexities(model, rows: torch.Tensor, batch_size: int,
     (the blocks before it are the full model's, not run again), through the model's own forward with
     only the later blocks (`only_blocks`) and its input replaced; the full model's, and the one
     without the last block, enter its final norm."""
-    blocks, n = blocks_of(model), len(blocks_of(model))
-    norm = get_path(model, architecture_of(model.config).final_norm)
+    n = len(blocks_of(model))
     next_token.split(model)  # its body/head split checked on the whole model, before any block is skipped
 
     def ppl(first: int, at: int) -> float:
@@ -110,7 +96,7 @@ def removal_perplexities(model, rows: torch.Tensor, batch_size: int,
         total, count = 0.0, 0
         for start, states in zip(range(0, rows.shape[0], batch_size), streams, strict=True):
             ids = rows[start : start + batch_size].to(states[at].device)
-            with only_blocks(model, list(range(first, n))), entering(blocks[first] if first < n else norm, states[at]):
+            with from_block(model, list(range(first, n)), first, states[at]):
                 nll = next_token.nll(model, ids)
             total, count = total + nll.sum().item(), count + nll.numel()
         return math.exp(total / count)

@@ -23,18 +23,23 @@ def references(model, rows: torch.Tensor, batch_size: int = 4) -> list[next_toke
 
 
 @torch.inference_mode()
+def batch_gap(model, ids: torch.Tensor, measure: str, teacher_ref: next_token.Reference | None) -> tuple[float, int]:
+    """Summed forward KL from the teacher (its reference on the same rows) or NLL over one batch of
+    rows `ids`, and the count of positions it sums."""
+    values = next_token.kl(model, ids, teacher_ref) if measure == "kl" else next_token.nll(model, ids)
+    return values.sum().item(), values.numel()
+
+
+def mean_gap(measure: str, sums: list[tuple[float, int]]) -> float:
+    """`gap` from each batch's `batch_gap`."""
+    mean = sum(total for total, _ in sums) / sum(count for _, count in sums)
+    return math.exp(mean) if measure == "ppl" else mean
+
+
 def gap(model, rows: torch.Tensor, measure: str, teacher_refs: list[next_token.Reference] | None = None,
         batch_size: int = 4) -> float:
     """Mean forward KL from the teacher whose `references` on the same rows and batch size are
     `teacher_refs`, or perplexity."""
-    total, count = 0.0, 0
-    for i, start in enumerate(range(0, rows.shape[0], batch_size)):
-        ids = rows[start : start + batch_size]
-        if measure == "kl":
-            values = next_token.kl(model, ids, teacher_refs[i])
-        else:
-            values = next_token.nll(model, ids)
-        total += values.sum().item()
-        count += values.numel()
-    mean = total / count
-    return math.exp(mean) if measure == "ppl" else mean
+    return mean_gap(measure, [batch_gap(model, rows[start : start + batch_size], measure,
+                                        teacher_refs[i] if measure == "kl" else None)
+                              for i, start in enumerate(range(0, rows.shape[0], batch_size))])
