@@ -51,7 +51,7 @@ from lmshrink.compress.repair import (
     update_target,
 )
 from lmshrink.integrity import kept
-from lmshrink.models import cache_dir
+from lmshrink.models import cache_dir, release_freed_memory
 from lmshrink.records import write_json
 
 
@@ -66,13 +66,6 @@ class CutSearch:
         self.batch_size = batch_size
         self.n = len(blocks_of(teacher))
         self.fits: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}
-        if repair != "none":
-            fit_rows = rows if fit_rows is None else fit_rows
-            self.held = heldout_split(fit_rows)
-            blocks = set(range(self.n - 1)) if fit_blocks is None else fit_blocks
-            self.states, self.projs = capture(teacher, fit_rows, set(range(self.n + 1)), blocks,
-                                              batch_size, proj_input=fits_from_proj_input(repair),
-                                              proj_dtype=torch.float16)
         # the teacher's stream entering each block on the search rows: a candidate runs from its first
         # changed block on (`from_block`), and the teacher's distributions come from the last one
         device = next(teacher.parameters()).device
@@ -83,6 +76,14 @@ class CutSearch:
         if measure == "kl":
             self.teacher_refs = [self._from(list(range(self.n)), self.n, i, next_token.reference)
                                  for i in range(len(self.streams))]
+        release_freed_memory()  # what the passes above freed, given back before the captures fill the memory
+        if repair != "none":
+            fit_rows = rows if fit_rows is None else fit_rows
+            self.held = heldout_split(fit_rows)
+            blocks = set(range(self.n - 1)) if fit_blocks is None else fit_blocks
+            self.states, self.projs = capture(teacher, fit_rows, set(range(self.n + 1)), blocks,
+                                              batch_size, proj_input=fits_from_proj_input(repair),
+                                              proj_dtype=torch.float16)
         self.evaluated = 0
         self.progress: Path | None = None  # where `iterative` keeps its path, step by step (`progress_file`)
         self.resumed = 0  # removals `iterative` read from `progress` instead of scoring them
