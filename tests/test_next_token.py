@@ -20,7 +20,7 @@ def small_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("cap", [None, 3.0])
-def test_vocabulary_slices_give_the_whole_log_sum_exp_and_target_logits(small_chunks, cap):
+def test_vocabulary_slices_give_the_whole_log_sum_exp_and_target_logits(small_chunks, cap, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     x, weight, bias = torch.randn(13, 8, generator=gen), torch.randn(128, 8, generator=gen), torch.randn(128, generator=gen)
     targets = torch.randint(0, 128, (13,), generator=gen)
@@ -38,6 +38,12 @@ def test_vocabulary_slices_give_the_whole_log_sum_exp_and_target_logits(small_ch
     whole = torch.tanh(whole / cap) * cap if cap else whole
     assert torch.allclose(head(x), whole, atol=1e-5)
     assert torch.allclose(head.logsumexp(x.view(1, 13, 8))[0], torch.logsumexp(whole, -1).view(1, 13), atol=1e-5)
+    # a decoding step's few positions, the table's rows times them by slices of 24 rows (bias and cap as above)
+    monkeypatch.setattr(next_token, "FEW_ROWS", 24)
+    full = torch.nn.Linear(8, 128)
+    with torch.no_grad():
+        want = next_token.Head(full, cap)(x[:3])
+        assert torch.allclose(next_token.Head(full, cap).few(x[:3]), want, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ARCHS)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from lmshrink import next_token
+
 TEACHER_TEXT = "teacher"
 """The calibration source name that means: text sampled from the teacher."""
 
@@ -178,15 +180,21 @@ def continue_rows(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temp
     out = torch.full((rows, length + new_tokens), pad, dtype=torch.long)
     out[:, :length] = prompts
     cache, ended = _cache(model, length + new_tokens), torch.zeros(rows, dtype=torch.bool)
-    takes = inspect.signature(model.forward).parameters  # transformers 5.2x: `cache`, which counts positions itself
-    step = {"cache" if "cache" in takes else "past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+    parts = next_token.split(model)  # the model's body, then its head on the last position (`Head.few`)
+    run = model if parts is None else model.base_model
+    takes = inspect.signature(run.forward).parameters  # transformers 5.2x: `cache`, which counts positions itself
+    step = {"cache" if "cache" in takes else "past_key_values": cache, "use_cache": True}
 
-    def at(start: int, n: int) -> dict:  # earlier versions place the tokens by `cache_position`
-        return {"cache_position": torch.arange(start, start + n, device=device)} if "cache_position" in takes else {}
+    def last_logits(ids: torch.Tensor, start: int) -> torch.Tensor:
+        """The next-token logits (rows, V) after `ids` (rows, n), which enter the cache at `start`."""
+        at = {"cache_position": torch.arange(start, start + ids.shape[1], device=device)} if "cache_position" in takes else {}
+        if parts is None:
+            return model(input_ids=ids.to(device), logits_to_keep=1, **at, **step).logits[:, -1]
+        return parts[1].few(run(input_ids=ids.to(device), **at, **step).last_hidden_state[:, -1])
 
-    logits = model(input_ids=prompts.to(device), **at(0, length), **step).logits
+    logits = last_logits(prompts, 0)
     for t in range(new_tokens):
-        token = torch.where(ended, pad, draw(logits[:, -1], temperature, top_p).cpu())
+        token = torch.where(ended, pad, draw(logits, temperature, top_p).cpu())
         out[:, length + t] = token
         if on_step is not None:
             on_step(rows)
@@ -195,5 +203,5 @@ def continue_rows(model, tokenizer, prompts: torch.Tensor, new_tokens: int, temp
             if ended.all():
                 break
         if t + 1 < new_tokens:
-            logits = model(input_ids=token[:, None].to(device), **at(length + t, 1), **step).logits
+            logits = last_logits(token[:, None], length + t)
     return out
