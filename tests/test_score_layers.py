@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from lmshrink.architectures import blocks_of
+from lmshrink.architectures import blocks_of, residual_stream
 from lmshrink.cli import main
-from lmshrink.compress.importance import residual_stream, score
+from lmshrink.compress.importance import score
 from lmshrink.compress.truncation import truncate_model
 from lmshrink.data.sources import Framing
 from lmshrink.evaluate.perplexity import perplexity

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from lmshrink.config import SettingsError
@@ -158,6 +159,29 @@ def only_blocks(model: nn.Module, keep: list[int]) -> Iterator[nn.Module]:
         set_path(model, arch.blocks, full)
         for name, value in saved.items():
             setattr(config, name, value)
+
+
+def residual_stream(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states entering each block, plus the last block's output: N+1 tensors (B, T, H), no
+    gradient (what `from_block` can start a model from)."""
+    blocks = blocks_of(model)
+    states: list[torch.Tensor] = []
+
+    def grab_input(_module, args, kwargs):
+        states.append(args[0] if args else kwargs["hidden_states"])
+
+    def grab_output(_module, _args, output):
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
+    hooks.append(blocks[-1].register_forward_hook(grab_output))
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=ids, use_cache=False)  # the blocks alone: no (B, T, vocab) logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return states
 
 
 @contextmanager

@@ -37,8 +37,7 @@ from pathlib import Path
 import torch
 
 from lmshrink import next_token
-from lmshrink.architectures import architecture_of, blocks_of, from_block
-from lmshrink.compress.importance import residual_stream
+from lmshrink.architectures import architecture_of, blocks_of, from_block, residual_stream
 from lmshrink.compress.model_gap import batch_gap, mean_gap
 from lmshrink.compress.repair import (
     Moments,

@@ -22,35 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from lmshrink import next_token
-from lmshrink.architectures import blocks_of, from_block
+from lmshrink.architectures import blocks_of, from_block, residual_stream
 from lmshrink.compress.sequential import Blockwise
 from lmshrink.compress.width import WidthSums
 from lmshrink.config import SettingsError
 from lmshrink.records import save_figure
 
 METRICS = ("block_influence", "angular_distance", "ppl_increase")
-
-
-@torch.no_grad()
-def residual_stream(model, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden states entering each block, plus the last block's output: N+1 tensors (B, T, H)."""
-    blocks = blocks_of(model)
-    states: list[torch.Tensor] = []
-
-    def grab_input(_module, args, kwargs):
-        states.append(args[0] if args else kwargs["hidden_states"])
-
-    def grab_output(_module, _args, output):
-        states.append(output[0] if isinstance(output, tuple) else output)
-
-    hooks = [b.register_forward_pre_hook(grab_input, with_kwargs=True) for b in blocks]
-    hooks.append(blocks[-1].register_forward_hook(grab_output))
-    try:
-        model.base_model(input_ids=ids, use_cache=False)  # the blocks alone: no (B, T, vocab) logits
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return states
 
 
 class Similarities:
