@@ -91,7 +91,6 @@ def teacher_rows(model, tokenizer, rows: int, length: int, temperature: float = 
     from safetensors.torch import load_file, save_file
 
     from lmshrink.integrity import kept
-    from lmshrink.models import release_freed_memory
     from lmshrink.records import atomic_file
 
     path, key = _cache_path(model, tokenizer, rows, length, temperature, seed)
@@ -100,7 +99,6 @@ def teacher_rows(model, tokenizer, rows: int, length: int, temperature: float = 
         print(f"  {ids.numel():,} teacher-written tokens read from {path}", flush=True)
         return ids
     ids = sample_rows(model, tokenizer, rows, length, temperature, seed)
-    release_freed_memory()  # the KV cache and the steps' tensors given back before the repair fills the memory
     with atomic_file(path) as tmp:
         save_file({"ids": ids.contiguous()}, str(tmp), metadata={"settings": key})
     return ids
