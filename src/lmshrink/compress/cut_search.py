@@ -32,6 +32,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -116,10 +117,10 @@ class CutSearch:
         runs from there on the teacher's stream."""
         edits = self.edits(keep)
         first = min([i for i in range(self.n) if i not in keep] + list(edits), default=self.n)
+        refs = self.teacher_refs or [None] * len(self.streams)
         with patched(self.teacher, edits):
-            sums = [self._from(keep, first, batch, lambda model, ids, batch=batch: batch_gap(
-                model, ids, self.measure, self.teacher_refs[batch] if self.teacher_refs else None))
-                for batch in range(len(self.streams))]
+            sums = [self._from(keep, first, batch, partial(batch_gap, measure=self.measure, teacher_ref=refs[batch]))
+                    for batch in range(len(self.streams))]
         self.evaluated += 1
         return mean_gap(self.measure, sums)
 
