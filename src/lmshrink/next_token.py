@@ -63,6 +63,11 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Logits soft-capped as a model with `final_logit_softcapping` (Gemma 2) makes them: cap x tanh(logits / cap)."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def vocab_slices(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  cap: float | None) -> Iterator[tuple[int, torch.Tensor]]:
     """(first token id, float32 logits) of positions x (N, H) against one slice of the vocabulary after
@@ -73,7 +78,7 @@ def vocab_slices(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     for v in range(0, weight.shape[0], step):
         part = None if bias is None else bias[v : v + step].to(x.dtype)
         logits = F.linear(x, weight[v : v + step].to(x.dtype), part).float()
-        yield v, torch.tanh(logits / cap) * cap if cap else logits
+        yield v, soft_cap(logits, cap)
 
 
 def vocab_logsumexp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, cap: float | None = None,
@@ -108,6 +113,11 @@ class Head:
     def __init__(self, output: torch.nn.Module, cap: float | None = None, dtype: torch.dtype | None = None):
         self.output, self.cap, self.dtype = output, cap, dtype
 
+    @classmethod
+    def of(cls, model, dtype: torch.dtype | None = None) -> Head:
+        """The model's output embeddings with the soft-capping its config asks for."""
+        return cls(model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None), dtype)
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.dtype is None:
             logits = self.output(hidden)
@@ -117,7 +127,7 @@ class Head:
                                 for v in range(0, weight.shape[0], HEAD_ROWS)], dim=-1)
             if self.output.bias is not None:
                 logits = logits + self.output.bias.to(self.dtype)
-        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
+        return soft_cap(logits, self.cap)
 
     def few(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of a few positions' last hidden states (B, H), as a decoding step wants them.
@@ -131,7 +141,7 @@ class Head:
         logits = torch.cat([weight[v : v + FEW_ROWS] @ x for v in range(0, weight.shape[0], FEW_ROWS)]).T
         if self.output.bias is not None:
             logits = logits + self.output.bias
-        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
+        return soft_cap(logits, self.cap)
 
     def logsumexp(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log-sum-exp over the vocabulary (...), float32; the logits of `targets` (...) or None) of
@@ -164,7 +174,7 @@ def split(model) -> Split | None:
     base = model.base_model
     if output is None or base is model:
         return None
-    head = Head(output, getattr(model.config, "final_logit_softcapping", None))
+    head = Head.of(model)
 
     def body(ids: torch.Tensor) -> torch.Tensor:
         return base(input_ids=ids.to(_device(model)), use_cache=False).last_hidden_state

@@ -308,7 +308,7 @@ class Blockwise:
         if head.weight.device.type == "meta":
             name = next(f"{n}.weight" for n, m in self.model.named_modules() if m is head)
             _materialise(self.model, name, self.weights.read(name), self.device, keep_dtype=True)
-        return Head(head, getattr(self.model.config, "final_logit_softcapping", None), torch.float32)
+        return Head.of(self.model, torch.float32)
 
     @torch.no_grad()
     def reference(self, states: torch.Tensor) -> Reference:
