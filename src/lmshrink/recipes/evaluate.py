@@ -26,6 +26,7 @@ from lmshrink.evaluate.benchmarks import TaskScore, expand, run_tasks
 from lmshrink.evaluate.measure import count_parameters, disk_bytes, fresh_peak_memory, speed
 from lmshrink.evaluate.perplexity import sliding_nll
 from lmshrink.evaluate.report import markdown_table, tasks_chart, tasks_note, tasks_table
+from lmshrink.evaluate.shared_blocks import SharedBlocks, chain_of
 from lmshrink.export import llamacpp
 from lmshrink.export.model_card import add_results
 from lmshrink.models import LoadArgs, load_tokenizer, no_tokenizer, pick_device
@@ -240,10 +241,11 @@ def evaluate_blockwise(name: str, checked: tuple[str, Any], settings: EvalSettin
 
 def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
                    streams: dict[str, Any] | None = None, checked: tuple[str, Any] | None = None,
-                   timed: dict[str, Any] | None = None) -> dict[str, Any]:
+                   timed: dict[str, Any] | None = None, shared: tuple[SharedBlocks, int] | None = None) -> dict[str, Any]:
     """One row of the report: size, perplexity per source, speed, benchmark scores (`checked`: the
     model's `models.check`, when the caller made it; `streams` and `timed`: what earlier rows of the
-    same run tokenised and timed, shared)."""
+    same run tokenised and timed, shared; `shared`: the run's `SharedBlocks` and this model's place in it,
+    for its perplexity and benchmark passes)."""
     if settings.runtime == "llamacpp":
         return evaluate_gguf(name, settings, label, streams)
     device = pick_device(settings.device)
@@ -259,7 +261,12 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
     if timing.speed:
         check_length(model.config, timing.speed_length, "speed_length")
     row = model_row(name, label, loaded.source, model, loaded.tokenizer)
-    score_sources(row, loaded.tokenizer, ppl, streams, windows_nll(model, ppl, settings.batch_size))
+    blocks, index = shared or (SharedBlocks([None]), 0)
+    if blocks.start[index]:
+        print(f"  {row['model']}: its first {blocks.start[index]} blocks are those of a model scored before it: "
+              "started from that model's stream", file=sys.stderr)
+    with blocks.scoring(model, index):
+        score_sources(row, loaded.tokenizer, ppl, streams, windows_nll(model, ppl, settings.batch_size))
     if timing.speed:
         row.update(_timed(model, loaded.source, row["model"], settings, device, timed))
     if bench.tasks:
@@ -268,15 +275,17 @@ def evaluate_model(name: str, settings: EvalSettings, label: str | None = None,
         kept = KeptScores(Path(settings.output) / "tasks" / safe_name(row["model"]),
                           {"model": name, "weights": fingerprint(loaded.source), "dtype": settings.load.dtype,
                            "limit": bench.limit, "num_fewshot": bench.num_fewshot, "source": bench.benchmark_source})
-        scores = [kept.get(task) or kept.put(task, run_tasks(model, loaded.tokenizer, [task], bench.limit,
-                                                             bench.num_fewshot, settings.batch_size,
-                                                             bench.benchmark_source)[0])
-                  for task in expand(bench.tasks)]
+        with blocks.scoring(model, index):
+            scores = [kept.get(task) or kept.put(task, run_tasks(model, loaded.tokenizer, [task], bench.limit,
+                                                                 bench.num_fewshot, settings.batch_size,
+                                                                 bench.benchmark_source)[0])
+                      for task in expand(bench.tasks)]
         row["task_seconds"] = time.perf_counter() - started
         row["tasks"] = {s.task: dataclasses.asdict(s) for s in scores}
         row["task_average"] = statistics.fmean(s.value for s in scores)
         if read_record(loaded.source) and Path(loaded.source).is_dir():  # a folder lmshrink wrote: its model card gets the scores
             add_results(loaded.source, row["tasks"], bench.limit)
+    blocks.done(index)
     return row
 
 
@@ -314,6 +323,16 @@ def report(rows: list[dict[str, Any]], settings: EvalSettings, out: Path) -> str
     return "\n".join(text) + "\n"
 
 
+def shared_blocks(settings: EvalSettings, checked: dict[str, Any]) -> SharedBlocks:
+    """Which models start from an earlier one's stream (`evaluate.shared_blocks`): on a CPU, among the
+    models run whole by transformers."""
+    device = pick_device(settings.device)
+    if settings.runtime == "llamacpp" or device.type != "cpu" or len(settings.models) < 2:
+        return SharedBlocks([None] * len(settings.models))
+    return SharedBlocks([None if one_block_at_a_time(settings.sequential, checked[n][0], settings.load.dtype, device)
+                         else chain_of(*checked[n], settings.load.dtype) for n in settings.models])
+
+
 def run(settings: EvalSettings) -> list[dict[str, Any]]:
     settings = dataclasses.replace(settings, load=settings.load.on(settings.device))  # recorded as run
     streams: dict[str, Any] = {}
@@ -332,8 +351,10 @@ def run(settings: EvalSettings) -> list[dict[str, Any]]:
                                   "GGUF (`lmshrink export`) through llama.cpp, or pass --sequential off to try")
     labels = settings.labels or model_labels(settings.models)
     timed: dict[str, Any] = {}
-    rows = [evaluate_model(name, settings, label=label, streams=streams, checked=checked.get(name), timed=timed)
-            for name, label in zip(settings.models, labels, strict=True)]
+    shared = shared_blocks(settings, checked)
+    rows = [evaluate_model(name, settings, label=label, streams=streams, checked=checked.get(name), timed=timed,
+                           shared=(shared, i))
+            for i, (name, label) in enumerate(zip(settings.models, labels, strict=True))]
     out = Path(settings.output)
     text = report(rows, settings, out)
     write_text(out / "report.md", text)
