@@ -93,13 +93,16 @@ def test_kd_loss_chunks_masks_and_temperature(logits):
         torch.testing.assert_close(kd_loss(forward_kl, s, t, mask, 2.0, chunk), ref)
 
 
-def test_kd_loss_gradient_equals_unchunked(logits):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_loss_gradient_equals_unchunked(logits, temperature):
+    """Each chunk's gradient found with its value (uneven chunks, masked positions, the loss scaled)."""
     s, t = logits
     mask = torch.ones(2, 5)
+    mask[0, 4] = 0
     a = s.clone().requires_grad_()
-    kd_loss(divergence("gjsd"), a, t, mask, 2.0, chunk=2).backward()
+    (3 * kd_loss(divergence("gjsd"), a, t, mask, temperature, chunk=2)).backward()
     b = s.clone().requires_grad_()
-    (generalized_jsd(logp(b, 2.0), logp(t, 2.0)).mean()).backward()
+    (3 * (generalized_jsd(logp(b, temperature), logp(t, temperature)) * mask).sum() / mask.sum()).backward()
     torch.testing.assert_close(a.grad, b.grad)
 
 

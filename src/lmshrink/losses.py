@@ -102,27 +102,61 @@ def divergence(name: str, beta: float = 0.5, skew: float = 0.1) -> Divergence:
     return DIVERGENCES[name]
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / temperature (at T = 1 no copy of a (..., V) tensor)."""
+    logits = logits.float()
+    return logits if temperature == 1 else logits / temperature
+
+
 def _dense_chunk(div: Divergence, temperature: float, s: torch.Tensor, t: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
-    log_ps = F.log_softmax(s.float() / temperature, dim=-1)
-    log_pt = F.log_softmax(t.float() / temperature, dim=-1)
+    log_ps = F.log_softmax(_scaled(s, temperature), dim=-1)
+    log_pt = F.log_softmax(_scaled(t, temperature), dim=-1)
     return (div(log_ps, log_pt) * mask).sum()
 
 
 def chunked_mean(chunk_sum: Callable[..., torch.Tensor], along_sequence: tuple[torch.Tensor, ...],
-                  mask: torch.Tensor, chunk: int) -> torch.Tensor:
+                 mask: torch.Tensor, chunk: int, *, of_first: bool = False) -> torch.Tensor:
     """sum over chunks of `chunk_sum(*tensors[:, chunk], mask[:, chunk])` / masked positions.
 
     Each chunk runs under activation checkpointing when gradients flow, so its fp32 softmax
-    intermediates are recomputed in backward instead of kept for the whole sequence.
+    intermediates are recomputed in backward instead of kept for the whole sequence. With
+    `of_first` (`chunk_sum` reads no differentiable tensor but its first argument, e.g. a student's
+    logits), each chunk's gradient is computed with its value instead (`_ChunkGradients`): nothing
+    is recomputed, 1.6x faster for SmolLM2's 49k-token vocabulary on 2 CPU cores.
     """
-    total = along_sequence[0].new_zeros((), dtype=torch.float32)
     mask = mask.float()
-    grad = along_sequence[0].requires_grad
-    for start in range(0, along_sequence[0].shape[1], chunk):
+    first, *rest = along_sequence
+    if first.requires_grad and of_first and torch.is_grad_enabled():
+        total = _ChunkGradients.apply(first, chunk_sum, (*rest, mask), chunk)
+        return total / mask.sum().clamp(min=1)
+    total = first.new_zeros((), dtype=torch.float32)
+    for start in range(0, first.shape[1], chunk):
         args = [x[:, start : start + chunk] for x in (*along_sequence, mask)]
-        total = total + (checkpoint(chunk_sum, *args, use_reentrant=False) if grad else chunk_sum(*args))
+        total = total + (checkpoint(chunk_sum, *args, use_reentrant=False) if first.requires_grad else chunk_sum(*args))
     return total / mask.sum().clamp(min=1)
+
+
+class _ChunkGradients(torch.autograd.Function):
+    """sum over chunks of `chunk_sum(x[:, chunk], *rest[:, chunk])`, with x's gradient found with each
+    chunk's value (torch.func) and kept: backward only scales it, as `_FusedHead` does for the head."""
+
+    @staticmethod
+    def forward(ctx, x, chunk_sum, rest, chunk):
+        step = torch.func.grad_and_value(chunk_sum)
+        grad = torch.empty_like(x)
+        total = x.new_zeros((), dtype=torch.float32)
+        for start in range(0, x.shape[1], chunk):
+            piece = slice(start, start + chunk)
+            grad[:, piece], value = step(x[:, piece], *(r[:, piece] for r in rest))
+            total += value
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None
 
 
 def aligned_kd_loss(div: Divergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -140,12 +174,12 @@ def kd_loss(div: Divergence, student_logits: torch.Tensor, teacher_logits: torch
             temperature: float = 1.0, chunk: int = 128) -> torch.Tensor:
     """Mean divergence over masked positions, logits (B, T, V), mask (B, T), `chunk` positions at a time."""
     return chunked_mean(partial(_dense_chunk, div, temperature), (student_logits, teacher_logits.detach()),
-                         mask, chunk)
+                        mask, chunk, of_first=True)
 
 
 def _sparse_chunk(div: Divergence, temperature: float, s: torch.Tensor, top_idx: torch.Tensor,
                   top_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    z = s.float() / temperature
+    z = _scaled(s, temperature)
     # log p_s at the teacher's top-k: z[idx] - logsumexp(z); cheaper than a full log_softmax + gather
     log_ps = z.gather(-1, top_idx.long()) - torch.logsumexp(z, dim=-1, keepdim=True)
     return (div(*_buckets(log_ps, top_logp)) * mask).sum()
@@ -162,7 +196,8 @@ def _buckets(log_ps: torch.Tensor, top_logp: torch.Tensor) -> tuple[torch.Tensor
 def sparse_kd_loss(div: Divergence, student_logits: torch.Tensor, top_idx: torch.Tensor, top_logp: torch.Tensor,
                    mask: torch.Tensor, temperature: float = 1.0, chunk: int = 128) -> torch.Tensor:
     """`kd_loss` against a cached teacher: its top-k log-probs (at `temperature`) and their indices (B, T, k)."""
-    return chunked_mean(partial(_sparse_chunk, div, temperature), (student_logits, top_idx, top_logp), mask, chunk)
+    return chunked_mean(partial(_sparse_chunk, div, temperature), (student_logits, top_idx, top_logp.detach()), mask,
+                        chunk, of_first=True)
 
 
 def sampled_kl_offset(top_logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:

@@ -215,6 +215,12 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student_config, tea
     return n
 
 
+def in_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The logits of the tokenizer's `vocab` tokens (a head padded to a round size has more rows): the
+    tensor itself where there is no padding, so that its gradient is not copied into a zeroed one."""
+    return logits if logits.shape[-1] == vocab else logits[..., :vocab]
+
+
 class DistillTrainer(LMTrainer):
     def __init__(self, *args: Any, teacher=None, recipe: KDArgs, vocab: int,
                  kept: list[int] | None = None, policy: OnPolicyArgs | None = None, teacher_vocab: int | None = None,
@@ -351,7 +357,7 @@ class DistillTrainer(LMTrainer):
             loss, (_, kd) = fused_head_loss(self.policy_step, student, self.head_weight, unlabelled, (teacher, None),
                                             self.teacher_weight, (0.0, weight), chunk)
         else:
-            kd = kd_loss(self.policy_div, student[..., : self.vocab], teacher[..., : self.vocab],
+            kd = kd_loss(self.policy_div, in_vocab(student, self.vocab), in_vocab(teacher, self.vocab),
                          torch.ones(student.shape[:2], device=rows.device), s.temperature,
                          max(1, chunk // student.shape[0]))
             loss = weight * kd
@@ -370,7 +376,7 @@ class DistillTrainer(LMTrainer):
             teacher = self.teacher(input_ids=inputs["teacher_ids"][:, :length], use_cache=False).logits
         teacher = teacher[..., : self.teacher_vocab]
         ce = causal_lm_loss(outputs.logits, inputs["labels"])
-        kd = aligned_kd_loss(self.div, outputs.logits[..., : self.vocab], teacher, inputs["align_student"],
+        kd = aligned_kd_loss(self.div, in_vocab(outputs.logits, self.vocab), teacher, inputs["align_student"],
                              inputs["align_teacher"], s.temperature, self.chunk_rows(ids.numel(), self.teacher_vocab))
         self.record(ce=ce, kd=kd)
         return s.alpha_clm * ce + s.alpha_ce * s.temperature**2 * kd, outputs
@@ -409,13 +415,13 @@ class DistillTrainer(LMTrainer):
             ce, kd = ce_and_sparse_kd(self.div, logits, labels, inputs["teacher_idx"], inputs["teacher_logp"], mask)
         elif "teacher_idx" in inputs:  # cached teacher: top-k log-probs at the cache's temperature
             ce = causal_lm_loss(logits, labels)
-            kd = sparse_kd_loss(self.div, logits[..., : self.vocab], inputs["teacher_idx"], inputs["teacher_logp"],
+            kd = sparse_kd_loss(self.div, in_vocab(logits, self.vocab), inputs["teacher_idx"], inputs["teacher_logp"],
                                 mask, s.temperature, chunk)
         else:
-            ce = selective_lm_loss(logits, t_out.logits[..., : self.vocab], labels, s.clm_keep)
+            ce = selective_lm_loss(logits, in_vocab(t_out.logits, self.vocab), labels, s.clm_keep)
             if not s.alpha_ce:  # no KD term: its full-vocabulary softmaxes are not computed
                 return ce, {}
-            kd = kd_loss(self.div, logits[..., : self.vocab], t_out.logits[..., : self.vocab], mask, s.temperature,
+            kd = kd_loss(self.div, in_vocab(logits, self.vocab), in_vocab(t_out.logits, self.vocab), mask, s.temperature,
                          chunk)
         return ce, {"kd": kd}
 
