@@ -85,8 +85,8 @@ class DemoSettings(Settings):
     train: TrainArgs = group(lambda: cpu_budget(max_tokens=8192, save_steps=10**6, freeze=["embeddings"]),
                              "healing optimiser, frozen parts (the token embeddings: the healing bench's best for "
                              "both losses) and token budget (the same for the KD and the LM run)")
-    perplexity: PerplexityArgs = group(two_sources, "held-out perplexity of every model")
-    benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["quick"], limit=20),
+    perplexity: PerplexityArgs = group(lambda: two_sources(max_tokens=2048), "held-out perplexity of every model")
+    benchmarks: BenchmarkArgs = group(lambda: BenchmarkArgs(tasks=["quick"], limit=10),
                                       "zero-shot benchmarks of every model (--tasks '' for none)")
 
     def problems(self) -> list[str]:
