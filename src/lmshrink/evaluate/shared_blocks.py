@@ -58,24 +58,33 @@ class Chain:
                 if k not in (arch.layer_count, *arch.per_layer, "_name_or_path", "transformers_version", "dtype",
                              "torch_dtype")}
         pattern = re.compile(rf"(?:^|\.){re.escape(arch.blocks.split('.')[-1])}\.(\d+)\.(.+)$")
-        self.files = [safe_open(str(path), framework="pt") for path in weight_files(folder)]
-        self.blocks: list[list[tuple[str, str, Any]]] = [[] for _ in range(self.depth)]  # (name in the block, in the file, file)
+        # (name in the block, name in the file, file) of every tensor, block by block
+        self.blocks: list[list[tuple[str, str, Path]]] = [[] for _ in range(self.depth)]
         outside = []
-        for handle in self.files:
-            for name in handle.keys():
+        for path in weight_files(folder):
+            with safe_open(str(path), framework="pt") as handle:
+                names = list(handle.keys())
+            for name in names:
                 match = pattern.search(name)
                 if match and int(match[1]) < self.depth:
-                    self.blocks[int(match[1])].append((match[2], name, handle))
+                    self.blocks[int(match[1])].append((match[2], name, path))
                 else:
-                    outside.append((name, name, handle))
+                    outside.append((name, name, path))
         digest = hashlib.sha256(json.dumps([core, dtype], sort_keys=True, default=str).encode())
         self._tensors(digest, outside)
         self.digests = [digest.hexdigest()]
 
     @staticmethod
-    def _tensors(digest, named: list[tuple[str, str, Any]]) -> None:
-        for name, stored, handle in sorted(named, key=lambda x: x[0]):
-            tensor = handle.get_tensor(stored).contiguous()
+    def _tensors(digest, named: list[tuple[str, str, Path]]) -> None:
+        """Each tensor's name, shape, dtype and bytes into `digest`, read by a file handle closed after
+        (an open memory map would keep every page read counted against this process)."""
+        from safetensors import safe_open
+
+        handles: dict[Path, Any] = {}
+        for name, stored, path in sorted(named, key=lambda x: x[0]):
+            if path not in handles:
+                handles[path] = safe_open(str(path), framework="pt")
+            tensor = handles[path].get_tensor(stored).contiguous()
             digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
             digest.update(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
 
