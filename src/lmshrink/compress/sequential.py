@@ -524,6 +524,25 @@ class ShardWriter:
 
 # --- a cut, repaired and written, one block at a time ------------------------------------------
 
+def _repair_on_teacher(runner: Blockwise, held_out: Blockwise | None, keep: list[int],
+                       spans: list[tuple[int, int]], method: str, strengths: tuple[float, ...]) -> list[dict[str, Any]]:
+    """`repair_blockwise` with every span fitted from the teacher's own activations, in one pass."""
+    from lmshrink.compress.cut_search import span_fits_blockwise
+
+    infos: dict[tuple[int, int], dict] = {}
+    fits = span_fits_blockwise(runner, {(a, b) for a, b in spans if a > 0}, method, infos)
+    report: list[dict[str, Any]] = []
+    for a, b in spans:
+        if a == 0:
+            report.append({"span": [a, b], "skipped": "no kept block before it to fold a fit into"})
+            continue
+        strength = strength_blockwise(runner, held_out, keep, a - 1, fits[(a, b)], strengths, infos[(a, b)])
+        runner.edits[a - 1] = (method, fits[(a, b)][1] * strength)
+        report.append({"span": [a, b], "block": a - 1, "student_block": keep.index(a - 1), "strength": strength,
+                       **infos[(a, b)]})
+    return report
+
+
 def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: str = "student",
                      downstream: bool = False, strengths: tuple[float, ...] = (1.0,)) -> list[dict[str, Any]]:
     """`repair.repair` (one strength) on a model read one block at a time. Fitted on the student: one
@@ -535,7 +554,6 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
     the same teacher block) is `repair.repair`'s. With several `strengths`, each span's fit is applied
     at the one whose student (the earlier fits folded in) is closest to the teacher on the held-out
     rows, by forward KL (`strength_blockwise`)."""
-    from lmshrink.compress.cut_search import span_fits_blockwise
     from lmshrink.compress.repair import (
         _fit,
         downstream_blocks,
@@ -554,17 +572,7 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
     held_out = Blockwise(runner.model, runner.weights, runner.rows[-heldout_split(runner.rows):],
                          runner.batch_size) if len(strengths) > 1 else None  # where each strength is measured
     if fit_on == "teacher":
-        infos: dict[tuple[int, int], dict] = {}
-        fits = span_fits_blockwise(runner, set(usable), method, infos)
-        for a, b in spans:
-            if a == 0:
-                report.append({"span": [a, b], "skipped": "no kept block before it to fold a fit into"})
-                continue
-            strength = strength_blockwise(runner, held_out, keep, a - 1, fits[(a, b)], strengths, infos[(a, b)])
-            runner.edits[a - 1] = (method, fits[(a, b)][1] * strength)
-            report.append({"span": [a, b], "block": a - 1, "student_block": keep.index(a - 1), "strength": strength,
-                           **infos[(a, b)]})
-        return report
+        return _repair_on_teacher(runner, held_out, keep, spans, method, strengths)
     held, proj_input = heldout_split(runner.rows), fits_from_proj_input(method)
     spanning = {keep.index(a - 1): (a, b) for a, b in usable}  # student block -> the span fitted into it
     after = set(downstream_blocks(keep, usable)) if downstream else set()
@@ -603,6 +611,49 @@ def repair_blockwise(runner: Blockwise, keep: list[int], method: str, fit_on: st
     return report
 
 
+def _refine_targets(runner: Blockwise, before: list[int], held: int) -> tuple[Reference, Reference, torch.Tensor]:
+    """`refine_blockwise`'s fixed inputs: the teacher's next-token distributions on the fit rows and on
+    the `held` held-out rows (its blocks run with the student's edits set aside), made once; and the
+    student's stream after its blocks `before` its first fitted one (teacher blocks, frozen)."""
+    edits, trained, runner.edits, runner.trained = runner.edits, runner.trained, {}, {}
+    stream = prefix = runner.entering()
+    for i in range(len(runner.blocks)):
+        with runner.block(i):
+            stream = runner.run(i, stream)
+    runner.edits, runner.trained = edits, trained
+    target, held_target = runner.reference(stream[:-held]), runner.reference(stream[-held:])
+    del stream
+    for i in before:
+        with runner.block(i):
+            prefix = runner.run(i, prefix)
+    return target, held_target, prefix
+
+
+def _trainable(runner: Blockwise, fitted: list[int]) -> list[torch.nn.Parameter]:
+    """The MLP output projections of the teacher blocks `fitted`, as the fit left them, made trainable
+    (kept in `runner.trained`, which each later read of those blocks uses)."""
+    for i in fitted:
+        with runner.block(i) as block:
+            runner.trained[i] = {name: torch.nn.Parameter(p.detach().clone())
+                                 for name, p in get_path(block, runner.arch.mlp_out).named_parameters()}
+    return [p for i in fitted for p in runner.trained[i].values()]
+
+
+def _kl_sum(runner: Blockwise, last: torch.Tensor, ref: Reference, idx: torch.Tensor, backward: bool = False) -> float:
+    """The summed forward KL of a last stream (rows `idx` of `ref`), a chunk of one row's positions at a
+    time; with `backward`, each chunk's share of the mean's gradient left in `last.grad`."""
+    chunk = chunk_positions(runner.model.get_output_embeddings().weight.shape[0])
+    total, count = torch.zeros((), device=last.device), last.shape[0] * last.shape[1]
+    for r in range(last.shape[0]):
+        row = ref.rows(idx[r : r + 1])
+        for t in range(0, last.shape[1], chunk):
+            part = kl_chunk(runner.head, row, runner._normed(last[r : r + 1, t : t + chunk]), slice(t, t + chunk))
+            if backward:
+                (part.sum() / count).backward()
+            total += part.detach().sum()
+    return total.item()  # one wait for the device a call, not one a chunk
+
+
 def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epochs: int, lr: float,
                      seed: int = 0) -> dict[str, Any]:
     """`repair.refine` on a model read one block at a time: the MLP output projections of the student's
@@ -623,23 +674,8 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
     rows, size = runner.rows, runner.batch_size
     held = heldout_split(rows)
     first = min(blocks)
-    edits, trained, runner.edits, runner.trained = runner.edits, runner.trained, {}, {}
-    stream = prefix = runner.entering()
-    for i in range(len(runner.blocks)):  # the teacher, for its next-token distributions
-        with runner.block(i):
-            stream = runner.run(i, stream)
-    runner.edits, runner.trained = edits, trained
-    target = runner.reference(stream[:-held])  # the teacher's distributions on the fit rows, made once
-    held_target = runner.reference(stream[-held:])  # and on the held-out rows
-    del stream
-    for j in range(first):  # the student's blocks before its first fitted one: teacher blocks, frozen
-        with runner.block(keep[j]):
-            prefix = runner.run(keep[j], prefix)
-    for j in sorted(set(blocks)):  # the trainable tensors, as the fit left them
-        with runner.block(keep[j]) as block:
-            runner.trained[keep[j]] = {name: torch.nn.Parameter(p.detach().clone())
-                                       for name, p in get_path(block, runner.arch.mlp_out).named_parameters()}
-    params = [p for j in sorted(set(blocks)) for p in runner.trained[keep[j]].values()]
+    target, held_target, prefix = _refine_targets(runner, keep[:first], held)
+    params = _trainable(runner, [keep[j] for j in sorted(set(blocks))])
     optimizer = torch.optim.Adam(params, lr=lr)
     order = torch.Generator().manual_seed(seed)
     after = keep[first:]
@@ -652,29 +688,14 @@ def refine_blockwise(runner: Blockwise, keep: list[int], blocks: list[int], epoc
                 states = runner.run(i, states)
         return states
 
-    chunk = chunk_positions(runner.model.get_output_embeddings().weight.shape[0])
-
-    def kl_sum(last: torch.Tensor, ref: Reference, idx: torch.Tensor, backward: bool = False) -> float:
-        """The summed forward KL of a last stream (rows `idx` of `ref`), a chunk of one row's positions
-        at a time; with `backward`, each chunk's share of the mean's gradient left in `last.grad`."""
-        total, count = torch.zeros((), device=last.device), last.shape[0] * last.shape[1]
-        for r in range(last.shape[0]):
-            row = ref.rows(idx[r : r + 1])
-            for t in range(0, last.shape[1], chunk):
-                part = kl_chunk(runner.head, row, runner._normed(last[r : r + 1, t : t + chunk]), slice(t, t + chunk))
-                if backward:
-                    (part.sum() / count).backward()
-                total += part.detach().sum()
-        return total.item()  # one wait for the device a call, not one a chunk
-
     def heldout() -> float:
         with torch.no_grad():
-            return kl_sum(forward(prefix[-held:]), held_target, torch.arange(held)) / (held * rows.shape[1])
+            return _kl_sum(runner, forward(prefix[-held:]), held_target, torch.arange(held)) / (held * rows.shape[1])
 
     def step(idx: torch.Tensor) -> None:
         inputs: list[torch.Tensor] = []
         last = forward(prefix[idx], inputs).requires_grad_(True)
-        kl_sum(last, target, idx, backward=True)
+        _kl_sum(runner, last, target, idx, backward=True)
         grad = last.grad
         for i, states in zip(reversed(after), reversed(inputs), strict=True):  # back through each block
             with runner.block(i) as block, torch.enable_grad():
