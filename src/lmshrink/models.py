@@ -110,6 +110,14 @@ def gguf_to_folder(gguf: Path) -> Path:
     return save_atomically(folder, save)
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """A checkpoint folder's safetensors files: its shard index's, else every one in it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(folder.glob("*.safetensors"))
+
+
 def looks_like_path(name: str) -> bool:
     """A local path (absolute, relative with a dot, or from home), never a Hub id."""
     return name.startswith(("/", ".", "~"))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lmshrink import next_token
 from lmshrink.architectures import blocks_of, from_block, residual_stream
+from lmshrink.compress.model_gap import batch_gap, mean_gap
 from lmshrink.compress.sequential import Blockwise
 from lmshrink.compress.width import WidthSums
 from lmshrink.config import SettingsError
@@ -71,13 +72,11 @@ def removal_perplexities(model, rows: torch.Tensor, batch_size: int,
 
     def ppl(first: int, at: int) -> float:
         """Perplexity with blocks first..n-1 run on the stream `at` (an index into each batch's states)."""
-        total, count = 0.0, 0
+        sums = []
         for start, states in zip(range(0, rows.shape[0], batch_size), streams, strict=True):
-            ids = rows[start : start + batch_size].to(states[at].device)
             with from_block(model, list(range(first, n)), first, states[at]):
-                nll = next_token.nll(model, ids)
-            total, count = total + nll.sum().item(), count + nll.numel()
-        return math.exp(total / count)
+                sums.append(batch_gap(model, rows[start : start + batch_size].to(states[at].device), "ppl", None))
+        return mean_gap("ppl", sums)
 
     base = ppl(n, n)
     without = []
@@ -131,9 +130,8 @@ def score_blockwise(runner: Blockwise, ppl: bool = True, widths: WidthSums | Non
     scores, last = sums.result(), states[-1]
     del states  # the head (an untied one is read now) needs the room more than the states
     if ppl:
-        total, count = runner.nll(last)
-        base = math.exp(total / count)
-        without = [math.exp(total / count) for total, count in (runner.nll(skipped[j]) for j in range(n))]
+        base = mean_gap("ppl", [runner.nll(last)])
+        without = [mean_gap("ppl", [runner.nll(skipped[j])]) for j in range(n)]
         for i, value in enumerate(without):
             print(f"  without block {i:>2}: perplexity {value:,.2f} (full model {base:,.2f})", flush=True)
         scores.update(perplexity=base, ppl_without_block=without, ppl_increase=[w - base for w in without])

@@ -34,7 +34,7 @@ from lmshrink.data.sources import Framing
 from lmshrink.errors import LmshrinkError
 from lmshrink.evaluate.perplexity import framed_windows
 from lmshrink.losses import forward_kl
-from lmshrink.models import device_memory, release_freed_memory
+from lmshrink.models import device_memory, release_freed_memory, weight_files
 from lmshrink.next_token import Head, Reference, chunk_positions, kl_chunk, linear_head, reference_of
 
 SEQUENTIAL = ("auto", "on", "off")
@@ -81,9 +81,6 @@ class LazyWeights:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
 
-        index = folder / "model.safetensors.index.json"
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-                 else [p.name for p in folder.glob("*.safetensors")])
         transforms = get_model_conversion_mapping(model)
         if any(type(t) is not WeightRenaming for t in transforms):
             raise SequentialError(f"a {model.config.model_type} checkpoint's tensors are converted as they load, "
@@ -92,13 +89,13 @@ class LazyWeights:
                    for t in transforms for i, pattern in enumerate(t.source_patterns)]
         self.folder = folder
         self.where: dict[str, tuple[Path, int, dict[str, Any]]] = {}  # the model's name: (file, data start, entry)
-        for file in files:
-            start, header = safetensors_index(folder / file)
+        for file in weight_files(folder):
+            start, header = safetensors_index(file)
             for key, entry in header.items():
                 name = key
                 for pattern, target in renames:
                     name = re.sub(pattern, target, name)
-                self.where[name] = (folder / file, start, entry)
+                self.where[name] = (file, start, entry)
         self.prefix = model.base_model_prefix  # (`model`, `transformer`): some checkpoints leave it out
 
     def _entry(self, name: str) -> tuple[Path, int, dict[str, Any]]:

@@ -28,17 +28,11 @@ from typing import Any
 import torch
 
 from lmshrink.architectures import ARCHITECTURES, architecture_of, blocks_of, from_block, get_path
+from lmshrink.models import weight_files
 
 KEPT_BYTES = 2 * 2**30
 """The most the kept streams of one run take (2 GiB); past it a stream is not kept, and the model
 that would have started from it runs its first blocks itself."""
-
-
-def weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return sorted(folder.glob("*.safetensors"))
 
 
 class Chain:
